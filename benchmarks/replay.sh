@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Replay throughput of the cloudtrail pipeline (17 per-event detectors) over a generated
+# CloudTrail-shaped log: median of RUNS runs, written to benchmarks/results/replay-DATE.md.
+#
+#   benchmarks/replay.sh                 # 1M events, 5 runs
+#   EVENTS=200000 RUNS=3 benchmarks/replay.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+EVENTS="${EVENTS:-1000000}"
+RUNS="${RUNS:-5}"
+INPUT="${INPUT:-$HOME/.cache/rampart/bench/cloudtrail-$EVENTS.jsonl}"
+mkdir -p "$(dirname "$INPUT")" benchmarks/results
+[ -s "$INPUT" ] || python3 benchmarks/generate.py --events "$EVENTS" --out "$INPUT"
+cargo build --release -p rampart-cli >&2
+rates=()
+for i in $(seq "$RUNS"); do
+  summary=$("$RAMPART" replay pipelines/cloudtrail --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1 >/dev/null)
+  rate=$(sed -n 's/.*(\([0-9]*\) events\/s).*/\1/p' <<<"$summary")
+  decisions=$(sed -n 's/^decisions: *\([0-9]*\)/\1/p' <<<"$summary")
+  echo "run $i: $rate events/s, $decisions decisions" >&2
+  rates+=("$rate")
+done
+median=$(printf '%s\n' "${rates[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
+mem=$(free -g | awk '/Mem:/ {print $2 " GiB"}')
+out="benchmarks/results/replay-$(date -u +%Y-%m-%d).md"
+{
+  echo "# Replay throughput, $(date -u +%Y-%m-%d)"
+  echo
+  echo "Machine: $cpu, $(nproc) cores, $mem. Build: release (\`cargo build --release -p rampart-cli\`)."
+  echo "Input: \`benchmarks/generate.py --events $EVENTS\` (CloudTrail-shaped JSON lines, $(du -h "$INPUT" | cut -f1))."
+  echo "Command: \`EVENTS=$EVENTS RUNS=$RUNS benchmarks/replay.sh\`"
+  echo
+  echo "| pipeline | detectors | events | runs (events/s) | median events/s |"
+  echo "| --- | --- | --- | --- | --- |"
+  echo "| cloudtrail | 17 per-event | $EVENTS | ${rates[*]} | **$median** |"
+  echo
+  echo "Last run's summary:"
+  echo
+  echo '```'
+  echo "$summary"
+  echo '```'
+} > "$out"
+echo "median: $median events/s -> $out" >&2

@@ -1,0 +1,309 @@
+//! The `rampart` command: check, test and replay pipelines.
+
+use std::fs::File;
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use rampart_core::Decision;
+use rampart_engine::replay::{ReplaySink, expand_inputs};
+use rampart_engine::testing::run_tests;
+use rampart_engine::{DeadLetter, Pipeline, Summary};
+
+/// Rampart: action-level guardrails on event streams. Detectors are SQL files; decisions
+/// (block, alert, review) carry their reason.
+#[derive(Parser)]
+#[command(name = "rampart", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a pipeline: its pipeline.toml and every detector.
+    ///
+    /// Prints each problem as file:line: reason and exits non-zero if there is any.
+    #[command(after_help = "Example:\n  rampart check pipelines/cloudtrail")]
+    Check {
+        /// The pipeline directory (holds pipeline.toml and detectors/).
+        pipeline: PathBuf,
+    },
+    /// Run a pipeline's detector test cases (tests/*.toml).
+    ///
+    /// Each case feeds events in and compares the decisions that come out (detector, verdict,
+    /// actor) with the expected ones. Exits non-zero if any case fails.
+    #[command(after_help = "Example:\n  rampart test pipelines/cloudtrail")]
+    Test {
+        /// The pipeline directory.
+        pipeline: PathBuf,
+        /// Print every case, not only failures.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Replay log files through a pipeline and write its decisions as JSON lines.
+    ///
+    /// Inputs are JSON lines, JSON arrays or CloudTrail files ({"Records": [...]}), optionally
+    /// gzip-compressed; a directory means every file in it. Records that cannot be decoded go
+    /// to the dead letters with the error and their file and line. A summary is printed to
+    /// stderr at the end.
+    #[command(
+        after_help = "Example:\n  rampart replay pipelines/cloudtrail \\\n      --input data/cloudtrail/stratus-detonation-logs/ \\\n      --output decisions.jsonl --dead-letters bad.jsonl"
+    )]
+    Replay {
+        /// The pipeline directory.
+        pipeline: PathBuf,
+        /// Input files or directories.
+        #[arg(short, long = "input", required = true, num_args = 1..)]
+        inputs: Vec<PathBuf>,
+        /// Write decisions here instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Write dead letters (JSON lines) here; by default they go to stderr.
+        #[arg(long)]
+        dead_letters: Option<PathBuf>,
+        /// No progress bar and no summary.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RAMPART_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { pipeline } => check(&pipeline),
+        Command::Test { pipeline, verbose } => test(&pipeline, verbose),
+        Command::Replay {
+            pipeline,
+            inputs,
+            output,
+            dead_letters,
+            quiet,
+        } => replay(
+            &pipeline,
+            &inputs,
+            output.as_deref(),
+            dead_letters.as_deref(),
+            quiet,
+        ),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load(dir: &Path) -> Result<Pipeline> {
+    Pipeline::load(dir).with_context(|| format!("cannot load pipeline {}", dir.display()))
+}
+
+fn check(dir: &Path) -> Result<ExitCode> {
+    let pipeline = load(dir)?;
+    for p in &pipeline.problems {
+        println!("{p}");
+    }
+    let mut shapes = std::collections::BTreeMap::<String, usize>::new();
+    for d in &pipeline.detectors {
+        *shapes.entry(d.shape.to_string()).or_default() += 1;
+    }
+    let shapes: Vec<String> = shapes.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    if pipeline.problems.is_empty() {
+        println!(
+            "ok: pipeline `{}`: {} detectors ({})",
+            pipeline.config.name,
+            pipeline.detectors.len(),
+            shapes.join(", ")
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "{} problem(s); {} detector(s) loaded, {} refused",
+            pipeline.problems.len(),
+            pipeline.detectors.len(),
+            refused_files(&pipeline)
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn refused_files(pipeline: &Pipeline) -> usize {
+    let mut files: Vec<&Path> = pipeline.problems.iter().map(|p| p.file.as_path()).collect();
+    files.sort();
+    files.dedup();
+    files.len()
+}
+
+fn test(dir: &Path, verbose: bool) -> Result<ExitCode> {
+    let pipeline = load(dir)?;
+    for p in &pipeline.problems {
+        eprintln!("warning: detector refused: {p}");
+    }
+    let (results, problems) = run_tests(&pipeline);
+    for p in &problems {
+        println!("ERROR {p}");
+    }
+    let rel = |f: &Path| f.strip_prefix(dir).unwrap_or(f).display().to_string();
+    for r in &results {
+        if r.passed && !verbose {
+            continue;
+        }
+        let status = if r.passed { "PASS" } else { "FAIL" };
+        println!(
+            "{status}  {}: {} ({} decision(s))",
+            rel(&r.file),
+            r.name,
+            r.decisions
+        );
+        for d in &r.details {
+            println!("      {d}");
+        }
+    }
+    let passed = results.iter().filter(|r| r.passed).count();
+    let failed = results.len() - passed;
+    println!("{}", "-".repeat(80));
+    println!("PASS: {passed}/{}", results.len());
+    if failed > 0 {
+        println!("FAIL: {failed}/{}", results.len());
+    }
+    let ok = failed == 0 && problems.is_empty() && !results.is_empty();
+    if results.is_empty() {
+        println!("no test cases found in {}", dir.join("tests").display());
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+struct CliSink {
+    decisions: Box<dyn Write>,
+    dead_letters: Box<dyn Write>,
+    progress: Option<ProgressBar>,
+}
+
+impl ReplaySink for CliSink {
+    fn decision(&mut self, decision: &Decision) -> io::Result<()> {
+        serde_json::to_writer(&mut self.decisions, decision)?;
+        self.decisions.write_all(b"\n")
+    }
+
+    fn dead_letter(&mut self, letter: &DeadLetter) -> io::Result<()> {
+        serde_json::to_writer(&mut self.dead_letters, letter)?;
+        self.dead_letters.write_all(b"\n")
+    }
+
+    fn progress(&mut self, bytes: u64) {
+        if let Some(bar) = &self.progress {
+            bar.inc(bytes);
+        }
+    }
+}
+
+fn create(path: &Path) -> Result<Box<dyn Write>> {
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(Box::new(BufWriter::new(file)))
+}
+
+fn replay(
+    dir: &Path,
+    inputs: &[PathBuf],
+    output: Option<&Path>,
+    dead: Option<&Path>,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let pipeline = load(dir)?;
+    for p in &pipeline.problems {
+        eprintln!("warning: detector refused, the others run: {p}");
+    }
+    let files = expand_inputs(inputs)?;
+    let progress = (!quiet && io::stderr().is_terminal()).then(|| {
+        let total: u64 = files
+            .iter()
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut sink = CliSink {
+        decisions: match output {
+            Some(p) => create(p)?,
+            None => Box::new(BufWriter::new(io::stdout().lock())),
+        },
+        dead_letters: match dead {
+            Some(p) => create(p)?,
+            None => Box::new(io::stderr()),
+        },
+        progress,
+    };
+    let summary = rampart_engine::replay(&pipeline, &files, &mut sink)?;
+    sink.decisions.flush().context("cannot write decisions")?;
+    sink.dead_letters.flush().context("cannot write dead letters")?;
+    if let Some(bar) = &sink.progress {
+        bar.finish_and_clear();
+    }
+    if !quiet {
+        print_summary(&pipeline, files.len(), &summary);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_summary(pipeline: &Pipeline, files: usize, s: &Summary) {
+    let mut err = io::stderr().lock();
+    let _ = (|| -> io::Result<()> {
+        writeln!(err, "\n== replay summary: pipeline `{}` ==", pipeline.config.name)?;
+        writeln!(
+            err,
+            "events:      {} from {files} file(s), {:.1} MB in {:.2}s ({:.0} events/s)",
+            s.events,
+            s.bytes as f64 / 1e6,
+            s.elapsed.as_secs_f64(),
+            s.events_per_second()
+        )?;
+        writeln!(err, "bad records: {}", s.bad_records)?;
+        if let Some((lo, hi)) = s.time_range {
+            use rampart_core::time::format_micros;
+            writeln!(err, "event time:  {} .. {}", format_micros(lo), format_micros(hi))?;
+        }
+        writeln!(err, "decisions:   {}", s.total_decisions())?;
+        for ((detector, verdict, mode), n) in &s.decisions {
+            writeln!(err, "  {detector:<44} {verdict:<7} {mode:<8} {n}")?;
+        }
+        for (detector, n) in &s.detector_errors {
+            writeln!(
+                err,
+                "  detector `{detector}` failed on {n} batch(es); see the log"
+            )?;
+        }
+        let busiest = s.busiest_actors(5);
+        if !busiest.is_empty() {
+            writeln!(err, "busiest actors (by decisions, then events):")?;
+            for (actor, events, decisions) in busiest {
+                writeln!(err, "  {actor:<60} {events:>8} events {decisions:>5} decisions")?;
+            }
+        }
+        if !s.timeline.is_empty() {
+            writeln!(err, "timeline (decisions per hour of event time):")?;
+            for (hour, n) in &s.timeline {
+                writeln!(err, "  {hour}:00Z  {n:>5}  {}", "#".repeat((*n).min(60) as usize))?;
+            }
+        }
+        Ok(())
+    })();
+}

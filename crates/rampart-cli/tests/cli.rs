@@ -1,0 +1,401 @@
+//! Black-box tests of the `rampart` binary on the real cloudtrail pipeline and the real
+//! Stratus Red Team logs.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+fn rampart(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("rampart runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .expect("output file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+/// Copies the cloudtrail pipeline into a temporary directory, for tests that change it.
+fn pipeline_copy(dir: &Path) -> PathBuf {
+    let src = root().join("pipelines/cloudtrail");
+    let dst = dir.join("cloudtrail");
+    std::fs::create_dir_all(dst.join("detectors")).expect("mkdir");
+    std::fs::copy(src.join("pipeline.toml"), dst.join("pipeline.toml")).expect("copy");
+    for entry in std::fs::read_dir(src.join("detectors")).expect("detectors") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dst.join("detectors").join(path.file_name().expect("name"))).expect("copy");
+    }
+    dst
+}
+
+const STRATUS: &str = "data/cloudtrail/stratus-detonation-logs";
+
+#[test]
+fn check_and_test_pass_on_the_cloudtrail_pipeline() {
+    let out = rampart(&["check", "pipelines/cloudtrail"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("ok: pipeline `cloudtrail`: 17 detectors (17 per-event)"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = rampart(&["test", "pipelines/cloudtrail"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    let passed = stdout
+        .lines()
+        .find(|l| l.starts_with("PASS: "))
+        .expect("a PASS line");
+    let (n, total) = passed["PASS: ".len()..].split_once('/').expect("n/total");
+    assert_eq!(n, total);
+    assert!(n.parse::<usize>().expect("count") >= 65, "{passed}");
+}
+
+#[test]
+fn replay_of_the_stratus_logs_gives_schema_valid_deterministic_decisions() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let first = tmp.path().join("a.jsonl");
+    let second = tmp.path().join("b.jsonl");
+    let dead = tmp.path().join("dead.jsonl");
+    for out in [&first, &second] {
+        let run = rampart(&[
+            "replay",
+            "pipelines/cloudtrail",
+            "--input",
+            STRATUS,
+            "--output",
+            out.to_str().expect("utf8"),
+            "--dead-letters",
+            dead.to_str().expect("utf8"),
+        ]);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        let summary = text(&run.stderr);
+        assert!(summary.contains("events:      310 from 35 file(s)"), "{summary}");
+        assert!(summary.contains("bad records: 0"), "{summary}");
+    }
+    assert!(lines(&dead).is_empty());
+
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("schemas/decision.schema.json")).expect("schema"),
+    )
+    .expect("json");
+    let validator = jsonschema::validator_for(&schema).expect("valid schema");
+    let decisions = lines(&first);
+    for d in &decisions {
+        let errors: Vec<String> = validator
+            .iter_errors(d)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{errors:?}\n{d:#}");
+    }
+
+    // Every technique with a per-event signature is caught; blocks expire; guidance travels.
+    let fired: BTreeSet<&str> = decisions
+        .iter()
+        .map(|d| d["detector"]["id"].as_str().expect("id"))
+        .collect();
+    let expected = [
+        "ami-shared",
+        "console-login-without-mfa",
+        "ebs-snapshot-shared",
+        "iam-access-key-for-another-user",
+        "iam-admin-policy-attached",
+        "iam-login-profile-for-another-user",
+        "iam-role-trusts-outside-account",
+        "lambda-code-overwritten",
+        "lambda-layer-added",
+        "lambda-public-invoke-permission",
+        "network-logs-deleted",
+        "organization-leave-attempt",
+        "rds-snapshot-shared",
+        "rolesanywhere-trust-anchor-created",
+        "security-group-ssh-open-to-world",
+        "trail-event-selectors-narrowed",
+        "trail-logging-disabled",
+    ];
+    assert_eq!(fired, expected.into_iter().collect());
+    assert_eq!(decisions.len(), 23);
+    let stop = decisions
+        .iter()
+        .find(|d| d["actions"][0] == "StopLogging")
+        .expect("StopLogging decision");
+    assert_eq!(stop["verdict"], "block");
+    assert_eq!(stop["event_time"], "2024-07-31T13:06:24Z");
+    assert_eq!(stop["expires_at"], "2024-07-31T17:06:24Z", "block_for: 4h");
+    assert_eq!(
+        stop["source"]["file"],
+        format!("{STRATUS}/aws.defense-evasion.cloudtrail-stop.json")
+    );
+    assert_eq!(stop["source"]["line"], 2);
+    assert_eq!(
+        stop["evidence"]["trail"],
+        "stratus-red-team-ct-stop-trail-buykxbqejv"
+    );
+    assert!(
+        stop["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("on trail stratus-red-team-ct-stop-trail-buykxbqejv")
+    );
+    assert!(
+        stop["guidance"]
+            .as_str()
+            .expect("guidance")
+            .contains("Security on-call")
+    );
+
+    // Same input, same decisions, same ids (only processed_at differs).
+    let strip = |mut v: Value| {
+        v.as_object_mut().expect("object").remove("processed_at");
+        v
+    };
+    let again: Vec<Value> = lines(&second).into_iter().map(strip).collect();
+    assert_eq!(decisions.into_iter().map(strip).collect::<Vec<_>>(), again);
+}
+
+#[test]
+fn gzip_inputs_and_cloudtrail_records_files_decode_the_same() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let records: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root()
+                .join(STRATUS)
+                .join("aws.persistence.iam-create-admin-user.json"),
+        )
+        .expect("file"),
+    )
+    .expect("json");
+    let gz = tmp.path().join("trail.json.gz");
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).expect("create"),
+        flate2::Compression::default(),
+    );
+    enc.write_all(
+        serde_json::to_string(&serde_json::json!({ "Records": records }))
+            .expect("json")
+            .as_bytes(),
+    )
+    .expect("write");
+    enc.finish().expect("gzip");
+    let out = tmp.path().join("d.jsonl");
+    let run = rampart(&[
+        "replay",
+        "pipelines/cloudtrail",
+        "--input",
+        gz.to_str().expect("utf8"),
+        "--output",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let ids: BTreeSet<String> = lines(&out)
+        .iter()
+        .map(|d| d["detector"]["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        ["iam-access-key-for-another-user", "iam-admin-policy-attached"]
+            .map(String::from)
+            .into()
+    );
+}
+
+#[test]
+fn hostile_detectors_are_refused_with_file_and_reason_and_the_rest_still_run() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pipeline = pipeline_copy(tmp.path());
+    let header = "-- id: ID\n-- verdict: block\n-- severity: high\n-- reason: r\n";
+    let hostile = [
+        ("copy", "COPY (SELECT * FROM events) TO '/tmp/stolen.csv'"),
+        (
+            "external",
+            "CREATE EXTERNAL TABLE creds STORED AS CSV LOCATION '/etc/passwd'",
+        ),
+        ("readfile", "SELECT * FROM read_csv('/etc/passwd')"),
+        ("two", "SELECT actor FROM events;\nDROP TABLE events"),
+        ("insert", "INSERT INTO events SELECT * FROM events"),
+        ("set", "SET datafusion.execution.target_partitions = 8"),
+        ("url", "SELECT * FROM '/etc/passwd'"),
+    ];
+    for (name, sql) in hostile {
+        let text = format!("{}{sql}\n", header.replace("ID", name));
+        std::fs::write(pipeline.join("detectors").join(format!("zz-{name}.sql")), text).expect("write");
+    }
+    let dir = pipeline.to_str().expect("utf8");
+    let out = rampart(&["check", dir]);
+    let stdout = text(&out.stdout);
+    assert!(!out.status.success());
+    let expect = [
+        ("zz-copy.sql:5:", "COPY (writing files) is not allowed"),
+        (
+            "zz-external.sql:5:",
+            "CREATE EXTERNAL TABLE (reading files) is not allowed",
+        ),
+        (
+            "zz-readfile.sql:5:",
+            "table function `read_csv(...)` is not allowed",
+        ),
+        ("zz-two.sql:6:", "exactly one SELECT query"),
+        ("zz-insert.sql:5:", "DML (`INSERT INTO`) is not allowed"),
+        (
+            "zz-set.sql:5:",
+            "SET (`SET datafusion.execution.target_partitions`) is not allowed",
+        ),
+        ("zz-url.sql:5:", "the query does not plan"),
+    ];
+    for (location, reason) in expect {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(location))
+            .unwrap_or_else(|| panic!("no problem at {location}:\n{stdout}"));
+        assert!(line.contains(reason), "{line}");
+    }
+    assert!(
+        stdout.contains("7 problem(s); 17 detector(s) loaded, 7 refused"),
+        "{stdout}"
+    );
+
+    let decisions = tmp.path().join("d.jsonl");
+    let run = rampart(&[
+        "replay",
+        dir,
+        "--input",
+        STRATUS,
+        "--output",
+        decisions.to_str().expect("utf8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(text(&run.stderr).contains("warning: detector refused, the others run"));
+    assert_eq!(lines(&decisions).len(), 23);
+    assert!(!Path::new("/tmp/stolen.csv").exists());
+}
+
+#[test]
+fn malformed_lines_become_dead_letters_with_their_line_and_good_lines_still_decide() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let good: Vec<Value> = [
+        "aws.defense-evasion.cloudtrail-stop.json",
+        "aws.exfiltration.ec2-share-ami.json",
+    ]
+    .iter()
+    .map(|f| {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(root().join(STRATUS).join(f)).expect("file"))
+                .expect("json");
+        v[0].clone()
+    })
+    .collect();
+    let mut no_actor = good[0].clone();
+    no_actor.as_object_mut().expect("object").remove("userIdentity");
+    let mut bad_time = good[0].clone();
+    bad_time["eventTime"] = Value::from(true);
+    let input = [
+        serde_json::to_string(&good[0]).expect("json"),
+        "{\"eventTime\": \"2024-07-31T13:06:24Z\", ".to_string(),
+        String::new(),
+        "not json at all".to_string(),
+        serde_json::to_string(&no_actor).expect("json"),
+        serde_json::to_string(&bad_time).expect("json"),
+        serde_json::to_string(&good[1]).expect("json"),
+    ]
+    .join("\n");
+    let file = tmp.path().join("mixed.jsonl");
+    std::fs::write(&file, input).expect("write");
+    let decisions = tmp.path().join("d.jsonl");
+    let dead = tmp.path().join("dead.jsonl");
+    let run = rampart(&[
+        "replay",
+        "pipelines/cloudtrail",
+        "--input",
+        file.to_str().expect("utf8"),
+        "--output",
+        decisions.to_str().expect("utf8"),
+        "--dead-letters",
+        dead.to_str().expect("utf8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stderr).contains("bad records: 4"),
+        "{}",
+        text(&run.stderr)
+    );
+    let decided: Vec<String> = lines(&decisions)
+        .iter()
+        .map(|d| d["detector"]["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(decided, ["trail-logging-disabled", "ami-shared"]);
+    let letters = lines(&dead);
+    let summary: Vec<(u64, &str)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l["source"]["line"].as_u64().expect("line"),
+                l["error"].as_str().expect("error"),
+            )
+        })
+        .collect();
+    assert_eq!(summary.len(), 4, "{summary:?}");
+    assert_eq!(summary[0].0, 2);
+    assert!(
+        summary[0].1.starts_with("not JSON: EOF while parsing"),
+        "{summary:?}"
+    );
+    assert_eq!(summary[1].0, 4);
+    assert!(summary[1].1.starts_with("not JSON"), "{summary:?}");
+    assert_eq!(
+        summary[2],
+        (
+            5,
+            "missing actor (looked at userIdentity.arn | userIdentity.principalId | userIdentity.invokedBy)"
+        )
+    );
+    assert_eq!(
+        summary[3],
+        (
+            6,
+            "wrong type at `eventTime`: expected an RFC 3339 string or epoch milliseconds, found a boolean"
+        )
+    );
+    assert!(letters.iter().all(|l| {
+        l["kind"] == "malformed"
+            && l["source"]["file"]
+                .as_str()
+                .expect("file")
+                .ends_with("mixed.jsonl")
+    }));
+    assert_eq!(letters[1]["record"], "not json at all");
+}
+
+#[test]
+fn every_command_explains_itself_with_an_example() {
+    for cmd in ["check", "test", "replay"] {
+        let out = rampart(&[cmd, "--help"]);
+        assert!(out.status.success());
+        let help = text(&out.stdout);
+        assert!(
+            help.contains("Example:") && help.contains(&format!("rampart {cmd} pipelines/cloudtrail")),
+            "{help}"
+        );
+    }
+}

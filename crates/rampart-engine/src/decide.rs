@@ -1,0 +1,151 @@
+//! From a detector's result rows to decisions: reason, evidence, expiry, deterministic id.
+
+use std::time::Duration;
+
+use datafusion::arrow::array::{Array, UInt64Array};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
+use serde_json::{Map, Value};
+
+use rampart_core::decision::DECISION_SCHEMA_VERSION;
+use rampart_core::event::{ACTION, ACTOR, RAW, ROW_ID};
+use rampart_core::time::format_micros;
+use rampart_core::{Decision, DecisionId, DetectorRef, Verdict};
+use rampart_sql::CompiledDetector;
+
+use crate::decode::EventBatch;
+
+/// Turns result rows into decisions for one pipeline.
+#[derive(Debug, Clone)]
+pub struct DecisionMaker {
+    pipeline: String,
+    default_block_for: Duration,
+}
+
+impl DecisionMaker {
+    /// A decision maker for pipeline `pipeline`.
+    pub fn new(pipeline: String, default_block_for: Duration) -> Self {
+        Self {
+            pipeline,
+            default_block_for,
+        }
+    }
+
+    /// The decisions for `result`, rows a per-event `detector` returned for `events`, each with
+    /// the index of its triggering event in `events`.
+    /// `processed_at` is the wall-clock time to stamp (it is not part of the id).
+    pub fn decide(
+        &self,
+        detector: &CompiledDetector,
+        result: &RecordBatch,
+        events: &EventBatch,
+        processed_at: &str,
+    ) -> Vec<(usize, Decision)> {
+        let Some(row_ids) = result
+            .column(detector.row_id_index)
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+        else {
+            return Vec::new();
+        };
+        let schema = result.schema();
+        (0..result.num_rows())
+            .filter_map(|r| {
+                let event = events.index_of(row_ids.value(r))?;
+                let mut evidence = Map::new();
+                for (c, field) in schema.fields().iter().enumerate() {
+                    if field.name() == ROW_ID || field.name() == RAW {
+                        continue;
+                    }
+                    evidence.insert(field.name().clone(), json_value(result.column(c), r));
+                }
+                let text = |name: &str| match evidence.get(name) {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    _ => None,
+                };
+                let actor = text(ACTOR).unwrap_or_else(|| events.actor(event).to_string());
+                let action = text(ACTION).unwrap_or_else(|| events.action(event).to_string());
+                let reason = detector.meta.reason.render(|c| match evidence.get(c) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Null) | None => "(none)".into(),
+                    Some(v) => v.to_string(),
+                });
+                let event_time = events.event_time(event);
+                let expires_at = (detector.meta.verdict == Verdict::Block).then(|| {
+                    let block_for = detector.meta.block_for.unwrap_or(self.default_block_for);
+                    format_micros(event_time.saturating_add(block_for.as_micros() as i64))
+                });
+                let decision_id = DecisionId::new()
+                    .part(&self.pipeline)
+                    .part(&detector.meta.id)
+                    .part(&detector.version)
+                    .part(&actor)
+                    .part(event_time.to_le_bytes())
+                    .part(events.raw(event))
+                    .finish();
+                Some((
+                    event,
+                    Decision {
+                        schema_version: DECISION_SCHEMA_VERSION,
+                        decision_id,
+                        pipeline: self.pipeline.clone(),
+                        detector: DetectorRef {
+                            id: detector.meta.id.clone(),
+                            version: detector.version.clone(),
+                        },
+                        verdict: detector.meta.verdict,
+                        mode: detector.meta.mode,
+                        severity: detector.meta.severity,
+                        key: actor.clone(),
+                        actor,
+                        actions: vec![action],
+                        reason,
+                        evidence,
+                        event_time: format_micros(event_time),
+                        processed_at: processed_at.to_string(),
+                        expires_at,
+                        source: events.positions[event].clone(),
+                        guidance: detector.meta.guidance.clone(),
+                        tags: detector.meta.tags.clone(),
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+/// One Arrow value as JSON: numbers and booleans as such, timestamps as RFC 3339, everything
+/// else as its text.
+fn json_value(array: &dyn Array, row: usize) -> Value {
+    let Ok(scalar) = ScalarValue::try_from_array(array, row) else {
+        return Value::Null;
+    };
+    if scalar.is_null() {
+        return Value::Null;
+    }
+    match scalar {
+        ScalarValue::Boolean(Some(b)) => Value::Bool(b),
+        ScalarValue::Int8(Some(v)) => v.into(),
+        ScalarValue::Int16(Some(v)) => v.into(),
+        ScalarValue::Int32(Some(v)) => v.into(),
+        ScalarValue::Int64(Some(v)) => v.into(),
+        ScalarValue::UInt8(Some(v)) => v.into(),
+        ScalarValue::UInt16(Some(v)) => v.into(),
+        ScalarValue::UInt32(Some(v)) => v.into(),
+        ScalarValue::UInt64(Some(v)) => v.into(),
+        ScalarValue::Float32(Some(v)) => {
+            serde_json::Number::from_f64(f64::from(v)).map_or(Value::Null, Value::Number)
+        }
+        ScalarValue::Float64(Some(v)) => serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
+            Value::String(s)
+        }
+        ScalarValue::TimestampSecond(Some(v), _) => Value::String(format_micros(v.saturating_mul(1_000_000))),
+        ScalarValue::TimestampMillisecond(Some(v), _) => {
+            Value::String(format_micros(v.saturating_mul(1_000)))
+        }
+        ScalarValue::TimestampMicrosecond(Some(v), _) => Value::String(format_micros(v)),
+        ScalarValue::TimestampNanosecond(Some(v), _) => Value::String(format_micros(v / 1_000)),
+        other => Value::String(other.to_string()),
+    }
+}

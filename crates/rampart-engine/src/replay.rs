@@ -1,0 +1,239 @@
+//! Replay: files through a pipeline as fast as the machine allows. Decoding runs on its own
+//! thread, feeding micro-batches to the detectors on the calling thread.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rampart_core::{Decision, Mode, Verdict};
+
+use crate::decode::{DeadLetter, Decoded};
+use crate::pipeline::Pipeline;
+
+/// Where replay output goes.
+pub trait ReplaySink {
+    /// One decision.
+    fn decision(&mut self, decision: &Decision) -> io::Result<()>;
+    /// One dead letter.
+    fn dead_letter(&mut self, letter: &DeadLetter) -> io::Result<()>;
+    /// Input bytes consumed since the last call.
+    fn progress(&mut self, _bytes: u64) {}
+}
+
+/// Errors that stop a replay.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// An input file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Input {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: io::Error,
+    },
+    /// Writing decisions or dead letters failed.
+    #[error("cannot write output: {0}")]
+    Output(#[source] io::Error),
+}
+
+/// What a replay saw and did.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    /// Events decoded and evaluated.
+    pub events: u64,
+    /// Records sent to the dead letters.
+    pub bad_records: u64,
+    /// Decisions per (detector, verdict, mode).
+    pub decisions: BTreeMap<(String, Verdict, Mode), u64>,
+    /// Detector run-time failures per detector.
+    pub detector_errors: BTreeMap<String, u64>,
+    /// Events per actor (for the busiest actors).
+    pub actor_events: HashMap<String, u64>,
+    /// Decisions per actor.
+    pub actor_decisions: HashMap<String, u64>,
+    /// Decisions per hour of event time (`YYYY-MM-DDTHH`).
+    pub timeline: BTreeMap<String, u64>,
+    /// Earliest and latest event time seen, RFC 3339.
+    pub time_range: Option<(i64, i64)>,
+    /// Input bytes read.
+    pub bytes: u64,
+    /// Wall-clock duration.
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    /// Total decisions.
+    pub fn total_decisions(&self) -> u64 {
+        self.decisions.values().sum()
+    }
+
+    /// Events per second of wall-clock time.
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The `n` actors with most events, most first (ties by name).
+    pub fn busiest_actors(&self, n: usize) -> Vec<(&str, u64, u64)> {
+        let mut v: Vec<_> = self
+            .actor_events
+            .iter()
+            .map(|(a, e)| (a.as_str(), *e, self.actor_decisions.get(a).copied().unwrap_or(0)))
+            .collect();
+        v.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then(a.0.cmp(b.0)));
+        v.truncate(n);
+        v
+    }
+}
+
+/// Expands directories to the files inside them (sorted, not recursive) and checks that every
+/// input exists before anything runs.
+pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, ReplayError> {
+    let mut files = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input).map_err(|source| ReplayError::Input {
+            path: input.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(input)
+                .map_err(|source| ReplayError::Input {
+                    path: input.clone(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            inside.sort();
+            files.extend(inside);
+        } else {
+            files.push(input.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// Replays `inputs` (files or directories) through `pipeline`.
+pub fn replay(
+    pipeline: &Pipeline,
+    inputs: &[PathBuf],
+    sink: &mut dyn ReplaySink,
+) -> Result<Summary, ReplayError> {
+    let files = expand_inputs(inputs)?;
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    let (tx, rx) = mpsc::sync_channel::<Decoded>(64);
+
+    std::thread::scope(|scope| {
+        let decoder = scope.spawn(move || -> Result<(), ReplayError> {
+            let mut decoder = pipeline.decoder();
+            let mut send = |d: Decoded| {
+                // The receiver only hangs up when output failed; that error is reported there.
+                let _ = tx.send(d);
+            };
+            for file in &files {
+                decoder
+                    .decode_file(file, &mut send)
+                    .map_err(|source| ReplayError::Input {
+                        path: file.clone(),
+                        source,
+                    })?;
+            }
+            decoder.flush(&mut send);
+            Ok(())
+        });
+        let consumed = consume(pipeline, &rx, sink, &mut summary);
+        drop(rx);
+        let decoded = decoder.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        consumed.and(decoded)
+    })?;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+fn consume(
+    pipeline: &Pipeline,
+    rx: &mpsc::Receiver<Decoded>,
+    sink: &mut dyn ReplaySink,
+    summary: &mut Summary,
+) -> Result<(), ReplayError> {
+    for item in rx {
+        match item {
+            Decoded::Progress(bytes) => {
+                summary.bytes += bytes;
+                sink.progress(bytes);
+            }
+            Decoded::DeadLetter(letter) => {
+                summary.bad_records += 1;
+                sink.dead_letter(&letter).map_err(ReplayError::Output)?;
+            }
+            Decoded::Batch(events) => {
+                summary.events += events.batch.num_rows() as u64;
+                for i in 0..events.batch.num_rows() {
+                    let t = events.event_time(i);
+                    summary.time_range = Some(match summary.time_range {
+                        None => (t, t),
+                        Some((lo, hi)) => (lo.min(t), hi.max(t)),
+                    });
+                    match summary.actor_events.get_mut(events.actor(i)) {
+                        Some(n) => *n += 1,
+                        None => {
+                            summary.actor_events.insert(events.actor(i).to_string(), 1);
+                        }
+                    }
+                }
+                let evaluation = pipeline.evaluate(&events);
+                for (detector, error) in evaluation.errors {
+                    let n = summary.detector_errors.entry(detector.clone()).or_default();
+                    if *n == 0 {
+                        tracing::warn!(detector = %detector, %error, "detector failed on a batch; it keeps running on later batches");
+                    }
+                    *n += 1;
+                }
+                for d in &evaluation.decisions {
+                    *summary
+                        .decisions
+                        .entry((d.detector.id.clone(), d.verdict, d.mode))
+                        .or_default() += 1;
+                    *summary.actor_decisions.entry(d.actor.clone()).or_default() += 1;
+                    *summary
+                        .timeline
+                        .entry(d.event_time.get(..13).unwrap_or_default().to_string())
+                        .or_default() += 1;
+                    sink.decision(d).map_err(ReplayError::Output)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Convenience for tests and tools: replay and collect everything in memory.
+#[derive(Debug, Default)]
+pub struct Collect {
+    /// Decisions, in output order.
+    pub decisions: Vec<Decision>,
+    /// Dead letters, in input order.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl ReplaySink for Collect {
+    fn decision(&mut self, decision: &Decision) -> io::Result<()> {
+        self.decisions.push(decision.clone());
+        Ok(())
+    }
+
+    fn dead_letter(&mut self, letter: &DeadLetter) -> io::Result<()> {
+        self.dead_letters.push(letter.clone());
+        Ok(())
+    }
+}
+
+/// Replays `inputs` and collects the output.
+pub fn replay_collect(pipeline: &Pipeline, inputs: &[&Path]) -> Result<(Collect, Summary), ReplayError> {
+    let mut out = Collect::default();
+    let inputs: Vec<PathBuf> = inputs.iter().map(|p| p.to_path_buf()).collect();
+    let summary = replay(pipeline, &inputs, &mut out)?;
+    Ok((out, summary))
+}

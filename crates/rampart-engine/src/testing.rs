@@ -1,0 +1,256 @@
+//! `rampart test`: detector test cases as data files (`tests/*.toml` in the pipeline):
+//! events in, the decisions expected out (or none).
+//!
+//! ```toml
+//! [[case]]
+//! name = "stopping a trail is blocked"
+//! input = "../../../data/cloudtrail/stratus-detonation-logs/aws.defense-evasion.cloudtrail-stop.json"
+//! detectors = ["cloudtrail-logging-stopped"]     # optional: only judge these detectors
+//! expect = [{ detector = "cloudtrail-logging-stopped", verdict = "block", actor = "arn:..." }]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use rampart_core::{Decision, Problem, Verdict};
+
+use crate::decode::Decoded;
+use crate::pipeline::Pipeline;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestFile {
+    /// The cases of this file.
+    case: Vec<RawCase>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCase {
+    /// Shown in the report.
+    name: String,
+    /// Event files, relative to the test file.
+    #[serde(default)]
+    input: Inputs,
+    /// Inline events, one JSON object per line.
+    #[serde(default)]
+    events: Option<String>,
+    /// Only decisions of these detectors are judged (default: all).
+    #[serde(default)]
+    detectors: Option<Vec<String>>,
+    /// The decisions expected; an empty list means "nothing fires".
+    expect: Vec<Expected>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(untagged)]
+enum Inputs {
+    #[default]
+    None,
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expected {
+    detector: String,
+    verdict: String,
+    actor: String,
+    /// How many such decisions (default 1).
+    #[serde(default = "one")]
+    count: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The outcome of one case.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    /// The test file.
+    pub file: PathBuf,
+    /// The case name.
+    pub name: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// What differed (empty when passed).
+    pub details: Vec<String>,
+    /// Decisions judged.
+    pub decisions: usize,
+}
+
+/// Runs every case of every `tests/*.toml` of the pipeline. Problems are test files that could
+/// not be read or understood.
+pub fn run_tests(pipeline: &Pipeline) -> (Vec<CaseResult>, Vec<Problem>) {
+    let mut results = Vec::new();
+    let mut problems = Vec::new();
+    let dir = pipeline.dir.join("tests");
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(e) => {
+            problems.push(Problem::in_file(&dir, format!("cannot list test files: {e}")));
+            return (results, problems);
+        }
+    };
+    files.sort();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(Problem::in_file(&file, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        let parsed: TestFile = match toml::from_str(&text) {
+            Ok(p) => p,
+            Err(e) => {
+                let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+                problems.push(Problem {
+                    file: file.clone(),
+                    line,
+                    message: e.message().to_string(),
+                });
+                continue;
+            }
+        };
+        for case in parsed.case {
+            results.push(run_case(pipeline, &file, case));
+        }
+    }
+    (results, problems)
+}
+
+fn run_case(pipeline: &Pipeline, file: &Path, case: RawCase) -> CaseResult {
+    let mut details = Vec::new();
+    let base = file.parent().unwrap_or(Path::new("."));
+    let known = |id: &str| pipeline.detectors.iter().any(|d| d.meta.id == id);
+    let refused = |id: &str| {
+        pipeline
+            .problems
+            .iter()
+            .any(|p| p.file.file_stem().is_some_and(|s| s == id))
+    };
+    for id in case
+        .detectors
+        .iter()
+        .flatten()
+        .chain(case.expect.iter().map(|e| &e.detector))
+    {
+        if !known(id) {
+            let why = if refused(id) {
+                "it was refused at load (see `rampart check`)"
+            } else {
+                "no such detector in this pipeline"
+            };
+            details.push(format!("detector `{id}` is not loaded: {why}"));
+        }
+    }
+
+    let mut expected: BTreeMap<(String, Verdict, String), usize> = BTreeMap::new();
+    for e in &case.expect {
+        match e.verdict.parse::<Verdict>() {
+            Ok(v) => {
+                *expected
+                    .entry((e.detector.clone(), v, e.actor.clone()))
+                    .or_default() += e.count
+            }
+            Err(err) => details.push(err),
+        }
+    }
+
+    let decisions = match evaluate_case(pipeline, base, &case) {
+        Ok(d) => d,
+        Err(e) => {
+            details.push(e);
+            Vec::new()
+        }
+    };
+    let judged: Vec<&Decision> = decisions
+        .iter()
+        .filter(|d| {
+            case.detectors
+                .as_ref()
+                .is_none_or(|only| only.contains(&d.detector.id))
+        })
+        .collect();
+    let mut got: BTreeMap<(String, Verdict, String), usize> = BTreeMap::new();
+    for d in &judged {
+        *got.entry((d.detector.id.clone(), d.verdict, d.actor.clone()))
+            .or_default() += 1;
+    }
+    for (key, want) in &expected {
+        let have = got.get(key).copied().unwrap_or(0);
+        if have != *want {
+            details.push(format!(
+                "expected {want} × {} {} for {}, got {have}",
+                key.0, key.1, key.2
+            ));
+        }
+    }
+    for (key, have) in &got {
+        if !expected.contains_key(key) {
+            details.push(format!("unexpected {have} × {} {} for {}", key.0, key.1, key.2));
+        }
+    }
+    CaseResult {
+        file: file.to_path_buf(),
+        name: case.name,
+        passed: details.is_empty(),
+        details,
+        decisions: judged.len(),
+    }
+}
+
+fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec<Decision>, String> {
+    let mut decoder = pipeline.decoder();
+    let mut batches = Vec::new();
+    let mut dead = Vec::new();
+    let mut emit = |d: Decoded| match d {
+        Decoded::Batch(b) => batches.push(b),
+        Decoded::DeadLetter(l) => dead.push(l),
+        Decoded::Progress(_) => {}
+    };
+    let inputs: Vec<PathBuf> = match &case.input {
+        Inputs::None => Vec::new(),
+        Inputs::One(p) => vec![base.join(p)],
+        Inputs::Many(ps) => ps.iter().map(|p| base.join(p)).collect(),
+    };
+    if inputs.is_empty() && case.events.is_none() {
+        return Err("the case has neither `input` nor `events`".into());
+    }
+    for path in &inputs {
+        decoder
+            .decode_file(path, &mut emit)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    }
+    if let Some(events) = &case.events {
+        decoder
+            .decode_text(&case.name, events, &mut emit)
+            .map_err(|e| e.to_string())?;
+    }
+    decoder.flush(&mut emit);
+    if let Some(letter) = dead.first() {
+        return Err(format!(
+            "{} input record(s) could not be decoded, first at {}: {}",
+            dead.len(),
+            letter.source,
+            letter.error
+        ));
+    }
+    let mut decisions = Vec::new();
+    for batch in &batches {
+        let eval = pipeline.evaluate(batch);
+        if let Some((id, err)) = eval.errors.first() {
+            return Err(format!("detector `{id}` failed: {err}"));
+        }
+        decisions.extend(eval.decisions);
+    }
+    Ok(decisions)
+}

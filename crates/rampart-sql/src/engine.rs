@@ -1,0 +1,375 @@
+//! Loading detectors (sandbox, planning, shape) and running their plans on micro-batches.
+//!
+//! Every detector of a pipeline is planned once, at load, against the `events` table whose scan
+//! reads a shared [`BatchSlot`]. Running a batch puts it in the slot and executes each plan
+//! again: no SQL is parsed or planned per batch ([`DetectorEngine::plans_built`] counts plans).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::DataFusionError;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::execution::SessionStateDefaults;
+use datafusion::execution::TaskContext;
+use datafusion::execution::context::SessionContext;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::{ExecutionPlan, common::collect};
+use datafusion::prelude::SessionConfig;
+use datafusion::sql::parser::DFParser;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+
+use rampart_core::event::ROW_ID;
+use rampart_core::{EventSchema, Problem};
+
+use crate::events_table::{BatchSlot, EventsTable};
+use crate::metadata::{DetectorMeta, parse_header};
+use crate::sandbox::single_query;
+use crate::shape::{Shape, classify, propagate_row_id};
+use crate::{Error, Result};
+
+/// A detector that passed the sandbox and was planned.
+#[derive(Debug)]
+pub struct CompiledDetector {
+    /// Its metadata.
+    pub meta: DetectorMeta,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Content hash of the file.
+    pub version: String,
+    /// What kind of query it is.
+    pub shape: Shape,
+    /// Columns of its result rows (including the hidden row id).
+    pub output_schema: SchemaRef,
+    /// Index of the hidden row id in `output_schema`.
+    pub row_id_index: usize,
+    plan: Arc<dyn ExecutionPlan>,
+    needs_reset: bool,
+}
+
+/// Plans detectors for one pipeline's event schema and runs them on batches.
+pub struct DetectorEngine {
+    ctx: SessionContext,
+    task_ctx: Arc<TaskContext>,
+    slot: BatchSlot,
+    runtime: tokio::runtime::Runtime,
+    plans_built: AtomicUsize,
+}
+
+impl DetectorEngine {
+    /// A sandboxed SQL context whose only table is `events` with `schema`, and whose functions
+    /// are DataFusion's built-in scalar, aggregate and window functions plus the JSON functions
+    /// of `datafusion-functions-json`. No table functions, no file or URL tables, no catalog.
+    pub fn new(schema: &EventSchema) -> Result<Self> {
+        let mut config = SessionConfig::new()
+            .with_target_partitions(1)
+            .with_information_schema(false)
+            .with_batch_size(8192);
+        config.options_mut().sql_parser.collect_spans = true;
+        let mut state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_scalar_functions(SessionStateDefaults::default_scalar_functions())
+            .with_aggregate_functions(SessionStateDefaults::default_aggregate_functions())
+            .with_window_functions(SessionStateDefaults::default_window_functions())
+            .with_expr_planners(SessionStateDefaults::default_expr_planners())
+            .build();
+        datafusion_functions_json::register_all(&mut state)?;
+        let ctx = SessionContext::new_with_state(state);
+        let slot = BatchSlot::default();
+        ctx.register_table(
+            "events",
+            Arc::new(EventsTable::new(Arc::clone(schema.arrow()), slot.clone())),
+        )?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(Error::Runtime)?;
+        Ok(Self {
+            task_ctx: ctx.task_ctx(),
+            ctx,
+            slot,
+            runtime,
+            plans_built: AtomicUsize::new(0),
+        })
+    }
+
+    /// How many physical plans this engine has built (one per compiled detector).
+    pub fn plans_built(&self) -> usize {
+        self.plans_built.load(Ordering::Relaxed)
+    }
+
+    /// Loads one detector file: metadata, sandbox, planning, shape. Every problem found is
+    /// returned with the file and line.
+    pub fn compile(&self, path: &Path, text: &str) -> std::result::Result<CompiledDetector, Vec<Problem>> {
+        let meta = parse_header(path, text);
+        let first_sql_line = text
+            .lines()
+            .position(|l| {
+                let t = l.trim();
+                !t.is_empty() && !t.starts_with("--")
+            })
+            .map_or(1, |i| i + 1);
+        let planned = self.plan(path, text, first_sql_line);
+        let (meta, (shape, plan, output_schema)) = match (meta, planned) {
+            (Ok(m), Ok(p)) => (m, p),
+            (Err(mut a), Err(b)) => {
+                a.push(b);
+                return Err(a);
+            }
+            (Err(a), Ok(_)) => return Err(a),
+            (Ok(_), Err(b)) => return Err(vec![b]),
+        };
+        let columns: Vec<&str> = output_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .filter(|n| *n != ROW_ID)
+            .collect();
+        let missing: Vec<Problem> = meta
+            .reason
+            .columns()
+            .filter(|c| !columns.contains(c))
+            .map(|c| {
+                Problem::at(
+                    path,
+                    line_of(text, "reason:").unwrap_or(1),
+                    format!(
+                        "reason placeholder {{{{{c}}}}} is not a column of the query's result (columns: {})",
+                        columns.join(", ")
+                    ),
+                )
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(missing);
+        }
+        let row_id_index = output_schema.index_of(ROW_ID).map_err(|_| {
+            vec![Problem::at(
+                path,
+                first_sql_line,
+                "internal: the result does not carry the event row id; please report this detector",
+            )]
+        })?;
+        let needs_reset = has_join(&plan);
+        self.plans_built.fetch_add(1, Ordering::Relaxed);
+        Ok(CompiledDetector {
+            meta,
+            path: path.to_path_buf(),
+            version: rampart_core::decision::content_version(text.as_bytes()),
+            shape,
+            output_schema,
+            row_id_index,
+            plan,
+            needs_reset,
+        })
+    }
+
+    fn plan(
+        &self,
+        path: &Path,
+        text: &str,
+        first_sql_line: usize,
+    ) -> std::result::Result<(Shape, Arc<dyn ExecutionPlan>, SchemaRef), Problem> {
+        let statements = DFParser::parse_sql_with_dialect(text, &GenericDialect {})
+            .map_err(|e| problem_from(path, first_sql_line, "SQL syntax error", &e))?;
+        let statement = single_query(path, text, first_sql_line, statements)?;
+        let state = self.ctx.state();
+        let logical = self
+            .runtime
+            .block_on(state.statement_to_plan(statement))
+            .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
+        let shape = classify(&logical).map_err(|reason| Problem::at(path, first_sql_line, reason))?;
+        if shape != Shape::PerEvent {
+            return Err(Problem::at(
+                path,
+                first_sql_line,
+                format!(
+                    "{shape}: windowed detectors are recognised but this version does not evaluate \
+                     them incrementally yet, and evaluating them per micro-batch would give wrong \
+                     answers; keep it out of the pipeline until window state lands"
+                ),
+            ));
+        }
+        let logical = propagate_row_id(logical)
+            .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
+        let physical = self
+            .runtime
+            .block_on(state.create_physical_plan(&logical))
+            .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
+        let schema = physical.schema();
+        Ok((shape, physical, schema))
+    }
+
+    /// Runs every detector on `batch`; one result per detector, in order. A detector that
+    /// fails at run time (a cast of bad data, say) fails alone.
+    pub fn run(&self, detectors: &[CompiledDetector], batch: RecordBatch) -> Vec<Result<Vec<RecordBatch>>> {
+        self.slot.set(batch);
+        let results = detectors
+            .iter()
+            .map(|d| {
+                let plan = if d.needs_reset {
+                    reset_plan_states(Arc::clone(&d.plan))?
+                } else {
+                    Arc::clone(&d.plan)
+                };
+                let stream = plan.execute(0, Arc::clone(&self.task_ctx))?;
+                let batches = self.runtime.block_on(collect(stream))?;
+                Ok(batches.into_iter().filter(|b| b.num_rows() > 0).collect())
+            })
+            .collect();
+        self.slot.clear();
+        results
+    }
+}
+
+fn has_join(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        if node.name().contains("Join") {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// Turns a DataFusion error into a problem at the best line known: the diagnostic's span, the
+/// parser's `Line: N`, or the first line of SQL.
+fn problem_from(path: &Path, fallback_line: usize, what: &str, err: &DataFusionError) -> Problem {
+    let diagnostic_line = err
+        .iter()
+        .find_map(|e| e.diagnostic())
+        .and_then(|d| d.span)
+        .map(|s| s.start.line as usize)
+        .filter(|l| *l > 0);
+    let message = err.message().to_string();
+    let parser_line = message
+        .rsplit_once("Line: ")
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<usize>().ok());
+    let line = diagnostic_line.or(parser_line).unwrap_or(fallback_line);
+    let message = message.trim_start_matches("sql parser error: ").to_string();
+    Problem::at(path, line, format!("{what}: {message}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{StringArray, TimestampMicrosecondArray, UInt64Array};
+    use rstest::rstest;
+
+    const HEADER: &str = "-- id: t\n-- verdict: alert\n-- severity: low\n-- reason: {{actor}} did it\n";
+
+    fn engine() -> DetectorEngine {
+        DetectorEngine::new(&EventSchema::new(vec![])).expect("engine")
+    }
+
+    fn compile(sql: &str) -> std::result::Result<CompiledDetector, Vec<String>> {
+        engine()
+            .compile(Path::new("t.sql"), &format!("{HEADER}{sql}"))
+            .map_err(|ps| ps.iter().map(ToString::to_string).collect())
+    }
+
+    #[rstest]
+    #[case::window(
+        "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '15 minutes' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n >= 5",
+        "t.sql:5: sliding window: count(Int64(1)) PARTITION BY [events.actor]"
+    )]
+    #[case::grouped(
+        "SELECT actor, count(*) AS n FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', event_time) HAVING count(*) > 100",
+        "t.sql:5: grouped window: GROUP BY events.actor, date_bin("
+    )]
+    #[case::unbounded_group(
+        "SELECT actor, count(*) AS n FROM events GROUP BY actor",
+        "an aggregate without a time window"
+    )]
+    #[case::self_join(
+        "SELECT a.actor FROM events a JOIN events b ON a.actor = b.actor",
+        "a join of `events` with itself"
+    )]
+    #[case::distinct("SELECT DISTINCT actor FROM events", "DISTINCT over a stream")]
+    #[case::limit("SELECT actor FROM events LIMIT 3", "LIMIT has no meaning")]
+    #[case::subquery(
+        "SELECT actor FROM events WHERE actor IN (SELECT actor FROM events WHERE action = 'x')",
+        "subquery over `events`"
+    )]
+    #[case::syntax(
+        "SELECT actor\nFROM events\nWHERE action = = 'x'",
+        "t.sql:7: SQL syntax error"
+    )]
+    #[case::unknown_column(
+        "SELECT actor\nFROM events\nWHERE acton = 'x'",
+        "t.sql:7: the query does not plan"
+    )]
+    #[case::missing_placeholder_column(
+        "SELECT action FROM events",
+        "reason placeholder {{actor}} is not a column"
+    )]
+    fn shapes_that_cannot_run_per_event_are_refused_with_the_line(#[case] sql: &str, #[case] expected: &str) {
+        let errors = compile(sql).expect_err("refused");
+        assert!(errors.iter().any(|e| e.contains(expected)), "{errors:#?}");
+    }
+
+    #[test]
+    fn a_per_event_detector_runs_on_every_batch_without_replanning() {
+        let engine = engine();
+        let detector = engine
+            .compile(
+                Path::new("t.sql"),
+                &format!(
+                    "{HEADER}SELECT actor, upper(action) AS what FROM events WHERE action LIKE 'Delete%'"
+                ),
+            )
+            .expect("compiles");
+        assert_eq!(detector.shape, Shape::PerEvent);
+        let schema = EventSchema::new(vec![]);
+        let batch = |actions: &[&str], first: u64| {
+            let n = actions.len();
+            let text = |v: &str| std::sync::Arc::new(StringArray::from(vec![v; n])) as _;
+            let none = || std::sync::Arc::new(StringArray::from(vec![None::<&str>; n])) as _;
+            RecordBatch::try_new(
+                Arc::clone(schema.arrow()),
+                vec![
+                    Arc::new(TimestampMicrosecondArray::from(vec![0; n]).with_timezone("UTC")),
+                    text("alice"),
+                    Arc::new(StringArray::from(actions.to_vec())),
+                    none(),
+                    none(),
+                    none(),
+                    none(),
+                    text("{}"),
+                    Arc::new(UInt64Array::from((first..first + n as u64).collect::<Vec<_>>())),
+                ],
+            )
+            .expect("batch")
+        };
+        for (actions, first, expected_rows) in [
+            (&["Get", "DeleteBucket", "Put"][..], 0, vec![1]),
+            (&["DeleteTrail", "DeleteUser"][..], 3, vec![3, 4]),
+        ] {
+            let result = engine.run(std::slice::from_ref(&detector), batch(actions, first));
+            let batches = result.into_iter().next().expect("one result").expect("runs");
+            let rows: Vec<u64> = batches
+                .iter()
+                .flat_map(|b| {
+                    b.column(detector.row_id_index)
+                        .as_any()
+                        .downcast_ref::<UInt64Array>()
+                        .expect("row ids")
+                        .values()
+                        .to_vec()
+                })
+                .collect();
+            assert_eq!(rows, expected_rows);
+        }
+        assert_eq!(engine.plans_built(), 1);
+    }
+}

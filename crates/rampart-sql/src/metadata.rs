@@ -1,0 +1,334 @@
+//! The metadata header of a detector file: leading `-- key: value` comment lines.
+//!
+//! Keeping metadata in SQL comments means the same file runs unchanged in any SQL tool. A
+//! comment line whose text starts with a lowercase word and a colon is metadata; a line
+//! starting with `--` and at least two more spaces continues the previous value; any other
+//! comment is free text. The header ends at the first line that is not a comment.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rampart_core::{Mode, Problem, Severity, Verdict};
+
+/// Metadata keys a detector may set, with what each is for (shown when a key is unknown).
+pub const KEYS: [(&str, &str); 9] = [
+    ("id", "unique detector id"),
+    ("verdict", "block | alert | review"),
+    ("severity", "info | low | medium | high | critical"),
+    ("reason", "text with {{column}} placeholders"),
+    ("mode", "enforce (default) | shadow"),
+    ("block_for", "how long a block lasts, e.g. 1h"),
+    ("guidance", "the safe path forward for the refused user"),
+    ("tags", "comma-separated labels"),
+    ("description", "what the detector is for"),
+];
+
+/// Validated detector metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectorMeta {
+    /// Unique id within the pipeline.
+    pub id: String,
+    /// block, alert or review.
+    pub verdict: Verdict,
+    /// How bad a match is.
+    pub severity: Severity,
+    /// The reason text, with `{{column}}` placeholders.
+    pub reason: ReasonTemplate,
+    /// enforce or shadow.
+    pub mode: Mode,
+    /// How long a block lasts; `None` takes the pipeline's default.
+    pub block_for: Option<Duration>,
+    /// Guidance for the refused user.
+    pub guidance: Option<String>,
+    /// Labels.
+    pub tags: Vec<String>,
+    /// Free description.
+    pub description: Option<String>,
+}
+
+/// A reason template: literal text and `{{column}}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReasonTemplate {
+    parts: Vec<ReasonPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReasonPart {
+    Text(String),
+    Column(String),
+}
+
+impl ReasonTemplate {
+    /// Parses `text`; an unclosed or empty `{{` is an error.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find("{{") {
+            if open > 0 {
+                parts.push(ReasonPart::Text(rest[..open].to_string()));
+            }
+            let after = &rest[open + 2..];
+            let close = after
+                .find("}}")
+                .ok_or_else(|| format!("unclosed `{{{{` in reason at `{}`", &rest[open..]))?;
+            let name = after[..close].trim();
+            if name.is_empty() {
+                return Err("empty `{{}}` placeholder in reason".into());
+            }
+            parts.push(ReasonPart::Column(name.to_string()));
+            rest = &after[close + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(ReasonPart::Text(rest.to_string()));
+        }
+        Ok(Self { parts })
+    }
+
+    /// The column names the template refers to.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            ReasonPart::Column(c) => Some(c.as_str()),
+            ReasonPart::Text(_) => None,
+        })
+    }
+
+    /// Renders the template, asking `value` for each placeholder.
+    pub fn render(&self, mut value: impl FnMut(&str) -> String) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                ReasonPart::Text(t) => out.push_str(t),
+                ReasonPart::Column(c) => out.push_str(&value(c)),
+            }
+        }
+        out
+    }
+}
+
+/// Parses the header of a detector file. Returns the metadata or every problem found.
+pub fn parse_header(path: &Path, text: &str) -> Result<DetectorMeta, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut values: Vec<(&'static str, usize, String)> = Vec::new();
+    let mut continuing = false;
+
+    for (index, line) in text.lines().enumerate() {
+        let line_no = index + 1;
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            continuing = false;
+            continue;
+        }
+        let Some(comment) = trimmed.strip_prefix("--") else {
+            break;
+        };
+        if continuing && comment.starts_with("   ") {
+            if let Some((_, _, value)) = values.last_mut() {
+                value.push(' ');
+                value.push_str(comment.trim());
+            }
+            continue;
+        }
+        continuing = false;
+        let content = comment.trim();
+        let Some((key, value)) = content.split_once(':') else {
+            continue;
+        };
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            continue;
+        }
+        let Some(known) = KEYS.iter().find(|(k, _)| *k == key).map(|(k, _)| *k) else {
+            let known: Vec<_> = KEYS.iter().map(|(k, _)| *k).collect();
+            problems.push(Problem::at(
+                path,
+                line_no,
+                format!("unknown metadata key `{key}` (known keys: {})", known.join(", ")),
+            ));
+            continue;
+        };
+        if let Some((_, first, _)) = values.iter().find(|(k, _, _)| *k == known) {
+            problems.push(Problem::at(
+                path,
+                line_no,
+                format!("metadata key `{key}` is set twice (first on line {first})"),
+            ));
+            continue;
+        }
+        values.push((known, line_no, value.trim().to_string()));
+        continuing = true;
+    }
+
+    let get = |key: &str| {
+        values
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, l, v)| (*l, v.as_str()))
+    };
+    let require = |key: &str, problems: &mut Vec<Problem>| match get(key) {
+        Some((line, v)) if !v.is_empty() => Some((line, v)),
+        _ => {
+            problems.push(Problem::at(
+                path,
+                1,
+                format!("missing metadata `-- {key}: ...` in the leading comment lines"),
+            ));
+            None
+        }
+    };
+
+    let id = require("id", &mut problems).and_then(|(line, v)| {
+        let ok = v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if ok {
+            Some(v.to_string())
+        } else {
+            problems.push(Problem::at(
+                path,
+                line,
+                format!("detector id `{v}` may only hold letters, digits, `-`, `_` and `.`"),
+            ));
+            None
+        }
+    });
+    let verdict = parse_keyword::<Verdict>(path, require("verdict", &mut problems), &mut problems);
+    let severity = parse_keyword::<Severity>(path, require("severity", &mut problems), &mut problems);
+    let reason = require("reason", &mut problems).and_then(|(line, v)| {
+        ReasonTemplate::parse(v)
+            .map_err(|e| problems.push(Problem::at(path, line, e)))
+            .ok()
+    });
+    let mode = match get("mode") {
+        Some(found) => parse_keyword::<Mode>(path, Some(found), &mut problems),
+        None => Some(Mode::Enforce),
+    };
+    let block_for = match get("block_for") {
+        None => None,
+        Some((line, v)) => match humantime::parse_duration(v) {
+            Ok(d) if d.is_zero() => {
+                problems.push(Problem::at(path, line, "block_for must be longer than zero"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                problems.push(Problem::at(
+                    path,
+                    line,
+                    format!("block_for `{v}` is not a duration ({e}); write e.g. 30m, 1h, 2days"),
+                ));
+                None
+            }
+        },
+    };
+    if let (Some((line, _)), Some(v)) = (get("block_for"), verdict)
+        && v != Verdict::Block
+    {
+        problems.push(Problem::at(
+            path,
+            line,
+            format!("block_for only applies to `verdict: block`, this detector's verdict is `{v}`"),
+        ));
+    }
+    let tags = get("tags")
+        .map(|(_, v)| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let text_of = |key: &str| get(key).map(|(_, v)| v.to_string()).filter(|v| !v.is_empty());
+
+    match (id, verdict, severity, reason, mode) {
+        (Some(id), Some(verdict), Some(severity), Some(reason), Some(mode)) if problems.is_empty() => {
+            Ok(DetectorMeta {
+                id,
+                verdict,
+                severity,
+                reason,
+                mode,
+                block_for,
+                guidance: text_of("guidance"),
+                tags,
+                description: text_of("description"),
+            })
+        }
+        _ => Err(problems),
+    }
+}
+
+fn parse_keyword<T: std::str::FromStr<Err = String>>(
+    path: &Path,
+    found: Option<(usize, &str)>,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    let (line, value) = found?;
+    value
+        .parse::<T>()
+        .map_err(|e| problems.push(Problem::at(path, line, e)))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<DetectorMeta, Vec<String>> {
+        parse_header(Path::new("d.sql"), text).map_err(|ps| ps.iter().map(|p| p.to_string()).collect())
+    }
+
+    #[test]
+    fn reads_every_key_and_continuations() {
+        let meta = parse(
+            "-- id: trail-stopped\n-- verdict: block\n-- severity: high\n\
+             -- reason: {{actor}} stopped trail {{trail}}\n-- block_for: 1h\n\
+             -- guidance: Ask security on-call\n--    to re-arm the trail.\n\
+             -- tags: defense-evasion, cloudtrail\n-- A free comment.\nSELECT 1",
+        )
+        .expect("valid header");
+        assert_eq!(meta.id, "trail-stopped");
+        assert_eq!(meta.verdict, Verdict::Block);
+        assert_eq!(meta.mode, Mode::Enforce);
+        assert_eq!(meta.block_for, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            meta.guidance.as_deref(),
+            Some("Ask security on-call to re-arm the trail.")
+        );
+        assert_eq!(meta.tags, ["defense-evasion", "cloudtrail"]);
+        assert_eq!(meta.reason.columns().collect::<Vec<_>>(), ["actor", "trail"]);
+        assert_eq!(
+            meta.reason.render(|c| c.to_uppercase()),
+            "ACTOR stopped trail TRAIL"
+        );
+    }
+
+    #[test]
+    fn reports_unknown_missing_and_bad_values_with_lines() {
+        let errs =
+            parse("-- id: x\n-- verdcit: block\n-- severity: huge\n-- reason: {{n\nSELECT 1").unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("d.sql:2: unknown metadata key `verdcit`")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.contains("missing metadata `-- verdict")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("d.sql:3: unknown severity `huge`")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("d.sql:4: unclosed")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn block_for_needs_a_block_verdict() {
+        let errs =
+            parse("-- id: x\n-- verdict: alert\n-- severity: low\n-- reason: r\n-- block_for: 1h\nSELECT 1")
+                .unwrap_err();
+        assert!(errs[0].contains("block_for only applies"), "{errs:?}");
+    }
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The demo: builds rampart, checks and tests the cloudtrail pipeline, then replays the real
+# Stratus Red Team attack logs through it, printing each decision and the replay summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+source scripts/env.sh
+echo "== building rampart (release; the first build takes a while)" >&2
+cargo build --release -p rampart-cli
+echo "== rampart check pipelines/cloudtrail" >&2
+"$RAMPART" check pipelines/cloudtrail
+echo "== rampart test pipelines/cloudtrail" >&2
+"$RAMPART" test pipelines/cloudtrail
+out="${TMPDIR:-/tmp}/rampart-demo"
+mkdir -p "$out"
+echo "== rampart replay pipelines/cloudtrail --input data/cloudtrail/stratus-detonation-logs/" >&2
+"$RAMPART" replay pipelines/cloudtrail \
+  --input data/cloudtrail/stratus-detonation-logs/ \
+  --output "$out/decisions.jsonl" --dead-letters "$out/dead-letters.jsonl"
+echo >&2
+echo "== decisions (full JSON in $out/decisions.jsonl)" >&2
+python3 - "$out/decisions.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    print(f"{d['verdict']:<6} {d['severity']:<8} {d['detector']['id']:<36} {d['reason']}")
+PY
