@@ -12,7 +12,7 @@ RUNS="${RUNS:-5}"
 INPUT="${INPUT:-$HOME/.cache/rampart/bench/cloudtrail-$EVENTS.jsonl}"
 mkdir -p "$(dirname "$INPUT")" benchmarks/results
 [ -s "$INPUT" ] || python3 benchmarks/generate.py --events "$EVENTS" --out "$INPUT"
-cargo build --release -p rampart-cli >&2
+cargo build --release --workspace --all-targets >&2
 rates=()
 for i in $(seq "$RUNS"); do
   summary=$("$RAMPART" replay pipelines/cloudtrail --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1 >/dev/null)
@@ -28,7 +28,7 @@ out="benchmarks/results/replay-$(date -u +%Y-%m-%d).md"
 {
   echo "# Replay throughput, $(date -u +%Y-%m-%d)"
   echo
-  echo "Machine: $cpu, $(nproc) cores, $mem. Build: release (\`cargo build --release -p rampart-cli\`)."
+  echo "Machine: $cpu, $(nproc) cores, $mem. Build: release (\`cargo build --release --workspace --all-targets\`)."
   echo "Input: \`benchmarks/generate.py --events $EVENTS\` (CloudTrail-shaped JSON lines, $(du -h "$INPUT" | cut -f1))."
   echo "Command: \`EVENTS=$EVENTS RUNS=$RUNS benchmarks/replay.sh\`"
   echo

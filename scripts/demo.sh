@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 source scripts/env.sh
 echo "== building rampart (release; the first build takes a while)" >&2
-cargo build --release -p rampart-cli
+# --workspace --all-targets: the same feature set as the tests, so both share one build.
+cargo build --release --workspace --all-targets
 echo "== rampart check pipelines/cloudtrail" >&2
 "$RAMPART" check pipelines/cloudtrail
 echo "== rampart test pipelines/cloudtrail" >&2

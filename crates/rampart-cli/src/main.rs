@@ -28,10 +28,15 @@ enum Command {
     /// Validate a pipeline: its pipeline.toml and every detector.
     ///
     /// Prints each problem as file:line: reason and exits non-zero if there is any.
-    #[command(after_help = "Example:\n  rampart check pipelines/cloudtrail")]
+    #[command(
+        after_help = "Example:\n  rampart check pipelines/cloudtrail\n  rampart check pipelines/cloudtrail --explain"
+    )]
     Check {
         /// The pipeline directory (holds pipeline.toml and detectors/).
         pipeline: PathBuf,
+        /// Also print each detector's shape and physical plan.
+        #[arg(long)]
+        explain: bool,
     },
     /// Run a pipeline's detector test cases (tests/*.toml).
     ///
@@ -81,7 +86,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { pipeline } => check(&pipeline),
+        Command::Check { pipeline, explain } => check(&pipeline, explain),
         Command::Test { pipeline, verbose } => test(&pipeline, verbose),
         Command::Replay {
             pipeline,
@@ -110,8 +115,19 @@ fn load(dir: &Path) -> Result<Pipeline> {
     Pipeline::load(dir).with_context(|| format!("cannot load pipeline {}", dir.display()))
 }
 
-fn check(dir: &Path) -> Result<ExitCode> {
+fn check(dir: &Path, explain: bool) -> Result<ExitCode> {
     let pipeline = load(dir)?;
+    if explain {
+        for d in &pipeline.detectors {
+            println!(
+                "{} ({}, {}):\n{}",
+                d.meta.id,
+                d.path.display(),
+                d.shape,
+                d.explain()
+            );
+        }
+    }
     for p in &pipeline.problems {
         println!("{p}");
     }

@@ -66,6 +66,10 @@ impl DecisionMaker {
                 let actor = text(ACTOR).unwrap_or_else(|| events.actor(event).to_string());
                 let action = text(ACTION).unwrap_or_else(|| events.action(event).to_string());
                 let reason = detector.meta.reason.render(|c| match evidence.get(c) {
+                    // JSON sub-documents (json_get_json) read better on one line.
+                    Some(Value::String(s)) if s.contains('\n') => {
+                        s.split_whitespace().collect::<Vec<_>>().join(" ")
+                    }
                     Some(Value::String(s)) => s.clone(),
                     Some(Value::Null) | None => "(none)".into(),
                     Some(v) => v.to_string(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{
     ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringArray, StringBuilder,
-    TimestampMicrosecondArray, TimestampMicrosecondBuilder, UInt64Builder,
+    TimestampMicrosecondArray, TimestampMicrosecondBuilder, UInt64Array, UInt64Builder,
 };
 use datafusion::arrow::record_batch::RecordBatch;
 use flate2::read::MultiGzDecoder;
@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use rampart_core::{ColumnType, EventSchema, SourcePosition};
 
 use crate::config::InputFormat;
-use crate::mapping::{ExtraValue, MappedEvent, Mapping};
+use crate::mapping::{ExtraValue, Extractor, MappedEvent, Mapping};
 
 /// Why a record went to the dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +59,20 @@ pub struct EventBatch {
 }
 
 impl EventBatch {
+    /// Gives the rows the ids `first_row..`, for batches decoded out of order on other threads.
+    pub fn renumber(&mut self, first_row: u64) {
+        if self.first_row == first_row {
+            return;
+        }
+        let n = self.batch.num_rows() as u64;
+        let mut columns = self.batch.columns().to_vec();
+        if let Some(ids) = columns.last_mut() {
+            *ids = Arc::new(UInt64Array::from_iter_values(first_row..first_row + n));
+        }
+        self.batch = RecordBatch::try_new(self.batch.schema(), columns).expect("same schema, same length");
+        self.first_row = first_row;
+    }
+
     /// Index of the row with `row_id`, if it is in this batch.
     pub fn index_of(&self, row_id: u64) -> Option<usize> {
         let i = usize::try_from(row_id.checked_sub(self.first_row)?).ok()?;
@@ -99,9 +113,23 @@ impl EventBatch {
     }
 }
 
+/// Raw JSON lines cut from an input, for decoding on another thread
+/// ([`Decoder::decode_chunk`]).
+#[derive(Debug)]
+pub struct LineChunk {
+    /// The input's name.
+    pub name: Arc<str>,
+    /// Line number of the first line in `data`.
+    pub first_line: u64,
+    /// Whole lines, each ending with `\n` (but maybe the last).
+    pub data: Vec<u8>,
+}
+
 /// What decoding hands on, in input order.
 #[derive(Debug)]
 pub enum Decoded {
+    /// Undecoded lines (only from a decoder made with [`Decoder::chunking`]).
+    Lines(LineChunk),
     /// A full (or final) batch of events.
     Batch(EventBatch),
     /// A record that could not be used.
@@ -112,7 +140,9 @@ pub enum Decoded {
 
 /// Turns input files and texts into batches and dead letters.
 pub struct Decoder {
-    mapping: Mapping,
+    /// When set, JSON lines are not decoded here but handed on in chunks of this many lines.
+    chunk_lines: Option<usize>,
+    extractor: Extractor,
     format: InputFormat,
     max_record_bytes: usize,
     batch_size: usize,
@@ -129,12 +159,31 @@ impl Decoder {
         batch_size: usize,
     ) -> Self {
         Self {
+            chunk_lines: None,
             builder: BatchBuilder::new(schema, batch_size),
-            mapping,
+            extractor: Extractor::new(mapping),
             format,
             max_record_bytes,
             batch_size,
         }
+    }
+
+    /// Makes this decoder frame JSON lines into [`Decoded::Lines`] chunks of `lines` lines
+    /// (others still decode here), so that several threads can decode them.
+    pub fn chunking(mut self, lines: usize) -> Self {
+        self.chunk_lines = Some(lines.max(1));
+        self
+    }
+
+    /// Decodes a chunk of JSON lines cut by a chunking decoder; row ids restart at 0 for each
+    /// chunk (the consumer renumbers, see [`EventBatch::renumber`]).
+    pub fn decode_chunk(&mut self, chunk: &LineChunk, emit: &mut dyn FnMut(Decoded)) {
+        let data = chunk.data.strip_suffix(b"\n").unwrap_or(&chunk.data);
+        for (line, raw) in (chunk.first_line..).zip(data.split(|b| *b == b'\n')) {
+            self.line(emit, &chunk.name, line, raw);
+        }
+        self.flush(emit);
+        self.builder.next_row = 0;
     }
 
     /// Decodes one file (gzip or not). IO errors on the file itself are returned; everything
@@ -254,23 +303,37 @@ impl Decoder {
         mut reader: Box<dyn BufRead + '_>,
         emit: &mut dyn FnMut(Decoded),
     ) -> io::Result<()> {
+        if let Some(lines) = self.chunk_lines {
+            let mut data = first;
+            let mut count = 1;
+            let mut first_line = line_no;
+            loop {
+                let read = reader.read_until(b'\n', &mut data)?;
+                if read > 0 {
+                    count += 1;
+                }
+                if count == lines || (read == 0 && !data.is_empty()) {
+                    emit(Decoded::Progress(data.len() as u64));
+                    let capacity = data.capacity();
+                    let data = std::mem::replace(&mut data, Vec::with_capacity(capacity));
+                    emit(Decoded::Lines(LineChunk {
+                        name: Arc::clone(name),
+                        first_line,
+                        data,
+                    }));
+                    first_line += count as u64;
+                    count = 0;
+                }
+                if read == 0 {
+                    return Ok(());
+                }
+            }
+        }
         let mut buf = first;
         let mut pending = 0u64;
         loop {
             pending += buf.len() as u64;
-            let trimmed = trim_line(&buf);
-            if !trimmed.is_empty() {
-                match std::str::from_utf8(trimmed) {
-                    Ok(text) => self.record(emit, name, line_no, text),
-                    Err(_) => self.dead(
-                        emit,
-                        name,
-                        line_no,
-                        "the line is not valid UTF-8".into(),
-                        &String::from_utf8_lossy(trimmed),
-                    ),
-                }
-            }
+            self.line(emit, name, line_no, &buf);
             if pending >= 1 << 20 {
                 emit(Decoded::Progress(pending));
                 pending = 0;
@@ -285,6 +348,23 @@ impl Decoder {
         Ok(())
     }
 
+    fn line(&mut self, emit: &mut dyn FnMut(Decoded), name: &Arc<str>, line_no: u64, raw: &[u8]) {
+        let trimmed = trim_line(raw);
+        if trimmed.is_empty() {
+            return;
+        }
+        match std::str::from_utf8(trimmed) {
+            Ok(text) => self.record(emit, name, line_no, text),
+            Err(_) => self.dead(
+                emit,
+                name,
+                line_no,
+                "the line is not valid UTF-8".into(),
+                &String::from_utf8_lossy(trimmed),
+            ),
+        }
+    }
+
     fn record(&mut self, emit: &mut dyn FnMut(Decoded), name: &Arc<str>, line: u64, text: &str) {
         if text.len() > self.max_record_bytes {
             let error = format!(
@@ -294,11 +374,7 @@ impl Decoder {
             );
             return self.dead(emit, name, line, error, text);
         }
-        let value: serde_json::Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => return self.dead(emit, name, line, format!("not JSON: {e}"), text),
-        };
-        match self.mapping.map(&value) {
+        match self.extractor.map(text) {
             Ok(event) => {
                 let position = SourcePosition::File {
                     file: Arc::clone(name),
@@ -545,29 +621,75 @@ mod tests {
     type Outcome = (Vec<(String, u64)>, Vec<(u64, String)>);
 
     fn run(format: InputFormat, text: &str) -> Outcome {
-        let mut d = decoder(format, 200);
+        run_with(decoder(format, 200), text)
+    }
+
+    /// Frames with a chunking decoder, decodes the chunks with another, like replay does.
+    fn run_chunked(format: InputFormat, text: &str, lines: usize) -> Outcome {
+        let mut framed = Vec::new();
+        let mut framer = decoder(format, 200).chunking(lines);
+        framer
+            .decode_text("input", text, &mut |d| framed.push(d))
+            .expect("in memory");
+        framer.flush(&mut |d| framed.push(d));
+        let mut worker = decoder(format, 200);
+        let mut decoded = Vec::new();
+        for item in framed {
+            match item {
+                Decoded::Lines(chunk) => worker.decode_chunk(&chunk, &mut |d| decoded.push(d)),
+                other => decoded.push(other),
+            }
+        }
+        collect(decoded)
+    }
+
+    fn run_with(mut d: Decoder, text: &str) -> Outcome {
+        let mut out = Vec::new();
+        d.decode_text("input", text, &mut |o| out.push(o))
+            .expect("in memory");
+        d.flush(&mut |o| out.push(o));
+        collect(out)
+    }
+
+    fn collect(items: Vec<Decoded>) -> Outcome {
         let mut events = Vec::new();
         let mut dead = Vec::new();
-        let mut emit = |o: Decoded| match o {
-            Decoded::Batch(b) => {
-                for i in 0..b.batch.num_rows() {
-                    let SourcePosition::File { line, .. } = &b.positions[i] else {
+        for o in items {
+            match o {
+                Decoded::Batch(b) => {
+                    for i in 0..b.batch.num_rows() {
+                        let SourcePosition::File { line, .. } = &b.positions[i] else {
+                            panic!("file position")
+                        };
+                        events.push((b.actor(i).to_string(), *line));
+                    }
+                }
+                Decoded::DeadLetter(l) => {
+                    let SourcePosition::File { line, .. } = l.source else {
                         panic!("file position")
                     };
-                    events.push((b.actor(i).to_string(), *line));
+                    dead.push((line, l.error));
                 }
+                Decoded::Progress(_) => {}
+                Decoded::Lines(_) => panic!("a chunk was left undecoded"),
             }
-            Decoded::DeadLetter(l) => {
-                let SourcePosition::File { line, .. } = l.source else {
-                    panic!("file position")
-                };
-                dead.push((line, l.error));
-            }
-            Decoded::Progress(_) => {}
-        };
-        d.decode_text("input", text, &mut emit).expect("in memory");
-        d.flush(&mut emit);
+        }
         (events, dead)
+    }
+
+    #[test]
+    fn chunked_decoding_gives_the_same_events_and_lines() {
+        let bad = "{not json";
+        let text = format!("\n{A}\n\n{B}\n{bad}\n{A}\r\n{B}");
+        let sequential = run(InputFormat::Auto, &text);
+        assert_eq!(sequential.1.len(), 1);
+        for lines in [1, 2, 3, 100] {
+            assert_eq!(
+                run_chunked(InputFormat::Auto, &text, lines),
+                sequential,
+                "chunks of {lines} lines"
+            );
+        }
     }
 
     const A: &str = r#"{"t": "2024-01-01T00:00:00Z", "a": "alice", "x": "Get"}"#;

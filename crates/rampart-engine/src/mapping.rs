@@ -1,6 +1,10 @@
 //! Raw JSON record to canonical event: paths into the JSON with fallbacks, typed values.
+//!
+//! Every path a mapping reads goes into one tree; a record is walked once with `jiter`,
+//! descending only into the keys on some path and skipping (while validating) the rest, so a
+//! large `requestParameters` costs a scan, not an allocation per key.
 
-use serde_json::Value;
+use jiter::{Jiter, NumberAny, NumberInt, Peek};
 
 use rampart_core::ColumnType;
 use rampart_core::time::parse_rfc3339_micros;
@@ -28,18 +32,6 @@ impl JsonPath {
         })
     }
 
-    /// Follows the path; `null` counts as absent.
-    pub fn lookup<'v>(&self, mut value: &'v Value) -> Option<&'v Value> {
-        for seg in &self.segments {
-            value = match value {
-                Value::Object(map) => map.get(seg)?,
-                Value::Array(items) => items.get(seg.parse::<usize>().ok()?)?,
-                _ => return None,
-            };
-        }
-        (!value.is_null()).then_some(value)
-    }
-
     /// The path as written.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -53,40 +45,6 @@ pub struct FieldSpec {
     pub paths: Vec<JsonPath>,
     /// Value when no path is present (string fields only).
     pub default: Option<String>,
-}
-
-impl FieldSpec {
-    fn find<'v>(&self, record: &'v Value) -> Option<(&'v Value, &JsonPath)> {
-        self.paths.iter().find_map(|p| p.lookup(record).map(|v| (v, p)))
-    }
-
-    fn describe(&self) -> String {
-        let paths: Vec<&str> = self.paths.iter().map(JsonPath::as_str).collect();
-        paths.join(" | ")
-    }
-
-    fn string(&self, record: &Value) -> Result<Option<String>, String> {
-        match self.find(record) {
-            Some((Value::String(s), _)) => Ok(Some(s.clone())),
-            Some((other, path)) => Err(wrong_type(path, "a string", other)),
-            None => Ok(self.default.clone()),
-        }
-    }
-}
-
-fn wrong_type(path: &JsonPath, expected: &str, found: &Value) -> String {
-    let kind = match found {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    };
-    format!(
-        "wrong type at `{}`: expected {expected}, found {kind}",
-        path.as_str()
-    )
 }
 
 /// The validated mapping of a pipeline.
@@ -136,39 +94,227 @@ pub struct MappedEvent {
     pub extras: Vec<ExtraValue>,
 }
 
-impl Mapping {
-    /// Maps one parsed record. The error says which field is missing or mistyped.
-    pub fn map(&self, record: &Value) -> Result<MappedEvent, String> {
-        if !record.is_object() {
+/// What a path found in one record.
+#[derive(Debug, Clone, PartialEq, Default)]
+enum Found {
+    /// Absent, or `null`.
+    #[default]
+    Missing,
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    /// An object or array where a scalar was wanted.
+    Container(&'static str),
+}
+
+impl Found {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Missing => "null",
+            Self::Str(_) => "a string",
+            Self::Int(_) | Self::Float(_) => "a number",
+            Self::Bool(_) => "a boolean",
+            Self::Container(kind) => kind,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Node {
+    children: Vec<(String, usize)>,
+    slot: Option<usize>,
+}
+
+/// A mapping compiled for one-pass extraction: the path tree and, per field, the slots of its
+/// paths in order.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    mapping: Mapping,
+    nodes: Vec<Node>,
+    slot_count: usize,
+    /// Slot of every path of every field, in field order: event_time, actor, action, the four
+    /// optional fields, then extras.
+    field_slots: Vec<Vec<usize>>,
+}
+
+impl Extractor {
+    /// Builds the path tree of `mapping`.
+    pub fn new(mapping: Mapping) -> Self {
+        let mut nodes = vec![Node::default()];
+        let mut slot_count = 0;
+        let specs: Vec<Option<&FieldSpec>> = [
+            Some(&mapping.event_time),
+            Some(&mapping.actor),
+            Some(&mapping.action),
+        ]
+        .into_iter()
+        .chain(mapping.optional.iter().map(Option::as_ref))
+        .chain(mapping.extras.iter().map(|(_, spec, _)| Some(spec)))
+        .collect();
+        let mut field_slots = Vec::new();
+        for spec in specs {
+            let mut slots = Vec::new();
+            for path in spec.map(|s| s.paths.as_slice()).unwrap_or_default() {
+                let mut node = 0;
+                for seg in &path.segments {
+                    node = match nodes[node].children.iter().find(|(k, _)| k == seg) {
+                        Some(&(_, child)) => child,
+                        None => {
+                            nodes.push(Node::default());
+                            let child = nodes.len() - 1;
+                            nodes[node].children.push((seg.clone(), child));
+                            child
+                        }
+                    };
+                }
+                let slot = *nodes[node].slot.get_or_insert_with(|| {
+                    slot_count += 1;
+                    slot_count - 1
+                });
+                slots.push(slot);
+            }
+            field_slots.push(slots);
+        }
+        Self {
+            mapping,
+            nodes,
+            slot_count,
+            field_slots,
+        }
+    }
+
+    /// Parses and maps one record. The error says what is wrong: not JSON, not an object, or
+    /// which field is missing or mistyped.
+    pub fn map(&self, text: &str) -> Result<MappedEvent, String> {
+        let mut found = vec![Found::Missing; self.slot_count];
+        let mut jiter = Jiter::new(text.as_bytes());
+        let peek = jiter.peek().map_err(|e| format!("not JSON: {e}"))?;
+        if peek != Peek::Object {
+            jiter.known_skip(peek).map_err(|e| format!("not JSON: {e}"))?;
+            jiter.finish().map_err(|e| format!("not JSON: {e}"))?;
             return Err("the record is not a JSON object".into());
         }
-        let event_time = match self.event_time.find(record) {
+        self.walk(&mut jiter, 0, peek, &mut found)
+            .map_err(|e| format!("not JSON: {e}"))?;
+        jiter.finish().map_err(|e| format!("not JSON: {e}"))?;
+        self.fields(&found)
+    }
+
+    fn walk(&self, j: &mut Jiter, node: usize, peek: Peek, found: &mut [Found]) -> jiter::JiterResult<()> {
+        let node = &self.nodes[node];
+        match peek {
+            Peek::Object | Peek::Array => {
+                if let Some(slot) = node.slot {
+                    found[slot] = Found::Container(if peek == Peek::Object {
+                        "an object"
+                    } else {
+                        "an array"
+                    });
+                }
+                if node.children.is_empty() {
+                    return j.known_skip(peek);
+                }
+                if peek == Peek::Object {
+                    let mut key = j.known_object()?;
+                    while let Some(k) = key {
+                        match node.children.iter().find(|(name, _)| name == k).map(|c| c.1) {
+                            Some(child) => {
+                                let p = j.peek()?;
+                                self.walk(j, child, p, found)?;
+                            }
+                            None => j.next_skip()?,
+                        }
+                        key = j.next_key()?;
+                    }
+                } else {
+                    let mut index = 0usize;
+                    let mut item = j.known_array()?;
+                    while let Some(p) = item {
+                        let wanted = node.children.iter().find(|(name, _)| name.parse() == Ok(index));
+                        match wanted {
+                            Some(&(_, child)) => self.walk(j, child, p, found)?,
+                            None => j.known_skip(p)?,
+                        }
+                        index += 1;
+                        item = j.array_step()?;
+                    }
+                }
+                Ok(())
+            }
+            _ => {
+                let Some(slot) = node.slot else {
+                    return j.known_skip(peek);
+                };
+                found[slot] = match peek {
+                    Peek::Null => {
+                        j.known_null()?;
+                        Found::Missing
+                    }
+                    Peek::True | Peek::False => Found::Bool(j.known_bool(peek)?),
+                    Peek::String => Found::Str(j.known_str()?.to_string()),
+                    _ => match j.known_number(peek)? {
+                        NumberAny::Int(NumberInt::Int(i)) => Found::Int(i),
+                        NumberAny::Float(f) => Found::Float(f),
+                        #[allow(unreachable_patterns)]
+                        NumberAny::Int(_) => Found::Float(f64::INFINITY),
+                    },
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// The first present path of field `index`, with the path.
+    fn first<'f>(
+        &self,
+        found: &'f [Found],
+        index: usize,
+        spec: &'f FieldSpec,
+    ) -> Option<(&'f Found, &'f JsonPath)> {
+        self.field_slots[index]
+            .iter()
+            .zip(&spec.paths)
+            .map(|(slot, path)| (&found[*slot], path))
+            .find(|(f, _)| **f != Found::Missing)
+    }
+
+    fn string(&self, found: &[Found], index: usize, spec: &FieldSpec) -> Result<Option<String>, String> {
+        match self.first(found, index, spec) {
+            Some((Found::Str(s), _)) => Ok(Some(s.clone())),
+            Some((other, path)) => Err(wrong_type(path, "a string", other)),
+            None => Ok(spec.default.clone()),
+        }
+    }
+
+    fn fields(&self, found: &[Found]) -> Result<MappedEvent, String> {
+        let m = &self.mapping;
+        let event_time = match self.first(found, 0, &m.event_time) {
             Some((v, path)) => timestamp(v, path)?,
             None => {
                 return Err(format!(
                     "missing event time (looked at {})",
-                    self.event_time.describe()
+                    describe(&m.event_time)
                 ));
             }
         };
         let actor = self
-            .actor
-            .string(record)?
-            .ok_or_else(|| format!("missing actor (looked at {})", self.actor.describe()))?;
+            .string(found, 1, &m.actor)?
+            .ok_or_else(|| format!("missing actor (looked at {})", describe(&m.actor)))?;
         let action = self
-            .action
-            .string(record)?
-            .ok_or_else(|| format!("missing action (looked at {})", self.action.describe()))?;
+            .string(found, 2, &m.action)?
+            .ok_or_else(|| format!("missing action (looked at {})", describe(&m.action)))?;
         let mut optional: [Option<String>; 4] = Default::default();
-        for (slot, spec) in optional.iter_mut().zip(&self.optional) {
+        for (i, (slot, spec)) in optional.iter_mut().zip(&m.optional).enumerate() {
             if let Some(spec) = spec {
-                *slot = spec.string(record)?;
+                *slot = self.string(found, 3 + i, spec)?;
             }
         }
-        let extras = self
+        let extras = m
             .extras
             .iter()
-            .map(|(_, spec, ty)| extra(spec, *ty, record))
+            .enumerate()
+            .map(|(i, (_, spec, ty))| self.extra(found, 7 + i, spec, *ty))
             .collect::<Result<_, _>>()?;
         Ok(MappedEvent {
             event_time,
@@ -178,20 +324,63 @@ impl Mapping {
             extras,
         })
     }
+
+    fn extra(
+        &self,
+        found: &[Found],
+        index: usize,
+        spec: &FieldSpec,
+        ty: ColumnType,
+    ) -> Result<ExtraValue, String> {
+        if ty == ColumnType::String {
+            return Ok(self
+                .string(found, index, spec)?
+                .map_or(ExtraValue::Null, ExtraValue::String));
+        }
+        let Some((v, path)) = self.first(found, index, spec) else {
+            return Ok(ExtraValue::Null);
+        };
+        match (ty, v) {
+            (ColumnType::Int, Found::Int(i)) => Ok(ExtraValue::Int(*i)),
+            (ColumnType::Float, Found::Int(i)) => Ok(ExtraValue::Float(*i as f64)),
+            (ColumnType::Float, Found::Float(f)) => Ok(ExtraValue::Float(*f)),
+            (ColumnType::Bool, Found::Bool(b)) => Ok(ExtraValue::Bool(*b)),
+            (ColumnType::Timestamp, v) => timestamp(v, path).map(ExtraValue::Timestamp),
+            (ColumnType::Int, v) => Err(wrong_type(path, "an integer", v)),
+            (ColumnType::Float, v) => Err(wrong_type(path, "a number", v)),
+            (ColumnType::Bool, v) => Err(wrong_type(path, "a boolean", v)),
+            (ColumnType::String, _) => unreachable!("handled above"),
+        }
+    }
 }
 
-fn timestamp(v: &Value, path: &JsonPath) -> Result<i64, String> {
+fn describe(spec: &FieldSpec) -> String {
+    spec.paths
+        .iter()
+        .map(JsonPath::as_str)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn wrong_type(path: &JsonPath, expected: &str, found: &Found) -> String {
+    format!(
+        "wrong type at `{}`: expected {expected}, found {}",
+        path.as_str(),
+        found.kind()
+    )
+}
+
+fn timestamp(v: &Found, path: &JsonPath) -> Result<i64, String> {
     match v {
-        Value::String(s) => parse_rfc3339_micros(s).ok_or_else(|| {
+        Found::Str(s) => parse_rfc3339_micros(s).ok_or_else(|| {
             format!(
                 "`{}` = {s:?} is not an RFC 3339 timestamp (nor a UTC date and time)",
                 path.as_str()
             )
         }),
-        Value::Number(n) => n
-            .as_i64()
-            .and_then(|ms| ms.checked_mul(1000))
-            .ok_or_else(|| format!("`{}` = {n} is not a timestamp in milliseconds", path.as_str())),
+        Found::Int(ms) => ms
+            .checked_mul(1000)
+            .ok_or_else(|| format!("`{}` = {ms} is not a timestamp in milliseconds", path.as_str())),
         other => Err(wrong_type(
             path,
             "an RFC 3339 string or epoch milliseconds",
@@ -200,35 +389,9 @@ fn timestamp(v: &Value, path: &JsonPath) -> Result<i64, String> {
     }
 }
 
-fn extra(spec: &FieldSpec, ty: ColumnType, record: &Value) -> Result<ExtraValue, String> {
-    if ty == ColumnType::String {
-        return Ok(spec.string(record)?.map_or(ExtraValue::Null, ExtraValue::String));
-    }
-    let Some((v, path)) = spec.find(record) else {
-        return Ok(ExtraValue::Null);
-    };
-    match ty {
-        ColumnType::Int => v
-            .as_i64()
-            .map(ExtraValue::Int)
-            .ok_or_else(|| wrong_type(path, "an integer", v)),
-        ColumnType::Float => v
-            .as_f64()
-            .map(ExtraValue::Float)
-            .ok_or_else(|| wrong_type(path, "a number", v)),
-        ColumnType::Bool => v
-            .as_bool()
-            .map(ExtraValue::Bool)
-            .ok_or_else(|| wrong_type(path, "a boolean", v)),
-        ColumnType::Timestamp => timestamp(v, path).map(ExtraValue::Timestamp),
-        ColumnType::String => unreachable!("handled above"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn spec(paths: &[&str]) -> FieldSpec {
         FieldSpec {
@@ -237,49 +400,71 @@ mod tests {
         }
     }
 
-    fn mapping() -> Mapping {
-        Mapping {
+    fn extractor() -> Extractor {
+        Extractor::new(Mapping {
             event_time: spec(&["eventTime"]),
             actor: spec(&["userIdentity.arn", "userIdentity.principalId"]),
             action: spec(&["eventName"]),
-            optional: [None, None, Some(spec(&["sourceIPAddress"])), None],
+            optional: [
+                None,
+                Some(spec(&["resources.1.ARN"])),
+                Some(spec(&["sourceIPAddress"])),
+                None,
+            ],
             extras: vec![(
                 "port".into(),
                 spec(&["requestParameters.fromPort"]),
                 ColumnType::Int,
             )],
-        }
+        })
     }
 
     #[test]
-    fn falls_back_to_the_next_path() {
-        let record = json!({"eventTime": "2024-07-31T13:06:24Z", "eventName": "X",
-            "userIdentity": {"principalId": "AIDA1", "arn": null}, "requestParameters": {"fromPort": 22}});
-        let e = mapping().map(&record).expect("maps");
+    fn falls_back_to_the_next_path_and_indexes_arrays() {
+        let e = extractor()
+            .map(
+                r#"{"eventTime": "2024-07-31T13:06:24Z", "eventName": "X", "big": {"a": [1, {"b": null}]},
+                   "userIdentity": {"principalId": "AIDA1", "arn": null},
+                   "resources": [{"ARN": "first"}, {"ARN": "second"}], "requestParameters": {"fromPort": 22}}"#,
+            )
+            .expect("maps");
         assert_eq!(e.actor, "AIDA1");
+        assert_eq!(e.optional[1].as_deref(), Some("second"));
         assert_eq!(e.optional[2], None);
-        assert_eq!(e.extras, [ExtraValue::Int(22)]);
+        assert_eq!(e.extras[0], ExtraValue::Int(22));
     }
 
     #[test]
     fn missing_and_mistyped_fields_are_explained() {
-        let m = mapping();
-        let no_actor = json!({"eventTime": "2024-07-31T13:06:24Z", "eventName": "X"});
+        let x = extractor();
+        let ok = r#""eventTime": "2024-07-31T13:06:24Z", "eventName": "X""#;
         assert_eq!(
-            m.map(&no_actor).unwrap_err(),
+            x.map(&format!("{{{ok}}}")).unwrap_err(),
             "missing actor (looked at userIdentity.arn | userIdentity.principalId)"
         );
-        let bad_port = json!({"eventTime": "2024-07-31T13:06:24Z", "eventName": "X",
-            "userIdentity": {"arn": "a"}, "requestParameters": {"fromPort": "22"}});
+        let bad_port =
+            format!(r#"{{{ok}, "userIdentity": {{"arn": "a"}}, "requestParameters": {{"fromPort": "22"}}}}"#);
         assert_eq!(
-            m.map(&bad_port).unwrap_err(),
+            x.map(&bad_port).unwrap_err(),
             "wrong type at `requestParameters.fromPort`: expected an integer, found a string"
         );
-        let bad_time = json!({"eventTime": "yesterday", "eventName": "X", "userIdentity": {"arn": "a"}});
-        assert!(
-            m.map(&bad_time)
-                .unwrap_err()
-                .contains("not an RFC 3339 timestamp")
+        let object_actor = format!(r#"{{{ok}, "userIdentity": {{"arn": {{"x": 1}}}}}}"#);
+        assert_eq!(
+            x.map(&object_actor).unwrap_err(),
+            "wrong type at `userIdentity.arn`: expected a string, found an object"
         );
+        let bad_time = r#"{"eventTime": "yesterday", "eventName": "X", "userIdentity": {"arn": "a"}}"#;
+        assert!(x.map(bad_time).unwrap_err().contains("not an RFC 3339 timestamp"));
+    }
+
+    #[test]
+    fn invalid_json_anywhere_is_refused_even_in_skipped_parts() {
+        let x = extractor();
+        let skipped_garbage = r#"{"eventTime": "2024-07-31T13:06:24Z", "eventName": "X", "userIdentity": {"arn": "a"}, "other": [1, }"#;
+        assert!(x.map(skipped_garbage).unwrap_err().starts_with("not JSON"));
+        let trailing =
+            r#"{"eventTime": "2024-07-31T13:06:24Z", "eventName": "X", "userIdentity": {"arn": "a"}} x"#;
+        assert!(x.map(trailing).unwrap_err().starts_with("not JSON"));
+        assert_eq!(x.map("[1, 2]").unwrap_err(), "the record is not a JSON object");
     }
 }

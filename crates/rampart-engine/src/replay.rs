@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use rampart_core::{Decision, Mode, Verdict};
@@ -114,7 +114,14 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, ReplayError> {
     Ok(files)
 }
 
+/// Threads that decode JSON lines in parallel (framing and detectors have a thread each).
+const DECODE_THREADS: usize = 2;
+
 /// Replays `inputs` (files or directories) through `pipeline`.
+///
+/// One thread reads and frames the inputs, [`DECODE_THREADS`] threads decode chunks of JSON
+/// lines into batches, and the calling thread puts the results back in input order (renumbering
+/// rows) and runs the detectors. Output is the same as a sequential run.
 pub fn replay(
     pipeline: &Pipeline,
     inputs: &[PathBuf],
@@ -123,14 +130,18 @@ pub fn replay(
     let files = expand_inputs(inputs)?;
     let started = Instant::now();
     let mut summary = Summary::default();
-    let (tx, rx) = mpsc::sync_channel::<Decoded>(64);
+    let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Decoded)>(DECODE_THREADS * 4);
+    let work_rx = Mutex::new(work_rx);
+    let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Vec<Decoded>)>(DECODE_THREADS * 4);
 
     std::thread::scope(|scope| {
-        let decoder = scope.spawn(move || -> Result<(), ReplayError> {
-            let mut decoder = pipeline.decoder();
+        let framer = scope.spawn(move || -> Result<(), ReplayError> {
+            let mut decoder = pipeline.decoder().chunking(pipeline.config.batch_size);
+            let mut seq = 0;
             let mut send = |d: Decoded| {
-                // The receiver only hangs up when output failed; that error is reported there.
-                let _ = tx.send(d);
+                // Receivers only hang up when output failed; that error is reported there.
+                let _ = work_tx.send((seq, d));
+                seq += 1;
             };
             for file in &files {
                 decoder
@@ -143,66 +154,112 @@ pub fn replay(
             decoder.flush(&mut send);
             Ok(())
         });
-        let consumed = consume(pipeline, &rx, sink, &mut summary);
-        drop(rx);
-        let decoded = decoder.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        consumed.and(decoded)
+        for _ in 0..DECODE_THREADS {
+            let done_tx = done_tx.clone();
+            let work_rx = &work_rx;
+            scope.spawn(move || {
+                let mut decoder = pipeline.decoder();
+                loop {
+                    let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((seq, item)) = next else { break };
+                    let out = match item {
+                        Decoded::Lines(chunk) => {
+                            let mut out = Vec::new();
+                            decoder.decode_chunk(&chunk, &mut |d| out.push(d));
+                            out
+                        }
+                        other => vec![other],
+                    };
+                    // After a failed output keep draining, so that the framer never blocks.
+                    let _ = done_tx.send((seq, out));
+                }
+            });
+        }
+        drop(done_tx);
+        let consumed = consume_in_order(pipeline, &done_rx, sink, &mut summary);
+        drop(done_rx);
+        let framed = framer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        consumed.and(framed)
     })?;
     summary.elapsed = started.elapsed();
     Ok(summary)
 }
 
-fn consume(
+/// Takes decoded chunks as the decoding threads finish them and processes them in input order.
+fn consume_in_order(
     pipeline: &Pipeline,
-    rx: &mpsc::Receiver<Decoded>,
+    rx: &mpsc::Receiver<(u64, Vec<Decoded>)>,
     sink: &mut dyn ReplaySink,
     summary: &mut Summary,
 ) -> Result<(), ReplayError> {
-    for item in rx {
-        match item {
-            Decoded::Progress(bytes) => {
-                summary.bytes += bytes;
-                sink.progress(bytes);
+    let mut pending: BTreeMap<u64, Vec<Decoded>> = BTreeMap::new();
+    let mut next_seq = 0;
+    let mut next_row = 0;
+    for (seq, items) in rx {
+        pending.insert(seq, items);
+        while let Some(items) = pending.remove(&next_seq) {
+            next_seq += 1;
+            for item in items {
+                consume(pipeline, item, &mut next_row, sink, summary)?;
             }
-            Decoded::DeadLetter(letter) => {
-                summary.bad_records += 1;
-                sink.dead_letter(&letter).map_err(ReplayError::Output)?;
-            }
-            Decoded::Batch(events) => {
-                summary.events += events.batch.num_rows() as u64;
-                for i in 0..events.batch.num_rows() {
-                    let t = events.event_time(i);
-                    summary.time_range = Some(match summary.time_range {
-                        None => (t, t),
-                        Some((lo, hi)) => (lo.min(t), hi.max(t)),
-                    });
-                    match summary.actor_events.get_mut(events.actor(i)) {
-                        Some(n) => *n += 1,
-                        None => {
-                            summary.actor_events.insert(events.actor(i).to_string(), 1);
-                        }
+        }
+    }
+    Ok(())
+}
+
+fn consume(
+    pipeline: &Pipeline,
+    item: Decoded,
+    next_row: &mut u64,
+    sink: &mut dyn ReplaySink,
+    summary: &mut Summary,
+) -> Result<(), ReplayError> {
+    match item {
+        Decoded::Progress(bytes) => {
+            summary.bytes += bytes;
+            sink.progress(bytes);
+        }
+        Decoded::DeadLetter(letter) => {
+            summary.bad_records += 1;
+            sink.dead_letter(&letter).map_err(ReplayError::Output)?;
+        }
+        Decoded::Lines(_) => unreachable!("decoding threads decode every chunk"),
+        Decoded::Batch(mut events) => {
+            events.renumber(*next_row);
+            *next_row += events.batch.num_rows() as u64;
+            summary.events += events.batch.num_rows() as u64;
+            for i in 0..events.batch.num_rows() {
+                let t = events.event_time(i);
+                summary.time_range = Some(match summary.time_range {
+                    None => (t, t),
+                    Some((lo, hi)) => (lo.min(t), hi.max(t)),
+                });
+                match summary.actor_events.get_mut(events.actor(i)) {
+                    Some(n) => *n += 1,
+                    None => {
+                        summary.actor_events.insert(events.actor(i).to_string(), 1);
                     }
                 }
-                let evaluation = pipeline.evaluate(&events);
-                for (detector, error) in evaluation.errors {
-                    let n = summary.detector_errors.entry(detector.clone()).or_default();
-                    if *n == 0 {
-                        tracing::warn!(detector = %detector, %error, "detector failed on a batch; it keeps running on later batches");
-                    }
-                    *n += 1;
+            }
+            let evaluation = pipeline.evaluate(&events);
+            for (detector, error) in evaluation.errors {
+                let n = summary.detector_errors.entry(detector.clone()).or_default();
+                if *n == 0 {
+                    tracing::warn!(detector = %detector, %error, "detector failed on a batch; it keeps running on later batches");
                 }
-                for d in &evaluation.decisions {
-                    *summary
-                        .decisions
-                        .entry((d.detector.id.clone(), d.verdict, d.mode))
-                        .or_default() += 1;
-                    *summary.actor_decisions.entry(d.actor.clone()).or_default() += 1;
-                    *summary
-                        .timeline
-                        .entry(d.event_time.get(..13).unwrap_or_default().to_string())
-                        .or_default() += 1;
-                    sink.decision(d).map_err(ReplayError::Output)?;
-                }
+                *n += 1;
+            }
+            for d in &evaluation.decisions {
+                *summary
+                    .decisions
+                    .entry((d.detector.id.clone(), d.verdict, d.mode))
+                    .or_default() += 1;
+                *summary.actor_decisions.entry(d.actor.clone()).or_default() += 1;
+                *summary
+                    .timeline
+                    .entry(d.event_time.get(..13).unwrap_or_default().to_string())
+                    .or_default() += 1;
+                sink.decision(d).map_err(ReplayError::Output)?;
             }
         }
     }

@@ -216,6 +216,7 @@ fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec
         Decoded::Batch(b) => batches.push(b),
         Decoded::DeadLetter(l) => dead.push(l),
         Decoded::Progress(_) => {}
+        Decoded::Lines(_) => unreachable!("a decoder that does not chunk decodes every line"),
     };
     let inputs: Vec<PathBuf> = match &case.input {
         Inputs::None => Vec::new(),

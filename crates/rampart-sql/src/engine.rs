@@ -50,6 +50,15 @@ pub struct CompiledDetector {
     needs_reset: bool,
 }
 
+impl CompiledDetector {
+    /// The physical plan, indented, as `EXPLAIN` would print it.
+    pub fn explain(&self) -> String {
+        datafusion::physical_plan::displayable(self.plan.as_ref())
+            .indent(true)
+            .to_string()
+    }
+}
+
 /// Plans detectors for one pipeline's event schema and runs them on batches.
 pub struct DetectorEngine {
     ctx: SessionContext,
@@ -78,6 +87,17 @@ impl DetectorEngine {
             .build();
         datafusion_functions_json::register_all(&mut state)?;
         let ctx = SessionContext::new_with_state(state);
+        // These rules move `json_get_*` calls (which declare themselves cheap, for Parquet
+        // pushdown) or calls shared by a filter and the projection into a projection *below*
+        // the filter, so they parse the raw JSON of every event of every batch instead of the
+        // few events that pass the filter: 8x slower on the cloudtrail pipeline.
+        for rule in [
+            "extract_leaf_expressions",
+            "push_down_leaf_projections",
+            "common_sub_expression_eliminate",
+        ] {
+            ctx.remove_optimizer_rule(rule);
+        }
         let slot = BatchSlot::default();
         ctx.register_table(
             "events",
