@@ -9,10 +9,12 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --release -- -D warnings
-echo "== cargo test" >&2
-cargo test --workspace --release
-echo "== rampart check / test on every pipeline" >&2
+echo "== build" >&2
+cargo build --workspace --all-targets --release
+echo "== rampart check / rampart test on every pipeline" >&2
 for p in pipelines/*/; do
   "$CARGO_TARGET_DIR/release/rampart" check "$p"
   "$CARGO_TARGET_DIR/release/rampart" test "$p"
 done
+echo "== cargo test" >&2
+cargo test --workspace --release

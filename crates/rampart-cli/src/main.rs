@@ -194,6 +194,7 @@ fn test(dir: &Path, verbose: bool) -> Result<ExitCode> {
     if failed > 0 {
         println!("FAIL: {failed}/{}", results.len());
     }
+    println!("{passed} passed, {failed} failed");
     let ok = failed == 0 && problems.is_empty() && !results.is_empty();
     if results.is_empty() {
         println!("no test cases found in {}", dir.join("tests").display());

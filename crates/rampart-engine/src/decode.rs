@@ -179,8 +179,18 @@ impl Decoder {
     /// chunk (the consumer renumbers, see [`EventBatch::renumber`]).
     pub fn decode_chunk(&mut self, chunk: &LineChunk, emit: &mut dyn FnMut(Decoded)) {
         let data = chunk.data.strip_suffix(b"\n").unwrap_or(&chunk.data);
-        for (line, raw) in (chunk.first_line..).zip(data.split(|b| *b == b'\n')) {
-            self.line(emit, &chunk.name, line, raw);
+        match std::str::from_utf8(data) {
+            // The usual case: `str::split` on a char finds newlines with memchr.
+            Ok(text) => {
+                for (line, raw) in (chunk.first_line..).zip(text.split('\n')) {
+                    self.line(emit, &chunk.name, line, raw.as_bytes());
+                }
+            }
+            Err(_) => {
+                for (line, raw) in (chunk.first_line..).zip(data.split(|b| *b == b'\n')) {
+                    self.line(emit, &chunk.name, line, raw);
+                }
+            }
         }
         self.flush(emit);
         self.builder.next_row = 0;

@@ -4,6 +4,8 @@
 //! descending only into the keys on some path and skipping (while validating) the rest, so a
 //! large `requestParameters` costs a scan, not an allocation per key.
 
+use std::borrow::Cow;
+
 use jiter::{Jiter, NumberAny, NumberInt, Peek};
 
 use rampart_core::ColumnType;
@@ -64,11 +66,11 @@ pub struct Mapping {
 
 /// A typed value of an extra column.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ExtraValue {
+pub enum ExtraValue<'a> {
     /// Absent.
     Null,
     /// Text.
-    String(String),
+    String(Cow<'a, str>),
     /// Integer.
     Int(i64),
     /// Float.
@@ -79,28 +81,29 @@ pub enum ExtraValue {
     Timestamp(i64),
 }
 
-/// One event in canonical form.
+/// One event in canonical form; text borrows from the record where it can.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MappedEvent {
+pub struct MappedEvent<'a> {
     /// Microseconds since the epoch, UTC.
     pub event_time: i64,
     /// Actor.
-    pub actor: String,
+    pub actor: Cow<'a, str>,
     /// Action.
-    pub action: String,
+    pub action: Cow<'a, str>,
     /// tenant, resource, origin, outcome.
-    pub optional: [Option<String>; 4],
+    pub optional: [Option<Cow<'a, str>>; 4],
     /// Extra column values, in declaration order.
-    pub extras: Vec<ExtraValue>,
+    pub extras: Vec<ExtraValue<'a>>,
 }
 
 /// What a path found in one record.
 #[derive(Debug, Clone, PartialEq, Default)]
-enum Found {
+enum Found<'a> {
     /// Absent, or `null`.
     #[default]
     Missing,
-    Str(String),
+    /// Borrowed from the record unless it had escapes.
+    Str(Cow<'a, str>),
     Int(i64),
     Float(f64),
     Bool(bool),
@@ -108,7 +111,7 @@ enum Found {
     Container(&'static str),
 }
 
-impl Found {
+impl Found<'_> {
     fn kind(&self) -> &'static str {
         match self {
             Self::Missing => "null",
@@ -186,7 +189,7 @@ impl Extractor {
 
     /// Parses and maps one record. The error says what is wrong: not JSON, not an object, or
     /// which field is missing or mistyped.
-    pub fn map(&self, text: &str) -> Result<MappedEvent, String> {
+    pub fn map<'a>(&'a self, text: &'a str) -> Result<MappedEvent<'a>, String> {
         let mut found = vec![Found::Missing; self.slot_count];
         let mut jiter = Jiter::new(text.as_bytes());
         let peek = jiter.peek().map_err(|e| format!("not JSON: {e}"))?;
@@ -195,13 +198,20 @@ impl Extractor {
             jiter.finish().map_err(|e| format!("not JSON: {e}"))?;
             return Err("the record is not a JSON object".into());
         }
-        self.walk(&mut jiter, 0, peek, &mut found)
+        self.walk(text, &mut jiter, 0, peek, &mut found)
             .map_err(|e| format!("not JSON: {e}"))?;
         jiter.finish().map_err(|e| format!("not JSON: {e}"))?;
         self.fields(&found)
     }
 
-    fn walk(&self, j: &mut Jiter, node: usize, peek: Peek, found: &mut [Found]) -> jiter::JiterResult<()> {
+    fn walk<'a>(
+        &self,
+        text: &'a str,
+        j: &mut Jiter,
+        node: usize,
+        peek: Peek,
+        found: &mut [Found<'a>],
+    ) -> jiter::JiterResult<()> {
         let node = &self.nodes[node];
         match peek {
             Peek::Object | Peek::Array => {
@@ -221,7 +231,7 @@ impl Extractor {
                         match node.children.iter().find(|(name, _)| name == k).map(|c| c.1) {
                             Some(child) => {
                                 let p = j.peek()?;
-                                self.walk(j, child, p, found)?;
+                                self.walk(text, j, child, p, found)?;
                             }
                             None => j.next_skip()?,
                         }
@@ -233,7 +243,7 @@ impl Extractor {
                     while let Some(p) = item {
                         let wanted = node.children.iter().find(|(name, _)| name.parse() == Ok(index));
                         match wanted {
-                            Some(&(_, child)) => self.walk(j, child, p, found)?,
+                            Some(&(_, child)) => self.walk(text, j, child, p, found)?,
                             None => j.known_skip(p)?,
                         }
                         index += 1;
@@ -252,7 +262,7 @@ impl Extractor {
                         Found::Missing
                     }
                     Peek::True | Peek::False => Found::Bool(j.known_bool(peek)?),
-                    Peek::String => Found::Str(j.known_str()?.to_string()),
+                    Peek::String => Found::Str(borrow_from(text, j.known_str()?)),
                     _ => match j.known_number(peek)? {
                         NumberAny::Int(NumberInt::Int(i)) => Found::Int(i),
                         NumberAny::Float(f) => Found::Float(f),
@@ -266,12 +276,12 @@ impl Extractor {
     }
 
     /// The first present path of field `index`, with the path.
-    fn first<'f>(
+    fn first<'f, 'a>(
         &self,
-        found: &'f [Found],
+        found: &'f [Found<'a>],
         index: usize,
         spec: &'f FieldSpec,
-    ) -> Option<(&'f Found, &'f JsonPath)> {
+    ) -> Option<(&'f Found<'a>, &'f JsonPath)> {
         self.field_slots[index]
             .iter()
             .zip(&spec.paths)
@@ -279,15 +289,20 @@ impl Extractor {
             .find(|(f, _)| **f != Found::Missing)
     }
 
-    fn string(&self, found: &[Found], index: usize, spec: &FieldSpec) -> Result<Option<String>, String> {
+    fn string<'a>(
+        &self,
+        found: &[Found<'a>],
+        index: usize,
+        spec: &'a FieldSpec,
+    ) -> Result<Option<Cow<'a, str>>, String> {
         match self.first(found, index, spec) {
             Some((Found::Str(s), _)) => Ok(Some(s.clone())),
             Some((other, path)) => Err(wrong_type(path, "a string", other)),
-            None => Ok(spec.default.clone()),
+            None => Ok(spec.default.as_deref().map(Cow::Borrowed)),
         }
     }
 
-    fn fields(&self, found: &[Found]) -> Result<MappedEvent, String> {
+    fn fields<'a>(&'a self, found: &[Found<'a>]) -> Result<MappedEvent<'a>, String> {
         let m = &self.mapping;
         let event_time = match self.first(found, 0, &m.event_time) {
             Some((v, path)) => timestamp(v, path)?,
@@ -304,7 +319,7 @@ impl Extractor {
         let action = self
             .string(found, 2, &m.action)?
             .ok_or_else(|| format!("missing action (looked at {})", describe(&m.action)))?;
-        let mut optional: [Option<String>; 4] = Default::default();
+        let mut optional: [Option<Cow<'a, str>>; 4] = Default::default();
         for (i, (slot, spec)) in optional.iter_mut().zip(&m.optional).enumerate() {
             if let Some(spec) = spec {
                 *slot = self.string(found, 3 + i, spec)?;
@@ -325,13 +340,13 @@ impl Extractor {
         })
     }
 
-    fn extra(
+    fn extra<'a>(
         &self,
-        found: &[Found],
+        found: &[Found<'a>],
         index: usize,
-        spec: &FieldSpec,
+        spec: &'a FieldSpec,
         ty: ColumnType,
-    ) -> Result<ExtraValue, String> {
+    ) -> Result<ExtraValue<'a>, String> {
         if ty == ColumnType::String {
             return Ok(self
                 .string(found, index, spec)?
@@ -351,6 +366,15 @@ impl Extractor {
             (ColumnType::Bool, v) => Err(wrong_type(path, "a boolean", v)),
             (ColumnType::String, _) => unreachable!("handled above"),
         }
+    }
+}
+
+/// The string as a slice of the record when jiter returned one (no escapes), else a copy.
+fn borrow_from<'a>(text: &'a str, s: &str) -> Cow<'a, str> {
+    let start = (s.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
+    match text.get(start..start.wrapping_add(s.len())) {
+        Some(slice) if slice.as_ptr() == s.as_ptr() => Cow::Borrowed(slice),
+        _ => Cow::Owned(s.to_string()),
     }
 }
 
@@ -421,7 +445,8 @@ mod tests {
 
     #[test]
     fn falls_back_to_the_next_path_and_indexes_arrays() {
-        let e = extractor()
+        let x = extractor();
+        let e = x
             .map(
                 r#"{"eventTime": "2024-07-31T13:06:24Z", "eventName": "X", "big": {"a": [1, {"b": null}]},
                    "userIdentity": {"principalId": "AIDA1", "arn": null},
