@@ -169,7 +169,8 @@ impl Decoder {
     }
 
     /// Makes this decoder frame JSON lines into [`Decoded::Lines`] chunks of `lines` lines
-    /// (others still decode here), so that several threads can decode them.
+    /// (other formats still decode here), so that several threads can decode them. With
+    /// `lines` = the batch size, each chunk decodes into one full batch.
     pub fn chunking(mut self, lines: usize) -> Self {
         self.chunk_lines = Some(lines.max(1));
         self
@@ -200,7 +201,7 @@ impl Decoder {
     /// wrong with its content becomes dead letters.
     pub fn decode_file(&mut self, path: &Path, emit: &mut dyn FnMut(Decoded)) -> io::Result<()> {
         let name: Arc<str> = Arc::from(path.display().to_string());
-        let mut file = BufReader::new(File::open(path)?);
+        let mut file = BufReader::with_capacity(1 << 18, File::open(path)?);
         let gzip = file.fill_buf()?.starts_with(&[0x1f, 0x8b]);
         let reader: Box<dyn BufRead> = if gzip {
             Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(file)))
@@ -314,27 +315,39 @@ impl Decoder {
         emit: &mut dyn FnMut(Decoded),
     ) -> io::Result<()> {
         if let Some(lines) = self.chunk_lines {
+            // Copy the input block-wise (not line by line) and cut after every `lines`-th
+            // newline; the decoding threads split the lines.
             let mut data = first;
-            let mut count = 1;
             let mut first_line = line_no;
+            let (mut scanned, mut newlines) = (0, 0);
             loop {
-                let read = reader.read_until(b'\n', &mut data)?;
-                if read > 0 {
-                    count += 1;
+                let mut cut = None;
+                for at in memchr::memchr_iter(b'\n', &data[scanned..]) {
+                    newlines += 1;
+                    if newlines == lines {
+                        cut = Some(scanned + at + 1);
+                        break;
+                    }
                 }
-                if count == lines || (read == 0 && !data.is_empty()) {
-                    emit(Decoded::Progress(data.len() as u64));
-                    let capacity = data.capacity();
-                    let data = std::mem::replace(&mut data, Vec::with_capacity(capacity));
-                    emit(Decoded::Lines(LineChunk {
-                        name: Arc::clone(name),
-                        first_line,
-                        data,
-                    }));
-                    first_line += count as u64;
-                    count = 0;
+                if let Some(cut) = cut {
+                    let rest = data.split_off(cut);
+                    let chunk = std::mem::replace(&mut data, rest);
+                    self.emit_chunk(emit, name, first_line, chunk);
+                    first_line += lines as u64;
+                    (scanned, newlines) = (0, 0);
+                    continue;
                 }
+                scanned = data.len();
+                let read = {
+                    let buf = reader.fill_buf()?;
+                    data.extend_from_slice(buf);
+                    buf.len()
+                };
+                reader.consume(read);
                 if read == 0 {
+                    if !data.is_empty() {
+                        self.emit_chunk(emit, name, first_line, data);
+                    }
                     return Ok(());
                 }
             }
@@ -356,6 +369,15 @@ impl Decoder {
         }
         emit(Decoded::Progress(pending));
         Ok(())
+    }
+
+    fn emit_chunk(&self, emit: &mut dyn FnMut(Decoded), name: &Arc<str>, first_line: u64, data: Vec<u8>) {
+        emit(Decoded::Progress(data.len() as u64));
+        emit(Decoded::Lines(LineChunk {
+            name: Arc::clone(name),
+            first_line,
+            data,
+        }));
     }
 
     fn line(&mut self, emit: &mut dyn FnMut(Decoded), name: &Arc<str>, line_no: u64, raw: &[u8]) {
@@ -688,7 +710,7 @@ mod tests {
     }
 
     #[test]
-    fn chunked_decoding_gives_the_same_events_and_lines() {
+    fn chunked_decoding_gives_the_same_events_lines_and_dead_letters() {
         let bad = "{not json";
         let text = format!("\n{A}\n\n{B}\n{bad}\n{A}\r\n{B}");
         let sequential = run(InputFormat::Auto, &text);

@@ -135,29 +135,33 @@ pub fn replay(
     let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Vec<Decoded>)>(DECODE_THREADS * 4);
 
     std::thread::scope(|scope| {
-        let framer = scope.spawn(move || -> Result<(), ReplayError> {
-            let mut decoder = pipeline.decoder().chunking(pipeline.config.batch_size);
-            let mut seq = 0;
-            let mut send = |d: Decoded| {
-                // Receivers only hang up when output failed; that error is reported there.
-                let _ = work_tx.send((seq, d));
-                seq += 1;
-            };
-            for file in &files {
-                decoder
-                    .decode_file(file, &mut send)
-                    .map_err(|source| ReplayError::Input {
-                        path: file.clone(),
-                        source,
-                    })?;
-            }
-            decoder.flush(&mut send);
-            Ok(())
-        });
-        for _ in 0..DECODE_THREADS {
+        let framer = named(
+            scope,
+            "rampart-frame".into(),
+            move || -> Result<(), ReplayError> {
+                let mut decoder = pipeline.decoder().chunking(pipeline.config.batch_size);
+                let mut seq = 0;
+                let mut send = |d: Decoded| {
+                    // Receivers only hang up when output failed; that error is reported there.
+                    let _ = work_tx.send((seq, d));
+                    seq += 1;
+                };
+                for file in &files {
+                    decoder
+                        .decode_file(file, &mut send)
+                        .map_err(|source| ReplayError::Input {
+                            path: file.clone(),
+                            source,
+                        })?;
+                }
+                decoder.flush(&mut send);
+                Ok(())
+            },
+        );
+        for i in 0..DECODE_THREADS {
             let done_tx = done_tx.clone();
             let work_rx = &work_rx;
-            scope.spawn(move || {
+            named(scope, format!("rampart-decode-{i}"), move || {
                 let mut decoder = pipeline.decoder();
                 loop {
                     let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
@@ -183,6 +187,18 @@ pub fn replay(
     })?;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// Spawns a named scoped thread (names show in `top -H` and profiles).
+fn named<'scope, 'env, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    name: String,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn_scoped(scope, f)
+        .expect("the OS can start a thread")
 }
 
 /// Takes decoded chunks as the decoding threads finish them and processes them in input order.
