@@ -614,7 +614,11 @@ impl BatchBuilder {
                 ExtraBuilder::Timestamp(b) => Arc::new(b.finish()),
             }
         }));
-        columns.push(Arc::new(self.raw.finish()));
+        let raw = self.raw.finish();
+        // The raw text is most of a batch's bytes: size the next builder like this batch so it
+        // never grows by copying.
+        self.raw = StringBuilder::with_capacity(self.capacity, raw.value_data().len());
+        columns.push(Arc::new(raw));
         columns.push(Arc::new(self.row.finish()));
         let batch = RecordBatch::try_new(Arc::clone(self.schema.arrow()), columns)
             .expect("builders follow the event schema");

@@ -27,6 +27,7 @@ use rampart_core::{EventSchema, Problem};
 
 use crate::events_table::{BatchSlot, EventsTable};
 use crate::metadata::{DetectorMeta, parse_header};
+use crate::predicate_order::CheapPredicatesFirst;
 use crate::sandbox::single_query;
 use crate::shape::{Shape, classify, propagate_row_id};
 use crate::{Error, Result};
@@ -84,6 +85,7 @@ impl DetectorEngine {
             .with_aggregate_functions(SessionStateDefaults::default_aggregate_functions())
             .with_window_functions(SessionStateDefaults::default_window_functions())
             .with_expr_planners(SessionStateDefaults::default_expr_planners())
+            .with_physical_optimizer_rule(Arc::new(CheapPredicatesFirst))
             .build();
         datafusion_functions_json::register_all(&mut state)?;
         let ctx = SessionContext::new_with_state(state);

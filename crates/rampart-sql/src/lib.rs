@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod events_table;
 pub mod metadata;
+pub mod predicate_order;
 pub mod sandbox;
 pub mod shape;
 
