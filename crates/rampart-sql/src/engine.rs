@@ -303,11 +303,51 @@ mod tests {
     #[case::window(
         "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
          RANGE BETWEEN INTERVAL '15 minutes' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n >= 5",
-        "t.sql:5: sliding window: count(Int64(1)) PARTITION BY [events.actor]"
+        "t.sql:5: sliding window: count(..) over 15m per events.actor: windowed detectors are recognised"
+    )]
+    #[case::window_distinct_qualify(
+        "SELECT actor, origin FROM events QUALIFY count(DISTINCT action) OVER (PARTITION BY actor, origin \
+         ORDER BY event_time RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) >= 20",
+        "sliding window: count(DISTINCT ..) over 1h per events.actor, events.origin"
     )]
     #[case::grouped(
         "SELECT actor, count(*) AS n FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', event_time) HAVING count(*) > 100",
-        "t.sql:5: grouped window: GROUP BY events.actor, date_bin("
+        "t.sql:5: grouped window: 1h buckets per events.actor"
+    )]
+    #[case::rows_frame(
+        "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor ORDER BY event_time ROWS BETWEEN 5 PRECEDING AND CURRENT ROW) > 3",
+        "ROWS frames count events, not time"
+    )]
+    #[case::no_time_order(
+        "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor) > 3",
+        "has no time order; add ORDER BY event_time"
+    )]
+    #[case::unbounded_frame(
+        "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor ORDER BY event_time) > 3",
+        "is unbounded"
+    )]
+    #[case::following(
+        "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '1 minute' PRECEDING AND INTERVAL '1 minute' FOLLOWING) > 3",
+        "looks ahead"
+    )]
+    #[case::ranking(
+        "SELECT actor FROM events QUALIFY row_number() OVER (PARTITION BY actor ORDER BY event_time) = 1",
+        "row_number() ranks"
+    )]
+    #[case::approx_distinct(
+        "SELECT actor FROM events QUALIFY approx_distinct(origin) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) > 3",
+        "approx_distinct has no sliding-frame form"
+    )]
+    #[case::months(
+        "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '1 month' PRECEDING AND CURRENT ROW) > 3",
+        "months have no fixed length"
+    )]
+    #[case::date_bin_other_column(
+        "SELECT actor, count(*) AS n FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', to_timestamp(action)) HAVING count(*) > 1",
+        "date_bin must bucket event_time"
     )]
     #[case::unbounded_group(
         "SELECT actor, count(*) AS n FROM events GROUP BY actor",

@@ -2,38 +2,240 @@
 //! shapes that cannot be evaluated on a stream with the same answer as in batch.
 
 use std::fmt;
+use std::time::Duration;
 
+use datafusion::arrow::datatypes::{DataType, IntervalUnit};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, Result};
-use datafusion::logical_expr::{Expr, LogicalPlan, Projection};
+use datafusion::common::{Column, Result, ScalarValue};
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, Projection, WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition,
+};
 
-use rampart_core::event::ROW_ID;
+use rampart_core::event::{EVENT_TIME, ROW_ID};
 
 /// The supported detector shapes (DESIGN.md, "Detectors").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shape {
     /// `SELECT ... FROM events WHERE ...`: each event is judged on its own.
     PerEvent,
-    /// A window function with an `OVER (... ORDER BY event_time RANGE ...)` frame.
+    /// Aggregates over `OVER (PARTITION BY ... ORDER BY event_time RANGE BETWEEN INTERVAL ...
+    /// PRECEDING AND CURRENT ROW)` frames.
     SlidingWindow {
-        /// The window expressions, as DataFusion prints them.
-        windows: Vec<String>,
+        /// One entry per window expression.
+        windows: Vec<SlidingWindow>,
     },
-    /// `GROUP BY ..., date_bin(...)` with `HAVING`.
+    /// `GROUP BY ..., date_bin(INTERVAL ..., event_time)` with `HAVING`.
     GroupedWindow {
-        /// The grouping expressions, as DataFusion prints them.
-        groups: Vec<String>,
+        /// Length of the time buckets.
+        bucket: Duration,
+        /// The other grouping expressions (the key), as DataFusion prints them.
+        keys: Vec<String>,
     },
+}
+
+/// One sliding-window aggregate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlidingWindow {
+    /// `count`, `sum`, `min`, `max` or `avg`.
+    pub function: String,
+    /// `count(DISTINCT ...)`.
+    pub distinct: bool,
+    /// The partition key expressions (empty: one window over all events).
+    pub partition_by: Vec<String>,
+    /// How far back the frame reaches from each event.
+    pub length: Duration,
+}
+
+impl fmt::Display for SlidingWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let distinct = if self.distinct { "DISTINCT " } else { "" };
+        write!(
+            f,
+            "{}({distinct}..) over {}",
+            self.function,
+            humantime::format_duration(self.length)
+        )?;
+        match self.partition_by.as_slice() {
+            [] => f.write_str(" over all events"),
+            keys => write!(f, " per {}", keys.join(", ")),
+        }
+    }
 }
 
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::PerEvent => f.write_str("per-event"),
-            Self::SlidingWindow { windows } => write!(f, "sliding window: {}", windows.join(", ")),
-            Self::GroupedWindow { groups } => write!(f, "grouped window: GROUP BY {}", groups.join(", ")),
+            Self::SlidingWindow { windows } => {
+                let windows: Vec<String> = windows.iter().map(ToString::to_string).collect();
+                write!(f, "sliding window: {}", windows.join("; "))
+            }
+            Self::GroupedWindow { bucket, keys } => {
+                write!(
+                    f,
+                    "grouped window: {} buckets",
+                    humantime::format_duration(*bucket)
+                )?;
+                if !keys.is_empty() {
+                    write!(f, " per {}", keys.join(", "))?;
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// Aggregates that Rampart can maintain over a sliding RANGE frame (the ones DataFusion also
+/// evaluates over sliding frames in batch, so that both answers can be compared).
+const SLIDING_AGGREGATES: [&str; 5] = ["count", "sum", "min", "max", "avg"];
+
+/// Checks one window expression; `Err` says why it cannot be evaluated incrementally and what
+/// to write instead.
+fn sliding_window(expr: &Expr) -> Result<SlidingWindow, String> {
+    let Expr::WindowFunction(w) = expr else {
+        return Err(format!("`{expr}` is not a window function"));
+    };
+    let name = w.fun.name().to_string();
+    let params = &w.params;
+    if matches!(w.fun, WindowFunctionDefinition::WindowUDF(_)) {
+        return Err(format!(
+            "the window function {name}() ranks or looks at neighbouring rows, which depends on \
+             events not yet seen; use an aggregate (count, sum, min, max, avg) over a RANGE frame"
+        ));
+    }
+    if name == "approx_distinct" {
+        return Err(
+            "approx_distinct has no sliding-frame form (DataFusion cannot check it in batch \
+                    either); use count(DISTINCT ...) in the window, or approx_distinct in a GROUP BY \
+                    with date_bin(...)"
+                .into(),
+        );
+    }
+    if !SLIDING_AGGREGATES.contains(&name.as_str()) {
+        return Err(format!(
+            "{name}() is not supported in a sliding window (supported: {}, count(DISTINCT ...))",
+            SLIDING_AGGREGATES.join(", ")
+        ));
+    }
+    if params.filter.is_some() {
+        return Err(format!(
+            "{name}(...) FILTER (WHERE ...) in a window is not supported; move the condition to the query's WHERE"
+        ));
+    }
+    let ordered_by_time = matches!(params.order_by.as_slice(),
+        [sort] if sort.asc && matches!(&sort.expr, Expr::Column(c) if c.name == EVENT_TIME));
+    if params.order_by.is_empty() {
+        return Err(format!(
+            "the window of {name}() has no time order; add ORDER BY event_time RANGE BETWEEN \
+             INTERVAL '10 minutes' PRECEDING AND CURRENT ROW"
+        ));
+    }
+    if !ordered_by_time {
+        return Err(format!(
+            "the window of {name}() must be ordered by event_time ascending, alone (ORDER BY event_time)"
+        ));
+    }
+    let frame = &params.window_frame;
+    if frame.units != WindowFrameUnits::Range {
+        return Err(format!(
+            "{} frames count events, not time; use RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW",
+            frame.units
+        ));
+    }
+    if frame.end_bound != WindowFrameBound::CurrentRow {
+        return Err(format!(
+            "the frame of {name}() ends at `{}`; a frame that looks ahead would wait for events not \
+             yet seen: end it at CURRENT ROW",
+            frame.end_bound
+        ));
+    }
+    let length = match &frame.start_bound {
+        WindowFrameBound::Preceding(v) if v.is_null() => {
+            return Err(format!(
+                "the frame of {name}() is unbounded (UNBOUNDED PRECEDING, also the default with \
+                 ORDER BY): it would keep every event forever; bound it, e.g. RANGE BETWEEN \
+                 INTERVAL '15 minutes' PRECEDING AND CURRENT ROW"
+            ));
+        }
+        WindowFrameBound::Preceding(v) => interval(v)?,
+        other => {
+            return Err(format!(
+                "the frame of {name}() starts at `{other}`; start it at INTERVAL '...' PRECEDING"
+            ));
+        }
+    };
+    Ok(SlidingWindow {
+        function: name,
+        distinct: params.distinct,
+        partition_by: params.partition_by.iter().map(ToString::to_string).collect(),
+        length,
+    })
+}
+
+fn unalias(expr: &Expr) -> &Expr {
+    match expr {
+        Expr::Alias(a) => unalias(&a.expr),
+        other => other,
+    }
+}
+
+/// An interval literal as a duration; months (of varying length) are refused.
+fn interval(v: &ScalarValue) -> Result<Duration, String> {
+    let nanos: i128 = match v {
+        ScalarValue::IntervalMonthDayNano(Some(i)) if i.months == 0 => {
+            i128::from(i.days) * 86_400_000_000_000 + i128::from(i.nanoseconds)
+        }
+        ScalarValue::IntervalDayTime(Some(i)) => {
+            i128::from(i.days) * 86_400_000_000_000 + i128::from(i.milliseconds) * 1_000_000
+        }
+        // The SQL planner keeps a RANGE frame's `INTERVAL '15 minutes'` as text until the
+        // order-by type is known; cast it the way DataFusion will.
+        ScalarValue::Utf8(Some(_)) => {
+            let unit = DataType::Interval(IntervalUnit::MonthDayNano);
+            return match v.cast_to(&unit) {
+                Ok(cast) if !cast.is_null() => interval(&cast),
+                _ => Err(format!(
+                    "the window length `{v}` is not an interval, e.g. INTERVAL '15 minutes'"
+                )),
+            };
+        }
+        ScalarValue::IntervalMonthDayNano(Some(_)) | ScalarValue::IntervalYearMonth(Some(_)) => {
+            return Err(
+                "months have no fixed length; write the window in days, e.g. INTERVAL '30 days'".into(),
+            );
+        }
+        other => {
+            return Err(format!(
+                "the window length `{other}` must be an INTERVAL, e.g. INTERVAL '15 minutes'"
+            ));
+        }
+    };
+    u64::try_from(nanos)
+        .ok()
+        .filter(|n| *n > 0)
+        .map(Duration::from_nanos)
+        .ok_or_else(|| "the window length must be positive".into())
+}
+
+/// The bucket of `date_bin(INTERVAL, event_time[, origin])`, if `expr` is one.
+fn date_bin_bucket(expr: &Expr) -> Option<Result<Duration, String>> {
+    let mut found = None;
+    let _ = expr.apply(|e| {
+        if let Expr::ScalarFunction(f) = e
+            && f.name() == "date_bin"
+        {
+            found = Some(match f.args.as_slice() {
+                [Expr::Literal(stride, _), Expr::Column(c), ..] if c.name == EVENT_TIME => interval(stride),
+                [_, Expr::Column(c), ..] if c.name == EVENT_TIME => {
+                    Err("date_bin's bucket must be a literal INTERVAL, e.g. date_bin(INTERVAL '1 hour', event_time)".into())
+                }
+                _ => Err("date_bin must bucket event_time: date_bin(INTERVAL '1 hour', event_time)".into()),
+            });
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
 }
 
 /// Classifies a detector's (unoptimised) logical plan. `Err` carries the reason the shape is
@@ -62,25 +264,49 @@ pub fn classify(plan: &LogicalPlan) -> Result<Shape, String> {
                  function over the key instead",
             ),
             LogicalPlan::Window(w) => {
-                windows.extend(w.window_expr.iter().map(|e| e.to_string()));
+                for expr in &w.window_expr {
+                    match sliding_window(unalias(expr)) {
+                        Ok(spec) => windows.push(spec),
+                        Err(reason) => {
+                            refusal = Some(reason);
+                            return Ok(TreeNodeRecursion::Stop);
+                        }
+                    }
+                }
                 None
             }
             LogicalPlan::Aggregate(agg) => {
-                if agg.group_expr.iter().any(is_date_bin) {
-                    groups = Some(agg.group_expr.iter().map(|e| e.to_string()).collect());
-                    None
-                } else {
-                    Some(
+                let buckets: Vec<_> = agg.group_expr.iter().filter_map(date_bin_bucket).collect();
+                match buckets.as_slice() {
+                    [Ok(bucket)] => {
+                        let keys = agg
+                            .group_expr
+                            .iter()
+                            .filter(|e| date_bin_bucket(e).is_none())
+                            .map(ToString::to_string)
+                            .collect();
+                        groups = Some((*bucket, keys));
+                        None
+                    }
+                    [Err(reason)] => {
+                        refusal = Some(reason.clone());
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                    [] => Some(
                         "an aggregate without a time window grows without bound on a stream; \
                          add date_bin(INTERVAL '1 hour', event_time) to the GROUP BY (a grouped \
                          window) or use a sliding window function",
-                    )
+                    ),
+                    _ => Some("GROUP BY may hold one date_bin(...) time bucket"),
                 }
             }
             _ => None,
         };
         if let Some(reason) = refuse {
             refusal = Some(reason.to_string());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        if refusal.is_some() {
             return Ok(TreeNodeRecursion::Stop);
         }
         Ok(TreeNodeRecursion::Continue)
@@ -95,7 +321,7 @@ pub fn classify(plan: &LogicalPlan) -> Result<Shape, String> {
             Err("a detector may use window functions or GROUP BY date_bin(...), not both".into())
         }
         (false, None) => Ok(Shape::SlidingWindow { windows }),
-        (true, Some(groups)) => Ok(Shape::GroupedWindow { groups }),
+        (true, Some((bucket, keys))) => Ok(Shape::GroupedWindow { bucket, keys }),
         (true, None) => Ok(Shape::PerEvent),
     }
 }
@@ -105,20 +331,6 @@ fn reads_events(plan: &LogicalPlan) -> bool {
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node
             && scan.table_name.table() == "events"
-        {
-            found = true;
-            return Ok(TreeNodeRecursion::Stop);
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    found
-}
-
-fn is_date_bin(expr: &Expr) -> bool {
-    let mut found = false;
-    let _ = expr.apply(|e| {
-        if let Expr::ScalarFunction(f) = e
-            && f.name() == "date_bin"
         {
             found = true;
             return Ok(TreeNodeRecursion::Stop);
