@@ -57,12 +57,12 @@ enum Command {
     /// to the dead letters with the error and their file and line. A summary is printed to
     /// stderr at the end.
     #[command(
-        after_help = "Example:\n  rampart replay pipelines/cloudtrail \\\n      --input data/cloudtrail/stratus-detonation-logs/ \\\n      --output decisions.jsonl --dead-letters bad.jsonl"
+        after_help = "Example:\n  rampart replay pipelines/cloudtrail \\\n      --input data/cloudtrail/stratus-detonation-logs/ \\\n      --output decisions.jsonl --dead-letters bad.jsonl\n  zcat trail-*.json.gz | rampart replay pipelines/cloudtrail --input -"
     )]
     Replay {
         /// The pipeline directory.
         pipeline: PathBuf,
-        /// Input files or directories.
+        /// Input files or directories; `-` reads standard input.
         #[arg(short, long = "input", required = true, num_args = 1..)]
         inputs: Vec<PathBuf>,
         /// Write decisions here instead of stdout.

@@ -388,6 +388,40 @@ fn malformed_lines_become_dead_letters_with_their_line_and_good_lines_still_deci
 }
 
 #[test]
+fn replay_reads_standard_input() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let records = std::fs::read(
+        root()
+            .join(STRATUS)
+            .join("aws.defense-evasion.cloudtrail-stop.json"),
+    )
+    .expect("file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["replay", "pipelines/cloudtrail", "--input", "-"])
+        .current_dir(root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rampart runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&records)
+        .expect("write");
+    let out = child.wait_with_output().expect("exits");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let decision: Value = serde_json::from_slice(&out.stdout).expect("one decision");
+    assert_eq!(decision["detector"]["id"], "trail-logging-disabled");
+    assert_eq!(
+        decision["source"],
+        serde_json::json!({"file": "<stdin>", "line": 2})
+    );
+}
+
+#[test]
 fn every_command_explains_itself_with_an_example() {
     for cmd in ["check", "test", "replay"] {
         let out = rampart(&[cmd, "--help"]);

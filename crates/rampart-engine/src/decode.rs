@@ -21,6 +21,9 @@ use rampart_core::{ColumnType, EventSchema, SourcePosition};
 use crate::config::InputFormat;
 use crate::mapping::{ExtraValue, Extractor, MappedEvent, Mapping};
 
+/// The input name that means standard input.
+pub const STDIN: &str = "-";
+
 /// Why a record went to the dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -199,14 +202,27 @@ impl Decoder {
 
     /// Decodes one file (gzip or not). IO errors on the file itself are returned; everything
     /// wrong with its content becomes dead letters.
+    /// The path `-` is standard input (named `<stdin>` in positions).
     pub fn decode_file(&mut self, path: &Path, emit: &mut dyn FnMut(Decoded)) -> io::Result<()> {
-        let name: Arc<str> = Arc::from(path.display().to_string());
-        let mut file = BufReader::with_capacity(1 << 18, File::open(path)?);
-        let gzip = file.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+        if path == Path::new(STDIN) {
+            let stdin = BufReader::with_capacity(1 << 18, io::stdin().lock());
+            return self.decode_stream(Arc::from("<stdin>"), stdin, emit);
+        }
+        let file = BufReader::with_capacity(1 << 18, File::open(path)?);
+        self.decode_stream(Arc::from(path.display().to_string()), file, emit)
+    }
+
+    fn decode_stream<R: BufRead + 'static>(
+        &mut self,
+        name: Arc<str>,
+        mut input: R,
+        emit: &mut dyn FnMut(Decoded),
+    ) -> io::Result<()> {
+        let gzip = input.fill_buf()?.starts_with(&[0x1f, 0x8b]);
         let reader: Box<dyn BufRead> = if gzip {
-            Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(file)))
+            Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(input)))
         } else {
-            Box::new(file)
+            Box::new(input)
         };
         self.decode_reader(name, reader, emit)
     }

@@ -88,10 +88,14 @@ impl Summary {
 }
 
 /// Expands directories to the files inside them (sorted, not recursive) and checks that every
-/// input exists before anything runs.
+/// input exists before anything runs. `-` (standard input) is kept as it is.
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, ReplayError> {
     let mut files = Vec::new();
     for input in inputs {
+        if input.as_os_str() == crate::decode::STDIN {
+            files.push(input.clone());
+            continue;
+        }
         let meta = std::fs::metadata(input).map_err(|source| ReplayError::Input {
             path: input.clone(),
             source,
