@@ -55,7 +55,7 @@ pub struct Summary {
     pub actor_decisions: HashMap<String, u64>,
     /// Decisions per hour of event time (`YYYY-MM-DDTHH`).
     pub timeline: BTreeMap<String, u64>,
-    /// Earliest and latest event time seen, RFC 3339.
+    /// Earliest and latest event time seen, in microseconds since the epoch.
     pub time_range: Option<(i64, i64)>,
     /// Input bytes read.
     pub bytes: u64,
