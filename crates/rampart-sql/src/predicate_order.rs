@@ -1,9 +1,10 @@
-//! An optimizer rule that evaluates the cheap parts of a filter first.
+//! A physical optimizer rule that evaluates the cheap parts of a filter first.
 //!
 //! DataFusion evaluates `a AND b` left to right and only evaluates `b` on the rows where `a`
 //! held, but it keeps conjuncts in the order the query (and filter pushdown) wrote them. A
 //! detector written as `SELECT ... FROM (SELECT json_get_str(raw, ...) AS x ... WHERE action =
-//! 'X') WHERE x <> ...` ends up as `x <> ... AND action = 'X'`: the JSON of every event is
+//! 'X') WHERE x <> ...` ends up, once physical filter pushdown has merged the two filters, as
+//! `x <> ... AND action = 'X'`: the JSON of every event is
 //! parsed before the cheap test that rejects almost all of them. Reordering conjuncts by a
 //! rough cost keeps detectors fast however an analyst orders their conditions. (SQL gives no
 //! guarantee on the evaluation order of `AND`, so the answer is unchanged.)
