@@ -31,90 +31,105 @@ impl DecisionMaker {
         }
     }
 
+    /// The row ids (hidden `_rampart_row`) of a detector's result rows.
+    pub fn row_ids<'r>(detector: &CompiledDetector, result: &'r RecordBatch) -> Option<&'r UInt64Array> {
+        result
+            .column(detector.row_id_index)
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+    }
+
     /// The decisions for `result`, rows a per-event `detector` returned for `events`, each with
-    /// the index of its triggering event in `events`.
-    /// `processed_at` is the wall-clock time to stamp (it is not part of the id).
+    /// the row id of its triggering event.
     pub fn decide(
         &self,
         detector: &CompiledDetector,
         result: &RecordBatch,
         events: &EventBatch,
         processed_at: &str,
-    ) -> Vec<(usize, Decision)> {
-        let Some(row_ids) = result
-            .column(detector.row_id_index)
-            .as_any()
-            .downcast_ref::<UInt64Array>()
-        else {
+    ) -> Vec<(u64, Decision)> {
+        let Some(row_ids) = Self::row_ids(detector, result) else {
             return Vec::new();
         };
-        let schema = result.schema();
         (0..result.num_rows())
             .filter_map(|r| {
-                let event = events.index_of(row_ids.value(r))?;
-                let mut evidence = Map::new();
-                for (c, field) in schema.fields().iter().enumerate() {
-                    if field.name() == ROW_ID || field.name() == RAW {
-                        continue;
-                    }
-                    evidence.insert(field.name().clone(), json_value(result.column(c), r));
-                }
-                let text = |name: &str| match evidence.get(name) {
-                    Some(Value::String(s)) => Some(s.clone()),
-                    _ => None,
-                };
-                let actor = text(ACTOR).unwrap_or_else(|| events.actor(event).to_string());
-                let action = text(ACTION).unwrap_or_else(|| events.action(event).to_string());
-                let reason = detector.meta.reason.render(|c| match evidence.get(c) {
-                    // JSON sub-documents (json_get_json) read better on one line.
-                    Some(Value::String(s)) if s.contains('\n') => {
-                        s.split_whitespace().collect::<Vec<_>>().join(" ")
-                    }
-                    Some(Value::String(s)) => s.clone(),
-                    Some(Value::Null) | None => "(none)".into(),
-                    Some(v) => v.to_string(),
-                });
-                let event_time = events.event_time(event);
-                let expires_at = (detector.meta.verdict == Verdict::Block).then(|| {
-                    let block_for = detector.meta.block_for.unwrap_or(self.default_block_for);
-                    format_micros(event_time.saturating_add(block_for.as_micros() as i64))
-                });
-                let decision_id = DecisionId::new()
-                    .part(&self.pipeline)
-                    .part(&detector.meta.id)
-                    .part(&detector.version)
-                    .part(&actor)
-                    .part(event_time.to_le_bytes())
-                    .part(events.raw(event))
-                    .finish();
+                let row_id = row_ids.value(r);
+                let event = events.index_of(row_id)?;
                 Some((
-                    event,
-                    Decision {
-                        schema_version: DECISION_SCHEMA_VERSION,
-                        decision_id,
-                        pipeline: self.pipeline.clone(),
-                        detector: DetectorRef {
-                            id: detector.meta.id.clone(),
-                            version: detector.version.clone(),
-                        },
-                        verdict: detector.meta.verdict,
-                        mode: detector.meta.mode,
-                        severity: detector.meta.severity,
-                        key: actor.clone(),
-                        actor,
-                        actions: vec![action],
-                        reason,
-                        evidence,
-                        event_time: format_micros(event_time),
-                        processed_at: processed_at.to_string(),
-                        expires_at,
-                        source: events.positions[event].clone(),
-                        guidance: detector.meta.guidance.clone(),
-                        tags: detector.meta.tags.clone(),
-                    },
+                    row_id,
+                    self.decide_row(detector, result, r, events, event, processed_at),
                 ))
             })
             .collect()
+    }
+
+    /// The decision for result row `r`, triggered by event `event` of `events`.
+    pub fn decide_row(
+        &self,
+        detector: &CompiledDetector,
+        result: &RecordBatch,
+        r: usize,
+        events: &EventBatch,
+        event: usize,
+        processed_at: &str,
+    ) -> Decision {
+        let schema = result.schema();
+        let mut evidence = Map::new();
+        for (c, field) in schema.fields().iter().enumerate() {
+            if field.name() == ROW_ID || field.name() == RAW {
+                continue;
+            }
+            evidence.insert(field.name().clone(), json_value(result.column(c), r));
+        }
+        let text = |name: &str| match evidence.get(name) {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let actor = text(ACTOR).unwrap_or_else(|| events.actor(event).to_string());
+        let action = text(ACTION).unwrap_or_else(|| events.action(event).to_string());
+        let reason = detector.meta.reason.render(|c| match evidence.get(c) {
+            // JSON sub-documents (json_get_json) read better on one line.
+            Some(Value::String(s)) if s.contains('\n') => s.split_whitespace().collect::<Vec<_>>().join(" "),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => "(none)".into(),
+            Some(v) => v.to_string(),
+        });
+        let event_time = events.event_time(event);
+        let expires_at = (detector.meta.verdict == Verdict::Block).then(|| {
+            let block_for = detector.meta.block_for.unwrap_or(self.default_block_for);
+            format_micros(event_time.saturating_add(block_for.as_micros() as i64))
+        });
+        let decision_id = DecisionId::new()
+            .part(&self.pipeline)
+            .part(&detector.meta.id)
+            .part(&detector.version)
+            .part(&actor)
+            .part(event_time.to_le_bytes())
+            .part(events.raw(event))
+            .finish();
+        Decision {
+            schema_version: DECISION_SCHEMA_VERSION,
+            decision_id,
+            pipeline: self.pipeline.clone(),
+            detector: DetectorRef {
+                id: detector.meta.id.clone(),
+                version: detector.version.clone(),
+            },
+            verdict: detector.meta.verdict,
+            mode: detector.meta.mode,
+            severity: detector.meta.severity,
+            key: actor.clone(),
+            actor,
+            actions: vec![action],
+            reason,
+            evidence,
+            event_time: format_micros(event_time),
+            processed_at: processed_at.to_string(),
+            expires_at,
+            source: events.positions[event].clone(),
+            guidance: detector.meta.guidance.clone(),
+            tags: detector.meta.tags.clone(),
+        }
     }
 }
 

@@ -1,10 +1,15 @@
 //! A loaded pipeline: its validated config, its event schema, and the detectors that passed the
 //! sandbox and planning. Detectors that were refused are kept as problems; the rest run.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
+use datafusion::arrow::array::TimestampMicrosecondArray;
+use datafusion::arrow::compute::max;
 use rampart_core::{Decision, EventSchema, Problem};
-use rampart_sql::{CompiledDetector, DetectorEngine};
+use rampart_sql::{CompiledDetector, DetectorEngine, Shape};
 
 use crate::config::PipelineConfig;
 use crate::decide::DecisionMaker;
@@ -37,12 +42,32 @@ pub struct Pipeline {
     pub config: PipelineConfig,
     /// The `events` table schema.
     pub schema: EventSchema,
-    /// Detectors that loaded, in file-name order.
+    /// Detectors that loaded: per-event ones, then sliding-window ones, each in file-name order.
     pub detectors: Vec<CompiledDetector>,
     /// Detectors that were refused, with file, line and reason.
     pub problems: Vec<Problem>,
     engine: DetectorEngine,
     decisions: DecisionMaker,
+    /// How many of `detectors` are per-event (the rest are sliding windows).
+    per_event: usize,
+    windows: Mutex<WindowState>,
+}
+
+/// What sliding-window detectors need between batches: the recent events, and the newest event
+/// time seen (the horizon).
+///
+/// Each batch, a window detector's plan runs over the retained events plus the batch, and the
+/// result rows whose event time became final are emitted: times before the new horizon that
+/// were not final before. Rows at the horizon itself wait, because events with the same time
+/// may still arrive and belong to their frame (`RANGE ... CURRENT ROW` includes peers). So for
+/// input in event-time order every row is emitted once, with the value the same SQL gives over
+/// the whole input. An event older than the horizon (out of order) is evaluated at once against
+/// the events retained so far. Events leave the buffer once they are older than the horizon
+/// minus the longest window and the allowed lateness.
+#[derive(Default)]
+struct WindowState {
+    retained: VecDeque<EventBatch>,
+    horizon: Option<i64>,
 }
 
 /// What one batch produced.
@@ -100,6 +125,9 @@ impl Pipeline {
             }
         }
         let decisions = DecisionMaker::new(config.name.clone(), config.default_block_for);
+        // Stable: per-event detectors first, each group in file-name order.
+        detectors.sort_by_key(|d| d.shape != Shape::PerEvent);
+        let per_event = detectors.iter().filter(|d| d.shape == Shape::PerEvent).count();
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
@@ -108,6 +136,8 @@ impl Pipeline {
             problems,
             engine,
             decisions,
+            per_event,
+            windows: Mutex::new(WindowState::default()),
         })
     }
 
@@ -122,13 +152,15 @@ impl Pipeline {
         )
     }
 
-    /// Runs every detector on one batch.
+    /// Runs every detector on one batch. Decisions come in input order (for one event, in
+    /// detector order); sliding-window detectors may decide about events of earlier batches.
     pub fn evaluate(&self, events: &EventBatch) -> Evaluation {
         let mut out = Evaluation::default();
         let processed_at = rampart_core::time::now();
-        let results = self.engine.run(&self.detectors, events.batch.clone());
+        let per_event = &self.detectors[..self.per_event];
+        let results = self.engine.run(per_event, events.batch.clone());
         let mut decided = Vec::new();
-        for (detector, result) in self.detectors.iter().zip(results) {
+        for (detector, result) in per_event.iter().zip(results) {
             match result {
                 Ok(batches) => {
                     for b in &batches {
@@ -138,10 +170,118 @@ impl Pipeline {
                 Err(e) => out.errors.push((detector.meta.id.clone(), e.to_string())),
             }
         }
-        // Input order, then detector order (the sort is stable).
-        decided.sort_by_key(|(event, _)| *event);
+        if self.per_event < self.detectors.len() {
+            self.evaluate_windows(Some(events), &processed_at, &mut decided, &mut out.errors);
+        }
+        decided.sort_by_key(|(row, _)| *row);
         out.decisions = decided.into_iter().map(|(_, d)| d).collect();
         out
+    }
+
+    /// Ends the input: sliding-window rows still waiting at the horizon are final now. Call it
+    /// once after the last batch; the window state starts afresh afterwards.
+    pub fn finish(&self) -> Evaluation {
+        let mut out = Evaluation::default();
+        if self.per_event < self.detectors.len() {
+            let processed_at = rampart_core::time::now();
+            let mut decided = Vec::new();
+            self.evaluate_windows(None, &processed_at, &mut decided, &mut out.errors);
+            decided.sort_by_key(|(row, _)| *row);
+            out.decisions = decided.into_iter().map(|(_, d)| d).collect();
+        }
+        self.reset();
+        out
+    }
+
+    /// Forgets the sliding-window state (retained events and horizon).
+    pub fn reset(&self) {
+        *self.windows.lock().unwrap_or_else(|p| p.into_inner()) = WindowState::default();
+    }
+
+    /// See [`WindowState`]. `events` is `None` at the end of the input.
+    fn evaluate_windows(
+        &self,
+        events: Option<&EventBatch>,
+        processed_at: &str,
+        decided: &mut Vec<(u64, Decision)>,
+        errors: &mut Vec<(String, String)>,
+    ) {
+        let mut state = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = state.horizon;
+        let first_new_row = events.map_or(u64::MAX, |e| e.first_row);
+        let horizon = match events {
+            Some(e) => {
+                let times = e
+                    .batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>();
+                let newest = times.and_then(max);
+                state.retained.push_back(e.clone());
+                match (previous, newest) {
+                    (Some(p), Some(n)) => Some(p.max(n)),
+                    (p, n) => p.or(n),
+                }
+            }
+            None => Some(i64::MAX),
+        };
+        let Some(horizon) = horizon else { return };
+        let batches: Vec<_> = state.retained.iter().map(|e| e.batch.clone()).collect();
+        for detector in &self.detectors[self.per_event..] {
+            let results = match self.engine.run_over(detector, batches.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    errors.push((detector.meta.id.clone(), e.to_string()));
+                    continue;
+                }
+            };
+            for result in &results {
+                let Some(row_ids) = DecisionMaker::row_ids(detector, result) else {
+                    continue;
+                };
+                for r in 0..result.num_rows() {
+                    let row = row_ids.value(r);
+                    let Some((batch, event)) = find_row(&state.retained, row) else {
+                        continue;
+                    };
+                    let time = batch.event_time(event);
+                    let newly_final = row >= first_new_row || previous.is_none_or(|p| time >= p);
+                    if time < horizon && newly_final {
+                        decided.push((
+                            row,
+                            self.decisions
+                                .decide_row(detector, result, r, batch, event, processed_at),
+                        ));
+                    }
+                }
+            }
+        }
+        if events.is_some() {
+            state.horizon = Some(horizon);
+            let keep = self.window_reach();
+            let oldest_needed = horizon.saturating_sub(keep.as_micros() as i64);
+            while state
+                .retained
+                .front()
+                .is_some_and(|b| newest_time(b).is_some_and(|t| t < oldest_needed))
+            {
+                state.retained.pop_front();
+            }
+        }
+    }
+
+    /// How far back in event time a window detector may still look: the longest window plus the
+    /// allowed lateness.
+    fn window_reach(&self) -> Duration {
+        let longest = self.detectors[self.per_event..]
+            .iter()
+            .filter_map(|d| match &d.shape {
+                Shape::SlidingWindow { windows } => windows.iter().map(|w| w.length).max(),
+                _ => None,
+            })
+            .max()
+            .unwrap_or_default();
+        longest + self.config.allowed_lateness
     }
 
     /// How many detector plans were built since load (one per loaded detector: plans are never
@@ -149,6 +289,22 @@ impl Pipeline {
     pub fn plans_built(&self) -> usize {
         self.engine.plans_built()
     }
+}
+
+fn newest_time(batch: &EventBatch) -> Option<i64> {
+    max(batch
+        .batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()?)
+}
+
+/// The retained batch holding `row` and the row's index in it (row ids increase along the
+/// buffer).
+fn find_row(retained: &VecDeque<EventBatch>, row: u64) -> Option<(&EventBatch, usize)> {
+    let at = retained.partition_point(|b| b.first_row + b.batch.num_rows() as u64 <= row);
+    let batch = retained.get(at)?;
+    Some((batch, batch.index_of(row)?))
 }
 
 fn detector_files(dir: &Path, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
@@ -192,6 +348,183 @@ mod tests {
             std::fs::copy(&p, dst.join("detectors").join(p.file_name().expect("name"))).expect("copy");
         }
         dst
+    }
+
+    const WINDOW_DETECTORS: [(&str, &str); 4] = [
+        (
+            "failures",
+            "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
+             RANGE BETWEEN INTERVAL '15 minutes' PRECEDING AND CURRENT ROW) AS n \
+             FROM events WHERE outcome = 'Failure') WHERE n >= 5",
+        ),
+        (
+            "spread",
+            "SELECT origin, actor, d FROM (SELECT origin, actor, count(DISTINCT action) OVER (PARTITION BY origin \
+             ORDER BY event_time RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS d FROM events) \
+             WHERE d >= 4",
+        ),
+        (
+            "volume",
+            "SELECT actor, origin, action FROM events \
+             QUALIFY sum(json_get_int(raw, 'bytes')) OVER (PARTITION BY actor, origin ORDER BY event_time \
+             RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) > 40000",
+        ),
+        (
+            "range",
+            "SELECT actor, hi - lo AS spread, m FROM (SELECT actor, \
+             max(json_get_int(raw, 'bytes')) OVER w AS hi, min(json_get_int(raw, 'bytes')) OVER w AS lo, \
+             avg(json_get_int(raw, 'bytes')) OVER w AS m FROM events \
+             WINDOW w AS (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW)) \
+             WHERE hi - lo > 9000",
+        ),
+    ];
+
+    /// A pipeline of sliding-window detectors over a simple event shape.
+    fn window_pipeline(dir: &Path) -> PathBuf {
+        let p = dir.join("windows");
+        std::fs::create_dir_all(p.join("detectors")).expect("mkdir");
+        std::fs::write(
+            p.join("pipeline.toml"),
+            "name = \"windows\"\n[mapping]\nevent_time = \"t\"\nactor = \"a\"\naction = \"x\"\norigin = \"ip\"\noutcome = \"o\"\n",
+        )
+        .expect("write");
+        for (id, sql) in WINDOW_DETECTORS {
+            let text = format!(
+                "-- id: {id}\n-- verdict: alert\n-- severity: low\n-- reason: {{{{actor}}}}\n{sql}\n"
+            );
+            std::fs::write(p.join("detectors").join(format!("{id}.sql")), text).expect("write");
+        }
+        p
+    }
+
+    /// Events in event-time order: skewed actors, bursts of failures, many events per second
+    /// (ties), events exactly one window length apart.
+    fn generated_events(n: usize, seed: u64) -> String {
+        let mut state = seed;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        let mut t: i64 = 1_722_470_400; // 2024-08-01T00:00:00Z
+        let mut out = String::new();
+        for i in 0..n {
+            // Mostly several events per second; sometimes exactly 5, 10 or 15 minutes later.
+            t += match next() % 50 {
+                0 => 900,
+                1 => 600,
+                2 => 300,
+                k if k < 30 => 0,
+                _ => 1,
+            };
+            let actor = ((next() % 1000) as f64).sqrt() as u64 % 12;
+            let burst = (i / 40) % 7 == 3;
+            let outcome = if burst || next() % 5 == 0 {
+                "Failure"
+            } else {
+                "Success"
+            };
+            let action = ["Get", "List", "Put", "Delete", "Describe"][(next() % 5) as usize];
+            let ip = format!("10.0.0.{}", next() % 6);
+            let bytes = next() % 10_000;
+            let time = rampart_core::time::format_micros(t * 1_000_000);
+            out.push_str(&format!(
+                "{{\"t\":\"{time}\",\"a\":\"user-{actor}\",\"x\":\"{action}\",\"ip\":\"{ip}\",\"o\":\"{outcome}\",\"bytes\":{bytes}}}\n"
+            ));
+        }
+        out
+    }
+
+    /// (detector, line, evidence) of every decision.
+    fn rows_of(decisions: &[Decision]) -> Vec<(String, u64, String)> {
+        let mut rows: Vec<_> = decisions
+            .iter()
+            .map(|d| {
+                let rampart_core::SourcePosition::File { line, .. } = &d.source else {
+                    panic!("file position")
+                };
+                (
+                    d.detector.id.clone(),
+                    *line,
+                    serde_json::to_string(&d.evidence).expect("json"),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// The same SQL run once over the whole input, as an analyst would in batch.
+    fn batch_rows(pipeline: &Pipeline, input: &Path) -> Vec<(String, u64, String)> {
+        let mut decoder = pipeline.decoder();
+        let mut batches = Vec::new();
+        let mut emit = |d: crate::decode::Decoded| {
+            if let crate::decode::Decoded::Batch(b) = d {
+                batches.push(b);
+            }
+        };
+        decoder.decode_file(input, &mut emit).expect("decodes");
+        decoder.flush(&mut emit);
+        let all: Vec<_> = batches.iter().map(|b| b.batch.clone()).collect();
+        let retained: VecDeque<EventBatch> = batches.iter().cloned().collect();
+        let mut decisions = Vec::new();
+        for detector in &pipeline.detectors {
+            for result in pipeline
+                .engine
+                .run_over(detector, all.clone())
+                .expect("batch query runs")
+            {
+                let ids = DecisionMaker::row_ids(detector, &result).expect("row ids");
+                for r in 0..result.num_rows() {
+                    let (batch, event) = find_row(&retained, ids.value(r)).expect("row");
+                    decisions.push(
+                        pipeline
+                            .decisions
+                            .decide_row(detector, &result, r, batch, event, "now"),
+                    );
+                }
+            }
+        }
+        rows_of(&decisions)
+    }
+
+    #[test]
+    fn sliding_windows_stream_to_the_same_rows_as_one_batch_query() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = window_pipeline(tmp.path());
+        let input = tmp.path().join("events.jsonl");
+        std::fs::write(&input, generated_events(6000, 7)).expect("write");
+        let mut expected = None;
+        for batch_size in [4096, 500, 37, 3] {
+            let toml = std::fs::read_to_string(dir.join("pipeline.toml")).expect("read");
+            let toml = format!(
+                "{}[source]\nbatch_size = {batch_size}\n",
+                toml.split("[source]").next().unwrap_or_default()
+            );
+            std::fs::write(dir.join("pipeline.toml"), toml).expect("write");
+            let pipeline = Pipeline::load(&dir).expect("loads");
+            assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
+            assert_eq!(pipeline.detectors.len(), 4);
+            let want = expected
+                .get_or_insert_with(|| batch_rows(&pipeline, &input))
+                .clone();
+            for (id, _) in WINDOW_DETECTORS {
+                assert!(
+                    want.iter().filter(|r| r.0 == id).count() > 20,
+                    "{id} fires often enough to be a test"
+                );
+            }
+            let (out, _) = replay_collect(&pipeline, &[input.as_path()]).expect("replays");
+            let got = rows_of(&out.decisions);
+            let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(3).collect();
+            let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).take(3).collect();
+            assert!(
+                missing.is_empty() && extra.is_empty(),
+                "batch size {batch_size}: missing {missing:?}, extra {extra:?}"
+            );
+            assert_eq!(got.len(), want.len());
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rampart_core::{Decision, Mode, Verdict};
 
 use crate::decode::{DeadLetter, Decoded};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Evaluation, Pipeline};
 
 /// Where replay output goes.
 pub trait ReplaySink {
@@ -132,6 +132,7 @@ pub fn replay(
     sink: &mut dyn ReplaySink,
 ) -> Result<Summary, ReplayError> {
     let files = expand_inputs(inputs)?;
+    pipeline.reset();
     let started = Instant::now();
     let mut summary = Summary::default();
     let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Decoded)>(DECODE_THREADS * 4);
@@ -224,7 +225,7 @@ fn consume_in_order(
             }
         }
     }
-    Ok(())
+    record(pipeline.finish(), sink, summary)
 }
 
 fn consume(
@@ -261,27 +262,36 @@ fn consume(
                     }
                 }
             }
-            let evaluation = pipeline.evaluate(&events);
-            for (detector, error) in evaluation.errors {
-                let n = summary.detector_errors.entry(detector.clone()).or_default();
-                if *n == 0 {
-                    tracing::warn!(detector = %detector, %error, "detector failed on a batch; it keeps running on later batches");
-                }
-                *n += 1;
-            }
-            for d in &evaluation.decisions {
-                *summary
-                    .decisions
-                    .entry((d.detector.id.clone(), d.verdict, d.mode))
-                    .or_default() += 1;
-                *summary.actor_decisions.entry(d.actor.clone()).or_default() += 1;
-                *summary
-                    .timeline
-                    .entry(d.event_time.get(..13).unwrap_or_default().to_string())
-                    .or_default() += 1;
-                sink.decision(d).map_err(ReplayError::Output)?;
-            }
+            record(pipeline.evaluate(&events), sink, summary)?;
         }
+    }
+    Ok(())
+}
+
+/// Counts and writes what one evaluation produced.
+fn record(
+    evaluation: Evaluation,
+    sink: &mut dyn ReplaySink,
+    summary: &mut Summary,
+) -> Result<(), ReplayError> {
+    for (detector, error) in evaluation.errors {
+        let n = summary.detector_errors.entry(detector.clone()).or_default();
+        if *n == 0 {
+            tracing::warn!(detector = %detector, %error, "detector failed on a batch; it keeps running on later batches");
+        }
+        *n += 1;
+    }
+    for d in &evaluation.decisions {
+        *summary
+            .decisions
+            .entry((d.detector.id.clone(), d.verdict, d.mode))
+            .or_default() += 1;
+        *summary.actor_decisions.entry(d.actor.clone()).or_default() += 1;
+        *summary
+            .timeline
+            .entry(d.event_time.get(..13).unwrap_or_default().to_string())
+            .or_default() += 1;
+        sink.decision(d).map_err(ReplayError::Output)?;
     }
     Ok(())
 }

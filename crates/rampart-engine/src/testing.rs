@@ -246,9 +246,14 @@ fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec
         ));
     }
     let mut decisions = Vec::new();
-    for batch in &batches {
-        let eval = pipeline.evaluate(batch);
+    pipeline.reset();
+    let evaluations = batches
+        .iter()
+        .map(|b| pipeline.evaluate(b))
+        .chain(std::iter::once_with(|| pipeline.finish()));
+    for eval in evaluations {
         if let Some((id, err)) = eval.errors.first() {
+            pipeline.reset();
             return Err(format!("detector `{id}` failed: {err}"));
         }
         decisions.extend(eval.decisions);

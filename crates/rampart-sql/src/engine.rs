@@ -174,7 +174,8 @@ impl DetectorEngine {
                 "internal: the result does not carry the event row id; please report this detector",
             )]
         })?;
-        let needs_reset = has_join(&plan);
+        // Window plans sort and buffer: give every execution fresh operator state.
+        let needs_reset = has_join(&plan) || shape != Shape::PerEvent;
         self.plans_built.fetch_add(1, Ordering::Relaxed);
         Ok(CompiledDetector {
             meta,
@@ -203,14 +204,14 @@ impl DetectorEngine {
             .block_on(state.statement_to_plan(statement))
             .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
         let shape = classify(&logical).map_err(|reason| Problem::at(path, first_sql_line, reason))?;
-        if shape != Shape::PerEvent {
+        if let Shape::GroupedWindow { .. } = shape {
             return Err(Problem::at(
                 path,
                 first_sql_line,
                 format!(
-                    "{shape}: windowed detectors are recognised but this version does not evaluate \
-                     them incrementally yet, and evaluating them per micro-batch would give wrong \
-                     answers; keep it out of the pipeline until window state lands"
+                    "{shape}: grouped windows are recognised but this version does not evaluate \
+                     them yet (they fire once per group, which needs window state); write the \
+                     detector as a sliding window for now"
                 ),
             ));
         }
@@ -228,21 +229,33 @@ impl DetectorEngine {
     /// fails at run time (a cast of bad data, say) fails alone.
     pub fn run(&self, detectors: &[CompiledDetector], batch: RecordBatch) -> Vec<Result<Vec<RecordBatch>>> {
         self.slot.set(batch);
-        let results = detectors
-            .iter()
-            .map(|d| {
-                let plan = if d.needs_reset {
-                    reset_plan_states(Arc::clone(&d.plan))?
-                } else {
-                    Arc::clone(&d.plan)
-                };
-                let stream = plan.execute(0, Arc::clone(&self.task_ctx))?;
-                let batches = self.runtime.block_on(collect(stream))?;
-                Ok(batches.into_iter().filter(|b| b.num_rows() > 0).collect())
-            })
-            .collect();
+        let results = detectors.iter().map(|d| self.execute(d)).collect();
         self.slot.clear();
         results
+    }
+
+    /// Runs one detector with `events` = the union of `batches` (a sliding-window detector over
+    /// its retained window and the new micro-batch).
+    pub fn run_over(
+        &self,
+        detector: &CompiledDetector,
+        batches: Vec<RecordBatch>,
+    ) -> Result<Vec<RecordBatch>> {
+        self.slot.set_many(batches);
+        let result = self.execute(detector);
+        self.slot.clear();
+        result
+    }
+
+    fn execute(&self, d: &CompiledDetector) -> Result<Vec<RecordBatch>> {
+        let plan = if d.needs_reset {
+            reset_plan_states(Arc::clone(&d.plan))?
+        } else {
+            Arc::clone(&d.plan)
+        };
+        let stream = plan.execute(0, Arc::clone(&self.task_ctx))?;
+        let batches = self.runtime.block_on(collect(stream))?;
+        Ok(batches.into_iter().filter(|b| b.num_rows() > 0).collect())
     }
 }
 
@@ -300,16 +313,22 @@ mod tests {
     }
 
     #[rstest]
-    #[case::window(
+    #[case::count(
         "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
          RANGE BETWEEN INTERVAL '15 minutes' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n >= 5",
-        "t.sql:5: sliding window: count(..) over 15m per events.actor: windowed detectors are recognised"
+        "sliding window: count(..) over 15m per events.actor"
     )]
-    #[case::window_distinct_qualify(
+    #[case::distinct_qualify(
         "SELECT actor, origin FROM events QUALIFY count(DISTINCT action) OVER (PARTITION BY actor, origin \
          ORDER BY event_time RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) >= 20",
         "sliding window: count(DISTINCT ..) over 1h per events.actor, events.origin"
     )]
+    fn sliding_windows_compile_and_say_what_they_keep(#[case] sql: &str, #[case] shape: &str) {
+        let detector = compile(sql).expect("compiles");
+        assert_eq!(detector.shape.to_string(), shape);
+    }
+
+    #[rstest]
     #[case::grouped(
         "SELECT actor, count(*) AS n FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', event_time) HAVING count(*) > 100",
         "t.sql:5: grouped window: 1h buckets per events.actor"

@@ -22,22 +22,28 @@ use datafusion::physical_plan::{
     ReplaceChildrenOptions,
 };
 
-/// The micro-batch currently being evaluated, shared by every detector plan of a pipeline.
+/// The events currently being evaluated (a micro-batch, or for a windowed detector the
+/// retained window plus the micro-batch), shared by every detector plan of a pipeline.
 #[derive(Debug, Clone, Default)]
-pub struct BatchSlot(Arc<Mutex<Option<RecordBatch>>>);
+pub struct BatchSlot(Arc<Mutex<Vec<RecordBatch>>>);
 
 impl BatchSlot {
     /// Puts `batch` in the slot for the next executions.
     pub fn set(&self, batch: RecordBatch) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(batch);
+        self.set_many(vec![batch]);
+    }
+
+    /// Puts several batches in the slot: the table is their union.
+    pub fn set_many(&self, batches: Vec<RecordBatch>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = batches;
     }
 
     /// Empties the slot.
     pub fn clear(&self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.set_many(Vec::new());
     }
 
-    fn get(&self) -> Option<RecordBatch> {
+    fn get(&self) -> Vec<RecordBatch> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -156,16 +162,15 @@ impl ExecutionPlan for SlotExec {
     }
 
     fn execute(&self, _partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
-        let batches = match self.slot.get() {
-            Some(batch) => {
-                let batch = match &self.projection {
-                    Some(p) => batch.project(p)?,
-                    None => batch,
-                };
-                vec![batch]
-            }
-            None => vec![],
-        };
+        let batches = self
+            .slot
+            .get()
+            .into_iter()
+            .map(|batch| match &self.projection {
+                Some(p) => batch.project(p),
+                None => Ok(batch),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Box::pin(MemoryStream::try_new(
             batches,
             Arc::clone(&self.schema),
