@@ -10,10 +10,38 @@ use serde_json::{Map, Value};
 use rampart_core::decision::DECISION_SCHEMA_VERSION;
 use rampart_core::event::{ACTION, ACTOR, RAW, ROW_ID};
 use rampart_core::time::format_micros;
-use rampart_core::{Decision, DecisionId, DetectorRef, Verdict};
+use rampart_core::{Decision, DecisionId, DetectorRef, SourcePosition, Verdict};
 use rampart_sql::CompiledDetector;
 
 use crate::decode::EventBatch;
+
+/// The event that made a detector fire: what a decision says about it.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    /// Event time, microseconds.
+    pub time: i64,
+    /// Actor.
+    pub actor: String,
+    /// Action.
+    pub action: String,
+    /// The raw record (part of the decision id).
+    pub raw: String,
+    /// Where it came from.
+    pub position: SourcePosition,
+}
+
+impl Trigger {
+    /// Row `i` of `events`.
+    pub fn of(events: &EventBatch, i: usize) -> Self {
+        Self {
+            time: events.event_time(i),
+            actor: events.actor(i).to_string(),
+            action: events.action(i).to_string(),
+            raw: events.raw(i).to_string(),
+            position: events.positions[i].clone(),
+        }
+    }
+}
 
 /// Turns result rows into decisions for one pipeline.
 #[derive(Debug, Clone)]
@@ -55,22 +83,22 @@ impl DecisionMaker {
             .filter_map(|r| {
                 let row_id = row_ids.value(r);
                 let event = events.index_of(row_id)?;
+                let trigger = Trigger::of(events, event);
                 Some((
                     row_id,
-                    self.decide_row(detector, result, r, events, event, processed_at),
+                    self.decide_row(detector, result, r, &trigger, processed_at),
                 ))
             })
             .collect()
     }
 
-    /// The decision for result row `r`, triggered by event `event` of `events`.
+    /// The decision for result row `r`, triggered by `trigger`.
     pub fn decide_row(
         &self,
         detector: &CompiledDetector,
         result: &RecordBatch,
         r: usize,
-        events: &EventBatch,
-        event: usize,
+        trigger: &Trigger,
         processed_at: &str,
     ) -> Decision {
         let schema = result.schema();
@@ -85,8 +113,8 @@ impl DecisionMaker {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,
         };
-        let actor = text(ACTOR).unwrap_or_else(|| events.actor(event).to_string());
-        let action = text(ACTION).unwrap_or_else(|| events.action(event).to_string());
+        let actor = text(ACTOR).unwrap_or_else(|| trigger.actor.clone());
+        let action = text(ACTION).unwrap_or_else(|| trigger.action.clone());
         let reason = detector.meta.reason.render(|c| match evidence.get(c) {
             // JSON sub-documents (json_get_json) read better on one line.
             Some(Value::String(s)) if s.contains('\n') => s.split_whitespace().collect::<Vec<_>>().join(" "),
@@ -94,7 +122,7 @@ impl DecisionMaker {
             Some(Value::Null) | None => "(none)".into(),
             Some(v) => v.to_string(),
         });
-        let event_time = events.event_time(event);
+        let event_time = trigger.time;
         let expires_at = (detector.meta.verdict == Verdict::Block).then(|| {
             let block_for = detector.meta.block_for.unwrap_or(self.default_block_for);
             format_micros(event_time.saturating_add(block_for.as_micros() as i64))
@@ -105,7 +133,7 @@ impl DecisionMaker {
             .part(&detector.version)
             .part(&actor)
             .part(event_time.to_le_bytes())
-            .part(events.raw(event))
+            .part(&trigger.raw)
             .finish();
         Decision {
             schema_version: DECISION_SCHEMA_VERSION,
@@ -126,7 +154,7 @@ impl DecisionMaker {
             event_time: format_micros(event_time),
             processed_at: processed_at.to_string(),
             expires_at,
-            source: events.positions[event].clone(),
+            source: trigger.position.clone(),
             guidance: detector.meta.guidance.clone(),
             tags: detector.meta.tags.clone(),
         }

@@ -1,18 +1,19 @@
 //! A loaded pipeline: its validated config, its event schema, and the detectors that passed the
 //! sandbox and planning. Detectors that were refused are kept as problems; the rest run.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use datafusion::arrow::array::TimestampMicrosecondArray;
+use datafusion::arrow::array::{TimestampMicrosecondArray, UInt64Array};
 use datafusion::arrow::compute::max;
+use datafusion::arrow::record_batch::RecordBatch;
 use rampart_core::{Decision, EventSchema, Problem};
 use rampart_sql::{CompiledDetector, DetectorEngine, Shape};
 
 use crate::config::PipelineConfig;
-use crate::decide::DecisionMaker;
+use crate::decide::{DecisionMaker, Trigger};
 use crate::decode::{Decoder, EventBatch};
 
 /// Errors that stop a pipeline from loading at all.
@@ -53,20 +54,22 @@ pub struct Pipeline {
     windows: Mutex<WindowState>,
 }
 
-/// What sliding-window detectors need between batches: the recent events, and the newest event
-/// time seen (the horizon).
+/// What sliding-window detectors need between batches: per detector, the rows of its query
+/// below the window (only those that passed its filters, only the columns it uses), the events
+/// that produced them, and the newest event time seen (the horizon).
 ///
-/// Each batch, a window detector's plan runs over the retained events plus the batch, and the
-/// result rows whose event time became final are emitted: times before the new horizon that
-/// were not final before. Rows at the horizon itself wait, because events with the same time
-/// may still arrive and belong to their frame (`RANGE ... CURRENT ROW` includes peers). So for
-/// input in event-time order every row is emitted once, with the value the same SQL gives over
-/// the whole input. An event older than the horizon (out of order) is evaluated at once against
-/// the events retained so far. Events leave the buffer once they are older than the horizon
-/// minus the longest window and the allowed lateness.
+/// Each batch, a window detector's window part runs over its kept rows plus the batch's, and
+/// the result rows whose event time became final are decided: times before the new horizon
+/// that were not final before. Rows at the horizon itself wait, because events with the same
+/// time may still arrive and belong to their frame (`RANGE ... CURRENT ROW` includes peers).
+/// So for input in event-time order every row is decided once, with the value the same SQL
+/// gives over the whole input. An event older than the horizon (out of order) is decided at
+/// once against what was kept so far. Rows are dropped once older than the horizon minus the
+/// longest window and the allowed lateness.
 #[derive(Default)]
 struct WindowState {
-    retained: VecDeque<EventBatch>,
+    kept: Vec<VecDeque<RecordBatch>>,
+    triggers: BTreeMap<u64, Trigger>,
     horizon: Option<i64>,
 }
 
@@ -206,32 +209,49 @@ impl Pipeline {
         decided: &mut Vec<(u64, Decision)>,
         errors: &mut Vec<(String, String)>,
     ) {
-        let mut state = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let windows = &self.detectors[self.per_event..];
+        let mut guard = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *guard;
+        state.kept.resize_with(windows.len(), VecDeque::new);
         let previous = state.horizon;
         let first_new_row = events.map_or(u64::MAX, |e| e.first_row);
         let horizon = match events {
             Some(e) => {
-                let times = e
-                    .batch
-                    .column(0)
-                    .as_any()
-                    .downcast_ref::<TimestampMicrosecondArray>();
-                let newest = times.and_then(max);
-                state.retained.push_back(e.clone());
+                for (k, detector) in windows.iter().enumerate() {
+                    let Some(split) = detector.split() else { continue };
+                    match self.engine.run_pre(split, e.batch.clone()) {
+                        Ok(rows) => {
+                            for batch in &rows {
+                                let Some(ids) = column::<UInt64Array>(batch, split.row_index) else {
+                                    continue;
+                                };
+                                for row in ids.values().iter() {
+                                    if let Some(i) = e.index_of(*row) {
+                                        state.triggers.entry(*row).or_insert_with(|| Trigger::of(e, i));
+                                    }
+                                }
+                            }
+                            state.kept[k].extend(rows);
+                        }
+                        Err(err) => errors.push((detector.meta.id.clone(), err.to_string())),
+                    }
+                }
+                let newest = column::<TimestampMicrosecondArray>(&e.batch, 0).and_then(max);
                 match (previous, newest) {
-                    (Some(p), Some(n)) => Some(p.max(n)),
-                    (p, n) => p.or(n),
+                    (Some(p), Some(n)) => p.max(n),
+                    (Some(p), None) => p,
+                    (None, Some(n)) => n,
+                    (None, None) => return,
                 }
             }
-            None => Some(i64::MAX),
+            None => i64::MAX,
         };
-        let Some(horizon) = horizon else { return };
-        let batches: Vec<_> = state.retained.iter().map(|e| e.batch.clone()).collect();
-        for detector in &self.detectors[self.per_event..] {
-            let results = match self.engine.run_over(detector, batches.clone()) {
+        for (k, detector) in windows.iter().enumerate() {
+            let Some(split) = detector.split() else { continue };
+            let results = match self.engine.run_post(split, state.kept[k].make_contiguous()) {
                 Ok(r) => r,
-                Err(e) => {
-                    errors.push((detector.meta.id.clone(), e.to_string()));
+                Err(err) => {
+                    errors.push((detector.meta.id.clone(), err.to_string()));
                     continue;
                 }
             };
@@ -241,16 +261,15 @@ impl Pipeline {
                 };
                 for r in 0..result.num_rows() {
                     let row = row_ids.value(r);
-                    let Some((batch, event)) = find_row(&state.retained, row) else {
+                    let Some(trigger) = state.triggers.get(&row) else {
                         continue;
                     };
-                    let time = batch.event_time(event);
-                    let newly_final = row >= first_new_row || previous.is_none_or(|p| time >= p);
-                    if time < horizon && newly_final {
+                    let newly_final = row >= first_new_row || previous.is_none_or(|p| trigger.time >= p);
+                    if trigger.time < horizon && newly_final {
                         decided.push((
                             row,
                             self.decisions
-                                .decide_row(detector, result, r, batch, event, processed_at),
+                                .decide_row(detector, result, r, trigger, processed_at),
                         ));
                     }
                 }
@@ -258,15 +277,19 @@ impl Pipeline {
         }
         if events.is_some() {
             state.horizon = Some(horizon);
-            let keep = self.window_reach();
-            let oldest_needed = horizon.saturating_sub(keep.as_micros() as i64);
-            while state
-                .retained
-                .front()
-                .is_some_and(|b| newest_time(b).is_some_and(|t| t < oldest_needed))
-            {
-                state.retained.pop_front();
+            let oldest_needed = horizon.saturating_sub(self.window_reach().as_micros() as i64);
+            for (k, detector) in windows.iter().enumerate() {
+                let Some(split) = detector.split() else { continue };
+                let kept = &mut state.kept[k];
+                while kept.front().is_some_and(|b| {
+                    column::<TimestampMicrosecondArray>(b, split.time_index)
+                        .and_then(max)
+                        .is_none_or(|t| t < oldest_needed)
+                }) {
+                    kept.pop_front();
+                }
             }
+            state.triggers.retain(|_, t| t.time >= oldest_needed);
         }
     }
 
@@ -291,20 +314,8 @@ impl Pipeline {
     }
 }
 
-fn newest_time(batch: &EventBatch) -> Option<i64> {
-    max(batch
-        .batch
-        .column(0)
-        .as_any()
-        .downcast_ref::<TimestampMicrosecondArray>()?)
-}
-
-/// The retained batch holding `row` and the row's index in it (row ids increase along the
-/// buffer).
-fn find_row(retained: &VecDeque<EventBatch>, row: u64) -> Option<(&EventBatch, usize)> {
-    let at = retained.partition_point(|b| b.first_row + b.batch.num_rows() as u64 <= row);
-    let batch = retained.get(at)?;
-    Some((batch, batch.index_of(row)?))
+fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Option<&T> {
+    batch.columns().get(index)?.as_any().downcast_ref::<T>()
 }
 
 fn detector_files(dir: &Path, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
@@ -467,7 +478,6 @@ mod tests {
         decoder.decode_file(input, &mut emit).expect("decodes");
         decoder.flush(&mut emit);
         let all: Vec<_> = batches.iter().map(|b| b.batch.clone()).collect();
-        let retained: VecDeque<EventBatch> = batches.iter().cloned().collect();
         let mut decisions = Vec::new();
         for detector in &pipeline.detectors {
             for result in pipeline
@@ -477,11 +487,13 @@ mod tests {
             {
                 let ids = DecisionMaker::row_ids(detector, &result).expect("row ids");
                 for r in 0..result.num_rows() {
-                    let (batch, event) = find_row(&retained, ids.value(r)).expect("row");
+                    let row = ids.value(r);
+                    let batch = batches.iter().find(|b| b.index_of(row).is_some()).expect("row");
+                    let trigger = Trigger::of(batch, batch.index_of(row).expect("row"));
                     decisions.push(
                         pipeline
                             .decisions
-                            .decide_row(detector, &result, r, batch, event, "now"),
+                            .decide_row(detector, &result, r, &trigger, "now"),
                     );
                 }
             }

@@ -8,21 +8,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::default_table_source::provider_as_source;
+use datafusion::common::Column;
 use datafusion::common::DataFusionError;
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::execution::SessionStateDefaults;
 use datafusion::execution::TaskContext;
 use datafusion::execution::context::SessionContext;
 use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Projection, Window};
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::{ExecutionPlan, common::collect};
 use datafusion::prelude::SessionConfig;
 use datafusion::sql::parser::DFParser;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 
-use rampart_core::event::ROW_ID;
+use rampart_core::event::{EVENT_TIME, ROW_ID};
 use rampart_core::{EventSchema, Problem};
 
 use crate::events_table::{BatchSlot, EventsTable};
@@ -49,15 +52,47 @@ pub struct CompiledDetector {
     pub row_id_index: usize,
     plan: Arc<dyn ExecutionPlan>,
     needs_reset: bool,
+    /// For a sliding window: the plan split at the window.
+    split: Option<WindowSplit>,
+}
+
+/// A sliding-window detector's plan cut at its (lowest) window: `pre` is the per-event part
+/// below the window (filters, projections) and runs on each new batch; `post` is the window and
+/// everything above it, and runs over the retained output of `pre`. So only the rows and
+/// columns the window needs are kept between batches.
+#[derive(Debug)]
+pub struct WindowSplit {
+    pre: Arc<dyn ExecutionPlan>,
+    post: Arc<dyn ExecutionPlan>,
+    post_slot: BatchSlot,
+    /// The schema `post` reads (positional column names).
+    post_input: SchemaRef,
+    /// Column of `pre`'s output holding the event time.
+    pub time_index: usize,
+    /// Column of `pre`'s output holding the hidden row id.
+    pub row_index: usize,
 }
 
 impl CompiledDetector {
+    /// For a sliding-window detector, its plan split at the window.
+    pub fn split(&self) -> Option<&WindowSplit> {
+        self.split.as_ref()
+    }
+
     /// The physical plan, indented, as `EXPLAIN` would print it.
     pub fn explain(&self) -> String {
         datafusion::physical_plan::displayable(self.plan.as_ref())
             .indent(true)
             .to_string()
     }
+}
+
+/// What planning a detector's SQL gives.
+struct Planned {
+    shape: Shape,
+    plan: Arc<dyn ExecutionPlan>,
+    schema: SchemaRef,
+    split: Option<WindowSplit>,
 }
 
 /// Plans detectors for one pipeline's event schema and runs them on batches.
@@ -134,7 +169,15 @@ impl DetectorEngine {
             })
             .map_or(1, |i| i + 1);
         let planned = self.plan(path, text, first_sql_line);
-        let (meta, (shape, plan, output_schema)) = match (meta, planned) {
+        let (
+            meta,
+            Planned {
+                shape,
+                plan,
+                schema: output_schema,
+                split,
+            },
+        ) = match (meta, planned) {
             (Ok(m), Ok(p)) => (m, p),
             (Err(mut a), Err(b)) => {
                 a.push(b);
@@ -186,15 +229,11 @@ impl DetectorEngine {
             row_id_index,
             plan,
             needs_reset,
+            split,
         })
     }
 
-    fn plan(
-        &self,
-        path: &Path,
-        text: &str,
-        first_sql_line: usize,
-    ) -> std::result::Result<(Shape, Arc<dyn ExecutionPlan>, SchemaRef), Problem> {
+    fn plan(&self, path: &Path, text: &str, first_sql_line: usize) -> std::result::Result<Planned, Problem> {
         let statements = DFParser::parse_sql_with_dialect(text, &GenericDialect {})
             .map_err(|e| problem_from(path, first_sql_line, "SQL syntax error", &e))?;
         let statement = single_query(path, text, first_sql_line, statements)?;
@@ -222,7 +261,105 @@ impl DetectorEngine {
             .block_on(state.create_physical_plan(&logical))
             .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
         let schema = physical.schema();
-        Ok((shape, physical, schema))
+        let split = match shape {
+            Shape::SlidingWindow { .. } => Some(
+                self.split_at_window(&logical)
+                    .map_err(|e| problem_from(path, first_sql_line, "the window query does not plan", &e))?
+                    .ok_or_else(|| {
+                        Problem::at(
+                            path,
+                            first_sql_line,
+                            "windows in several branches of one query (a UNION of windowed queries) are not \
+                             supported; write one detector per window",
+                        )
+                    })?,
+            ),
+            _ => None,
+        };
+        Ok(Planned {
+            shape,
+            plan: physical,
+            schema,
+            split,
+        })
+    }
+
+    /// Cuts `logical` at its lowest window node; `None` if there is not exactly one.
+    fn split_at_window(&self, logical: &LogicalPlan) -> datafusion::common::Result<Option<WindowSplit>> {
+        let mut lowest = Vec::new();
+        logical.apply(|node| {
+            if let LogicalPlan::Window(w) = node {
+                let mut nested = false;
+                w.input.apply(|n| {
+                    nested |= matches!(n, LogicalPlan::Window(_));
+                    Ok(if nested {
+                        TreeNodeRecursion::Stop
+                    } else {
+                        TreeNodeRecursion::Continue
+                    })
+                })?;
+                if !nested {
+                    lowest.push(Arc::clone(&w.input));
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let [input] = lowest.as_slice() else {
+            return Ok(None);
+        };
+        let input_schema = input.schema();
+        let position = |name: &str| input_schema.fields().iter().position(|f| f.name() == name);
+        let (Some(time_index), Some(row_index)) = (position(EVENT_TIME), position(ROW_ID)) else {
+            return Ok(None);
+        };
+        let post_input = Arc::new(Schema::new(
+            input_schema
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        let post_slot = BatchSlot::default();
+        let provider = Arc::new(EventsTable::new(Arc::clone(&post_input), post_slot.clone()));
+        let scan = LogicalPlanBuilder::scan("window_input", provider_as_source(provider), None)?.build()?;
+        let renamed = input_schema
+            .iter()
+            .enumerate()
+            .map(|(i, (qualifier, field))| {
+                Expr::Column(Column::new_unqualified(format!("c{i}")))
+                    .alias_qualified(qualifier.cloned(), field.name())
+            })
+            .collect();
+        let replacement = Arc::new(LogicalPlan::Projection(Projection::try_new(
+            renamed,
+            Arc::new(scan),
+        )?));
+        let post = logical
+            .clone()
+            .transform_up(|node| match node {
+                LogicalPlan::Window(w)
+                    if Arc::ptr_eq(&w.input, input) || w.input.as_ref() == input.as_ref() =>
+                {
+                    Ok(Transformed::yes(LogicalPlan::Window(Window::try_new(
+                        w.window_expr,
+                        Arc::clone(&replacement),
+                    )?)))
+                }
+                other => Ok(Transformed::yes(other.recompute_schema()?)),
+            })?
+            .data;
+        let state = self.ctx.state();
+        let pre = self.runtime.block_on(state.create_physical_plan(input))?;
+        let post = self.runtime.block_on(state.create_physical_plan(&post))?;
+        Ok(Some(WindowSplit {
+            pre,
+            post,
+            post_slot,
+            post_input,
+            time_index,
+            row_index,
+        }))
     }
 
     /// Runs every detector on `batch`; one result per detector, in order. A detector that
@@ -247,11 +384,37 @@ impl DetectorEngine {
         result
     }
 
+    /// Runs the per-event part of a sliding-window detector on a new batch: the rows (and
+    /// columns) its window needs.
+    pub fn run_pre(&self, split: &WindowSplit, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
+        self.slot.set(batch);
+        let result = self.execute_plan(&split.pre, false);
+        self.slot.clear();
+        result
+    }
+
+    /// Runs the window part of a sliding-window detector over retained `run_pre` output.
+    pub fn run_post(&self, split: &WindowSplit, retained: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
+        let batches = retained
+            .iter()
+            .map(|b| RecordBatch::try_new(Arc::clone(&split.post_input), b.columns().to_vec()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::DataFusion(e.into()))?;
+        split.post_slot.set_many(batches);
+        let result = self.execute_plan(&split.post, true);
+        split.post_slot.clear();
+        result
+    }
+
     fn execute(&self, d: &CompiledDetector) -> Result<Vec<RecordBatch>> {
-        let plan = if d.needs_reset {
-            reset_plan_states(Arc::clone(&d.plan))?
+        self.execute_plan(&d.plan, d.needs_reset)
+    }
+
+    fn execute_plan(&self, plan: &Arc<dyn ExecutionPlan>, needs_reset: bool) -> Result<Vec<RecordBatch>> {
+        let plan = if needs_reset {
+            reset_plan_states(Arc::clone(plan))?
         } else {
-            Arc::clone(&d.plan)
+            Arc::clone(plan)
         };
         let stream = plan.execute(0, Arc::clone(&self.task_ctx))?;
         let batches = self.runtime.block_on(collect(stream))?;
