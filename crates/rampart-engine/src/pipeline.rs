@@ -69,6 +69,9 @@ pub struct Pipeline {
 #[derive(Default)]
 struct WindowState {
     kept: Vec<VecDeque<RecordBatch>>,
+    /// Per detector: whether rows arrived, or rows wait at the horizon. Without either,
+    /// rerunning its window cannot decide anything new, so it is skipped.
+    dirty: Vec<bool>,
     triggers: BTreeMap<u64, Trigger>,
     horizon: Option<i64>,
 }
@@ -213,6 +216,7 @@ impl Pipeline {
         let mut guard = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *guard;
         state.kept.resize_with(windows.len(), VecDeque::new);
+        state.dirty.resize(windows.len(), false);
         let previous = state.horizon;
         let first_new_row = events.map_or(u64::MAX, |e| e.first_row);
         let horizon = match events {
@@ -231,6 +235,7 @@ impl Pipeline {
                                     }
                                 }
                             }
+                            state.dirty[k] |= rows.iter().any(|b| b.num_rows() > 0);
                             state.kept[k].extend(rows);
                         }
                         Err(err) => errors.push((detector.meta.id.clone(), err.to_string())),
@@ -248,6 +253,15 @@ impl Pipeline {
         };
         for (k, detector) in windows.iter().enumerate() {
             let Some(split) = detector.split() else { continue };
+            if !state.dirty[k] {
+                continue;
+            }
+            // Rows at the horizon wait for later events; until then this detector stays due.
+            state.dirty[k] = state.kept[k].iter().any(|b| {
+                column::<TimestampMicrosecondArray>(b, split.time_index)
+                    .and_then(max)
+                    .is_some_and(|t| t >= horizon)
+            });
             let results = match self.engine.run_post(split, state.kept[k].make_contiguous()) {
                 Ok(r) => r,
                 Err(err) => {
