@@ -183,18 +183,11 @@ impl Decoder {
     /// chunk (the consumer renumbers, see [`EventBatch::renumber`]).
     pub fn decode_chunk(&mut self, chunk: &LineChunk, emit: &mut dyn FnMut(Decoded)) {
         let data = chunk.data.strip_suffix(b"\n").unwrap_or(&chunk.data);
-        match std::str::from_utf8(data) {
-            // The usual case: `str::split` on a char finds newlines with memchr.
-            Ok(text) => {
-                for (line, raw) in (chunk.first_line..).zip(text.split('\n')) {
-                    self.line(emit, &chunk.name, line, raw.as_bytes());
-                }
-            }
-            Err(_) => {
-                for (line, raw) in (chunk.first_line..).zip(data.split(|b| *b == b'\n')) {
-                    self.line(emit, &chunk.name, line, raw);
-                }
-            }
+        let ends = memchr::memchr_iter(b'\n', data).chain(std::iter::once(data.len()));
+        let mut start = 0;
+        for (line, end) in (chunk.first_line..).zip(ends) {
+            self.line(emit, &chunk.name, line, &data[start..end]);
+            start = end + 1;
         }
         self.flush(emit);
         self.builder.next_row = 0;
