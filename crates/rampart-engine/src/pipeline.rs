@@ -10,7 +10,7 @@ use datafusion::arrow::array::{TimestampMicrosecondArray, UInt64Array};
 use datafusion::arrow::compute::max;
 use datafusion::arrow::record_batch::RecordBatch;
 use rampart_core::{Decision, EventSchema, Problem};
-use rampart_sql::{CompiledDetector, DetectorEngine, Shape};
+use rampart_sql::{CompiledDetector, DetectorEngine, Shape, WindowSplit};
 
 use crate::config::PipelineConfig;
 use crate::decide::{DecisionMaker, Trigger};
@@ -179,8 +179,7 @@ impl Pipeline {
         if self.per_event < self.detectors.len() {
             self.evaluate_windows(Some(events), &processed_at, &mut decided, &mut out.errors);
         }
-        decided.sort_by_key(|(row, _)| *row);
-        out.decisions = decided.into_iter().map(|(_, d)| d).collect();
+        out.decisions = in_input_order(decided);
         out
     }
 
@@ -192,8 +191,7 @@ impl Pipeline {
             let processed_at = rampart_core::time::now();
             let mut decided = Vec::new();
             self.evaluate_windows(None, &processed_at, &mut decided, &mut out.errors);
-            decided.sort_by_key(|(row, _)| *row);
-            out.decisions = decided.into_iter().map(|(_, d)| d).collect();
+            out.decisions = in_input_order(decided);
         }
         self.reset();
         out
@@ -257,11 +255,9 @@ impl Pipeline {
                 continue;
             }
             // Rows at the horizon wait for later events; until then this detector stays due.
-            state.dirty[k] = state.kept[k].iter().any(|b| {
-                column::<TimestampMicrosecondArray>(b, split.time_index)
-                    .and_then(max)
-                    .is_some_and(|t| t >= horizon)
-            });
+            state.dirty[k] = state.kept[k]
+                .iter()
+                .any(|b| newest_kept(b, split).is_some_and(|t| t >= horizon));
             let results = match self.engine.run_post(split, state.kept[k].make_contiguous()) {
                 Ok(r) => r,
                 Err(err) => {
@@ -295,11 +291,10 @@ impl Pipeline {
             for (k, detector) in windows.iter().enumerate() {
                 let Some(split) = detector.split() else { continue };
                 let kept = &mut state.kept[k];
-                while kept.front().is_some_and(|b| {
-                    column::<TimestampMicrosecondArray>(b, split.time_index)
-                        .and_then(max)
-                        .is_none_or(|t| t < oldest_needed)
-                }) {
+                while kept
+                    .front()
+                    .is_some_and(|b| newest_kept(b, split).is_none_or(|t| t < oldest_needed))
+                {
                     kept.pop_front();
                 }
             }
@@ -326,6 +321,18 @@ impl Pipeline {
     pub fn plans_built(&self) -> usize {
         self.engine.plans_built()
     }
+}
+
+/// Decisions sorted by the row id of their triggering event; for one event, detector order
+/// (the sort is stable).
+fn in_input_order(mut decided: Vec<(u64, Decision)>) -> Vec<Decision> {
+    decided.sort_by_key(|(row, _)| *row);
+    decided.into_iter().map(|(_, d)| d).collect()
+}
+
+/// The newest event time among rows kept for a window detector.
+fn newest_kept(batch: &RecordBatch, split: &WindowSplit) -> Option<i64> {
+    column::<TimestampMicrosecondArray>(batch, split.time_index).and_then(max)
 }
 
 fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Option<&T> {
