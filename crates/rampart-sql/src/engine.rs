@@ -265,14 +265,7 @@ impl DetectorEngine {
             Shape::SlidingWindow { .. } => Some(
                 self.split_at_window(&logical)
                     .map_err(|e| problem_from(path, first_sql_line, "the window query does not plan", &e))?
-                    .ok_or_else(|| {
-                        Problem::at(
-                            path,
-                            first_sql_line,
-                            "windows in several branches of one query (a UNION of windowed queries) are not \
-                             supported; write one detector per window",
-                        )
-                    })?,
+                    .map_err(|reason| Problem::at(path, first_sql_line, reason))?,
             ),
             _ => None,
         };
@@ -284,8 +277,12 @@ impl DetectorEngine {
         })
     }
 
-    /// Cuts `logical` at its lowest window node; `None` if there is not exactly one.
-    fn split_at_window(&self, logical: &LogicalPlan) -> datafusion::common::Result<Option<WindowSplit>> {
+    /// Cuts `logical` at its lowest window node. The inner `Err` says why the query cannot be
+    /// cut (it is the user's query, not a failure).
+    fn split_at_window(
+        &self,
+        logical: &LogicalPlan,
+    ) -> datafusion::common::Result<std::result::Result<WindowSplit, String>> {
         let mut lowest = Vec::new();
         logical.apply(|node| {
             if let LogicalPlan::Window(w) = node {
@@ -305,12 +302,19 @@ impl DetectorEngine {
             Ok(TreeNodeRecursion::Continue)
         })?;
         let [input] = lowest.as_slice() else {
-            return Ok(None);
+            return Ok(Err(
+                "windows in several branches of one query (a UNION of windowed queries) \
+                           are not supported; write one detector per window"
+                    .into(),
+            ));
         };
         let input_schema = input.schema();
         let position = |name: &str| input_schema.fields().iter().position(|f| f.name() == name);
         let (Some(time_index), Some(row_index)) = (position(EVENT_TIME), position(ROW_ID)) else {
-            return Ok(None);
+            return Ok(Err(format!(
+                "the rows under the window must keep `{EVENT_TIME}` as it is (not renamed or \
+                 computed), so that Rampart can tell when a row's window is complete"
+            )));
         };
         let post_input = Arc::new(Schema::new(
             input_schema
@@ -352,7 +356,7 @@ impl DetectorEngine {
         let state = self.ctx.state();
         let pre = self.runtime.block_on(state.create_physical_plan(input))?;
         let post = self.runtime.block_on(state.create_physical_plan(&post))?;
-        Ok(Some(WindowSplit {
+        Ok(Ok(WindowSplit {
             pre,
             post,
             post_slot,
@@ -378,19 +382,13 @@ impl DetectorEngine {
         detector: &CompiledDetector,
         batches: Vec<RecordBatch>,
     ) -> Result<Vec<RecordBatch>> {
-        self.slot.set_many(batches);
-        let result = self.execute(detector);
-        self.slot.clear();
-        result
+        self.execute_over(&self.slot, batches, &detector.plan, detector.needs_reset)
     }
 
     /// Runs the per-event part of a sliding-window detector on a new batch: the rows (and
     /// columns) its window needs.
     pub fn run_pre(&self, split: &WindowSplit, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
-        self.slot.set(batch);
-        let result = self.execute_plan(&split.pre, false);
-        self.slot.clear();
-        result
+        self.execute_over(&self.slot, vec![batch], &split.pre, false)
     }
 
     /// Runs the window part of a sliding-window detector over retained `run_pre` output.
@@ -400,9 +398,20 @@ impl DetectorEngine {
             .map(|b| RecordBatch::try_new(Arc::clone(&split.post_input), b.columns().to_vec()))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::DataFusion(e.into()))?;
-        split.post_slot.set_many(batches);
-        let result = self.execute_plan(&split.post, true);
-        split.post_slot.clear();
+        self.execute_over(&split.post_slot, batches, &split.post, true)
+    }
+
+    /// Runs `plan` with `slot` holding `batches`, and empties the slot afterwards.
+    fn execute_over(
+        &self,
+        slot: &BatchSlot,
+        batches: Vec<RecordBatch>,
+        plan: &Arc<dyn ExecutionPlan>,
+        needs_reset: bool,
+    ) -> Result<Vec<RecordBatch>> {
+        slot.set_many(batches);
+        let result = self.execute_plan(plan, needs_reset);
+        slot.clear();
         result
     }
 
