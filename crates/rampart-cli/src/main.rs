@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rampart_core::Decision;
 use rampart_engine::replay::{ReplaySink, expand_inputs};
 use rampart_engine::testing::run_tests;
-use rampart_engine::{DeadLetter, Pipeline, Summary};
+use rampart_engine::{DeadLetter, Evaluator, Pipeline, StateChoice, Summary};
 
 /// Rampart: action-level guardrails on event streams. Detectors are SQL files; decisions
 /// (block, alert, review) carry their reason.
@@ -74,6 +74,23 @@ enum Command {
         /// No progress bar and no summary.
         #[arg(short, long)]
         quiet: bool,
+        /// Keep the window state and input progress in this RocksDB directory (by default the
+        /// pipeline's `[state] dir`), and resume from it: records an earlier run consumed are
+        /// skipped, and window rows at the newest event time wait for the next run instead of
+        /// being decided at the end. Without it the state is temporary and the input complete.
+        #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// Window evaluator: `keyed` (per-key state, the default) or `naive` (re-runs every
+        /// window over all kept rows each batch; a baseline for benchmarks).
+        #[arg(long, default_value = "keyed", value_parser = ["keyed", "naive"])]
+        evaluator: String,
+        /// Print the window state's size (keys in memory, bytes on disk) in the summary.
+        #[arg(long)]
+        state_stats: bool,
+        /// With --state: the input ends here, so window rows still waiting for the watermark
+        /// are decided now instead of by the next run.
+        #[arg(long = "final", requires = "state")]
+        end_of_input: bool,
     },
 }
 
@@ -94,12 +111,22 @@ fn main() -> ExitCode {
             output,
             dead_letters,
             quiet,
+            state,
+            evaluator,
+            state_stats,
+            end_of_input,
         } => replay(
             &pipeline,
             &inputs,
-            output.as_deref(),
-            dead_letters.as_deref(),
-            quiet,
+            Outputs {
+                decisions: output.as_deref(),
+                dead_letters: dead_letters.as_deref(),
+                quiet,
+                state_stats,
+                end_of_input,
+            },
+            state,
+            &evaluator,
         ),
     };
     match result {
@@ -231,14 +258,49 @@ fn create(path: &Path) -> Result<Box<dyn Write>> {
     Ok(Box::new(BufWriter::new(file)))
 }
 
+/// Where replay output goes and how much it says.
+struct Outputs<'a> {
+    decisions: Option<&'a Path>,
+    dead_letters: Option<&'a Path>,
+    quiet: bool,
+    state_stats: bool,
+    end_of_input: bool,
+}
+
 fn replay(
     dir: &Path,
     inputs: &[PathBuf],
-    output: Option<&Path>,
-    dead: Option<&Path>,
-    quiet: bool,
+    out: Outputs<'_>,
+    state: Option<PathBuf>,
+    evaluator: &str,
 ) -> Result<ExitCode> {
-    let pipeline = load(dir)?;
+    let Outputs {
+        decisions: output,
+        dead_letters: dead,
+        quiet,
+        state_stats,
+        end_of_input,
+    } = out;
+    let config = rampart_engine::PipelineConfig::load(&dir.join("pipeline.toml"))
+        .map_err(|ps| {
+            anyhow::anyhow!(
+                "{}",
+                ps.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+            )
+        })
+        .with_context(|| format!("cannot load pipeline {}", dir.display()))?;
+    let state_choice = match state {
+        None => StateChoice::Temporary,
+        Some(p) if p.as_os_str().is_empty() => StateChoice::Persistent(config.state_dir.clone()),
+        Some(p) => StateChoice::Persistent(p),
+    };
+    let evaluator = if evaluator == "naive" {
+        Evaluator::Naive
+    } else {
+        Evaluator::Keyed
+    };
+    let pipeline = Pipeline::load_with(dir, state_choice, evaluator)
+        .with_context(|| format!("cannot load pipeline {}", dir.display()))?;
     for p in &pipeline.problems {
         eprintln!("warning: detector refused, the others run: {p}");
     }
@@ -269,7 +331,8 @@ fn replay(
         },
         progress,
     };
-    let summary = rampart_engine::replay(&pipeline, &files, &mut sink)?;
+    let end_of_input = end_of_input || !pipeline.is_persistent();
+    let summary = rampart_engine::replay::replay_with(&pipeline, &files, &mut sink, end_of_input)?;
     sink.decisions.flush().context("cannot write decisions")?;
     sink.dead_letters.flush().context("cannot write dead letters")?;
     if let Some(bar) = &sink.progress {
@@ -277,6 +340,17 @@ fn replay(
     }
     if !quiet {
         print_summary(&pipeline, files.len(), &summary);
+        if state_stats {
+            pipeline.compact_state()?;
+            let stats = pipeline.state_stats();
+            eprintln!(
+                "window state: {} keys in memory ({:.1} MiB), {} rows waiting, {:.1} MB on disk",
+                stats.cached_keys,
+                stats.cached_bytes as f64 / (1 << 20) as f64,
+                stats.waiting_rows,
+                stats.disk_bytes as f64 / 1e6
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -294,6 +368,20 @@ fn print_summary(pipeline: &Pipeline, files: usize, s: &Summary) {
             s.events_per_second()
         )?;
         writeln!(err, "bad records: {}", s.bad_records)?;
+        if s.late_records > 0 {
+            writeln!(
+                err,
+                "late:        {} (older than the allowed lateness; not counted in windows)",
+                s.late_records
+            )?;
+        }
+        if s.resumed_after > 0 {
+            writeln!(
+                err,
+                "resumed:     skipped {} records an earlier run with this state consumed",
+                s.resumed_after
+            )?;
+        }
         if let Some((lo, hi)) = s.time_range {
             use rampart_core::time::format_micros;
             writeln!(err, "event time:  {} .. {}", format_micros(lo), format_micros(hi))?;

@@ -75,6 +75,8 @@ struct RawState {
     dir: Option<PathBuf>,
     /// How late (in event time) an event may arrive and still be counted. Default 5m.
     allowed_lateness: Option<String>,
+    /// MiB of window state kept in memory (hot keys); the rest is read from RocksDB. Default 64.
+    cache_mb: Option<usize>,
 }
 
 /// A mapping entry: `"a.b"`, `["a.b", "c"]` (fallbacks) or
@@ -180,6 +182,8 @@ pub struct PipelineConfig {
     pub state_dir: PathBuf,
     /// Allowed lateness in event time.
     pub allowed_lateness: Duration,
+    /// Bytes of window state kept in memory.
+    pub state_cache_bytes: usize,
 }
 
 impl PipelineConfig {
@@ -369,6 +373,7 @@ impl PipelineConfig {
                 default_block_for,
                 state_dir,
                 allowed_lateness,
+                state_cache_bytes: raw.state.cache_mb.unwrap_or(64) << 20,
             }),
             _ => Err(problems),
         }

@@ -16,7 +16,7 @@ use rampart_sql::CompiledDetector;
 use crate::decode::EventBatch;
 
 /// The event that made a detector fire: what a decision says about it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Trigger {
     /// Event time, microseconds.
     pub time: i64,

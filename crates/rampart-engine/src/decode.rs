@@ -76,6 +76,24 @@ impl EventBatch {
         self.first_row = first_row;
     }
 
+    /// The rows where `keep` is true (renumber afterwards).
+    pub fn retain(self, keep: &[bool]) -> Self {
+        let mask = datafusion::arrow::array::BooleanArray::from(keep.to_vec());
+        let batch = datafusion::arrow::compute::filter_record_batch(&self.batch, &mask)
+            .expect("mask has the batch's length");
+        let positions = self
+            .positions
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(p, k)| k.then_some(p))
+            .collect();
+        Self {
+            batch,
+            positions,
+            first_row: u64::MAX,
+        }
+    }
+
     /// Index of the row with `row_id`, if it is in this batch.
     pub fn index_of(&self, row_id: u64) -> Option<usize> {
         let i = usize::try_from(row_id.checked_sub(self.first_row)?).ok()?;

@@ -4,12 +4,17 @@
 pub mod config;
 pub mod decide;
 pub mod decode;
+#[cfg(test)]
+mod differential;
+pub mod keyed;
 pub mod mapping;
+pub mod naive;
 pub mod pipeline;
 pub mod replay;
+pub mod state;
 pub mod testing;
 
 pub use config::PipelineConfig;
 pub use decode::{DeadLetter, DeadLetterKind, EventBatch};
-pub use pipeline::{LoadError, Pipeline};
+pub use pipeline::{Evaluator, LoadError, Pipeline, Progress, SourceProgress, StateChoice};
 pub use replay::{ReplaySink, Summary, replay};

@@ -1,20 +1,23 @@
 //! A loaded pipeline: its validated config, its event schema, and the detectors that passed the
 //! sandbox and planning. Detectors that were refused are kept as problems; the rest run.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
-use datafusion::arrow::array::{TimestampMicrosecondArray, UInt64Array};
-use datafusion::arrow::compute::max;
-use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::array::BooleanArray;
+use datafusion::arrow::compute::filter_record_batch;
+use serde::{Deserialize, Serialize};
+
 use rampart_core::{Decision, EventSchema, Problem};
-use rampart_sql::{CompiledDetector, DetectorEngine, Shape, WindowSplit};
+use rampart_sql::{CompiledDetector, DetectorEngine, Shape, StateKind};
 
 use crate::config::PipelineConfig;
-use crate::decide::{DecisionMaker, Trigger};
-use crate::decode::{Decoder, EventBatch};
+use crate::decide::DecisionMaker;
+use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
+use crate::keyed::{Clock, DecideContext, KeyedState};
+use crate::naive::NaiveWindows;
+use crate::state::{Commit, StateError, StateStore};
 
 /// Errors that stop a pipeline from loading at all.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,9 @@ pub enum LoadError {
     /// The SQL engine could not start.
     #[error(transparent)]
     Engine(#[from] rampart_sql::Error),
+    /// The window state could not be opened.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 fn problems_text(problems: &[Problem]) -> String {
@@ -35,6 +41,26 @@ fn problems_text(problems: &[Problem]) -> String {
         .join("\n")
 }
 
+/// Where a pipeline keeps its window state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StateChoice {
+    /// A temporary RocksDB directory, deleted afterwards; the input is complete (replays, tests).
+    #[default]
+    Temporary,
+    /// This directory: the state and input progress survive, and a later run resumes.
+    Persistent(PathBuf),
+}
+
+/// Which window evaluator runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Evaluator {
+    /// Keyed state in RocksDB, each row decided over its key's frame ([`crate::keyed`]).
+    #[default]
+    Keyed,
+    /// Re-runs every window over all kept rows each batch ([`crate::naive`]; benchmarks).
+    Naive,
+}
+
 /// A pipeline ready to decode and evaluate events.
 pub struct Pipeline {
     /// The pipeline directory.
@@ -43,37 +69,49 @@ pub struct Pipeline {
     pub config: PipelineConfig,
     /// The `events` table schema.
     pub schema: EventSchema,
-    /// Detectors that loaded: per-event ones, then sliding-window ones, each in file-name order.
+    /// Detectors that loaded: per-event ones, then windowed ones, each in file-name order.
     pub detectors: Vec<CompiledDetector>,
     /// Detectors that were refused, with file, line and reason.
     pub problems: Vec<Problem>,
     engine: DetectorEngine,
     decisions: DecisionMaker,
-    /// How many of `detectors` are per-event (the rest are sliding windows).
+    /// How many of `detectors` are per-event (the rest are windowed).
     per_event: usize,
-    windows: Mutex<WindowState>,
+    state_choice: StateChoice,
+    evaluator: Evaluator,
+    windows: Mutex<Windows>,
 }
 
-/// What sliding-window detectors need between batches: per detector, the rows of its query
-/// below the window (only those that passed its filters, only the columns it uses), the events
-/// that produced them, and the newest event time seen (the horizon).
-///
-/// Each batch, a window detector's window part runs over its kept rows plus the batch's, and
-/// the result rows whose event time became final are decided: times before the new horizon
-/// that were not final before. Rows at the horizon itself wait, because events with the same
-/// time may still arrive and belong to their frame (`RANGE ... CURRENT ROW` includes peers).
-/// So for input in event-time order every row is decided once, with the value the same SQL
-/// gives over the whole input. An event older than the horizon (out of order) is decided at
-/// once against what was kept so far. Rows are dropped once older than the horizon minus the
-/// longest window and the allowed lateness.
-#[derive(Default)]
-struct WindowState {
-    kept: Vec<VecDeque<RecordBatch>>,
-    /// Per detector: whether rows arrived, or rows wait at the horizon. Without either,
-    /// rerunning its window cannot decide anything new, so it is skipped.
-    dirty: Vec<bool>,
-    triggers: BTreeMap<u64, Trigger>,
-    horizon: Option<i64>,
+/// Input consumed so far, per source (a file path, or topic/partition): events and dead
+/// letters, counted separately (each in source order).
+pub type Progress = BTreeMap<String, SourceProgress>;
+
+/// How much of one source has been consumed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceProgress {
+    /// Events taken from it.
+    pub events: u64,
+    /// Records of it sent to the dead letters as malformed.
+    pub dead_letters: u64,
+}
+
+/// The window state of all windowed detectors, and the clock they share.
+struct Windows {
+    store: Option<StateStore>,
+    keyed: Vec<KeyedState>,
+    naive: NaiveWindows,
+    clock: Clock,
+    next_row: u64,
+    progress: Progress,
+    /// Events evaluated since the last checkpoint.
+    since_checkpoint: usize,
+}
+
+/// The clock and row numbering, as persisted.
+#[derive(Serialize, Deserialize)]
+struct StoredClock {
+    newest: i64,
+    next_row: u64,
 }
 
 /// What one batch produced.
@@ -83,11 +121,19 @@ pub struct Evaluation {
     pub decisions: Vec<Decision>,
     /// Detectors that failed on this batch at run time, with the error.
     pub errors: Vec<(String, String)>,
+    /// Events older than the allowed lateness: per-event detectors judged them, windows did
+    /// not count them.
+    pub late: Vec<DeadLetter>,
 }
 
 impl Pipeline {
-    /// Loads `dir/pipeline.toml` and every `dir/detectors/*.sql`.
+    /// Loads `dir/pipeline.toml` and every `dir/detectors/*.sql`, with throwaway window state.
     pub fn load(dir: &Path) -> Result<Self, LoadError> {
+        Self::load_with(dir, StateChoice::Temporary, Evaluator::Keyed)
+    }
+
+    /// Loads a pipeline with the given window state and evaluator.
+    pub fn load_with(dir: &Path, state_choice: StateChoice, evaluator: Evaluator) -> Result<Self, LoadError> {
         let config_path = dir.join("pipeline.toml");
         if !config_path.is_file() {
             return Err(LoadError::Config(vec![Problem::in_file(
@@ -115,6 +161,13 @@ impl Pipeline {
                 }
             };
             match engine.compile(&path, &text) {
+                Ok(d) if evaluator == Evaluator::Naive && matches!(d.shape, Shape::GroupedWindow { .. }) => {
+                    problems.push(Problem::at(
+                        &path,
+                        1,
+                        "the naive evaluator (a benchmark baseline) runs sliding windows only",
+                    ));
+                }
                 Ok(d) => match detectors.iter().find(|o| o.meta.id == d.meta.id) {
                     Some(other) => problems.push(Problem::at(
                         &path,
@@ -134,7 +187,7 @@ impl Pipeline {
         // Stable: per-event detectors first, each group in file-name order.
         detectors.sort_by_key(|d| d.shape != Shape::PerEvent);
         let per_event = detectors.iter().filter(|d| d.shape == Shape::PerEvent).count();
-        Ok(Self {
+        let mut pipeline = Self {
             dir: dir.to_path_buf(),
             config,
             schema,
@@ -143,8 +196,85 @@ impl Pipeline {
             engine,
             decisions,
             per_event,
-            windows: Mutex::new(WindowState::default()),
-        })
+            state_choice,
+            evaluator,
+            windows: Mutex::new(Windows {
+                store: None,
+                keyed: Vec::new(),
+                naive: NaiveWindows::default(),
+                clock: Clock {
+                    newest: i64::MIN,
+                    lateness: 0,
+                },
+                next_row: 0,
+                progress: Progress::new(),
+                since_checkpoint: 0,
+            }),
+        };
+        let windows = pipeline.open_windows()?;
+        *pipeline.windows.get_mut().unwrap_or_else(|p| p.into_inner()) = windows;
+        Ok(pipeline)
+    }
+
+    /// Fresh window state: the persistent store as it was last written, or a new temporary one.
+    fn open_windows(&self) -> Result<Windows, LoadError> {
+        let lateness = i64::try_from(self.config.allowed_lateness.as_micros()).unwrap_or(i64::MAX);
+        let mut windows = Windows {
+            store: None,
+            keyed: Vec::new(),
+            naive: NaiveWindows::default(),
+            clock: Clock {
+                newest: i64::MIN,
+                lateness,
+            },
+            next_row: 0,
+            progress: Progress::new(),
+            since_checkpoint: 0,
+        };
+        let windowed = &self.detectors[self.per_event..];
+        let store = match &self.state_choice {
+            StateChoice::Persistent(dir) => Some(StateStore::open(dir)?),
+            StateChoice::Temporary if !windowed.is_empty() && self.evaluator == Evaluator::Keyed => {
+                Some(StateStore::temporary()?)
+            }
+            StateChoice::Temporary => None,
+        };
+        if let Some(store) = &store {
+            if let Some(bytes) = store.meta("clock")? {
+                let stored: StoredClock =
+                    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                        path: store.path().to_path_buf(),
+                        what: "clock".into(),
+                        reason: e.to_string(),
+                    })?;
+                windows.clock.newest = stored.newest;
+                windows.next_row = stored.next_row;
+                store.advance_clock(stored.newest);
+            }
+            if let Some(bytes) = store.meta("progress")? {
+                windows.progress = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                    path: store.path().to_path_buf(),
+                    what: "progress".into(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        for detector in windowed {
+            let split = detector.split().expect("windowed detectors have a split");
+            let mut keyed = KeyedState::new(detector, split).map_err(|e| {
+                LoadError::Config(vec![Problem::at(
+                    &detector.path,
+                    1,
+                    format!("cannot keep state for this detector: {e}"),
+                )])
+            })?;
+            if let Some(store) = &store {
+                keyed.restore(store)?;
+            }
+            windows.keyed.push(keyed);
+        }
+        windows.store = store;
+        Ok(windows)
     }
 
     /// A decoder for this pipeline's inputs.
@@ -156,6 +286,25 @@ impl Pipeline {
             self.config.max_record_bytes,
             self.config.batch_size,
         )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The row id the next event must get (row ids continue across restarts).
+    pub fn next_row(&self) -> u64 {
+        self.lock().next_row
+    }
+
+    /// Input consumed as of the last checkpoint of a persistent state (empty otherwise).
+    pub fn progress(&self) -> Progress {
+        self.lock().progress.clone()
+    }
+
+    /// Whether the state persists across runs (and so should be checkpointed, not finished).
+    pub fn is_persistent(&self) -> bool {
+        matches!(self.state_choice, StateChoice::Persistent(_))
     }
 
     /// Runs every detector on one batch. Decisions come in input order (for one event, in
@@ -176,144 +325,249 @@ impl Pipeline {
                 Err(e) => out.errors.push((detector.meta.id.clone(), e.to_string())),
             }
         }
+        let mut windows = self.lock();
+        windows.next_row = windows
+            .next_row
+            .max(events.first_row + events.batch.num_rows() as u64);
+        windows.since_checkpoint += events.batch.num_rows();
         if self.per_event < self.detectors.len() {
-            self.evaluate_windows(Some(events), &processed_at, &mut decided, &mut out.errors);
+            self.evaluate_windows(&mut windows, Some(events), &processed_at, &mut decided, &mut out);
         }
         out.decisions = in_input_order(decided);
         out
     }
 
-    /// Ends the input: sliding-window rows still waiting at the horizon are final now. Call it
-    /// once after the last batch; the window state starts afresh afterwards.
+    /// Ends the input: sliding-window rows still waiting for later events are final now. Call
+    /// it once after the last batch; the window state starts afresh afterwards. (A persistent
+    /// state is not finished: its waiting rows wait for the next run; see [`Self::checkpoint`].)
     pub fn finish(&self) -> Evaluation {
-        let mut out = Evaluation::default();
-        if self.per_event < self.detectors.len() {
-            let processed_at = rampart_core::time::now();
-            let mut decided = Vec::new();
-            self.evaluate_windows(None, &processed_at, &mut decided, &mut out.errors);
-            out.decisions = in_input_order(decided);
-        }
+        let out = self.decide_waiting();
         self.reset();
         out
     }
 
-    /// Forgets the sliding-window state (retained events and horizon).
-    pub fn reset(&self) {
-        *self.windows.lock().unwrap_or_else(|p| p.into_inner()) = WindowState::default();
+    /// Decides every sliding-window row still waiting for the watermark, as if the input ended
+    /// here (the state is kept; with a persistent state, checkpoint afterwards).
+    pub fn decide_waiting(&self) -> Evaluation {
+        let mut out = Evaluation::default();
+        if self.per_event < self.detectors.len() {
+            let processed_at = rampart_core::time::now();
+            let mut decided = Vec::new();
+            let mut windows = self.lock();
+            self.evaluate_windows(&mut windows, None, &processed_at, &mut decided, &mut out);
+            out.decisions = in_input_order(decided);
+        }
+        out
     }
 
-    /// See [`WindowState`]. `events` is `None` at the end of the input.
+    /// Forgets the window state and starts again from what a persistent state holds on disk
+    /// (or from nothing).
+    pub fn reset(&self) {
+        let mut windows = self.lock();
+        // Close the store before reopening it.
+        windows.store = None;
+        match self.open_windows() {
+            Ok(w) => *windows = w,
+            Err(e) => tracing::error!(error = %e, "cannot reopen the window state"),
+        }
+    }
+
+    /// Whether enough has changed since the last checkpoint that one should be written (the
+    /// caller knows the input progress to write with it).
+    pub fn wants_checkpoint(&self) -> bool {
+        let windows = self.lock();
+        let cached: usize = windows.keyed.iter().map(KeyedState::cache_bytes).sum();
+        windows.since_checkpoint >= 1 << 16 || cached > self.config.state_cache_bytes
+    }
+
+    /// Writes the window state changed since the last checkpoint, the rows still waiting, the
+    /// clock and `progress` in one atomic write, then trims the in-memory cache.
+    pub fn checkpoint(&self, progress: &Progress) -> Result<(), StateError> {
+        let mut windows = self.lock();
+        let windows = &mut *windows;
+        windows.since_checkpoint = 0;
+        let Some(store) = &windows.store else {
+            return Ok(());
+        };
+        let mut commit = Commit::default();
+        for keyed in &mut windows.keyed {
+            keyed.checkpoint(windows.clock, &mut commit);
+        }
+        let clock = StoredClock {
+            newest: windows.clock.newest,
+            next_row: windows.next_row,
+        };
+        commit.meta.push((
+            "clock".into(),
+            serde_json::to_vec(&clock).expect("clock serialises"),
+        ));
+        if self.is_persistent() {
+            commit.meta.push((
+                "progress".into(),
+                serde_json::to_vec(progress).expect("progress serialises"),
+            ));
+            windows.progress = progress.clone();
+        }
+        store.write(commit)?;
+        // Only now: a key read back for a row decided in this batch must not look expired.
+        store.advance_clock(windows.clock.newest);
+        let budget = self.config.state_cache_bytes / windows.keyed.len().max(1);
+        for keyed in &mut windows.keyed {
+            keyed.evict(budget);
+        }
+        Ok(())
+    }
+
+    /// Window state figures: keys cached in memory, their bytes, rows waiting, bytes on disk.
+    pub fn state_stats(&self) -> StateStats {
+        let windows = self.lock();
+        StateStats {
+            cached_keys: windows.keyed.iter().map(KeyedState::cached_keys).sum(),
+            cached_bytes: windows.keyed.iter().map(KeyedState::cache_bytes).sum(),
+            waiting_rows: windows.keyed.iter().map(KeyedState::waiting).sum(),
+            disk_bytes: windows.store.as_ref().map_or(0, StateStore::size_on_disk),
+        }
+    }
+
+    /// Flushes and compacts the state store (so its size on disk is the steady state).
+    pub fn compact_state(&self) -> Result<(), StateError> {
+        match &self.lock().store {
+            Some(store) => store.compact(),
+            None => Ok(()),
+        }
+    }
+
+    /// Late events (beyond the allowed lateness) become dead letters; the others go through the
+    /// windowed detectors; then every row that became final is decided. `events` is `None` at
+    /// the end of the input.
     fn evaluate_windows(
         &self,
+        windows: &mut Windows,
         events: Option<&EventBatch>,
         processed_at: &str,
         decided: &mut Vec<(u64, Decision)>,
-        errors: &mut Vec<(String, String)>,
+        out: &mut Evaluation,
     ) {
-        let windows = &self.detectors[self.per_event..];
-        let mut guard = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let state = &mut *guard;
-        state.kept.resize_with(windows.len(), VecDeque::new);
-        state.dirty.resize(windows.len(), false);
-        let previous = state.horizon;
-        let first_new_row = events.map_or(u64::MAX, |e| e.first_row);
-        let horizon = match events {
-            Some(e) => {
-                for (k, detector) in windows.iter().enumerate() {
-                    let Some(split) = detector.split() else { continue };
-                    match self.engine.run_pre(split, e.batch.clone()) {
-                        Ok(rows) => {
-                            for batch in &rows {
-                                let Some(ids) = column::<UInt64Array>(batch, split.row_index) else {
-                                    continue;
-                                };
-                                for row in ids.values().iter() {
-                                    if let Some(i) = e.index_of(*row) {
-                                        state.triggers.entry(*row).or_insert_with(|| Trigger::of(e, i));
-                                    }
-                                }
-                            }
-                            state.dirty[k] |= rows.iter().any(|b| b.num_rows() > 0);
-                            state.kept[k].extend(rows);
-                        }
-                        Err(err) => errors.push((detector.meta.id.clone(), err.to_string())),
-                    }
-                }
-                let newest = column::<TimestampMicrosecondArray>(&e.batch, 0).and_then(max);
-                match (previous, newest) {
-                    (Some(p), Some(n)) => p.max(n),
-                    (Some(p), None) => p,
-                    (None, Some(n)) => n,
-                    (None, None) => return,
-                }
-            }
-            None => i64::MAX,
-        };
-        for (k, detector) in windows.iter().enumerate() {
-            let Some(split) = detector.split() else { continue };
-            if !state.dirty[k] {
-                continue;
-            }
-            // Rows at the horizon wait for later events; until then this detector stays due.
-            state.dirty[k] = state.kept[k]
+        let windowed = &self.detectors[self.per_event..];
+        if self.evaluator == Evaluator::Naive {
+            let reach = windowed
                 .iter()
-                .any(|b| newest_kept(b, split).is_some_and(|t| t >= horizon));
-            let results = match self.engine.run_post(split, state.kept[k].make_contiguous()) {
-                Ok(r) => r,
-                Err(err) => {
-                    errors.push((detector.meta.id.clone(), err.to_string()));
-                    continue;
-                }
-            };
-            for result in &results {
-                let Some(row_ids) = DecisionMaker::row_ids(detector, result) else {
-                    continue;
+                .filter_map(|d| d.split().map(|s| s.reach))
+                .max()
+                .unwrap_or_default()
+                + self.config.allowed_lateness;
+            let reach = i64::try_from(reach.as_micros()).unwrap_or(i64::MAX);
+            windows.naive.evaluate(
+                &self.engine,
+                windowed,
+                &self.decisions,
+                events,
+                reach,
+                processed_at,
+                decided,
+                &mut out.errors,
+            );
+            return;
+        }
+        let before = windows.clock;
+        let on_time = match events {
+            Some(e) => {
+                let (on_time, late) = self.split_late(&mut windows.clock, e);
+                out.late = late;
+                Some(on_time)
+            }
+            None => None,
+        };
+        let clock = windows.clock;
+        let Windows { store, keyed, .. } = windows;
+        let Some(store) = store.as_ref() else { return };
+        let ctx = DecideContext {
+            clock,
+            events,
+            decisions: &self.decisions,
+            processed_at,
+        };
+        for (detector, state) in windowed.iter().zip(keyed.iter_mut()) {
+            let split = detector.split().expect("windowed detectors have a split");
+            let result = (|| -> Result<Vec<(u64, Decision)>, String> {
+                let touched = match (&on_time, events) {
+                    (Some(batch), Some(e)) => {
+                        let pre = self
+                            .engine
+                            .run_pre(split, batch.clone())
+                            .map_err(|e| e.to_string())?;
+                        state.add(split, store, before, clock, &pre, e)?
+                    }
+                    _ => Vec::new(),
                 };
-                for r in 0..result.num_rows() {
-                    let row = row_ids.value(r);
-                    let Some(trigger) = state.triggers.get(&row) else {
-                        continue;
-                    };
-                    let newly_final = row >= first_new_row || previous.is_none_or(|p| trigger.time >= p);
-                    if trigger.time < horizon && newly_final {
-                        decided.push((
-                            row,
-                            self.decisions
-                                .decide_row(detector, result, r, trigger, processed_at),
-                        ));
+                match split.kind {
+                    StateKind::Sliding => {
+                        state.decide_sliding(&self.engine, detector, split, store, &ctx, events.is_none())
+                    }
+                    StateKind::Grouped => {
+                        state.decide_grouped(&self.engine, detector, split, store, &ctx, touched)
                     }
                 }
+            })();
+            match result {
+                Ok(d) => decided.extend(d),
+                Err(e) => out.errors.push((detector.meta.id.clone(), e)),
             }
-        }
-        if events.is_some() {
-            state.horizon = Some(horizon);
-            let oldest_needed = horizon.saturating_sub(self.window_reach().as_micros() as i64);
-            for (k, detector) in windows.iter().enumerate() {
-                let Some(split) = detector.split() else { continue };
-                let kept = &mut state.kept[k];
-                while kept
-                    .front()
-                    .is_some_and(|b| newest_kept(b, split).is_none_or(|t| t < oldest_needed))
-                {
-                    kept.pop_front();
-                }
-            }
-            state.triggers.retain(|_, t| t.time >= oldest_needed);
         }
     }
 
-    /// How far back in event time a window detector may still look: the longest window plus the
-    /// allowed lateness.
-    fn window_reach(&self) -> Duration {
-        let longest = self.detectors[self.per_event..]
-            .iter()
-            .filter_map(|d| match &d.shape {
-                Shape::SlidingWindow { windows } => windows.iter().map(|w| w.length).max(),
-                _ => None,
-            })
-            .max()
-            .unwrap_or_default();
-        longest + self.config.allowed_lateness
+    /// Splits a batch into the events windows may count and the late ones (older than the
+    /// newest time seen before them, in input order, minus the allowed lateness), and advances
+    /// the clock.
+    fn split_late(
+        &self,
+        clock: &mut Clock,
+        events: &EventBatch,
+    ) -> (datafusion::arrow::record_batch::RecordBatch, Vec<DeadLetter>) {
+        let n = events.batch.num_rows();
+        let mut keep = Vec::with_capacity(n);
+        let mut late = Vec::new();
+        for i in 0..n {
+            let t = events.event_time(i);
+            let limit = clock.watermark();
+            if t < limit {
+                keep.push(false);
+                late.push(DeadLetter {
+                    kind: DeadLetterKind::Late,
+                    error: format!(
+                        "event time {} is more than the allowed lateness ({}) behind the newest event \
+                         time seen, {}: windows do not count it (per-event detectors did judge it)",
+                        rampart_core::time::format_micros(t),
+                        humantime::format_duration(self.config.allowed_lateness),
+                        rampart_core::time::format_micros(clock.newest),
+                    ),
+                    source: events.positions[i].clone(),
+                    record: events.raw(i).to_string(),
+                    truncated: false,
+                });
+            } else {
+                keep.push(true);
+                clock.newest = clock.newest.max(t);
+            }
+        }
+        if late.is_empty() {
+            return (events.batch.clone(), late);
+        }
+        let mask = BooleanArray::from(keep);
+        let batch = filter_record_batch(&events.batch, &mask).expect("mask has the batch's length");
+        (batch, late)
+    }
+
+    /// The SQL engine (tests run whole plans as the batch oracle).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> &DetectorEngine {
+        &self.engine
+    }
+
+    /// The decision maker (tests).
+    #[cfg(test)]
+    pub(crate) fn decision_maker(&self) -> &DecisionMaker {
+        &self.decisions
     }
 
     /// How many detector plans were built since load (one per loaded detector: plans are never
@@ -323,20 +577,24 @@ impl Pipeline {
     }
 }
 
+/// Window state figures (see [`Pipeline::state_stats`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StateStats {
+    /// Keys held in memory.
+    pub cached_keys: usize,
+    /// Approximate bytes of those keys.
+    pub cached_bytes: usize,
+    /// Sliding-window rows waiting for later events.
+    pub waiting_rows: usize,
+    /// Bytes of the state directory on disk.
+    pub disk_bytes: u64,
+}
+
 /// Decisions sorted by the row id of their triggering event; for one event, detector order
 /// (the sort is stable).
 fn in_input_order(mut decided: Vec<(u64, Decision)>) -> Vec<Decision> {
     decided.sort_by_key(|(row, _)| *row);
     decided.into_iter().map(|(_, d)| d).collect()
-}
-
-/// The newest event time among rows kept for a window detector.
-fn newest_kept(batch: &RecordBatch, split: &WindowSplit) -> Option<i64> {
-    column::<TimestampMicrosecondArray>(batch, split.time_index).and_then(max)
-}
-
-fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Option<&T> {
-    batch.columns().get(index)?.as_any().downcast_ref::<T>()
 }
 
 fn detector_files(dir: &Path, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
@@ -382,184 +640,6 @@ mod tests {
         dst
     }
 
-    const WINDOW_DETECTORS: [(&str, &str); 4] = [
-        (
-            "failures",
-            "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
-             RANGE BETWEEN INTERVAL '15 minutes' PRECEDING AND CURRENT ROW) AS n \
-             FROM events WHERE outcome = 'Failure') WHERE n >= 5",
-        ),
-        (
-            "spread",
-            "SELECT origin, actor, d FROM (SELECT origin, actor, count(DISTINCT action) OVER (PARTITION BY origin \
-             ORDER BY event_time RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS d FROM events) \
-             WHERE d >= 4",
-        ),
-        (
-            "volume",
-            "SELECT actor, origin, action FROM events \
-             QUALIFY sum(json_get_int(raw, 'bytes')) OVER (PARTITION BY actor, origin ORDER BY event_time \
-             RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) > 40000",
-        ),
-        (
-            "range",
-            "SELECT actor, hi - lo AS spread, m FROM (SELECT actor, \
-             max(json_get_int(raw, 'bytes')) OVER w AS hi, min(json_get_int(raw, 'bytes')) OVER w AS lo, \
-             avg(json_get_int(raw, 'bytes')) OVER w AS m FROM events \
-             WINDOW w AS (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW)) \
-             WHERE hi - lo > 9000",
-        ),
-    ];
-
-    /// A pipeline of sliding-window detectors over a simple event shape.
-    fn window_pipeline(dir: &Path) -> PathBuf {
-        let p = dir.join("windows");
-        std::fs::create_dir_all(p.join("detectors")).expect("mkdir");
-        std::fs::write(
-            p.join("pipeline.toml"),
-            "name = \"windows\"\n[mapping]\nevent_time = \"t\"\nactor = \"a\"\naction = \"x\"\norigin = \"ip\"\noutcome = \"o\"\n",
-        )
-        .expect("write");
-        for (id, sql) in WINDOW_DETECTORS {
-            let text = format!(
-                "-- id: {id}\n-- verdict: alert\n-- severity: low\n-- reason: {{{{actor}}}}\n{sql}\n"
-            );
-            std::fs::write(p.join("detectors").join(format!("{id}.sql")), text).expect("write");
-        }
-        p
-    }
-
-    /// Events in event-time order: skewed actors, bursts of failures, many events per second
-    /// (ties), events exactly one window length apart.
-    fn generated_events(n: usize, seed: u64) -> String {
-        let mut state = seed;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            state >> 33
-        };
-        let mut t: i64 = 1_722_470_400; // 2024-08-01T00:00:00Z
-        let mut out = String::new();
-        for i in 0..n {
-            // Mostly several events per second; sometimes exactly 5, 10 or 15 minutes later.
-            t += match next() % 50 {
-                0 => 900,
-                1 => 600,
-                2 => 300,
-                k if k < 30 => 0,
-                _ => 1,
-            };
-            let actor = ((next() % 1000) as f64).sqrt() as u64 % 12;
-            let burst = (i / 40) % 7 == 3;
-            let outcome = if burst || next() % 5 == 0 {
-                "Failure"
-            } else {
-                "Success"
-            };
-            let action = ["Get", "List", "Put", "Delete", "Describe"][(next() % 5) as usize];
-            let ip = format!("10.0.0.{}", next() % 6);
-            let bytes = next() % 10_000;
-            let time = rampart_core::time::format_micros(t * 1_000_000);
-            out.push_str(&format!(
-                "{{\"t\":\"{time}\",\"a\":\"user-{actor}\",\"x\":\"{action}\",\"ip\":\"{ip}\",\"o\":\"{outcome}\",\"bytes\":{bytes}}}\n"
-            ));
-        }
-        out
-    }
-
-    /// (detector, line, evidence) of every decision.
-    fn rows_of(decisions: &[Decision]) -> Vec<(String, u64, String)> {
-        let mut rows: Vec<_> = decisions
-            .iter()
-            .map(|d| {
-                let rampart_core::SourcePosition::File { line, .. } = &d.source else {
-                    panic!("file position")
-                };
-                (
-                    d.detector.id.clone(),
-                    *line,
-                    serde_json::to_string(&d.evidence).expect("json"),
-                )
-            })
-            .collect();
-        rows.sort();
-        rows
-    }
-
-    /// The same SQL run once over the whole input, as an analyst would in batch.
-    fn batch_rows(pipeline: &Pipeline, input: &Path) -> Vec<(String, u64, String)> {
-        let mut decoder = pipeline.decoder();
-        let mut batches = Vec::new();
-        let mut emit = |d: crate::decode::Decoded| {
-            if let crate::decode::Decoded::Batch(b) = d {
-                batches.push(b);
-            }
-        };
-        decoder.decode_file(input, &mut emit).expect("decodes");
-        decoder.flush(&mut emit);
-        let all: Vec<_> = batches.iter().map(|b| b.batch.clone()).collect();
-        let mut decisions = Vec::new();
-        for detector in &pipeline.detectors {
-            for result in pipeline
-                .engine
-                .run_over(detector, all.clone())
-                .expect("batch query runs")
-            {
-                let ids = DecisionMaker::row_ids(detector, &result).expect("row ids");
-                for r in 0..result.num_rows() {
-                    let row = ids.value(r);
-                    let batch = batches.iter().find(|b| b.index_of(row).is_some()).expect("row");
-                    let trigger = Trigger::of(batch, batch.index_of(row).expect("row"));
-                    decisions.push(
-                        pipeline
-                            .decisions
-                            .decide_row(detector, &result, r, &trigger, "now"),
-                    );
-                }
-            }
-        }
-        rows_of(&decisions)
-    }
-
-    #[test]
-    fn sliding_windows_stream_to_the_same_rows_as_one_batch_query() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let dir = window_pipeline(tmp.path());
-        let input = tmp.path().join("events.jsonl");
-        std::fs::write(&input, generated_events(6000, 7)).expect("write");
-        let mut expected = None;
-        for batch_size in [4096, 500, 37, 3] {
-            let toml = std::fs::read_to_string(dir.join("pipeline.toml")).expect("read");
-            let toml = format!(
-                "{}[source]\nbatch_size = {batch_size}\n",
-                toml.split("[source]").next().unwrap_or_default()
-            );
-            std::fs::write(dir.join("pipeline.toml"), toml).expect("write");
-            let pipeline = Pipeline::load(&dir).expect("loads");
-            assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
-            assert_eq!(pipeline.detectors.len(), 4);
-            let want = expected
-                .get_or_insert_with(|| batch_rows(&pipeline, &input))
-                .clone();
-            for (id, _) in WINDOW_DETECTORS {
-                assert!(
-                    want.iter().filter(|r| r.0 == id).count() > 20,
-                    "{id} fires often enough to be a test"
-                );
-            }
-            let (out, _) = replay_collect(&pipeline, &[input.as_path()]).expect("replays");
-            let got = rows_of(&out.decisions);
-            let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(3).collect();
-            let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).take(3).collect();
-            assert!(
-                missing.is_empty() && extra.is_empty(),
-                "batch size {batch_size}: missing {missing:?}, extra {extra:?}"
-            );
-            assert_eq!(got.len(), want.len());
-        }
-    }
-
     #[test]
     fn plans_are_built_once_per_detector_however_many_batches_run() {
         let tmp = tempfile::tempdir().expect("tmp");
@@ -575,11 +655,22 @@ mod tests {
                 pipeline.detectors.len(),
                 "no plan is built per batch"
             );
+            let per_event = out
+                .decisions
+                .iter()
+                .filter(|d| {
+                    pipeline
+                        .detectors
+                        .iter()
+                        .any(|p| p.meta.id == d.detector.id && p.split().is_none())
+                })
+                .count();
+            assert_eq!(per_event, 23, "every detonation caught once");
             let mut ids: Vec<String> = out.decisions.iter().map(|d| d.decision_id.clone()).collect();
             ids.sort();
             ids_by_batch_size.push(ids);
         }
-        assert_eq!(ids_by_batch_size[0].len(), 23);
+        assert!(ids_by_batch_size[0].len() > 23, "threshold detectors fire too");
         assert_eq!(
             ids_by_batch_size[0], ids_by_batch_size[1],
             "batching does not change decisions"

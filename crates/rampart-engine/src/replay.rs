@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use rampart_core::{Decision, Mode, Verdict};
+use rampart_core::{Decision, Mode, SourcePosition, Verdict};
 
 use crate::decode::{DeadLetter, Decoded};
-use crate::pipeline::{Evaluation, Pipeline};
+use crate::pipeline::{Evaluation, Pipeline, Progress};
+use crate::state::StateError;
 
 /// Where replay output goes.
 pub trait ReplaySink {
@@ -36,6 +37,9 @@ pub enum ReplayError {
     /// Writing decisions or dead letters failed.
     #[error("cannot write output: {0}")]
     Output(#[source] io::Error),
+    /// The window state could not be written.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// What a replay saw and did.
@@ -43,8 +47,12 @@ pub enum ReplayError {
 pub struct Summary {
     /// Events decoded and evaluated.
     pub events: u64,
-    /// Records sent to the dead letters.
+    /// Records sent to the dead letters as malformed.
     pub bad_records: u64,
+    /// Events older than the allowed lateness (dead letters marked `late`).
+    pub late_records: u64,
+    /// Events and dead letters skipped because a persistent state had already consumed them.
+    pub resumed_after: u64,
     /// Decisions per (detector, verdict, mode).
     pub decisions: BTreeMap<(String, Verdict, Mode), u64>,
     /// Detector run-time failures per detector.
@@ -131,8 +139,19 @@ pub fn replay(
     inputs: &[PathBuf],
     sink: &mut dyn ReplaySink,
 ) -> Result<Summary, ReplayError> {
+    replay_with(pipeline, inputs, sink, !pipeline.is_persistent())
+}
+
+/// [`replay`], saying whether the input ends here (`end_of_input`: window rows still waiting
+/// for the watermark are decided at the end) or continues in a later run with the same
+/// persistent state (they stay waiting, in the state).
+pub fn replay_with(
+    pipeline: &Pipeline,
+    inputs: &[PathBuf],
+    sink: &mut dyn ReplaySink,
+    end_of_input: bool,
+) -> Result<Summary, ReplayError> {
     let files = expand_inputs(inputs)?;
-    pipeline.reset();
     let started = Instant::now();
     let mut summary = Summary::default();
     let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Decoded)>(DECODE_THREADS * 4);
@@ -185,7 +204,7 @@ pub fn replay(
             });
         }
         drop(done_tx);
-        let consumed = consume_in_order(pipeline, &done_rx, sink, &mut summary);
+        let consumed = consume_in_order(pipeline, &done_rx, sink, &mut summary, end_of_input);
         drop(done_rx);
         let framed = framer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         consumed.and(framed)
@@ -207,31 +226,61 @@ fn named<'scope, 'env, T: Send + 'scope>(
 }
 
 /// Takes decoded chunks as the decoding threads finish them and processes them in input order.
+/// With a persistent state, what it had consumed is skipped, checkpoints are written as the
+/// replay goes and at the end, and (unless `end_of_input`) rows waiting for the watermark stay
+/// waiting for the next run.
 fn consume_in_order(
     pipeline: &Pipeline,
     rx: &mpsc::Receiver<(u64, Vec<Decoded>)>,
     sink: &mut dyn ReplaySink,
     summary: &mut Summary,
+    end_of_input: bool,
 ) -> Result<(), ReplayError> {
     let mut pending: BTreeMap<u64, Vec<Decoded>> = BTreeMap::new();
     let mut next_seq = 0;
-    let mut next_row = 0;
+    let mut input = InputProgress {
+        next_row: pipeline.next_row(),
+        skip: pipeline.progress(),
+        done: pipeline.progress(),
+    };
     for (seq, items) in rx {
         pending.insert(seq, items);
         while let Some(items) = pending.remove(&next_seq) {
             next_seq += 1;
             for item in items {
-                consume(pipeline, item, &mut next_row, sink, summary)?;
+                consume(pipeline, item, &mut input, sink, summary)?;
             }
         }
     }
-    record(pipeline.finish(), sink, summary)
+    if !pipeline.is_persistent() {
+        return record(pipeline.finish(), sink, summary);
+    }
+    if end_of_input {
+        record(pipeline.decide_waiting(), sink, summary)?;
+    }
+    pipeline.checkpoint(&input.done).map_err(ReplayError::State)
+}
+
+/// Where a replay is in its inputs.
+struct InputProgress {
+    next_row: u64,
+    /// Still to skip per file (consumed by an earlier run).
+    skip: Progress,
+    /// Consumed per file, earlier runs included.
+    done: Progress,
+}
+
+fn file_of(position: &SourcePosition) -> &str {
+    match position {
+        SourcePosition::File { file, .. } => file,
+        SourcePosition::Kafka { topic, .. } => topic,
+    }
 }
 
 fn consume(
     pipeline: &Pipeline,
     item: Decoded,
-    next_row: &mut u64,
+    input: &mut InputProgress,
     sink: &mut dyn ReplaySink,
     summary: &mut Summary,
 ) -> Result<(), ReplayError> {
@@ -241,13 +290,45 @@ fn consume(
             sink.progress(bytes);
         }
         Decoded::DeadLetter(letter) => {
+            let file = file_of(&letter.source);
+            if let Some(skip) = input.skip.get_mut(file).filter(|s| s.dead_letters > 0) {
+                skip.dead_letters -= 1;
+                summary.resumed_after += 1;
+                return Ok(());
+            }
+            input.done.entry(file.to_string()).or_default().dead_letters += 1;
             summary.bad_records += 1;
             sink.dead_letter(&letter).map_err(ReplayError::Output)?;
         }
         Decoded::Lines(_) => unreachable!("decoding threads decode every chunk"),
         Decoded::Batch(mut events) => {
-            events.renumber(*next_row);
-            *next_row += events.batch.num_rows() as u64;
+            let keep: Vec<bool> = events
+                .positions
+                .iter()
+                .map(|p| {
+                    let file = file_of(p);
+                    match input.skip.get_mut(file).filter(|s| s.events > 0) {
+                        Some(skip) => {
+                            skip.events -= 1;
+                            false
+                        }
+                        None => {
+                            input.done.entry(file.to_string()).or_default().events += 1;
+                            true
+                        }
+                    }
+                })
+                .collect();
+            let skipped = keep.iter().filter(|k| !**k).count();
+            if skipped > 0 {
+                summary.resumed_after += skipped as u64;
+                events = events.retain(&keep);
+                if events.batch.num_rows() == 0 {
+                    return Ok(());
+                }
+            }
+            events.renumber(input.next_row);
+            input.next_row += events.batch.num_rows() as u64;
             summary.events += events.batch.num_rows() as u64;
             for i in 0..events.batch.num_rows() {
                 let t = events.event_time(i);
@@ -263,6 +344,9 @@ fn consume(
                 }
             }
             record(pipeline.evaluate(&events), sink, summary)?;
+            if pipeline.wants_checkpoint() {
+                pipeline.checkpoint(&input.done).map_err(ReplayError::State)?;
+            }
         }
     }
     Ok(())
@@ -280,6 +364,10 @@ fn record(
             tracing::warn!(detector = %detector, %error, "detector failed on a batch; it keeps running on later batches");
         }
         *n += 1;
+    }
+    for letter in &evaluation.late {
+        summary.late_records += 1;
+        sink.dead_letter(letter).map_err(ReplayError::Output)?;
     }
     for d in &evaluation.decisions {
         *summary

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -18,7 +19,8 @@ use datafusion::execution::SessionStateDefaults;
 use datafusion::execution::TaskContext;
 use datafusion::execution::context::SessionContext;
 use datafusion::execution::session_state::SessionStateBuilder;
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Projection, Window};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, Projection, Window};
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::{ExecutionPlan, common::collect};
 use datafusion::prelude::SessionConfig;
@@ -32,7 +34,7 @@ use crate::events_table::{BatchSlot, EventsTable};
 use crate::metadata::{DetectorMeta, parse_header};
 use crate::predicate_order::CheapPredicatesFirst;
 use crate::sandbox::single_query;
-use crate::shape::{Shape, classify, propagate_row_id};
+use crate::shape::{Shape, classify, propagate_row_id, unalias};
 use crate::{Error, Result};
 
 /// A detector that passed the sandbox and was planned.
@@ -56,10 +58,10 @@ pub struct CompiledDetector {
     split: Option<WindowSplit>,
 }
 
-/// A sliding-window detector's plan cut at its (lowest) window: `pre` is the per-event part
-/// below the window (filters, projections) and runs on each new batch; `post` is the window and
-/// everything above it, and runs over the retained output of `pre`. So only the rows and
-/// columns the window needs are kept between batches.
+/// A windowed detector's plan cut at its state: `pre` is the per-event part below the window
+/// (filters, projections) and runs on each new batch; `post` is the window (or the grouping)
+/// and everything above it, and runs over the rows kept for the keys a batch touched. So only
+/// the rows and columns the window needs are kept between batches, per key.
 #[derive(Debug)]
 pub struct WindowSplit {
     pre: Arc<dyn ExecutionPlan>,
@@ -67,10 +69,29 @@ pub struct WindowSplit {
     post_slot: BatchSlot,
     /// The schema `post` reads (positional column names).
     post_input: SchemaRef,
+    /// The schema of `pre`'s output (the rows kept in state).
+    pub pre_schema: SchemaRef,
+    /// Sliding frames or grouped buckets.
+    pub kind: StateKind,
+    /// The key, evaluated over `pre`'s output: the PARTITION BY expressions of the windows, or
+    /// the GROUP BY expressions (the `date_bin` bucket included).
+    pub keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// How far back in event time a row can matter to a later one: the sum of the window
+    /// lengths (windows over windows reach back through each other), or the bucket length.
+    pub reach: Duration,
     /// Column of `pre`'s output holding the event time.
     pub time_index: usize,
     /// Column of `pre`'s output holding the hidden row id.
     pub row_index: usize,
+}
+
+/// How a windowed detector uses its kept rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateKind {
+    /// Each row is decided once, over the rows of its key within its frame.
+    Sliding,
+    /// Each group (key and bucket) fires once, when its HAVING first holds.
+    Grouped,
 }
 
 impl CompiledDetector {
@@ -243,17 +264,6 @@ impl DetectorEngine {
             .block_on(state.statement_to_plan(statement))
             .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
         let shape = classify(&logical).map_err(|reason| Problem::at(path, first_sql_line, reason))?;
-        if let Shape::GroupedWindow { .. } = shape {
-            return Err(Problem::at(
-                path,
-                first_sql_line,
-                format!(
-                    "{shape}: grouped windows are recognised but this version does not evaluate \
-                     them yet (they fire once per group, which needs window state); write the \
-                     detector as a sliding window for now"
-                ),
-            ));
-        }
         let logical = propagate_row_id(logical)
             .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
         let physical = self
@@ -261,13 +271,17 @@ impl DetectorEngine {
             .block_on(state.create_physical_plan(&logical))
             .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
         let schema = physical.schema();
-        let split = match shape {
-            Shape::SlidingWindow { .. } => Some(
-                self.split_at_window(&logical)
+        let split = match &shape {
+            Shape::PerEvent => None,
+            // Cut the optimised plan: projections pushed below the window keep only the
+            // columns the detector uses in its state.
+            windowed => Some(
+                state
+                    .optimize(&logical)
+                    .and_then(|optimised| self.split_at_state(&optimised, windowed))
                     .map_err(|e| problem_from(path, first_sql_line, "the window query does not plan", &e))?
                     .map_err(|reason| Problem::at(path, first_sql_line, reason))?,
             ),
-            _ => None,
         };
         Ok(Planned {
             shape,
@@ -277,36 +291,73 @@ impl DetectorEngine {
         })
     }
 
-    /// Cuts `logical` at its lowest window node. The inner `Err` says why the query cannot be
-    /// cut (it is the user's query, not a failure).
-    fn split_at_window(
+    /// Cuts `logical` where its state is: at its lowest window node (sliding windows) or at its
+    /// aggregate (grouped windows). The inner `Err` says why the query cannot be cut (it is the
+    /// user's query, not a failure).
+    fn split_at_state(
         &self,
         logical: &LogicalPlan,
+        shape: &Shape,
     ) -> datafusion::common::Result<std::result::Result<WindowSplit, String>> {
-        let mut lowest = Vec::new();
-        logical.apply(|node| {
-            if let LogicalPlan::Window(w) = node {
-                let mut nested = false;
-                w.input.apply(|n| {
-                    nested |= matches!(n, LogicalPlan::Window(_));
-                    Ok(if nested {
-                        TreeNodeRecursion::Stop
-                    } else {
-                        TreeNodeRecursion::Continue
-                    })
-                })?;
-                if !nested {
-                    lowest.push(Arc::clone(&w.input));
+        let (kind, reach) = match shape {
+            Shape::SlidingWindow { windows } => {
+                let keys: Vec<&Vec<String>> = windows.iter().map(|w| &w.partition_by).collect();
+                if keys.windows(2).any(|pair| pair[0] != pair[1]) {
+                    return Ok(Err(format!(
+                        "the windows of one detector must be partitioned by the same key (found {}); \
+                         write one detector per key",
+                        keys.iter()
+                            .map(|k| format!("({})", k.join(", ")))
+                            .collect::<Vec<_>>()
+                            .join(" and ")
+                    )));
                 }
+                (StateKind::Sliding, windows.iter().map(|w| w.length).sum())
+            }
+            Shape::GroupedWindow { bucket, .. } => (StateKind::Grouped, *bucket),
+            Shape::PerEvent => return Ok(Err("a per-event detector keeps no state".into())),
+        };
+        // The lowest stateful node: where the rows to keep come out.
+        let mut cuts: Vec<(Arc<LogicalPlan>, Vec<Expr>)> = Vec::new();
+        logical.apply(|node| {
+            match node {
+                LogicalPlan::Window(w) if kind == StateKind::Sliding => {
+                    let mut nested = false;
+                    w.input.apply(|n| {
+                        nested |= matches!(n, LogicalPlan::Window(_));
+                        Ok(if nested {
+                            TreeNodeRecursion::Stop
+                        } else {
+                            TreeNodeRecursion::Continue
+                        })
+                    })?;
+                    if !nested {
+                        let keys = match w.window_expr.first().map(unalias) {
+                            Some(Expr::WindowFunction(f)) => f.params.partition_by.clone(),
+                            _ => Vec::new(),
+                        };
+                        cuts.push((Arc::clone(&w.input), keys));
+                    }
+                }
+                LogicalPlan::Aggregate(a) if kind == StateKind::Grouped => {
+                    cuts.push((Arc::clone(&a.input), a.group_expr.clone()));
+                }
+                _ => {}
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
-        let [input] = lowest.as_slice() else {
-            return Ok(Err(
-                "windows in several branches of one query (a UNION of windowed queries) \
-                           are not supported; write one detector per window"
-                    .into(),
-            ));
+        let [(input, key_exprs)] = cuts.as_slice() else {
+            return Ok(Err(match kind {
+                StateKind::Sliding => {
+                    "windows in several branches of one query (a UNION of windowed \
+                                       queries) are not supported; write one detector per window"
+                }
+                StateKind::Grouped => {
+                    "a grouped window may have one GROUP BY; write one detector per \
+                                       grouping"
+                }
+            }
+            .into()));
         };
         let input_schema = input.schema();
         let position = |name: &str| input_schema.fields().iter().position(|f| f.name() == name);
@@ -339,15 +390,18 @@ impl DetectorEngine {
             renamed,
             Arc::new(scan),
         )?));
+        let is_cut = |child: &Arc<LogicalPlan>| Arc::ptr_eq(child, input) || child.as_ref() == input.as_ref();
         let post = logical
             .clone()
             .transform_up(|node| match node {
-                LogicalPlan::Window(w)
-                    if Arc::ptr_eq(&w.input, input) || w.input.as_ref() == input.as_ref() =>
-                {
-                    Ok(Transformed::yes(LogicalPlan::Window(Window::try_new(
-                        w.window_expr,
+                LogicalPlan::Window(w) if is_cut(&w.input) => Ok(Transformed::yes(LogicalPlan::Window(
+                    Window::try_new(w.window_expr, Arc::clone(&replacement))?,
+                ))),
+                LogicalPlan::Aggregate(a) if is_cut(&a.input) => {
+                    Ok(Transformed::yes(LogicalPlan::Aggregate(Aggregate::try_new(
                         Arc::clone(&replacement),
+                        a.group_expr,
+                        a.aggr_expr,
                     )?)))
                 }
                 other => Ok(Transformed::yes(other.recompute_schema()?)),
@@ -355,12 +409,20 @@ impl DetectorEngine {
             .data;
         let state = self.ctx.state();
         let pre = self.runtime.block_on(state.create_physical_plan(input))?;
+        let keys = key_exprs
+            .iter()
+            .map(|e| state.create_physical_expr(e.clone(), input_schema))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
         let post = self.runtime.block_on(state.create_physical_plan(&post))?;
         Ok(Ok(WindowSplit {
+            pre_schema: pre.schema(),
             pre,
             post,
             post_slot,
             post_input,
+            kind,
+            keys,
+            reach,
             time_index,
             row_index,
         }))
@@ -391,7 +453,7 @@ impl DetectorEngine {
         self.execute_over(&self.slot, vec![batch], &split.pre, false)
     }
 
-    /// Runs the window part of a sliding-window detector over retained `run_pre` output.
+    /// Runs the window part of a windowed detector over kept `run_pre` rows.
     pub fn run_post(&self, split: &WindowSplit, retained: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
         let batches = retained
             .iter()
@@ -495,16 +557,27 @@ mod tests {
          ORDER BY event_time RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) >= 20",
         "sliding window: count(DISTINCT ..) over 1h per events.actor, events.origin"
     )]
-    fn sliding_windows_compile_and_say_what_they_keep(#[case] sql: &str, #[case] shape: &str) {
+    #[case::grouped(
+        "SELECT actor, count(*) AS n FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', event_time) HAVING count(*) > 100",
+        "grouped window: 1h buckets per events.actor"
+    )]
+    fn windows_compile_and_say_what_they_keep(#[case] sql: &str, #[case] shape: &str) {
         let detector = compile(sql).expect("compiles");
         assert_eq!(detector.shape.to_string(), shape);
+        let split = detector.split().expect("windowed");
+        let kept: Vec<&str> = split
+            .pre_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert!(
+            !kept.contains(&"raw"),
+            "only the columns the window uses are kept: {kept:?}"
+        );
     }
 
     #[rstest]
-    #[case::grouped(
-        "SELECT actor, count(*) AS n FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', event_time) HAVING count(*) > 100",
-        "t.sql:5: grouped window: 1h buckets per events.actor"
-    )]
     #[case::rows_frame(
         "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor ORDER BY event_time ROWS BETWEEN 5 PRECEDING AND CURRENT ROW) > 3",
         "ROWS frames count events, not time"

@@ -9,7 +9,7 @@ pub mod predicate_order;
 pub mod sandbox;
 pub mod shape;
 
-pub use engine::{CompiledDetector, DetectorEngine, WindowSplit};
+pub use engine::{CompiledDetector, DetectorEngine, StateKind, WindowSplit};
 pub use metadata::{DetectorMeta, ReasonTemplate};
 pub use shape::Shape;
 

@@ -7,8 +7,9 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::{DataType, IntervalUnit};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, Result, ScalarValue};
+use datafusion::functions_aggregate::expr_fn::max;
 use datafusion::logical_expr::{
-    Expr, LogicalPlan, Projection, WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition,
+    Aggregate, Expr, LogicalPlan, Projection, WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition,
 };
 
 use rampart_core::event::{EVENT_TIME, ROW_ID};
@@ -172,7 +173,8 @@ fn sliding_window(expr: &Expr) -> Result<SlidingWindow, String> {
     })
 }
 
-fn unalias(expr: &Expr) -> &Expr {
+/// `expr` without its aliases.
+pub fn unalias(expr: &Expr) -> &Expr {
     match expr {
         Expr::Alias(a) => unalias(&a.expr),
         other => other,
@@ -340,10 +342,24 @@ fn reads_events(plan: &LogicalPlan) -> bool {
     found
 }
 
-/// Threads the hidden row-id column through every projection of a per-event plan, so that each
-/// result row says which event produced it.
+/// Threads the hidden row-id column through every projection of a plan, so that each result
+/// row says which event produced it. A grouped window's aggregate carries the newest row of the
+/// group (`max`): the event that made the group fire.
 pub fn propagate_row_id(plan: LogicalPlan) -> Result<LogicalPlan> {
     plan.transform_up(|node| match node {
+        LogicalPlan::Aggregate(a)
+            if a.input.schema().has_column_with_unqualified_name(ROW_ID)
+                && !a.schema.has_column_with_unqualified_name(ROW_ID) =>
+        {
+            let (qualifier, _) = a.input.schema().qualified_field_with_unqualified_name(ROW_ID)?;
+            let mut aggr = a.aggr_expr.clone();
+            aggr.push(max(Expr::Column(Column::new(qualifier.cloned(), ROW_ID))).alias(ROW_ID));
+            Ok(Transformed::yes(LogicalPlan::Aggregate(Aggregate::try_new(
+                a.input,
+                a.group_expr,
+                aggr,
+            )?)))
+        }
         LogicalPlan::Projection(p) => {
             let input = p.input.schema();
             let wanted = input.has_column_with_unqualified_name(ROW_ID)

@@ -1,0 +1,627 @@
+//! Keyed window state of one windowed detector, and how its rows are decided.
+//!
+//! Per key (the window's PARTITION BY, or the GROUP BY with its `date_bin` bucket) the state
+//! holds the rows of the detector's query below the window: only the rows that passed its
+//! filters, only the columns it uses, in event-time order, encoded with Arrow's row format.
+//! Hot keys live in a bounded cache; the rest is in RocksDB ([`StateStore`]).
+//!
+//! Sliding windows: each row is decided once, when every row with the same or an earlier time
+//! has arrived (for input in event-time order: once a later time has been seen), by running
+//! the window part of the query over that key's rows within reach of it. So the value it sees
+//! is the one the same SQL gives in batch over the whole input.
+//!
+//! Grouped windows: a group fires once, at the first event after which its HAVING holds (found
+//! by evaluating prefixes of the batch's new rows), and then keeps no rows until its bucket
+//! has passed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt64Array};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, SortField};
+use serde::{Deserialize, Serialize};
+
+use rampart_core::Decision;
+use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowSplit};
+
+use crate::decide::{DecisionMaker, Trigger};
+use crate::decode::EventBatch;
+use crate::state::{Commit, StateError, StateStore, expires_at};
+
+/// Value layout: expires_at (i64 LE), flags (u8), then rows: time (i64 LE), row id (u64 LE),
+/// length (u32 LE), Arrow row bytes; sorted by (time, row id).
+const HEADER: usize = 9;
+const ROW_HEADER: usize = 20;
+/// Flag: the group already fired (grouped windows).
+const FIRED: u8 = 1;
+
+/// One stored row.
+#[derive(Debug, Clone, Copy)]
+struct StoredRow<'a> {
+    time: i64,
+    row: u64,
+    bytes: &'a [u8],
+}
+
+fn rows_of(value: &[u8]) -> impl Iterator<Item = StoredRow<'_>> {
+    let mut rest = value.get(HEADER..).unwrap_or_default();
+    std::iter::from_fn(move || {
+        if rest.len() < ROW_HEADER {
+            return None;
+        }
+        let time = i64::from_le_bytes(rest[..8].try_into().ok()?);
+        let row = u64::from_le_bytes(rest[8..16].try_into().ok()?);
+        let len = u32::from_le_bytes(rest[16..20].try_into().ok()?) as usize;
+        let bytes = rest.get(ROW_HEADER..ROW_HEADER + len)?;
+        rest = &rest[ROW_HEADER + len..];
+        Some(StoredRow { time, row, bytes })
+    })
+}
+
+fn push_row(value: &mut Vec<u8>, r: StoredRow<'_>) {
+    value.extend_from_slice(&r.time.to_le_bytes());
+    value.extend_from_slice(&r.row.to_le_bytes());
+    value.extend_from_slice(&(r.bytes.len() as u32).to_le_bytes());
+    value.extend_from_slice(r.bytes);
+}
+
+fn flags(value: &[u8]) -> u8 {
+    value.get(8).copied().unwrap_or(0)
+}
+
+fn set_header(value: &mut Vec<u8>, expires: i64, flags: u8) {
+    if value.len() < HEADER {
+        value.resize(HEADER, 0);
+    }
+    value[..8].copy_from_slice(&expires.to_le_bytes());
+    value[8] = flags;
+}
+
+/// The event-time clock windows are decided by.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Clock {
+    /// Newest event time seen (µs); `i64::MIN` before any event.
+    pub newest: i64,
+    /// Allowed lateness (µs).
+    pub lateness: i64,
+}
+
+impl Clock {
+    /// The watermark: events older than this are late (not counted), so rows older than this
+    /// have every row of their frame and are decided.
+    pub fn watermark(&self) -> i64 {
+        self.newest.saturating_sub(self.lateness)
+    }
+}
+
+struct Entry {
+    value: Vec<u8>,
+    dirty: bool,
+}
+
+/// A row waiting to be decided, as persisted across restarts.
+#[derive(Serialize, Deserialize)]
+struct PendingRow {
+    time: i64,
+    row: u64,
+    key: String,
+    trigger: Trigger,
+}
+
+/// The state of one windowed detector.
+pub struct KeyedState {
+    /// Store key prefix: detector id and version, so that a changed detector starts afresh.
+    tag: Vec<u8>,
+    key_converter: Option<RowConverter>,
+    row_converter: RowConverter,
+    cache: HashMap<Box<[u8]>, Entry>,
+    cache_bytes: usize,
+    /// Sliding windows: rows not yet decided, by (time, row id), with their key.
+    pending: BTreeMap<(i64, u64), Box<[u8]>>,
+    /// Sliding windows: the events that produced the pending rows.
+    triggers: HashMap<u64, Trigger>,
+}
+
+/// Rows of one batch for one key.
+type NewRows = Vec<(i64, u64, Vec<u8>)>;
+
+/// Keys that got rows in a batch, with how many.
+pub type Touched = Vec<(Box<[u8]>, usize)>;
+
+impl KeyedState {
+    /// Empty state for `detector` (windowed).
+    pub fn new(detector: &CompiledDetector, split: &WindowSplit) -> Result<Self, String> {
+        let fields = |types: Vec<datafusion::arrow::datatypes::DataType>| {
+            types.into_iter().map(SortField::new).collect::<Vec<_>>()
+        };
+        let key_types = split
+            .keys
+            .iter()
+            .map(|k| k.data_type(&split.pre_schema))
+            .collect::<datafusion::common::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let key_converter = if key_types.is_empty() {
+            None
+        } else {
+            Some(RowConverter::new(fields(key_types)).map_err(|e| e.to_string())?)
+        };
+        let row_types = split
+            .pre_schema
+            .fields()
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect();
+        let row_converter = RowConverter::new(fields(row_types)).map_err(|e| e.to_string())?;
+        let mut tag = format!("{}@{}", detector.meta.id, detector.version).into_bytes();
+        tag.push(0);
+        Ok(Self {
+            tag,
+            key_converter,
+            row_converter,
+            cache: HashMap::new(),
+            cache_bytes: 0,
+            pending: BTreeMap::new(),
+            triggers: HashMap::new(),
+        })
+    }
+
+    fn store_key(&self, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.tag.len() + key.len());
+        k.extend_from_slice(&self.tag);
+        k.extend_from_slice(key);
+        k
+    }
+
+    fn pending_meta_key(&self) -> String {
+        format!(
+            "pending/{}",
+            String::from_utf8_lossy(&self.tag[..self.tag.len() - 1])
+        )
+    }
+
+    /// Restores the rows that were waiting when the state was last written.
+    pub fn restore(&mut self, store: &StateStore) -> Result<(), StateError> {
+        let key = self.pending_meta_key();
+        let Some(bytes) = store.meta(&key)? else {
+            return Ok(());
+        };
+        let rows: Vec<PendingRow> = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: store.path().to_path_buf(),
+            what: key,
+            reason: e.to_string(),
+        })?;
+        for p in rows {
+            let key = hex::decode(&p.key).unwrap_or_default().into_boxed_slice();
+            self.pending.insert((p.time, p.row), key);
+            self.triggers.insert(p.row, p.trigger);
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, store: &StateStore, key: &[u8]) -> Result<&mut Entry, StateError> {
+        if !self.cache.contains_key(key) {
+            let value = store.get(&self.store_key(key))?.unwrap_or_default();
+            self.cache_bytes += key.len() + value.capacity() + 64;
+            self.cache.insert(key.into(), Entry { value, dirty: false });
+        }
+        Ok(self.cache.get_mut(key).expect("inserted above"))
+    }
+
+    /// Adds the rows `pre` produced for a batch of `events`. Returns the keys that got rows,
+    /// with how many (grouped windows decide those keys).
+    /// `before` is the clock before the batch: rows no frame still due can reach are dropped.
+    pub fn add(
+        &mut self,
+        split: &WindowSplit,
+        store: &StateStore,
+        before: Clock,
+        clock: Clock,
+        pre: &[RecordBatch],
+        events: &EventBatch,
+    ) -> Result<Touched, String> {
+        let mut by_key: HashMap<Box<[u8]>, NewRows> = HashMap::new();
+        for batch in pre {
+            let n = batch.num_rows();
+            if n == 0 {
+                continue;
+            }
+            let keys = match &self.key_converter {
+                Some(converter) => {
+                    let columns = split
+                        .keys
+                        .iter()
+                        .map(|k| k.evaluate(batch).and_then(|v| v.into_array(n)))
+                        .collect::<datafusion::common::Result<Vec<ArrayRef>>>()
+                        .map_err(|e| e.to_string())?;
+                    Some(converter.convert_columns(&columns).map_err(|e| e.to_string())?)
+                }
+                None => None,
+            };
+            let rows = self
+                .row_converter
+                .convert_columns(batch.columns())
+                .map_err(|e| e.to_string())?;
+            let times = column::<TimestampMicrosecondArray>(batch, split.time_index)?;
+            let ids = column::<UInt64Array>(batch, split.row_index)?;
+            for i in 0..n {
+                if times.is_null(i) {
+                    continue;
+                }
+                let key: Box<[u8]> = keys
+                    .as_ref()
+                    .map_or_else(|| Box::from([]), |k| k.row(i).as_ref().into());
+                by_key.entry(key).or_default().push((
+                    times.value(i),
+                    ids.value(i),
+                    rows.row(i).as_ref().to_vec(),
+                ));
+            }
+        }
+        let keep_from = before.watermark().saturating_sub(micros(split.reach));
+        let horizon = micros(split.reach).saturating_add(clock.lateness);
+        let mut touched = Vec::with_capacity(by_key.len());
+        for (key, mut new) in by_key {
+            new.sort_by_key(|(t, r, _)| (*t, *r));
+            if split.kind == StateKind::Sliding {
+                for (t, r, _) in &new {
+                    self.pending.insert((*t, *r), key.clone());
+                    if let Some(i) = events.index_of(*r) {
+                        self.triggers.insert(*r, Trigger::of(events, i));
+                    }
+                }
+            }
+            let entry = self.entry(store, &key).map_err(|e| e.to_string())?;
+            if flags(&entry.value) & FIRED != 0 {
+                continue;
+            }
+            let before = entry.value.capacity();
+            let mut merged = Vec::with_capacity(
+                entry.value.len() + new.iter().map(|n| n.2.len() + ROW_HEADER).sum::<usize>(),
+            );
+            set_header(&mut merged, 0, 0);
+            let mut old = rows_of(&entry.value)
+                .filter(|r| split.kind == StateKind::Grouped || r.time >= keep_from)
+                .peekable();
+            let mut fresh = new.iter().peekable();
+            loop {
+                let take_old = match (old.peek(), fresh.peek()) {
+                    (Some(o), Some(f)) => (o.time, o.row) <= (f.0, f.1),
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (None, None) => break,
+                };
+                if take_old {
+                    push_row(&mut merged, old.next().expect("peeked"));
+                } else {
+                    let (time, row, bytes) = fresh.next().expect("peeked");
+                    push_row(
+                        &mut merged,
+                        StoredRow {
+                            time: *time,
+                            row: *row,
+                            bytes,
+                        },
+                    );
+                }
+            }
+            drop(old);
+            let newest = rows_of(&merged).last().map_or(i64::MIN, |r| r.time);
+            set_header(&mut merged, newest.saturating_add(horizon), 0);
+            entry.value = merged;
+            entry.dirty = true;
+            let after = entry.value.capacity();
+            self.cache_bytes = (self.cache_bytes + after).saturating_sub(before);
+            touched.push((key, new.len()));
+        }
+        Ok(touched)
+    }
+
+    /// Sliding windows: decides every waiting row older than the watermark (all of them when
+    /// `all`, at the end of the input).
+    pub fn decide_sliding(
+        &mut self,
+        engine: &DetectorEngine,
+        detector: &CompiledDetector,
+        split: &WindowSplit,
+        store: &StateStore,
+        ctx: &DecideContext<'_>,
+        all: bool,
+    ) -> Result<Vec<(u64, Decision)>, String> {
+        let due = if all {
+            std::mem::take(&mut self.pending)
+        } else {
+            let later = self.pending.split_off(&(ctx.clock.watermark(), 0));
+            std::mem::replace(&mut self.pending, later)
+        };
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Per key: the time span of its due rows.
+        let mut spans: HashMap<&[u8], (i64, i64)> = HashMap::new();
+        for ((t, _), key) in &due {
+            let span = spans.entry(key).or_insert((*t, *t));
+            span.0 = span.0.min(*t);
+            span.1 = span.1.max(*t);
+        }
+        let keys: Vec<(&[u8], (i64, i64))> = spans.into_iter().collect();
+        for (key, _) in &keys {
+            self.entry(store, key).map_err(|e| e.to_string())?;
+        }
+        let reach = micros(split.reach);
+        let parser = self.row_converter.parser();
+        let mut input = Vec::new();
+        for (key, (from, to)) in &keys {
+            let entry = self.cache.get(*key).expect("loaded above");
+            input.extend(
+                rows_of(&entry.value)
+                    .filter(|r| r.time >= from.saturating_sub(reach) && r.time <= *to)
+                    .map(|r| parser.parse(r.bytes)),
+            );
+        }
+        let due_rows: HashSet<u64> = due.keys().map(|(_, r)| *r).collect();
+        let decided = self.run(
+            engine,
+            detector,
+            split,
+            &input,
+            |row| due_rows.contains(&row),
+            ctx,
+        );
+        for row in &due_rows {
+            self.triggers.remove(row);
+        }
+        decided
+    }
+
+    /// Runs the window part over `input` rows and decides the result rows `wanted` accepts.
+    fn run(
+        &self,
+        engine: &DetectorEngine,
+        detector: &CompiledDetector,
+        split: &WindowSplit,
+        input: &[datafusion::arrow::row::Row<'_>],
+        wanted: impl Fn(u64) -> bool,
+        ctx: &DecideContext<'_>,
+    ) -> Result<Vec<(u64, Decision)>, String> {
+        let results = self.post(engine, split, input)?;
+        let mut out = Vec::new();
+        for result in &results {
+            let Some(ids) = DecisionMaker::row_ids(detector, result) else {
+                continue;
+            };
+            for r in 0..result.num_rows() {
+                let row = ids.value(r);
+                if !wanted(row) {
+                    continue;
+                }
+                let trigger = match ctx.events.and_then(|e| e.index_of(row).map(|i| (e, i))) {
+                    Some((events, i)) => Trigger::of(events, i),
+                    None => match self.triggers.get(&row) {
+                        Some(t) => t.clone(),
+                        None => continue,
+                    },
+                };
+                out.push((
+                    row,
+                    ctx.decisions
+                        .decide_row(detector, result, r, &trigger, ctx.processed_at),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn post(
+        &self,
+        engine: &DetectorEngine,
+        split: &WindowSplit,
+        input: &[datafusion::arrow::row::Row<'_>],
+    ) -> Result<Vec<RecordBatch>, String> {
+        if input.is_empty() {
+            return Ok(Vec::new());
+        }
+        let columns = self
+            .row_converter
+            .convert_rows(input.iter().copied())
+            .map_err(|e| e.to_string())?;
+        let batch =
+            RecordBatch::try_new(Arc::clone(&split.pre_schema), columns).map_err(|e| e.to_string())?;
+        engine.run_post(split, &[batch]).map_err(|e| e.to_string())
+    }
+
+    /// Grouped windows: fires the groups in `touched` whose HAVING now holds, each at the first
+    /// of this batch's events after which it holds, and marks them fired.
+    pub fn decide_grouped(
+        &mut self,
+        engine: &DetectorEngine,
+        detector: &CompiledDetector,
+        split: &WindowSplit,
+        store: &StateStore,
+        ctx: &DecideContext<'_>,
+        touched: Touched,
+    ) -> Result<Vec<(u64, Decision)>, String> {
+        let Some(events) = ctx.events else {
+            return Ok(Vec::new());
+        };
+        let parser = self.row_converter.parser();
+        // The newest row of each touched group: the row id its result row carries.
+        let mut group_of_row: HashMap<u64, usize> = HashMap::new();
+        let mut input = Vec::new();
+        for (g, (key, _)) in touched.iter().enumerate() {
+            let Some(entry) = self.cache.get(key) else {
+                continue;
+            };
+            if flags(&entry.value) & FIRED != 0 {
+                continue;
+            }
+            let mut newest = None;
+            for r in rows_of(&entry.value) {
+                input.push(parser.parse(r.bytes));
+                newest = newest.max(Some(r.row));
+            }
+            if let Some(row) = newest {
+                group_of_row.insert(row, g);
+            }
+        }
+        let results = self.post(engine, split, &input)?;
+        let mut satisfied: Vec<usize> = Vec::new();
+        for result in &results {
+            let Some(ids) = DecisionMaker::row_ids(detector, result) else {
+                continue;
+            };
+            satisfied.extend((0..result.num_rows()).filter_map(|r| group_of_row.get(&ids.value(r)).copied()));
+        }
+        satisfied.sort_unstable();
+        satisfied.dedup();
+        let mut out = Vec::new();
+        for &g in &satisfied {
+            let entry = self.cache.get(&touched[g].0).expect("touched keys are cached");
+            let mut by_arrival: Vec<StoredRow<'_>> = rows_of(&entry.value).collect();
+            by_arrival.sort_by_key(|r| r.row);
+            let new = by_arrival
+                .iter()
+                .filter(|r| events.index_of(r.row).is_some())
+                .count();
+            let old = by_arrival.len() - new;
+            let prefix = |n: usize| -> Vec<_> {
+                by_arrival[..old + n]
+                    .iter()
+                    .map(|r| parser.parse(r.bytes))
+                    .collect()
+            };
+            // The smallest prefix of this batch's rows (in input order) after which HAVING
+            // holds: it holds with all of them, so search 1..=new.
+            let (mut lo, mut hi) = (1, new.max(1));
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                let fires = self
+                    .post(engine, split, &prefix(mid))?
+                    .iter()
+                    .any(|b| b.num_rows() > 0);
+                if fires {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            let last = by_arrival[old + lo - 1].row;
+            out.extend(self.run(engine, detector, split, &prefix(lo), |row| row == last, ctx)?);
+        }
+        // Fired groups keep only their header (the expiry) until the bucket has passed.
+        for g in satisfied {
+            let entry = self.entry(store, &touched[g].0).map_err(|e| e.to_string())?;
+            let expires = expires_at(&entry.value);
+            let before = entry.value.capacity();
+            entry.value = Vec::new();
+            set_header(&mut entry.value, expires, FIRED);
+            entry.dirty = true;
+            self.cache_bytes = self.cache_bytes.saturating_sub(before);
+        }
+        Ok(out)
+    }
+
+    /// Adds the changed keys and the waiting rows to `commit`; expired keys are deleted.
+    pub fn checkpoint(&mut self, clock: Clock, commit: &mut Commit) {
+        let now = clock.newest;
+        let mut expired = Vec::new();
+        for (key, entry) in &mut self.cache {
+            let gone = expires_at(&entry.value) < now;
+            if entry.dirty {
+                let store_key = {
+                    let mut k = self.tag.clone();
+                    k.extend_from_slice(key);
+                    k
+                };
+                commit
+                    .rows
+                    .push((store_key, (!gone).then(|| entry.value.clone())));
+                entry.dirty = false;
+            }
+            if gone {
+                expired.push(key.clone());
+            }
+        }
+        for key in expired {
+            if let Some(e) = self.cache.remove(&key) {
+                self.cache_bytes = self
+                    .cache_bytes
+                    .saturating_sub(key.len() + e.value.capacity() + 64);
+            }
+        }
+        let pending: Vec<PendingRow> = self
+            .pending
+            .iter()
+            .filter_map(|((time, row), key)| {
+                Some(PendingRow {
+                    time: *time,
+                    row: *row,
+                    key: hex::encode(key),
+                    trigger: self.triggers.get(row)?.clone(),
+                })
+            })
+            .collect();
+        commit.meta.push((
+            self.pending_meta_key(),
+            serde_json::to_vec(&pending).expect("pending rows serialise"),
+        ));
+    }
+
+    /// Drops clean cached keys until the cache holds at most `budget` bytes.
+    pub fn evict(&mut self, budget: usize) {
+        if self.cache_bytes <= budget {
+            return;
+        }
+        let mut freed = 0;
+        let excess = self.cache_bytes - budget;
+        self.cache.retain(|key, e| {
+            if freed >= excess || e.dirty {
+                return true;
+            }
+            freed += key.len() + e.value.capacity() + 64;
+            false
+        });
+        self.cache_bytes = self.cache_bytes.saturating_sub(freed);
+    }
+
+    /// Approximate bytes of cached keys.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_bytes
+    }
+
+    /// Keys cached in memory.
+    pub fn cached_keys(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Rows waiting to be decided.
+    pub fn waiting(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// What deciding needs besides the state.
+pub struct DecideContext<'a> {
+    /// The clock after the batch.
+    pub clock: Clock,
+    /// The batch being evaluated (`None` at the end of the input).
+    pub events: Option<&'a EventBatch>,
+    /// Decision maker of the pipeline.
+    pub decisions: &'a DecisionMaker,
+    /// Processing time stamp.
+    pub processed_at: &'a str,
+}
+
+fn micros(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Result<&T, String> {
+    batch
+        .columns()
+        .get(index)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| {
+            format!("internal: column {index} of the rows under the window has an unexpected type")
+        })
+}
