@@ -24,7 +24,7 @@ fn repo() -> PathBuf {
 /// ids start with `g-`: they select only their group key, because a streaming group fires
 /// with the values at the moment HAVING first holds while the batch query reports the
 /// bucket's final values).
-const DETECTORS: [(&str, &str, &str); 8] = [
+const DETECTORS: [(&str, &str, &str); 9] = [
     (
         "failures",
         "{{actor}}",
@@ -61,6 +61,15 @@ const DETECTORS: [(&str, &str, &str); 8] = [
         "SELECT team, n FROM (SELECT json_get_str(raw, 'team') AS team, count(*) OVER (PARTITION BY \
          json_get_str(raw, 'team') ORDER BY event_time RANGE BETWEEN INTERVAL '2 minutes' PRECEDING AND CURRENT ROW) AS n \
          FROM events WHERE action = 'Delete') WHERE n >= 6",
+    ),
+    (
+        // A window over a window: not incremental; its window part re-runs per touched key.
+        "nested",
+        "{{actor}}",
+        "SELECT actor, m FROM (SELECT actor, max(n) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW) AS m FROM (SELECT actor, event_time, \
+         count(*) OVER (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '2 minutes' PRECEDING \
+         AND CURRENT ROW) AS n FROM events WHERE outcome = 'Failure')) WHERE m >= 6",
     ),
     (
         "g-failures",
@@ -116,8 +125,12 @@ fn generated_events(n: usize, seed: u64) -> String {
     let actors = (n / 400).max(12) as f64;
     let mut t: i64 = 1_722_470_400; // 2024-08-01T00:00:00Z
     let mut out = String::with_capacity(n * 120);
+    // Every 500 events an "edge" actor starts failing: 4 failures, then a 5th exactly 15
+    // minutes after the first (inside `failures`' frame: RANGE includes its start), and a 6th
+    // 15 minutes and 1 second after the second one (the first has just left).
+    let mut edge: Option<(i64, u64, usize)> = None;
     for i in 0..n {
-        t += match next() % 60 {
+        let mut step = match next() % 60 {
             0 => 900,
             1 => 600,
             2 => 300,
@@ -125,21 +138,46 @@ fn generated_events(n: usize, seed: u64) -> String {
             k if k < 35 => 0,
             _ => 1,
         };
+        let mut edge_event = None;
+        if i % 500 == 250 && edge.is_none() {
+            edge = Some((t + step, i as u64, 0));
+        }
+        if let Some((start, id, done)) = edge {
+            let due = match done {
+                0..=3 => Some(start + 60 * done as i64),
+                4 => Some(start + 900),
+                5 => Some(start + 60 + 901),
+                _ => None,
+            };
+            match due {
+                Some(due) if t + step >= due => {
+                    step = due - t;
+                    edge_event = Some(id);
+                    edge = Some((start, id, done + 1));
+                }
+                Some(_) => {}
+                None => edge = None,
+            }
+        }
+        t += step.max(0);
         let u = (next() % 1_000_000) as f64 / 1_000_000.0;
-        let actor = (actors * u * u * u) as u64;
+        let actor = match edge_event {
+            Some(id) => format!("edge-{id}"),
+            None => format!("user-{}", (actors * u * u * u) as u64),
+        };
         let burst = (i / 40) % 7 == 3;
-        let outcome = if burst || next() % 5 == 0 {
+        let outcome = if edge_event.is_some() || burst || next() % 5 == 0 {
             "Failure"
         } else {
             "Success"
         };
         let action = ["Get", "List", "Put", "Delete", "Describe"][(next() % 5) as usize];
-        let ip = format!("10.0.{}.{}", actor % 3, next() % 6);
+        let ip = format!("10.0.{}.{}", actor.len() % 3, next() % 6);
         let bytes = next() % 10_000;
         let team = ["red", "blue", "green"][(next() % 3) as usize];
         let time = rampart_core::time::format_micros(t * 1_000_000);
         out.push_str(&format!(
-            "{{\"t\":\"{time}\",\"a\":\"user-{actor}\",\"x\":\"{action}\",\"ip\":\"{ip}\",\"o\":\"{outcome}\",\"bytes\":{bytes},\"team\":\"{team}\"}}\n"
+            "{{\"t\":\"{time}\",\"a\":\"{actor}\",\"x\":\"{action}\",\"ip\":\"{ip}\",\"o\":\"{outcome}\",\"bytes\":{bytes},\"team\":\"{team}\"}}\n"
         ));
     }
     out
@@ -207,8 +245,24 @@ fn assert_stream_equals_batch(dir: &Path, input: &Path, batch_sizes: &[usize], m
     let mut expected: Option<Vec<Row>> = None;
     for &batch_size in batch_sizes {
         let pipeline = Pipeline::load(&window_pipeline(dir, batch_size, "0s")).expect("loads");
+        if expected.is_none() {
+            // The planted edge cases: a 5th failure exactly one window after the first fires.
+            let text = std::fs::read_to_string(input).expect("read");
+            assert!(text.contains("edge-"), "the log has edge actors");
+        }
         assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
         assert_eq!(pipeline.detectors.len(), DETECTORS.len());
+        let incremental: Vec<&str> = pipeline
+            .detectors
+            .iter()
+            .filter(|d| d.split().is_some_and(|s| s.incremental.is_some()))
+            .map(|d| d.meta.id.as_str())
+            .collect();
+        assert_eq!(
+            incremental,
+            ["by-json-key", "failures", "range", "spread", "volume"],
+            "every single sliding window is maintained incrementally"
+        );
         let want = expected
             .get_or_insert_with(|| batch_rows(&pipeline, input))
             .clone();
@@ -216,6 +270,11 @@ fn assert_stream_equals_batch(dir: &Path, input: &Path, batch_sizes: &[usize], m
             let n = want.iter().filter(|r| r.0 == id).count();
             assert!(n >= min_rows, "{id} fires {n} times: too rarely to be a test");
         }
+        assert!(
+            want.iter()
+                .any(|r| r.0 == "failures" && r.2.contains("edge-") && r.2.contains("\"n\":5")),
+            "an edge actor's 5th failure, exactly 15 minutes after its 1st, fires"
+        );
         let (out, summary) = replay_collect(&pipeline, &[input]).expect("replays");
         assert_eq!(
             summary.late_records, 0,

@@ -23,10 +23,11 @@ use datafusion::arrow::row::{RowConverter, SortField};
 use serde::{Deserialize, Serialize};
 
 use rampart_core::Decision;
-use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowSplit};
+use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowAggregate, WindowSplit};
 
 use crate::decide::{DecisionMaker, Trigger};
 use crate::decode::EventBatch;
+use crate::incremental::{KeyAgg, Val};
 use crate::state::{Commit, StateError, StateStore, expires_at};
 
 /// Value layout: expires_at (i64 LE), flags (u8), then rows: time (i64 LE), row id (u64 LE),
@@ -35,6 +36,8 @@ const HEADER: usize = 9;
 const ROW_HEADER: usize = 20;
 /// Flag: the group already fired (grouped windows).
 const FIRED: u8 = 1;
+/// Flag: the value is an incremental key ([`KeyAgg`]).
+const INCREMENTAL: u8 = 2;
 
 /// One stored row.
 #[derive(Debug, Clone, Copy)]
@@ -96,8 +99,18 @@ impl Clock {
 }
 
 struct Entry {
+    /// The stored value (rows, or a fired group's header); for incremental detectors only
+    /// the header, the rest being `agg`.
     value: Vec<u8>,
     dirty: bool,
+    /// Incremental sliding windows: the key's frames and accumulators.
+    agg: Option<KeyAgg>,
+}
+
+impl Entry {
+    fn bytes(&self, key: &[u8]) -> usize {
+        key.len() + self.value.capacity() + self.agg.as_ref().map_or(0, KeyAgg::bytes) + 64
+    }
 }
 
 /// A row waiting to be decided, as persisted across restarts.
@@ -121,6 +134,8 @@ pub struct KeyedState {
     pending: BTreeMap<(i64, u64), Box<[u8]>>,
     /// Sliding windows: the events that produced the pending rows.
     triggers: HashMap<u64, Trigger>,
+    /// Incremental sliding windows: the aggregates (see [`crate::incremental`]).
+    aggregates: Option<Vec<WindowAggregate>>,
 }
 
 /// Rows of one batch for one key.
@@ -163,6 +178,7 @@ impl KeyedState {
             cache_bytes: 0,
             pending: BTreeMap::new(),
             triggers: HashMap::new(),
+            aggregates: split.incremental.as_ref().map(|i| i.aggregates.clone()),
         })
     }
 
@@ -201,11 +217,207 @@ impl KeyedState {
 
     fn entry(&mut self, store: &StateStore, key: &[u8]) -> Result<&mut Entry, StateError> {
         if !self.cache.contains_key(key) {
-            let value = store.get(&self.store_key(key))?.unwrap_or_default();
-            self.cache_bytes += key.len() + value.capacity() + 64;
-            self.cache.insert(key.into(), Entry { value, dirty: false });
+            let mut value = store.get(&self.store_key(key))?.unwrap_or_default();
+            let agg = match &self.aggregates {
+                Some(aggregates) => {
+                    let agg = match value.get(HEADER..) {
+                        Some(body) => {
+                            KeyAgg::decode(aggregates, body).ok_or_else(|| StateError::Corrupt {
+                                path: store.path().to_path_buf(),
+                                what: format!("window state of key {}", hex::encode(key)),
+                                reason: "does not decode".into(),
+                            })?
+                        }
+                        None => KeyAgg::new(aggregates),
+                    };
+                    value.truncate(HEADER);
+                    Some(agg)
+                }
+                None => None,
+            };
+            let entry = Entry {
+                value,
+                dirty: false,
+                agg,
+            };
+            self.cache_bytes += entry.bytes(key);
+            self.cache.insert(key.into(), entry);
         }
         Ok(self.cache.get_mut(key).expect("inserted above"))
+    }
+
+    /// Incremental sliding windows: adds a batch's rows to their keys' frames.
+    fn add_incremental(
+        &mut self,
+        split: &WindowSplit,
+        store: &StateStore,
+        clock: Clock,
+        pre: &[RecordBatch],
+        events: &EventBatch,
+    ) -> Result<(), String> {
+        let aggregates = self.aggregates.clone().unwrap_or_default();
+        let horizon = micros(split.reach).saturating_add(clock.lateness);
+        for batch in pre {
+            let n = batch.num_rows();
+            if n == 0 {
+                continue;
+            }
+            let keys = self.keys_of(split, batch)?;
+            let args = aggregates
+                .iter()
+                .map(|a| match &a.argument {
+                    Some(arg) => arg
+                        .evaluate(batch)
+                        .and_then(|v| v.into_array(n))
+                        .map_err(|e| e.to_string())
+                        .and_then(|a| Val::column(&a)),
+                    None => Ok(vec![Val::Null; n]),
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let rows = self
+                .row_converter
+                .convert_columns(batch.columns())
+                .map_err(|e| e.to_string())?;
+            let times = column::<TimestampMicrosecondArray>(batch, split.time_index)?;
+            let ids = column::<UInt64Array>(batch, split.row_index)?;
+            for i in 0..n {
+                if times.is_null(i) {
+                    continue;
+                }
+                let (time, row) = (times.value(i), ids.value(i));
+                let key: Box<[u8]> = keys
+                    .as_ref()
+                    .map_or_else(|| Box::from([]), |k| k.row(i).as_ref().into());
+                self.pending.insert((time, row), key.clone());
+                if let Some(e) = events.index_of(row) {
+                    self.triggers.insert(row, Trigger::of(events, e));
+                }
+                let entry = self.entry(store, &key).map_err(|e| e.to_string())?;
+                let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
+                agg.insert(
+                    time,
+                    row,
+                    args.iter().map(|a| a[i].clone()).collect(),
+                    rows.row(i).as_ref().into(),
+                );
+                let newest = agg.newest().unwrap_or(time);
+                set_header(&mut entry.value, newest.saturating_add(horizon), INCREMENTAL);
+                entry.dirty = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn keys_of(
+        &self,
+        split: &WindowSplit,
+        batch: &RecordBatch,
+    ) -> Result<Option<datafusion::arrow::row::Rows>, String> {
+        let Some(converter) = &self.key_converter else {
+            return Ok(None);
+        };
+        let n = batch.num_rows();
+        let columns = split
+            .keys
+            .iter()
+            .map(|k| k.evaluate(batch).and_then(|v| v.into_array(n)))
+            .collect::<datafusion::common::Result<Vec<ArrayRef>>>()
+            .map_err(|e| e.to_string())?;
+        converter
+            .convert_columns(&columns)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Incremental sliding windows: decides the due rows key by key, in time order, moving
+    /// each key's frames forward, then runs the query's part above the window over them.
+    fn decide_incremental(
+        &mut self,
+        engine: &DetectorEngine,
+        detector: &CompiledDetector,
+        split: &WindowSplit,
+        store: &StateStore,
+        ctx: &DecideContext<'_>,
+        due: BTreeMap<(i64, u64), Box<[u8]>>,
+    ) -> Result<Vec<(u64, Decision)>, String> {
+        let plan = split.incremental.as_ref().expect("incremental detector");
+        let mut by_key: HashMap<Box<[u8]>, Vec<(i64, u64)>> = HashMap::new();
+        for ((t, r), key) in due {
+            by_key.entry(key).or_default().push((t, r));
+        }
+        let mut rows: Vec<Box<[u8]>> = Vec::new();
+        let mut values: Vec<Vec<Val>> = vec![Vec::new(); plan.aggregates.len()];
+        let mut decided_rows = Vec::new();
+        for (key, due_rows) in by_key {
+            let entry = self.entry(store, &key).map_err(|e| e.to_string())?;
+            let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
+            for (t, r) in due_rows {
+                let Some((vals, bytes)) = agg.decide(&plan.aggregates, t, r) else {
+                    continue;
+                };
+                for (column, v) in values.iter_mut().zip(vals) {
+                    column.push(v);
+                }
+                rows.push(bytes);
+                decided_rows.push(r);
+            }
+            entry.dirty = true;
+        }
+        let result = if rows.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let parser = self.row_converter.parser();
+            let mut columns = self
+                .row_converter
+                .convert_rows(rows.iter().map(|b| parser.parse(b)))
+                .map_err(|e| e.to_string())?;
+            for (a, vals) in plan.aggregates.iter().zip(&values) {
+                columns.push(Val::array(vals, &a.output)?);
+            }
+            let batch =
+                RecordBatch::try_new(Arc::clone(&plan.above_input), columns).map_err(|e| e.to_string())?;
+            let results = engine.run_above(plan, batch).map_err(|e| e.to_string())?;
+            Ok(self.decisions_for(detector, &results, |_| true, ctx))
+        };
+        for row in decided_rows {
+            self.triggers.remove(&row);
+        }
+        result
+    }
+
+    /// Decisions for the result rows `wanted` accepts.
+    fn decisions_for(
+        &self,
+        detector: &CompiledDetector,
+        results: &[RecordBatch],
+        wanted: impl Fn(u64) -> bool,
+        ctx: &DecideContext<'_>,
+    ) -> Vec<(u64, Decision)> {
+        let mut out = Vec::new();
+        for result in results {
+            let Some(ids) = DecisionMaker::row_ids(detector, result) else {
+                continue;
+            };
+            for r in 0..result.num_rows() {
+                let row = ids.value(r);
+                if !wanted(row) {
+                    continue;
+                }
+                let trigger = match ctx.events.and_then(|e| e.index_of(row).map(|i| (e, i))) {
+                    Some((events, i)) => Trigger::of(events, i),
+                    None => match self.triggers.get(&row) {
+                        Some(t) => t.clone(),
+                        None => continue,
+                    },
+                };
+                out.push((
+                    row,
+                    ctx.decisions
+                        .decide_row(detector, result, r, &trigger, ctx.processed_at),
+                ));
+            }
+        }
+        out
     }
 
     /// Adds the rows `pre` produced for a batch of `events`. Returns the keys that got rows,
@@ -220,6 +432,10 @@ impl KeyedState {
         pre: &[RecordBatch],
         events: &EventBatch,
     ) -> Result<Touched, String> {
+        if self.aggregates.is_some() {
+            self.add_incremental(split, store, clock, pre, events)?;
+            return Ok(Vec::new());
+        }
         let mut by_key: HashMap<Box<[u8]>, NewRows> = HashMap::new();
         for batch in pre {
             let n = batch.num_rows();
@@ -337,6 +553,9 @@ impl KeyedState {
         if due.is_empty() {
             return Ok(Vec::new());
         }
+        if self.aggregates.is_some() {
+            return self.decide_incremental(engine, detector, split, store, ctx, due);
+        }
         // Per key: the time span of its due rows.
         let mut spans: HashMap<&[u8], (i64, i64)> = HashMap::new();
         for ((t, _), key) in &due {
@@ -385,31 +604,7 @@ impl KeyedState {
         ctx: &DecideContext<'_>,
     ) -> Result<Vec<(u64, Decision)>, String> {
         let results = self.post(engine, split, input)?;
-        let mut out = Vec::new();
-        for result in &results {
-            let Some(ids) = DecisionMaker::row_ids(detector, result) else {
-                continue;
-            };
-            for r in 0..result.num_rows() {
-                let row = ids.value(r);
-                if !wanted(row) {
-                    continue;
-                }
-                let trigger = match ctx.events.and_then(|e| e.index_of(row).map(|i| (e, i))) {
-                    Some((events, i)) => Trigger::of(events, i),
-                    None => match self.triggers.get(&row) {
-                        Some(t) => t.clone(),
-                        None => continue,
-                    },
-                };
-                out.push((
-                    row,
-                    ctx.decisions
-                        .decide_row(detector, result, r, &trigger, ctx.processed_at),
-                ));
-            }
-        }
-        Ok(out)
+        Ok(self.decisions_for(detector, &results, wanted, ctx))
     }
 
     fn post(
@@ -525,30 +720,36 @@ impl KeyedState {
     pub fn checkpoint(&mut self, clock: Clock, commit: &mut Commit) {
         let now = clock.newest;
         let mut expired = Vec::new();
+        let mut bytes = 0;
         for (key, entry) in &mut self.cache {
-            let gone = expires_at(&entry.value) < now;
+            let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(KeyAgg::is_empty);
             if entry.dirty {
                 let store_key = {
                     let mut k = self.tag.clone();
                     k.extend_from_slice(key);
                     k
                 };
-                commit
-                    .rows
-                    .push((store_key, (!gone).then(|| entry.value.clone())));
+                let value = (!gone).then(|| match &entry.agg {
+                    Some(agg) => {
+                        let mut v = entry.value.clone();
+                        agg.encode(&mut v);
+                        v
+                    }
+                    None => entry.value.clone(),
+                });
+                commit.rows.push((store_key, value));
                 entry.dirty = false;
             }
             if gone {
                 expired.push(key.clone());
+            } else {
+                bytes += entry.bytes(key);
             }
         }
         for key in expired {
-            if let Some(e) = self.cache.remove(&key) {
-                self.cache_bytes = self
-                    .cache_bytes
-                    .saturating_sub(key.len() + e.value.capacity() + 64);
-            }
+            self.cache.remove(&key);
         }
+        self.cache_bytes = bytes;
         let pending: Vec<PendingRow> = self
             .pending
             .iter()
@@ -578,7 +779,7 @@ impl KeyedState {
             if freed >= excess || e.dirty {
                 return true;
             }
-            freed += key.len() + e.value.capacity() + 64;
+            freed += e.bytes(key);
             false
         });
         self.cache_bytes = self.cache_bytes.saturating_sub(freed);

@@ -6,6 +6,7 @@ pub mod decide;
 pub mod decode;
 #[cfg(test)]
 mod differential;
+pub mod incremental;
 pub mod keyed;
 pub mod mapping;
 pub mod naive;

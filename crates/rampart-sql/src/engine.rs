@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::default_table_source::provider_as_source;
 use datafusion::common::Column;
@@ -83,6 +83,51 @@ pub struct WindowSplit {
     pub time_index: usize,
     /// Column of `pre`'s output holding the hidden row id.
     pub row_index: usize,
+    /// For a single sliding window whose aggregates Rampart maintains itself: how.
+    pub incremental: Option<IncrementalPlan>,
+}
+
+/// A sliding-window detector evaluated incrementally: Rampart keeps each aggregate per key as
+/// rows enter and leave its frame, and runs only the part of the query *above* the window
+/// (`above`) on the decided rows with their window values.
+#[derive(Debug)]
+pub struct IncrementalPlan {
+    above: Arc<dyn ExecutionPlan>,
+    above_slot: BatchSlot,
+    /// What `above` reads: `pre`'s columns, then one column per aggregate.
+    pub above_input: SchemaRef,
+    /// The window's aggregates, in column order.
+    pub aggregates: Vec<WindowAggregate>,
+}
+
+/// One aggregate of a sliding window.
+#[derive(Debug, Clone)]
+pub struct WindowAggregate {
+    /// The function.
+    pub function: AggregateKind,
+    /// Its argument over `pre`'s output (`None` for `count(*)`).
+    pub argument: Option<Arc<dyn PhysicalExpr>>,
+    /// The frame length, in microseconds.
+    pub length: i64,
+    /// Type of the result column.
+    pub output: DataType,
+}
+
+/// Aggregates Rampart maintains incrementally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggregateKind {
+    /// `count(*)` / `count(x)`.
+    Count,
+    /// `count(DISTINCT x)`.
+    CountDistinct,
+    /// `sum(x)`.
+    Sum,
+    /// `avg(x)`.
+    Avg,
+    /// `min(x)`.
+    Min,
+    /// `max(x)`.
+    Max,
 }
 
 /// How a windowed detector uses its kept rows.
@@ -414,7 +459,12 @@ impl DetectorEngine {
             .map(|e| state.create_physical_expr(e.clone(), input_schema))
             .collect::<datafusion::common::Result<Vec<_>>>()?;
         let post = self.runtime.block_on(state.create_physical_plan(&post))?;
+        let incremental = match kind {
+            StateKind::Sliding => self.incremental_plan(logical, input)?,
+            StateKind::Grouped => None,
+        };
         Ok(Ok(WindowSplit {
+            incremental,
             pre_schema: pre.schema(),
             pre,
             post,
@@ -426,6 +476,125 @@ impl DetectorEngine {
             time_index,
             row_index,
         }))
+    }
+
+    /// For a query with one window node whose aggregates Rampart can maintain (count, count
+    /// DISTINCT, sum, avg, min, max over integer, float or text arguments, as the types allow):
+    /// the plan above the window and the aggregates. `None`: the window part is re-run over
+    /// each touched key's rows instead (same answer, more work).
+    fn incremental_plan(
+        &self,
+        logical: &LogicalPlan,
+        input: &Arc<LogicalPlan>,
+    ) -> datafusion::common::Result<Option<IncrementalPlan>> {
+        let mut windows = Vec::new();
+        logical.apply(|node| {
+            if let LogicalPlan::Window(w) = node {
+                windows.push(w.clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let [window] = windows.as_slice() else {
+            return Ok(None);
+        };
+        let state = self.ctx.state();
+        let input_schema = input.schema();
+        let mut aggregates = Vec::new();
+        let offset = input_schema.fields().len();
+        for (i, expr) in window.window_expr.iter().enumerate() {
+            let Ok(spec) = crate::shape::sliding_window(unalias(expr)) else {
+                return Ok(None);
+            };
+            let Expr::WindowFunction(f) = unalias(expr) else {
+                return Ok(None);
+            };
+            let argument = match f.params.args.as_slice() {
+                [] => None,
+                [Expr::Literal(v, _)] if spec.function == "count" && !v.is_null() => None,
+                [arg] => Some(state.create_physical_expr(arg.clone(), input_schema)?),
+                _ => return Ok(None),
+            };
+            let arg_type = match &argument {
+                Some(a) => Some(a.data_type(input_schema.as_arrow())?),
+                None => None,
+            };
+            let numeric = |t: &DataType| t.is_integer() || matches!(t, DataType::Float64 | DataType::Float32);
+            let text = |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+            let function = match (spec.function.as_str(), spec.distinct, arg_type.as_ref()) {
+                ("count", false, _) => AggregateKind::Count,
+                ("count", true, Some(t)) if t.is_integer() || text(t) => AggregateKind::CountDistinct,
+                ("sum", false, Some(t)) if numeric(t) => AggregateKind::Sum,
+                ("avg", false, Some(t)) if numeric(t) => AggregateKind::Avg,
+                ("min", false, Some(t)) if numeric(t) || text(t) => AggregateKind::Min,
+                ("max", false, Some(t)) if numeric(t) || text(t) => AggregateKind::Max,
+                _ => return Ok(None),
+            };
+            let output = window.schema.field(offset + i).data_type().clone();
+            let supported_output = matches!(
+                (function, &output),
+                (
+                    AggregateKind::Count | AggregateKind::CountDistinct,
+                    DataType::Int64
+                ) | (AggregateKind::Avg, DataType::Float64)
+                    | (
+                        AggregateKind::Sum,
+                        DataType::Int64 | DataType::UInt64 | DataType::Float64
+                    )
+                    | (AggregateKind::Min | AggregateKind::Max, _)
+            );
+            if !supported_output {
+                return Ok(None);
+            }
+            aggregates.push(WindowAggregate {
+                function,
+                argument,
+                length: i64::try_from(spec.length.as_micros()).unwrap_or(i64::MAX),
+                output,
+            });
+        }
+        // The window's output becomes a scan the engine fills; everything above it stays.
+        let above_input = Arc::new(Schema::new(
+            window
+                .schema
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        let above_slot = BatchSlot::default();
+        let provider = Arc::new(EventsTable::new(Arc::clone(&above_input), above_slot.clone()));
+        let scan = LogicalPlanBuilder::scan("window_rows", provider_as_source(provider), None)?.build()?;
+        let renamed = window
+            .schema
+            .iter()
+            .enumerate()
+            .map(|(i, (qualifier, field))| {
+                Expr::Column(Column::new_unqualified(format!("c{i}")))
+                    .alias_qualified(qualifier.cloned(), field.name())
+            })
+            .collect();
+        let replacement = LogicalPlan::Projection(Projection::try_new(renamed, Arc::new(scan))?);
+        let above = logical
+            .clone()
+            .transform_up(|node| match node {
+                LogicalPlan::Window(_) => Ok(Transformed::yes(replacement.clone())),
+                other => Ok(Transformed::yes(other.recompute_schema()?)),
+            })?
+            .data;
+        let above = self.runtime.block_on(state.create_physical_plan(&above))?;
+        Ok(Some(IncrementalPlan {
+            above,
+            above_slot,
+            above_input,
+            aggregates,
+        }))
+    }
+
+    /// Runs the part of an incremental window detector above its window over `rows` (`pre`'s
+    /// columns and the window values, as [`IncrementalPlan::above_input`]).
+    pub fn run_above(&self, plan: &IncrementalPlan, rows: RecordBatch) -> Result<Vec<RecordBatch>> {
+        self.execute_over(&plan.above_slot, vec![rows], &plan.above, false)
     }
 
     /// Runs every detector on `batch`; one result per detector, in order. A detector that

@@ -9,7 +9,9 @@ pub mod predicate_order;
 pub mod sandbox;
 pub mod shape;
 
-pub use engine::{CompiledDetector, DetectorEngine, StateKind, WindowSplit};
+pub use engine::{
+    AggregateKind, CompiledDetector, DetectorEngine, IncrementalPlan, StateKind, WindowAggregate, WindowSplit,
+};
 pub use metadata::{DetectorMeta, ReasonTemplate};
 pub use shape::Shape;
 

@@ -92,7 +92,7 @@ const SLIDING_AGGREGATES: [&str; 5] = ["count", "sum", "min", "max", "avg"];
 
 /// Checks one window expression; `Err` says why it cannot be evaluated incrementally and what
 /// to write instead.
-fn sliding_window(expr: &Expr) -> Result<SlidingWindow, String> {
+pub fn sliding_window(expr: &Expr) -> Result<SlidingWindow, String> {
     let Expr::WindowFunction(w) = expr else {
         return Err(format!("`{expr}` is not a window function"));
     };

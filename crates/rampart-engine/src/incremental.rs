@@ -1,0 +1,579 @@
+//! Incremental sliding-window aggregates of one key: the rows of its frames (event time and
+//! the aggregates' arguments only), and one accumulator per aggregate that rows enter (when a
+//! decided row's time reaches them) and leave (when they fall out of its frame), in time order.
+//!
+//! The accumulators follow DataFusion's sliding window accumulators, so the values equal the
+//! batch query's: counts and distinct counts exactly, integer sums with the same wrapping,
+//! min/max by a monotonic queue, averages as `sum / count` in `f64` (DataFusion too adds rows
+//! entering the frame before removing those leaving it).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, Float64Array, Int64Array, StringArray, UInt64Array, new_null_array,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
+use rampart_sql::{AggregateKind, WindowAggregate};
+
+/// One argument value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val {
+    /// SQL NULL.
+    Null,
+    /// Signed integers.
+    Int(i64),
+    /// Unsigned integers.
+    UInt(u64),
+    /// Floats.
+    Float(f64),
+    /// Text.
+    Str(Arc<str>),
+}
+
+impl Eq for Val {}
+
+impl std::hash::Hash for Val {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match self {
+            Val::Null => 0u8.hash(state),
+            Val::Int(v) => v.hash(state),
+            Val::UInt(v) => v.hash(state),
+            Val::Float(v) => v.to_bits().hash(state),
+            Val::Str(s) => s.hash(state),
+        }
+    }
+}
+
+impl Val {
+    fn cmp_same(&self, other: &Val) -> std::cmp::Ordering {
+        use std::cmp::Ordering::Equal;
+        match (self, other) {
+            (Val::Int(a), Val::Int(b)) => a.cmp(b),
+            (Val::UInt(a), Val::UInt(b)) => a.cmp(b),
+            (Val::Float(a), Val::Float(b)) => a.total_cmp(b),
+            (Val::Str(a), Val::Str(b)) => a.cmp(b),
+            _ => Equal,
+        }
+    }
+
+    /// The values of `array` (integers, floats or text), one per row.
+    pub fn column(array: &ArrayRef) -> Result<Vec<Val>, String> {
+        let t = array.data_type();
+        let n = array.len();
+        let cast_to = |to: &DataType| cast(array, to).map_err(|e| e.to_string());
+        let out = if t.is_signed_integer() {
+            let a = cast_to(&DataType::Int64)?;
+            let a = a.as_any().downcast_ref::<Int64Array>().expect("cast to Int64");
+            (0..n)
+                .map(|i| {
+                    if a.is_null(i) {
+                        Val::Null
+                    } else {
+                        Val::Int(a.value(i))
+                    }
+                })
+                .collect()
+        } else if t.is_unsigned_integer() {
+            let a = cast_to(&DataType::UInt64)?;
+            let a = a.as_any().downcast_ref::<UInt64Array>().expect("cast to UInt64");
+            (0..n)
+                .map(|i| {
+                    if a.is_null(i) {
+                        Val::Null
+                    } else {
+                        Val::UInt(a.value(i))
+                    }
+                })
+                .collect()
+        } else if t.is_floating() {
+            let a = cast_to(&DataType::Float64)?;
+            let a = a
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .expect("cast to Float64");
+            (0..n)
+                .map(|i| {
+                    if a.is_null(i) {
+                        Val::Null
+                    } else {
+                        Val::Float(a.value(i))
+                    }
+                })
+                .collect()
+        } else {
+            let a = cast_to(&DataType::Utf8)?;
+            let a = a.as_any().downcast_ref::<StringArray>().expect("cast to Utf8");
+            (0..n)
+                .map(|i| {
+                    if a.is_null(i) {
+                        Val::Null
+                    } else {
+                        Val::Str(a.value(i).into())
+                    }
+                })
+                .collect()
+        };
+        Ok(out)
+    }
+
+    /// A column of `values` with type `to`.
+    pub fn array(values: &[Val], to: &DataType) -> Result<ArrayRef, String> {
+        let first = values.iter().find(|v| **v != Val::Null);
+        let array: ArrayRef = match first {
+            None => return Ok(new_null_array(to, values.len())),
+            Some(Val::Int(_)) => Arc::new(Int64Array::from_iter(values.iter().map(|v| match v {
+                Val::Int(x) => Some(*x),
+                _ => None,
+            }))),
+            Some(Val::UInt(_)) => Arc::new(UInt64Array::from_iter(values.iter().map(|v| match v {
+                Val::UInt(x) => Some(*x),
+                _ => None,
+            }))),
+            Some(Val::Float(_)) => Arc::new(Float64Array::from_iter(values.iter().map(|v| match v {
+                Val::Float(x) => Some(*x),
+                _ => None,
+            }))),
+            Some(Val::Str(_)) | Some(Val::Null) => {
+                Arc::new(StringArray::from_iter(values.iter().map(|v| match v {
+                    Val::Str(x) => Some(x.as_ref()),
+                    _ => None,
+                })))
+            }
+        };
+        if array.data_type() == to {
+            Ok(array)
+        } else {
+            cast(&array, to).map_err(|e| e.to_string())
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Val::Null => out.push(0),
+            Val::Int(v) => {
+                out.push(1);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            Val::UInt(v) => {
+                out.push(2);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            Val::Float(v) => {
+                out.push(3);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            Val::Str(s) => {
+                out.push(4);
+                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+        }
+    }
+
+    fn decode(input: &mut &[u8]) -> Option<Val> {
+        let (&tag, rest) = input.split_first()?;
+        *input = rest;
+        Some(match tag {
+            0 => Val::Null,
+            1 => Val::Int(i64::from_le_bytes(take(input, 8)?.try_into().ok()?)),
+            2 => Val::UInt(u64::from_le_bytes(take(input, 8)?.try_into().ok()?)),
+            3 => Val::Float(f64::from_le_bytes(take(input, 8)?.try_into().ok()?)),
+            4 => {
+                let len = u32::from_le_bytes(take(input, 4)?.try_into().ok()?) as usize;
+                Val::Str(std::str::from_utf8(take(input, len)?).ok()?.into())
+            }
+            _ => return None,
+        })
+    }
+}
+
+fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if input.len() < n {
+        return None;
+    }
+    let (head, rest) = input.split_at(n);
+    *input = rest;
+    Some(head)
+}
+
+/// One aggregate's running state over its current frame.
+#[derive(Debug, Clone)]
+enum Acc {
+    /// count(*) (`star`) or count(x).
+    Count {
+        star: bool,
+        n: i64,
+    },
+    Distinct(HashMap<Val, u32>),
+    Sum {
+        int: i64,
+        uint: u64,
+        float: f64,
+        n: i64,
+    },
+    Avg {
+        int: i128,
+        float: f64,
+        n: i64,
+    },
+    /// Monotonic queue of (sequence number, value): the front is the frame's min (or max).
+    Extreme {
+        max: bool,
+        queue: VecDeque<(u64, Val)>,
+    },
+}
+
+impl Acc {
+    fn new(a: &WindowAggregate) -> Self {
+        match a.function {
+            AggregateKind::Count => Acc::Count {
+                star: a.argument.is_none(),
+                n: 0,
+            },
+            AggregateKind::CountDistinct => Acc::Distinct(HashMap::new()),
+            AggregateKind::Sum => Acc::Sum {
+                int: 0,
+                uint: 0,
+                float: 0.0,
+                n: 0,
+            },
+            AggregateKind::Avg => Acc::Avg {
+                int: 0,
+                float: 0.0,
+                n: 0,
+            },
+            AggregateKind::Min | AggregateKind::Max => Acc::Extreme {
+                max: a.function == AggregateKind::Max,
+                queue: VecDeque::new(),
+            },
+        }
+    }
+
+    fn add(&mut self, v: &Val, seq: u64) {
+        match self {
+            Acc::Count { star, n } => {
+                if *star || *v != Val::Null {
+                    *n += 1;
+                }
+            }
+            Acc::Distinct(values) => {
+                if *v != Val::Null {
+                    *values.entry(v.clone()).or_default() += 1;
+                }
+            }
+            Acc::Sum { int, uint, float, n } => match v {
+                Val::Int(x) => {
+                    *int = int.wrapping_add(*x);
+                    *n += 1;
+                }
+                Val::UInt(x) => {
+                    *uint = uint.wrapping_add(*x);
+                    *n += 1;
+                }
+                Val::Float(x) => {
+                    *float += x;
+                    *n += 1;
+                }
+                _ => {}
+            },
+            Acc::Avg { int, float, n } => match v {
+                Val::Int(x) => {
+                    *int += i128::from(*x);
+                    *n += 1;
+                }
+                Val::UInt(x) => {
+                    *int += i128::from(*x);
+                    *n += 1;
+                }
+                Val::Float(x) => {
+                    *float += x;
+                    *n += 1;
+                }
+                _ => {}
+            },
+            Acc::Extreme { max, queue } => {
+                if *v == Val::Null {
+                    return;
+                }
+                while queue.back().is_some_and(|(_, b)| {
+                    let o = b.cmp_same(v);
+                    if *max { o.is_le() } else { o.is_ge() }
+                }) {
+                    queue.pop_back();
+                }
+                queue.push_back((seq, v.clone()));
+            }
+        }
+    }
+
+    fn retract(&mut self, v: &Val, seq: u64) {
+        match self {
+            Acc::Count { star, n } => {
+                if *star || *v != Val::Null {
+                    *n -= 1;
+                }
+            }
+            Acc::Distinct(values) => {
+                if let Some(c) = values.get_mut(v) {
+                    *c -= 1;
+                    if *c == 0 {
+                        values.remove(v);
+                    }
+                }
+            }
+            Acc::Sum { int, uint, float, n } => match v {
+                Val::Int(x) => {
+                    *int = int.wrapping_sub(*x);
+                    *n -= 1;
+                }
+                Val::UInt(x) => {
+                    *uint = uint.wrapping_sub(*x);
+                    *n -= 1;
+                }
+                Val::Float(x) => {
+                    *float -= x;
+                    *n -= 1;
+                }
+                _ => {}
+            },
+            Acc::Avg { int, float, n } => match v {
+                Val::Int(x) => {
+                    *int -= i128::from(*x);
+                    *n -= 1;
+                }
+                Val::UInt(x) => {
+                    *int -= i128::from(*x);
+                    *n -= 1;
+                }
+                Val::Float(x) => {
+                    *float -= x;
+                    *n -= 1;
+                }
+                _ => {}
+            },
+            Acc::Extreme { queue, .. } => {
+                if queue.front().is_some_and(|(s, _)| *s == seq) {
+                    queue.pop_front();
+                }
+            }
+        }
+    }
+
+    fn value(&self, kind: &Val) -> Val {
+        match self {
+            Acc::Count { n, .. } => Val::Int(*n),
+            Acc::Distinct(values) => Val::Int(values.len() as i64),
+            Acc::Sum { n: 0, .. } | Acc::Avg { n: 0, .. } => Val::Null,
+            Acc::Sum { int, uint, float, .. } => match kind {
+                Val::UInt(_) => Val::UInt(*uint),
+                Val::Float(_) => Val::Float(*float),
+                _ => Val::Int(*int),
+            },
+            Acc::Avg { int, float, n } => match kind {
+                Val::Float(_) => Val::Float(*float / *n as f64),
+                _ => Val::Float(*int as f64 / *n as f64),
+            },
+            Acc::Extreme { queue, .. } => queue.front().map_or(Val::Null, |(_, v)| v.clone()),
+        }
+    }
+}
+
+/// A key's frame rows and accumulators. Rows are in event-time order and numbered by a
+/// sequence (`front` is the number of `times[0]`); rows numbered below `added` are in the
+/// accumulators, and aggregate `i`'s frame starts at row `starts[i]`.
+#[derive(Debug, Clone)]
+pub struct KeyAgg {
+    times: VecDeque<i64>,
+    /// One value per row and aggregate (row-major).
+    args: VecDeque<Val>,
+    front: u64,
+    added: u64,
+    starts: Vec<u64>,
+    accs: Vec<Acc>,
+    /// The type each aggregate's argument had (Null for count(*)); decides the result kind.
+    kinds: Vec<Val>,
+    /// Rows not decided yet: event time, row id, the row's `pre` columns (Arrow row format).
+    pub pending: Vec<(i64, u64, Box<[u8]>)>,
+}
+
+impl KeyAgg {
+    /// An empty key.
+    pub fn new(aggregates: &[WindowAggregate]) -> Self {
+        Self {
+            times: VecDeque::new(),
+            args: VecDeque::new(),
+            front: 0,
+            added: 0,
+            starts: vec![0; aggregates.len()],
+            accs: aggregates.iter().map(Acc::new).collect(),
+            kinds: vec![Val::Null; aggregates.len()],
+            pending: Vec::new(),
+        }
+    }
+
+    fn stride(&self) -> usize {
+        self.accs.len()
+    }
+
+    /// Rows in the frames (not counting pending bytes).
+    pub fn rows(&self) -> usize {
+        self.times.len()
+    }
+
+    /// The newest event time held.
+    pub fn newest(&self) -> Option<i64> {
+        let frame = self.times.back().copied();
+        let pending = self.pending.last().map(|p| p.0);
+        frame.max(pending)
+    }
+
+    /// Approximate heap bytes.
+    pub fn bytes(&self) -> usize {
+        self.times.len() * (8 + 24 * self.stride())
+            + self.pending.iter().map(|p| p.2.len() + 40).sum::<usize>()
+            + 160
+    }
+
+    /// Adds a row that arrived: into the frame rows (after every row already in the
+    /// accumulators, so never before a decided row) and into the pending rows.
+    pub fn insert(&mut self, time: i64, row: u64, args: Vec<Val>, bytes: Box<[u8]>) {
+        for (kind, v) in self.kinds.iter_mut().zip(&args) {
+            if *kind == Val::Null && *v != Val::Null {
+                *kind = v.clone();
+            }
+        }
+        let first_free = (self.added - self.front) as usize;
+        let mut at = self.times.len();
+        while at > first_free && self.times[at - 1] > time {
+            at -= 1;
+        }
+        self.times.insert(at, time);
+        let stride = self.stride();
+        for (k, v) in args.into_iter().enumerate() {
+            self.args.insert(at * stride + k, v);
+        }
+        let p = self.pending.partition_point(|(t, r, _)| (*t, *r) <= (time, row));
+        self.pending.insert(p, (time, row, bytes));
+    }
+
+    /// The window values of the pending row (`time`, `row`), which must be final, and its
+    /// `pre` columns; frames move forward to it.
+    pub fn decide(
+        &mut self,
+        aggregates: &[WindowAggregate],
+        time: i64,
+        row: u64,
+    ) -> Option<(Vec<Val>, Box<[u8]>)> {
+        let stride = self.stride();
+        // Rows at or before `time` enter every frame...
+        while ((self.added - self.front) as usize) < self.times.len()
+            && self.times[(self.added - self.front) as usize] <= time
+        {
+            let i = (self.added - self.front) as usize;
+            for (k, acc) in self.accs.iter_mut().enumerate() {
+                acc.add(&self.args[i * stride + k], self.added);
+            }
+            self.added += 1;
+        }
+        // ...then rows older than each frame leave it.
+        for (k, acc) in self.accs.iter_mut().enumerate() {
+            let from = time.saturating_sub(aggregates[k].length);
+            while self.starts[k] < self.added && self.times[(self.starts[k] - self.front) as usize] < from {
+                let i = (self.starts[k] - self.front) as usize;
+                acc.retract(&self.args[i * stride + k], self.starts[k]);
+                self.starts[k] += 1;
+            }
+        }
+        let oldest = self.starts.iter().copied().min().unwrap_or(self.added);
+        while self.front < oldest {
+            self.times.pop_front();
+            for _ in 0..stride {
+                self.args.pop_front();
+            }
+            self.front += 1;
+        }
+        let values = self
+            .accs
+            .iter()
+            .zip(&self.kinds)
+            .map(|(a, k)| a.value(k))
+            .collect();
+        let p = self
+            .pending
+            .iter()
+            .position(|(t, r, _)| *t == time && *r == row)?;
+        let (_, _, bytes) = self.pending.remove(p);
+        Some((values, bytes))
+    }
+
+    /// Whether the key holds nothing (its frames moved past every row).
+    pub fn is_empty(&self) -> bool {
+        self.times.is_empty() && self.pending.is_empty()
+    }
+
+    /// Serialises for the state store (after the 9-byte header the caller writes).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.front.to_le_bytes());
+        out.extend_from_slice(&self.added.to_le_bytes());
+        out.extend_from_slice(&(self.starts.len() as u32).to_le_bytes());
+        for s in &self.starts {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+        for k in &self.kinds {
+            k.encode(out);
+        }
+        out.extend_from_slice(&(self.times.len() as u32).to_le_bytes());
+        for t in &self.times {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        for v in &self.args {
+            v.encode(out);
+        }
+        out.extend_from_slice(&(self.pending.len() as u32).to_le_bytes());
+        for (t, r, bytes) in &self.pending {
+            out.extend_from_slice(&t.to_le_bytes());
+            out.extend_from_slice(&r.to_le_bytes());
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
+    }
+
+    /// Reads what [`Self::encode`] wrote and rebuilds the accumulators from the frame rows.
+    pub fn decode(aggregates: &[WindowAggregate], mut input: &[u8]) -> Option<Self> {
+        let input = &mut input;
+        let u64_at =
+            |input: &mut &[u8]| -> Option<u64> { Some(u64::from_le_bytes(take(input, 8)?.try_into().ok()?)) };
+        let u32_at =
+            |input: &mut &[u8]| -> Option<u32> { Some(u32::from_le_bytes(take(input, 4)?.try_into().ok()?)) };
+        let mut agg = Self::new(aggregates);
+        agg.front = u64_at(input)?;
+        agg.added = u64_at(input)?;
+        let n = u32_at(input)? as usize;
+        if n != aggregates.len() {
+            return None;
+        }
+        agg.starts = (0..n).map(|_| u64_at(input)).collect::<Option<_>>()?;
+        agg.kinds = (0..n).map(|_| Val::decode(input)).collect::<Option<_>>()?;
+        let rows = u32_at(input)? as usize;
+        agg.times = (0..rows)
+            .map(|_| u64_at(input).map(|t| t as i64))
+            .collect::<Option<_>>()?;
+        agg.args = (0..rows * n).map(|_| Val::decode(input)).collect::<Option<_>>()?;
+        let pending = u32_at(input)? as usize;
+        for _ in 0..pending {
+            let t = u64_at(input)? as i64;
+            let r = u64_at(input)?;
+            let len = u32_at(input)? as usize;
+            agg.pending.push((t, r, take(input, len)?.into()));
+        }
+        for (k, acc) in agg.accs.iter_mut().enumerate() {
+            for seq in agg.starts[k]..agg.added {
+                let i = (seq - agg.front) as usize;
+                acc.add(&agg.args[i * n + k], seq);
+            }
+        }
+        Some(agg)
+    }
+}
