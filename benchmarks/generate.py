@@ -37,6 +37,8 @@ def main():
     p.add_argument("--rate", type=float, default=1000.0, help="events per second of event time")
     p.add_argument("--attack-share", type=float, default=0.001)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--round-robin", action="store_true",
+                   help="actor = event number modulo --actors (every actor appears; for state-size runs)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -58,7 +60,7 @@ def main():
         for i in range(a.events):
             template = rng.choice(attacks) if rng.random() < a.attack_share else rng.choice(benign)
             r = dict(template)
-            actor = bisect.bisect_left(cumulative, rng.random() * total)
+            actor = i % a.actors if a.round_robin else bisect.bisect_left(cumulative, rng.random() * total)
             account = "%012d" % (100000000000 + actor % 997)
             name = "user-%d" % actor
             ui = dict(r.get("userIdentity") or {})

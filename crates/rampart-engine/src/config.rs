@@ -75,7 +75,7 @@ struct RawState {
     dir: Option<PathBuf>,
     /// How late (in event time) an event may arrive and still be counted. Default 5m.
     allowed_lateness: Option<String>,
-    /// MiB of window state kept in memory (hot keys); the rest is read from RocksDB. Default 64.
+    /// MiB of window state kept in memory (hot keys); the rest is read from RocksDB. Default 256.
     cache_mb: Option<usize>,
 }
 
@@ -373,7 +373,7 @@ impl PipelineConfig {
                 default_block_for,
                 state_dir,
                 allowed_lateness,
-                state_cache_bytes: raw.state.cache_mb.unwrap_or(64) << 20,
+                state_cache_bytes: raw.state.cache_mb.unwrap_or(256) << 20,
             }),
             _ => Err(problems),
         }

@@ -24,8 +24,6 @@ pub struct Trigger {
     pub actor: String,
     /// Action.
     pub action: String,
-    /// The raw record (part of the decision id).
-    pub raw: String,
     /// Where it came from.
     pub position: SourcePosition,
 }
@@ -37,7 +35,6 @@ impl Trigger {
             time: events.event_time(i),
             actor: events.actor(i).to_string(),
             action: events.action(i).to_string(),
-            raw: events.raw(i).to_string(),
             position: events.positions[i].clone(),
         }
     }
@@ -133,7 +130,7 @@ impl DecisionMaker {
             .part(&detector.version)
             .part(&actor)
             .part(event_time.to_le_bytes())
-            .part(&trigger.raw)
+            .part(trigger.position.to_string())
             .finish();
         Decision {
             schema_version: DECISION_SCHEMA_VERSION,

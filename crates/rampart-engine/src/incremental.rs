@@ -458,14 +458,30 @@ impl KeyAgg {
         self.pending.insert(p, (time, row, bytes));
     }
 
-    /// The window values of the pending row (`time`, `row`), which must be final, and its
-    /// `pre` columns; frames move forward to it.
-    pub fn decide(
+    /// The oldest pending time.
+    pub fn oldest_pending(&self) -> Option<i64> {
+        self.pending.first().map(|p| p.0)
+    }
+
+    /// Decides the pending rows older than `limit` (all with `None`), in time order: their
+    /// row ids, window values and `pre` columns.
+    pub fn decide_until(
         &mut self,
         aggregates: &[WindowAggregate],
-        time: i64,
-        row: u64,
-    ) -> Option<(Vec<Val>, Box<[u8]>)> {
+        limit: Option<i64>,
+    ) -> Vec<(u64, Vec<Val>, Box<[u8]>)> {
+        let due = match limit {
+            Some(limit) => self.pending.partition_point(|p| p.0 < limit),
+            None => self.pending.len(),
+        };
+        let rows: Vec<(i64, u64, Box<[u8]>)> = self.pending.drain(..due).collect();
+        rows.into_iter()
+            .map(|(time, row, bytes)| (row, self.values_at(aggregates, time), bytes))
+            .collect()
+    }
+
+    /// Moves every frame to end at `time` and returns the aggregates' values.
+    fn values_at(&mut self, aggregates: &[WindowAggregate], time: i64) -> Vec<Val> {
         let stride = self.stride();
         // Rows at or before `time` enter every frame...
         while ((self.added - self.front) as usize) < self.times.len()
@@ -494,18 +510,11 @@ impl KeyAgg {
             }
             self.front += 1;
         }
-        let values = self
-            .accs
+        self.accs
             .iter()
             .zip(&self.kinds)
             .map(|(a, k)| a.value(k))
-            .collect();
-        let p = self
-            .pending
-            .iter()
-            .position(|(t, r, _)| *t == time && *r == row)?;
-        let (_, _, bytes) = self.pending.remove(p);
-        Some((values, bytes))
+            .collect()
     }
 
     /// Whether the key holds nothing (its frames moved past every row).

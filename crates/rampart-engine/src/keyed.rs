@@ -14,7 +14,7 @@
 //! by evaluating prefixes of the batch's new rows), and then keeps no rows until its bucket
 //! has passed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt64Array};
@@ -25,10 +25,11 @@ use serde::{Deserialize, Serialize};
 use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowAggregate, WindowSplit};
 
-use crate::decide::{DecisionMaker, Trigger};
-use crate::decode::EventBatch;
+use crate::decide::DecisionMaker;
 use crate::incremental::{KeyAgg, Val};
 use crate::state::{Commit, StateError, StateStore, expires_at};
+use crate::triggers::TriggerStore;
+use rustc_hash::FxHashMap;
 
 /// Value layout: expires_at (i64 LE), flags (u8), then rows: time (i64 LE), row id (u64 LE),
 /// length (u32 LE), Arrow row bytes; sorted by (time, row id).
@@ -105,6 +106,8 @@ struct Entry {
     dirty: bool,
     /// Incremental sliding windows: the key's frames and accumulators.
     agg: Option<KeyAgg>,
+    /// When it was last used ([`KeyedState::tick`]): eviction drops the least recent first.
+    used: u64,
 }
 
 impl Entry {
@@ -113,13 +116,13 @@ impl Entry {
     }
 }
 
-/// A row waiting to be decided, as persisted across restarts.
+/// A row waiting to be decided (or, for incremental windows, a key with such rows and the
+/// oldest one's time), as persisted across restarts.
 #[derive(Serialize, Deserialize)]
 struct PendingRow {
     time: i64,
     row: u64,
     key: String,
-    trigger: Trigger,
 }
 
 /// The state of one windowed detector.
@@ -128,14 +131,16 @@ pub struct KeyedState {
     tag: Vec<u8>,
     key_converter: Option<RowConverter>,
     row_converter: RowConverter,
-    cache: HashMap<Box<[u8]>, Entry>,
+    cache: FxHashMap<Box<[u8]>, Entry>,
     cache_bytes: usize,
-    /// Sliding windows: rows not yet decided, by (time, row id), with their key.
+    /// Sliding windows re-run per key: rows not yet decided, by (time, row id), with their key.
     pending: BTreeMap<(i64, u64), Box<[u8]>>,
-    /// Sliding windows: the events that produced the pending rows.
-    triggers: HashMap<u64, Trigger>,
+    /// Incremental sliding windows: the keys with rows not decided yet, by their oldest.
+    due: BTreeSet<(i64, Box<[u8]>)>,
     /// Incremental sliding windows: the aggregates (see [`crate::incremental`]).
     aggregates: Option<Vec<WindowAggregate>>,
+    /// Counts batches, to know which cached keys were used recently.
+    tick: u64,
 }
 
 /// Rows of one batch for one key.
@@ -174,11 +179,12 @@ impl KeyedState {
             tag,
             key_converter,
             row_converter,
-            cache: HashMap::new(),
+            cache: FxHashMap::default(),
             cache_bytes: 0,
             pending: BTreeMap::new(),
-            triggers: HashMap::new(),
+            due: BTreeSet::new(),
             aggregates: split.incremental.as_ref().map(|i| i.aggregates.clone()),
+            tick: 0,
         })
     }
 
@@ -209,8 +215,11 @@ impl KeyedState {
         })?;
         for p in rows {
             let key = hex::decode(&p.key).unwrap_or_default().into_boxed_slice();
-            self.pending.insert((p.time, p.row), key);
-            self.triggers.insert(p.row, p.trigger);
+            if self.aggregates.is_some() {
+                self.due.insert((p.time, key));
+            } else {
+                self.pending.insert((p.time, p.row), key);
+            }
         }
         Ok(())
     }
@@ -239,11 +248,14 @@ impl KeyedState {
                 value,
                 dirty: false,
                 agg,
+                used: 0,
             };
             self.cache_bytes += entry.bytes(key);
             self.cache.insert(key.into(), entry);
         }
-        Ok(self.cache.get_mut(key).expect("inserted above"))
+        let entry = self.cache.get_mut(key).expect("inserted above");
+        entry.used = self.tick;
+        Ok(entry)
     }
 
     /// Incremental sliding windows: adds a batch's rows to their keys' frames.
@@ -253,7 +265,6 @@ impl KeyedState {
         store: &StateStore,
         clock: Clock,
         pre: &[RecordBatch],
-        events: &EventBatch,
     ) -> Result<(), String> {
         let aggregates = self.aggregates.clone().unwrap_or_default();
         let horizon = micros(split.reach).saturating_add(clock.lateness);
@@ -263,7 +274,7 @@ impl KeyedState {
                 continue;
             }
             let keys = self.keys_of(split, batch)?;
-            let args = aggregates
+            let mut args = aggregates
                 .iter()
                 .map(|a| match &a.argument {
                     Some(arg) => arg
@@ -280,29 +291,35 @@ impl KeyedState {
                 .map_err(|e| e.to_string())?;
             let times = column::<TimestampMicrosecondArray>(batch, split.time_index)?;
             let ids = column::<UInt64Array>(batch, split.row_index)?;
-            for i in 0..n {
-                if times.is_null(i) {
-                    continue;
-                }
-                let (time, row) = (times.value(i), ids.value(i));
-                let key: Box<[u8]> = keys
-                    .as_ref()
-                    .map_or_else(|| Box::from([]), |k| k.row(i).as_ref().into());
-                self.pending.insert((time, row), key.clone());
-                if let Some(e) = events.index_of(row) {
-                    self.triggers.insert(row, Trigger::of(events, e));
-                }
-                let entry = self.entry(store, &key).map_err(|e| e.to_string())?;
+            // One cache lookup per key and batch.
+            let mut by_key: FxHashMap<&[u8], Vec<usize>> = FxHashMap::default();
+            for i in (0..n).filter(|i| !times.is_null(*i)) {
+                let key: &[u8] = keys.as_ref().map_or(&[], |k| k.row(i).data());
+                by_key.entry(key).or_default().push(i);
+            }
+            for (key, indices) in by_key {
+                let entry = self.entry(store, key).map_err(|e| e.to_string())?;
                 let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
-                agg.insert(
-                    time,
-                    row,
-                    args.iter().map(|a| a[i].clone()).collect(),
-                    rows.row(i).as_ref().into(),
-                );
-                let newest = agg.newest().unwrap_or(time);
+                let oldest_before = agg.oldest_pending();
+                for i in indices {
+                    let values = args
+                        .iter_mut()
+                        .map(|a| std::mem::replace(&mut a[i], Val::Null))
+                        .collect();
+                    agg.insert(times.value(i), ids.value(i), values, rows.row(i).as_ref().into());
+                }
+                let oldest = agg.oldest_pending();
+                let newest = agg.newest().unwrap_or(i64::MIN);
                 set_header(&mut entry.value, newest.saturating_add(horizon), INCREMENTAL);
                 entry.dirty = true;
+                if oldest != oldest_before {
+                    if let Some(o) = oldest_before {
+                        self.due.remove(&(o, Box::from(key)));
+                    }
+                    if let Some(o) = oldest {
+                        self.due.insert((o, Box::from(key)));
+                    }
+                }
             }
         }
         Ok(())
@@ -329,8 +346,9 @@ impl KeyedState {
             .map_err(|e| e.to_string())
     }
 
-    /// Incremental sliding windows: decides the due rows key by key, in time order, moving
-    /// each key's frames forward, then runs the query's part above the window over them.
+    /// Incremental sliding windows: decides the rows older than the watermark (all at the
+    /// end of the input) key by key, in time order, moving each key's frames forward, then runs
+    /// the query's part above the window over them.
     fn decide_incremental(
         &mut self,
         engine: &DetectorEngine,
@@ -338,51 +356,57 @@ impl KeyedState {
         split: &WindowSplit,
         store: &StateStore,
         ctx: &DecideContext<'_>,
-        due: BTreeMap<(i64, u64), Box<[u8]>>,
+        all: bool,
     ) -> Result<Vec<(u64, Decision)>, String> {
         let plan = split.incremental.as_ref().expect("incremental detector");
-        let mut by_key: HashMap<Box<[u8]>, Vec<(i64, u64)>> = HashMap::new();
-        for ((t, r), key) in due {
-            by_key.entry(key).or_default().push((t, r));
+        let limit = (!all).then(|| ctx.clock.watermark());
+        let due_keys: Vec<Box<[u8]>> = match limit {
+            Some(limit) => {
+                let later = self.due.split_off(&(limit, Box::from([])));
+                std::mem::replace(&mut self.due, later)
+                    .into_iter()
+                    .map(|(_, k)| k)
+                    .collect()
+            }
+            None => std::mem::take(&mut self.due)
+                .into_iter()
+                .map(|(_, k)| k)
+                .collect(),
+        };
+        if due_keys.is_empty() {
+            return Ok(Vec::new());
         }
         let mut rows: Vec<Box<[u8]>> = Vec::new();
         let mut values: Vec<Vec<Val>> = vec![Vec::new(); plan.aggregates.len()];
-        let mut decided_rows = Vec::new();
-        for (key, due_rows) in by_key {
+        for key in due_keys {
             let entry = self.entry(store, &key).map_err(|e| e.to_string())?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
-            for (t, r) in due_rows {
-                let Some((vals, bytes)) = agg.decide(&plan.aggregates, t, r) else {
-                    continue;
-                };
+            for (_, vals, bytes) in agg.decide_until(&plan.aggregates, limit) {
                 for (column, v) in values.iter_mut().zip(vals) {
                     column.push(v);
                 }
                 rows.push(bytes);
-                decided_rows.push(r);
             }
             entry.dirty = true;
-        }
-        let result = if rows.is_empty() {
-            Ok(Vec::new())
-        } else {
-            let parser = self.row_converter.parser();
-            let mut columns = self
-                .row_converter
-                .convert_rows(rows.iter().map(|b| parser.parse(b)))
-                .map_err(|e| e.to_string())?;
-            for (a, vals) in plan.aggregates.iter().zip(&values) {
-                columns.push(Val::array(vals, &a.output)?);
+            if let Some(oldest) = agg.oldest_pending() {
+                self.due.insert((oldest, key));
             }
-            let batch =
-                RecordBatch::try_new(Arc::clone(&plan.above_input), columns).map_err(|e| e.to_string())?;
-            let results = engine.run_above(plan, batch).map_err(|e| e.to_string())?;
-            Ok(self.decisions_for(detector, &results, |_| true, ctx))
-        };
-        for row in decided_rows {
-            self.triggers.remove(&row);
         }
-        result
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let parser = self.row_converter.parser();
+        let mut columns = self
+            .row_converter
+            .convert_rows(rows.iter().map(|b| parser.parse(b)))
+            .map_err(|e| e.to_string())?;
+        for (a, vals) in plan.aggregates.iter().zip(&values) {
+            columns.push(Val::array(vals, &a.output)?);
+        }
+        let batch =
+            RecordBatch::try_new(Arc::clone(&plan.above_input), columns).map_err(|e| e.to_string())?;
+        let results = engine.run_above(plan, batch).map_err(|e| e.to_string())?;
+        Ok(self.decisions_for(detector, &results, |_| true, ctx))
     }
 
     /// Decisions for the result rows `wanted` accepts.
@@ -403,12 +427,8 @@ impl KeyedState {
                 if !wanted(row) {
                     continue;
                 }
-                let trigger = match ctx.events.and_then(|e| e.index_of(row).map(|i| (e, i))) {
-                    Some((events, i)) => Trigger::of(events, i),
-                    None => match self.triggers.get(&row) {
-                        Some(t) => t.clone(),
-                        None => continue,
-                    },
+                let Some(trigger) = ctx.triggers.get(row) else {
+                    continue;
                 };
                 out.push((
                     row,
@@ -420,7 +440,7 @@ impl KeyedState {
         out
     }
 
-    /// Adds the rows `pre` produced for a batch of `events`. Returns the keys that got rows,
+    /// Adds the rows `pre` produced for a batch. Returns the keys that got rows,
     /// with how many (grouped windows decide those keys).
     /// `before` is the clock before the batch: rows no frame still due can reach are dropped.
     pub fn add(
@@ -430,10 +450,10 @@ impl KeyedState {
         before: Clock,
         clock: Clock,
         pre: &[RecordBatch],
-        events: &EventBatch,
     ) -> Result<Touched, String> {
+        self.tick += 1;
         if self.aggregates.is_some() {
-            self.add_incremental(split, store, clock, pre, events)?;
+            self.add_incremental(split, store, clock, pre)?;
             return Ok(Vec::new());
         }
         let mut by_key: HashMap<Box<[u8]>, NewRows> = HashMap::new();
@@ -482,9 +502,6 @@ impl KeyedState {
             if split.kind == StateKind::Sliding {
                 for (t, r, _) in &new {
                     self.pending.insert((*t, *r), key.clone());
-                    if let Some(i) = events.index_of(*r) {
-                        self.triggers.insert(*r, Trigger::of(events, i));
-                    }
                 }
             }
             let entry = self.entry(store, &key).map_err(|e| e.to_string())?;
@@ -544,6 +561,9 @@ impl KeyedState {
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Result<Vec<(u64, Decision)>, String> {
+        if self.aggregates.is_some() {
+            return self.decide_incremental(engine, detector, split, store, ctx, all);
+        }
         let due = if all {
             std::mem::take(&mut self.pending)
         } else {
@@ -552,9 +572,6 @@ impl KeyedState {
         };
         if due.is_empty() {
             return Ok(Vec::new());
-        }
-        if self.aggregates.is_some() {
-            return self.decide_incremental(engine, detector, split, store, ctx, due);
         }
         // Per key: the time span of its due rows.
         let mut spans: HashMap<&[u8], (i64, i64)> = HashMap::new();
@@ -579,18 +596,14 @@ impl KeyedState {
             );
         }
         let due_rows: HashSet<u64> = due.keys().map(|(_, r)| *r).collect();
-        let decided = self.run(
+        self.run(
             engine,
             detector,
             split,
             &input,
             |row| due_rows.contains(&row),
             ctx,
-        );
-        for row in &due_rows {
-            self.triggers.remove(row);
-        }
-        decided
+        )
     }
 
     /// Runs the window part over `input` rows and decides the result rows `wanted` accepts.
@@ -753,13 +766,12 @@ impl KeyedState {
         let pending: Vec<PendingRow> = self
             .pending
             .iter()
-            .filter_map(|((time, row), key)| {
-                Some(PendingRow {
-                    time: *time,
-                    row: *row,
-                    key: hex::encode(key),
-                    trigger: self.triggers.get(row)?.clone(),
-                })
+            .map(|((time, row), key)| (*time, *row, key))
+            .chain(self.due.iter().map(|(time, key)| (*time, 0, key)))
+            .map(|(time, row, key)| PendingRow {
+                time,
+                row,
+                key: hex::encode(key),
             })
             .collect();
         commit.meta.push((
@@ -769,19 +781,31 @@ impl KeyedState {
     }
 
     /// Drops clean cached keys until the cache holds at most `budget` bytes.
+    /// Least recently used first, down to half the budget (so that eviction is rare).
     pub fn evict(&mut self, budget: usize) {
         if self.cache_bytes <= budget {
             return;
         }
+        let mut clean: Vec<(u64, usize, &Box<[u8]>)> = self
+            .cache
+            .iter()
+            .filter(|(_, e)| !e.dirty)
+            .map(|(k, e)| (e.used, e.bytes(k), k))
+            .collect();
+        clean.sort_unstable_by_key(|(used, _, _)| *used);
+        let excess = self.cache_bytes - budget / 2;
         let mut freed = 0;
-        let excess = self.cache_bytes - budget;
-        self.cache.retain(|key, e| {
-            if freed >= excess || e.dirty {
-                return true;
+        let mut drop = Vec::new();
+        for (_, bytes, key) in clean {
+            if freed >= excess {
+                break;
             }
-            freed += e.bytes(key);
-            false
-        });
+            freed += bytes;
+            drop.push(key.clone());
+        }
+        for key in drop {
+            self.cache.remove(&key);
+        }
         self.cache_bytes = self.cache_bytes.saturating_sub(freed);
     }
 
@@ -795,9 +819,9 @@ impl KeyedState {
         self.cache.len()
     }
 
-    /// Rows waiting to be decided.
+    /// Rows waiting to be decided (for incremental windows: keys with such rows).
     pub fn waiting(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.due.len()
     }
 }
 
@@ -806,11 +830,13 @@ pub struct DecideContext<'a> {
     /// The clock after the batch.
     pub clock: Clock,
     /// The batch being evaluated (`None` at the end of the input).
-    pub events: Option<&'a EventBatch>,
+    pub events: Option<&'a crate::decode::EventBatch>,
     /// Decision maker of the pipeline.
     pub decisions: &'a DecisionMaker,
     /// Processing time stamp.
     pub processed_at: &'a str,
+    /// The events behind rows not decided yet.
+    pub triggers: &'a TriggerStore,
 }
 
 fn micros(d: std::time::Duration) -> i64 {

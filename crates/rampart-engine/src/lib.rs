@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod replay;
 pub mod state;
 pub mod testing;
+pub mod triggers;
 
 pub use config::PipelineConfig;
 pub use decode::{DeadLetter, DeadLetterKind, EventBatch};

@@ -18,6 +18,7 @@ use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
 use crate::keyed::{Clock, DecideContext, KeyedState};
 use crate::naive::NaiveWindows;
 use crate::state::{Commit, StateError, StateStore};
+use crate::triggers::TriggerStore;
 
 /// Errors that stop a pipeline from loading at all.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,8 @@ struct Windows {
     progress: Progress,
     /// Events evaluated since the last checkpoint.
     since_checkpoint: usize,
+    /// The events behind rows not decided yet.
+    triggers: TriggerStore,
 }
 
 /// The clock and row numbering, as persisted.
@@ -209,6 +212,7 @@ impl Pipeline {
                 next_row: 0,
                 progress: Progress::new(),
                 since_checkpoint: 0,
+                triggers: TriggerStore::default(),
             }),
         };
         let windows = pipeline.open_windows()?;
@@ -230,6 +234,7 @@ impl Pipeline {
             next_row: 0,
             progress: Progress::new(),
             since_checkpoint: 0,
+            triggers: TriggerStore::default(),
         };
         let windowed = &self.detectors[self.per_event..];
         let store = match &self.state_choice {
@@ -250,6 +255,15 @@ impl Pipeline {
                 windows.clock.newest = stored.newest;
                 windows.next_row = stored.next_row;
                 store.advance_clock(stored.newest);
+            }
+            if let Some(bytes) = store.meta("triggers")? {
+                let triggers: Vec<(u64, crate::decide::Trigger)> =
+                    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                        path: store.path().to_path_buf(),
+                        what: "triggers".into(),
+                        reason: e.to_string(),
+                    })?;
+                windows.triggers.restore(triggers);
             }
             if let Some(bytes) = store.meta("progress")? {
                 windows.progress = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
@@ -377,7 +391,7 @@ impl Pipeline {
     pub fn wants_checkpoint(&self) -> bool {
         let windows = self.lock();
         let cached: usize = windows.keyed.iter().map(KeyedState::cache_bytes).sum();
-        windows.since_checkpoint >= 1 << 16 || cached > self.config.state_cache_bytes
+        windows.since_checkpoint >= 1 << 18 || cached > self.config.state_cache_bytes
     }
 
     /// Writes the window state changed since the last checkpoint, the rows still waiting, the
@@ -400,6 +414,11 @@ impl Pipeline {
         commit.meta.push((
             "clock".into(),
             serde_json::to_vec(&clock).expect("clock serialises"),
+        ));
+        let waiting = windows.triggers.waiting(windows.clock.watermark());
+        commit.meta.push((
+            "triggers".into(),
+            serde_json::to_vec(&waiting).expect("triggers serialise"),
         ));
         if self.is_persistent() {
             commit.meta.push((
@@ -479,26 +498,35 @@ impl Pipeline {
             None => None,
         };
         let clock = windows.clock;
-        let Windows { store, keyed, .. } = windows;
+        if let Some(e) = events {
+            windows.triggers.push(e);
+        }
+        let Windows {
+            store,
+            keyed,
+            triggers,
+            ..
+        } = windows;
         let Some(store) = store.as_ref() else { return };
         let ctx = DecideContext {
             clock,
             events,
             decisions: &self.decisions,
             processed_at,
+            triggers,
         };
         for (detector, state) in windowed.iter().zip(keyed.iter_mut()) {
             let split = detector.split().expect("windowed detectors have a split");
             let result = (|| -> Result<Vec<(u64, Decision)>, String> {
-                let touched = match (&on_time, events) {
-                    (Some(batch), Some(e)) => {
+                let touched = match &on_time {
+                    Some(batch) => {
                         let pre = self
                             .engine
                             .run_pre(split, batch.clone())
                             .map_err(|e| e.to_string())?;
-                        state.add(split, store, before, clock, &pre, e)?
+                        state.add(split, store, before, clock, &pre)?
                     }
-                    _ => Vec::new(),
+                    None => Vec::new(),
                 };
                 match split.kind {
                     StateKind::Sliding => {
@@ -513,6 +541,9 @@ impl Pipeline {
                 Ok(d) => decided.extend(d),
                 Err(e) => out.errors.push((detector.meta.id.clone(), e)),
             }
+        }
+        if events.is_some() {
+            triggers.prune(clock.watermark());
         }
     }
 

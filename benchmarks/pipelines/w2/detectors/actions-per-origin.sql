@@ -7,4 +7,4 @@ SELECT origin, actor, actions FROM (
   SELECT origin, actor, count(DISTINCT action) OVER (PARTITION BY origin ORDER BY event_time
          RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS actions
   FROM events)
-WHERE actions >= 60
+WHERE actions >= 200
