@@ -431,9 +431,25 @@ impl KeyAgg {
 
     /// Approximate heap bytes.
     pub fn bytes(&self) -> usize {
-        self.times.len() * (8 + 24 * self.stride())
-            + self.pending.iter().map(|p| p.2.len() + 40).sum::<usize>()
-            + 160
+        // Capacities, not lengths, plus allocator overhead: this bounds the real heap.
+        let vals = std::mem::size_of::<Val>();
+        let distinct: usize = self
+            .accs
+            .iter()
+            .map(|a| match a {
+                Acc::Distinct(m) => m.capacity() * (vals + 8) + 64,
+                Acc::Extreme { queue, .. } => queue.capacity() * (vals + 8) + 32,
+                _ => 0,
+            })
+            .sum();
+        self.times.capacity() * 8
+            + self.args.capacity() * vals
+            + self.pending.capacity() * 40
+            + self.pending.iter().map(|p| p.2.len() + 16).sum::<usize>()
+            + self.accs.capacity() * std::mem::size_of::<Acc>()
+            + (self.starts.capacity() + self.kinds.capacity()) * 24
+            + distinct
+            + 8 * 32
     }
 
     /// Adds a row that arrived: into the frame rows (after every row already in the

@@ -111,8 +111,9 @@ struct Entry {
 }
 
 impl Entry {
+    /// Approximate heap bytes (with the cache slot, the boxed key and allocator overhead).
     fn bytes(&self, key: &[u8]) -> usize {
-        key.len() + self.value.capacity() + self.agg.as_ref().map_or(0, KeyAgg::bytes) + 64
+        key.len() + self.value.capacity() + self.agg.as_ref().map_or(0, KeyAgg::bytes) + 160
     }
 }
 
@@ -298,6 +299,8 @@ impl KeyedState {
                 by_key.entry(key).or_default().push(i);
             }
             for (key, indices) in by_key {
+                // Counted as rows arrive; checkpoints recount exactly.
+                self.cache_bytes += indices.len() * (64 + aggregates.len() * std::mem::size_of::<Val>());
                 let entry = self.entry(store, key).map_err(|e| e.to_string())?;
                 let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
                 let oldest_before = agg.oldest_pending();
