@@ -16,6 +16,9 @@ for p in pipelines/*/; do
   "$CARGO_TARGET_DIR/release/rampart" check "$p"
   "$CARGO_TARGET_DIR/release/rampart" test "$p"
 done
+for p in benchmarks/pipelines/*/; do
+  "$CARGO_TARGET_DIR/release/rampart" check "$p"
+done
 echo "== cargo test" >&2
 # No doc tests: the crates have none, and an empty doc-test run must not close the log.
 log=$(mktemp)

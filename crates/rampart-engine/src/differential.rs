@@ -185,6 +185,34 @@ fn generated_events(n: usize, seed: u64) -> String {
 
 type Row = (String, u64, String);
 
+/// The first few rows only in `want` and only in `got` (as multisets; both sorted).
+fn differences<T: Ord + Clone>(want: &[T], got: &[T]) -> (Vec<T>, Vec<T>) {
+    let (mut i, mut j) = (0, 0);
+    let (mut missing, mut extra) = (Vec::new(), Vec::new());
+    while (i < want.len() || j < got.len()) && missing.len() + extra.len() < 6 {
+        match (want.get(i), got.get(j)) {
+            (Some(a), Some(b)) if a == b => {
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if a < b => {
+                missing.push(a.clone());
+                i += 1;
+            }
+            (Some(_), Some(b)) | (None, Some(b)) => {
+                extra.push(b.clone());
+                j += 1;
+            }
+            (Some(a), None) => {
+                missing.push(a.clone());
+                i += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (missing, extra)
+}
+
 /// (detector, line, evidence) of every decision; grouped windows by (detector, evidence).
 fn rows_of(decisions: &[Decision]) -> Vec<Row> {
     let mut rows: Vec<_> = decisions
@@ -281,8 +309,7 @@ fn assert_stream_equals_batch(dir: &Path, input: &Path, batch_sizes: &[usize], m
             "input in event-time order has no late events"
         );
         let got = rows_of(&out.decisions);
-        let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(3).collect();
-        let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).take(3).collect();
+        let (missing, extra) = differences(&want, &got);
         assert!(
             missing.is_empty() && extra.is_empty(),
             "batch size {batch_size}: missing {missing:?}, extra {extra:?}"
@@ -455,8 +482,7 @@ fn a_replay_stopped_and_resumed_decides_what_an_uninterrupted_one_does() {
         let mut got = first.decisions;
         got.extend(second.decisions);
         let got = content(&got, true);
-        let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(3).collect();
-        let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).take(3).collect();
+        let (missing, extra) = differences(&want, &got);
         assert!(
             missing.is_empty() && extra.is_empty(),
             "stopped after {cut} records: missing {missing:?}, extra {extra:?}"
