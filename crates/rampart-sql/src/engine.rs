@@ -730,6 +730,11 @@ mod tests {
         "SELECT actor, count(*) AS n FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', event_time) HAVING count(*) > 100",
         "grouped window: 1h buckets per events.actor"
     )]
+    #[case::grouped_monotone_having(
+        "SELECT actor FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', event_time) \
+         HAVING (100 <= count(DISTINCT action) OR min(length(action)) < 2) AND actor LIKE 'arn:%'",
+        "grouped window: 1h buckets per events.actor"
+    )]
     fn windows_compile_and_say_what_they_keep(#[case] sql: &str, #[case] shape: &str) {
         let detector = compile(sql).expect("compiles");
         assert_eq!(detector.shape.to_string(), shape);
@@ -781,6 +786,14 @@ mod tests {
     #[case::date_bin_other_column(
         "SELECT actor, count(*) AS n FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', to_timestamp(action)) HAVING count(*) > 1",
         "date_bin must bucket event_time"
+    )]
+    #[case::having_that_can_stop_holding(
+        "SELECT actor, count(*) AS n FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', event_time) HAVING count(*) < 3",
+        "could stop holding as more events arrive"
+    )]
+    #[case::having_average(
+        "SELECT actor FROM events GROUP BY actor, date_bin(INTERVAL '1 hour', event_time) HAVING avg(length(action)) > 3",
+        "could stop holding as more events arrive"
     )]
     #[case::unbounded_group(
         "SELECT actor, count(*) AS n FROM events GROUP BY actor",

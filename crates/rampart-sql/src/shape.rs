@@ -277,6 +277,16 @@ pub fn classify(plan: &LogicalPlan) -> Result<Shape, String> {
                 }
                 None
             }
+            LogicalPlan::Filter(f) => match f.input.as_ref() {
+                LogicalPlan::Aggregate(agg) => {
+                    if let Err(reason) = having_only_becomes_true(&f.predicate, agg) {
+                        refusal = Some(reason);
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                    None
+                }
+                _ => None,
+            },
             LogicalPlan::Aggregate(agg) => {
                 let buckets: Vec<_> = agg.group_expr.iter().filter_map(date_bin_bucket).collect();
                 match buckets.as_slice() {
@@ -325,6 +335,84 @@ pub fn classify(plan: &LogicalPlan) -> Result<Shape, String> {
         (false, None) => Ok(Shape::SlidingWindow { windows }),
         (true, Some((bucket, keys))) => Ok(Shape::GroupedWindow { bucket, keys }),
         (true, None) => Ok(Shape::PerEvent),
+    }
+}
+
+/// A grouped window fires as soon as its HAVING holds, so HAVING may only use conditions that,
+/// once true, stay true as events arrive: increasing aggregates (count, count DISTINCT,
+/// approx_distinct, sum, max) above a constant, min below one, and conditions on the group key.
+fn having_only_becomes_true(
+    predicate: &Expr,
+    agg: &datafusion::logical_expr::Aggregate,
+) -> Result<(), String> {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    let outputs = agg.schema.fields();
+    let offset = agg.group_expr.len();
+    let function_of = |e: &Expr| -> Option<String> {
+        let mut e = unalias(e);
+        while let Expr::Cast(c) = e {
+            e = unalias(&c.expr);
+        }
+        let Expr::Column(c) = e else { return None };
+        let i = outputs.iter().position(|f| f.name() == &c.name)?;
+        let aggregate = agg.aggr_expr.get(i.checked_sub(offset)?)?;
+        match unalias(aggregate) {
+            Expr::AggregateFunction(f) => Some(f.func.name().to_string()),
+            _ => Some(String::new()),
+        }
+    };
+    let uses_aggregate = |e: &Expr| {
+        let mut found = false;
+        let _ = e.apply(|n| {
+            found |= function_of(n).is_some();
+            Ok(if found {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        });
+        found
+    };
+    let refuse = |e: &Expr| {
+        Err(format!(
+            "HAVING `{e}` could stop holding as more events arrive, but a grouped window fires as \
+             soon as HAVING holds; use conditions that only become true: count(...), sum(...) of \
+             non-negative values, max(...) or approx_distinct(...) > or >= a constant, min(...) < \
+             or <= a constant"
+        ))
+    };
+    match predicate {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And | Operator::Or,
+            right,
+        }) => {
+            having_only_becomes_true(left, agg)?;
+            having_only_becomes_true(right, agg)
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let (function, op, other) = match (function_of(left), function_of(right)) {
+                (Some(f), None) => (f, *op, right.as_ref()),
+                (None, Some(f)) => match op.swap() {
+                    Some(swapped) => (f, swapped, left.as_ref()),
+                    None => return refuse(predicate),
+                },
+                (None, None) if !uses_aggregate(predicate) => return Ok(()),
+                _ => return refuse(predicate),
+            };
+            if uses_aggregate(other) {
+                return refuse(predicate);
+            }
+            let increasing = matches!(function.as_str(), "count" | "sum" | "max" | "approx_distinct");
+            let fine = match op {
+                Operator::Gt | Operator::GtEq => increasing,
+                Operator::Lt | Operator::LtEq => function == "min",
+                _ => false,
+            };
+            if fine { Ok(()) } else { refuse(predicate) }
+        }
+        other if !uses_aggregate(other) => Ok(()),
+        other => refuse(other),
     }
 }
 
