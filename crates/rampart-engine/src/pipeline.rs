@@ -515,28 +515,68 @@ impl Pipeline {
             processed_at,
             triggers,
         };
-        for (detector, state) in windowed.iter().zip(keyed.iter_mut()) {
-            let split = detector.split().expect("windowed detectors have a split");
-            let result = (|| -> Result<Vec<(u64, Decision)>, String> {
-                let touched = match &on_time {
-                    Some(batch) => {
-                        let pre = self
-                            .engine
-                            .run_pre(split, batch.clone())
-                            .map_err(|e| e.to_string())?;
-                        state.add(split, store, before, clock, &pre)?
-                    }
-                    None => Vec::new(),
-                };
-                match split.kind {
-                    StateKind::Sliding => {
-                        state.decide_sliding(&self.engine, detector, split, store, &ctx, events.is_none())
-                    }
-                    StateKind::Grouped => {
-                        state.decide_grouped(&self.engine, detector, split, store, &ctx, touched)
-                    }
+        // The part below each window runs here (it reads the shared events slot); then the
+        // detectors' state work runs on two threads (each detector's state is its own).
+        let pres: Vec<Result<Vec<datafusion::arrow::record_batch::RecordBatch>, String>> = windowed
+            .iter()
+            .map(|detector| match &on_time {
+                Some(batch) => {
+                    let split = detector.split().expect("windowed detectors have a split");
+                    self.engine
+                        .run_pre(split, batch.clone())
+                        .map_err(|e| e.to_string())
                 }
-            })();
+                None => Ok(Vec::new()),
+            })
+            .collect();
+        let work = |detector: &CompiledDetector,
+                    state: &mut KeyedState,
+                    pre: Result<Vec<datafusion::arrow::record_batch::RecordBatch>, String>|
+         -> Result<Vec<(u64, Decision)>, String> {
+            let split = detector.split().expect("windowed detectors have a split");
+            let pre = pre?;
+            let touched = state.add(split, store, before, clock, &pre)?;
+            match split.kind {
+                StateKind::Sliding => {
+                    state.decide_sliding(&self.engine, detector, split, store, &ctx, events.is_none())
+                }
+                StateKind::Grouped => {
+                    state.decide_grouped(&self.engine, detector, split, store, &ctx, touched)
+                }
+            }
+        };
+        let jobs: Vec<_> = windowed
+            .iter()
+            .zip(keyed.iter_mut())
+            .zip(pres)
+            .enumerate()
+            .collect();
+        let (mine, theirs): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(i, _)| i % 2 == 0);
+        let work = &work;
+        let mut results = std::thread::scope(|scope| {
+            let other = (!theirs.is_empty()).then(|| {
+                std::thread::Builder::new()
+                    .name("rampart-windows".into())
+                    .spawn_scoped(scope, move || {
+                        theirs
+                            .into_iter()
+                            .map(|(i, ((d, state), pre))| (i, work(d, state, pre)))
+                            .collect::<Vec<_>>()
+                    })
+                    .expect("the OS can start a thread")
+            });
+            let mut results: Vec<_> = mine
+                .into_iter()
+                .map(|(i, ((d, state), pre))| (i, work(d, state, pre)))
+                .collect();
+            if let Some(handle) = other {
+                results.extend(handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            }
+            results
+        });
+        results.sort_by_key(|(i, _)| *i);
+        for (i, result) in results {
+            let detector = &windowed[i];
             match result {
                 Ok(d) => decided.extend(d),
                 Err(e) => out.errors.push((detector.meta.id.clone(), e)),
