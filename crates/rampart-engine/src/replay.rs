@@ -57,10 +57,10 @@ pub struct Summary {
     pub decisions: BTreeMap<(String, Verdict, Mode), u64>,
     /// Detector run-time failures per detector.
     pub detector_errors: BTreeMap<String, u64>,
-    /// Events per actor (for the busiest actors).
-    pub actor_events: HashMap<String, u64>,
-    /// Decisions per actor.
-    pub actor_decisions: HashMap<String, u64>,
+    /// Events per actor (for the busiest actors; exact up to [`HeavyHitters::CAPACITY`] actors).
+    pub actor_events: HeavyHitters,
+    /// Decisions per actor (likewise).
+    pub actor_decisions: HeavyHitters,
     /// Decisions per hour of event time (`YYYY-MM-DDTHH`).
     pub timeline: BTreeMap<String, u64>,
     /// Earliest and latest event time seen, in microseconds since the epoch.
@@ -82,16 +82,59 @@ impl Summary {
         self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    /// The `n` actors with most events, most first (ties by name).
+    /// The `n` actors with most decisions, then most events, most first (ties by name).
     pub fn busiest_actors(&self, n: usize) -> Vec<(&str, u64, u64)> {
-        let mut v: Vec<_> = self
+        let mut actors: Vec<&str> = self
             .actor_events
-            .iter()
-            .map(|(a, e)| (a.as_str(), *e, self.actor_decisions.get(a).copied().unwrap_or(0)))
+            .counts
+            .keys()
+            .chain(self.actor_decisions.counts.keys())
+            .map(String::as_str)
+            .collect();
+        actors.sort_unstable();
+        actors.dedup();
+        let mut v: Vec<_> = actors
+            .into_iter()
+            .map(|a| (a, self.actor_events.get(a), self.actor_decisions.get(a)))
             .collect();
         v.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then(a.0.cmp(b.0)));
         v.truncate(n);
         v
+    }
+}
+
+/// Counts per key in bounded memory (Misra-Gries): exact while at most [`Self::CAPACITY`] keys
+/// are seen; beyond that, every key with more than 1/CAPACITY of the total is kept, its count
+/// short by at most total/CAPACITY. A replay over millions of actors keeps its summary small.
+#[derive(Debug, Default, Clone)]
+pub struct HeavyHitters {
+    counts: HashMap<String, u64>,
+}
+
+impl HeavyHitters {
+    /// Keys tracked at most.
+    pub const CAPACITY: usize = 4096;
+
+    /// Counts one occurrence of `key`.
+    pub fn add(&mut self, key: &str) {
+        if let Some(n) = self.counts.get_mut(key) {
+            *n += 1;
+            return;
+        }
+        if self.counts.len() < Self::CAPACITY {
+            self.counts.insert(key.to_string(), 1);
+            return;
+        }
+        // Full: this key and every tracked one lose one occurrence.
+        self.counts.retain(|_, n| {
+            *n -= 1;
+            *n > 0
+        });
+    }
+
+    /// The count of `key` (0 if not tracked).
+    pub fn get(&self, key: &str) -> u64 {
+        self.counts.get(key).copied().unwrap_or(0)
     }
 }
 
@@ -336,12 +379,7 @@ fn consume(
                     None => (t, t),
                     Some((lo, hi)) => (lo.min(t), hi.max(t)),
                 });
-                match summary.actor_events.get_mut(events.actor(i)) {
-                    Some(n) => *n += 1,
-                    None => {
-                        summary.actor_events.insert(events.actor(i).to_string(), 1);
-                    }
-                }
+                summary.actor_events.add(events.actor(i));
             }
             record(pipeline.evaluate(&events), sink, summary)?;
             if pipeline.wants_checkpoint() {
@@ -374,7 +412,7 @@ fn record(
             .decisions
             .entry((d.detector.id.clone(), d.verdict, d.mode))
             .or_default() += 1;
-        *summary.actor_decisions.entry(d.actor.clone()).or_default() += 1;
+        summary.actor_decisions.add(&d.actor);
         *summary
             .timeline
             .entry(d.event_time.get(..13).unwrap_or_default().to_string())
