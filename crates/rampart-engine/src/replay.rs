@@ -450,3 +450,34 @@ pub fn replay_collect(pipeline: &Pipeline, inputs: &[&Path]) -> Result<(Collect,
     let summary = replay(pipeline, &inputs, &mut out)?;
     Ok((out, summary))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::HeavyHitters;
+
+    #[test]
+    fn heavy_hitters_are_exact_up_to_capacity_and_keep_the_busiest_beyond() {
+        let mut h = HeavyHitters::default();
+        for i in 0..HeavyHitters::CAPACITY {
+            h.add(&format!("actor-{i}"));
+        }
+        h.add("actor-7");
+        assert_eq!(h.get("actor-7"), 2);
+        assert_eq!(h.get("actor-8"), 1);
+        // A million one-off actors and one busy one (a tenth of the events).
+        let mut h = HeavyHitters::default();
+        for i in 0..1_000_000u32 {
+            h.add(&format!("one-off-{i}"));
+            if i % 9 == 0 {
+                h.add("busy");
+            }
+        }
+        let busy = h.get("busy");
+        let total = 1_000_000 + 1_000_000 / 9 + 1;
+        assert!(
+            busy <= 111_112 && busy + total / HeavyHitters::CAPACITY as u64 >= 111_112,
+            "{busy}"
+        );
+        assert!(h.counts.len() <= HeavyHitters::CAPACITY);
+    }
+}
