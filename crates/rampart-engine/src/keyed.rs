@@ -105,7 +105,8 @@ struct Entry {
     value: Vec<u8>,
     dirty: bool,
     /// Incremental sliding windows: the key's frames and accumulators.
-    agg: Option<KeyAgg>,
+    /// (Boxed: the cache's slots stay small, and keep their capacity after evictions.)
+    agg: Option<Box<KeyAgg>>,
     /// When it was last used ([`KeyedState::tick`]): eviction drops the least recent first.
     used: u64,
 }
@@ -113,7 +114,7 @@ struct Entry {
 impl Entry {
     /// Approximate heap bytes (with the cache slot, the boxed key and allocator overhead).
     fn bytes(&self, key: &[u8]) -> usize {
-        key.len() + self.value.capacity() + self.agg.as_ref().map_or(0, KeyAgg::bytes) + 160
+        key.len() + self.value.capacity() + self.agg.as_ref().map_or(0, |a| a.bytes() + 16) + 160
     }
 }
 
@@ -241,7 +242,8 @@ impl KeyedState {
                         None => KeyAgg::new(aggregates),
                     };
                     value.truncate(HEADER);
-                    Some(agg)
+                    value.shrink_to_fit();
+                    Some(Box::new(agg))
                 }
                 None => None,
             };
@@ -738,7 +740,7 @@ impl KeyedState {
         let mut expired = Vec::new();
         let mut bytes = 0;
         for (key, entry) in &mut self.cache {
-            let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(KeyAgg::is_empty);
+            let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(|a| a.is_empty());
             if entry.dirty {
                 let store_key = {
                     let mut k = self.tag.clone();
@@ -809,6 +811,7 @@ impl KeyedState {
         for key in drop {
             self.cache.remove(&key);
         }
+        self.cache.shrink_to_fit();
         self.cache_bytes = self.cache_bytes.saturating_sub(freed);
     }
 
