@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Replay throughput of the cloudtrail pipeline (17 per-event detectors) over a generated
+# Replay throughput of the cloudtrail pipeline (17 per-event + 6 threshold detectors) over a generated
 # CloudTrail-shaped log: median of RUNS runs, written to benchmarks/results/replay-DATE.md.
 #
 #   benchmarks/replay.sh                 # 1M events, 5 runs
@@ -34,7 +34,7 @@ out="benchmarks/results/replay-$(date -u +%Y-%m-%d).md"
   echo
   echo "| pipeline | detectors | events | runs (events/s) | median events/s |"
   echo "| --- | --- | --- | --- | --- |"
-  echo "| cloudtrail | 17 per-event | $EVENTS | ${rates[*]} | **$median** |"
+  echo "| cloudtrail | 17 per-event + 6 sliding windows | $EVENTS | ${rates[*]} | **$median** |"
   echo
   echo "Last run's summary:"
   echo
