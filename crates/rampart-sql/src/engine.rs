@@ -412,29 +412,8 @@ impl DetectorEngine {
                  computed), so that Rampart can tell when a row's window is complete"
             )));
         };
-        let post_input = Arc::new(Schema::new(
-            input_schema
-                .fields()
-                .iter()
-                .enumerate()
-                .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
-                .collect::<Vec<_>>(),
-        ));
-        let post_slot = BatchSlot::default();
-        let provider = Arc::new(EventsTable::new(Arc::clone(&post_input), post_slot.clone()));
-        let scan = LogicalPlanBuilder::scan("window_input", provider_as_source(provider), None)?.build()?;
-        let renamed = input_schema
-            .iter()
-            .enumerate()
-            .map(|(i, (qualifier, field))| {
-                Expr::Column(Column::new_unqualified(format!("c{i}")))
-                    .alias_qualified(qualifier.cloned(), field.name())
-            })
-            .collect();
-        let replacement = Arc::new(LogicalPlan::Projection(Projection::try_new(
-            renamed,
-            Arc::new(scan),
-        )?));
+        let (replacement, post_input, post_slot) = slot_scan("window_input", input_schema)?;
+        let replacement = Arc::new(replacement);
         let is_cut = |child: &Arc<LogicalPlan>| Arc::ptr_eq(child, input) || child.as_ref() == input.as_ref();
         let post = logical
             .clone()
@@ -553,28 +532,7 @@ impl DetectorEngine {
             });
         }
         // The window's output becomes a scan the engine fills; everything above it stays.
-        let above_input = Arc::new(Schema::new(
-            window
-                .schema
-                .fields()
-                .iter()
-                .enumerate()
-                .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
-                .collect::<Vec<_>>(),
-        ));
-        let above_slot = BatchSlot::default();
-        let provider = Arc::new(EventsTable::new(Arc::clone(&above_input), above_slot.clone()));
-        let scan = LogicalPlanBuilder::scan("window_rows", provider_as_source(provider), None)?.build()?;
-        let renamed = window
-            .schema
-            .iter()
-            .enumerate()
-            .map(|(i, (qualifier, field))| {
-                Expr::Column(Column::new_unqualified(format!("c{i}")))
-                    .alias_qualified(qualifier.cloned(), field.name())
-            })
-            .collect();
-        let replacement = LogicalPlan::Projection(Projection::try_new(renamed, Arc::new(scan))?);
+        let (replacement, above_input, above_slot) = slot_scan("window_rows", &window.schema)?;
         let above = logical
             .clone()
             .transform_up(|node| match node {
@@ -660,6 +618,36 @@ impl DetectorEngine {
         let batches = self.runtime.block_on(collect(stream))?;
         Ok(batches.into_iter().filter(|b| b.num_rows() > 0).collect())
     }
+}
+
+/// A scan of a batch slot that shows `schema`'s columns under their own names and qualifiers
+/// (the slot's batches have positional names `c0..`, all nullable): a stand-in for a cut-off
+/// part of a plan. Returns the plan, the slot's schema and the slot.
+fn slot_scan(
+    name: &str,
+    schema: &datafusion::common::DFSchema,
+) -> datafusion::common::Result<(LogicalPlan, SchemaRef, BatchSlot)> {
+    let slot_schema = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    let slot = BatchSlot::default();
+    let provider = Arc::new(EventsTable::new(Arc::clone(&slot_schema), slot.clone()));
+    let scan = LogicalPlanBuilder::scan(name, provider_as_source(provider), None)?.build()?;
+    let renamed = schema
+        .iter()
+        .enumerate()
+        .map(|(i, (qualifier, field))| {
+            Expr::Column(Column::new_unqualified(format!("c{i}")))
+                .alias_qualified(qualifier.cloned(), field.name())
+        })
+        .collect();
+    let plan = LogicalPlan::Projection(Projection::try_new(renamed, Arc::new(scan))?);
+    Ok((plan, slot_schema, slot))
 }
 
 fn has_join(plan: &Arc<dyn ExecutionPlan>) -> bool {
