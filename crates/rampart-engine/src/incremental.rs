@@ -253,46 +253,11 @@ impl Acc {
 
     fn add(&mut self, v: &Val, seq: u64) {
         match self {
-            Acc::Count { star, n } => {
-                if *star || *v != Val::Null {
-                    *n += 1;
-                }
-            }
             Acc::Distinct(values) => {
                 if *v != Val::Null {
                     *values.entry(v.clone()).or_default() += 1;
                 }
             }
-            Acc::Sum { int, uint, float, n } => match v {
-                Val::Int(x) => {
-                    *int = int.wrapping_add(*x);
-                    *n += 1;
-                }
-                Val::UInt(x) => {
-                    *uint = uint.wrapping_add(*x);
-                    *n += 1;
-                }
-                Val::Float(x) => {
-                    *float += x;
-                    *n += 1;
-                }
-                _ => {}
-            },
-            Acc::Avg { int, float, n } => match v {
-                Val::Int(x) => {
-                    *int += i128::from(*x);
-                    *n += 1;
-                }
-                Val::UInt(x) => {
-                    *int += i128::from(*x);
-                    *n += 1;
-                }
-                Val::Float(x) => {
-                    *float += x;
-                    *n += 1;
-                }
-                _ => {}
-            },
             Acc::Extreme { max, queue } => {
                 if *v == Val::Null {
                     return;
@@ -305,16 +270,12 @@ impl Acc {
                 }
                 queue.push_back((seq, v.clone()));
             }
+            counter => counter.shift(v, 1),
         }
     }
 
     fn retract(&mut self, v: &Val, seq: u64) {
         match self {
-            Acc::Count { star, n } => {
-                if *star || *v != Val::Null {
-                    *n -= 1;
-                }
-            }
             Acc::Distinct(values) => {
                 if let Some(c) = values.get_mut(v) {
                     *c -= 1;
@@ -323,41 +284,41 @@ impl Acc {
                     }
                 }
             }
-            Acc::Sum { int, uint, float, n } => match v {
-                Val::Int(x) => {
-                    *int = int.wrapping_sub(*x);
-                    *n -= 1;
-                }
-                Val::UInt(x) => {
-                    *uint = uint.wrapping_sub(*x);
-                    *n -= 1;
-                }
-                Val::Float(x) => {
-                    *float -= x;
-                    *n -= 1;
-                }
-                _ => {}
-            },
-            Acc::Avg { int, float, n } => match v {
-                Val::Int(x) => {
-                    *int -= i128::from(*x);
-                    *n -= 1;
-                }
-                Val::UInt(x) => {
-                    *int -= i128::from(*x);
-                    *n -= 1;
-                }
-                Val::Float(x) => {
-                    *float -= x;
-                    *n -= 1;
-                }
-                _ => {}
-            },
             Acc::Extreme { queue, .. } => {
                 if queue.front().is_some_and(|(s, _)| *s == seq) {
                     queue.pop_front();
                 }
             }
+            counter => counter.shift(v, -1),
+        }
+    }
+
+    /// Count, sum and avg: `v` enters (`sign` 1) or leaves (-1). Integer sums wrap as
+    /// DataFusion's do (subtracting is adding the wrapping negation); float negation is exact.
+    fn shift(&mut self, v: &Val, sign: i64) {
+        match (self, v) {
+            (Acc::Count { star, n }, v) if *star || *v != Val::Null => *n += sign,
+            (Acc::Sum { int, n, .. }, Val::Int(x)) => {
+                *int = int.wrapping_add(x.wrapping_mul(sign));
+                *n += sign;
+            }
+            (Acc::Sum { uint, n, .. }, Val::UInt(x)) => {
+                *uint = uint.wrapping_add(if sign > 0 { *x } else { x.wrapping_neg() });
+                *n += sign;
+            }
+            (Acc::Sum { float, n, .. } | Acc::Avg { float, n, .. }, Val::Float(x)) => {
+                *float += sign as f64 * x;
+                *n += sign;
+            }
+            (Acc::Avg { int, n, .. }, Val::Int(x)) => {
+                *int += i128::from(sign) * i128::from(*x);
+                *n += sign;
+            }
+            (Acc::Avg { int, n, .. }, Val::UInt(x)) => {
+                *int += i128::from(sign) * i128::from(*x);
+                *n += sign;
+            }
+            _ => {}
         }
     }
 
@@ -415,11 +376,6 @@ impl KeyAgg {
 
     fn stride(&self) -> usize {
         self.accs.len()
-    }
-
-    /// Rows in the frames (not counting pending bytes).
-    pub fn rows(&self) -> usize {
-        self.times.len()
     }
 
     /// The newest event time held.

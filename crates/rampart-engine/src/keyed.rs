@@ -467,18 +467,7 @@ impl KeyedState {
             if n == 0 {
                 continue;
             }
-            let keys = match &self.key_converter {
-                Some(converter) => {
-                    let columns = split
-                        .keys
-                        .iter()
-                        .map(|k| k.evaluate(batch).and_then(|v| v.into_array(n)))
-                        .collect::<datafusion::common::Result<Vec<ArrayRef>>>()
-                        .map_err(|e| e.to_string())?;
-                    Some(converter.convert_columns(&columns).map_err(|e| e.to_string())?)
-                }
-                None => None,
-            };
+            let keys = self.keys_of(split, batch)?;
             let rows = self
                 .row_converter
                 .convert_columns(batch.columns())

@@ -110,6 +110,25 @@ struct Windows {
     triggers: TriggerStore,
 }
 
+impl Windows {
+    /// No state yet, no store.
+    fn empty(lateness: i64) -> Self {
+        Self {
+            store: None,
+            keyed: Vec::new(),
+            naive: NaiveWindows::default(),
+            clock: Clock {
+                newest: i64::MIN,
+                lateness,
+            },
+            next_row: 0,
+            progress: Progress::new(),
+            since_checkpoint: 0,
+            triggers: TriggerStore::default(),
+        }
+    }
+}
+
 /// The clock and row numbering, as persisted.
 #[derive(Serialize, Deserialize)]
 struct StoredClock {
@@ -201,19 +220,7 @@ impl Pipeline {
             per_event,
             state_choice,
             evaluator,
-            windows: Mutex::new(Windows {
-                store: None,
-                keyed: Vec::new(),
-                naive: NaiveWindows::default(),
-                clock: Clock {
-                    newest: i64::MIN,
-                    lateness: 0,
-                },
-                next_row: 0,
-                progress: Progress::new(),
-                since_checkpoint: 0,
-                triggers: TriggerStore::default(),
-            }),
+            windows: Mutex::new(Windows::empty(0)),
         };
         let windows = pipeline.open_windows()?;
         *pipeline.windows.get_mut().unwrap_or_else(|p| p.into_inner()) = windows;
@@ -223,19 +230,7 @@ impl Pipeline {
     /// Fresh window state: the persistent store as it was last written, or a new temporary one.
     fn open_windows(&self) -> Result<Windows, LoadError> {
         let lateness = i64::try_from(self.config.allowed_lateness.as_micros()).unwrap_or(i64::MAX);
-        let mut windows = Windows {
-            store: None,
-            keyed: Vec::new(),
-            naive: NaiveWindows::default(),
-            clock: Clock {
-                newest: i64::MIN,
-                lateness,
-            },
-            next_row: 0,
-            progress: Progress::new(),
-            since_checkpoint: 0,
-            triggers: TriggerStore::default(),
-        };
+        let mut windows = Windows::empty(lateness);
         let windowed = &self.detectors[self.per_event..];
         let store = match &self.state_choice {
             StateChoice::Persistent(dir) => Some(StateStore::open(dir)?),
