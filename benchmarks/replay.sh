@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+source benchmarks/common.sh
 EVENTS="${EVENTS:-1000000}"
 RUNS="${RUNS:-5}"
 INPUT="${INPUT:-$HOME/.cache/rampart/bench/cloudtrail-$EVENTS.jsonl}"
@@ -16,19 +17,17 @@ cargo build --release --workspace --all-targets >&2
 rates=()
 for i in $(seq "$RUNS"); do
   summary=$("$RAMPART" replay pipelines/cloudtrail --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1 >/dev/null)
-  rate=$(sed -n 's/.*(\([0-9]*\) events\/s).*/\1/p' <<<"$summary")
+  rate=$(rate_of "$summary")
   decisions=$(sed -n 's/^decisions: *\([0-9]*\)/\1/p' <<<"$summary")
   echo "run $i: $rate events/s, $decisions decisions" >&2
   rates+=("$rate")
 done
-median=$(printf '%s\n' "${rates[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
-mem=$(free -g | awk '/Mem:/ {print $2 " GiB"}')
+median=$(median "${rates[@]}")
 out="benchmarks/results/replay-$(date -u +%Y-%m-%d).md"
 {
   echo "# Replay throughput, $(date -u +%Y-%m-%d)"
   echo
-  echo "Machine: $cpu, $(nproc) cores, $mem. Build: release (\`cargo build --release --workspace --all-targets\`)."
+  machine_line
   echo "Input: \`benchmarks/generate.py --events $EVENTS\` (CloudTrail-shaped JSON lines, $(du -h "$INPUT" | cut -f1))."
   echo "Command: \`EVENTS=$EVENTS RUNS=$RUNS benchmarks/replay.sh\`"
   echo

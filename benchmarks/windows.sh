@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+source benchmarks/common.sh
 EVENTS="${EVENTS:-1000000}"
 RUNS="${RUNS:-5}"
 NAIVE_EVENTS="${NAIVE_EVENTS:-50000}"
@@ -27,9 +28,6 @@ mkdir -p "$BENCH" benchmarks/results
 [ -s "$STATE_INPUT" ] || python3 benchmarks/generate.py --events "$STATE_ACTORS" --actors "$STATE_ACTORS" \
   --round-robin --rate 5000 --out "$STATE_INPUT"
 cargo build --release --workspace --all-targets >&2
-
-rate_of() { sed -n 's/.*(\([0-9]*\) events\/s).*/\1/p' <<<"$1"; }
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # 1. Throughput, keyed evaluator.
 rates=()
@@ -74,13 +72,11 @@ rss_kb=$(sed -n 's/.*Maximum resident set size (kbytes): //p' <<<"$state_summary
 state_rate=$(rate_of "$state_summary")
 disk_mb=$(du -sm "$state_dir" | cut -f1)
 
-cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
-mem=$(free -g | awk '/Mem:/ {print $2 " GiB"}')
 out="benchmarks/results/windows-$(date -u +%Y-%m-%d).md"
 {
   echo "# Windowed detectors (W2), $(date -u +%Y-%m-%d)"
   echo
-  echo "Machine: $cpu, $(nproc) cores, $mem. Build: release (\`cargo build --release --workspace --all-targets\`)."
+  machine_line
   echo "Workload: \`$PIPELINE\` (3 per-event, 5 sliding windows: API calls per actor over 1 min, failed calls per actor over 15 min (sum), distinct APIs per source IP over 10 min, denied reconnaissance per actor over 10 min, distinct secrets per actor over 1 h)."
   echo "Input: \`benchmarks/generate.py --events $EVENTS\` (10 000 Zipf(1.1) actors, 1000 events/s of event time, $(du -h "$INPUT" | cut -f1))."
   echo "Command: \`EVENTS=$EVENTS RUNS=$RUNS NAIVE_EVENTS=$NAIVE_EVENTS benchmarks/windows.sh\`"
