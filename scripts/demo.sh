@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The demo: builds rampart, checks and tests the cloudtrail pipeline, then replays the real
-# Stratus Red Team attack logs through it in event-time order, printing the first decision of
-# each detector and the replay summary; then stops a replay half-way and resumes it from its
-# RocksDB window state.
+# The demo: Rampart as a live service on a real Kafka-protocol broker.
+#
+# Builds rampart, checks and tests the cloudtrail pipeline, starts a local Tansu broker, runs
+# `rampart run pipelines/cloudtrail` and the example enforcement gateway, feeds the 35 real
+# Stratus Red Team detonations mixed into ~24k benign CloudTrail events (timeline ending now),
+# shows the decisions arriving on the decisions topic, asks the gateway about a blocked and an
+# innocent actor, shows health and metrics, and stops everything cleanly (SIGTERM: the service
+# checkpoints and exits 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -10,51 +14,90 @@ source scripts/env.sh
 echo "== building rampart (release; the first build takes a while)" >&2
 # --workspace --all-targets: the same feature set as the tests, so both share one build.
 cargo build --release --workspace --all-targets
-echo "== rampart check pipelines/cloudtrail" >&2
+LOAD="$CARGO_TARGET_DIR/release/rampart-load"
+GATEWAY="$CARGO_TARGET_DIR/release/examples/gateway"
+TANSU="$HOME/.cache/rampart/bin/tansu"
+echo "== rampart check / test pipelines/cloudtrail" >&2
 "$RAMPART" check pipelines/cloudtrail
-echo "== rampart test pipelines/cloudtrail" >&2
 "$RAMPART" test pipelines/cloudtrail
+
 out="${TMPDIR:-/tmp}/rampart-demo"
+rm -rf "$out"
 mkdir -p "$out"
-# The detonation files are named by technique, not time: put their records in event-time
-# order, as a trail delivers them, so that the sliding windows see each burst whole.
-python3 - data/cloudtrail/stratus-detonation-logs "$out/stratus-by-time.jsonl" <<'PY'
-import glob, json, os, sys
-records = []
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
-    d = json.load(open(f))
-    records.extend(d["Records"] if isinstance(d, dict) else d)
-records.sort(key=lambda r: r["eventTime"])
-with open(sys.argv[2], "w") as out:
-    for r in records:
-        out.write(json.dumps(r, separators=(",", ":")) + "\n")
-PY
-echo "== rampart replay pipelines/cloudtrail --input stratus-by-time.jsonl (all 35 detonations, by event time)" >&2
-"$RAMPART" replay pipelines/cloudtrail \
-  --input "$out/stratus-by-time.jsonl" \
-  --output "$out/decisions.jsonl" --dead-letters "$out/dead-letters.jsonl"
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+KAFKA_PORT=$(port)
+HTTP_PORT=$(port)
+GATEWAY_PORT=$(port)
+BROKERS="127.0.0.1:$KAFKA_PORT"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+echo "== starting the Tansu broker on $BROKERS (in-memory storage)" >&2
+"$TANSU" broker --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
+  --storage-engine memory://tansu/ >"$out/broker.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && break; sleep 0.1; done
+"$TANSU" topic create cloudtrail --partitions 1 --broker "tcp://$BROKERS" >/dev/null
+
+echo "== rampart run pipelines/cloudtrail (metrics on http://127.0.0.1:$HTTP_PORT/metrics)" >&2
+RAMPART_LOG=info "$RAMPART" run pipelines/cloudtrail --brokers "$BROKERS" \
+  --listen "127.0.0.1:$HTTP_PORT" --state "$out/state" 2>"$out/rampart.log" &
+rampart_pid=$!
+pids+=($rampart_pid)
+for _ in $(seq 300); do
+  curl -sf "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+echo "readyz: $(curl -s "http://127.0.0.1:$HTTP_PORT/readyz")" >&2
+
+echo "== the example gateway (an enforcement point using rampart-enforce) on 127.0.0.1:$GATEWAY_PORT" >&2
+"$GATEWAY" --brokers "$BROKERS" --topic rampart.decisions --listen "127.0.0.1:$GATEWAY_PORT" 2>"$out/gateway.log" &
+pids+=($!)
+
+echo "== feeding 35 real detonations mixed into benign traffic (20 minutes of event time, ending now)" >&2
+python3 scripts/demo-feed.py --out "$out/feed.jsonl"
+"$LOAD" --brokers "$BROKERS" feed --topic cloudtrail --rate 4000 "$out/feed.jsonl"
+
 echo >&2
-echo "== decisions (full JSON in $out/decisions.jsonl; windows: the first of each detector)" >&2
+echo "== decisions on rampart.decisions, as they arrived (the first of each detector; all in $out/decisions.jsonl)" >&2
+"$LOAD" --brokers "$BROKERS" tail --topic rampart.decisions --idle 4 > "$out/decisions.jsonl"
 python3 - "$out/decisions.jsonl" <<'PY'
 import json, sys
-seen = set()
+seen, n = set(), 0
 for line in open(sys.argv[1]):
-    d = json.loads(line)
+    d = json.loads(line); n += 1
     if d['detector']['id'] in seen:
         continue
     seen.add(d['detector']['id'])
-    print(f"{d['verdict']:<6} {d['severity']:<8} {d['detector']['id']:<36} {d['reason']}")
+    print(f"{d['verdict']:<6} {d['severity']:<8} {d['detector']['id']:<36} {d['reason'][:110]}")
+print(f"-- {n} decisions from {len(seen)} detectors", file=sys.stderr)
 PY
 
 echo >&2
-echo "== a replay stopped half-way and resumed with its RocksDB state gives the same decisions" >&2
-rm -rf "$out/state"
-head -n 155 "$out/stratus-by-time.jsonl" > "$out/first-half.jsonl"
-tail -n +156 "$out/stratus-by-time.jsonl" > "$out/second-half.jsonl"
-"$RAMPART" replay pipelines/cloudtrail --state "$out/state" --quiet \
-  --input "$out/first-half.jsonl" --output "$out/resumed-1.jsonl"
-"$RAMPART" replay pipelines/cloudtrail --state "$out/state" --quiet \
-  --input "$out/second-half.jsonl" --output "$out/resumed-2.jsonl" --final
-whole=$(wc -l < "$out/decisions.jsonl")
-resumed=$(cat "$out/resumed-1.jsonl" "$out/resumed-2.jsonl" | wc -l)
-echo "uninterrupted: $whole decisions; stopped and resumed: $resumed decisions" >&2
+echo "== the gateway refuses a blocked actor and lets an innocent one through" >&2
+blocked=$(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d["detector"]["id"] == "trail-logging-disabled":
+        print(d["actor"]); break' "$out/decisions.jsonl")
+echo "\$ curl -H 'X-Actor: $blocked' http://127.0.0.1:$GATEWAY_PORT/CreateAccessKey" >&2
+curl -s -w '  (HTTP %{http_code})\n' -H "X-Actor: $blocked" "http://127.0.0.1:$GATEWAY_PORT/CreateAccessKey"
+echo "\$ curl -H 'X-Actor: arn:aws:iam::111122223333:user/dev-3' http://127.0.0.1:$GATEWAY_PORT/ListBuckets" >&2
+curl -s -w '  (HTTP %{http_code})\n' -H "X-Actor: arn:aws:iam::111122223333:user/dev-3" "http://127.0.0.1:$GATEWAY_PORT/ListBuckets"
+
+echo >&2
+echo "== health and a few metrics" >&2
+echo "healthz: $(curl -s "http://127.0.0.1:$HTTP_PORT/healthz")  readyz: $(curl -s "http://127.0.0.1:$HTTP_PORT/readyz")"
+curl -s "http://127.0.0.1:$HTTP_PORT/metrics" \
+  | grep -E '^rampart_(events_total|bad_records_total|late_records_total|checkpoints_total|state_disk_bytes|end_to_end_latency_seconds\{quantile="0.99"\}|processing_latency_seconds\{quantile="0.99"\}) '
+
+echo >&2
+echo "== stopping: SIGTERM finishes the batch in flight, waits for the broker, checkpoints, exits 0" >&2
+kill -TERM "$rampart_pid"
+status=0
+wait "$rampart_pid" || status=$?
+tail -n 1 "$out/rampart.log" >&2
+echo "rampart run exited with status $status (logs: $out/rampart.log)" >&2
+exit "$status"

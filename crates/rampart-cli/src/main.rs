@@ -92,6 +92,34 @@ enum Command {
         #[arg(long = "final", requires = "state")]
         end_of_input: bool,
     },
+    /// Run a pipeline as a service on Kafka (its `[kafka]` section).
+    ///
+    /// Consumes the input topics as a consumer group, decides on micro-batches, publishes
+    /// decisions (JSON, keyed by actor) and bad or late records (original bytes, reason and
+    /// topic/partition/offset in headers), and checkpoints the window state together with the
+    /// source offsets. SIGTERM or Ctrl-C: finish the batch in flight, wait for the broker's
+    /// acknowledgements, checkpoint, exit 0 (a second signal stops without waiting).
+    /// `RAMPART_KAFKA_<NAME>` environment variables set librdkafka property <name> (`_` as `.`).
+    #[command(
+        after_help = "Example:\n  rampart run pipelines/cloudtrail\n  RAMPART_KAFKA_BROKERS=kafka:9092 RAMPART_KAFKA_SECURITY_PROTOCOL=SASL_SSL rampart run pipelines/cloudtrail"
+    )]
+    Run {
+        /// The pipeline directory.
+        pipeline: PathBuf,
+        /// Bootstrap servers, instead of `[kafka] brokers` (and `RAMPART_KAFKA_BROKERS`).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Address of /metrics, /healthz and /readyz, instead of `[service] listen`.
+        #[arg(long)]
+        listen: Option<String>,
+        /// The window state and offsets directory, instead of `[state] dir`.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// Stop cleanly once no message has come for this long (e.g. `5s`): drain a topic's
+        /// backlog and exit.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        until_idle: Option<std::time::Duration>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -128,6 +156,22 @@ fn main() -> ExitCode {
             state,
             &evaluator,
         ),
+        Command::Run {
+            pipeline,
+            brokers,
+            listen,
+            state,
+            until_idle,
+        } => run(
+            &pipeline,
+            rampart_service::RunOptions {
+                listen,
+                until_idle,
+                ..Default::default()
+            },
+            brokers,
+            state,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -136,6 +180,58 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run(
+    dir: &Path,
+    mut options: rampart_service::RunOptions,
+    brokers: Option<String>,
+    state: Option<PathBuf>,
+) -> Result<ExitCode> {
+    use std::sync::Arc;
+    let config = rampart_engine::PipelineConfig::load(&dir.join("pipeline.toml"))
+        .map_err(|ps| {
+            anyhow::anyhow!(
+                "{}",
+                ps.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+            )
+        })
+        .with_context(|| format!("cannot load pipeline {}", dir.display()))?;
+    let state_dir = state.unwrap_or(config.state_dir);
+    let pipeline = Pipeline::load_with(dir, StateChoice::Persistent(state_dir), Evaluator::Keyed)
+        .with_context(|| format!("cannot load pipeline {}", dir.display()))?;
+    for p in &pipeline.problems {
+        eprintln!("warning: detector refused, the others run: {p}");
+    }
+    // First signal: finish the batch in flight, checkpoint, stop. Second: stop waiting for the
+    // broker (the last checkpoint stands). Third: exit at once.
+    let stop = Arc::clone(&options.stop);
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    let counter = Arc::clone(&stop);
+    std::thread::Builder::new()
+        .name("rampart-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                eprintln!("rampart: signal {signal} received ({n}); stopping");
+                if n >= 3 {
+                    std::process::exit(130);
+                }
+            }
+        })?;
+    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("RAMPART_KAFKA_")).collect();
+    if let Some(b) = brokers {
+        env.retain(|(k, _)| k != "RAMPART_KAFKA_BROKERS");
+        env.push(("RAMPART_KAFKA_BROKERS".into(), b));
+    }
+    options.env = env;
+    let summary = rampart_service::run(&pipeline, options)?;
+    eprintln!(
+        "stopped: {} events, {} decisions, {} bad records, {} late records, {} checkpoints",
+        summary.events, summary.decisions, summary.bad_records, summary.late_records, summary.checkpoints
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load(dir: &Path) -> Result<Pipeline> {

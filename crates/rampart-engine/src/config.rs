@@ -36,6 +36,54 @@ struct RawPipeline {
     /// Window state settings.
     #[serde(default)]
     state: RawState,
+    /// Service mode: where events come from and decisions go (`rampart run`).
+    #[serde(default)]
+    kafka: Option<RawKafka>,
+    /// Service mode: the HTTP endpoint and checkpoint cadence.
+    #[serde(default)]
+    service: RawService,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    /// `bootstrap.servers`. Default `127.0.0.1:9092`; `RAMPART_KAFKA_BROKERS` overrides it.
+    brokers: Option<String>,
+    /// Consumer group id. Default `rampart-<pipeline name>`.
+    group: Option<String>,
+    /// Topics to consume events from.
+    input_topics: Vec<String>,
+    /// Where decisions go, keyed by actor.
+    decisions_topic: String,
+    /// Where shadow decisions go; default: the decisions topic (marked `mode: shadow`).
+    shadow_topic: Option<String>,
+    /// Where bad and late records go, with the original bytes.
+    dead_letter_topic: String,
+    /// Create missing topics at start (else a missing topic is a start-up error).
+    #[serde(default)]
+    create_topics: bool,
+    /// Partitions of topics created by `create_topics`. Default 1.
+    partitions: Option<i32>,
+    /// Longest wait to fill a micro-batch (its size bound is `source.batch_size`). Default 5ms.
+    batch_max_wait: Option<String>,
+    /// librdkafka properties for both the consumer and the producer.
+    #[serde(default)]
+    properties: std::collections::BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only.
+    #[serde(default)]
+    consumer: std::collections::BTreeMap<String, String>,
+    /// librdkafka properties for the producer only.
+    #[serde(default)]
+    producer: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz). Default 127.0.0.1:9464.
+    listen: Option<String>,
+    /// How often window state and source offsets are checkpointed together. Default 1s.
+    checkpoint_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -161,6 +209,42 @@ pub enum InputFormat {
     CloudTrail,
 }
 
+/// Service mode on Kafka, validated (`[kafka]` in `pipeline.toml`).
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group id.
+    pub group: String,
+    /// Topics events are consumed from.
+    pub input_topics: Vec<String>,
+    /// Topic decisions are published to, keyed by actor.
+    pub decisions_topic: String,
+    /// Topic shadow decisions are published to.
+    pub shadow_topic: String,
+    /// Topic bad and late records are published to.
+    pub dead_letter_topic: String,
+    /// Whether missing topics are created at start.
+    pub create_topics: bool,
+    /// Partitions of created topics.
+    pub partitions: i32,
+    /// Longest wait to fill a micro-batch.
+    pub batch_max_wait: Duration,
+    /// librdkafka properties for the consumer (shared ones included).
+    pub consumer: Vec<(String, String)>,
+    /// librdkafka properties for the producer (shared ones included).
+    pub producer: Vec<(String, String)>,
+}
+
+/// Service mode settings (`[service]`).
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Address of the HTTP endpoint.
+    pub listen: String,
+    /// How often state and offsets are checkpointed.
+    pub checkpoint_interval: Duration,
+}
+
 /// A validated pipeline configuration.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -184,6 +268,10 @@ pub struct PipelineConfig {
     pub allowed_lateness: Duration,
     /// Bytes of window state kept in memory.
     pub state_cache_bytes: usize,
+    /// Service mode on Kafka, if configured.
+    pub kafka: Option<KafkaConfig>,
+    /// Service mode settings.
+    pub service: ServiceConfig,
 }
 
 impl PipelineConfig {
@@ -345,6 +433,52 @@ impl PipelineConfig {
             raw.state.allowed_lateness.as_deref(),
             Duration::from_secs(300),
         );
+        let checkpoint_interval = duration(
+            "checkpoint_interval",
+            raw.service.checkpoint_interval.as_deref(),
+            Duration::from_secs(1),
+        );
+        let kafka = raw.kafka.map(|k| {
+            let batch_max_wait = duration(
+                "batch_max_wait",
+                k.batch_max_wait.as_deref(),
+                Duration::from_millis(5),
+            );
+            let shared = k.properties.iter().map(|(a, b)| (a.clone(), b.clone()));
+            KafkaConfig {
+                brokers: k.brokers.unwrap_or_else(|| "127.0.0.1:9092".into()),
+                group: k.group.unwrap_or_else(|| format!("rampart-{}", raw.name)),
+                shadow_topic: k.shadow_topic.unwrap_or_else(|| k.decisions_topic.clone()),
+                input_topics: k.input_topics,
+                decisions_topic: k.decisions_topic,
+                dead_letter_topic: k.dead_letter_topic,
+                create_topics: k.create_topics,
+                partitions: k.partitions.unwrap_or(1),
+                batch_max_wait,
+                consumer: shared.clone().chain(k.consumer).collect(),
+                producer: shared.chain(k.producer).collect(),
+            }
+        });
+        if let Some(k) = &kafka {
+            if k.input_topics.is_empty() {
+                problems.push(Problem {
+                    file: path.to_path_buf(),
+                    line: at("input_topics"),
+                    message: "`kafka.input_topics` needs at least one topic".into(),
+                });
+            }
+            if k.partitions < 1 {
+                problems.push(Problem {
+                    file: path.to_path_buf(),
+                    line: at("partitions"),
+                    message: "`kafka.partitions` must be at least 1".into(),
+                });
+            }
+        }
+        let service = ServiceConfig {
+            listen: raw.service.listen.unwrap_or_else(|| "127.0.0.1:9464".into()),
+            checkpoint_interval,
+        };
         let batch_size = raw.source.batch_size.unwrap_or(4096);
         if batch_size == 0 {
             problems.push(Problem {
@@ -374,6 +508,8 @@ impl PipelineConfig {
                 state_dir,
                 allowed_lateness,
                 state_cache_bytes: raw.state.cache_mb.unwrap_or(256) << 20,
+                kafka,
+                service,
             }),
             _ => Err(problems),
         }

@@ -425,20 +425,50 @@ impl Decoder {
     }
 
     fn record(&mut self, emit: &mut dyn FnMut(Decoded), name: &Arc<str>, line: u64, text: &str) {
+        let position = SourcePosition::File {
+            file: Arc::clone(name),
+            line,
+        };
+        self.record_at(emit, position, text);
+    }
+
+    /// Decodes one Kafka message: one JSON record. Anything else (not UTF-8, too large, not a
+    /// record the mapping can read) becomes a dead letter at the message's position.
+    pub fn decode_message(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        offset: i64,
+        payload: &[u8],
+        emit: &mut dyn FnMut(Decoded),
+    ) {
+        let position = SourcePosition::Kafka {
+            topic: Arc::clone(topic),
+            partition,
+            offset,
+        };
+        match std::str::from_utf8(trim_line(payload)) {
+            Ok(text) => self.record_at(emit, position, text),
+            Err(_) => self.dead_at(
+                emit,
+                position,
+                "the message is not valid UTF-8".into(),
+                &String::from_utf8_lossy(payload),
+            ),
+        }
+    }
+
+    fn record_at(&mut self, emit: &mut dyn FnMut(Decoded), position: SourcePosition, text: &str) {
         if text.len() > self.max_record_bytes {
             let error = format!(
                 "the record is {} bytes, over the limit of {} (source.max_record_bytes)",
                 text.len(),
                 self.max_record_bytes
             );
-            return self.dead(emit, name, line, error, text);
+            return self.dead_at(emit, position, error, text);
         }
         match self.extractor.map(text) {
             Ok(event) => {
-                let position = SourcePosition::File {
-                    file: Arc::clone(name),
-                    line,
-                };
                 self.builder.push(event, text, position);
                 if self.builder.len() >= self.batch_size
                     && let Some(batch) = self.builder.finish()
@@ -446,11 +476,19 @@ impl Decoder {
                     emit(Decoded::Batch(batch));
                 }
             }
-            Err(error) => self.dead(emit, name, line, error, text),
+            Err(error) => self.dead_at(emit, position, error, text),
         }
     }
 
     fn dead(&self, emit: &mut dyn FnMut(Decoded), name: &Arc<str>, line: u64, error: String, text: &str) {
+        let position = SourcePosition::File {
+            file: Arc::clone(name),
+            line,
+        };
+        self.dead_at(emit, position, error, text);
+    }
+
+    fn dead_at(&self, emit: &mut dyn FnMut(Decoded), source: SourcePosition, error: String, text: &str) {
         let truncated = text.len() > self.max_record_bytes;
         let mut end = text.len().min(self.max_record_bytes);
         while !text.is_char_boundary(end) {
@@ -459,10 +497,7 @@ impl Decoder {
         emit(Decoded::DeadLetter(DeadLetter {
             kind: DeadLetterKind::Malformed,
             error,
-            source: SourcePosition::File {
-                file: Arc::clone(name),
-                line,
-            },
+            source,
             record: text[..end].to_string(),
             truncated,
         }));

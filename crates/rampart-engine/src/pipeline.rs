@@ -94,6 +94,9 @@ pub struct SourceProgress {
     pub events: u64,
     /// Records of it sent to the dead letters as malformed.
     pub dead_letters: u64,
+    /// For a Kafka partition: the next offset to consume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<i64>,
 }
 
 /// The window state of all windowed detectors, and the clock they share.

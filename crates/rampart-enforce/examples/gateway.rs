@@ -1,0 +1,78 @@
+//! A tiny enforcement point: an HTTP gateway that refuses blocked actors.
+//!
+//! ```text
+//! cargo run --release --example gateway -- --brokers 127.0.0.1:9092 --topic rampart.decisions --listen 127.0.0.1:8080
+//! curl -H 'X-Actor: arn:aws:iam::123456789012:user/mallory' http://127.0.0.1:8080/CreateAccessKey
+//! ```
+//!
+//! Each request names its actor in the `X-Actor` header and its action in the
+//! path. A blocked actor gets `403` with the decision's reason, guidance and expiry as JSON;
+//! everyone else `200`. `/blocked` lists the actors blocked now.
+
+use std::time::Duration;
+
+use clap::Parser;
+use rampart_enforce::{Config, Enforcer};
+use tiny_http::{Header, Response, Server};
+
+#[derive(Parser)]
+struct Args {
+    /// Bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Rampart's decisions topic.
+    #[arg(long, default_value = "rampart.decisions")]
+    topic: String,
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let enforcer = Enforcer::start(Config {
+        brokers: args.brokers,
+        topic: args.topic,
+        properties: Vec::new(),
+        topic_timeout: Duration::from_secs(60),
+    })?;
+    let server = Server::http(&args.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    eprintln!("gateway: listening on {}", args.listen);
+    let json = Header::from_bytes("Content-Type", "application/json").expect("a valid header");
+    for request in server.incoming_requests() {
+        let url = request.url().to_string();
+        let path = url.split('?').next().unwrap_or_default();
+        let (status, body) = if path == "/blocked" {
+            (200, serde_json::json!({ "blocked": enforcer.blocked_actors() }))
+        } else {
+            let action = path.trim_start_matches('/');
+            let actor = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("X-Actor"))
+                .map(|h| h.value.to_string())
+                .unwrap_or_default();
+            match enforcer.is_blocked(&actor, action) {
+                Some(block) => (
+                    403,
+                    serde_json::json!({
+                        "allowed": false,
+                        "actor": actor,
+                        "action": action,
+                        "reason": block.reason,
+                        "guidance": block.guidance,
+                        "blocked_until": block.expires_at.to_rfc3339(),
+                        "decision_id": block.decision_id,
+                        "detector": block.detector,
+                    }),
+                ),
+                None => (200, serde_json::json!({ "allowed": true, "actor": actor, "action": action })),
+            }
+        };
+        let response = Response::from_string(format!("{body}\n"))
+            .with_status_code(status)
+            .with_header(json.clone());
+        let _ = request.respond(response);
+    }
+    Ok(())
+}

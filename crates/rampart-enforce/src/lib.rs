@@ -1,0 +1,403 @@
+//! The enforcement client: an enforcement point (gateway, proxy, provisioning service) embeds
+//! an [`Enforcer`], which follows Rampart's decisions topic on a background thread and keeps
+//! the active blocks in memory, so that [`Enforcer::is_blocked`] answers from memory, never
+//! waiting on the network.
+//!
+//! What it follows is the decision contract (docs/decisions.md): a `block` refuses every action
+//! of its actor until `expires_at`; `shadow` decisions are never enforced; a decision seen
+//! twice (same `decision_id`, e.g. re-sent after a restart) is applied once.
+//!
+//! ```no_run
+//! let enforcer = rampart_enforce::Enforcer::start(rampart_enforce::Config {
+//!     brokers: "127.0.0.1:9092".into(),
+//!     topic: "rampart.decisions".into(),
+//!     ..Default::default()
+//! })?;
+//! if let Some(block) = enforcer.is_blocked("arn:aws:iam::123456789012:user/mallory", "CreateAccessKey") {
+//!     println!("refused: {} ({})", block.reason, block.guidance.as_deref().unwrap_or(""));
+//! }
+//! # Ok::<(), rampart_enforce::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::Deserialize;
+
+/// Why the enforcer could not start.
+#[derive(Debug)]
+pub enum Error {
+    /// The Kafka consumer could not be created or assigned.
+    Kafka(KafkaError),
+    /// The decisions topic was not found in time.
+    NoTopic(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Kafka(e) => write!(f, "Kafka: {e}"),
+            Self::NoTopic(t) => write!(f, "the decisions topic `{t}` does not exist on the broker"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<KafkaError> for Error {
+    fn from(e: KafkaError) -> Self {
+        Self::Kafka(e)
+    }
+}
+
+/// Where the decisions are.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// The decisions topic.
+    pub topic: String,
+    /// Extra librdkafka properties (TLS, SASL, ...).
+    pub properties: Vec<(String, String)>,
+    /// How long to wait for the topic to exist at start.
+    pub topic_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "rampart.decisions".into(),
+            properties: Vec::new(),
+            topic_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An active block, as the enforcement point shows it to the refused user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// The decision that set it.
+    pub decision_id: String,
+    /// The detector that decided.
+    pub detector: String,
+    /// Why.
+    pub reason: String,
+    /// The safe path forward, if the detector gives one.
+    pub guidance: Option<String>,
+    /// When the block ends.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Counters of what the enforcer has seen.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Decisions read from the topic.
+    pub decisions: u64,
+    /// Blocks applied.
+    pub blocks: u64,
+    /// Decisions ignored because their id was already applied.
+    pub duplicates: u64,
+    /// Shadow decisions (never enforced).
+    pub shadow: u64,
+    /// Blocks already expired when read.
+    pub expired: u64,
+    /// Messages that are not decisions.
+    pub unreadable: u64,
+}
+
+/// The fields of a decision the enforcer needs.
+#[derive(Deserialize)]
+struct DecisionView {
+    decision_id: String,
+    detector: DetectorView,
+    verdict: String,
+    mode: String,
+    actor: String,
+    reason: String,
+    expires_at: Option<String>,
+    guidance: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DetectorView {
+    id: String,
+}
+
+#[derive(Default)]
+struct Blocks {
+    by_actor: HashMap<String, Vec<Block>>,
+    /// Applied decision ids with their expiry (forgotten once expired).
+    seen: HashMap<String, DateTime<Utc>>,
+    stats: Stats,
+}
+
+impl Blocks {
+    fn apply(&mut self, payload: &[u8], now: DateTime<Utc>) {
+        self.stats.decisions += 1;
+        let Ok(d) = serde_json::from_slice::<DecisionView>(payload) else {
+            self.stats.unreadable += 1;
+            return;
+        };
+        if d.mode != "enforce" {
+            self.stats.shadow += 1;
+            return;
+        }
+        if d.verdict != "block" {
+            return;
+        }
+        let Some(expires_at) = d
+            .expires_at
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+        else {
+            self.stats.unreadable += 1;
+            return;
+        };
+        if self.seen.contains_key(&d.decision_id) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        if expires_at <= now {
+            self.stats.expired += 1;
+            return;
+        }
+        self.seen.insert(d.decision_id.clone(), expires_at);
+        self.stats.blocks += 1;
+        self.by_actor.entry(d.actor).or_default().push(Block {
+            decision_id: d.decision_id,
+            detector: d.detector.id,
+            reason: d.reason,
+            guidance: d.guidance,
+            expires_at,
+        });
+    }
+
+    fn prune(&mut self, now: DateTime<Utc>) {
+        self.by_actor.retain(|_, blocks| {
+            blocks.retain(|b| b.expires_at > now);
+            !blocks.is_empty()
+        });
+        self.seen.retain(|_, expires_at| *expires_at > now);
+    }
+}
+
+/// Follows the decisions topic and answers whether an actor is blocked.
+pub struct Enforcer {
+    blocks: Arc<RwLock<Blocks>>,
+    stop: Arc<AtomicBool>,
+    caught_up: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Enforcer {
+    /// Starts following `config.topic` from its beginning (every partition; blocks already
+    /// expired are skipped), on a background thread.
+    pub fn start(config: Config) -> Result<Self, Error> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            // Every enforcement point reads every decision: no group membership, no commits.
+            .set("group.id", "rampart-enforce")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10");
+        for (k, v) in &config.properties {
+            client.set(k, v);
+        }
+        let consumer: BaseConsumer = client.create()?;
+        let partitions = wait_for_partitions(&consumer, &config.topic, config.topic_timeout)?;
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(&config.topic, *p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let blocks = Arc::new(RwLock::new(Blocks::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let caught_up = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (blocks, stop, caught_up) = (Arc::clone(&blocks), Arc::clone(&stop), Arc::clone(&caught_up));
+            std::thread::Builder::new()
+                .name("rampart-enforce".into())
+                .spawn(move || follow(&consumer, &blocks, &stop, &caught_up))
+                .expect("the OS can start a thread")
+        };
+        Ok(Self {
+            blocks,
+            stop,
+            caught_up,
+            thread: Some(thread),
+        })
+    }
+
+    /// The active block refusing `actor`, if any (a block covers every action of its actor;
+    /// `action` is taken for the day rules name the actions they cover). Never waits on the
+    /// network.
+    pub fn is_blocked(&self, actor: &str, action: &str) -> Option<Block> {
+        let _ = action;
+        let now = Utc::now();
+        let blocks = self.blocks.read().unwrap_or_else(|p| p.into_inner());
+        blocks
+            .by_actor
+            .get(actor)?
+            .iter()
+            .filter(|b| b.expires_at > now)
+            .max_by_key(|b| b.expires_at)
+            .cloned()
+    }
+
+    /// Actors blocked right now.
+    pub fn blocked_actors(&self) -> Vec<String> {
+        let now = Utc::now();
+        let blocks = self.blocks.read().unwrap_or_else(|p| p.into_inner());
+        let mut actors: Vec<String> = blocks
+            .by_actor
+            .iter()
+            .filter(|(_, bs)| bs.iter().any(|b| b.expires_at > now))
+            .map(|(a, _)| a.clone())
+            .collect();
+        actors.sort();
+        actors
+    }
+
+    /// What has been read so far.
+    pub fn stats(&self) -> Stats {
+        self.blocks.read().unwrap_or_else(|p| p.into_inner()).stats
+    }
+
+    /// Whether the enforcer has read up to the end of the topic at least once since it started
+    /// (before that, an actor blocked by an old decision may still look allowed).
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Relaxed) > 0
+    }
+}
+
+impl Drop for Enforcer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn wait_for_partitions(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec<i32>, Error> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(m) => {
+                if let Some(t) = m.topics().iter().find(|t| t.name() == topic)
+                    && t.error().is_none()
+                    && !t.partitions().is_empty()
+                {
+                    return Ok(t.partitions().iter().map(|p| p.id()).collect());
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "metadata"),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::NoTopic(topic.to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn follow(consumer: &BaseConsumer, blocks: &RwLock<Blocks>, stop: &AtomicBool, caught_up: &AtomicU64) {
+    let mut last_prune = std::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {
+                if caught_up.load(Ordering::Relaxed) == 0 && at_end(consumer) {
+                    caught_up.store(1, Ordering::Relaxed);
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "reading decisions"),
+            Some(Ok(m)) => {
+                let payload = m.payload().unwrap_or_default();
+                blocks
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .apply(payload, Utc::now());
+            }
+        }
+        if last_prune.elapsed() > Duration::from_secs(10) {
+            blocks.write().unwrap_or_else(|p| p.into_inner()).prune(Utc::now());
+            last_prune = std::time::Instant::now();
+        }
+    }
+}
+
+/// Whether every assigned partition has been read to its end.
+fn at_end(consumer: &BaseConsumer) -> bool {
+    let Ok(position) = consumer.position() else {
+        return false;
+    };
+    position.elements().iter().all(|e| {
+        let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(1)) else {
+            return false;
+        };
+        match e.offset() {
+            Offset::Offset(o) => o >= high,
+            _ => high == 0,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(id: &str, verdict: &str, mode: &str, expires_at: &str) -> Vec<u8> {
+        serde_json::json!({
+            "schema_version": 1, "decision_id": id, "pipeline": "p",
+            "detector": {"id": "d", "version": "v"}, "verdict": verdict, "mode": mode,
+            "severity": "high", "actor": "mallory", "key": "mallory", "actions": ["X"],
+            "reason": "because", "evidence": {}, "event_time": "2026-01-01T00:00:00Z",
+            "processed_at": "2026-01-01T00:00:00Z", "expires_at": expires_at,
+            "source": {"topic": "t", "partition": 0, "offset": 1},
+            "guidance": "ask security", "tags": []
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn applies_blocks_once_and_ignores_shadow_and_expired() {
+        let now = DateTime::parse_from_rfc3339("2026-06-01T00:00:00Z")
+            .expect("valid")
+            .with_timezone(&Utc);
+        let mut b = Blocks::default();
+        b.apply(&decision("a", "block", "enforce", "2026-06-01T01:00:00Z"), now);
+        b.apply(&decision("a", "block", "enforce", "2026-06-01T01:00:00Z"), now);
+        b.apply(&decision("s", "block", "shadow", "2026-06-01T01:00:00Z"), now);
+        b.apply(&decision("e", "block", "enforce", "2026-05-31T23:00:00Z"), now);
+        b.apply(&decision("al", "alert", "enforce", "2026-06-01T01:00:00Z"), now);
+        b.apply(b"not json", now);
+        assert_eq!(b.by_actor["mallory"].len(), 1);
+        assert_eq!(b.by_actor["mallory"][0].guidance.as_deref(), Some("ask security"));
+        assert_eq!(
+            b.stats,
+            Stats {
+                decisions: 6,
+                blocks: 1,
+                duplicates: 1,
+                shadow: 1,
+                expired: 1,
+                unreadable: 1
+            }
+        );
+        let later = DateTime::parse_from_rfc3339("2026-06-01T02:00:00Z")
+            .expect("valid")
+            .with_timezone(&Utc);
+        b.prune(later);
+        assert!(b.by_actor.is_empty() && b.seen.is_empty());
+    }
+}

@@ -1,0 +1,490 @@
+//! `rampart-load`: load tools for Rampart's Kafka path.
+//!
+//! - `feed`: sends records from files (JSON lines, JSON arrays, CloudTrail files) to a topic,
+//!   one record per message, optionally at a fixed rate.
+//! - `passthrough`: consumes one topic and produces every message unchanged to another: the
+//!   broker-only ceiling that Rampart's latency is compared with.
+//! - `latency`: open-loop load at fixed rates. Background events come from a JSON-lines file
+//!   and every N-th event is a probe (a record some per-event detector blocks) whose actor
+//!   carries its sequence number. Each event's *intended* send time is fixed by the schedule
+//!   (event i at i / rate), and a probe's latency is measured from that intended time to the
+//!   moment its decision (or passed-through copy) is consumed, so a sender that falls behind
+//!   shows up in the tail instead of hiding it (no coordinated omission).
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(name = "rampart-load", version)]
+struct Cli {
+    /// Bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092", global = true)]
+    brokers: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send records from files to a topic, one message per record.
+    Feed {
+        /// The topic.
+        #[arg(long)]
+        topic: String,
+        /// Records per second (default: as fast as the broker takes them).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// JSON-lines, JSON-array or CloudTrail ({"Records": [...]}) files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Copy every message of one topic to another, unchanged (the broker-only ceiling).
+    Passthrough {
+        /// Topic to read.
+        #[arg(long)]
+        from: String,
+        /// Topic to write.
+        #[arg(long)]
+        to: String,
+    },
+    /// Print a topic's messages (from its beginning), one per line, until it has been quiet
+    /// for `--idle` seconds.
+    Tail {
+        /// The topic.
+        #[arg(long)]
+        topic: String,
+        /// Seconds without a message before stopping.
+        #[arg(long, default_value_t = 5.0)]
+        idle: f64,
+    },
+    /// Open-loop end-to-end latency at fixed rates, measured from each event's intended send
+    /// time to its decision consumed.
+    Latency {
+        /// Topic events are sent to.
+        #[arg(long)]
+        input: String,
+        /// Topic decisions (or passed-through copies) are read from.
+        #[arg(long)]
+        output: String,
+        /// Background records, JSON lines (their `eventTime` is set to the send time).
+        #[arg(long)]
+        background: PathBuf,
+        /// The probe record, JSON: its `userIdentity.arn` becomes `.../probe-<n>`.
+        #[arg(long)]
+        probe: PathBuf,
+        /// Every this many events one is a probe.
+        #[arg(long, default_value_t = 100)]
+        probe_every: u64,
+        /// Rates to measure, events per second, in order.
+        #[arg(long, value_delimiter = ',', required = true)]
+        rates: Vec<f64>,
+        /// Seconds of load per rate.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Seconds at the start of each rate not counted.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// A name for the system measured (printed in the table).
+        #[arg(long, default_value = "rampart")]
+        label: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Feed { topic, rate, files } => feed(&cli.brokers, &topic, rate, &files),
+        Cmd::Passthrough { from, to } => passthrough(&cli.brokers, &from, &to),
+        Cmd::Tail { topic, idle } => tail(&cli.brokers, &topic, Duration::from_secs_f64(idle)),
+        Cmd::Latency {
+            input,
+            output,
+            background,
+            probe,
+            probe_every,
+            rates,
+            duration,
+            warmup,
+            label,
+        } => {
+            let load = Load::new(&background, &probe, probe_every)?;
+            println!("| system | target ev/s | sent ev/s | probes | received | p50 ms | p99 ms | p99.9 ms | max ms |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for rate in rates {
+                let r = measure(&cli.brokers, &input, &output, &load, rate, duration, warmup)?;
+                println!(
+                    "| {label} | {rate:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    r.sent_rate,
+                    r.expected,
+                    r.received,
+                    r.quantile(0.5),
+                    r.quantile(0.99),
+                    r.quantile(0.999),
+                    r.quantile(1.0)
+                );
+                // Let any backlog drain before the next rate.
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "1")
+        .set("acks", "1")
+        .set("message.timeout.ms", "0")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("cannot create a producer")
+}
+
+/// Sends one message, waiting while the producer's queue is full.
+fn send(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, payload: &[u8]) -> Result<()> {
+    let mut record = BaseRecord::<(), [u8]>::to(topic).payload(payload);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                producer.poll(Duration::from_millis(1));
+            }
+            Err((e, _)) => bail!("cannot send to {topic}: {e}"),
+        }
+    }
+}
+
+/// Every record of a file, as JSON text: a JSON array or CloudTrail file gives its elements,
+/// anything else is read as JSON lines.
+fn records(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') || trimmed.starts_with("{\"Records\"") {
+        let doc: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        let list = match doc {
+            Value::Array(a) => a,
+            Value::Object(mut o) => match o.remove("Records") {
+                Some(Value::Array(a)) => a,
+                _ => bail!("{} has no Records array", path.display()),
+            },
+            _ => bail!("{}: not an array of records", path.display()),
+        };
+        return Ok(list.iter().map(Value::to_string).collect());
+    }
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+fn feed(brokers: &str, topic: &str, rate: Option<f64>, files: &[PathBuf]) -> Result<()> {
+    let producer = producer(brokers)?;
+    let started = Instant::now();
+    let mut n = 0u64;
+    for file in files {
+        for record in records(file)? {
+            if let Some(rate) = rate {
+                let due = Duration::from_secs_f64(n as f64 / rate);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            send(&producer, topic, record.as_bytes())?;
+            n += 1;
+        }
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .context("the broker did not acknowledge every record")?;
+    eprintln!(
+        "fed {n} records to {topic} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn consumer(brokers: &str, group: &str) -> Result<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .context("cannot create a consumer")
+}
+
+/// Assigns every partition of `topic` from its end, and waits until the positions are known
+/// (so that nothing sent afterwards is missed).
+fn assign_from_end(consumer: &BaseConsumer, topic: &str) -> Result<()> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("no metadata for {topic}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        bail!("topic {topic} does not exist");
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(high))?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(())
+}
+
+fn tail(brokers: &str, topic: &str, idle: Duration) -> Result<()> {
+    use std::io::Write;
+    let consumer = consumer(brokers, "rampart-load-tail")?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("no metadata for {topic}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let mut out = std::io::stdout().lock();
+    let mut last = Instant::now();
+    while last.elapsed() < idle {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                out.write_all(m.payload().unwrap_or_default())?;
+                out.write_all(b"\n")?;
+                out.flush()?;
+                last = Instant::now();
+            }
+            Some(Err(e)) => eprintln!("tail {topic}: {e}"),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn passthrough(brokers: &str, from: &str, to: &str) -> Result<()> {
+    let consumer = consumer(brokers, "rampart-load-passthrough")?;
+    assign_from_end(&consumer, from)?;
+    let producer = producer(brokers)?;
+    eprintln!("passthrough: {from} -> {to}");
+    loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => send(&producer, to, m.payload().unwrap_or_default())?,
+            Some(Err(e)) => eprintln!("passthrough: {e}"),
+            None => {}
+        }
+    }
+}
+
+/// Message templates: text before and after the event time (and the probe's sequence number).
+struct Load {
+    background: Vec<(String, String)>,
+    probe: Vec<String>,
+    /// Whether the probe's time comes before its sequence number in the text.
+    time_first: bool,
+    probe_every: u64,
+}
+
+const TIME: &str = "\u{1}TIME\u{1}";
+const SEQ: &str = "\u{1}SEQ\u{1}";
+
+impl Load {
+    fn new(background: &Path, probe: &Path, probe_every: u64) -> Result<Self> {
+        let mut templates = Vec::new();
+        let file = std::fs::File::open(background).with_context(|| format!("cannot open {}", background.display()))?;
+        for line in std::io::BufReader::new(file).lines().take(20_000) {
+            let mut v: Value = serde_json::from_str(&line?).context("background records are JSON lines")?;
+            v["eventTime"] = Value::String(TIME.into());
+            let text = v.to_string();
+            let (a, b) = text.split_once(TIME).expect("the time placeholder is there");
+            templates.push((a.to_string(), b.to_string()));
+        }
+        if templates.is_empty() {
+            bail!("{} has no records", background.display());
+        }
+        let mut p: Value = serde_json::from_str(
+            &std::fs::read_to_string(probe).with_context(|| format!("cannot read {}", probe.display()))?,
+        )
+        .context("the probe is one JSON record")?;
+        p["eventTime"] = Value::String(TIME.into());
+        p["userIdentity"]["arn"] = Value::String(format!("arn:aws:iam::123456789012:user/probe-{SEQ}"));
+        let text = p.to_string();
+        let time_first = text.find(TIME) < text.find(SEQ);
+        let probe: Vec<String> = text
+            .split(TIME)
+            .flat_map(|part| part.split(SEQ).map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        if probe.len() != 3 {
+            bail!("the probe template could not be prepared");
+        }
+        Ok(Self {
+            background: templates,
+            probe,
+            time_first,
+            probe_every: probe_every.max(1),
+        })
+    }
+
+    /// Event `i`'s message, with `time` as its event time.
+    fn message(&self, i: u64, time: &str, out: &mut String) {
+        out.clear();
+        if i % self.probe_every == 0 {
+            let (first, second) = if self.time_first {
+                (time.to_string(), (i / self.probe_every).to_string())
+            } else {
+                ((i / self.probe_every).to_string(), time.to_string())
+            };
+            out.push_str(&self.probe[0]);
+            out.push_str(&first);
+            out.push_str(&self.probe[1]);
+            out.push_str(&second);
+            out.push_str(&self.probe[2]);
+        } else {
+            let (a, b) = &self.background[(i as usize) % self.background.len()];
+            out.push_str(a);
+            out.push_str(time);
+            out.push_str(b);
+        }
+    }
+}
+
+struct Measured {
+    histogram: Histogram<u64>,
+    expected: u64,
+    received: u64,
+    sent_rate: f64,
+}
+
+impl Measured {
+    fn quantile(&self, q: f64) -> f64 {
+        if self.histogram.is_empty() {
+            return f64::NAN;
+        }
+        self.histogram.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// The sequence number after `probe-` in a message, if any.
+fn probe_of(payload: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(payload, b"/probe-")? + 7;
+    let digits = payload[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&payload[at..at + digits]).ok()?.parse().ok()
+}
+
+fn measure(
+    brokers: &str,
+    input: &str,
+    output: &str,
+    load: &Load,
+    rate: f64,
+    duration: u64,
+    warmup: u64,
+) -> Result<Measured> {
+    let total = (rate * duration as f64) as u64;
+    let receiver = consumer(brokers, "rampart-load-latency")?;
+    assign_from_end(&receiver, output)?;
+    let producer = producer(brokers)?;
+    let done = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let probe_every = load.probe_every;
+    let warmup_events = (rate * warmup as f64) as u64;
+    let expected = (warmup_events.div_ceil(probe_every)..total.div_ceil(probe_every)).count() as u64;
+
+    let measured = std::thread::scope(|scope| -> Result<Measured> {
+        let (done_r, sent_r) = (Arc::clone(&done), Arc::clone(&sent));
+        let receiving = scope.spawn(move || {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
+            let mut seen = std::collections::HashSet::new();
+            let mut quiet_since: Option<Instant> = None;
+            loop {
+                match receiver.poll(Duration::from_millis(50)) {
+                    Some(Ok(m)) => {
+                        let now = started.elapsed();
+                        let Some(seq) = m.payload().and_then(probe_of) else { continue };
+                        let i = seq * probe_every;
+                        if i < warmup_events || i >= total || !seen.insert(seq) {
+                            continue;
+                        }
+                        let intended = Duration::from_secs_f64(i as f64 / rate);
+                        let latency = now.saturating_sub(intended).as_micros() as u64;
+                        histogram.saturating_record(latency.max(1));
+                        quiet_since = None;
+                    }
+                    Some(Err(e)) => eprintln!("latency receiver: {e}"),
+                    None => {}
+                }
+                if seen.len() as u64 >= expected {
+                    break;
+                }
+                if done_r.load(Ordering::Relaxed) {
+                    // After the last send, wait up to 10 s for the rest.
+                    let since = *quiet_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(10) {
+                        break;
+                    }
+                }
+            }
+            let _ = sent_r;
+            (histogram, seen.len() as u64)
+        });
+
+        let mut message = String::with_capacity(4096);
+        for i in 0..total {
+            let due = Duration::from_secs_f64(i as f64 / rate);
+            let now = started.elapsed();
+            if due > now {
+                let wait = due - now;
+                if wait > Duration::from_micros(200) {
+                    std::thread::sleep(wait);
+                }
+            }
+            let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            load.message(i, &time, &mut message);
+            send(&producer, input, message.as_bytes())?;
+            sent.fetch_add(1, Ordering::Relaxed);
+        }
+        let send_seconds = started.elapsed().as_secs_f64();
+        done.store(true, Ordering::Relaxed);
+        let (histogram, received) = receiving.join().expect("receiver thread");
+        Ok(Measured {
+            histogram,
+            expected,
+            received,
+            sent_rate: total as f64 / send_seconds,
+        })
+    })?;
+    Ok(measured)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_probe_numbers() {
+        assert_eq!(probe_of(br#"{"actor":"arn:aws:iam::1:user/probe-42","x":1}"#), Some(42));
+        assert_eq!(probe_of(b"nothing here"), None);
+    }
+}

@@ -1,0 +1,254 @@
+//! The Kafka clients: their configuration (defaults, `pipeline.toml`, environment), the topic
+//! check at start, and the callbacks that seek to the offsets stored with the window state,
+//! count delivery failures and feed health and lag metrics.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rampart_engine::config::KafkaConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::ServiceError;
+use crate::metrics::{Health, Metrics, PartitionLabels};
+
+/// Environment variables `RAMPART_KAFKA_<NAME>` set librdkafka property `<name>` (lowercase,
+/// `_` read as `.`) for both clients, e.g. `RAMPART_KAFKA_SASL_PASSWORD` sets `sasl.password`;
+/// `RAMPART_KAFKA_BROKERS` replaces `kafka.brokers`.
+const ENV_PREFIX: &str = "RAMPART_KAFKA_";
+
+/// The next offset to consume per (topic, partition), as stored with the window state.
+pub type StoredOffsets = Arc<Mutex<BTreeMap<(String, i32), i64>>>;
+
+/// The client configurations: Rampart's defaults, then `[kafka.properties]` and
+/// `[kafka.consumer]` / `[kafka.producer]`, then the environment.
+pub fn client_configs(kafka: &KafkaConfig, env: &[(String, String)]) -> (ClientConfig, ClientConfig) {
+    let brokers = env
+        .iter()
+        .find(|(k, _)| k == "RAMPART_KAFKA_BROKERS")
+        .map_or(kafka.brokers.as_str(), |(_, v)| v.as_str());
+    let from_env: Vec<(String, String)> = env
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.strip_prefix(ENV_PREFIX)?;
+            (name != "BROKERS").then(|| (name.to_ascii_lowercase().replace('_', "."), v.clone()))
+        })
+        .collect();
+
+    let mut consumer = ClientConfig::new();
+    consumer
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &kafka.group)
+        // Offsets live in the state store; Kafka gets them at each checkpoint for lag tools.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Joins a group in seconds rather than tens of seconds on small brokers.
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "5")
+        .set("statistics.interval.ms", "5000");
+    let mut producer = ClientConfig::new();
+    producer
+        .set("bootstrap.servers", brokers)
+        // Never give up on a decision: an unreachable broker holds it (and the input) back.
+        .set("message.timeout.ms", "0")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("queue.buffering.max.messages", "200000");
+    for (k, v) in &kafka.consumer {
+        consumer.set(k, v);
+    }
+    for (k, v) in &kafka.producer {
+        producer.set(k, v);
+    }
+    for (k, v) in &from_env {
+        consumer.set(k, v);
+        producer.set(k, v);
+    }
+    (consumer, producer)
+}
+
+/// Checks that the topics exist, creating the missing ones when `create` is set.
+pub fn ensure_topics(
+    config: &ClientConfig,
+    topics: &[&str],
+    create: bool,
+    partitions: i32,
+) -> Result<(), ServiceError> {
+    let admin: AdminClient<_> = config.create().map_err(ServiceError::client("admin"))?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(15))
+        .map_err(|e| ServiceError::Broker(format!("cannot read the broker's metadata: {e}")))?;
+    let existing: Vec<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name())
+        .collect();
+    let mut missing: Vec<&str> = topics
+        .iter()
+        .copied()
+        .filter(|t| !existing.contains(t))
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !create {
+        return Err(ServiceError::Config(format!(
+            "these topics do not exist on the broker: {}. Create them, or set `create_topics = true` under [kafka]",
+            missing.join(", ")
+        )));
+    }
+    let new: Vec<NewTopic<'_>> = missing
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
+    let results = futures::executor::block_on(admin.create_topics(&new, &options))
+        .map_err(|e| ServiceError::Broker(format!("cannot create topics: {e}")))?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(%topic, partitions, "created topic"),
+            Err((topic, code)) if code == rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists => {
+                tracing::debug!(%topic, "topic created meanwhile");
+            }
+            Err((topic, code)) => {
+                return Err(ServiceError::Broker(format!("cannot create topic {topic}: {code}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The consumer's callbacks.
+pub struct ConsumerCallbacks {
+    /// Offsets stored with the window state, sought to on every assignment.
+    pub offsets: StoredOffsets,
+    /// Readiness and assignment.
+    pub health: Arc<Health>,
+    /// Lag gauges.
+    pub metrics: Arc<Metrics>,
+}
+
+impl ClientContext for ConsumerCallbacks {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "consumer");
+        if is_outage(&error) {
+            self.health
+                .set_not_ready(Some(format!("the broker is unreachable ({reason})")));
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || !p.desired {
+                    continue;
+                }
+                let labels = PartitionLabels {
+                    topic: topic.clone(),
+                    partition: partition.to_string(),
+                };
+                self.metrics.consumer_lag.get_or_create(&labels).set(p.consumer_lag.max(0));
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ConsumerCallbacks {
+    /// On assignment, starts each partition at the offset stored with the window state (the
+    /// group's committed offset is only a fallback for partitions never consumed here).
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let stored = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                for mut elem in tpl.elements() {
+                    if let Some(next) = stored.get(&(elem.topic().to_string(), elem.partition()))
+                        && let Err(e) = elem.set_offset(Offset::Offset(*next))
+                    {
+                        tracing::error!(error = %e, "cannot set a start offset");
+                    }
+                }
+                let assigned: Vec<String> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| format!("{}/{}@{:?}", e.topic(), e.partition(), e.offset()))
+                    .collect();
+                tracing::info!(partitions = ?assigned, "partitions assigned");
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!(error = %e, "cannot take the assignment");
+                }
+                self.health.assigned.store(tpl.count() as u64, Ordering::Relaxed);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "cannot drop the assignment");
+                }
+                self.health.assigned.store(0, Ordering::Relaxed);
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed");
+                let _ = consumer.unassign();
+                self.health.assigned.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The producer's callbacks: failed deliveries are counted (with `message.timeout.ms = 0`
+/// librdkafka retries transient errors forever, so a failure here is permanent).
+#[derive(Default)]
+pub struct ProducerCallbacks {
+    /// Deliveries that failed for good.
+    pub failed: AtomicU64,
+    /// The last failure.
+    pub last_error: Mutex<Option<String>>,
+    /// Readiness.
+    pub health: Arc<Health>,
+}
+
+impl ClientContext for ProducerCallbacks {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "producer");
+        if is_outage(&error) {
+            self.health
+                .set_not_ready(Some(format!("the broker is unreachable ({reason})")));
+        }
+    }
+}
+
+impl ProducerContext for ProducerCallbacks {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, message)) = result {
+            use rdkafka::message::Message;
+            let error = format!("{e} (topic {})", message.topic());
+            tracing::error!(%error, "a message could not be delivered");
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+        }
+    }
+}
+
+/// Whether a client error means the broker cannot be reached.
+fn is_outage(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(C::AllBrokersDown | C::BrokerTransportFailure | C::Resolve | C::BrokerNotAvailable)
+    )
+}

@@ -1,0 +1,610 @@
+//! Service mode: consume the pipeline's input topics as a consumer group, decide on
+//! micro-batches, publish decisions keyed by actor and bad records to the dead-letter topic,
+//! and checkpoint the window state with the source offsets it reflects, in one RocksDB write,
+//! after the broker has acknowledged every decision before it.
+//!
+//! The processing loop is one thread: poll → decode → evaluate → produce, with a checkpoint
+//! every `[service] checkpoint_interval`. The HTTP endpoint and librdkafka's threads are the
+//! only others.
+
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rampart_core::{Decision, Mode};
+use rampart_engine::decode::Decoded;
+use rampart_engine::pipeline::Evaluation;
+use rampart_engine::{DeadLetter, DeadLetterKind, EventBatch, Pipeline, Progress, SourceProgress};
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::{ConsumerCallbacks, ProducerCallbacks, StoredOffsets};
+use crate::metrics::{DecisionLabels, DetectorLabels, Health, Metrics, now_ms};
+
+/// Why the service stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The pipeline's configuration cannot run as a service.
+    #[error("{0}")]
+    Config(String),
+    /// A Kafka client could not be created.
+    #[error("cannot create the Kafka {what}: {source}")]
+    Client {
+        /// Which client.
+        what: &'static str,
+        /// librdkafka's reason.
+        source: KafkaError,
+    },
+    /// The broker refused or failed an operation Rampart cannot go on without.
+    #[error("{0}")]
+    Broker(String),
+    /// A decision or dead letter was refused for good by the broker; nothing was checkpointed
+    /// after it, so a restart re-processes it.
+    #[error("a message could not be delivered ({0}); stopping without a checkpoint so that a restart re-sends it")]
+    Delivery(String),
+    /// The window state could not be written.
+    #[error(transparent)]
+    State(#[from] rampart_engine::state::StateError),
+    /// The HTTP endpoint could not start.
+    #[error("{0}")]
+    Http(String),
+    /// Stopped by a second signal while waiting for the broker: nothing after the last
+    /// checkpoint was checkpointed (a restart re-processes it).
+    #[error("interrupted while waiting for the broker; the last checkpoint stands")]
+    Interrupted,
+}
+
+impl ServiceError {
+    fn client(what: &'static str) -> impl Fn(KafkaError) -> Self {
+        move |source| Self::Client { what, source }
+    }
+}
+
+/// How to run.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// The HTTP endpoint's address, instead of `[service] listen`.
+    pub listen: Option<String>,
+    /// Environment variables (`RAMPART_KAFKA_*` are read).
+    pub env: Vec<(String, String)>,
+    /// Signals received: 1 = finish the batch in flight, checkpoint and stop; 2 = stop even
+    /// while waiting for the broker.
+    pub stop: Arc<AtomicUsize>,
+    /// Stop (cleanly, as on SIGTERM) once no message has come for this long: drains a topic's
+    /// backlog and exits (replaying history through Kafka, tests).
+    pub until_idle: Option<Duration>,
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone)]
+pub struct RunSummary {
+    /// Events consumed.
+    pub events: u64,
+    /// Malformed records sent to the dead-letter topic.
+    pub bad_records: u64,
+    /// Late records sent to the dead-letter topic.
+    pub late_records: u64,
+    /// Decisions published.
+    pub decisions: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+}
+
+/// One record sent to the dead-letter topic, with the original bytes.
+struct Letter {
+    letter: DeadLetter,
+    payload: Vec<u8>,
+    key: Option<Vec<u8>>,
+}
+
+/// What one round of polling gathered.
+#[derive(Default)]
+struct Gathered {
+    batches: Vec<EventBatch>,
+    letters: Vec<Letter>,
+    /// Kafka timestamps (ms) of the messages, for the end-to-end latency.
+    timestamps: Vec<i64>,
+    messages: usize,
+}
+
+/// Consumed since the last checkpoint, per (topic, partition).
+#[derive(Default, Clone, Copy)]
+struct Consumed {
+    events: u64,
+    dead_letters: u64,
+    next_offset: i64,
+}
+
+/// Runs the pipeline as a service until `options.stop` is raised. Returns after the batch in
+/// flight is decided, its decisions acknowledged and a final checkpoint written.
+pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, ServiceError> {
+    let kafka = pipeline.config.kafka.clone().ok_or_else(|| {
+        ServiceError::Config(format!(
+            "{} has no [kafka] section: say which topics to consume and where decisions go (see docs/operations.md)",
+            pipeline.dir.join("pipeline.toml").display()
+        ))
+    })?;
+    if !pipeline.is_persistent() {
+        return Err(ServiceError::Config(
+            "service mode needs a persistent window state (it stores the source offsets with it)".into(),
+        ));
+    }
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    health.beat();
+    health.set_not_ready(Some("starting".into()));
+    let listen = options.listen.as_deref().unwrap_or(&pipeline.config.service.listen);
+    let endpoint =
+        http::Endpoint::start(listen, Arc::clone(&metrics), Arc::clone(&health)).map_err(ServiceError::Http)?;
+    tracing::info!(address = %endpoint.address, "serving /metrics, /healthz and /readyz");
+
+    let (consumer_config, producer_config) = kafka::client_configs(&kafka, &options.env);
+    let mut topics: Vec<&str> = kafka.input_topics.iter().map(String::as_str).collect();
+    topics.extend([
+        kafka.decisions_topic.as_str(),
+        kafka.shadow_topic.as_str(),
+        kafka.dead_letter_topic.as_str(),
+    ]);
+    kafka::ensure_topics(&producer_config, &topics, kafka.create_topics, kafka.partitions)?;
+
+    let progress = pipeline.progress();
+    let offsets: StoredOffsets = Arc::default();
+    {
+        let mut o = offsets.lock().unwrap_or_else(|p| p.into_inner());
+        for (source, p) in &progress {
+            if let (Some((topic, partition)), Some(next)) = (parse_source(source), p.next_offset) {
+                o.insert((topic, partition), next);
+            }
+        }
+        if !o.is_empty() {
+            tracing::info!(partitions = o.len(), "resuming from the offsets stored with the window state");
+        }
+    }
+    let producer_callbacks = ProducerCallbacks {
+        health: Arc::clone(&health),
+        ..ProducerCallbacks::default()
+    };
+    let producer: ThreadedProducer<ProducerCallbacks> = producer_config
+        .create_with_context(producer_callbacks)
+        .map_err(ServiceError::client("producer"))?;
+    let consumer: BaseConsumer<ConsumerCallbacks> = consumer_config
+        .create_with_context(ConsumerCallbacks {
+            offsets: Arc::clone(&offsets),
+            health: Arc::clone(&health),
+            metrics: Arc::clone(&metrics),
+        })
+        .map_err(ServiceError::client("consumer"))?;
+    let inputs: Vec<&str> = kafka.input_topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&inputs)
+        .map_err(|e| ServiceError::Broker(format!("cannot subscribe to {}: {e}", inputs.join(", "))))?;
+    health.set_not_ready(None);
+    tracing::info!(
+        pipeline = %pipeline.config.name,
+        inputs = %inputs.join(", "),
+        decisions = %kafka.decisions_topic,
+        dead_letters = %kafka.dead_letter_topic,
+        "running"
+    );
+
+    let mut service = Service {
+        pipeline,
+        kafka: &kafka,
+        consumer,
+        producer,
+        metrics,
+        health,
+        offsets,
+        stop: options.stop,
+        until_idle: options.until_idle,
+        progress,
+        consumed: BTreeMap::new(),
+        next_row: pipeline.next_row(),
+        summary: RunSummary::default(),
+        topics: BTreeMap::new(),
+        warned_detectors: Vec::new(),
+    };
+    let result = service.serve();
+    drop(endpoint);
+    result.map(|()| service.summary)
+}
+
+/// The processing loop's state.
+struct Service<'a> {
+    pipeline: &'a Pipeline,
+    kafka: &'a rampart_engine::config::KafkaConfig,
+    consumer: BaseConsumer<ConsumerCallbacks>,
+    producer: ThreadedProducer<ProducerCallbacks>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    offsets: StoredOffsets,
+    stop: Arc<AtomicUsize>,
+    until_idle: Option<Duration>,
+    /// Input progress as of the last checkpoint.
+    progress: Progress,
+    /// Consumed since the last checkpoint.
+    consumed: BTreeMap<(Arc<str>, i32), Consumed>,
+    next_row: u64,
+    summary: RunSummary,
+    /// Interned topic names (positions share them).
+    topics: BTreeMap<String, Arc<str>>,
+    /// Detectors whose run-time failure was already logged.
+    warned_detectors: Vec<String>,
+}
+
+impl Service<'_> {
+    fn serve(&mut self) -> Result<(), ServiceError> {
+        let interval = self.pipeline.config.service.checkpoint_interval;
+        let mut last_checkpoint = Instant::now();
+        let mut last_message = Instant::now();
+        while self.stop.load(Ordering::Relaxed) == 0 {
+            self.health.beat();
+            let gathered = self.gather();
+            if gathered.messages > 0 {
+                last_message = Instant::now();
+                self.process(gathered)?;
+            } else if self.until_idle.is_some_and(|idle| last_message.elapsed() >= idle) {
+                tracing::info!("no message for the idle period");
+                break;
+            }
+            if !self.consumed.is_empty() && last_checkpoint.elapsed() >= interval {
+                self.checkpoint()?;
+                last_checkpoint = Instant::now();
+            }
+        }
+        tracing::info!("stopping: checkpointing what was consumed");
+        self.checkpoint()?;
+        self.consumer.unsubscribe();
+        tracing::info!(
+            events = self.summary.events,
+            decisions = self.summary.decisions,
+            "stopped cleanly"
+        );
+        Ok(())
+    }
+
+
+    /// Polls until a micro-batch is full (`source.batch_size` events) or `batch_max_wait` has
+    /// passed since its first message; returns at once (empty) when nothing comes for 100 ms.
+    fn gather(&mut self) -> Gathered {
+        let mut out = Gathered::default();
+        let mut decoder = self.pipeline.decoder();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let timeout = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => Duration::from_millis(100),
+            };
+            let polled = self.consumer.poll(timeout);
+            let message = match polled {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    if deadline.is_none() {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Ok(m)) => m,
+            };
+            deadline.get_or_insert_with(|| Instant::now() + self.kafka.batch_max_wait);
+            out.messages += 1;
+            let topic = intern(&mut self.topics, message.topic());
+            let (partition, offset) = (message.partition(), message.offset());
+            out.timestamps.push(message.timestamp().to_millis().unwrap_or_else(now_ms));
+            let payload = message.payload().unwrap_or_default();
+            let key = message.key().map(<[u8]>::to_vec);
+            let mut events = 0;
+            let mut letters = 0;
+            decoder.decode_message(&topic, partition, offset, payload, &mut |d| match d {
+                Decoded::Batch(b) => {
+                    out.batches.push(b);
+                }
+                Decoded::DeadLetter(letter) => {
+                    letters += 1;
+                    out.letters.push(Letter {
+                        letter,
+                        payload: payload.to_vec(),
+                        key: key.clone(),
+                    });
+                }
+                Decoded::Lines(_) | Decoded::Progress(_) => {}
+            });
+            if letters == 0 {
+                events = 1;
+            }
+            let consumed = self.consumed.entry((Arc::clone(&topic), partition)).or_default();
+            consumed.events += events;
+            consumed.dead_letters += letters;
+            consumed.next_offset = offset + 1;
+            // Seen by the rebalance callback: a re-assignment resumes after what the window
+            // state in memory already holds.
+            self.offsets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((topic.to_string(), partition), offset + 1);
+            if !out.batches.is_empty() {
+                break;
+            }
+        }
+        decoder.flush(&mut |d| {
+            if let Decoded::Batch(b) = d {
+                out.batches.push(b);
+            }
+        });
+        if out.messages > 0 && self.health.not_ready().is_some_and(|r| r.contains("unreachable")) {
+            self.health.set_not_ready(None);
+        }
+        out
+    }
+
+    /// Decides one gathered micro-batch and hands its decisions and dead letters to the
+    /// producer.
+    fn process(&mut self, gathered: Gathered) -> Result<(), ServiceError> {
+        let complete = Instant::now();
+        for letter in gathered.letters {
+            self.metrics.bad_records.inc();
+            self.summary.bad_records += 1;
+            self.dead_letter(&letter.letter, &letter.payload, letter.key.as_deref())?;
+        }
+        for mut batch in gathered.batches {
+            let n = batch.batch.num_rows();
+            batch.renumber(self.next_row);
+            self.next_row += n as u64;
+            self.metrics.events.inc_by(n as u64);
+            self.metrics.batch_events.observe(n as f64);
+            self.summary.events += n as u64;
+            if let Some(newest) = (0..n).map(|i| batch.event_time(i)).max() {
+                let seconds = newest.div_euclid(1_000_000);
+                if seconds > self.metrics.newest_event_time.get() {
+                    self.metrics.newest_event_time.set(seconds);
+                }
+            }
+            let evaluation = self.pipeline.evaluate(&batch);
+            self.publish(evaluation)?;
+        }
+        let now = now_ms();
+        self.metrics
+            .processing
+            .record(complete.elapsed().as_micros() as u64);
+        for t in gathered.timestamps {
+            self.metrics
+                .end_to_end
+                .record(u64::try_from(now - t).unwrap_or(0).saturating_mul(1000));
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self, evaluation: Evaluation) -> Result<(), ServiceError> {
+        for (detector, error) in evaluation.errors {
+            self.metrics
+                .detector_errors
+                .get_or_create(&DetectorLabels {
+                    detector: detector.clone(),
+                })
+                .inc();
+            if !self.warned_detectors.contains(&detector) {
+                tracing::warn!(%detector, %error, "detector failed on a batch; it keeps running on later batches");
+                self.warned_detectors.push(detector);
+            }
+        }
+        for letter in &evaluation.late {
+            self.metrics.late_records.inc();
+            self.summary.late_records += 1;
+            self.dead_letter(letter, letter.record.as_bytes(), None)?;
+        }
+        for decision in &evaluation.decisions {
+            self.decision(decision)?;
+        }
+        Ok(())
+    }
+
+    fn decision(&mut self, decision: &Decision) -> Result<(), ServiceError> {
+        let payload = serde_json::to_vec(decision).expect("decisions serialise");
+        let topic = match decision.mode {
+            Mode::Enforce => &self.kafka.decisions_topic,
+            Mode::Shadow => &self.kafka.shadow_topic,
+        };
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "rampart.mode",
+            value: Some(decision.mode.to_string().as_str()),
+        });
+        let record = BaseRecord::to(topic)
+            .key(decision.actor.as_bytes())
+            .payload(payload.as_slice())
+            .headers(headers);
+        self.send(record)?;
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                detector: decision.detector.id.clone(),
+                verdict: decision.verdict.to_string(),
+                mode: decision.mode.to_string(),
+            })
+            .inc();
+        self.summary.decisions += 1;
+        Ok(())
+    }
+
+    /// Sends the original bytes to the dead-letter topic, the reason and source position in
+    /// headers.
+    fn dead_letter(&mut self, letter: &DeadLetter, payload: &[u8], key: Option<&[u8]>) -> Result<(), ServiceError> {
+        let kind = match letter.kind {
+            DeadLetterKind::Malformed => "malformed",
+            DeadLetterKind::Late => "late",
+        };
+        let mut headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "rampart.kind",
+                value: Some(kind),
+            })
+            .insert(Header {
+                key: "rampart.error",
+                value: Some(letter.error.as_str()),
+            })
+            .insert(Header {
+                key: "rampart.pipeline",
+                value: Some(self.pipeline.config.name.as_str()),
+            });
+        if let rampart_core::SourcePosition::Kafka {
+            topic,
+            partition,
+            offset,
+        } = &letter.source
+        {
+            headers = headers
+                .insert(Header {
+                    key: "rampart.topic",
+                    value: Some(&**topic),
+                })
+                .insert(Header {
+                    key: "rampart.partition",
+                    value: Some(partition.to_string().as_str()),
+                })
+                .insert(Header {
+                    key: "rampart.offset",
+                    value: Some(offset.to_string().as_str()),
+                });
+        }
+        let mut record = BaseRecord::to(&self.kafka.dead_letter_topic)
+            .payload(payload)
+            .headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        self.send(record)
+    }
+
+    /// Hands one record to the producer; while its queue is full (a slow or unreachable
+    /// broker) waits, reporting not ready, without consuming anything more.
+    fn send<K: rdkafka::message::ToBytes + ?Sized>(
+        &self,
+        mut record: BaseRecord<'_, K, [u8]>,
+    ) -> Result<(), ServiceError> {
+        let started = Instant::now();
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    self.wait_for_broker(started, "the producer queue is full")?;
+                }
+                Err((e, _)) => return Err(ServiceError::Broker(format!("cannot send to Kafka: {e}"))),
+            }
+        }
+    }
+
+    /// One step of waiting for the broker: marks the service not ready after a second, and
+    /// gives up only on a second stop signal.
+    fn wait_for_broker(&self, since: Instant, why: &str) -> Result<(), ServiceError> {
+        self.producer.poll(Duration::from_millis(100));
+        self.health.beat();
+        if since.elapsed() > Duration::from_secs(1) {
+            self.health.set_not_ready(Some(format!(
+                "waiting for the broker: {why} ({} messages in flight)",
+                self.producer.in_flight_count()
+            )));
+        }
+        if self.stop.load(Ordering::Relaxed) >= 2 {
+            return Err(ServiceError::Interrupted);
+        }
+        Ok(())
+    }
+
+    /// Waits until the broker acknowledged every decision and dead letter sent so far, then
+    /// writes the window state with the offsets it reflects in one RocksDB write, then commits
+    /// those offsets to the group (for lag tools; the state store stays the source of truth).
+    fn checkpoint(&mut self) -> Result<(), ServiceError> {
+        let started = Instant::now();
+        while self.producer.flush(Duration::from_millis(200)).is_err() {
+            self.wait_for_broker(started, "decisions not acknowledged yet")?;
+        }
+        if self.producer.context().failed.load(Ordering::Relaxed) > 0 {
+            let error = self
+                .producer
+                .context()
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_default();
+            return Err(ServiceError::Delivery(error));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), c) in std::mem::take(&mut self.consumed) {
+            let p = self
+                .progress
+                .entry(source_name(&topic, partition))
+                .or_insert_with(SourceProgress::default);
+            p.events += c.events;
+            p.dead_letters += c.dead_letters;
+            p.next_offset = Some(c.next_offset);
+            if let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(c.next_offset)) {
+                tracing::debug!(error = %e, "offset list");
+            }
+        }
+        self.pipeline.checkpoint(&self.progress)?;
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+        {
+            tracing::debug!(error = %e, "group offset commit (informational)");
+        }
+        self.metrics.checkpoints.inc();
+        self.summary.checkpoints += 1;
+        self.metrics
+            .checkpoint
+            .record(started.elapsed().as_micros() as u64);
+        let stats = self.pipeline.state_stats();
+        self.metrics.state_disk_bytes.set(stats.disk_bytes as i64);
+        self.metrics.state_cached_bytes.set(stats.cached_bytes as i64);
+        self.metrics.state_waiting_rows.set(stats.waiting_rows as i64);
+        if self.health.not_ready().is_some() {
+            self.health.set_not_ready(None);
+        }
+        Ok(())
+    }
+}
+
+/// The shared name of a topic (positions of its events share it).
+fn intern(topics: &mut BTreeMap<String, Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(t) = topics.get(name) {
+        return Arc::clone(t);
+    }
+    let t: Arc<str> = Arc::from(name);
+    topics.insert(name.to_string(), Arc::clone(&t));
+    t
+}
+
+/// The progress key of a Kafka partition.
+fn source_name(topic: &str, partition: i32) -> String {
+    format!("kafka:{topic}/{partition}")
+}
+
+fn parse_source(source: &str) -> Option<(String, i32)> {
+    let rest = source.strip_prefix("kafka:")?;
+    let (topic, partition) = rest.rsplit_once('/')?;
+    Some((topic.to_string(), partition.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_keys_round_trip() {
+        assert_eq!(
+            parse_source(&source_name("cloud/trail", 3)),
+            Some(("cloud/trail".to_string(), 3))
+        );
+        assert_eq!(parse_source("data/x.json"), None);
+    }
+}

@@ -1,0 +1,293 @@
+//! What `/metrics` shows: counters and gauges in a `prometheus-client` registry, and latency
+//! quantiles computed from `hdrhistogram` histograms at each scrape.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hdrhistogram::Histogram;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram as Buckets, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a decision counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// Detector id.
+    pub detector: String,
+    /// block, alert or review.
+    pub verdict: String,
+    /// enforce or shadow.
+    pub mode: String,
+}
+
+/// Labels of a per-partition gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: String,
+}
+
+/// Labels of a detector error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectorLabels {
+    /// Detector id.
+    pub detector: String,
+}
+
+/// The quantiles exported for each latency histogram.
+const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
+
+/// A latency histogram in microseconds, 1 µs to 1 h at 3 significant digits.
+#[derive(Debug)]
+pub struct Latency {
+    histogram: Mutex<Histogram<u64>>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            histogram: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
+            ),
+        }
+    }
+}
+
+impl Latency {
+    /// Records one latency, in microseconds (clamped to the histogram's range).
+    pub fn record(&self, micros: u64) {
+        self.record_n(micros, 1);
+    }
+
+    /// Records `count` equal latencies.
+    pub fn record_n(&self, micros: u64, count: u64) {
+        let mut h = self.histogram.lock().unwrap_or_else(|p| p.into_inner());
+        h.saturating_record_n(micros.max(1), count);
+    }
+
+    /// (quantile, seconds) pairs and the number of samples.
+    pub fn quantiles(&self) -> (Vec<(f64, f64)>, u64) {
+        let h = self.histogram.lock().unwrap_or_else(|p| p.into_inner());
+        let values = QUANTILES
+            .iter()
+            .map(|&q| (q, h.value_at_quantile(q) as f64 / 1e6))
+            .collect();
+        (values, h.len())
+    }
+}
+
+/// Every metric of a running service.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Events consumed and mapped.
+    pub events: Counter,
+    /// Records that could not be decoded or mapped (to the dead-letter topic).
+    pub bad_records: Counter,
+    /// Events beyond the allowed lateness (to the dead-letter topic; windows did not count them).
+    pub late_records: Counter,
+    /// Decisions published, by detector, verdict and mode.
+    pub decisions: Family<DecisionLabels, Counter>,
+    /// Detector run-time failures on a batch.
+    pub detector_errors: Family<DetectorLabels, Counter>,
+    /// Events per micro-batch.
+    pub batch_events: Buckets,
+    /// Checkpoints written (window state and offsets together).
+    pub checkpoints: Counter,
+    /// Consumer lag per partition, as librdkafka last reported it.
+    pub consumer_lag: Family<PartitionLabels, Gauge>,
+    /// Window state on disk, bytes.
+    pub state_disk_bytes: Gauge,
+    /// Window state in memory (cache), bytes.
+    pub state_cached_bytes: Gauge,
+    /// Window rows waiting for the watermark.
+    pub state_waiting_rows: Gauge,
+    /// Newest event time seen, Unix seconds.
+    pub newest_event_time: Gauge,
+    /// 1 when ready to serve, 0 when not.
+    pub ready: Gauge,
+    /// Time from a micro-batch being complete to its decisions handed to the producer.
+    pub processing: Arc<Latency>,
+    /// Time from an event's Kafka timestamp to its batch's decisions handed to the producer.
+    pub end_to_end: Arc<Latency>,
+    /// Time a checkpoint takes (waiting for the broker's acknowledgements included).
+    pub checkpoint: Arc<Latency>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            events: Counter::default(),
+            bad_records: Counter::default(),
+            late_records: Counter::default(),
+            decisions: Family::default(),
+            detector_errors: Family::default(),
+            batch_events: Buckets::new(exponential_buckets(1.0, 4.0, 8)),
+            checkpoints: Counter::default(),
+            consumer_lag: Family::default(),
+            state_disk_bytes: Gauge::default(),
+            state_cached_bytes: Gauge::default(),
+            state_waiting_rows: Gauge::default(),
+            newest_event_time: Gauge::default(),
+            ready: Gauge::default(),
+            processing: Arc::default(),
+            end_to_end: Arc::default(),
+            checkpoint: Arc::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// A registry exposing these metrics under the `rampart_` prefix.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("rampart");
+        r.register("events", "Events consumed and mapped", self.events.clone());
+        r.register(
+            "bad_records",
+            "Records that could not be decoded or mapped (sent to the dead-letter topic)",
+            self.bad_records.clone(),
+        );
+        r.register(
+            "late_records",
+            "Events older than the allowed lateness (sent to the dead-letter topic; windows did not count them)",
+            self.late_records.clone(),
+        );
+        r.register(
+            "decisions",
+            "Decisions published, by detector, verdict and mode",
+            self.decisions.clone(),
+        );
+        r.register(
+            "detector_errors",
+            "Detector failures on a batch (the detector keeps running on later batches)",
+            self.detector_errors.clone(),
+        );
+        r.register("batch_events", "Events per micro-batch", self.batch_events.clone());
+        r.register(
+            "checkpoints",
+            "Checkpoints written (window state and source offsets in one write)",
+            self.checkpoints.clone(),
+        );
+        r.register(
+            "consumer_lag_messages",
+            "Messages behind the end of each input partition, as librdkafka last reported",
+            self.consumer_lag.clone(),
+        );
+        r.register(
+            "state_disk_bytes",
+            "Window state on disk",
+            self.state_disk_bytes.clone(),
+        );
+        r.register(
+            "state_cached_bytes",
+            "Window state held in memory",
+            self.state_cached_bytes.clone(),
+        );
+        r.register(
+            "state_waiting_rows",
+            "Window rows waiting for the watermark",
+            self.state_waiting_rows.clone(),
+        );
+        r.register(
+            "newest_event_time_seconds",
+            "Newest event time seen (Unix seconds)",
+            self.newest_event_time.clone(),
+        );
+        r.register("ready", "1 when /readyz answers 200", self.ready.clone());
+        for (name, help, latency) in [
+            (
+                "processing_latency_seconds",
+                "From a complete micro-batch to its decisions handed to the producer",
+                &self.processing,
+            ),
+            (
+                "end_to_end_latency_seconds",
+                "From an event's Kafka timestamp to its decisions handed to the producer",
+                &self.end_to_end,
+            ),
+            (
+                "checkpoint_latency_seconds",
+                "Time a checkpoint takes, waiting for the broker's acknowledgements included",
+                &self.checkpoint,
+            ),
+        ] {
+            r.register_collector(Box::new(Quantiles {
+                name,
+                help,
+                latency: Arc::clone(latency),
+            }));
+        }
+        r
+    }
+}
+
+/// Exports a latency histogram as `NAME{quantile="q"}` gauges and `NAME_count`.
+#[derive(Debug)]
+struct Quantiles {
+    name: &'static str,
+    help: &'static str,
+    latency: Arc<Latency>,
+}
+
+impl Collector for Quantiles {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (values, count) = self.latency.quantiles();
+        let mut family = encoder.encode_descriptor(self.name, self.help, None, MetricType::Gauge)?;
+        for (q, seconds) in values {
+            let labels = [("quantile", if q >= 1.0 { "1".to_string() } else { q.to_string() })];
+            family.encode_family(&labels)?.encode_gauge(&seconds)?;
+        }
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(count);
+        let name = format!("{}_samples", self.name);
+        let encoder = encoder.encode_descriptor(&name, "Samples recorded", None, counter.metric_type())?;
+        counter.encode(encoder)
+    }
+}
+
+/// What `/readyz` and `/healthz` answer.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Why the service is not ready (empty when it is).
+    not_ready: Mutex<Option<String>>,
+    /// When the processing loop last went round (Unix ms).
+    pub heartbeat_ms: AtomicI64,
+    /// Partitions assigned to this instance.
+    pub assigned: AtomicU64,
+}
+
+impl Health {
+    /// Marks the service ready (`None`) or not, with the reason.
+    pub fn set_not_ready(&self, reason: Option<String>) {
+        let mut r = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());
+        if *r != reason {
+            match &reason {
+                Some(why) => tracing::warn!(reason = %why, "not ready"),
+                None => tracing::info!("ready"),
+            }
+            *r = reason;
+        }
+    }
+
+    /// Why the service is not ready, if it is not.
+    pub fn not_ready(&self) -> Option<String> {
+        self.not_ready.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Notes that the processing loop is alive.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Wall-clock time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
