@@ -528,13 +528,13 @@ checkpoint_interval = "100ms"
             "burst.sql",
             "-- id: burst\n-- verdict: alert\n-- severity: low\n-- reason: {{actor}} made {{n}} calls within 2 seconds\n\
              SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
-             RANGE BETWEEN INTERVAL '2 seconds' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n >= 40\n",
+             RANGE BETWEEN INTERVAL '2 seconds' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n >= 200\n",
         ),
         (
             "origins.sql",
             "-- id: origins\n-- verdict: review\n-- severity: medium\n-- reason: {{actor}} used {{k}} origins within 5 seconds\n\
              SELECT actor, k FROM (SELECT actor, count(DISTINCT origin) OVER (PARTITION BY actor ORDER BY event_time \
-             RANGE BETWEEN INTERVAL '5 seconds' PRECEDING AND CURRENT ROW) AS k FROM events) WHERE k >= 12\n",
+             RANGE BETWEEN INTERVAL '5 seconds' PRECEDING AND CURRENT ROW) AS k FROM events) WHERE k >= 8\n",
         ),
     ];
     for (file, sql) in detectors {
@@ -553,7 +553,8 @@ fn synthetic_event(i: u64) -> String {
     let user = if in_burst { (ms / 5000) % 50 } else { x % 50 };
     let ops = ["Get", "List", "Put", "Delete"];
     let op = ops[((x >> 8) % 4) as usize];
-    let ip = (x >> 16) % 16;
+    // Each user keeps to two origins, but a burst comes from all sixteen.
+    let ip = if in_burst { (x >> 16) % 16 } else { (user * 3 + (x >> 16) % 2) % 16 };
     let t = chrono::DateTime::from_timestamp_millis(1_767_225_600_000 + ms as i64).expect("time");
     format!(
         r#"{{"t":"{}","user":"u{user}","op":"{op}","ip":"10.0.0.{ip}"}}"#,

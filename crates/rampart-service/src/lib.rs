@@ -249,8 +249,11 @@ impl Service<'_> {
         while self.stop.load(Ordering::Relaxed) == 0 {
             self.health.beat();
             let gathered = self.gather();
-            if gathered.messages > 0 {
+            if gathered.messages > 0 || self.health.assigned.load(Ordering::Relaxed) == 0 {
+                // (Idle time counts from the assignment: joining the group is not idleness.)
                 last_message = Instant::now();
+            }
+            if gathered.messages > 0 {
                 self.process(gathered)?;
             } else if self.until_idle.is_some_and(|idle| last_message.elapsed() >= idle) {
                 tracing::info!("no message for the idle period");
