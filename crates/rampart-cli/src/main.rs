@@ -220,7 +220,9 @@ fn run(
                 }
             }
         })?;
-    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("RAMPART_KAFKA_")).collect();
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("RAMPART_KAFKA_"))
+        .collect();
     if let Some(b) = brokers {
         env.retain(|(k, _)| k != "RAMPART_KAFKA_BROKERS");
         env.push(("RAMPART_KAFKA_BROKERS".into(), b));

@@ -55,7 +55,13 @@ impl Broker {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(&tansu)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -64,7 +70,10 @@ impl Broker {
         let broker = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the broker did not listen on {port} within 20 s");
+            assert!(
+                Instant::now() < deadline,
+                "the broker did not listen on {port} within 20 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         broker
@@ -84,7 +93,11 @@ impl Broker {
             .arg(format!("tcp://127.0.0.1:{}", self.port))
             .output()
             .expect("tansu topic create runs");
-        assert!(out.status.success(), "cannot create topic {name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cannot create topic {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// SIGSTOP / SIGCONT: the broker stops answering (connections stay open, requests hang),
@@ -101,7 +114,9 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -136,7 +151,12 @@ struct Consumed {
 }
 
 /// Reads `topic` (partition 0) from the beginning until `done` says so or `timeout` passes.
-fn consume_until(broker: &Broker, topic: &str, timeout: Duration, done: impl Fn(&[Consumed]) -> bool) -> Vec<Consumed> {
+fn consume_until(
+    broker: &Broker,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Consumed]) -> bool,
+) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", broker.address())
         .set("group.id", "rampart-tests")
@@ -144,7 +164,8 @@ fn consume_until(broker: &Broker, topic: &str, timeout: Duration, done: impl Fn(
         .create()
         .expect("a consumer");
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).expect("tpl");
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("tpl");
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
@@ -290,7 +311,8 @@ fn cloudtrail_pipeline(dir: &Path) -> PathBuf {
     }
     let toml = std::fs::read_to_string(src.join("pipeline.toml")).expect("pipeline.toml");
     assert!(
-        toml.contains("input_topics = [\"cloudtrail\"]") && toml.contains("decisions_topic = \"rampart.decisions\""),
+        toml.contains("input_topics = [\"cloudtrail\"]")
+            && toml.contains("decisions_topic = \"rampart.decisions\""),
         "the cloudtrail pipeline's [kafka] section names the topics this test uses"
     );
     std::fs::write(dst.join("pipeline.toml"), toml).expect("write");
@@ -316,7 +338,12 @@ fn detonation_records_now() -> Vec<Value> {
     let mut records = Vec::new();
     for (k, file) in files.iter().enumerate() {
         let doc: Value = serde_json::from_str(&std::fs::read_to_string(file).expect("read")).expect("JSON");
-        let mut list = doc.get("Records").unwrap_or(&doc).as_array().expect("records").clone();
+        let mut list = doc
+            .get("Records")
+            .unwrap_or(&doc)
+            .as_array()
+            .expect("records")
+            .clone();
         list.sort_by_key(time);
         let first = time(&list[0]);
         let start = now - chrono::Duration::seconds(20 * (files.len() - k) as i64 + 120);
@@ -369,11 +396,18 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON"))
         .collect();
-    assert!(expected.len() >= 20, "the detonations give decisions ({})", expected.len());
+    assert!(
+        expected.len() >= 20,
+        "the detonations give decisions ({})",
+        expected.len()
+    );
 
     let service = Service::start(&pipeline, &broker, &tmp.path().join("state"), &[]);
     let kafka = producer(&broker);
-    let bad: [&[u8]; 2] = [b"{\"eventTime\": \"2026-01-01T00:00:00Z\", not json", b"\xff\xfe\x00 not UTF-8"];
+    let bad: [&[u8]; 2] = [
+        b"{\"eventTime\": \"2026-01-01T00:00:00Z\", not json",
+        b"\xff\xfe\x00 not UTF-8",
+    ];
     let mut bad_offsets = Vec::new();
     let mut offset = 0i64;
     for (i, r) in records.iter().enumerate() {
@@ -407,7 +441,9 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
 
-    let got = consume_until(&broker, "rampart.decisions", Duration::from_secs(30), |m| m.len() >= expected.len());
+    let got = consume_until(&broker, "rampart.decisions", Duration::from_secs(30), |m| {
+        m.len() >= expected.len()
+    });
     // Nothing more arrives.
     std::thread::sleep(Duration::from_secs(1));
     let got = decisions(&got);
@@ -417,10 +453,15 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
     have.sort();
     assert_eq!(have, want, "the service decides what replay decides");
     for d in &got {
-        assert_eq!(d["source"]["topic"], "cloudtrail", "decisions name their Kafka source: {d}");
+        assert_eq!(
+            d["source"]["topic"], "cloudtrail",
+            "decisions name their Kafka source: {d}"
+        );
     }
 
-    let letters = consume_until(&broker, "rampart.dead-letters", Duration::from_secs(10), |m| m.len() >= 2);
+    let letters = consume_until(&broker, "rampart.dead-letters", Duration::from_secs(10), |m| {
+        m.len() >= 2
+    });
     assert_eq!(letters.len(), 2);
     for (letter, (offset, original)) in letters.iter().zip(bad_offsets.iter().zip(bad)) {
         assert_eq!(letter.payload, original, "the original bytes");
@@ -457,7 +498,10 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
         if let Some(b) = enforcer.is_blocked(actor, "AnyAction") {
             break b;
         }
-        assert!(Instant::now() < deadline, "the enforcer never saw the block of {actor}");
+        assert!(
+            Instant::now() < deadline,
+            "the enforcer never saw the block of {actor}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let latest = active
@@ -467,7 +511,10 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
         .max()
         .expect("expiry");
     assert_eq!(seen.expires_at, latest, "the block lasts until the latest expiry");
-    assert_eq!(enforcer.is_blocked("arn:aws:iam::000000000000:user/nobody", "ListBuckets"), None);
+    assert_eq!(
+        enforcer.is_blocked("arn:aws:iam::000000000000:user/nobody", "ListBuckets"),
+        None
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !enforcer.caught_up() {
         assert!(Instant::now() < deadline, "the enforcer never caught up");
@@ -475,7 +522,11 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
     }
     let stats = enforcer.stats();
     assert_eq!(stats.decisions as usize, got.len());
-    assert_eq!(stats.blocks as usize, active.len(), "one block per active block decision");
+    assert_eq!(
+        stats.blocks as usize,
+        active.len(),
+        "one block per active block decision"
+    );
     let expired = got
         .iter()
         .filter(|d| d["verdict"] == "block" && expiry(d).is_some_and(|t| t <= chrono::Utc::now()))
@@ -549,12 +600,16 @@ fn synthetic_event(i: u64) -> String {
     let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     x ^= x >> 31;
     let ms = i * 2;
-    let in_burst = (ms % 5000) < 1000 && i % 2 == 0;
+    let in_burst = (ms % 5000) < 1000 && i.is_multiple_of(2);
     let user = if in_burst { (ms / 5000) % 50 } else { x % 50 };
     let ops = ["Get", "List", "Put", "Delete"];
     let op = ops[((x >> 8) % 4) as usize];
     // Each user keeps to two origins, but a burst comes from all sixteen.
-    let ip = if in_burst { (x >> 16) % 16 } else { (user * 3 + (x >> 16) % 2) % 16 };
+    let ip = if in_burst {
+        (x >> 16) % 16
+    } else {
+        (user * 3 + (x >> 16) % 2) % 16
+    };
     let t = chrono::DateTime::from_timestamp_millis(1_767_225_600_000 + ms as i64).expect("time");
     format!(
         r#"{{"t":"{}","user":"u{user}","op":"{op}","ip":"10.0.0.{ip}"}}"#,
@@ -570,7 +625,10 @@ fn by_id(messages: &[Consumed]) -> (BTreeMap<String, Value>, usize) {
         let id = d["decision_id"].as_str().expect("id").to_string();
         if let Some(before) = out.insert(id, d.clone()) {
             repeats += 1;
-            assert_eq!(before["evidence"], d["evidence"], "a re-sent decision is the same decision");
+            assert_eq!(
+                before["evidence"], d["evidence"],
+                "a re-sent decision is the same decision"
+            );
         }
     }
     (out, repeats)
@@ -581,8 +639,18 @@ fn by_id(messages: &[Consumed]) -> (BTreeMap<String, Value>, usize) {
 fn assert_same_decisions(run: &BTreeMap<String, Value>, reference: &BTreeMap<String, Value>) {
     let missing: Vec<_> = reference.keys().filter(|k| !run.contains_key(*k)).collect();
     let extra: Vec<_> = run.keys().filter(|k| !reference.contains_key(*k)).collect();
-    assert!(missing.is_empty(), "{} decisions missing, e.g. {:?}", missing.len(), reference.get(missing[0]));
-    assert!(extra.is_empty(), "{} extra decisions, e.g. {:?}", extra.len(), run.get(extra[0]));
+    assert!(
+        missing.is_empty(),
+        "{} decisions missing, e.g. {:?}",
+        missing.len(),
+        reference.get(missing[0])
+    );
+    assert!(
+        extra.is_empty(),
+        "{} extra decisions, e.g. {:?}",
+        extra.len(),
+        run.get(extra[0])
+    );
     for (id, d) in reference {
         assert_eq!(run[id]["evidence"], d["evidence"], "decision {id}");
     }
@@ -620,7 +688,8 @@ fn a_service_killed_mid_stream_resumes_without_losing_or_double_counting() {
     });
     let feeding = feed(&broker, total, 15_000);
     service.wait_for("a third of the stream", Duration::from_secs(60), |s| {
-        s.metric("rampart_events_total").is_some_and(|n| n >= total as f64 / 3.0)
+        s.metric("rampart_events_total")
+            .is_some_and(|n| n >= total as f64 / 3.0)
     });
     service.signal("-KILL");
     let (status, _) = service.wait(Duration::from_secs(10));
@@ -632,12 +701,18 @@ fn a_service_killed_mid_stream_resumes_without_losing_or_double_counting() {
 
     // The uninterrupted run, over the same topic.
     let reference = synthetic_pipeline(tmp.path(), "reference", "decisions-reference");
-    let (status, stderr) = Service::start(&reference, &broker, &tmp.path().join("reference-state"), &["--until-idle", "3s"])
-        .wait(Duration::from_secs(120));
+    let (status, stderr) = Service::start(
+        &reference,
+        &broker,
+        &tmp.path().join("reference-state"),
+        &["--until-idle", "3s"],
+    )
+    .wait(Duration::from_secs(120));
     assert!(status.success(), "{stderr}");
 
     let (run, repeats) = by_id(&drain(&broker, "decisions", Duration::from_secs(2)));
-    let (reference, reference_repeats) = by_id(&drain(&broker, "decisions-reference", Duration::from_secs(2)));
+    let (reference, reference_repeats) =
+        by_id(&drain(&broker, "decisions-reference", Duration::from_secs(2)));
     assert_eq!(reference_repeats, 0);
     eprintln!(
         "kill/restart: {} decisions, {} re-sent after the restart (at-least-once)",
@@ -671,11 +746,16 @@ fn the_service_rides_out_a_broker_that_stops_answering_for_30_seconds() {
         std::thread::sleep(Duration::from_millis(200));
     }
     broker.signal("-CONT");
-    assert!(saw_not_ready.load(Ordering::Relaxed), "/readyz reported the outage");
+    assert!(
+        saw_not_ready.load(Ordering::Relaxed),
+        "/readyz reported the outage"
+    );
     feeding.join().expect("feeding");
-    service.wait_for("every event consumed after the outage", Duration::from_secs(120), |s| {
-        s.metric("rampart_events_total") == Some(total as f64)
-    });
+    service.wait_for(
+        "every event consumed after the outage",
+        Duration::from_secs(120),
+        |s| s.metric("rampart_events_total") == Some(total as f64),
+    );
     service.wait_for("ready again", Duration::from_secs(30), |s| {
         s.get("/readyz").is_some_and(|(status, _)| status == 200)
     });
@@ -684,8 +764,13 @@ fn the_service_rides_out_a_broker_that_stops_answering_for_30_seconds() {
     assert!(status.success(), "{stderr}");
 
     let reference = synthetic_pipeline(tmp.path(), "reference", "decisions-reference");
-    let (status, stderr) = Service::start(&reference, &broker, &tmp.path().join("reference-state"), &["--until-idle", "3s"])
-        .wait(Duration::from_secs(120));
+    let (status, stderr) = Service::start(
+        &reference,
+        &broker,
+        &tmp.path().join("reference-state"),
+        &["--until-idle", "3s"],
+    )
+    .wait(Duration::from_secs(120));
     assert!(status.success(), "{stderr}");
     let (run, _) = by_id(&drain(&broker, "decisions", Duration::from_secs(2)));
     let (reference, _) = by_id(&drain(&broker, "decisions-reference", Duration::from_secs(2)));

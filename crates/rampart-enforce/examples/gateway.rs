@@ -36,7 +36,8 @@ fn main() -> anyhow::Result<()> {
         properties: Vec::new(),
         topic_timeout: Duration::from_secs(60),
     })?;
-    let server = Server::http(&args.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let server =
+        Server::http(&args.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     eprintln!("gateway: listening on {}", args.listen);
     let json = Header::from_bytes("Content-Type", "application/json").expect("a valid header");
     for request in server.incoming_requests() {
@@ -66,7 +67,10 @@ fn main() -> anyhow::Result<()> {
                         "detector": block.detector,
                     }),
                 ),
-                None => (200, serde_json::json!({ "allowed": true, "actor": actor, "action": action })),
+                None => (
+                    200,
+                    serde_json::json!({ "allowed": true, "actor": actor, "action": action }),
+                ),
             }
         };
         let response = Response::from_string(format!("{body}\n"))

@@ -329,7 +329,10 @@ fn follow(consumer: &BaseConsumer, blocks: &RwLock<Blocks>, stop: &AtomicBool, c
             }
         }
         if last_prune.elapsed() > Duration::from_secs(10) {
-            blocks.write().unwrap_or_else(|p| p.into_inner()).prune(Utc::now());
+            blocks
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .prune(Utc::now());
             last_prune = std::time::Instant::now();
         }
     }
@@ -341,7 +344,8 @@ fn at_end(consumer: &BaseConsumer) -> bool {
         return false;
     };
     position.elements().iter().all(|e| {
-        let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(1)) else {
+        let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(1))
+        else {
             return false;
         };
         match e.offset() {

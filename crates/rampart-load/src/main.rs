@@ -121,7 +121,9 @@ fn main() -> Result<()> {
             label,
         } => {
             let load = Load::new(&background, &probe, probe_every)?;
-            println!("| system | target ev/s | sent ev/s | probes | received | p50 ms | p99 ms | p99.9 ms | max ms |");
+            println!(
+                "| system | target ev/s | sent ev/s | probes | received | p50 ms | p99 ms | p99.9 ms | max ms |"
+            );
             println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
             for rate in rates {
                 let r = measure(&cli.brokers, &input, &output, &load, rate, duration, warmup)?;
@@ -175,7 +177,8 @@ fn records(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') || trimmed.starts_with("{\"Records\"") {
-        let doc: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        let doc: Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
         let list = match doc {
             Value::Array(a) => a,
             Value::Object(mut o) => match o.remove("Records") {
@@ -312,7 +315,8 @@ const SEQ: &str = "\u{1}SEQ\u{1}";
 impl Load {
     fn new(background: &Path, probe: &Path, probe_every: u64) -> Result<Self> {
         let mut templates = Vec::new();
-        let file = std::fs::File::open(background).with_context(|| format!("cannot open {}", background.display()))?;
+        let file = std::fs::File::open(background)
+            .with_context(|| format!("cannot open {}", background.display()))?;
         for line in std::io::BufReader::new(file).lines().take(20_000) {
             let mut v: Value = serde_json::from_str(&line?).context("background records are JSON lines")?;
             v["eventTime"] = Value::String(TIME.into());
@@ -349,7 +353,7 @@ impl Load {
     /// Event `i`'s message, with `time` as its event time.
     fn message(&self, i: u64, time: &str, out: &mut String) {
         out.clear();
-        if i % self.probe_every == 0 {
+        if i.is_multiple_of(self.probe_every) {
             let (first, second) = if self.time_first {
                 (time.to_string(), (i / self.probe_every).to_string())
             } else {
@@ -422,7 +426,9 @@ fn measure(
                 match receiver.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) => {
                         let now = started.elapsed();
-                        let Some(seq) = m.payload().and_then(probe_of) else { continue };
+                        let Some(seq) = m.payload().and_then(probe_of) else {
+                            continue;
+                        };
                         let i = seq * probe_every;
                         if i < warmup_events || i >= total || !seen.insert(seq) {
                             continue;
@@ -484,7 +490,10 @@ mod tests {
 
     #[test]
     fn finds_probe_numbers() {
-        assert_eq!(probe_of(br#"{"actor":"arn:aws:iam::1:user/probe-42","x":1}"#), Some(42));
+        assert_eq!(
+            probe_of(br#"{"actor":"arn:aws:iam::1:user/probe-42","x":1}"#),
+            Some(42)
+        );
         assert_eq!(probe_of(b"nothing here"), None);
     }
 }

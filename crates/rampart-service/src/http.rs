@@ -83,7 +83,11 @@ fn serve(server: &Server, registry: &Registry, metrics: &Metrics, health: &Healt
                 Ok(()) => (200, PLAIN, "ready\n".to_string()),
                 Err(why) => (503, PLAIN, format!("not ready: {why}\n")),
             },
-            _ => (404, PLAIN, "not found: try /metrics, /healthz or /readyz\n".to_string()),
+            _ => (
+                404,
+                PLAIN,
+                "not found: try /metrics, /healthz or /readyz\n".to_string(),
+            ),
         };
         let header = Header::from_bytes("Content-Type", content_type).expect("a valid header");
         let response = Response::from_string(body)

@@ -96,11 +96,7 @@ pub fn ensure_topics(
         .filter(|t| t.error().is_none() && !t.partitions().is_empty())
         .map(|t| t.name())
         .collect();
-    let mut missing: Vec<&str> = topics
-        .iter()
-        .copied()
-        .filter(|t| !existing.contains(t))
-        .collect();
+    let mut missing: Vec<&str> = topics.iter().copied().filter(|t| !existing.contains(t)).collect();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
@@ -121,11 +117,13 @@ pub fn ensure_topics(
     for result in results {
         match result {
             Ok(topic) => tracing::info!(%topic, partitions, "created topic"),
-            Err((topic, code)) if code == rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists => {
+            Err((topic, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
                 tracing::debug!(%topic, "topic created meanwhile");
             }
             Err((topic, code)) => {
-                return Err(ServiceError::Broker(format!("cannot create topic {topic}: {code}")));
+                return Err(ServiceError::Broker(format!(
+                    "cannot create topic {topic}: {code}"
+                )));
             }
         }
     }
@@ -161,7 +159,10 @@ impl ClientContext for ConsumerCallbacks {
                     topic: topic.clone(),
                     partition: partition.to_string(),
                 };
-                self.metrics.consumer_lag.get_or_create(&labels).set(p.consumer_lag.max(0));
+                self.metrics
+                    .consumer_lag
+                    .get_or_create(&labels)
+                    .set(p.consumer_lag.max(0));
             }
         }
     }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rampart_core::{Decision, Mode};
 use rampart_engine::decode::Decoded;
 use rampart_engine::pipeline::Evaluation;
-use rampart_engine::{DeadLetter, DeadLetterKind, EventBatch, Pipeline, Progress, SourceProgress};
+use rampart_engine::{DeadLetter, DeadLetterKind, EventBatch, Pipeline, Progress};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -49,7 +49,9 @@ pub enum ServiceError {
     Broker(String),
     /// A decision or dead letter was refused for good by the broker; nothing was checkpointed
     /// after it, so a restart re-processes it.
-    #[error("a message could not be delivered ({0}); stopping without a checkpoint so that a restart re-sends it")]
+    #[error(
+        "a message could not be delivered ({0}); stopping without a checkpoint so that a restart re-sends it"
+    )]
     Delivery(String),
     /// The window state could not be written.
     #[error(transparent)]
@@ -142,9 +144,12 @@ pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, Servi
     let health = Arc::new(Health::default());
     health.beat();
     health.set_not_ready(Some("starting".into()));
-    let listen = options.listen.as_deref().unwrap_or(&pipeline.config.service.listen);
-    let endpoint =
-        http::Endpoint::start(listen, Arc::clone(&metrics), Arc::clone(&health)).map_err(ServiceError::Http)?;
+    let listen = options
+        .listen
+        .as_deref()
+        .unwrap_or(&pipeline.config.service.listen);
+    let endpoint = http::Endpoint::start(listen, Arc::clone(&metrics), Arc::clone(&health))
+        .map_err(ServiceError::Http)?;
     tracing::info!(address = %endpoint.address, "serving /metrics, /healthz and /readyz");
 
     let (consumer_config, producer_config) = kafka::client_configs(&kafka, &options.env);
@@ -166,7 +171,10 @@ pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, Servi
             }
         }
         if !o.is_empty() {
-            tracing::info!(partitions = o.len(), "resuming from the offsets stored with the window state");
+            tracing::info!(
+                partitions = o.len(),
+                "resuming from the offsets stored with the window state"
+            );
         }
     }
     let producer_callbacks = ProducerCallbacks {
@@ -275,7 +283,6 @@ impl Service<'_> {
         Ok(())
     }
 
-
     /// Polls until a micro-batch is full (`source.batch_size` events) or `batch_max_wait` has
     /// passed since its first message; returns at once (empty) when nothing comes for 100 ms.
     fn gather(&mut self) -> Gathered {
@@ -303,7 +310,8 @@ impl Service<'_> {
             out.messages += 1;
             let topic = intern(&mut self.topics, message.topic());
             let (partition, offset) = (message.partition(), message.offset());
-            out.timestamps.push(message.timestamp().to_millis().unwrap_or_else(now_ms));
+            out.timestamps
+                .push(message.timestamp().to_millis().unwrap_or_else(now_ms));
             let payload = message.payload().unwrap_or_default();
             let key = message.key().map(<[u8]>::to_vec);
             let mut events = 0;
@@ -440,7 +448,12 @@ impl Service<'_> {
 
     /// Sends the original bytes to the dead-letter topic, the reason and source position in
     /// headers.
-    fn dead_letter(&mut self, letter: &DeadLetter, payload: &[u8], key: Option<&[u8]>) -> Result<(), ServiceError> {
+    fn dead_letter(
+        &mut self,
+        letter: &DeadLetter,
+        payload: &[u8],
+        key: Option<&[u8]>,
+    ) -> Result<(), ServiceError> {
         let kind = match letter.kind {
             DeadLetterKind::Malformed => "malformed",
             DeadLetterKind::Late => "late",
@@ -544,10 +557,7 @@ impl Service<'_> {
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), c) in std::mem::take(&mut self.consumed) {
-            let p = self
-                .progress
-                .entry(source_name(&topic, partition))
-                .or_insert_with(SourceProgress::default);
+            let p = self.progress.entry(source_name(&topic, partition)).or_default();
             p.events += c.events;
             p.dead_letters += c.dead_letters;
             p.next_offset = Some(c.next_offset);

@@ -168,7 +168,11 @@ impl Metrics {
             "Detector failures on a batch (the detector keeps running on later batches)",
             self.detector_errors.clone(),
         );
-        r.register("batch_events", "Events per micro-batch", self.batch_events.clone());
+        r.register(
+            "batch_events",
+            "Events per micro-batch",
+            self.batch_events.clone(),
+        );
         r.register(
             "checkpoints",
             "Checkpoints written (window state and source offsets in one write)",
