@@ -33,6 +33,9 @@ struct Cli {
     /// Bootstrap servers.
     #[arg(long, default_value = "127.0.0.1:9092", global = true)]
     brokers: String,
+    /// librdkafka properties for every client, `name=value` (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE", global = true)]
+    properties: Vec<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -88,6 +91,9 @@ enum Cmd {
         /// Every this many events one is a probe.
         #[arg(long, default_value_t = 100)]
         probe_every: u64,
+        /// Background events are spread over this many actors.
+        #[arg(long, default_value_t = 1_000_000)]
+        actors: u64,
         /// Rates to measure, events per second, in order.
         #[arg(long, value_delimiter = ',', required = true)]
         rates: Vec<f64>,
@@ -103,8 +109,24 @@ enum Cmd {
     },
 }
 
+/// `--set` properties, applied to every client this process creates.
+static PROPERTIES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+fn configure(mut config: ClientConfig) -> ClientConfig {
+    for (k, v) in PROPERTIES.get().into_iter().flatten() {
+        config.set(k, v);
+    }
+    config
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let mut properties = Vec::new();
+    for p in &cli.properties {
+        let (k, v) = p.split_once('=').with_context(|| format!("--set {p}: expected NAME=VALUE"))?;
+        properties.push((k.to_string(), v.to_string()));
+    }
+    PROPERTIES.set(properties).expect("set once");
     match cli.command {
         Cmd::Feed { topic, rate, files } => feed(&cli.brokers, &topic, rate, &files),
         Cmd::Passthrough { from, to } => passthrough(&cli.brokers, &from, &to),
@@ -115,12 +137,13 @@ fn main() -> Result<()> {
             background,
             probe,
             probe_every,
+            actors,
             rates,
             duration,
             warmup,
             label,
         } => {
-            let load = Load::new(&background, &probe, probe_every)?;
+            let load = Load::new(&background, &probe, probe_every, actors)?;
             println!(
                 "| system | target ev/s | sent ev/s | probes | received | p50 ms | p99 ms | p99.9 ms | max ms |"
             );
@@ -146,14 +169,14 @@ fn main() -> Result<()> {
 }
 
 fn producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>> {
-    ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "1")
         .set("acks", "1")
         .set("message.timeout.ms", "0")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .context("cannot create a producer")
+        .set("queue.buffering.max.messages", "1000000");
+    configure(config).create().context("cannot create a producer")
 }
 
 /// Sends one message, waiting while the producer's queue is full.
@@ -223,13 +246,13 @@ fn feed(brokers: &str, topic: &str, rate: Option<f64>, files: &[PathBuf]) -> Res
 }
 
 fn consumer(brokers: &str, group: &str) -> Result<BaseConsumer> {
-    ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .context("cannot create a consumer")
+        .set("fetch.wait.max.ms", "5");
+    configure(config).create().context("cannot create a consumer")
 }
 
 /// Assigns every partition of `topic` from its end, and waits until the positions are known
@@ -300,53 +323,91 @@ fn passthrough(brokers: &str, from: &str, to: &str) -> Result<()> {
     }
 }
 
-/// Message templates: text before and after the event time (and the probe's sequence number).
-struct Load {
-    background: Vec<(String, String)>,
-    probe: Vec<String>,
-    /// Whether the probe's time comes before its sequence number in the text.
-    time_first: bool,
-    probe_every: u64,
+/// A message template: text with the event time and an actor number to fill in.
+struct Template {
+    pieces: Vec<Piece>,
 }
 
-const TIME: &str = "\u{1}TIME\u{1}";
-const SEQ: &str = "\u{1}SEQ\u{1}";
+enum Piece {
+    Text(String),
+    Time,
+    Number,
+}
+
+// Placeholders JSON writes unescaped.
+const MARK: &str = "@@rampart-load:";
+const TIME: &str = "@@rampart-load:time@@";
+const NUMBER: &str = "@@rampart-load:number@@";
+
+impl Template {
+    /// `record` with its `eventTime` and `userIdentity.arn` (`.../<prefix><n>`) made blanks.
+    fn new(mut record: Value, prefix: &str) -> Self {
+        record["eventTime"] = Value::String(TIME.into());
+        record["userIdentity"]["arn"] = Value::String(format!("arn:aws:iam::123456789012:user/{prefix}{NUMBER}"));
+        let text = record.to_string();
+        let mut pieces = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(MARK) {
+            pieces.push(Piece::Text(rest[..at].to_string()));
+            rest = &rest[at..];
+            if let Some(r) = rest.strip_prefix(TIME) {
+                pieces.push(Piece::Time);
+                rest = r;
+            } else if let Some(r) = rest.strip_prefix(NUMBER) {
+                pieces.push(Piece::Number);
+                rest = r;
+            } else {
+                pieces.push(Piece::Text(MARK.into()));
+                rest = &rest[MARK.len()..];
+            }
+        }
+        pieces.push(Piece::Text(rest.to_string()));
+        Self { pieces }
+    }
+
+    fn fill(&self, time: &str, number: u64, out: &mut String) {
+        use std::fmt::Write;
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Time => out.push_str(time),
+                Piece::Number => {
+                    let _ = write!(out, "{number}");
+                }
+            }
+        }
+    }
+}
+
+/// The load: background records (each event a different actor among `actors`) and, every
+/// `probe_every` events, the probe with its sequence number in its actor.
+struct Load {
+    background: Vec<Template>,
+    probe: Template,
+    probe_every: u64,
+    actors: u64,
+}
 
 impl Load {
-    fn new(background: &Path, probe: &Path, probe_every: u64) -> Result<Self> {
+    fn new(background: &Path, probe: &Path, probe_every: u64, actors: u64) -> Result<Self> {
         let mut templates = Vec::new();
-        let file = std::fs::File::open(background)
-            .with_context(|| format!("cannot open {}", background.display()))?;
+        let file = std::fs::File::open(background).with_context(|| format!("cannot open {}", background.display()))?;
         for line in std::io::BufReader::new(file).lines().take(20_000) {
-            let mut v: Value = serde_json::from_str(&line?).context("background records are JSON lines")?;
-            v["eventTime"] = Value::String(TIME.into());
-            let text = v.to_string();
-            let (a, b) = text.split_once(TIME).expect("the time placeholder is there");
-            templates.push((a.to_string(), b.to_string()));
+            let v: Value = serde_json::from_str(&line?).context("background records are JSON lines")?;
+            templates.push(Template::new(v, "bg-"));
         }
         if templates.is_empty() {
             bail!("{} has no records", background.display());
         }
-        let mut p: Value = serde_json::from_str(
+        let p: Value = serde_json::from_str(
             &std::fs::read_to_string(probe).with_context(|| format!("cannot read {}", probe.display()))?,
         )
         .context("the probe is one JSON record")?;
-        p["eventTime"] = Value::String(TIME.into());
-        p["userIdentity"]["arn"] = Value::String(format!("arn:aws:iam::123456789012:user/probe-{SEQ}"));
-        let text = p.to_string();
-        let time_first = text.find(TIME) < text.find(SEQ);
-        let probe: Vec<String> = text
-            .split(TIME)
-            .flat_map(|part| part.split(SEQ).map(str::to_string).collect::<Vec<_>>())
-            .collect();
-        if probe.len() != 3 {
-            bail!("the probe template could not be prepared");
-        }
         Ok(Self {
             background: templates,
-            probe,
-            time_first,
+            probe: Template::new(p, "probe-"),
             probe_every: probe_every.max(1),
+            actors: actors.max(1),
         })
     }
 
@@ -354,21 +415,10 @@ impl Load {
     fn message(&self, i: u64, time: &str, out: &mut String) {
         out.clear();
         if i.is_multiple_of(self.probe_every) {
-            let (first, second) = if self.time_first {
-                (time.to_string(), (i / self.probe_every).to_string())
-            } else {
-                ((i / self.probe_every).to_string(), time.to_string())
-            };
-            out.push_str(&self.probe[0]);
-            out.push_str(&first);
-            out.push_str(&self.probe[1]);
-            out.push_str(&second);
-            out.push_str(&self.probe[2]);
+            self.probe.fill(time, i / self.probe_every, out);
         } else {
-            let (a, b) = &self.background[(i as usize) % self.background.len()];
-            out.push_str(a);
-            out.push_str(time);
-            out.push_str(b);
+            let template = &self.background[(i as usize) % self.background.len()];
+            template.fill(time, i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % self.actors, out);
         }
     }
 }
@@ -487,6 +537,19 @@ fn measure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn templates_fill_time_and_actor() {
+        let record = serde_json::json!({"eventName": "StopLogging", "eventTime": "old",
+            "userIdentity": {"arn": "old", "type": "IAMUser"}});
+        let template = Template::new(record, "probe-");
+        let mut out = String::new();
+        template.fill("2026-11-22T20:00:00.000001Z", 42, &mut out);
+        let v: Value = serde_json::from_str(&out).expect("JSON");
+        assert_eq!(v["eventTime"], "2026-11-22T20:00:00.000001Z");
+        assert_eq!(v["userIdentity"]["arn"], "arn:aws:iam::123456789012:user/probe-42");
+        assert_eq!(probe_of(out.as_bytes()), Some(42));
+    }
 
     #[test]
     fn finds_probe_numbers() {
