@@ -401,10 +401,12 @@ impl Pipeline {
         let Some(store) = &windows.store else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         let mut commit = Commit::default();
         for keyed in &mut windows.keyed {
             keyed.checkpoint(windows.clock, &mut commit);
         }
+        let encoded = started.elapsed();
         let clock = StoredClock {
             newest: windows.clock.newest,
             next_row: windows.next_row,
@@ -425,7 +427,18 @@ impl Pipeline {
             ));
             windows.progress = progress.clone();
         }
+        let rows = commit.rows.len();
+        let bytes: usize = commit.rows.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        let before_write = started.elapsed();
         store.write(commit)?;
+        tracing::debug!(
+            rows,
+            bytes,
+            encode_ms = encoded.as_millis() as u64,
+            meta_ms = (before_write - encoded).as_millis() as u64,
+            write_ms = (started.elapsed() - before_write).as_millis() as u64,
+            "checkpoint"
+        );
         // Only now: a key read back for a row decided in this batch must not look expired.
         store.advance_clock(windows.clock.newest);
         let budget = self.config.state_cache_bytes / windows.keyed.len().max(1);

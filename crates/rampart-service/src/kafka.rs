@@ -253,3 +253,43 @@ fn is_outage(error: &KafkaError) -> bool {
         Some(C::AllBrokersDown | C::BrokerTransportFailure | C::Resolve | C::BrokerNotAvailable)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_engine::PipelineConfig;
+
+    #[test]
+    fn environment_overrides_the_file_and_sets_any_property() {
+        let text = r#"
+name = "p"
+[mapping]
+event_time = "t"
+actor = "a"
+action = "x"
+[kafka]
+brokers = "file:9092"
+input_topics = ["in"]
+decisions_topic = "d"
+dead_letter_topic = "dl"
+[kafka.consumer]
+"fetch.wait.max.ms" = "50"
+"#;
+        let config = PipelineConfig::parse(std::path::Path::new("pipeline.toml"), text).expect("valid");
+        let kafka = config.kafka.expect("kafka");
+        let env = vec![
+            ("RAMPART_KAFKA_BROKERS".to_string(), "env:9093".to_string()),
+            ("RAMPART_KAFKA_SASL_PASSWORD".to_string(), "secret".to_string()),
+            ("RAMPART_KAFKA_FETCH_WAIT_MAX_MS".to_string(), "20".to_string()),
+        ];
+        let (consumer, producer) = client_configs(&kafka, &env);
+        assert_eq!(consumer.get("bootstrap.servers"), Some("env:9093"));
+        assert_eq!(producer.get("bootstrap.servers"), Some("env:9093"));
+        assert_eq!(consumer.get("sasl.password"), Some("secret"));
+        assert_eq!(producer.get("sasl.password"), Some("secret"));
+        assert_eq!(consumer.get("fetch.wait.max.ms"), Some("20"), "the environment comes last");
+        assert_eq!(consumer.get("group.id"), Some("rampart-p"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+        assert_eq!(producer.get("message.timeout.ms"), Some("0"));
+    }
+}
