@@ -611,14 +611,25 @@ region = "awsRegion"
         let c = PipelineConfig::parse(Path::new("pipeline.toml"), &text).expect("valid");
         let k = c.kafka.expect("kafka");
         assert_eq!(k.group, "rampart-t");
-        assert_eq!(k.shadow_topic, "d", "shadow decisions default to the decisions topic");
+        assert_eq!(
+            k.shadow_topic, "d",
+            "shadow decisions default to the decisions topic"
+        );
         assert_eq!(k.batch_max_wait, Duration::from_millis(5));
-        assert_eq!(k.consumer, vec![("security.protocol".to_string(), "SSL".to_string())]);
+        assert_eq!(
+            k.consumer,
+            vec![("security.protocol".to_string(), "SSL".to_string())]
+        );
         assert_eq!(k.producer.len(), 2);
         assert_eq!(c.service.checkpoint_interval, Duration::from_secs(1));
 
-        let text = format!("{GOOD}\n[kafka]\ninput_topics = []\ndecisions_topic = \"d\"\ndead_letter_topic = \"dl\"\n");
+        let text = format!(
+            "{GOOD}\n[kafka]\ninput_topics = []\ndecisions_topic = \"d\"\ndead_letter_topic = \"dl\"\n"
+        );
         let errs = PipelineConfig::parse(Path::new("pipeline.toml"), &text).unwrap_err();
-        assert!(errs[0].to_string().contains("needs at least one topic"), "{errs:?}");
+        assert!(
+            errs[0].to_string().contains("needs at least one topic"),
+            "{errs:?}"
+        );
     }
 }

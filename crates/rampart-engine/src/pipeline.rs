@@ -428,7 +428,11 @@ impl Pipeline {
             windows.progress = progress.clone();
         }
         let rows = commit.rows.len();
-        let bytes: usize = commit.rows.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        let bytes: usize = commit
+            .rows
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
         let before_write = started.elapsed();
         store.write(commit)?;
         tracing::debug!(

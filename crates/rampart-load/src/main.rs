@@ -123,7 +123,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let mut properties = Vec::new();
     for p in &cli.properties {
-        let (k, v) = p.split_once('=').with_context(|| format!("--set {p}: expected NAME=VALUE"))?;
+        let (k, v) = p
+            .split_once('=')
+            .with_context(|| format!("--set {p}: expected NAME=VALUE"))?;
         properties.push((k.to_string(), v.to_string()));
     }
     PROPERTIES.set(properties).expect("set once");
@@ -343,7 +345,8 @@ impl Template {
     /// `record` with its `eventTime` and `userIdentity.arn` (`.../<prefix><n>`) made blanks.
     fn new(mut record: Value, prefix: &str) -> Self {
         record["eventTime"] = Value::String(TIME.into());
-        record["userIdentity"]["arn"] = Value::String(format!("arn:aws:iam::123456789012:user/{prefix}{NUMBER}"));
+        record["userIdentity"]["arn"] =
+            Value::String(format!("arn:aws:iam::123456789012:user/{prefix}{NUMBER}"));
         let text = record.to_string();
         let mut pieces = Vec::new();
         let mut rest = text.as_str();
@@ -391,7 +394,8 @@ struct Load {
 impl Load {
     fn new(background: &Path, probe: &Path, probe_every: u64, actors: u64) -> Result<Self> {
         let mut templates = Vec::new();
-        let file = std::fs::File::open(background).with_context(|| format!("cannot open {}", background.display()))?;
+        let file = std::fs::File::open(background)
+            .with_context(|| format!("cannot open {}", background.display()))?;
         for line in std::io::BufReader::new(file).lines().take(20_000) {
             let v: Value = serde_json::from_str(&line?).context("background records are JSON lines")?;
             templates.push(Template::new(v, "bg-"));
@@ -547,7 +551,10 @@ mod tests {
         template.fill("2026-11-22T20:00:00.000001Z", 42, &mut out);
         let v: Value = serde_json::from_str(&out).expect("JSON");
         assert_eq!(v["eventTime"], "2026-11-22T20:00:00.000001Z");
-        assert_eq!(v["userIdentity"]["arn"], "arn:aws:iam::123456789012:user/probe-42");
+        assert_eq!(
+            v["userIdentity"]["arn"],
+            "arn:aws:iam::123456789012:user/probe-42"
+        );
         assert_eq!(probe_of(out.as_bytes()), Some(42));
     }
 

@@ -287,7 +287,11 @@ dead_letter_topic = "dl"
         assert_eq!(producer.get("bootstrap.servers"), Some("env:9093"));
         assert_eq!(consumer.get("sasl.password"), Some("secret"));
         assert_eq!(producer.get("sasl.password"), Some("secret"));
-        assert_eq!(consumer.get("fetch.wait.max.ms"), Some("20"), "the environment comes last");
+        assert_eq!(
+            consumer.get("fetch.wait.max.ms"),
+            Some("20"),
+            "the environment comes last"
+        );
         assert_eq!(consumer.get("group.id"), Some("rampart-p"));
         assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
         assert_eq!(producer.get("message.timeout.ms"), Some("0"));
