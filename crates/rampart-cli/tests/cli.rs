@@ -453,7 +453,7 @@ fn replay_reads_standard_input() {
 
 #[test]
 fn every_command_explains_itself_with_an_example() {
-    for cmd in ["check", "test", "replay"] {
+    for cmd in ["check", "test", "replay", "run"] {
         let out = rampart(&[cmd, "--help"]);
         assert!(out.status.success());
         let help = text(&out.stdout);
@@ -462,4 +462,31 @@ fn every_command_explains_itself_with_an_example() {
             "{help}"
         );
     }
+}
+
+#[test]
+fn run_without_a_kafka_section_says_what_is_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = pipeline_copy(dir.path());
+    let toml = pipeline.join("pipeline.toml");
+    let config = std::fs::read_to_string(&toml).expect("read");
+    let cut = config
+        .find("\n# Service mode")
+        .expect("the cloudtrail pipeline has a service section");
+    std::fs::write(&toml, &config[..cut]).expect("write");
+    let state = dir.path().join("state");
+    let out = rampart(&[
+        "run",
+        pipeline.to_str().expect("utf-8"),
+        "--state",
+        state.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("has no [kafka] section"),
+        "{}",
+        text(&out.stderr)
+    );
 }

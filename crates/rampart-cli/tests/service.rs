@@ -430,7 +430,6 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
     });
     assert_eq!(service.get("/healthz").map(|r| r.0), Some(200));
     assert_eq!(service.metric("rampart_bad_records_total"), Some(2.0));
-    let (_, metrics) = service.get("/metrics").expect("metrics");
     for name in [
         "rampart_decisions_total{detector=\"trail-logging-disabled\",verdict=\"block\",mode=\"enforce\"}",
         "rampart_end_to_end_latency_seconds{quantile=\"0.99\"}",
@@ -438,7 +437,10 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
         "rampart_state_disk_bytes",
         "rampart_batch_events_bucket",
     ] {
-        assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+        // (The batch's counters are updated as it is processed: wait for it to finish.)
+        service.wait_for(name, Duration::from_secs(10), |s| {
+            s.get("/metrics").is_some_and(|(_, body)| body.contains(name))
+        });
     }
 
     let got = consume_until(&broker, "rampart.decisions", Duration::from_secs(30), |m| {
@@ -775,4 +777,69 @@ fn the_service_rides_out_a_broker_that_stops_answering_for_30_seconds() {
     let (run, _) = by_id(&drain(&broker, "decisions", Duration::from_secs(2)));
     let (reference, _) = by_id(&drain(&broker, "decisions-reference", Duration::from_secs(2)));
     assert_same_decisions(&run, &reference);
+}
+
+#[test]
+fn shadow_decisions_go_to_their_own_topic_and_missing_topics_stop_the_start() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+
+    // No input topic and create_topics = false: a clear error naming it, at once.
+    let strict = synthetic_pipeline(tmp.path(), "strict", "decisions");
+    let toml = strict.join("pipeline.toml");
+    let text = std::fs::read_to_string(&toml).expect("read");
+    std::fs::write(
+        &toml,
+        text.replace("create_topics = true", "create_topics = false"),
+    )
+    .expect("write");
+    let (status, stderr) =
+        Service::start(&strict, &broker, &tmp.path().join("strict-state"), &[]).wait(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(stderr.contains("do not exist on the broker: events"), "{stderr}");
+
+    broker.create_topic("events");
+    let shadowed = synthetic_pipeline(tmp.path(), "shadowed", "decisions");
+    let toml = shadowed.join("pipeline.toml");
+    let text = std::fs::read_to_string(&toml).expect("read");
+    std::fs::write(
+        &toml,
+        text.replace(
+            "decisions_topic = \"decisions\"",
+            "decisions_topic = \"decisions\"\nshadow_topic = \"shadow\"",
+        ),
+    )
+    .expect("write");
+    let deletes = shadowed.join("detectors/deletes.sql");
+    let sql = std::fs::read_to_string(&deletes).expect("read");
+    std::fs::write(
+        &deletes,
+        sql.replace("-- verdict: block\n", "-- verdict: block\n-- mode: shadow\n"),
+    )
+    .expect("write");
+    let feeding = feed(&broker, 20_000, 20_000);
+    feeding.join().expect("feeding");
+    let (status, stderr) = Service::start(
+        &shadowed,
+        &broker,
+        &tmp.path().join("shadowed-state"),
+        &["--until-idle", "3s"],
+    )
+    .wait(Duration::from_secs(60));
+    assert!(status.success(), "{stderr}");
+
+    let shadow = decisions(&drain(&broker, "shadow", Duration::from_secs(2)));
+    let enforced = decisions(&drain(&broker, "decisions", Duration::from_secs(2)));
+    assert!(!shadow.is_empty(), "the shadow detector fired");
+    assert!(
+        shadow
+            .iter()
+            .all(|d| d["mode"] == "shadow" && d["detector"]["id"] == "deletes")
+    );
+    assert!(!enforced.is_empty(), "the other detectors fired");
+    assert!(
+        enforced
+            .iter()
+            .all(|d| d["mode"] == "enforce" && d["detector"]["id"] != "deletes")
+    );
 }
