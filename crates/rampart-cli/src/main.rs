@@ -189,14 +189,7 @@ fn run(
     state: Option<PathBuf>,
 ) -> Result<ExitCode> {
     use std::sync::Arc;
-    let config = rampart_engine::PipelineConfig::load(&dir.join("pipeline.toml"))
-        .map_err(|ps| {
-            anyhow::anyhow!(
-                "{}",
-                ps.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
-            )
-        })
-        .with_context(|| format!("cannot load pipeline {}", dir.display()))?;
+    let config = load_config(dir)?;
     let state_dir = state.unwrap_or(config.state_dir);
     let pipeline = Pipeline::load_with(dir, StateChoice::Persistent(state_dir), Evaluator::Keyed)
         .with_context(|| format!("cannot load pipeline {}", dir.display()))?;
@@ -234,6 +227,18 @@ fn run(
         summary.events, summary.decisions, summary.bad_records, summary.late_records, summary.checkpoints
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A pipeline's validated `pipeline.toml` alone (to find its state directory before loading).
+fn load_config(dir: &Path) -> Result<rampart_engine::PipelineConfig> {
+    rampart_engine::PipelineConfig::load(&dir.join("pipeline.toml"))
+        .map_err(|ps| {
+            anyhow::anyhow!(
+                "{}",
+                ps.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+            )
+        })
+        .with_context(|| format!("cannot load pipeline {}", dir.display()))
 }
 
 fn load(dir: &Path) -> Result<Pipeline> {
@@ -379,14 +384,7 @@ fn replay(
         state_stats,
         end_of_input,
     } = out;
-    let config = rampart_engine::PipelineConfig::load(&dir.join("pipeline.toml"))
-        .map_err(|ps| {
-            anyhow::anyhow!(
-                "{}",
-                ps.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
-            )
-        })
-        .with_context(|| format!("cannot load pipeline {}", dir.display()))?;
+    let config = load_config(dir)?;
     let state_choice = match state {
         None => StateChoice::Temporary,
         Some(p) if p.as_os_str().is_empty() => StateChoice::Persistent(config.state_dir.clone()),

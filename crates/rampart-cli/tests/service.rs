@@ -660,6 +660,23 @@ fn assert_same_decisions(run: &BTreeMap<String, Value>, reference: &BTreeMap<Str
     assert_eq!(verdicts.len(), 3, "all three detectors fired: {verdicts:?}");
 }
 
+/// The uninterrupted run over the whole `events` topic (its own group, state and decisions
+/// topic): decision id -> decision.
+fn reference_run(broker: &Broker, dir: &Path) -> BTreeMap<String, Value> {
+    let reference = synthetic_pipeline(dir, "reference", "decisions-reference");
+    let (status, stderr) = Service::start(
+        &reference,
+        broker,
+        &dir.join("reference-state"),
+        &["--until-idle", "3s"],
+    )
+    .wait(Duration::from_secs(120));
+    assert!(status.success(), "{stderr}");
+    let (decisions, repeats) = by_id(&drain(broker, "decisions-reference", Duration::from_secs(2)));
+    assert_eq!(repeats, 0, "an uninterrupted run sends each decision once");
+    decisions
+}
+
 /// Produces synthetic events on a thread at about `rate` per second until `total`.
 fn feed(broker: &Broker, total: u64, rate: u64) -> std::thread::JoinHandle<()> {
     let kafka = producer(broker);
@@ -701,21 +718,8 @@ fn a_service_killed_mid_stream_resumes_without_losing_or_double_counting() {
     let (status, stderr) = restarted.wait(Duration::from_secs(120));
     assert!(status.success(), "{stderr}");
 
-    // The uninterrupted run, over the same topic.
-    let reference = synthetic_pipeline(tmp.path(), "reference", "decisions-reference");
-    let (status, stderr) = Service::start(
-        &reference,
-        &broker,
-        &tmp.path().join("reference-state"),
-        &["--until-idle", "3s"],
-    )
-    .wait(Duration::from_secs(120));
-    assert!(status.success(), "{stderr}");
-
+    let reference = reference_run(&broker, tmp.path());
     let (run, repeats) = by_id(&drain(&broker, "decisions", Duration::from_secs(2)));
-    let (reference, reference_repeats) =
-        by_id(&drain(&broker, "decisions-reference", Duration::from_secs(2)));
-    assert_eq!(reference_repeats, 0);
     eprintln!(
         "kill/restart: {} decisions, {} re-sent after the restart (at-least-once)",
         run.len(),
@@ -765,17 +769,8 @@ fn the_service_rides_out_a_broker_that_stops_answering_for_30_seconds() {
     let (status, stderr) = service.wait(Duration::from_secs(60));
     assert!(status.success(), "{stderr}");
 
-    let reference = synthetic_pipeline(tmp.path(), "reference", "decisions-reference");
-    let (status, stderr) = Service::start(
-        &reference,
-        &broker,
-        &tmp.path().join("reference-state"),
-        &["--until-idle", "3s"],
-    )
-    .wait(Duration::from_secs(120));
-    assert!(status.success(), "{stderr}");
+    let reference = reference_run(&broker, tmp.path());
     let (run, _) = by_id(&drain(&broker, "decisions", Duration::from_secs(2)));
-    let (reference, _) = by_id(&drain(&broker, "decisions-reference", Duration::from_secs(2)));
     assert_same_decisions(&run, &reference);
 }
 

@@ -142,11 +142,7 @@ pub struct ConsumerCallbacks {
 
 impl ClientContext for ConsumerCallbacks {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "consumer");
-        if is_outage(&error) {
-            self.health
-                .set_not_ready(Some(format!("the broker is unreachable ({reason})")));
-        }
+        client_error(&self.health, "consumer", &error, reason);
     }
 
     fn stats(&self, statistics: Statistics) {
@@ -223,11 +219,7 @@ pub struct ProducerCallbacks {
 
 impl ClientContext for ProducerCallbacks {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "producer");
-        if is_outage(&error) {
-            self.health
-                .set_not_ready(Some(format!("the broker is unreachable ({reason})")));
-        }
+        client_error(&self.health, "producer", &error, reason);
     }
 }
 
@@ -242,6 +234,15 @@ impl ProducerContext for ProducerCallbacks {
             self.failed.fetch_add(1, Ordering::Relaxed);
             *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
         }
+    }
+}
+
+/// Logs a client's error; one that means the broker cannot be reached makes the service not
+/// ready (until messages or acknowledgements flow again).
+fn client_error(health: &Health, client: &str, error: &KafkaError, reason: &str) {
+    tracing::warn!(%error, reason, client, "Kafka client error");
+    if is_outage(error) {
+        health.set_not_ready(Some(format!("the broker is unreachable ({reason})")));
     }
 }
 
