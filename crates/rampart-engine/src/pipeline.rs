@@ -322,8 +322,41 @@ impl Pipeline {
     /// Runs every detector on one batch. Decisions come in input order (for one event, in
     /// detector order); sliding-window detectors may decide about events of earlier batches.
     pub fn evaluate(&self, events: &EventBatch) -> Evaluation {
-        let mut out = Evaluation::default();
         let processed_at = rampart_core::time::now();
+        let mut out = Evaluation::default();
+        let mut decided = self.per_event_decisions(events, &processed_at, &mut out);
+        decided.extend(self.windowed_decisions(events, &processed_at, &mut out));
+        out.decisions = in_input_order(decided);
+        out
+    }
+
+    /// The per-event detectors alone on one batch (they need no window state, so service mode
+    /// publishes their decisions before the windows run). Call [`Self::evaluate_windowed`]
+    /// with the same batch afterwards, batches in input order.
+    pub fn evaluate_per_event(&self, events: &EventBatch) -> Evaluation {
+        let processed_at = rampart_core::time::now();
+        let mut out = Evaluation::default();
+        let decided = self.per_event_decisions(events, &processed_at, &mut out);
+        out.decisions = in_input_order(decided);
+        out
+    }
+
+    /// The windowed detectors on one batch (after [`Self::evaluate_per_event`]): window state,
+    /// late events, rows decided by the watermark.
+    pub fn evaluate_windowed(&self, events: &EventBatch) -> Evaluation {
+        let processed_at = rampart_core::time::now();
+        let mut out = Evaluation::default();
+        let decided = self.windowed_decisions(events, &processed_at, &mut out);
+        out.decisions = in_input_order(decided);
+        out
+    }
+
+    fn per_event_decisions(
+        &self,
+        events: &EventBatch,
+        processed_at: &str,
+        out: &mut Evaluation,
+    ) -> Vec<(u64, Decision)> {
         let per_event = &self.detectors[..self.per_event];
         let results = self.engine.run(per_event, events.batch.clone());
         let mut decided = Vec::new();
@@ -331,22 +364,31 @@ impl Pipeline {
             match result {
                 Ok(batches) => {
                     for b in &batches {
-                        decided.extend(self.decisions.decide(detector, b, events, &processed_at));
+                        decided.extend(self.decisions.decide(detector, b, events, processed_at));
                     }
                 }
                 Err(e) => out.errors.push((detector.meta.id.clone(), e.to_string())),
             }
         }
+        decided
+    }
+
+    fn windowed_decisions(
+        &self,
+        events: &EventBatch,
+        processed_at: &str,
+        out: &mut Evaluation,
+    ) -> Vec<(u64, Decision)> {
+        let mut decided = Vec::new();
         let mut windows = self.lock();
         windows.next_row = windows
             .next_row
             .max(events.first_row + events.batch.num_rows() as u64);
         windows.since_checkpoint += events.batch.num_rows();
         if self.per_event < self.detectors.len() {
-            self.evaluate_windows(&mut windows, Some(events), &processed_at, &mut decided, &mut out);
+            self.evaluate_windows(&mut windows, Some(events), processed_at, &mut decided, out);
         }
-        out.decisions = in_input_order(decided);
-        out
+        decided
     }
 
     /// Ends the input: sliding-window rows still waiting for later events are final now. Call

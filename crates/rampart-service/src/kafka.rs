@@ -205,10 +205,15 @@ impl ConsumerContext for ConsumerCallbacks {
     }
 }
 
-/// The producer's callbacks: failed deliveries are counted (with `message.timeout.ms = 0`
-/// librdkafka retries transient errors forever, so a failure here is permanent).
+/// The producer's callbacks: every message carries a sequence number, and the numbers not yet
+/// acknowledged are tracked, so that a checkpoint can wait for exactly the messages produced
+/// before it while production goes on. Failed deliveries are counted (with
+/// `message.timeout.ms = 0` librdkafka retries transient errors forever, so a failure here is
+/// permanent).
 #[derive(Default)]
 pub struct ProducerCallbacks {
+    /// Sequence numbers handed to the producer and not yet acknowledged (or failed).
+    in_flight: Mutex<std::collections::BTreeSet<usize>>,
     /// Deliveries that failed for good.
     pub failed: AtomicU64,
     /// The last failure.
@@ -223,10 +228,38 @@ impl ClientContext for ProducerCallbacks {
     }
 }
 
-impl ProducerContext for ProducerCallbacks {
-    type DeliveryOpaque = ();
+impl ProducerCallbacks {
+    /// Callbacks that report outages to `health`.
+    pub fn new(health: Arc<Health>) -> Self {
+        Self {
+            health,
+            ..Self::default()
+        }
+    }
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    /// Notes that message `seq` is about to be handed to the producer.
+    pub fn sending(&self, seq: usize) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(seq);
+    }
+
+    /// Whether every message numbered `seq` or lower has been acknowledged (or has failed).
+    pub fn settled_through(&self, seq: usize) -> bool {
+        let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        in_flight.first().is_none_or(|first| *first > seq)
+    }
+}
+
+impl ProducerContext for ProducerCallbacks {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&seq);
         if let Err((e, message)) = result {
             use rdkafka::message::Message;
             let error = format!("{e} (topic {})", message.topic());

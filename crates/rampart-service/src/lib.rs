@@ -11,7 +11,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -177,10 +177,7 @@ pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, Servi
             );
         }
     }
-    let producer_callbacks = ProducerCallbacks {
-        health: Arc::clone(&health),
-        ..ProducerCallbacks::default()
-    };
+    let producer_callbacks = ProducerCallbacks::new(Arc::clone(&health));
     let producer: ThreadedProducer<ProducerCallbacks> = producer_config
         .create_with_context(producer_callbacks)
         .map_err(ServiceError::client("producer"))?;
@@ -217,6 +214,7 @@ pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, Servi
         progress,
         consumed: BTreeMap::new(),
         next_row: pipeline.next_row(),
+        next_seq: 0,
         summary: RunSummary::default(),
         topics: BTreeMap::new(),
         warned_detectors: Vec::new(),
@@ -242,6 +240,8 @@ struct Service<'a> {
     /// Consumed since the last checkpoint.
     consumed: BTreeMap<(Arc<str>, i32), Consumed>,
     next_row: u64,
+    /// The sequence number of the last message handed to the producer.
+    next_seq: usize,
     summary: RunSummary,
     /// Interned topic names (positions share them).
     topics: BTreeMap<String, Arc<str>>,
@@ -250,30 +250,79 @@ struct Service<'a> {
 }
 
 impl Service<'_> {
+    /// The loop: gather a micro-batch, run the per-event detectors and publish at once, then
+    /// the windowed detectors, and start a checkpoint every `checkpoint_interval`. A checkpoint
+    /// runs on its own thread (waiting for acknowledgements, then the RocksDB write) while this
+    /// one goes on consuming and publishing per-event decisions; window work waits for it.
     fn serve(&mut self) -> Result<(), ServiceError> {
         let interval = self.pipeline.config.service.checkpoint_interval;
         let mut last_checkpoint = Instant::now();
         let mut last_message = Instant::now();
-        while self.stop.load(Ordering::Relaxed) == 0 {
-            self.health.beat();
-            let gathered = self.gather();
-            if gathered.messages > 0 || self.health.assigned.load(Ordering::Relaxed) == 0 {
-                // (Idle time counts from the assignment: joining the group is not idleness.)
-                last_message = Instant::now();
+        let mut backlog: VecDeque<EventBatch> = VecDeque::new();
+        let pipeline = self.pipeline;
+        let acks = Arc::clone(self.producer.context());
+        let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
+        std::thread::scope(|scope| -> Result<(), ServiceError> {
+            let mut running: Option<(std::thread::ScopedJoinHandle<'_, _>, Instant, TopicPartitionList)> =
+                None;
+            let mut body = || -> Result<(), ServiceError> {
+                loop {
+                    let stopping = self.stop.load(Ordering::Relaxed) > 0;
+                    if !stopping {
+                        self.health.beat();
+                        let gathered = self.gather();
+                        if gathered.messages > 0 || self.health.assigned.load(Ordering::Relaxed) == 0 {
+                            // (Idle time counts from the assignment: joining the group is not idleness.)
+                            last_message = Instant::now();
+                        }
+                        if gathered.messages > 0 {
+                            backlog.extend(self.process(gathered)?);
+                        }
+                    }
+                    let idle = self.until_idle.is_some_and(|idle| last_message.elapsed() >= idle);
+                    let ending = stopping || idle;
+                    let finished = running.as_ref().is_some_and(|(h, _, _)| h.is_finished());
+                    if finished || (ending && running.is_some()) {
+                        let (handle, started, tpl) = running.take().expect("a checkpoint is running");
+                        let result = handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                        self.checkpointed(result, started, &tpl)?;
+                    }
+                    if running.is_none() {
+                        while let Some(batch) = backlog.pop_front() {
+                            let evaluation = self.pipeline.evaluate_windowed(&batch);
+                            self.publish(evaluation)?;
+                        }
+                    }
+                    if ending {
+                        if idle && !stopping {
+                            tracing::info!("no message for the idle period");
+                        }
+                        tracing::info!("stopping: checkpointing what was consumed");
+                        let (progress, tpl) = self.take_consumed();
+                        let started = Instant::now();
+                        let result = checkpoint(pipeline, &acks, self.last_seq(), &progress, &stop, &health);
+                        self.checkpointed(result, started, &tpl)?;
+                        return Ok(());
+                    }
+                    if running.is_none() && !self.consumed.is_empty() && last_checkpoint.elapsed() >= interval
+                    {
+                        let (progress, tpl) = self.take_consumed();
+                        let through = self.last_seq();
+                        let (acks, stop, health) = (&acks, &stop, &health);
+                        let handle =
+                            scope.spawn(move || checkpoint(pipeline, acks, through, &progress, stop, health));
+                        running = Some((handle, Instant::now(), tpl));
+                        last_checkpoint = Instant::now();
+                    }
+                }
+            };
+            let result = body();
+            if result.is_err() {
+                // A checkpoint still waiting for the broker must not hold the exit up.
+                stop.fetch_max(2, Ordering::SeqCst);
             }
-            if gathered.messages > 0 {
-                self.process(gathered)?;
-            } else if self.until_idle.is_some_and(|idle| last_message.elapsed() >= idle) {
-                tracing::info!("no message for the idle period");
-                break;
-            }
-            if !self.consumed.is_empty() && last_checkpoint.elapsed() >= interval {
-                self.checkpoint()?;
-                last_checkpoint = Instant::now();
-            }
-        }
-        tracing::info!("stopping: checkpointing what was consumed");
-        self.checkpoint()?;
+            result
+        })?;
         self.consumer.unsubscribe();
         tracing::info!(
             events = self.summary.events,
@@ -358,15 +407,16 @@ impl Service<'_> {
         out
     }
 
-    /// Decides one gathered micro-batch and hands its decisions and dead letters to the
-    /// producer.
-    fn process(&mut self, gathered: Gathered) -> Result<(), ServiceError> {
+    /// Runs the per-event detectors on a gathered micro-batch and hands their decisions and the
+    /// dead letters to the producer; returns the batches for the windowed detectors.
+    fn process(&mut self, gathered: Gathered) -> Result<Vec<EventBatch>, ServiceError> {
         let complete = Instant::now();
         for letter in gathered.letters {
             self.metrics.bad_records.inc();
             self.summary.bad_records += 1;
             self.dead_letter(&letter.letter, &letter.payload, letter.key.as_deref())?;
         }
+        let mut batches = Vec::with_capacity(gathered.batches.len());
         for mut batch in gathered.batches {
             let n = batch.batch.num_rows();
             batch.renumber(self.next_row);
@@ -380,8 +430,9 @@ impl Service<'_> {
                     self.metrics.newest_event_time.set(seconds);
                 }
             }
-            let evaluation = self.pipeline.evaluate(&batch);
+            let evaluation = self.pipeline.evaluate_per_event(&batch);
             self.publish(evaluation)?;
+            batches.push(batch);
         }
         let now = now_ms();
         self.metrics
@@ -392,7 +443,7 @@ impl Service<'_> {
                 .end_to_end
                 .record(u64::try_from(now - t).unwrap_or(0).saturating_mul(1000));
         }
-        Ok(())
+        Ok(batches)
     }
 
     fn publish(&mut self, evaluation: Evaluation) -> Result<(), ServiceError> {
@@ -429,7 +480,7 @@ impl Service<'_> {
             key: "rampart.mode",
             value: Some(decision.mode.to_string().as_str()),
         });
-        let record = BaseRecord::to(topic)
+        let record = BaseRecord::with_opaque_to(topic, 0)
             .key(decision.actor.as_bytes())
             .payload(payload.as_slice())
             .headers(headers);
@@ -491,7 +542,7 @@ impl Service<'_> {
                     value: Some(offset.to_string().as_str()),
                 });
         }
-        let mut record = BaseRecord::to(&self.kafka.dead_letter_topic)
+        let mut record = BaseRecord::with_opaque_to(&self.kafka.dead_letter_topic, 0)
             .payload(payload)
             .headers(headers);
         if let Some(key) = key {
@@ -503,9 +554,12 @@ impl Service<'_> {
     /// Hands one record to the producer; while its queue is full (a slow or unreachable
     /// broker) waits, reporting not ready, without consuming anything more.
     fn send<K: rdkafka::message::ToBytes + ?Sized>(
-        &self,
-        mut record: BaseRecord<'_, K, [u8]>,
+        &mut self,
+        record: BaseRecord<'_, K, [u8], usize>,
     ) -> Result<(), ServiceError> {
+        self.next_seq += 1;
+        let mut record = record.delivery_opaque(self.next_seq);
+        self.producer.context().sending(self.next_seq);
         let started = Instant::now();
         loop {
             match self.producer.send(record) {
@@ -536,25 +590,14 @@ impl Service<'_> {
         Ok(())
     }
 
-    /// Waits until the broker acknowledged every decision and dead letter sent so far, then
-    /// writes the window state with the offsets it reflects in one RocksDB write, then commits
-    /// those offsets to the group (for lag tools; the state store stays the source of truth).
-    fn checkpoint(&mut self) -> Result<(), ServiceError> {
-        let started = Instant::now();
-        while self.producer.flush(Duration::from_millis(200)).is_err() {
-            self.wait_for_broker(started, "decisions not acknowledged yet")?;
-        }
-        if self.producer.context().failed.load(Ordering::Relaxed) > 0 {
-            let error = self
-                .producer
-                .context()
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_default();
-            return Err(ServiceError::Delivery(error));
-        }
+    /// The sequence number of the last message handed to the producer (`None`: none yet).
+    fn last_seq(&self) -> Option<usize> {
+        (self.next_seq > 0).then_some(self.next_seq)
+    }
+
+    /// Moves what was consumed since the last checkpoint into the progress; returns the
+    /// progress to write and the offsets to commit to the group afterwards.
+    fn take_consumed(&mut self) -> (Progress, TopicPartitionList) {
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), c) in std::mem::take(&mut self.consumed) {
             let p = self.progress.entry(source_name(&topic, partition)).or_default();
@@ -565,9 +608,20 @@ impl Service<'_> {
                 tracing::debug!(error = %e, "offset list");
             }
         }
-        self.pipeline.checkpoint(&self.progress)?;
+        (self.progress.clone(), tpl)
+    }
+
+    /// After a checkpoint: commits its offsets to the group (for lag tools; the state store
+    /// stays the source of truth) and updates the metrics.
+    fn checkpointed(
+        &mut self,
+        result: Result<(), ServiceError>,
+        started: Instant,
+        tpl: &TopicPartitionList,
+    ) -> Result<(), ServiceError> {
+        result?;
         if tpl.count() > 0
-            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+            && let Err(e) = self.consumer.commit(tpl, CommitMode::Async)
         {
             tracing::debug!(error = %e, "group offset commit (informational)");
         }
@@ -585,6 +639,47 @@ impl Service<'_> {
         }
         Ok(())
     }
+}
+
+/// A checkpoint: waits until the broker acknowledged every message numbered `through` or
+/// lower (every decision and dead letter of the batches the window state holds), then writes
+/// the window state with `progress` (the offsets it reflects) in one RocksDB write. Gives up
+/// waiting only on a second stop signal.
+fn checkpoint(
+    pipeline: &Pipeline,
+    acks: &ProducerCallbacks,
+    through: Option<usize>,
+    progress: &Progress,
+    stop: &AtomicUsize,
+    health: &Health,
+) -> Result<(), ServiceError> {
+    let started = Instant::now();
+    while let Some(seq) = through
+        && !acks.settled_through(seq)
+    {
+        if started.elapsed() > Duration::from_secs(1) {
+            health.set_not_ready(Some(format!(
+                "waiting for the broker to acknowledge decisions ({} s)",
+                started.elapsed().as_secs()
+            )));
+        }
+        if stop.load(Ordering::Relaxed) >= 2 {
+            return Err(ServiceError::Interrupted);
+        }
+        health.beat();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if acks.failed.load(Ordering::Relaxed) > 0 {
+        let error = acks
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        return Err(ServiceError::Delivery(error));
+    }
+    pipeline.checkpoint(progress)?;
+    Ok(())
 }
 
 /// The shared name of a topic (positions of its events share it).
