@@ -662,7 +662,7 @@ fn assert_same_decisions(run: &BTreeMap<String, Value>, reference: &BTreeMap<Str
 
 /// The uninterrupted run over the whole `events` topic (its own group, state and decisions
 /// topic): decision id -> decision.
-fn reference_run(broker: &Broker, dir: &Path) -> BTreeMap<String, Value> {
+fn reference_run(broker: &Broker, dir: &Path, events: u64) -> BTreeMap<String, Value> {
     let reference = synthetic_pipeline(dir, "reference", "decisions-reference");
     let (status, stderr) = Service::start(
         &reference,
@@ -672,6 +672,11 @@ fn reference_run(broker: &Broker, dir: &Path) -> BTreeMap<String, Value> {
     )
     .wait(Duration::from_secs(120));
     assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("stopped: {events} events,")),
+        "the reference run consumed the whole topic: {}",
+        stderr.lines().last().unwrap_or_default()
+    );
     let (decisions, repeats) = by_id(&drain(broker, "decisions-reference", Duration::from_secs(2)));
     assert_eq!(repeats, 0, "an uninterrupted run sends each decision once");
     decisions
@@ -718,7 +723,7 @@ fn a_service_killed_mid_stream_resumes_without_losing_or_double_counting() {
     let (status, stderr) = restarted.wait(Duration::from_secs(120));
     assert!(status.success(), "{stderr}");
 
-    let reference = reference_run(&broker, tmp.path());
+    let reference = reference_run(&broker, tmp.path(), total);
     let (run, repeats) = by_id(&drain(&broker, "decisions", Duration::from_secs(2)));
     eprintln!(
         "kill/restart: {} decisions, {} re-sent after the restart (at-least-once)",
@@ -769,7 +774,7 @@ fn the_service_rides_out_a_broker_that_stops_answering_for_30_seconds() {
     let (status, stderr) = service.wait(Duration::from_secs(60));
     assert!(status.success(), "{stderr}");
 
-    let reference = reference_run(&broker, tmp.path());
+    let reference = reference_run(&broker, tmp.path(), total);
     let (run, _) = by_id(&drain(&broker, "decisions", Duration::from_secs(2)));
     assert_same_decisions(&run, &reference);
 }

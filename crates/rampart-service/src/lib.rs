@@ -101,6 +101,11 @@ pub struct RunSummary {
     pub checkpoints: u64,
 }
 
+/// Batches of window work done per round of the loop while catching up after a checkpoint.
+const WINDOW_BATCHES_PER_ROUND: usize = 4;
+/// Batches waiting for window work beyond which consuming stops until they are done.
+const MAX_WINDOW_BACKLOG: usize = 256;
+
 /// One record sent to the dead-letter topic, with the original bytes.
 struct Letter {
     letter: DeadLetter,
@@ -263,8 +268,7 @@ impl Service<'_> {
         let acks = Arc::clone(self.producer.context());
         let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
         std::thread::scope(|scope| -> Result<(), ServiceError> {
-            let mut running: Option<(std::thread::ScopedJoinHandle<'_, _>, Instant, TopicPartitionList)> =
-                None;
+            let mut running: Option<(std::thread::ScopedJoinHandle<'_, _>, TopicPartitionList)> = None;
             let mut body = || -> Result<(), ServiceError> {
                 loop {
                     let stopping = self.stop.load(Ordering::Relaxed) > 0;
@@ -279,39 +283,56 @@ impl Service<'_> {
                             backlog.extend(self.process(gathered)?);
                         }
                     }
-                    let idle = self.until_idle.is_some_and(|idle| last_message.elapsed() >= idle);
-                    let ending = stopping || idle;
-                    let finished = running.as_ref().is_some_and(|(h, _, _)| h.is_finished());
-                    if finished || (ending && running.is_some()) {
-                        let (handle, started, tpl) = running.take().expect("a checkpoint is running");
-                        let result = handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-                        self.checkpointed(result, started, &tpl)?;
+                    if running.as_ref().is_some_and(|(h, _)| h.is_finished()) {
+                        let (handle, tpl) = running.take().expect("a checkpoint is running");
+                        self.checkpointed(join(handle), &tpl)?;
                     }
-                    if running.is_none() {
-                        while let Some(batch) = backlog.pop_front() {
+                    // Window work catches up a few batches per round, so that consuming and
+                    // per-event decisions do not wait for the whole backlog; a backlog past its
+                    // bound is worked off whole (consuming waits: backpressure).
+                    if running.is_none() && !backlog.is_empty() {
+                        let take = if backlog.len() > MAX_WINDOW_BACKLOG {
+                            backlog.len()
+                        } else {
+                            WINDOW_BATCHES_PER_ROUND.min(backlog.len())
+                        };
+                        for batch in backlog.drain(..take) {
                             let evaluation = self.pipeline.evaluate_windowed(&batch);
                             self.publish(evaluation)?;
                         }
+                        // (Idle time is time with nothing to do.)
+                        last_message = Instant::now();
                     }
-                    if ending {
+                    let idle = self.until_idle.is_some_and(|idle| last_message.elapsed() >= idle);
+                    if stopping || idle {
                         if idle && !stopping {
                             tracing::info!("no message for the idle period");
                         }
                         tracing::info!("stopping: checkpointing what was consumed");
+                        if let Some((handle, tpl)) = running.take() {
+                            self.checkpointed(join(handle), &tpl)?;
+                        }
+                        while let Some(batch) = backlog.pop_front() {
+                            let evaluation = self.pipeline.evaluate_windowed(&batch);
+                            self.publish(evaluation)?;
+                        }
                         let (progress, tpl) = self.take_consumed();
-                        let started = Instant::now();
                         let result = checkpoint(pipeline, &acks, self.last_seq(), &progress, &stop, &health);
-                        self.checkpointed(result, started, &tpl)?;
+                        self.checkpointed(result, &tpl)?;
                         return Ok(());
                     }
-                    if running.is_none() && !self.consumed.is_empty() && last_checkpoint.elapsed() >= interval
+                    // The state must hold every consumed batch: start only with no window work left.
+                    if running.is_none()
+                        && backlog.is_empty()
+                        && !self.consumed.is_empty()
+                        && last_checkpoint.elapsed() >= interval
                     {
                         let (progress, tpl) = self.take_consumed();
                         let through = self.last_seq();
                         let (acks, stop, health) = (&acks, &stop, &health);
                         let handle =
                             scope.spawn(move || checkpoint(pipeline, acks, through, &progress, stop, health));
-                        running = Some((handle, Instant::now(), tpl));
+                        running = Some((handle, tpl));
                         last_checkpoint = Instant::now();
                     }
                 }
@@ -615,11 +636,10 @@ impl Service<'_> {
     /// stays the source of truth) and updates the metrics.
     fn checkpointed(
         &mut self,
-        result: Result<(), ServiceError>,
-        started: Instant,
+        result: Result<Duration, ServiceError>,
         tpl: &TopicPartitionList,
     ) -> Result<(), ServiceError> {
-        result?;
+        let took = result?;
         if tpl.count() > 0
             && let Err(e) = self.consumer.commit(tpl, CommitMode::Async)
         {
@@ -627,9 +647,7 @@ impl Service<'_> {
         }
         self.metrics.checkpoints.inc();
         self.summary.checkpoints += 1;
-        self.metrics
-            .checkpoint
-            .record(started.elapsed().as_micros() as u64);
+        self.metrics.checkpoint.record(took.as_micros() as u64);
         let stats = self.pipeline.state_stats();
         self.metrics.state_disk_bytes.set(stats.disk_bytes as i64);
         self.metrics.state_cached_bytes.set(stats.cached_bytes as i64);
@@ -644,7 +662,7 @@ impl Service<'_> {
 /// A checkpoint: waits until the broker acknowledged every message numbered `through` or
 /// lower (every decision and dead letter of the batches the window state holds), then writes
 /// the window state with `progress` (the offsets it reflects) in one RocksDB write. Gives up
-/// waiting only on a second stop signal.
+/// waiting only on a second stop signal. Returns how long it took.
 fn checkpoint(
     pipeline: &Pipeline,
     acks: &ProducerCallbacks,
@@ -652,7 +670,7 @@ fn checkpoint(
     progress: &Progress,
     stop: &AtomicUsize,
     health: &Health,
-) -> Result<(), ServiceError> {
+) -> Result<Duration, ServiceError> {
     let started = Instant::now();
     while let Some(seq) = through
         && !acks.settled_through(seq)
@@ -679,7 +697,12 @@ fn checkpoint(
         return Err(ServiceError::Delivery(error));
     }
     pipeline.checkpoint(progress)?;
-    Ok(())
+    Ok(started.elapsed())
+}
+
+/// Waits for a checkpoint thread (its panic is this thread's panic).
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
 /// The shared name of a topic (positions of its events share it).
