@@ -272,8 +272,13 @@ impl Service<'_> {
             let mut body = || -> Result<(), ServiceError> {
                 loop {
                     let stopping = self.stop.load(Ordering::Relaxed) > 0;
-                    if !stopping {
-                        self.health.beat();
+                    self.health.beat();
+                    if backlog.len() > MAX_WINDOW_BACKLOG && running.is_some() {
+                        // Backpressure: a checkpoint holds the windows up; consume no more
+                        // (and this is not idleness).
+                        std::thread::sleep(Duration::from_millis(5));
+                        last_message = Instant::now();
+                    } else if !stopping {
                         let gathered = self.gather();
                         if gathered.messages > 0 || self.health.assigned.load(Ordering::Relaxed) == 0 {
                             // (Idle time counts from the assignment: joining the group is not idleness.)
