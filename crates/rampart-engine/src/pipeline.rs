@@ -322,31 +322,31 @@ impl Pipeline {
     /// Runs every detector on one batch. Decisions come in input order (for one event, in
     /// detector order); sliding-window detectors may decide about events of earlier batches.
     pub fn evaluate(&self, events: &EventBatch) -> Evaluation {
-        let processed_at = rampart_core::time::now();
-        let mut out = Evaluation::default();
-        let mut decided = self.per_event_decisions(events, &processed_at, &mut out);
-        decided.extend(self.windowed_decisions(events, &processed_at, &mut out));
-        out.decisions = in_input_order(decided);
-        out
+        self.evaluation(|processed_at, out| {
+            let mut decided = self.per_event_decisions(events, processed_at, out);
+            decided.extend(self.windowed_decisions(events, processed_at, out));
+            decided
+        })
     }
 
     /// The per-event detectors alone on one batch (they need no window state, so service mode
     /// publishes their decisions before the windows run). Call [`Self::evaluate_windowed`]
     /// with the same batch afterwards, batches in input order.
     pub fn evaluate_per_event(&self, events: &EventBatch) -> Evaluation {
-        let processed_at = rampart_core::time::now();
-        let mut out = Evaluation::default();
-        let decided = self.per_event_decisions(events, &processed_at, &mut out);
-        out.decisions = in_input_order(decided);
-        out
+        self.evaluation(|processed_at, out| self.per_event_decisions(events, processed_at, out))
     }
 
     /// The windowed detectors on one batch (after [`Self::evaluate_per_event`]): window state,
     /// late events, rows decided by the watermark.
     pub fn evaluate_windowed(&self, events: &EventBatch) -> Evaluation {
+        self.evaluation(|processed_at, out| self.windowed_decisions(events, processed_at, out))
+    }
+
+    /// An evaluation whose decisions `decide` makes (given the processing time), in input order.
+    fn evaluation(&self, decide: impl FnOnce(&str, &mut Evaluation) -> Vec<(u64, Decision)>) -> Evaluation {
         let processed_at = rampart_core::time::now();
         let mut out = Evaluation::default();
-        let decided = self.windowed_decisions(events, &processed_at, &mut out);
+        let decided = decide(&processed_at, &mut out);
         out.decisions = in_input_order(decided);
         out
     }
