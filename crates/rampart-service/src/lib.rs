@@ -222,6 +222,7 @@ pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, Servi
         next_seq: 0,
         summary: RunSummary::default(),
         topics: BTreeMap::new(),
+        decoder: pipeline.decoder(),
         warned_detectors: Vec::new(),
     };
     let result = service.serve();
@@ -250,6 +251,8 @@ struct Service<'a> {
     summary: RunSummary,
     /// Interned topic names (positions share them).
     topics: BTreeMap<String, Arc<str>>,
+    /// Maps messages into event batches (emptied at the end of every round).
+    decoder: rampart_engine::decode::Decoder,
     /// Detectors whose run-time failure was already logged.
     warned_detectors: Vec<String>,
 }
@@ -362,7 +365,6 @@ impl Service<'_> {
     /// passed since its first message; returns at once (empty) when nothing comes for 100 ms.
     fn gather(&mut self) -> Gathered {
         let mut out = Gathered::default();
-        let mut decoder = self.pipeline.decoder();
         let mut deadline: Option<Instant> = None;
         loop {
             let timeout = match deadline {
@@ -388,23 +390,24 @@ impl Service<'_> {
             out.timestamps
                 .push(message.timestamp().to_millis().unwrap_or_else(now_ms));
             let payload = message.payload().unwrap_or_default();
-            let key = message.key().map(<[u8]>::to_vec);
+            let key = message.key();
             let mut events = 0;
             let mut letters = 0;
-            decoder.decode_message(&topic, partition, offset, payload, &mut |d| match d {
-                Decoded::Batch(b) => {
-                    out.batches.push(b);
-                }
-                Decoded::DeadLetter(letter) => {
-                    letters += 1;
-                    out.letters.push(Letter {
-                        letter,
-                        payload: payload.to_vec(),
-                        key: key.clone(),
-                    });
-                }
-                Decoded::Lines(_) | Decoded::Progress(_) => {}
-            });
+            self.decoder
+                .decode_message(&topic, partition, offset, payload, &mut |d| match d {
+                    Decoded::Batch(b) => {
+                        out.batches.push(b);
+                    }
+                    Decoded::DeadLetter(letter) => {
+                        letters += 1;
+                        out.letters.push(Letter {
+                            letter,
+                            payload: payload.to_vec(),
+                            key: key.map(<[u8]>::to_vec),
+                        });
+                    }
+                    Decoded::Lines(_) | Decoded::Progress(_) => {}
+                });
             if letters == 0 {
                 events = 1;
             }
@@ -422,7 +425,7 @@ impl Service<'_> {
                 break;
             }
         }
-        decoder.flush(&mut |d| {
+        self.decoder.flush(&mut |d| {
             if let Decoded::Batch(b) = d {
                 out.batches.push(b);
             }
