@@ -356,10 +356,8 @@ impl KeyedState {
     /// the query's part above the window over them.
     fn decide_incremental(
         &mut self,
-        engine: &DetectorEngine,
         detector: &CompiledDetector,
         split: &WindowSplit,
-        store: &StateStore,
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Result<Vec<(u64, Decision)>, String> {
@@ -384,7 +382,7 @@ impl KeyedState {
         let mut rows: Vec<Box<[u8]>> = Vec::new();
         let mut values: Vec<Vec<Val>> = vec![Vec::new(); plan.aggregates.len()];
         for key in due_keys {
-            let entry = self.entry(store, &key).map_err(|e| e.to_string())?;
+            let entry = self.entry(ctx.store, &key).map_err(|e| e.to_string())?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
             for (_, vals, bytes) in agg.decide_until(&plan.aggregates, limit) {
                 for (column, v) in values.iter_mut().zip(vals) {
@@ -410,7 +408,7 @@ impl KeyedState {
         }
         let batch =
             RecordBatch::try_new(Arc::clone(&plan.above_input), columns).map_err(|e| e.to_string())?;
-        let results = engine.run_above(plan, batch).map_err(|e| e.to_string())?;
+        let results = ctx.engine.run_above(plan, batch).map_err(|e| e.to_string())?;
         Ok(self.decisions_for(detector, &results, |_| true, ctx))
     }
 
@@ -548,15 +546,13 @@ impl KeyedState {
     /// `all`, at the end of the input).
     pub fn decide_sliding(
         &mut self,
-        engine: &DetectorEngine,
         detector: &CompiledDetector,
         split: &WindowSplit,
-        store: &StateStore,
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Result<Vec<(u64, Decision)>, String> {
         if self.aggregates.is_some() {
-            return self.decide_incremental(engine, detector, split, store, ctx, all);
+            return self.decide_incremental(detector, split, ctx, all);
         }
         let due = if all {
             std::mem::take(&mut self.pending)
@@ -576,7 +572,7 @@ impl KeyedState {
         }
         let keys: Vec<(&[u8], (i64, i64))> = spans.into_iter().collect();
         for (key, _) in &keys {
-            self.entry(store, key).map_err(|e| e.to_string())?;
+            self.entry(ctx.store, key).map_err(|e| e.to_string())?;
         }
         let reach = micros(split.reach);
         let parser = self.row_converter.parser();
@@ -590,27 +586,19 @@ impl KeyedState {
             );
         }
         let due_rows: HashSet<u64> = due.keys().map(|(_, r)| *r).collect();
-        self.run(
-            engine,
-            detector,
-            split,
-            &input,
-            |row| due_rows.contains(&row),
-            ctx,
-        )
+        self.run(detector, split, &input, |row| due_rows.contains(&row), ctx)
     }
 
     /// Runs the window part over `input` rows and decides the result rows `wanted` accepts.
     fn run(
         &self,
-        engine: &DetectorEngine,
         detector: &CompiledDetector,
         split: &WindowSplit,
         input: &[datafusion::arrow::row::Row<'_>],
         wanted: impl Fn(u64) -> bool,
         ctx: &DecideContext<'_>,
     ) -> Result<Vec<(u64, Decision)>, String> {
-        let results = self.post(engine, split, input)?;
+        let results = self.post(ctx.engine, split, input)?;
         Ok(self.decisions_for(detector, &results, wanted, ctx))
     }
 
@@ -636,10 +624,8 @@ impl KeyedState {
     /// of this batch's events after which it holds, and marks them fired.
     pub fn decide_grouped(
         &mut self,
-        engine: &DetectorEngine,
         detector: &CompiledDetector,
         split: &WindowSplit,
-        store: &StateStore,
         ctx: &DecideContext<'_>,
         touched: Touched,
     ) -> Result<Vec<(u64, Decision)>, String> {
@@ -666,7 +652,7 @@ impl KeyedState {
                 group_of_row.insert(row, g);
             }
         }
-        let results = self.post(engine, split, &input)?;
+        let results = self.post(ctx.engine, split, &input)?;
         let mut satisfied: Vec<usize> = Vec::new();
         for result in &results {
             let Some(ids) = DecisionMaker::row_ids(detector, result) else {
@@ -698,7 +684,7 @@ impl KeyedState {
             while lo < hi {
                 let mid = (lo + hi) / 2;
                 let fires = self
-                    .post(engine, split, &prefix(mid))?
+                    .post(ctx.engine, split, &prefix(mid))?
                     .iter()
                     .any(|b| b.num_rows() > 0);
                 if fires {
@@ -708,11 +694,11 @@ impl KeyedState {
                 }
             }
             let last = by_arrival[old + lo - 1].row;
-            out.extend(self.run(engine, detector, split, &prefix(lo), |row| row == last, ctx)?);
+            out.extend(self.run(detector, split, &prefix(lo), |row| row == last, ctx)?);
         }
         // Fired groups keep only their header (the expiry) until the bucket has passed.
         for g in satisfied {
-            let entry = self.entry(store, &touched[g].0).map_err(|e| e.to_string())?;
+            let entry = self.entry(ctx.store, &touched[g].0).map_err(|e| e.to_string())?;
             let expires = expires_at(&entry.value);
             let before = entry.value.capacity();
             entry.value = Vec::new();
@@ -830,6 +816,10 @@ pub struct DecideContext<'a> {
     pub decisions: &'a DecisionMaker,
     /// Processing time stamp.
     pub processed_at: &'a str,
+    /// Runs the detectors' plans.
+    pub engine: &'a DetectorEngine,
+    /// The window state on disk.
+    pub store: &'a StateStore,
     /// The events behind rows not decided yet.
     pub triggers: &'a TriggerStore,
 }

@@ -571,6 +571,8 @@ impl Pipeline {
             decisions: &self.decisions,
             processed_at,
             triggers,
+            engine: &self.engine,
+            store,
         };
         // The part below each window runs here (it reads the shared events slot); then the
         // detectors' state work runs on two threads (each detector's state is its own).
@@ -594,12 +596,8 @@ impl Pipeline {
             let pre = pre?;
             let touched = state.add(split, store, before, clock, &pre)?;
             match split.kind {
-                StateKind::Sliding => {
-                    state.decide_sliding(&self.engine, detector, split, store, &ctx, events.is_none())
-                }
-                StateKind::Grouped => {
-                    state.decide_grouped(&self.engine, detector, split, store, &ctx, touched)
-                }
+                StateKind::Sliding => state.decide_sliding(detector, split, &ctx, events.is_none()),
+                StateKind::Grouped => state.decide_grouped(detector, split, &ctx, touched),
             }
         };
         let jobs: Vec<_> = windowed
