@@ -35,6 +35,21 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The Tansu binary `scripts/setup.sh` installs (or `RAMPART_TANSU`).
+fn tansu() -> PathBuf {
+    std::env::var_os("RAMPART_TANSU").map_or_else(
+        || PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/rampart/bin/tansu"),
+        PathBuf::from,
+    )
+}
+
+/// Replaces `from` with `to` in a file of a test pipeline (which must contain it).
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).expect("read");
+    assert!(text.contains(from), "{} has no `{from}`", path.display());
+    std::fs::write(path, text.replace(from, to)).expect("write");
+}
+
 /// A Tansu broker (in-memory storage) on a free loopback port, killed when dropped.
 struct Broker {
     child: Child,
@@ -43,10 +58,7 @@ struct Broker {
 
 impl Broker {
     fn start() -> Self {
-        let tansu = std::env::var_os("RAMPART_TANSU").map_or_else(
-            || PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/rampart/bin/tansu"),
-            PathBuf::from,
-        );
+        let tansu = tansu();
         assert!(
             tansu.is_file(),
             "the Tansu broker is not installed at {}: run scripts/setup.sh",
@@ -84,10 +96,7 @@ impl Broker {
     }
 
     fn create_topic(&self, name: &str) {
-        let tansu = std::env::var_os("RAMPART_TANSU").map_or_else(
-            || PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/rampart/bin/tansu"),
-            PathBuf::from,
-        );
+        let tansu = tansu();
         let out = Command::new(tansu)
             .args(["topic", "create", name, "--partitions", "1", "--broker"])
             .arg(format!("tcp://127.0.0.1:{}", self.port))
@@ -786,13 +795,11 @@ fn shadow_decisions_go_to_their_own_topic_and_missing_topics_stop_the_start() {
 
     // No input topic and create_topics = false: a clear error naming it, at once.
     let strict = synthetic_pipeline(tmp.path(), "strict", "decisions");
-    let toml = strict.join("pipeline.toml");
-    let text = std::fs::read_to_string(&toml).expect("read");
-    std::fs::write(
-        &toml,
-        text.replace("create_topics = true", "create_topics = false"),
-    )
-    .expect("write");
+    edit(
+        &strict.join("pipeline.toml"),
+        "create_topics = true",
+        "create_topics = false",
+    );
     let (status, stderr) =
         Service::start(&strict, &broker, &tmp.path().join("strict-state"), &[]).wait(Duration::from_secs(30));
     assert!(!status.success());
@@ -800,23 +807,16 @@ fn shadow_decisions_go_to_their_own_topic_and_missing_topics_stop_the_start() {
 
     broker.create_topic("events");
     let shadowed = synthetic_pipeline(tmp.path(), "shadowed", "decisions");
-    let toml = shadowed.join("pipeline.toml");
-    let text = std::fs::read_to_string(&toml).expect("read");
-    std::fs::write(
-        &toml,
-        text.replace(
-            "decisions_topic = \"decisions\"",
-            "decisions_topic = \"decisions\"\nshadow_topic = \"shadow\"",
-        ),
-    )
-    .expect("write");
-    let deletes = shadowed.join("detectors/deletes.sql");
-    let sql = std::fs::read_to_string(&deletes).expect("read");
-    std::fs::write(
-        &deletes,
-        sql.replace("-- verdict: block\n", "-- verdict: block\n-- mode: shadow\n"),
-    )
-    .expect("write");
+    edit(
+        &shadowed.join("pipeline.toml"),
+        "decisions_topic = \"decisions\"",
+        "decisions_topic = \"decisions\"\nshadow_topic = \"shadow\"",
+    );
+    edit(
+        &shadowed.join("detectors/deletes.sql"),
+        "-- verdict: block\n",
+        "-- verdict: block\n-- mode: shadow\n",
+    );
     let feeding = feed(&broker, 20_000, 20_000);
     feeding.join().expect("feeding");
     let (status, stderr) = Service::start(
