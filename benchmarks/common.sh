@@ -13,3 +13,12 @@ machine_line() {
   mem=$(free -g | awk '/Mem:/ {print $2 " GiB"}')
   echo "Machine: $cpu, $(nproc) cores, $mem. Build: release (\`cargo build --release --workspace --all-targets\`)."
 }
+
+# generated FILE ARGS...: makes FILE with benchmarks/generate.py ARGS unless it already exists
+# (generated inputs are cached in ~/.cache/rampart/bench and reused across runs).
+generated() {
+  local file=$1
+  shift
+  mkdir -p "$(dirname "$file")"
+  [ -s "$file" ] || python3 benchmarks/generate.py "$@" --out "$file"
+}

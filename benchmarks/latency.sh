@@ -29,14 +29,13 @@ ACTORS="${ACTORS:-10000}"
 FETCH_WAIT_MS="${FETCH_WAIT_MS:-25}"
 cargo build --release --workspace --all-targets >&2
 LOAD="$CARGO_TARGET_DIR/release/rampart-load"
-TANSU="$HOME/.cache/rampart/bin/tansu"
 work="${TMPDIR:-/tmp}/rampart-latency"
 rm -rf "$work"
 mkdir -p "$work"
 
 # Benign background: calls that fail (errorCode) are left out, so that the windowed detectors
 # (denied reconnaissance, failure volume) do not fire on every event at this real-time rate.
-python3 benchmarks/generate.py --events 40000 --actors 10000 --attack-share 0 --out "$work/generated.jsonl"
+generated "$work/generated.jsonl" --events 40000 --actors 10000 --attack-share 0
 awk '!/"errorCode"/ && n < 20000 { print; n++ }' "$work/generated.jsonl" >"$work/background.jsonl"
 python3 - "$work/probe.json" <<'PY'
 import json, sys
@@ -45,19 +44,11 @@ r = r["Records"] if isinstance(r, dict) else r
 json.dump(next(x for x in r if x["eventName"] == "StopLogging"), open(sys.argv[1], "w"))
 PY
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-http=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
+http=$(free_port)
 BROKERS="127.0.0.1:$port"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-"$TANSU" broker --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
-  --storage-engine memory://tansu/ >"$work/broker.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-for t in bench.pt.in bench.pt.out bench.events; do
-  "$TANSU" topic create "$t" --partitions 1 --broker "tcp://$BROKERS" >/dev/null
-done
+trap stop_background EXIT
+start_tansu "$port" "$work/broker.log" bench.pt.in bench.pt.out bench.events
 
 common=(--brokers "$BROKERS" --set "linger.ms=$LINGER_MS" --set "fetch.wait.max.ms=$FETCH_WAIT_MS" latency --background "$work/background.jsonl" --probe "$work/probe.json"
   --rates "$RATES" --duration "$DURATION" --actors "$ACTORS")

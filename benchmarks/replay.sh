@@ -11,8 +11,8 @@ source benchmarks/common.sh
 EVENTS="${EVENTS:-1000000}"
 RUNS="${RUNS:-5}"
 INPUT="${INPUT:-$HOME/.cache/rampart/bench/cloudtrail-$EVENTS.jsonl}"
-mkdir -p "$(dirname "$INPUT")" benchmarks/results
-[ -s "$INPUT" ] || python3 benchmarks/generate.py --events "$EVENTS" --out "$INPUT"
+mkdir -p benchmarks/results
+generated "$INPUT" --events "$EVENTS"
 cargo build --release --workspace --all-targets >&2
 rates=()
 for i in $(seq "$RUNS"); do

@@ -23,10 +23,9 @@ BENCH="$HOME/.cache/rampart/bench"
 INPUT="$BENCH/cloudtrail-$EVENTS.jsonl"
 STATE_INPUT="$BENCH/cloudtrail-rr-$STATE_ACTORS.jsonl"
 PIPELINE=benchmarks/pipelines/w2
-mkdir -p "$BENCH" benchmarks/results
-[ -s "$INPUT" ] || python3 benchmarks/generate.py --events "$EVENTS" --out "$INPUT"
-[ -s "$STATE_INPUT" ] || python3 benchmarks/generate.py --events "$STATE_ACTORS" --actors "$STATE_ACTORS" \
-  --round-robin --rate 5000 --out "$STATE_INPUT"
+mkdir -p benchmarks/results
+generated "$INPUT" --events "$EVENTS"
+generated "$STATE_INPUT" --events "$STATE_ACTORS" --actors "$STATE_ACTORS" --round-robin --rate 5000
 cargo build --release --workspace --all-targets >&2
 
 # 1. Throughput, keyed evaluator.

@@ -16,7 +16,6 @@ echo "== building rampart (release; the first build takes a while)" >&2
 cargo build --release --workspace --all-targets
 LOAD="$CARGO_TARGET_DIR/release/rampart-load"
 GATEWAY="$CARGO_TARGET_DIR/release/examples/gateway"
-TANSU="$HOME/.cache/rampart/bin/tansu"
 echo "== rampart check / test pipelines/cloudtrail" >&2
 "$RAMPART" check pipelines/cloudtrail
 "$RAMPART" test pipelines/cloudtrail
@@ -24,21 +23,14 @@ echo "== rampart check / test pipelines/cloudtrail" >&2
 out="${TMPDIR:-/tmp}/rampart-demo"
 rm -rf "$out"
 mkdir -p "$out"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-KAFKA_PORT=$(port)
-HTTP_PORT=$(port)
-GATEWAY_PORT=$(port)
+KAFKA_PORT=$(free_port)
+HTTP_PORT=$(free_port)
+GATEWAY_PORT=$(free_port)
 BROKERS="127.0.0.1:$KAFKA_PORT"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+trap stop_background EXIT
 
 echo "== starting the Tansu broker on $BROKERS (in-memory storage)" >&2
-"$TANSU" broker --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
-  --storage-engine memory://tansu/ >"$out/broker.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && break; sleep 0.1; done
-"$TANSU" topic create cloudtrail --partitions 1 --broker "tcp://$BROKERS" >/dev/null
+start_tansu "$KAFKA_PORT" "$out/broker.log" cloudtrail
 
 echo "== rampart run pipelines/cloudtrail (metrics on http://127.0.0.1:$HTTP_PORT/metrics)" >&2
 RAMPART_LOG=info "$RAMPART" run pipelines/cloudtrail --brokers "$BROKERS" \

