@@ -1,7 +1,7 @@
 //! The `rampart` command: check, test and replay pipelines.
 
 use std::fs::File;
-use std::io::{self, BufWriter, IsTerminal, Write};
+use std::io::{self, BufRead, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use rampart_core::Decision;
+use rampart_engine::audit::{self, AuditLog};
+use rampart_engine::compare::Comparison;
 use rampart_engine::replay::{ReplaySink, expand_inputs};
 use rampart_engine::testing::run_tests;
 use rampart_engine::{DeadLetter, Evaluator, Pipeline, StateChoice, Summary};
@@ -91,6 +93,27 @@ enum Command {
         /// are decided now instead of by the next run.
         #[arg(long = "final", requires = "state")]
         end_of_input: bool,
+        /// After the summary, report shadow against enforce per detector: the actors each
+        /// shadow detector would have blocked, how many of them enforcing detectors did block,
+        /// the rest, first and last times.
+        #[arg(long)]
+        compare: bool,
+        /// Append every decision and the rule versions to this hash-chained audit log.
+        #[arg(long, value_name = "FILE")]
+        audit: Option<PathBuf>,
+    },
+    /// Report shadow against enforce over decision files (JSON lines, e.g. written by replay
+    /// or read from the decisions topic).
+    #[command(after_help = "Example:\n  rampart compare decisions.jsonl")]
+    Compare {
+        /// Decision files; `-` reads standard input.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Run a pipeline as a service on Kafka (its `[kafka]` section).
     ///
@@ -122,6 +145,18 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every entry's hash and its link to the one before: any edited, removed or
+    /// reordered entry is reported with its line (exit 1). Prints the entry count and the head
+    /// hash; keep the head elsewhere to detect entries cut off the end.
+    #[command(after_help = "Example:\n  rampart audit verify pipelines/cloudtrail/audit.log")]
+    Verify {
+        /// The audit log.
+        file: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -143,6 +178,8 @@ fn main() -> ExitCode {
             evaluator,
             state_stats,
             end_of_input,
+            compare,
+            audit,
         } => replay(
             &pipeline,
             &inputs,
@@ -152,6 +189,8 @@ fn main() -> ExitCode {
                 quiet,
                 state_stats,
                 end_of_input,
+                compare,
+                audit: audit.as_deref(),
             },
             state,
             &evaluator,
@@ -172,6 +211,10 @@ fn main() -> ExitCode {
             brokers,
             state,
         ),
+        Command::Compare { files } => compare(&files),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => audit_verify(&file),
     };
     match result {
         Ok(code) => code,
@@ -332,14 +375,59 @@ fn test(dir: &Path, verbose: bool) -> Result<ExitCode> {
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+fn compare(files: &[PathBuf]) -> Result<ExitCode> {
+    let mut comparison = Comparison::default();
+    for path in files {
+        let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+            Box::new(io::stdin().lock())
+        } else {
+            Box::new(io::BufReader::new(
+                File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+            ))
+        };
+        for (i, line) in reader.lines().enumerate() {
+            let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let d: Decision = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}: not a decision", path.display(), i + 1))?;
+            comparison.add(&d);
+        }
+    }
+    print!("{}", comparison.report());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(path: &Path) -> Result<ExitCode> {
+    match rampart_engine::audit::verify(path).with_context(|| format!("cannot read {}", path.display()))? {
+        Ok(v) => {
+            println!("ok: {} entries, head {}", v.entries, v.head);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(broken) => {
+            println!("broken: {broken}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 struct CliSink {
     decisions: Box<dyn Write>,
     dead_letters: Box<dyn Write>,
     progress: Option<ProgressBar>,
+    comparison: Option<Comparison>,
+    audit: Option<AuditLog>,
 }
 
 impl ReplaySink for CliSink {
     fn decision(&mut self, decision: &Decision) -> io::Result<()> {
+        if let Some(c) = &mut self.comparison {
+            c.add(decision);
+        }
+        if let Some(log) = &mut self.audit {
+            log.append(audit::Kind::Decision, decision)?;
+        }
         serde_json::to_writer(&mut self.decisions, decision)?;
         self.decisions.write_all(b"\n")
     }
@@ -368,6 +456,8 @@ struct Outputs<'a> {
     quiet: bool,
     state_stats: bool,
     end_of_input: bool,
+    compare: bool,
+    audit: Option<&'a Path>,
 }
 
 fn replay(
@@ -383,6 +473,8 @@ fn replay(
         quiet,
         state_stats,
         end_of_input,
+        compare,
+        audit,
     } = out;
     let config = load_config(dir)?;
     let state_choice = match state {
@@ -426,13 +518,30 @@ fn replay(
             None => Box::new(io::stderr()),
         },
         progress,
+        comparison: compare.then(Comparison::default),
+        audit: match audit {
+            None => None,
+            Some(path) => {
+                let mut log = AuditLog::open(path)
+                    .with_context(|| format!("cannot open audit log {}", path.display()))?;
+                log.record_rules(&pipeline.rule_versions(), &audit::local_user(), "replay")
+                    .with_context(|| format!("cannot write audit log {}", path.display()))?;
+                Some(log)
+            }
+        },
     };
     let end_of_input = end_of_input || !pipeline.is_persistent();
     let summary = rampart_engine::replay::replay_with(&pipeline, &files, &mut sink, end_of_input)?;
     sink.decisions.flush().context("cannot write decisions")?;
     sink.dead_letters.flush().context("cannot write dead letters")?;
+    if let Some(log) = &mut sink.audit {
+        log.sync().context("cannot write the audit log")?;
+    }
     if let Some(bar) = &sink.progress {
         bar.finish_and_clear();
+    }
+    if let Some(c) = &sink.comparison {
+        eprint!("{}", c.report());
     }
     if !quiet {
         print_summary(&pipeline, files.len(), &summary);
@@ -485,6 +594,23 @@ fn print_summary(pipeline: &Pipeline, files: usize, s: &Summary) {
         writeln!(err, "decisions:   {}", s.total_decisions())?;
         for ((detector, verdict, mode), n) in &s.decisions {
             writeln!(err, "  {detector:<44} {verdict:<7} {mode:<8} {n}")?;
+        }
+        let suppressed: u64 = s.suppressed.values().sum();
+        if suppressed > 0 {
+            writeln!(
+                err,
+                "suppressed:  {suppressed} repeat decision(s) (a block still active, or an alert within its dedup period)"
+            )?;
+            for (detector, n) in &s.suppressed {
+                writeln!(err, "  {detector:<44} {n}")?;
+            }
+        }
+        for (detector, trip) in pipeline.tripped() {
+            writeln!(
+                err,
+                "fail-safe:   `{detector}` fell back to shadow at {}: {}",
+                trip.at, trip.reason
+            )?;
         }
         for (detector, n) in &s.detector_errors {
             writeln!(

@@ -20,8 +20,12 @@ pub enum Verdict {
     Block,
     /// Let the action through; tell a human.
     Alert,
-    /// Hold the action for approval.
+    /// Hold the action for approval until `expires_at` (or until a revoke approves it).
     Review,
+    /// Lift the actor's active blocks and holds from `detector` (`*`: from every detector).
+    /// Rampart emits these itself: on an operator's revocation, and when a detector's
+    /// blast-radius fail-safe trips.
+    Revoke,
 }
 
 /// Whether a decision is meant to be enforced.
@@ -74,7 +78,8 @@ macro_rules! keyword_enum {
     };
 }
 
-keyword_enum!(Verdict, "verdict", "block" => Verdict::Block, "alert" => Verdict::Alert, "review" => Verdict::Review);
+keyword_enum!(Verdict, "verdict", "block" => Verdict::Block, "alert" => Verdict::Alert, "review" => Verdict::Review,
+    "revoke" => Verdict::Revoke);
 keyword_enum!(Mode, "mode", "enforce" => Mode::Enforce, "shadow" => Mode::Shadow);
 keyword_enum!(Severity, "severity", "info" => Severity::Info, "low" => Severity::Low,
     "medium" => Severity::Medium, "high" => Severity::High, "critical" => Severity::Critical);

@@ -42,6 +42,31 @@ struct RawPipeline {
     /// Service mode: the HTTP endpoint and checkpoint cadence.
     #[serde(default)]
     service: RawService,
+    /// The hash-chained audit log of decisions and rule changes.
+    #[serde(default)]
+    audit: RawAudit,
+    /// Reference tables from compacted Kafka topics (files in `tables/` need no entry).
+    #[serde(default)]
+    tables: std::collections::BTreeMap<String, RawTopicTable>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    /// Where `rampart run` appends the audit log (relative to the pipeline directory).
+    /// Default `audit.log`.
+    path: Option<PathBuf>,
+    /// `false` turns the audit log off. Default `true`.
+    enabled: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopicTable {
+    /// A compacted topic whose messages are JSON objects: the latest message per key is a row.
+    topic: String,
+    /// Columns and their types (string, int, float, bool).
+    columns: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +139,24 @@ struct RawMapping {
 struct RawDecisions {
     /// How long a block lasts when the detector gives no `block_for`. Default 1h.
     default_block_for: Option<String>,
+    /// How long a repeat alert or review of a detector for one key is suppressed. Default 10m.
+    dedup_for: Option<String>,
+    /// The blast-radius fail-safe for enforcing block detectors.
+    #[serde(default)]
+    blast_radius: RawBlastRadius,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBlastRadius {
+    /// `false` turns the fail-safe off for every detector. Default `true`.
+    enabled: Option<bool>,
+    /// Distinct keys one detector may block within a minute of event time. Default 50.
+    max_keys_per_minute: Option<usize>,
+    /// Share (0..1] of the actors active in that minute one detector may block. Default 0.1.
+    max_share: Option<f64>,
+    /// Blocked keys below which `max_share` does not apply. Default 10.
+    min_keys: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -236,6 +279,18 @@ pub struct KafkaConfig {
     pub producer: Vec<(String, String)>,
 }
 
+/// A reference table kept from a compacted Kafka topic (`[tables.NAME]`).
+#[derive(Debug, Clone)]
+pub struct TopicTable {
+    /// Table name in detector SQL.
+    pub name: String,
+    /// The topic: JSON object values, the latest per message key is a row (a null value
+    /// deletes it).
+    pub topic: String,
+    /// Columns and types.
+    pub columns: Vec<(String, ColumnType)>,
+}
+
 /// Service mode settings (`[service]`).
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -262,6 +317,14 @@ pub struct PipelineConfig {
     pub mapping: Mapping,
     /// Default block duration.
     pub default_block_for: Duration,
+    /// Default suppression of repeat alerts and reviews per detector and key.
+    pub dedup_for: Duration,
+    /// Default blast-radius limit of enforcing block detectors.
+    pub blast_radius: rampart_sql::BlastRadius,
+    /// Where `rampart run` appends the audit log; `None`: no audit log.
+    pub audit_path: Option<PathBuf>,
+    /// Reference tables read from compacted Kafka topics.
+    pub topic_tables: Vec<TopicTable>,
     /// Window state directory (absolute, or relative to the working directory).
     pub state_dir: PathBuf,
     /// Allowed lateness in event time.
@@ -428,6 +491,11 @@ impl PipelineConfig {
             raw.decisions.default_block_for.as_deref(),
             Duration::from_secs(3600),
         );
+        let dedup_for = duration(
+            "dedup_for",
+            raw.decisions.dedup_for.as_deref(),
+            Duration::from_secs(600),
+        );
         let allowed_lateness = duration(
             "allowed_lateness",
             raw.state.allowed_lateness.as_deref(),
@@ -459,6 +527,52 @@ impl PipelineConfig {
                 producer: shared.chain(k.producer).collect(),
             }
         });
+        let b = &raw.decisions.blast_radius;
+        let blast_radius = if b.enabled == Some(false) {
+            rampart_sql::BlastRadius::Off
+        } else {
+            let share = b.max_share.unwrap_or(0.1);
+            if !(share > 0.0 && share <= 1.0) {
+                problems.push(Problem {
+                    file: path.to_path_buf(),
+                    line: at("max_share"),
+                    message: format!("`max_share` = {share} must be in (0, 1]"),
+                });
+            }
+            rampart_sql::BlastRadius::Limit {
+                per_minute: b.max_keys_per_minute.unwrap_or(50).max(1),
+                share: Some(share),
+                min_keys: b.min_keys.unwrap_or(10),
+            }
+        };
+        let mut topic_tables = Vec::new();
+        for (name, t) in &raw.tables {
+            let mut columns = Vec::new();
+            for (c, ty) in &t.columns {
+                match ColumnType::parse(ty) {
+                    Some(ty) => columns.push((c.clone(), ty)),
+                    None => problems.push(Problem {
+                        file: path.to_path_buf(),
+                        line: at(c),
+                        message: format!(
+                            "table `{name}` column `{c}`: unknown type `{ty}` (expected string, int, float, bool, timestamp)"
+                        ),
+                    }),
+                }
+            }
+            if columns.is_empty() {
+                problems.push(Problem {
+                    file: path.to_path_buf(),
+                    line: at(name),
+                    message: format!("table `{name}` needs at least one column"),
+                });
+            }
+            topic_tables.push(TopicTable {
+                name: name.clone(),
+                topic: t.topic.clone(),
+                columns,
+            });
+        }
         if let Some(k) = &kafka {
             if k.input_topics.is_empty() {
                 problems.push(Problem {
@@ -505,6 +619,11 @@ impl PipelineConfig {
                     extras,
                 },
                 default_block_for,
+                dedup_for,
+                blast_radius,
+                audit_path: (raw.audit.enabled != Some(false))
+                    .then(|| base.join(raw.audit.path.unwrap_or_else(|| PathBuf::from("audit.log")))),
+                topic_tables,
                 state_dir,
                 allowed_lateness,
                 state_cache_bytes: raw.state.cache_mb.unwrap_or(256) << 20,

@@ -273,6 +273,7 @@ fn assert_stream_equals_batch(dir: &Path, input: &Path, batch_sizes: &[usize], m
     let mut expected: Option<Vec<Row>> = None;
     for &batch_size in batch_sizes {
         let pipeline = Pipeline::load(&window_pipeline(dir, batch_size, "0s")).expect("loads");
+        pipeline.set_guarded(false);
         if expected.is_none() {
             // The planted edge cases: a 5th failure exactly one window after the first fires.
             let text = std::fs::read_to_string(input).expect("read");
@@ -350,6 +351,7 @@ fn differential_on_the_real_cloudtrail_logs() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = repo().join("pipelines/cloudtrail");
     let pipeline = Pipeline::load(&dir).expect("loads");
+    pipeline.set_guarded(false);
     let windowed = pipeline.detectors.iter().filter(|d| d.split().is_some()).count();
     assert!(
         windowed >= 6,
@@ -406,6 +408,8 @@ fn the_naive_evaluator_decides_the_same_sliding_rows() {
     let dir = window_pipeline(tmp.path(), 256, "0s");
     let keyed = Pipeline::load(&dir).expect("loads");
     let naive = Pipeline::load_with(&dir, StateChoice::Temporary, Evaluator::Naive).expect("loads");
+    keyed.set_guarded(false);
+    naive.set_guarded(false);
     assert_eq!(
         naive.problems.len(),
         3,
@@ -525,6 +529,7 @@ fn late_events_are_dead_letters_that_windows_do_not_count() {
     .concat();
     std::fs::write(&input, text).expect("write");
     let pipeline = Pipeline::load(&dir).expect("loads");
+    pipeline.set_guarded(false);
     let (out, summary) = replay_collect(&pipeline, &[input.as_path()]).expect("replays");
     assert_eq!(summary.late_records, 1);
     assert_eq!(out.dead_letters.len(), 1);

@@ -1,11 +1,14 @@
 //! The pipeline: `pipeline.toml`, mapping and decoding inputs into micro-batches, evaluating
 //! detectors, turning matches into decisions, replay and detector tests.
 
+pub mod audit;
+pub mod compare;
 pub mod config;
 pub mod decide;
 pub mod decode;
 #[cfg(test)]
 mod differential;
+pub mod guard;
 pub mod incremental;
 pub mod keyed;
 pub mod mapping;

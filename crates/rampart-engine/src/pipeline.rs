@@ -15,6 +15,7 @@ use rampart_sql::{CompiledDetector, DetectorEngine, Shape, StateKind};
 use crate::config::PipelineConfig;
 use crate::decide::DecisionMaker;
 use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
+use crate::guard::{Guard, Trip};
 use crate::keyed::{Clock, DecideContext, KeyedState};
 use crate::naive::NaiveWindows;
 use crate::state::{Commit, StateError, StateStore};
@@ -81,6 +82,9 @@ pub struct Pipeline {
     state_choice: StateChoice,
     evaluator: Evaluator,
     windows: Mutex<Windows>,
+    guard: Mutex<Guard>,
+    /// Whether decisions pass through the guard (see [`Self::set_guarded`]).
+    guarded: std::sync::atomic::AtomicBool,
 }
 
 /// Input consumed so far, per source (a file path, or topic/partition): events and dead
@@ -149,6 +153,8 @@ pub struct Evaluation {
     /// Events older than the allowed lateness: per-event detectors judged them, windows did
     /// not count them.
     pub late: Vec<DeadLetter>,
+    /// Decisions suppressed as repeats, per detector.
+    pub suppressed: BTreeMap<String, u64>,
 }
 
 impl Pipeline {
@@ -212,6 +218,7 @@ impl Pipeline {
         // Stable: per-event detectors first, each group in file-name order.
         detectors.sort_by_key(|d| d.shape != Shape::PerEvent);
         let per_event = detectors.iter().filter(|d| d.shape == Shape::PerEvent).count();
+        let guard = Guard::new(&config.name, &detectors, config.dedup_for, config.blast_radius);
         let mut pipeline = Self {
             dir: dir.to_path_buf(),
             config,
@@ -224,6 +231,8 @@ impl Pipeline {
             state_choice,
             evaluator,
             windows: Mutex::new(Windows::empty(0)),
+            guard: Mutex::new(guard),
+            guarded: std::sync::atomic::AtomicBool::new(true),
         };
         let windows = pipeline.open_windows()?;
         *pipeline.windows.get_mut().unwrap_or_else(|p| p.into_inner()) = windows;
@@ -262,6 +271,13 @@ impl Pipeline {
                         reason: e.to_string(),
                     })?;
                 windows.triggers.restore(triggers);
+            }
+            if let Some(bytes) = store.meta("guard")? {
+                self.guard().restore(&bytes).map_err(|e| StateError::Corrupt {
+                    path: store.path().to_path_buf(),
+                    what: "guard".into(),
+                    reason: e.to_string(),
+                })?;
             }
             if let Some(bytes) = store.meta("progress")? {
                 windows.progress = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
@@ -302,6 +318,64 @@ impl Pipeline {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Windows> {
         self.windows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, Guard> {
+        self.guard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An operator's revocation of `actor`'s blocks and holds from `detector` (all detectors
+    /// when `None`), at processing time: the repeat suppression for the actor is cleared, and
+    /// the returned revoke decision is for the caller to publish.
+    pub fn revoke(&self, actor: &str, detector: Option<&str>, reason: &str) -> Decision {
+        let now = now_micros();
+        self.guard().revoke(actor, detector, reason, now)
+    }
+
+    /// What the audit log tracks as rules, name → version: every loaded detector (by id), and
+    /// `pipeline.toml`.
+    pub fn rule_versions(&self) -> BTreeMap<String, String> {
+        let mut out: BTreeMap<String, String> = self
+            .detectors
+            .iter()
+            .map(|d| (d.meta.id.clone(), d.version.clone()))
+            .collect();
+        if let Ok(bytes) = std::fs::read(self.dir.join("pipeline.toml")) {
+            out.insert(
+                "pipeline.toml".into(),
+                rampart_core::decision::content_version(&bytes),
+            );
+        }
+        out
+    }
+
+    /// Whether decisions pass through the guard ([`crate::guard`]: repeat suppression and the
+    /// blast-radius fail-safe), as they do by default. Off, every detector match becomes a
+    /// decision: detector tests and the equivalence harness judge the detectors themselves.
+    pub fn set_guarded(&self, guarded: bool) {
+        self.guarded.store(guarded, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Re-arms a detector the blast-radius fail-safe put in shadow; `None` if it was not.
+    pub fn rearm(&self, detector: &str) -> Option<Trip> {
+        self.guard().rearm(detector)
+    }
+
+    /// Detectors the blast-radius fail-safe put in shadow, with why.
+    pub fn tripped(&self) -> Vec<(String, Trip)> {
+        self.guard().tripped()
+    }
+
+    /// Suppressed repeat decisions per detector since load.
+    pub fn suppressed(&self) -> BTreeMap<String, u64> {
+        self.guard().suppressed().clone()
+    }
+
+    /// The guard's state (suppression, fail-safe) as of now, for a later
+    /// [`Self::checkpoint_with`]: take it when the decisions it reflects are the ones whose
+    /// delivery the checkpoint waits for.
+    pub fn guard_snapshot(&self) -> Vec<u8> {
+        self.guard().snapshot()
     }
 
     /// The row id the next event must get (row ids continue across restarts).
@@ -347,8 +421,16 @@ impl Pipeline {
         let processed_at = rampart_core::time::now();
         let mut out = Evaluation::default();
         let decided = decide(&processed_at, &mut out);
-        out.decisions = in_input_order(decided);
+        out.decisions = self.guarded(in_input_order(decided), &mut out.suppressed);
         out
+    }
+
+    fn guarded(&self, decisions: Vec<Decision>, suppressed: &mut BTreeMap<String, u64>) -> Vec<Decision> {
+        if self.guarded.load(std::sync::atomic::Ordering::Relaxed) {
+            self.guard().apply(decisions, suppressed)
+        } else {
+            decisions
+        }
     }
 
     fn per_event_decisions(
@@ -358,6 +440,7 @@ impl Pipeline {
         out: &mut Evaluation,
     ) -> Vec<(u64, Decision)> {
         let per_event = &self.detectors[..self.per_event];
+        self.guard().observe(events);
         let results = self.engine.run(per_event, events.batch.clone());
         let mut decided = Vec::new();
         for (detector, result) in per_event.iter().zip(results) {
@@ -409,7 +492,7 @@ impl Pipeline {
             let mut decided = Vec::new();
             let mut windows = self.lock();
             self.evaluate_windows(&mut windows, None, &processed_at, &mut decided, &mut out);
-            out.decisions = in_input_order(decided);
+            out.decisions = self.guarded(in_input_order(decided), &mut out.suppressed);
         }
         out
     }
@@ -418,6 +501,7 @@ impl Pipeline {
     /// (or from nothing).
     pub fn reset(&self) {
         let mut windows = self.lock();
+        self.guard().clear();
         // Close the store before reopening it.
         windows.store = None;
         match self.open_windows() {
@@ -437,6 +521,11 @@ impl Pipeline {
     /// Writes the window state changed since the last checkpoint, the rows still waiting, the
     /// clock and `progress` in one atomic write, then trims the in-memory cache.
     pub fn checkpoint(&self, progress: &Progress) -> Result<(), StateError> {
+        self.checkpoint_with(progress, self.guard_snapshot())
+    }
+
+    /// [`Self::checkpoint`] with the guard state taken earlier by [`Self::guard_snapshot`].
+    pub fn checkpoint_with(&self, progress: &Progress, guard: Vec<u8>) -> Result<(), StateError> {
         let mut windows = self.lock();
         let windows = &mut *windows;
         windows.since_checkpoint = 0;
@@ -457,6 +546,7 @@ impl Pipeline {
             "clock".into(),
             serde_json::to_vec(&clock).expect("clock serialises"),
         ));
+        commit.meta.push(("guard".into(), guard));
         let waiting = windows.triggers.waiting(windows.clock.watermark());
         commit.meta.push((
             "triggers".into(),
@@ -714,6 +804,12 @@ pub struct StateStats {
     pub waiting_rows: usize,
     /// Bytes of the state directory on disk.
     pub disk_bytes: u64,
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// Decisions sorted by the row id of their triggering event; for one event, detector order

@@ -57,6 +57,8 @@ pub struct Summary {
     pub decisions: BTreeMap<(String, Verdict, Mode), u64>,
     /// Detector run-time failures per detector.
     pub detector_errors: BTreeMap<String, u64>,
+    /// Repeat decisions suppressed, per detector.
+    pub suppressed: BTreeMap<String, u64>,
     /// Events per actor (for the busiest actors; exact up to [`HeavyHitters::CAPACITY`] actors).
     pub actor_events: HeavyHitters,
     /// Decisions per actor (likewise).
@@ -402,6 +404,9 @@ fn record(
             tracing::warn!(detector = %detector, %error, "detector failed on a batch; it keeps running on later batches");
         }
         *n += 1;
+    }
+    for (detector, n) in evaluation.suppressed {
+        *summary.suppressed.entry(detector).or_default() += n;
     }
     for letter in &evaluation.late {
         summary.late_records += 1;

@@ -40,6 +40,10 @@ struct RawCase {
     /// Only decisions of these detectors are judged (default: all).
     #[serde(default)]
     detectors: Option<Vec<String>>,
+    /// Judge the decisions as published: repeats suppressed, the blast-radius fail-safe
+    /// applied. Default `false`: every match of the detectors is judged.
+    #[serde(default)]
+    published: bool,
     /// The decisions expected; an empty list means "nothing fires".
     expect: Vec<Expected>,
 }
@@ -247,6 +251,7 @@ fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec
     }
     let mut decisions = Vec::new();
     pipeline.reset();
+    pipeline.set_guarded(case.published);
     let evaluations = batches
         .iter()
         .map(|b| pipeline.evaluate(b))
@@ -258,5 +263,6 @@ fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec
         }
         decisions.extend(eval.decisions);
     }
+    pipeline.set_guarded(true);
     Ok(decisions)
 }

@@ -12,7 +12,7 @@ pub mod shape;
 pub use engine::{
     AggregateKind, CompiledDetector, DetectorEngine, IncrementalPlan, StateKind, WindowAggregate, WindowSplit,
 };
-pub use metadata::{DetectorMeta, ReasonTemplate};
+pub use metadata::{BlastRadius, DetectorMeta, ReasonTemplate};
 pub use shape::Shape;
 
 /// Errors of this crate that are not about a user's detector (those are [`rampart_core::Problem`]s).

@@ -11,13 +11,21 @@ use std::time::Duration;
 use rampart_core::{Mode, Problem, Severity, Verdict};
 
 /// Metadata keys a detector may set, with what each is for (shown when a key is unknown).
-pub const KEYS: [(&str, &str); 9] = [
+pub const KEYS: [(&str, &str); 11] = [
     ("id", "unique detector id"),
     ("verdict", "block | alert | review"),
     ("severity", "info | low | medium | high | critical"),
     ("reason", "text with {{column}} placeholders"),
     ("mode", "enforce (default) | shadow"),
-    ("block_for", "how long a block lasts, e.g. 1h"),
+    ("block_for", "how long a block or a review hold lasts, e.g. 1h"),
+    (
+        "dedup_for",
+        "how long a repeat alert or review for the same key is suppressed, e.g. 10m (0s: never)",
+    ),
+    (
+        "blast_radius",
+        "off | N per minute[, P%]: past it the detector falls back to shadow",
+    ),
     ("guidance", "the safe path forward for the refused user"),
     ("tags", "comma-separated labels"),
     ("description", "what the detector is for"),
@@ -36,14 +44,74 @@ pub struct DetectorMeta {
     pub reason: ReasonTemplate,
     /// enforce or shadow.
     pub mode: Mode,
-    /// How long a block lasts; `None` takes the pipeline's default.
+    /// How long a block (or a review hold) lasts; `None` takes the pipeline's default.
     pub block_for: Option<Duration>,
+    /// How long a repeat alert or review for the same key is suppressed; `None` takes the
+    /// pipeline's default.
+    pub dedup_for: Option<Duration>,
+    /// The blast-radius limit; `None` takes the pipeline's default.
+    pub blast_radius: Option<BlastRadius>,
     /// Guidance for the refused user.
     pub guidance: Option<String>,
     /// Labels.
     pub tags: Vec<String>,
     /// Free description.
     pub description: Option<String>,
+}
+
+/// How many distinct keys an enforcing block detector may block before it is presumed broken
+/// and falls back to shadow (the blast-radius fail-safe).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BlastRadius {
+    /// No limit.
+    Off,
+    /// A limit over one minute of event time.
+    Limit {
+        /// Distinct keys blocked within one minute.
+        per_minute: usize,
+        /// Share (0..1] of the actors active in that minute, applied once `min_keys` are
+        /// blocked; `None`: no share limit.
+        share: Option<f64>,
+        /// Blocked keys below which the share limit does not apply (tiny streams).
+        min_keys: usize,
+    },
+}
+
+impl BlastRadius {
+    /// Parses `off` or `N per minute[, P%]` (the share applies from 10 blocked keys).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text == "off" {
+            return Ok(Self::Off);
+        }
+        let bad = || {
+            format!("blast_radius `{text}` is not `off` or `N per minute[, P%]` (e.g. `20 per minute, 5%`)")
+        };
+        let (count, share) = match text.split_once(',') {
+            Some((c, s)) => (c.trim(), Some(s.trim())),
+            None => (text, None),
+        };
+        let per_minute = count
+            .strip_suffix("per minute")
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(bad)?;
+        let share = match share {
+            None => None,
+            Some(s) => Some(
+                s.strip_suffix('%')
+                    .and_then(|p| p.trim().parse::<f64>().ok())
+                    .filter(|p| *p > 0.0 && *p <= 100.0)
+                    .ok_or_else(bad)?
+                    / 100.0,
+            ),
+        };
+        Ok(Self::Limit {
+            per_minute,
+            share,
+            min_keys: 10,
+        })
+    }
 }
 
 /// A reason template: literal text and `{{column}}` placeholders.
@@ -218,14 +286,40 @@ pub fn parse_header(path: &Path, text: &str) -> Result<DetectorMeta, Vec<Problem
         },
     };
     if let (Some((line, _)), Some(v)) = (get("block_for"), verdict)
-        && v != Verdict::Block
+        && !matches!(v, Verdict::Block | Verdict::Review)
     {
         problems.push(Problem::at(
             path,
             line,
-            format!("block_for only applies to `verdict: block`, this detector's verdict is `{v}`"),
+            format!(
+                "block_for only applies to `verdict: block` or `review`, this detector's verdict is `{v}`"
+            ),
         ));
     }
+    if let (Some((line, _)), Some(Verdict::Revoke)) = (get("verdict"), verdict) {
+        problems.push(Problem::at(
+            path,
+            line,
+            "`verdict: revoke` is emitted by Rampart itself (operator revocations, the blast-radius \
+             fail-safe); a detector decides block, alert or review",
+        ));
+    }
+    let dedup_for = get("dedup_for").and_then(|(line, v)| match humantime::parse_duration(v) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            problems.push(Problem::at(
+                path,
+                line,
+                format!("dedup_for `{v}` is not a duration ({e}); write e.g. 10m, 1h, or 0s for none"),
+            ));
+            None
+        }
+    });
+    let blast_radius = get("blast_radius").and_then(|(line, v)| {
+        BlastRadius::parse(v)
+            .map_err(|e| problems.push(Problem::at(path, line, e)))
+            .ok()
+    });
     let tags = get("tags")
         .map(|(_, v)| {
             v.split(',')
@@ -246,6 +340,8 @@ pub fn parse_header(path: &Path, text: &str) -> Result<DetectorMeta, Vec<Problem
                 reason,
                 mode,
                 block_for,
+                dedup_for,
+                blast_radius,
                 guidance: text_of("guidance"),
                 tags,
                 description: text_of("description"),
@@ -330,5 +426,36 @@ mod tests {
             parse("-- id: x\n-- verdict: alert\n-- severity: low\n-- reason: r\n-- block_for: 1h\nSELECT 1")
                 .unwrap_err();
         assert!(errs[0].contains("block_for only applies"), "{errs:?}");
+    }
+
+    #[test]
+    fn blast_radius_and_dedup_parse() {
+        let meta = parse(
+            "-- id: x\n-- verdict: block\n-- severity: low\n-- reason: r\n\
+             -- blast_radius: 20 per minute, 5%\n-- dedup_for: 30m\nSELECT 1",
+        )
+        .expect("valid");
+        assert_eq!(
+            meta.blast_radius,
+            Some(BlastRadius::Limit {
+                per_minute: 20,
+                share: Some(0.05),
+                min_keys: 10
+            })
+        );
+        assert_eq!(meta.dedup_for, Some(Duration::from_secs(1800)));
+        assert_eq!(BlastRadius::parse("off"), Ok(BlastRadius::Off));
+        let errs = parse(
+            "-- id: x\n-- verdict: revoke\n-- severity: low\n-- reason: r\n-- blast_radius: lots\nSELECT 1",
+        )
+        .unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("d.sql:2: `verdict: revoke`")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("d.sql:5: blast_radius `lots`")),
+            "{errs:?}"
+        );
     }
 }
