@@ -142,6 +142,10 @@ enum Command {
         /// backlog and exit.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         until_idle: Option<std::time::Duration>,
+        /// Do not reload when a file of the pipeline directory changes (SIGHUP and
+        /// POST /admin/reload still reload).
+        #[arg(long)]
+        no_watch: bool,
     },
 }
 
@@ -201,11 +205,13 @@ fn main() -> ExitCode {
             listen,
             state,
             until_idle,
+            no_watch,
         } => run(
             &pipeline,
             rampart_service::RunOptions {
                 listen,
                 until_idle,
+                watch: !no_watch,
                 ..Default::default()
             },
             brokers,
@@ -241,14 +247,24 @@ fn run(
     }
     // First signal: finish the batch in flight, checkpoint, stop. Second: stop waiting for the
     // broker (the last checkpoint stands). Third: exit at once.
+    // SIGHUP: reload the pipeline directory.
     let stop = Arc::clone(&options.stop);
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    let reload = Arc::clone(&options.reload);
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])?;
     let counter = Arc::clone(&stop);
     std::thread::Builder::new()
         .name("rampart-signals".into())
         .spawn(move || {
             for signal in signals.forever() {
+                if signal == signal_hook::consts::SIGHUP {
+                    eprintln!("rampart: SIGHUP received; reloading the pipeline");
+                    reload.store(true, std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 eprintln!("rampart: signal {signal} received ({n}); stopping");
                 if n >= 3 {
@@ -264,7 +280,7 @@ fn run(
         env.push(("RAMPART_KAFKA_BROKERS".into(), b));
     }
     options.env = env;
-    let summary = rampart_service::run(&pipeline, options)?;
+    let summary = rampart_service::run(pipeline, options)?;
     eprintln!(
         "stopped: {} events, {} decisions, {} bad records, {} late records, {} checkpoints",
         summary.events, summary.decisions, summary.bad_records, summary.late_records, summary.checkpoints

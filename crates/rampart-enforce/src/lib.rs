@@ -82,9 +82,33 @@ impl Default for Config {
     }
 }
 
-/// An active block, as the enforcement point shows it to the refused user.
+/// What an active block does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Refuse every action of the actor.
+    Block,
+    /// Hold the actor's `actions` for approval (a revoke approves).
+    Review,
+}
+
+/// What the enforcement point should do with one action.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Check {
+    /// Let it through.
+    Allow,
+    /// Refuse it: the block, with its reason, guidance and expiry.
+    Block(Block),
+    /// Hold it for approval: the hold, with who approves in its guidance.
+    Review(Block),
+}
+
+/// An active block or review hold, as the enforcement point shows it to the user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Block {
+    /// Block or review hold.
+    pub kind: Kind,
+    /// The actions a review holds (a block covers every action).
+    pub actions: Vec<String>,
     /// The decision that set it.
     pub decision_id: String,
     /// The detector that decided.
@@ -110,6 +134,10 @@ pub struct Stats {
     pub shadow: u64,
     /// Blocks already expired when read.
     pub expired: u64,
+    /// Review holds applied.
+    pub reviews: u64,
+    /// Revocations applied (each lifts the actor's blocks and holds from one or every detector).
+    pub revocations: u64,
     /// Messages that are not decisions.
     pub unreadable: u64,
 }
@@ -122,6 +150,8 @@ struct DecisionView {
     verdict: String,
     mode: String,
     actor: String,
+    #[serde(default)]
+    actions: Vec<String>,
     reason: String,
     expires_at: Option<String>,
     guidance: Option<String>,
@@ -151,9 +181,22 @@ impl Blocks {
             self.stats.shadow += 1;
             return;
         }
-        if d.verdict != "block" {
+        if d.verdict == "revoke" {
+            if self.seen.insert(d.decision_id, now + chrono::Duration::days(1)).is_some() {
+                self.stats.duplicates += 1;
+                return;
+            }
+            self.stats.revocations += 1;
+            if let Some(blocks) = self.by_actor.get_mut(&d.actor) {
+                blocks.retain(|b| d.detector.id != "*" && b.detector != d.detector.id);
+            }
             return;
         }
+        let kind = match d.verdict.as_str() {
+            "block" => Kind::Block,
+            "review" => Kind::Review,
+            _ => return,
+        };
         let Some(expires_at) = d
             .expires_at
             .as_deref()
@@ -172,14 +215,36 @@ impl Blocks {
             return;
         }
         self.seen.insert(d.decision_id.clone(), expires_at);
-        self.stats.blocks += 1;
+        match kind {
+            Kind::Block => self.stats.blocks += 1,
+            Kind::Review => self.stats.reviews += 1,
+        }
         self.by_actor.entry(d.actor).or_default().push(Block {
+            kind,
+            actions: d.actions,
             decision_id: d.decision_id,
             detector: d.detector.id,
             reason: d.reason,
             guidance: d.guidance,
             expires_at,
         });
+    }
+
+    fn check(&self, actor: &str, action: &str, now: DateTime<Utc>) -> Check {
+        let Some(active) = self.by_actor.get(actor) else {
+            return Check::Allow;
+        };
+        let live = || active.iter().filter(|b| b.expires_at > now);
+        if let Some(b) = live().filter(|b| b.kind == Kind::Block).max_by_key(|b| b.expires_at) {
+            return Check::Block(b.clone());
+        }
+        match live()
+            .filter(|b| b.kind == Kind::Review && b.actions.iter().any(|a| a == action || a == "*"))
+            .max_by_key(|b| b.expires_at)
+        {
+            Some(hold) => Check::Review(hold.clone()),
+            None => Check::Allow,
+        }
     }
 
     fn prune(&mut self, now: DateTime<Utc>) {
@@ -239,19 +304,20 @@ impl Enforcer {
     }
 
     /// The active block refusing `actor`, if any (a block covers every action of its actor;
-    /// `action` is taken for the day rules name the actions they cover). Never waits on the
-    /// network.
+    /// review holds are not blocks: see [`Self::check`]). Never waits on the network.
     pub fn is_blocked(&self, actor: &str, action: &str) -> Option<Block> {
-        let _ = action;
-        let now = Utc::now();
+        match self.check(actor, action) {
+            Check::Block(b) => Some(b),
+            Check::Allow | Check::Review(_) => None,
+        }
+    }
+
+    /// What to do with `actor` doing `action`: refuse it (an active block, the one lasting
+    /// longest), hold it for approval (an active review hold on this action or `*`), or let it
+    /// through. Never waits on the network.
+    pub fn check(&self, actor: &str, action: &str) -> Check {
         let blocks = self.blocks.read().unwrap_or_else(|p| p.into_inner());
-        blocks
-            .by_actor
-            .get(actor)?
-            .iter()
-            .filter(|b| b.expires_at > now)
-            .max_by_key(|b| b.expires_at)
-            .cloned()
+        blocks.check(actor, action, Utc::now())
     }
 
     /// Actors blocked right now.
@@ -261,7 +327,7 @@ impl Enforcer {
         let mut actors: Vec<String> = blocks
             .by_actor
             .iter()
-            .filter(|(_, bs)| bs.iter().any(|b| b.expires_at > now))
+            .filter(|(_, bs)| bs.iter().any(|b| b.kind == Kind::Block && b.expires_at > now))
             .map(|(a, _)| a.clone())
             .collect();
         actors.sort();
@@ -395,7 +461,8 @@ mod tests {
                 duplicates: 1,
                 shadow: 1,
                 expired: 1,
-                unreadable: 1
+                unreadable: 1,
+                ..Stats::default()
             }
         );
         let later = DateTime::parse_from_rfc3339("2026-06-01T02:00:00Z")
@@ -403,5 +470,31 @@ mod tests {
             .with_timezone(&Utc);
         b.prune(later);
         assert!(b.by_actor.is_empty() && b.seen.is_empty());
+    }
+
+    #[test]
+    fn reviews_hold_their_actions_and_revocations_lift_blocks_and_holds() {
+        let now = DateTime::parse_from_rfc3339("2026-06-01T00:00:00Z")
+            .expect("valid")
+            .with_timezone(&Utc);
+        let mut b = Blocks::default();
+        b.apply(&decision("r", "review", "enforce", "2026-06-01T01:00:00Z"), now);
+        assert!(matches!(b.check("mallory", "X", now), Check::Review(h) if h.guidance.as_deref() == Some("ask security")));
+        assert_eq!(b.check("mallory", "Y", now), Check::Allow, "a hold covers its actions only");
+        b.apply(&decision("b", "block", "enforce", "2026-06-01T01:00:00Z"), now);
+        assert!(matches!(b.check("mallory", "Y", now), Check::Block(_)), "a block covers every action");
+        let mut revoke: serde_json::Value =
+            serde_json::from_slice(&decision("v", "revoke", "enforce", "2026-06-01T01:00:00Z")).expect("json");
+        revoke["detector"]["id"] = "other".into();
+        b.apply(revoke.to_string().as_bytes(), now);
+        assert!(matches!(b.check("mallory", "Y", now), Check::Block(_)), "another detector's revoke");
+        revoke["decision_id"] = "w".into();
+        revoke["detector"]["id"] = "d".into();
+        b.apply(revoke.to_string().as_bytes(), now);
+        b.apply(revoke.to_string().as_bytes(), now);
+        assert_eq!(b.check("mallory", "X", now), Check::Allow);
+        assert_eq!(b.stats.revocations, 2);
+        assert_eq!(b.stats.duplicates, 1);
+        assert_eq!(b.stats.reviews, 1);
     }
 }

@@ -120,7 +120,7 @@ impl DecisionMaker {
             Some(v) => v.to_string(),
         });
         let event_time = trigger.time;
-        let expires_at = (detector.meta.verdict == Verdict::Block).then(|| {
+        let expires_at = matches!(detector.meta.verdict, Verdict::Block | Verdict::Review).then(|| {
             let block_for = detector.meta.block_for.unwrap_or(self.default_block_for);
             format_micros(event_time.saturating_add(block_for.as_micros() as i64))
         });

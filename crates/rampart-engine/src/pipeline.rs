@@ -388,6 +388,17 @@ impl Pipeline {
         self.lock().progress.clone()
     }
 
+    /// Where the window state lives.
+    pub fn state_choice(&self) -> &StateChoice {
+        &self.state_choice
+    }
+
+    /// Closes the window state store (after a checkpoint), so that another pipeline can open
+    /// it; [`Self::reset`] reopens it.
+    pub fn close_state(&self) {
+        self.lock().store = None;
+    }
+
     /// Whether the state persists across runs (and so should be checkpointed, not finished).
     pub fn is_persistent(&self) -> bool {
         matches!(self.state_choice, StateChoice::Persistent(_))

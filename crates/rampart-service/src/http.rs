@@ -1,9 +1,13 @@
 //! The service's HTTP endpoint: `/metrics` (Prometheus / OpenMetrics text), `/healthz` (the
-//! processing loop is alive) and `/readyz` (consuming, and the broker acknowledges decisions).
+//! processing loop is alive), `/readyz` (consuming, and the broker acknowledges decisions),
+//! and the operator's `POST /admin/revoke`, `/admin/rearm` and `/admin/reload`, which the
+//! processing loop carries out between two micro-batches.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tiny_http::{Header, Response, Server};
@@ -12,6 +16,38 @@ use crate::metrics::{Health, Metrics, now_ms};
 
 /// The processing loop counts as dead when it has not gone round for this long.
 const STALL_MS: i64 = 30_000;
+
+/// An operator's command, for the processing loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCommand {
+    /// Lift `actor`'s blocks and holds (from `detector`, or all) and publish the revocation.
+    Revoke {
+        /// The actor.
+        actor: String,
+        /// Only this detector's blocks.
+        detector: Option<String>,
+        /// Why (goes into the decision's reason and the audit log).
+        reason: String,
+    },
+    /// Take a detector out of the fail-safe's shadow.
+    Rearm {
+        /// The detector id.
+        detector: String,
+    },
+    /// Reload the pipeline directory now.
+    Reload,
+}
+
+/// A command with who sent it and where the answer goes.
+#[derive(Debug)]
+pub struct AdminRequest {
+    /// The command.
+    pub command: AdminCommand,
+    /// Who: the `by` parameter (default `admin`) and the client's address.
+    pub who: String,
+    /// The HTTP status and body to answer with.
+    pub reply: mpsc::Sender<(u16, String)>,
+}
 
 /// A running HTTP endpoint; stops when dropped.
 pub struct Endpoint {
@@ -23,7 +59,12 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Serves `metrics` and `health` on `listen` (e.g. `127.0.0.1:9464`).
-    pub fn start(listen: &str, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Self, String> {
+    pub fn start(
+        listen: &str,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        admin: mpsc::Sender<AdminRequest>,
+    ) -> Result<Self, String> {
         let server = Server::http(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let address = server
             .server_addr()
@@ -34,7 +75,7 @@ impl Endpoint {
         let serving = Arc::clone(&server);
         let thread = std::thread::Builder::new()
             .name("rampart-http".into())
-            .spawn(move || serve(&serving, &registry, &metrics, &health))
+            .spawn(move || serve(&serving, &registry, &metrics, &health, &admin))
             .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
         Ok(Self {
             server,
@@ -53,11 +94,31 @@ impl Drop for Endpoint {
     }
 }
 
-fn serve(server: &Server, registry: &Registry, metrics: &Metrics, health: &Health) {
+fn serve(
+    server: &Server,
+    registry: &Registry,
+    metrics: &Metrics,
+    health: &Health,
+    admin: &mpsc::Sender<AdminRequest>,
+) {
     const PLAIN: &str = "text/plain; charset=utf-8";
     for request in server.incoming_requests() {
-        let path = request.url().split('?').next().unwrap_or_default().to_string();
+        let (path, query) = match request.url().split_once('?') {
+            Some((p, q)) => (p.to_string(), q.to_string()),
+            None => (request.url().to_string(), String::new()),
+        };
         let (status, content_type, body) = match path.as_str() {
+            p if p.starts_with("/admin/") => {
+                let (status, body) = if *request.method() == tiny_http::Method::Post {
+                    let from = request
+                        .remote_addr()
+                        .map_or_else(|| "unknown".to_string(), ToString::to_string);
+                    handle_admin(p, &query, &from, admin)
+                } else {
+                    (405, "admin commands are POST requests\n".to_string())
+                };
+                (status, PLAIN, body)
+            }
             "/metrics" => {
                 metrics.ready.set(i64::from(ready(health).is_ok()));
                 let mut body = String::new();
@@ -79,10 +140,13 @@ fn serve(server: &Server, registry: &Registry, metrics: &Metrics, health: &Healt
                     (503, PLAIN, why)
                 }
             }
-            "/readyz" => match ready(health) {
-                Ok(()) => (200, PLAIN, "ready\n".to_string()),
-                Err(why) => (503, PLAIN, format!("not ready: {why}\n")),
-            },
+            "/readyz" => {
+                let notes: String = health.notes().iter().map(|n| format!("{n}\n")).collect();
+                match ready(health) {
+                    Ok(()) => (200, PLAIN, format!("ready\n{notes}")),
+                    Err(why) => (503, PLAIN, format!("not ready: {why}\n{notes}")),
+                }
+            }
             _ => (
                 404,
                 PLAIN,
@@ -97,6 +161,47 @@ fn serve(server: &Server, registry: &Registry, metrics: &Metrics, health: &Healt
             tracing::debug!(error = %e, "HTTP client went away");
         }
     }
+}
+
+/// Parses an admin command, hands it to the processing loop and waits for its answer.
+fn handle_admin(path: &str, query: &str, from: &str, admin: &mpsc::Sender<AdminRequest>) -> (u16, String) {
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    };
+    let command = match path {
+        "/admin/revoke" => match param("actor") {
+            Some(actor) => AdminCommand::Revoke {
+                actor,
+                detector: param("detector"),
+                reason: param("reason").unwrap_or_else(|| "revoked by an operator".into()),
+            },
+            None => return (400, "revoke needs ?actor=... (and optionally &detector=...&reason=...)\n".into()),
+        },
+        "/admin/rearm" => match param("detector") {
+            Some(detector) => AdminCommand::Rearm { detector },
+            None => return (400, "rearm needs ?detector=...\n".into()),
+        },
+        "/admin/reload" => AdminCommand::Reload,
+        _ => {
+            return (
+                404,
+                "unknown admin command: try /admin/revoke, /admin/rearm or /admin/reload\n".into(),
+            );
+        }
+    };
+    let who = format!("{} from {from}", param("by").unwrap_or_else(|| "admin".into()));
+    let (reply, answer) = mpsc::channel();
+    if admin.send(AdminRequest { command, who, reply }).is_err() {
+        return (503, "the processing loop has stopped\n".into());
+    }
+    answer
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| (504, "the processing loop did not answer within 30 s\n".into()))
 }
 
 fn ready(health: &Health) -> Result<(), String> {

@@ -29,6 +29,21 @@ const ENV_PREFIX: &str = "RAMPART_KAFKA_";
 /// The next offset to consume per (topic, partition), as stored with the window state.
 pub type StoredOffsets = Arc<Mutex<BTreeMap<(String, i32), i64>>>;
 
+/// The `[kafka]` settings a reload cannot change (the clients and subscriptions use them).
+pub fn identity(kafka: &KafkaConfig) -> String {
+    format!(
+        "{} {} {:?} {} {} {} {:?} {:?}",
+        kafka.brokers,
+        kafka.group,
+        kafka.input_topics,
+        kafka.decisions_topic,
+        kafka.shadow_topic,
+        kafka.dead_letter_topic,
+        kafka.consumer,
+        kafka.producer
+    )
+}
+
 /// The client configurations: Rampart's defaults, then `[kafka.properties]` and
 /// `[kafka.consumer]` / `[kafka.producer]`, then the environment.
 pub fn client_configs(kafka: &KafkaConfig, env: &[(String, String)]) -> (ClientConfig, ClientConfig) {

@@ -10,16 +10,19 @@
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod watch;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rampart_core::{Decision, Mode};
 use rampart_engine::decode::Decoded;
 use rampart_engine::pipeline::Evaluation;
-use rampart_engine::{DeadLetter, DeadLetterKind, EventBatch, Pipeline, Progress};
+use rampart_engine::audit::{self, AuditLog};
+use rampart_engine::{DeadLetter, DeadLetterKind, EventBatch, Evaluator, Pipeline, Progress};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -27,6 +30,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::http::{AdminCommand, AdminRequest};
 use crate::kafka::{ConsumerCallbacks, ProducerCallbacks, StoredOffsets};
 use crate::metrics::{DecisionLabels, DetectorLabels, Health, Metrics, now_ms};
 
@@ -63,6 +67,17 @@ pub enum ServiceError {
     /// checkpoint was checkpointed (a restart re-processes it).
     #[error("interrupted while waiting for the broker; the last checkpoint stands")]
     Interrupted,
+    /// The audit log could not be written.
+    #[error("cannot write the audit log {path}: {source}")]
+    Audit {
+        /// The log.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A reload passed `check` but the pipeline could not be reopened on its state.
+    #[error("cannot reopen the pipeline after a reload: {0}")]
+    Reload(String),
 }
 
 impl ServiceError {
@@ -84,6 +99,10 @@ pub struct RunOptions {
     /// Stop (cleanly, as on SIGTERM) once no message has come for this long: drains a topic's
     /// backlog and exits (replaying history through Kafka, tests).
     pub until_idle: Option<Duration>,
+    /// Raised (e.g. by SIGHUP) to reload the pipeline directory; lowered when done.
+    pub reload: Arc<AtomicBool>,
+    /// Watch the pipeline directory and reload on a change (default on in the CLI).
+    pub watch: bool,
 }
 
 /// What a run did.
@@ -99,6 +118,16 @@ pub struct RunSummary {
     pub decisions: u64,
     /// Checkpoints written.
     pub checkpoints: u64,
+}
+
+/// How often the pipeline directory is looked at for changes.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// A reload to do: who asked, how, and where the answer goes.
+struct Reload {
+    who: String,
+    via: &'static str,
+    reply: Option<mpsc::Sender<(u16, String)>>,
 }
 
 /// Batches of window work done per round of the loop while catching up after a checkpoint.
@@ -133,7 +162,7 @@ struct Consumed {
 
 /// Runs the pipeline as a service until `options.stop` is raised. Returns after the batch in
 /// flight is decided, its decisions acknowledged and a final checkpoint written.
-pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, ServiceError> {
+pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, ServiceError> {
     let kafka = pipeline.config.kafka.clone().ok_or_else(|| {
         ServiceError::Config(format!(
             "{} has no [kafka] section: say which topics to consume and where decisions go (see docs/operations.md)",
@@ -153,7 +182,8 @@ pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, Servi
         .listen
         .as_deref()
         .unwrap_or(&pipeline.config.service.listen);
-    let endpoint = http::Endpoint::start(listen, Arc::clone(&metrics), Arc::clone(&health))
+    let (admin_sender, admin) = mpsc::channel();
+    let endpoint = http::Endpoint::start(listen, Arc::clone(&metrics), Arc::clone(&health), admin_sender)
         .map_err(ServiceError::Http)?;
     tracing::info!(address = %endpoint.address, "serving /metrics, /healthz and /readyz");
 
@@ -206,8 +236,27 @@ pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, Servi
         "running"
     );
 
+    let mut audit = match &pipeline.config.audit_path {
+        None => None,
+        Some(path) => {
+            let failed = |source| ServiceError::Audit {
+                path: path.display().to_string(),
+                source,
+            };
+            let mut log = AuditLog::open(path).map_err(failed)?;
+            log.record_rules(&pipeline.rule_versions(), &audit::local_user(), "start")
+                .map_err(failed)?;
+            Some(log)
+        }
+    };
+    if let Some(log) = &mut audit {
+        metrics.audit_entries.set(log.entries() as i64);
+    }
+    let next_row = pipeline.next_row();
+    let decoder = pipeline.decoder();
+    let watched = watch::Fingerprint::of(&pipeline.dir);
     let mut service = Service {
-        pipeline,
+        pipeline: Arc::new(pipeline),
         kafka: &kafka,
         consumer,
         producer,
@@ -218,13 +267,19 @@ pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, Servi
         until_idle: options.until_idle,
         progress,
         consumed: BTreeMap::new(),
-        next_row: pipeline.next_row(),
+        next_row,
         next_seq: 0,
         summary: RunSummary::default(),
         topics: BTreeMap::new(),
-        decoder: pipeline.decoder(),
+        decoder,
         warned_detectors: Vec::new(),
+        admin,
+        audit,
+        reload: options.reload,
+        watch: options.watch.then_some((watched, Instant::now())),
+        reload_note: None,
     };
+    service.refresh_notes();
     let result = service.serve();
     drop(endpoint);
     result.map(|()| service.summary)
@@ -232,7 +287,7 @@ pub fn run(pipeline: &Pipeline, options: RunOptions) -> Result<RunSummary, Servi
 
 /// The processing loop's state.
 struct Service<'a> {
-    pipeline: &'a Pipeline,
+    pipeline: Arc<Pipeline>,
     kafka: &'a rampart_engine::config::KafkaConfig,
     consumer: BaseConsumer<ConsumerCallbacks>,
     producer: ThreadedProducer<ProducerCallbacks>,
@@ -255,6 +310,17 @@ struct Service<'a> {
     decoder: rampart_engine::decode::Decoder,
     /// Detectors whose run-time failure was already logged.
     warned_detectors: Vec<String>,
+    /// Operators' commands from the HTTP endpoint.
+    admin: mpsc::Receiver<AdminRequest>,
+    /// The hash-chained audit log, if configured.
+    audit: Option<AuditLog>,
+    /// Raised to reload the pipeline (SIGHUP).
+    reload: Arc<AtomicBool>,
+    /// The pipeline directory as last loaded, and when it was last looked at (`None`: no
+    /// watching).
+    watch: Option<(watch::Fingerprint, Instant)>,
+    /// Why the last reload was refused (until one succeeds), for /readyz.
+    reload_note: Option<String>,
 }
 
 impl Service<'_> {
@@ -267,7 +333,6 @@ impl Service<'_> {
         let mut last_checkpoint = Instant::now();
         let mut last_message = Instant::now();
         let mut backlog: VecDeque<EventBatch> = VecDeque::new();
-        let pipeline = self.pipeline;
         let acks = Arc::clone(self.producer.context());
         let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
         std::thread::scope(|scope| -> Result<(), ServiceError> {
@@ -276,6 +341,20 @@ impl Service<'_> {
                 loop {
                     let stopping = self.stop.load(Ordering::Relaxed) > 0;
                     self.health.beat();
+                    if let Some(reload) = self.take_admin()? {
+                        // A reload starts from a state that holds everything consumed.
+                        if let Some((handle, tpl)) = running.take() {
+                            self.checkpointed(join(handle), &tpl)?;
+                        }
+                        while let Some(batch) = backlog.pop_front() {
+                            let evaluation = self.pipeline.evaluate_windowed(&batch);
+                            self.publish(evaluation)?;
+                        }
+                        self.reload_pipeline(reload, &acks, &stop, &health)?;
+                        last_checkpoint = Instant::now();
+                        last_message = Instant::now();
+                        continue;
+                    }
                     if backlog.len() > MAX_WINDOW_BACKLOG && running.is_some() {
                         // Backpressure: a checkpoint holds the windows up; consume no more
                         // (and this is not idleness).
@@ -325,7 +404,10 @@ impl Service<'_> {
                             self.publish(evaluation)?;
                         }
                         let (progress, tpl) = self.take_consumed();
-                        let result = checkpoint(pipeline, &acks, self.last_seq(), &progress, &stop, &health);
+                        let guard = self.pipeline.guard_snapshot();
+                        self.sync_audit()?;
+                        let result =
+                            checkpoint(&self.pipeline, &acks, self.last_seq(), &progress, guard, &stop, &health);
                         self.checkpointed(result, &tpl)?;
                         return Ok(());
                     }
@@ -337,9 +419,13 @@ impl Service<'_> {
                     {
                         let (progress, tpl) = self.take_consumed();
                         let through = self.last_seq();
+                        // The guard state as of the decisions the checkpoint waits for.
+                        let guard = self.pipeline.guard_snapshot();
+                        self.sync_audit()?;
+                        let pipeline = Arc::clone(&self.pipeline);
                         let (acks, stop, health) = (&acks, &stop, &health);
-                        let handle =
-                            scope.spawn(move || checkpoint(pipeline, acks, through, &progress, stop, health));
+                        let handle = scope
+                            .spawn(move || checkpoint(&pipeline, acks, through, &progress, guard, stop, health));
                         running = Some((handle, tpl));
                         last_checkpoint = Instant::now();
                     }
@@ -493,8 +579,244 @@ impl Service<'_> {
             self.summary.late_records += 1;
             self.dead_letter(letter, letter.record.as_bytes(), None)?;
         }
+        for (detector, n) in evaluation.suppressed {
+            self.metrics
+                .suppressed
+                .get_or_create(&DetectorLabels { detector })
+                .inc_by(n);
+        }
+        let mut tripped = false;
         for decision in &evaluation.decisions {
+            tripped |= decision.verdict == rampart_core::Verdict::Alert
+                && decision.tags.iter().any(|t| t == rampart_engine::guard::FAIL_SAFE_TAG);
             self.decision(decision)?;
+        }
+        if tripped {
+            self.refresh_notes();
+        }
+        Ok(())
+    }
+
+    /// Carries out the operators' revocations and re-armings; returns a reload to do, asked
+    /// for by an operator, SIGHUP or a changed pipeline directory.
+    fn take_admin(&mut self) -> Result<Option<Reload>, ServiceError> {
+        let mut reload = None;
+        while let Ok(request) = self.admin.try_recv() {
+            let AdminRequest { command, who, reply } = request;
+            let answer = match command {
+                AdminCommand::Revoke {
+                    actor,
+                    detector,
+                    reason,
+                } => {
+                    if let Some(d) = detector.as_deref().filter(|d| !self.knows(d)) {
+                        (404, format!("no detector `{d}` in this pipeline\n"))
+                    } else {
+                        let decision = self.pipeline.revoke(&actor, detector.as_deref(), &reason);
+                        self.audit_entry(
+                            audit::Kind::Admin,
+                            &serde_json::json!({
+                                "action": "revoke", "who": who, "actor": actor,
+                                "detector": detector, "reason": reason,
+                            }),
+                        )?;
+                        self.decision(&decision)?;
+                        tracing::info!(%actor, detector = ?detector, %who, "revoked");
+                        let body = serde_json::to_string(&decision).expect("decisions serialise");
+                        (200, format!("{body}\n"))
+                    }
+                }
+                AdminCommand::Rearm { detector } => match self.pipeline.rearm(&detector) {
+                    Some(trip) => {
+                        self.audit_entry(
+                            audit::Kind::Admin,
+                            &serde_json::json!({
+                                "action": "rearm", "who": who, "detector": detector,
+                                "tripped_at": trip.at, "trip_reason": trip.reason,
+                            }),
+                        )?;
+                        self.refresh_notes();
+                        tracing::info!(%detector, %who, "re-armed after the blast-radius fail-safe");
+                        (
+                            200,
+                            format!("re-armed `{detector}` (in shadow since {}: {})\n", trip.at, trip.reason),
+                        )
+                    }
+                    None if self.knows(&detector) => (
+                        409,
+                        format!("`{detector}` is not in fail-safe shadow; nothing to re-arm\n"),
+                    ),
+                    None => (404, format!("no detector `{detector}` in this pipeline\n")),
+                },
+                AdminCommand::Reload => {
+                    reload = Some(Reload {
+                        who,
+                        via: "reload (admin)",
+                        reply: Some(reply),
+                    });
+                    continue;
+                }
+            };
+            let _ = reply.send(answer);
+        }
+        if reload.is_none() && self.reload.swap(false, Ordering::SeqCst) {
+            reload = Some(Reload {
+                who: audit::local_user(),
+                via: "reload (SIGHUP)",
+                reply: None,
+            });
+        }
+        if reload.is_none()
+            && let Some((seen, checked)) = &mut self.watch
+            && checked.elapsed() >= WATCH_EVERY
+        {
+            *checked = Instant::now();
+            let now = watch::Fingerprint::of(&self.pipeline.dir);
+            if now != *seen {
+                *seen = now;
+                reload = Some(Reload {
+                    who: audit::local_user(),
+                    via: "reload (file change)",
+                    reply: None,
+                });
+            }
+        }
+        Ok(reload)
+    }
+
+    fn knows(&self, detector: &str) -> bool {
+        self.pipeline.detectors.iter().any(|d| d.meta.id == detector)
+    }
+
+    /// Reloads the pipeline directory: a version that fails `check` (or changes `[kafka]`) is
+    /// refused and the running one continues; otherwise everything consumed is checkpointed
+    /// and the pipeline reopened on the same state, where unchanged detectors find their
+    /// window state (it is stored per detector version) and changed ones start afresh.
+    fn reload_pipeline(
+        &mut self,
+        reload: Reload,
+        acks: &ProducerCallbacks,
+        stop: &AtomicUsize,
+        health: &Health,
+    ) -> Result<(), ServiceError> {
+        let Reload { who, via, reply } = reload;
+        let dir = self.pipeline.dir.clone();
+        let refusal = match Pipeline::load(&dir) {
+            Err(e) => Some(e.to_string()),
+            Ok(p) if !p.problems.is_empty() => Some(
+                p.problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            Ok(p) if p.config.kafka.as_ref().map(kafka::identity) != self.pipeline.config.kafka.as_ref().map(kafka::identity) => {
+                Some("the [kafka] section changed: brokers, group and topics take effect on a restart".into())
+            }
+            Ok(_) => None,
+        };
+        if let Some(why) = refusal {
+            tracing::warn!(%via, %who, reason = %why, "reload refused; the running version continues");
+            self.audit_entry(
+                audit::Kind::Admin,
+                &serde_json::json!({"action": "reload refused", "who": who, "via": via, "reason": why}),
+            )?;
+            self.reload_note = Some(format!("{via} refused (the running version continues): {why}"));
+            self.refresh_notes();
+            if let Some(r) = reply {
+                let _ = r.send((422, format!("refused, the running version continues: {why}\n")));
+            }
+            return Ok(());
+        }
+        let (progress, tpl) = self.take_consumed();
+        let guard = self.pipeline.guard_snapshot();
+        self.sync_audit()?;
+        let result = checkpoint(&self.pipeline, acks, self.last_seq(), &progress, guard, stop, health);
+        self.checkpointed(result, &tpl)?;
+        let state = self.pipeline.state_choice().clone();
+        self.pipeline.close_state();
+        let pipeline = match Pipeline::load_with(&dir, state, Evaluator::Keyed) {
+            Ok(p) => p,
+            Err(e) => {
+                self.pipeline.reset();
+                return Err(ServiceError::Reload(e.to_string()));
+            }
+        };
+        self.pipeline = Arc::new(pipeline);
+        self.decoder = self.pipeline.decoder();
+        self.warned_detectors.clear();
+        let changes = match &mut self.audit {
+            Some(log) => log
+                .record_rules(&self.pipeline.rule_versions(), &who, via)
+                .map_err(|source| ServiceError::Audit {
+                    path: log.path().display().to_string(),
+                    source,
+                })?,
+            None => 0,
+        };
+        if let Some((seen, _)) = &mut self.watch {
+            *seen = watch::Fingerprint::of(&dir);
+        }
+        self.reload_note = None;
+        self.refresh_notes();
+        tracing::info!(%via, %who, changes, detectors = self.pipeline.detectors.len(), "pipeline reloaded");
+        if let Some(r) = reply {
+            let _ = r.send((
+                200,
+                format!(
+                    "reloaded: {} detector(s), {changes} rule change(s) recorded\n",
+                    self.pipeline.detectors.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Updates what /readyz notes and the fail-safe gauges: detectors in fail-safe shadow,
+    /// and the last refused reload until a reload succeeds.
+    fn refresh_notes(&mut self) {
+        let tripped = self.pipeline.tripped();
+        for d in &self.pipeline.detectors {
+            let on = tripped.iter().any(|(id, _)| *id == d.meta.id);
+            self.metrics
+                .fail_safe
+                .get_or_create(&DetectorLabels {
+                    detector: d.meta.id.clone(),
+                })
+                .set(i64::from(on));
+        }
+        let mut notes: Vec<String> = tripped
+            .iter()
+            .map(|(id, t)| {
+                format!(
+                    "fail-safe: `{id}` runs in shadow since {} (POST /admin/rearm?detector={id})",
+                    t.at
+                )
+            })
+            .collect();
+        notes.extend(self.reload_note.clone());
+        self.health.set_notes(notes);
+    }
+
+    fn audit_entry(&mut self, kind: audit::Kind, entry: &impl serde::Serialize) -> Result<(), ServiceError> {
+        if let Some(log) = &mut self.audit {
+            log.append(kind, entry).map_err(|source| ServiceError::Audit {
+                path: log.path().display().to_string(),
+                source,
+            })?;
+            self.metrics.audit_entries.set(log.entries() as i64);
+        }
+        Ok(())
+    }
+
+    /// Puts the audit entries written so far on disk (before a checkpoint: every decision the
+    /// checkpoint reflects is in the log).
+    fn sync_audit(&mut self) -> Result<(), ServiceError> {
+        if let Some(log) = &mut self.audit {
+            log.sync().map_err(|source| ServiceError::Audit {
+                path: log.path().display().to_string(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -514,6 +836,7 @@ impl Service<'_> {
             .payload(payload.as_slice())
             .headers(headers);
         self.send(record)?;
+        self.audit_entry(audit::Kind::Decision, decision)?;
         self.metrics
             .decisions
             .get_or_create(&DecisionLabels {
@@ -676,6 +999,7 @@ fn checkpoint(
     acks: &ProducerCallbacks,
     through: Option<usize>,
     progress: &Progress,
+    guard: Vec<u8>,
     stop: &AtomicUsize,
     health: &Health,
 ) -> Result<Duration, ServiceError> {
@@ -704,7 +1028,7 @@ fn checkpoint(
             .unwrap_or_default();
         return Err(ServiceError::Delivery(error));
     }
-    pipeline.checkpoint(progress)?;
+    pipeline.checkpoint_with(progress, guard)?;
     Ok(started.elapsed())
 }
 

@@ -96,6 +96,12 @@ pub struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
     /// Detector run-time failures on a batch.
     pub detector_errors: Family<DetectorLabels, Counter>,
+    /// Repeat decisions suppressed (a block still active, an alert within its dedup period).
+    pub suppressed: Family<DetectorLabels, Counter>,
+    /// 1 for each detector the blast-radius fail-safe put in shadow.
+    pub fail_safe: Family<DetectorLabels, Gauge>,
+    /// Entries in the audit log.
+    pub audit_entries: Gauge,
     /// Events per micro-batch.
     pub batch_events: Buckets,
     /// Checkpoints written (window state and offsets together).
@@ -128,6 +134,9 @@ impl Default for Metrics {
             late_records: Counter::default(),
             decisions: Family::default(),
             detector_errors: Family::default(),
+            suppressed: Family::default(),
+            fail_safe: Family::default(),
+            audit_entries: Gauge::default(),
             batch_events: Buckets::new(exponential_buckets(1.0, 4.0, 8)),
             checkpoints: Counter::default(),
             consumer_lag: Family::default(),
@@ -167,6 +176,21 @@ impl Metrics {
             "detector_errors",
             "Detector failures on a batch (the detector keeps running on later batches)",
             self.detector_errors.clone(),
+        );
+        r.register(
+            "suppressed_decisions",
+            "Repeat decisions suppressed: a block of the detector still active for the key, or an alert within its dedup period",
+            self.suppressed.clone(),
+        );
+        r.register(
+            "fail_safe_tripped",
+            "1 while the blast-radius fail-safe keeps the detector in shadow (until re-armed)",
+            self.fail_safe.clone(),
+        );
+        r.register(
+            "audit_entries",
+            "Entries in the hash-chained audit log",
+            self.audit_entries.clone(),
         );
         r.register(
             "batch_events",
@@ -263,6 +287,9 @@ pub struct Health {
     pub heartbeat_ms: AtomicI64,
     /// Partitions assigned to this instance.
     pub assigned: AtomicU64,
+    /// Notes shown by /readyz whether ready or not (detectors in fail-safe shadow, a refused
+    /// reload).
+    notes: Mutex<Vec<String>>,
 }
 
 impl Health {
@@ -276,6 +303,16 @@ impl Health {
             }
             *r = reason;
         }
+    }
+
+    /// Replaces the notes /readyz shows.
+    pub fn set_notes(&self, notes: Vec<String>) {
+        *self.notes.lock().unwrap_or_else(|p| p.into_inner()) = notes;
+    }
+
+    /// The notes /readyz shows.
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Why the service is not ready, if it is not.
