@@ -16,6 +16,7 @@ pub mod naive;
 pub mod pipeline;
 pub mod replay;
 pub mod state;
+pub mod tables;
 pub mod testing;
 pub mod triggers;
 

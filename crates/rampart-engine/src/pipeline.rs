@@ -16,6 +16,7 @@ use crate::config::PipelineConfig;
 use crate::decide::DecisionMaker;
 use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
 use crate::guard::{Guard, Trip};
+use crate::tables::{ReferenceTable, TableSource};
 use crate::keyed::{Clock, DecideContext, KeyedState};
 use crate::naive::NaiveWindows;
 use crate::state::{Commit, StateError, StateStore};
@@ -85,6 +86,8 @@ pub struct Pipeline {
     guard: Mutex<Guard>,
     /// Whether decisions pass through the guard (see [`Self::set_guarded`]).
     guarded: std::sync::atomic::AtomicBool,
+    /// Reference tables detectors may join.
+    tables: Mutex<Vec<ReferenceTable>>,
 }
 
 /// Input consumed so far, per source (a file path, or topic/partition): events and dead
@@ -183,6 +186,7 @@ impl Pipeline {
         let engine = DetectorEngine::new(&schema)?;
         let mut detectors: Vec<CompiledDetector> = Vec::new();
         let mut problems = Vec::new();
+        let tables = crate::tables::register(&engine, dir, &config, &mut problems);
         for path in detector_files(&dir.join("detectors"), &mut problems) {
             let text = match std::fs::read_to_string(&path) {
                 Ok(t) => t,
@@ -233,6 +237,7 @@ impl Pipeline {
             windows: Mutex::new(Windows::empty(0)),
             guard: Mutex::new(guard),
             guarded: std::sync::atomic::AtomicBool::new(true),
+            tables: Mutex::new(tables),
         };
         let windows = pipeline.open_windows()?;
         *pipeline.windows.get_mut().unwrap_or_else(|p| p.into_inner()) = windows;
@@ -346,7 +351,28 @@ impl Pipeline {
                 rampart_core::decision::content_version(&bytes),
             );
         }
+        for t in self.tables() {
+            if let TableSource::File(path) = &t.source
+                && let Ok(bytes) = std::fs::read(path)
+            {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                out.insert(format!("tables/{name}"), rampart_core::decision::content_version(&bytes));
+            }
+        }
         out
+    }
+
+    /// The reference tables, as of now.
+    pub fn tables(&self) -> Vec<ReferenceTable> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the rows of topic table `name` (JSON objects); call between two batches.
+    pub fn set_table_rows<'a>(&self, name: &str, rows: impl Iterator<Item = &'a serde_json::Map<String, serde_json::Value>>) {
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = tables.iter_mut().find(|t| t.name == name) {
+            t.set_rows(rows);
+        }
     }
 
     /// Whether decisions pass through the guard ([`crate::guard`]: repeat suppression and the

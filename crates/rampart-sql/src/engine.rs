@@ -218,6 +218,72 @@ impl DetectorEngine {
         })
     }
 
+    /// Registers reference table `name` (detectors may join it with `events`), its rows in
+    /// `batches` of `schema`. Returns its slot: put a new version's batches in it to refresh
+    /// the table (between two micro-batches, so that a batch sees one version). Register
+    /// tables before compiling the detectors that read them.
+    pub fn register_table(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<BatchSlot> {
+        let slot = BatchSlot::default();
+        slot.set_many(batches);
+        self.ctx
+            .register_table(name, Arc::new(EventsTable::new(schema, slot.clone())))?;
+        Ok(slot)
+    }
+
+    /// Reads a reference table file: CSV with a header row (`.csv`), JSON lines (`.json`,
+    /// `.jsonl`, `.ndjson`) or Parquet (`.parquet`); column types are inferred (strings stay
+    /// `Utf8`).
+    pub fn read_table_file(&self, path: &Path) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_string();
+        let text = path.to_string_lossy().to_string();
+        let ctx = SessionContext::new();
+        let frame = self.runtime.block_on(async {
+            match ext.as_str() {
+                "csv" => ctx.read_csv(&text, CsvReadOptions::new().has_header(true)).await,
+                "json" | "jsonl" | "ndjson" => {
+                    ctx.read_json(&text, JsonReadOptions::default().file_extension(&format!(".{ext}")))
+                        .await
+                }
+                "parquet" => {
+                    ctx.read_parquet(&text, ParquetReadOptions::default().skip_metadata(true))
+                        .await
+                }
+                other => Err(DataFusionError::Plan(format!(
+                    "`.{other}` is not a table format (expected .csv, .json, .jsonl, .ndjson or .parquet)"
+                ))),
+            }
+        })?;
+        let batches = self.runtime.block_on(frame.collect())?;
+        // Plain Utf8 strings, like the events table, so that joins compare like with like.
+        let fields: Vec<Field> = batches
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| Arc::new(Schema::empty()))
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Utf8View | DataType::LargeUtf8 => Field::new(f.name(), DataType::Utf8, true),
+                other => Field::new(f.name(), other.clone(), true),
+            })
+            .collect();
+        let schema = Arc::new(Schema::new(fields));
+        let batches = batches
+            .iter()
+            .map(|b| {
+                let columns = b
+                    .columns()
+                    .iter()
+                    .zip(schema.fields())
+                    .map(|(c, f)| datafusion::arrow::compute::cast(c, f.data_type()))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                RecordBatch::try_new(Arc::clone(&schema), columns)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?;
+        Ok((schema, batches))
+    }
+
     /// How many physical plans this engine has built (one per compiled detector).
     pub fn plans_built(&self) -> usize {
         self.plans_built.load(Ordering::Relaxed)
@@ -552,7 +618,7 @@ impl DetectorEngine {
     /// Runs the part of an incremental window detector above its window over `rows` (`pre`'s
     /// columns and the window values, as [`IncrementalPlan::above_input`]).
     pub fn run_above(&self, plan: &IncrementalPlan, rows: RecordBatch) -> Result<Vec<RecordBatch>> {
-        self.execute_over(&plan.above_slot, vec![rows], &plan.above, false)
+        self.execute_over(&plan.above_slot, vec![rows], &plan.above, has_join(&plan.above))
     }
 
     /// Runs every detector on `batch`; one result per detector, in order. A detector that
@@ -577,7 +643,8 @@ impl DetectorEngine {
     /// Runs the per-event part of a sliding-window detector on a new batch: the rows (and
     /// columns) its window needs.
     pub fn run_pre(&self, split: &WindowSplit, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
-        self.execute_over(&self.slot, vec![batch], &split.pre, false)
+        // A join with a reference table below the window rebuilds its hash table every batch.
+        self.execute_over(&self.slot, vec![batch], &split.pre, has_join(&split.pre))
     }
 
     /// Runs the window part of a windowed detector over kept `run_pre` rows.
