@@ -6,13 +6,14 @@
 //! ```
 //!
 //! Each request names its actor in the `X-Actor` header and its action in the
-//! path. A blocked actor gets `403` with the decision's reason, guidance and expiry as JSON;
-//! everyone else `200`. `/blocked` lists the actors blocked now.
+//! path. A blocked actor gets `403` with the decision's reason, guidance and expiry as JSON; an
+//! action held for review gets `202` ("accepted, pending approval") with who approves in the
+//! guidance; everyone else `200`. `/blocked` lists the actors blocked now.
 
 use std::time::Duration;
 
 use clap::Parser;
-use rampart_enforce::{Config, Enforcer};
+use rampart_enforce::{Check, Config, Enforcer};
 use tiny_http::{Header, Response, Server};
 
 #[derive(Parser)]
@@ -53,8 +54,22 @@ fn main() -> anyhow::Result<()> {
                 .find(|h| h.field.equiv("X-Actor"))
                 .map(|h| h.value.to_string())
                 .unwrap_or_default();
-            match enforcer.is_blocked(&actor, action) {
-                Some(block) => (
+            match enforcer.check(&actor, action) {
+                Check::Review(hold) => (
+                    202,
+                    serde_json::json!({
+                        "allowed": false,
+                        "pending_approval": true,
+                        "actor": actor,
+                        "action": action,
+                        "reason": hold.reason,
+                        "guidance": hold.guidance,
+                        "held_until": hold.expires_at.to_rfc3339(),
+                        "decision_id": hold.decision_id,
+                        "detector": hold.detector,
+                    }),
+                ),
+                Check::Block(block) => (
                     403,
                     serde_json::json!({
                         "allowed": false,
@@ -67,7 +82,7 @@ fn main() -> anyhow::Result<()> {
                         "detector": block.detector,
                     }),
                 ),
-                None => (
+                Check::Allow => (
                     200,
                     serde_json::json!({ "allowed": true, "actor": actor, "action": action }),
                 ),

@@ -10,6 +10,7 @@
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod tables;
 pub mod watch;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -194,7 +195,20 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         kafka.shadow_topic.as_str(),
         kafka.dead_letter_topic.as_str(),
     ]);
+    let table_topics: Vec<(String, String)> = pipeline
+        .tables()
+        .into_iter()
+        .filter_map(|t| match t.source {
+            rampart_engine::tables::TableSource::Topic { topic, .. } => Some((t.name, topic)),
+            rampart_engine::tables::TableSource::File(_) => None,
+        })
+        .collect();
+    topics.extend(table_topics.iter().map(|(_, topic)| topic.as_str()));
     kafka::ensure_topics(&producer_config, &topics, kafka.create_topics, kafka.partitions)?;
+    let mut followers = Vec::new();
+    for (name, topic) in &table_topics {
+        followers.push(tables::TableFollower::start(name, topic, &consumer_config)?);
+    }
 
     let progress = pipeline.progress();
     let offsets: StoredOffsets = Arc::default();
@@ -278,6 +292,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         reload: options.reload,
         watch: options.watch.then_some((watched, Instant::now())),
         reload_note: None,
+        tables: followers,
     };
     service.refresh_notes();
     let result = service.serve();
@@ -321,6 +336,8 @@ struct Service<'a> {
     watch: Option<(watch::Fingerprint, Instant)>,
     /// Why the last reload was refused (until one succeeds), for /readyz.
     reload_note: Option<String>,
+    /// Reference tables followed from compacted topics.
+    tables: Vec<tables::TableFollower>,
 }
 
 impl Service<'_> {
@@ -341,6 +358,10 @@ impl Service<'_> {
                 loop {
                     let stopping = self.stop.load(Ordering::Relaxed) > 0;
                     self.health.beat();
+                    // Between two batches: each sees one version of every table.
+                    for table in &mut self.tables {
+                        table.apply(&self.pipeline);
+                    }
                     if let Some(reload) = self.take_admin()? {
                         // A reload starts from a state that holds everything consumed.
                         if let Some((handle, tpl)) = running.take() {
@@ -745,6 +766,9 @@ impl Service<'_> {
         self.pipeline = Arc::new(pipeline);
         self.decoder = self.pipeline.decoder();
         self.warned_detectors.clear();
+        for table in &mut self.tables {
+            table.reapply();
+        }
         let changes = match &mut self.audit {
             Some(log) => log
                 .record_rules(&self.pipeline.rule_versions(), &who, via)
