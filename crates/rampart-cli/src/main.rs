@@ -621,11 +621,10 @@ fn print_summary(pipeline: &Pipeline, files: usize, s: &Summary) {
                 writeln!(err, "  {detector:<44} {n}")?;
             }
         }
-        for (detector, trip) in pipeline.tripped() {
+        for (detector, at, reason) in &s.fail_safe {
             writeln!(
                 err,
-                "fail-safe:   `{detector}` fell back to shadow at {}: {}",
-                trip.at, trip.reason
+                "fail-safe:   `{detector}` fell back to shadow at {at}: {reason}"
             )?;
         }
         for (detector, n) in &s.detector_errors {

@@ -490,3 +490,168 @@ fn run_without_a_kafka_section_says_what_is_missing() {
         text(&out.stderr)
     );
 }
+
+/// A copy of the saas-usage pipeline (its tables and tests included).
+fn saas_copy(dir: &Path) -> PathBuf {
+    let src = root().join("pipelines/saas-usage");
+    let dst = dir.join("saas-usage");
+    for sub in ["detectors", "tables"] {
+        std::fs::create_dir_all(dst.join(sub)).expect("mkdir");
+        for entry in std::fs::read_dir(src.join(sub)).expect("list") {
+            let path = entry.expect("entry").path();
+            std::fs::copy(&path, dst.join(sub).join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    std::fs::copy(src.join("pipeline.toml"), dst.join("pipeline.toml")).expect("copy");
+    dst
+}
+
+const SAAS_DATA: &str = "pipelines/saas-usage/tests/data";
+
+#[test]
+fn repeats_are_suppressed_and_counted_and_plan_numbers_are_in_the_reasons() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("d.jsonl");
+    let o = rampart(&[
+        "replay",
+        "pipelines/saas-usage",
+        "--input",
+        &format!("{SAAS_DATA}/globex-burst.jsonl"),
+        "--output",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let decisions = lines(&out);
+    let summary: Vec<(&str, &str)> = decisions
+        .iter()
+        .map(|d| {
+            (
+                d["detector"]["id"].as_str().unwrap_or(""),
+                d["verdict"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("usage-soft-limit", "alert"), ("usage-hard-limit", "block")],
+        "one alert, one block; the repeats are suppressed"
+    );
+    assert!(
+        decisions[1]["reason"].as_str().is_some_and(
+            |r| r.contains("61 requests in one minute, over the hard limit of plan free (60 per minute)")
+        ),
+        "{}",
+        decisions[1]["reason"]
+    );
+    let stderr = text(&o.stderr);
+    assert!(stderr.contains("suppressed:  28 repeat decision(s)"), "{stderr}");
+    assert!(
+        stderr.contains("usage-soft-limit                             19"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("usage-hard-limit                             9"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_detector_that_would_block_everyone_falls_back_to_shadow_and_the_audit_log_holds() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = saas_copy(tmp.path());
+    std::fs::write(
+        dir.join("detectors/broken.sql"),
+        "-- id: broken\n-- verdict: block\n-- severity: high\n-- reason: {{actor}} called {{action}}\n\
+         -- block_for: 1h\nSELECT actor, action FROM events WHERE status >= 0\n",
+    )
+    .expect("write");
+    let out = tmp.path().join("d.jsonl");
+    let audit = tmp.path().join("audit.log");
+    let o = rampart(&[
+        "replay",
+        dir.to_str().expect("utf-8"),
+        "--input",
+        &format!("{SAAS_DATA}/normal.jsonl"),
+        "--output",
+        out.to_str().expect("utf-8"),
+        "--compare",
+        "--audit",
+        audit.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stderr = text(&o.stderr);
+    let decisions = lines(&out);
+    let of = |verdict: &str, mode: &str| -> Vec<&Value> {
+        decisions
+            .iter()
+            .filter(|d| d["detector"]["id"] == "broken" && d["verdict"] == verdict && d["mode"] == mode)
+            .collect()
+    };
+    let enforced = of("block", "enforce");
+    let alerts = of("alert", "enforce");
+    let revokes = of("revoke", "enforce");
+    let shadow = of("block", "shadow");
+    // 120 keys in 5 minutes: the share limit (10% of the actors active in the minute, from 10
+    // keys) trips long before everyone is blocked.
+    assert!(
+        (9..=12).contains(&enforced.len()),
+        "{} blocks were enforced before the fail-safe tripped",
+        enforced.len()
+    );
+    assert_eq!(alerts.len(), 1, "one alert explains the fall-back");
+    let reason = alerts[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("blast-radius fail-safe: detector `broken` would have blocked"),
+        "{reason}"
+    );
+    assert!(
+        alerts[0]["tags"]
+            .as_array()
+            .is_some_and(|t| t.contains(&Value::from("fail-safe")))
+    );
+    let blocked: BTreeSet<&str> = enforced.iter().filter_map(|d| d["actor"].as_str()).collect();
+    let revoked: BTreeSet<&str> = revokes.iter().filter_map(|d| d["actor"].as_str()).collect();
+    assert_eq!(blocked, revoked, "every block of the burst is revoked");
+    assert!(shadow.len() > 50, "the rest run in shadow: {}", shadow.len());
+    assert!(
+        stderr.contains("fail-safe:   `broken` fell back to shadow"),
+        "{stderr}"
+    );
+    // The other detectors are untouched.
+    assert!(
+        decisions.iter().all(|d| d["detector"]["id"] == "broken"),
+        "normal traffic"
+    );
+
+    // --compare: what shadow would have done against what enforce did.
+    assert!(stderr.contains("shadow `broken` (block, alert):"), "{stderr}");
+    assert!(stderr.contains("only in shadow:"), "{stderr}");
+    let c = rampart(&["compare", out.to_str().expect("utf-8")]);
+    assert!(c.status.success());
+    assert!(
+        text(&c.stdout).contains("would have blocked or held"),
+        "{}",
+        text(&c.stdout)
+    );
+
+    // The audit log: rules, then every decision; any edit, removal or reordering is found.
+    let v = rampart(&["audit", "verify", audit.to_str().expect("utf-8")]);
+    assert!(v.status.success(), "{}", text(&v.stdout));
+    let entries = 5 + 1 + decisions.len(); // 4 detectors + broken + pipeline.toml, 3 tables
+    assert!(
+        text(&v.stdout).starts_with(&format!("ok: {} entries", entries + 3)),
+        "{}",
+        text(&v.stdout)
+    );
+    let log = std::fs::read_to_string(&audit).expect("audit");
+    let mut edited: Vec<String> = log.lines().map(String::from).collect();
+    edited[20] = edited[20].replace("\"block\"", "\"alert\"");
+    std::fs::write(&audit, edited.join("\n") + "\n").expect("write");
+    let v = rampart(&["audit", "verify", audit.to_str().expect("utf-8")]);
+    assert_eq!(v.status.code(), Some(1));
+    assert!(
+        text(&v.stdout).contains(":21: the entry was edited"),
+        "{}",
+        text(&v.stdout)
+    );
+}

@@ -249,6 +249,22 @@ impl Service {
         Some((status, body))
     }
 
+    /// POSTs to `path` (an admin command); the status and body.
+    fn post(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = TcpStream::connect(&self.listen).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(40))).ok()?;
+        write!(
+            stream,
+            "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+        Some((status, body))
+    }
+
     /// The value of a metric line (`name` includes labels), if exposed.
     fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics")?;
@@ -568,6 +584,13 @@ action = "op"
 origin = "ip"
 [state]
 allowed_lateness = "1s"
+# These tests judge the Kafka path: every detector match is published (no repeat suppression
+# beyond 1 ms of event time, no blast-radius fail-safe).
+[decisions]
+default_block_for = "1ms"
+dedup_for = "0s"
+[decisions.blast_radius]
+enabled = false
 [kafka]
 group = "{name}"
 input_topics = ["events"]
@@ -842,4 +865,234 @@ fn shadow_decisions_go_to_their_own_topic_and_missing_topics_stop_the_start() {
             .iter()
             .all(|d| d["mode"] == "enforce" && d["detector"]["id"] != "deletes")
     );
+}
+
+/// A copy of the saas-usage pipeline (tables included) with the given HTTP port.
+fn saas_pipeline(dir: &Path) -> PathBuf {
+    let src = root().join("pipelines/saas-usage");
+    let dst = dir.join("saas-usage");
+    for sub in ["detectors", "tables"] {
+        std::fs::create_dir_all(dst.join(sub)).expect("mkdir");
+        for entry in std::fs::read_dir(src.join(sub)).expect("list") {
+            let path = entry.expect("entry").path();
+            std::fs::copy(&path, dst.join(sub).join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    std::fs::copy(src.join("pipeline.toml"), dst.join("pipeline.toml")).expect("copy");
+    dst
+}
+
+/// An API-gateway request at `t`.
+fn request(t: chrono::DateTime<chrono::Utc>, key: &str, tenant: &str, method: &str, route: &str) -> String {
+    serde_json::json!({
+        "timestamp": t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "api_key": key, "tenant": tenant, "method": method, "route": route,
+        "status": 200, "client_ip": "198.51.100.7", "bytes_out": 1024,
+    })
+    .to_string()
+}
+
+fn waits_for_decision(broker: &Broker, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let got = consume_until(broker, "rampart.decisions", Duration::from_secs(60), |m| {
+        m.iter()
+            .any(|c| serde_json::from_slice::<Value>(&c.payload).is_ok_and(|d| ok(&d)))
+    });
+    decisions(&got)
+        .into_iter()
+        .find(|d| ok(d))
+        .unwrap_or_else(|| panic!("no decision on the topic: {what}"))
+}
+
+#[test]
+fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_topic() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = saas_pipeline(tmp.path());
+    let service = Service::start(&dir, &broker, &tmp.path().join("state"), &[]);
+    service.wait_for("ready", Duration::from_secs(60), |s| {
+        s.get("/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    let enforcer = rampart_enforce::Enforcer::start(rampart_enforce::Config {
+        brokers: broker.address(),
+        topic: "rampart.decisions".into(),
+        ..Default::default()
+    })
+    .expect("the enforcer starts");
+    let producer = producer(&broker);
+    let start = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let at = |ms: i64| start + chrono::Duration::milliseconds(ms);
+
+    // A free-plan key past its hard limit is blocked once; an operator revokes the block.
+    for n in 0..70 {
+        produce(
+            &producer,
+            "gateway.requests",
+            request(at(n * 100), "key_globex_1", "globex", "GET", "/v1/search").as_bytes(),
+        );
+    }
+    // Window rows are final once event time is the allowed lateness (30 s) past them.
+    produce(
+        &producer,
+        "gateway.requests",
+        request(at(40_000), "key_acme_1", "acme", "GET", "/v1/search").as_bytes(),
+    );
+    let block = waits_for_decision(&broker, "the hard-limit block", |d| {
+        d["detector"]["id"] == "usage-hard-limit" && d["verdict"] == "block"
+    });
+    assert_eq!(block["actor"], "key_globex_1");
+    service.wait_for("the enforcer to see the block", Duration::from_secs(30), |_| {
+        enforcer.is_blocked("key_globex_1", "/v1/search").is_some()
+    });
+    let (code, body) = service
+        .post("/admin/revoke?actor=key_globex_1&detector=usage-hard-limit&by=alice&reason=support+ticket+42")
+        .expect("the admin endpoint answers");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""verdict":"revoke""#), "{body}");
+    waits_for_decision(&broker, "the revocation", |d| {
+        d["verdict"] == "revoke"
+            && d["actor"] == "key_globex_1"
+            && d["reason"] == "revoked: support ticket 42"
+    });
+    service.wait_for("the enforcer to lift the block", Duration::from_secs(30), |_| {
+        enforcer.is_blocked("key_globex_1", "/v1/search").is_none()
+    });
+    let (code, _) = service
+        .post("/admin/revoke?actor=x&detector=nope")
+        .expect("answers");
+    assert_eq!(code, 404, "an unknown detector is refused");
+
+    // Live platform state from a compacted topic: a deploy freeze holds deploys for review.
+    let state_record = BaseRecord::to("platform.state")
+        .key("deploy-freeze")
+        .payload(r#"{"flag":"deploy-freeze","enabled":true}"#);
+    producer.send(state_record).map_err(|(e, _)| e).expect("send");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+    std::thread::sleep(Duration::from_secs(2));
+    produce(
+        &producer,
+        "gateway.requests",
+        request(at(41_000), "key_acme_0", "acme", "POST", "/v1/deployments").as_bytes(),
+    );
+    let hold = waits_for_decision(&broker, "the deploy held for review", |d| {
+        d["detector"]["id"] == "deploy-during-freeze"
+    });
+    assert_eq!(hold["verdict"], "review");
+    assert!(hold["expires_at"].is_string(), "a review hold has an expiry");
+    service.wait_for("the enforcer to hold deploys", Duration::from_secs(30), |_| {
+        matches!(enforcer.check("key_acme_0", "/v1/deployments"), rampart_enforce::Check::Review(ref h)
+            if h.guidance.as_deref().is_some_and(|g| g.contains("release manager")))
+    });
+    assert_eq!(
+        enforcer.check("key_acme_0", "/v1/search"),
+        rampart_enforce::Check::Allow,
+        "only deploys are held"
+    );
+
+    // Hot reload: a changed detector is picked up from the file; a broken one is refused and
+    // the running version continues.
+    let audit = dir.join("audit.log");
+    let audit_has = |needle: &str| std::fs::read_to_string(&audit).is_ok_and(|t| t.contains(needle));
+    edit(
+        &dir.join("detectors/usage-soft-limit.sql"),
+        "-- severity: low",
+        "-- severity: medium",
+    );
+    service.wait_for(
+        "the changed detector in the audit log",
+        Duration::from_secs(30),
+        |_| audit_has(r#""what":"usage-soft-limit","change":"changed","old_version""#),
+    );
+    std::fs::write(
+        dir.join("detectors/bad.sql"),
+        "-- id: bad\n-- verdict: block\nSELEC nothing\n",
+    )
+    .expect("write");
+    service.wait_for("the refused reload on /readyz", Duration::from_secs(30), |s| {
+        s.get("/readyz")
+            .is_some_and(|(code, body)| code == 200 && body.contains("refused") && body.contains("bad.sql"))
+    });
+    assert!(audit_has(r#""action":"reload refused""#));
+    std::fs::remove_file(dir.join("detectors/bad.sql")).expect("rm");
+
+    // The blast-radius fail-safe: a detector that would block everyone, added live.
+    std::fs::write(
+        dir.join("detectors/everyone.sql"),
+        "-- id: everyone\n-- verdict: block\n-- severity: high\n-- reason: {{actor}} called {{action}}\n\
+         SELECT actor, action FROM events\n",
+    )
+    .expect("write");
+    service.wait_for("the new detector loaded", Duration::from_secs(30), |_| {
+        audit_has(r#""what":"everyone","change":"added""#)
+    });
+    for n in 0..3000 {
+        let key = format!("key_umbrella_{}", n % 200);
+        produce(
+            &producer,
+            "gateway.requests",
+            request(at(42_000 + n * 5), &key, "umbrella", "GET", "/v1/items").as_bytes(),
+        );
+    }
+    let alert = waits_for_decision(&broker, "the fail-safe alert", |d| {
+        d["detector"]["id"] == "everyone" && d["verdict"] == "alert"
+    });
+    assert!(
+        alert["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("blast-radius fail-safe")),
+        "{alert}"
+    );
+    service.wait_for(
+        "the fail-safe on /readyz and /metrics",
+        Duration::from_secs(30),
+        |s| {
+            s.get("/readyz")
+                .is_some_and(|(_, body)| body.contains("fail-safe: `everyone` runs in shadow"))
+                && s.metric(r#"rampart_fail_safe_tripped{detector="everyone"}"#) == Some(1.0)
+        },
+    );
+    service.wait_for(
+        "the enforcer to lift the burst's blocks",
+        Duration::from_secs(30),
+        |_| {
+            enforcer
+                .blocked_actors()
+                .iter()
+                .all(|a| !a.starts_with("key_umbrella_"))
+        },
+    );
+    let (code, body) = service
+        .post("/admin/rearm?detector=everyone&by=bob")
+        .expect("answers");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        service.metric(r#"rampart_fail_safe_tripped{detector="everyone"}"#),
+        Some(0.0)
+    );
+    let (code, _) = service.post("/admin/rearm?detector=everyone").expect("answers");
+    assert_eq!(code, 409, "nothing left to re-arm");
+
+    service.signal("-TERM");
+    let (status, stderr) = service.wait(Duration::from_secs(60));
+    assert!(status.success(), "{stderr}");
+    let verify = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .expect("rampart runs");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    assert!(
+        audit_has(
+            r#""action":"revoke","actor":"key_globex_1","detector":"usage-hard-limit","reason":"support ticket 42","who":"alice from 127.0.0.1:"#
+        ),
+        "who revoked what"
+    );
+    assert!(
+        audit_has(r#""action":"rearm","detector":"everyone","#),
+        "re-armed"
+    );
+    assert!(audit_has(r#""who":"bob from 127.0.0.1:"#), "who re-armed");
 }

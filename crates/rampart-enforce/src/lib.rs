@@ -182,7 +182,11 @@ impl Blocks {
             return;
         }
         if d.verdict == "revoke" {
-            if self.seen.insert(d.decision_id, now + chrono::Duration::days(1)).is_some() {
+            if self
+                .seen
+                .insert(d.decision_id, now + chrono::Duration::days(1))
+                .is_some()
+            {
                 self.stats.duplicates += 1;
                 return;
             }
@@ -235,7 +239,10 @@ impl Blocks {
             return Check::Allow;
         };
         let live = || active.iter().filter(|b| b.expires_at > now);
-        if let Some(b) = live().filter(|b| b.kind == Kind::Block).max_by_key(|b| b.expires_at) {
+        if let Some(b) = live()
+            .filter(|b| b.kind == Kind::Block)
+            .max_by_key(|b| b.expires_at)
+        {
             return Check::Block(b.clone());
         }
         match live()
@@ -479,15 +486,28 @@ mod tests {
             .with_timezone(&Utc);
         let mut b = Blocks::default();
         b.apply(&decision("r", "review", "enforce", "2026-06-01T01:00:00Z"), now);
-        assert!(matches!(b.check("mallory", "X", now), Check::Review(h) if h.guidance.as_deref() == Some("ask security")));
-        assert_eq!(b.check("mallory", "Y", now), Check::Allow, "a hold covers its actions only");
+        assert!(
+            matches!(b.check("mallory", "X", now), Check::Review(h) if h.guidance.as_deref() == Some("ask security"))
+        );
+        assert_eq!(
+            b.check("mallory", "Y", now),
+            Check::Allow,
+            "a hold covers its actions only"
+        );
         b.apply(&decision("b", "block", "enforce", "2026-06-01T01:00:00Z"), now);
-        assert!(matches!(b.check("mallory", "Y", now), Check::Block(_)), "a block covers every action");
+        assert!(
+            matches!(b.check("mallory", "Y", now), Check::Block(_)),
+            "a block covers every action"
+        );
         let mut revoke: serde_json::Value =
-            serde_json::from_slice(&decision("v", "revoke", "enforce", "2026-06-01T01:00:00Z")).expect("json");
+            serde_json::from_slice(&decision("v", "revoke", "enforce", "2026-06-01T01:00:00Z"))
+                .expect("json");
         revoke["detector"]["id"] = "other".into();
         b.apply(revoke.to_string().as_bytes(), now);
-        assert!(matches!(b.check("mallory", "Y", now), Check::Block(_)), "another detector's revoke");
+        assert!(
+            matches!(b.check("mallory", "Y", now), Check::Block(_)),
+            "another detector's revoke"
+        );
         revoke["decision_id"] = "w".into();
         revoke["detector"]["id"] = "d".into();
         b.apply(revoke.to_string().as_bytes(), now);

@@ -72,12 +72,13 @@ struct DetectorGuard {
 }
 
 /// Distinct actors per minute of event time (hashed), for the blast radius's share limit.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default)]
 struct ActiveActors {
     minute: i64,
-    #[serde(skip)]
     current: HashSet<u64>,
     previous: usize,
+    /// Actors of `minute` counted before a restart (the set itself is not checkpointed).
+    floor: usize,
 }
 
 impl ActiveActors {
@@ -86,11 +87,12 @@ impl ActiveActors {
             let minute = events.event_time(i).div_euclid(MINUTE);
             if minute > self.minute {
                 self.previous = if minute == self.minute + 1 {
-                    self.current.len()
+                    self.current.len().max(self.floor)
                 } else {
                     0
                 };
                 self.current.clear();
+                self.floor = 0;
                 self.minute = minute;
             }
             let mut h = rustc_hash::FxHasher::default();
@@ -101,14 +103,24 @@ impl ActiveActors {
 
     /// Actors active in the current minute or the one before, whichever saw more.
     fn count(&self) -> usize {
-        self.current.len().max(self.previous)
+        self.current.len().max(self.floor).max(self.previous)
     }
 }
 
 /// The guard state that is checkpointed.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct Stored {
     detectors: BTreeMap<String, DetectorGuard>,
+    /// The active actors' minute, its count so far and the previous minute's count.
+    #[serde(default)]
+    active: (i64, usize, usize),
+}
+
+/// [`Stored`] as written.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    detectors: &'a BTreeMap<String, DetectorGuard>,
+    active: (i64, usize, usize),
 }
 
 /// Suppression, blast radius and revocation for one pipeline's decisions.
@@ -353,13 +365,25 @@ impl Guard {
 
     /// The state to checkpoint.
     pub fn snapshot(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.stored).expect("guard state serialises")
+        let a = &self.active;
+        serde_json::to_vec(&StoredRef {
+            detectors: &self.stored.detectors,
+            active: (a.minute, a.current.len().max(a.floor), a.previous),
+        })
+        .expect("guard state serialises")
     }
 
     /// Restores checkpointed state (detectors no longer in the pipeline are dropped).
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), serde_json::Error> {
         let mut stored: Stored = serde_json::from_slice(bytes)?;
         stored.detectors.retain(|id, _| self.policies.contains_key(id));
+        let (minute, floor, previous) = stored.active;
+        self.active = ActiveActors {
+            minute,
+            current: HashSet::new(),
+            previous,
+            floor,
+        };
         self.stored = stored;
         Ok(())
     }

@@ -16,10 +16,10 @@ use crate::config::PipelineConfig;
 use crate::decide::DecisionMaker;
 use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
 use crate::guard::{Guard, Trip};
-use crate::tables::{ReferenceTable, TableSource};
 use crate::keyed::{Clock, DecideContext, KeyedState};
 use crate::naive::NaiveWindows;
 use crate::state::{Commit, StateError, StateStore};
+use crate::tables::{ReferenceTable, TableSource};
 use crate::triggers::TriggerStore;
 
 /// Errors that stop a pipeline from loading at all.
@@ -356,7 +356,10 @@ impl Pipeline {
                 && let Ok(bytes) = std::fs::read(path)
             {
                 let name = path.file_name().unwrap_or_default().to_string_lossy();
-                out.insert(format!("tables/{name}"), rampart_core::decision::content_version(&bytes));
+                out.insert(
+                    format!("tables/{name}"),
+                    rampart_core::decision::content_version(&bytes),
+                );
             }
         }
         out
@@ -368,7 +371,11 @@ impl Pipeline {
     }
 
     /// Replaces the rows of topic table `name` (JSON objects); call between two batches.
-    pub fn set_table_rows<'a>(&self, name: &str, rows: impl Iterator<Item = &'a serde_json::Map<String, serde_json::Value>>) {
+    pub fn set_table_rows<'a>(
+        &self,
+        name: &str,
+        rows: impl Iterator<Item = &'a serde_json::Map<String, serde_json::Value>>,
+    ) {
         let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = tables.iter_mut().find(|t| t.name == name) {
             t.set_rows(rows);

@@ -59,6 +59,8 @@ pub struct Summary {
     pub detector_errors: BTreeMap<String, u64>,
     /// Repeat decisions suppressed, per detector.
     pub suppressed: BTreeMap<String, u64>,
+    /// Detectors the blast-radius fail-safe put in shadow: (detector, event time, reason).
+    pub fail_safe: Vec<(String, String, String)>,
     /// Events per actor (for the busiest actors; exact up to [`HeavyHitters::CAPACITY`] actors).
     pub actor_events: HeavyHitters,
     /// Decisions per actor (likewise).
@@ -413,6 +415,13 @@ fn record(
         sink.dead_letter(letter).map_err(ReplayError::Output)?;
     }
     for d in &evaluation.decisions {
+        if d.verdict == rampart_core::Verdict::Alert
+            && d.tags.iter().any(|t| t == crate::guard::FAIL_SAFE_TAG)
+        {
+            summary
+                .fail_safe
+                .push((d.detector.id.clone(), d.event_time.clone(), d.reason.clone()));
+        }
         *summary
             .decisions
             .entry((d.detector.id.clone(), d.verdict, d.mode))

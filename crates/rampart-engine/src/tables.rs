@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
 use datafusion::arrow::array::TimestampMicrosecondBuilder;
+use datafusion::arrow::array::{ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use serde_json::{Map, Value};
@@ -101,7 +101,10 @@ fn column<'a>(values: impl Iterator<Item = Option<&'a Value>>, ty: ColumnType) -
         ColumnType::Timestamp => {
             let mut b = TimestampMicrosecondBuilder::new().with_timezone("UTC");
             for v in values {
-                b.append_option(v.and_then(Value::as_str).and_then(rampart_core::time::parse_rfc3339_micros));
+                b.append_option(
+                    v.and_then(Value::as_str)
+                        .and_then(rampart_core::time::parse_rfc3339_micros),
+                );
             }
             Arc::new(b.finish())
         }
@@ -111,10 +114,21 @@ fn column<'a>(values: impl Iterator<Item = Option<&'a Value>>, ty: ColumnType) -
 /// Registers the pipeline's reference tables with `engine`: every file of `dir/tables/` and
 /// every `[tables.NAME]` topic table. A table that cannot be read is a problem (detectors that
 /// join it are then refused by planning).
-pub fn register(engine: &DetectorEngine, dir: &Path, config: &PipelineConfig, problems: &mut Vec<Problem>) -> Vec<ReferenceTable> {
+pub fn register(
+    engine: &DetectorEngine,
+    dir: &Path,
+    config: &PipelineConfig,
+    problems: &mut Vec<Problem>,
+) -> Vec<ReferenceTable> {
     let mut tables = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("tables"))
-        .map(|entries| entries.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect())
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
         .unwrap_or_default();
     files.sort();
     for path in files {
@@ -125,13 +139,11 @@ pub fn register(engine: &DetectorEngine, dir: &Path, config: &PipelineConfig, pr
             problems.push(Problem::in_file(&path, why));
             continue;
         }
-        let registered = engine
-            .read_table_file(&path)
-            .and_then(|(schema, batches)| {
-                let rows = batches.iter().map(RecordBatch::num_rows).sum();
-                let slot = engine.register_table(&name, Arc::clone(&schema), batches)?;
-                Ok((schema, slot, rows))
-            });
+        let registered = engine.read_table_file(&path).and_then(|(schema, batches)| {
+            let rows = batches.iter().map(RecordBatch::num_rows).sum();
+            let slot = engine.register_table(&name, Arc::clone(&schema), batches)?;
+            Ok((schema, slot, rows))
+        });
         match registered {
             Ok((schema, slot, rows)) => tables.push(ReferenceTable {
                 name,
@@ -173,8 +185,13 @@ pub fn register(engine: &DetectorEngine, dir: &Path, config: &PipelineConfig, pr
 }
 
 fn valid_name(name: &str, tables: &[ReferenceTable]) -> Result<(), String> {
-    let ok = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !ok {
         return Err(format!(
             "table name `{name}` (the file name without extension) must be lowercase letters, digits and `_`"

@@ -180,7 +180,12 @@ fn handle_admin(path: &str, query: &str, from: &str, admin: &mpsc::Sender<AdminR
                 detector: param("detector"),
                 reason: param("reason").unwrap_or_else(|| "revoked by an operator".into()),
             },
-            None => return (400, "revoke needs ?actor=... (and optionally &detector=...&reason=...)\n".into()),
+            None => {
+                return (
+                    400,
+                    "revoke needs ?actor=... (and optionally &detector=...&reason=...)\n".into(),
+                );
+            }
         },
         "/admin/rearm" => match param("detector") {
             Some(detector) => AdminCommand::Rearm { detector },

@@ -20,10 +20,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rampart_core::{Decision, Mode};
+use rampart_engine::audit::{self, AuditLog};
 use rampart_engine::decode::Decoded;
 use rampart_engine::pipeline::Evaluation;
-use rampart_engine::audit::{self, AuditLog};
-use rampart_engine::{DeadLetter, DeadLetterKind, EventBatch, Evaluator, Pipeline, Progress};
+use rampart_engine::{DeadLetter, DeadLetterKind, Evaluator, EventBatch, Pipeline, Progress};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -427,8 +427,15 @@ impl Service<'_> {
                         let (progress, tpl) = self.take_consumed();
                         let guard = self.pipeline.guard_snapshot();
                         self.sync_audit()?;
-                        let result =
-                            checkpoint(&self.pipeline, &acks, self.last_seq(), &progress, guard, &stop, &health);
+                        let result = checkpoint(
+                            &self.pipeline,
+                            &acks,
+                            self.last_seq(),
+                            &progress,
+                            guard,
+                            &stop,
+                            &health,
+                        );
                         self.checkpointed(result, &tpl)?;
                         return Ok(());
                     }
@@ -445,8 +452,9 @@ impl Service<'_> {
                         self.sync_audit()?;
                         let pipeline = Arc::clone(&self.pipeline);
                         let (acks, stop, health) = (&acks, &stop, &health);
-                        let handle = scope
-                            .spawn(move || checkpoint(&pipeline, acks, through, &progress, guard, stop, health));
+                        let handle = scope.spawn(move || {
+                            checkpoint(&pipeline, acks, through, &progress, guard, stop, health)
+                        });
                         running = Some((handle, tpl));
                         last_checkpoint = Instant::now();
                     }
@@ -609,11 +617,23 @@ impl Service<'_> {
         let mut tripped = false;
         for decision in &evaluation.decisions {
             tripped |= decision.verdict == rampart_core::Verdict::Alert
-                && decision.tags.iter().any(|t| t == rampart_engine::guard::FAIL_SAFE_TAG);
+                && decision
+                    .tags
+                    .iter()
+                    .any(|t| t == rampart_engine::guard::FAIL_SAFE_TAG);
             self.decision(decision)?;
         }
         if tripped {
             self.refresh_notes();
+        }
+        if !evaluation.decisions.is_empty()
+            && let Some(log) = &mut self.audit
+        {
+            // To the OS once per batch (on disk at the next checkpoint).
+            log.flush().map_err(|source| ServiceError::Audit {
+                path: log.path().display().to_string(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -660,7 +680,10 @@ impl Service<'_> {
                         tracing::info!(%detector, %who, "re-armed after the blast-radius fail-safe");
                         (
                             200,
-                            format!("re-armed `{detector}` (in shadow since {}: {})\n", trip.at, trip.reason),
+                            format!(
+                                "re-armed `{detector}` (in shadow since {}: {})\n",
+                                trip.at, trip.reason
+                            ),
                         )
                     }
                     None if self.knows(&detector) => (
@@ -731,7 +754,10 @@ impl Service<'_> {
                     .collect::<Vec<_>>()
                     .join("; "),
             ),
-            Ok(p) if p.config.kafka.as_ref().map(kafka::identity) != self.pipeline.config.kafka.as_ref().map(kafka::identity) => {
+            Ok(p)
+                if p.config.kafka.as_ref().map(kafka::identity)
+                    != self.pipeline.config.kafka.as_ref().map(kafka::identity) =>
+            {
                 Some("the [kafka] section changed: brokers, group and topics take effect on a restart".into())
             }
             Ok(_) => None,
@@ -752,7 +778,15 @@ impl Service<'_> {
         let (progress, tpl) = self.take_consumed();
         let guard = self.pipeline.guard_snapshot();
         self.sync_audit()?;
-        let result = checkpoint(&self.pipeline, acks, self.last_seq(), &progress, guard, stop, health);
+        let result = checkpoint(
+            &self.pipeline,
+            acks,
+            self.last_seq(),
+            &progress,
+            guard,
+            stop,
+            health,
+        );
         self.checkpointed(result, &tpl)?;
         let state = self.pipeline.state_choice().clone();
         self.pipeline.close_state();
@@ -824,10 +858,18 @@ impl Service<'_> {
 
     fn audit_entry(&mut self, kind: audit::Kind, entry: &impl serde::Serialize) -> Result<(), ServiceError> {
         if let Some(log) = &mut self.audit {
-            log.append(kind, entry).map_err(|source| ServiceError::Audit {
-                path: log.path().display().to_string(),
-                source,
-            })?;
+            log.append(kind, entry)
+                .and_then(|()| {
+                    if kind == audit::Kind::Decision {
+                        Ok(())
+                    } else {
+                        log.flush()
+                    }
+                })
+                .map_err(|source| ServiceError::Audit {
+                    path: log.path().display().to_string(),
+                    source,
+                })?;
             self.metrics.audit_entries.set(log.entries() as i64);
         }
         Ok(())

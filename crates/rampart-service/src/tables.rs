@@ -45,7 +45,9 @@ impl TableFollower {
         let consumer: BaseConsumer = config.create().map_err(ServiceError::client("table consumer"))?;
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(|e| ServiceError::Broker(format!("cannot read the metadata of table topic {topic}: {e}")))?;
+            .map_err(|e| {
+                ServiceError::Broker(format!("cannot read the metadata of table topic {topic}: {e}"))
+            })?;
         let partitions: Vec<i32> = metadata
             .topics()
             .iter()
@@ -62,11 +64,18 @@ impl TableFollower {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
                 .map_err(|e| ServiceError::Broker(e.to_string()))?;
         }
-        consumer.assign(&tpl).map_err(|e| ServiceError::Broker(e.to_string()))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| ServiceError::Broker(e.to_string()))?;
         let rows = Arc::new(Mutex::new(Rows::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (rows, stop, name, topic) = (Arc::clone(&rows), Arc::clone(&stop), name.to_string(), topic.to_string());
+            let (rows, stop, name, topic) = (
+                Arc::clone(&rows),
+                Arc::clone(&stop),
+                name.to_string(),
+                topic.to_string(),
+            );
             std::thread::Builder::new()
                 .name(format!("rampart-table-{name}"))
                 .spawn(move || follow(&consumer, &rows, &stop, &name, &topic))

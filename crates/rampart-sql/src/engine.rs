@@ -222,7 +222,12 @@ impl DetectorEngine {
     /// `batches` of `schema`. Returns its slot: put a new version's batches in it to refresh
     /// the table (between two micro-batches, so that a batch sees one version). Register
     /// tables before compiling the detectors that read them.
-    pub fn register_table(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<BatchSlot> {
+    pub fn register_table(
+        &self,
+        name: &str,
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<BatchSlot> {
         let slot = BatchSlot::default();
         slot.set_many(batches);
         self.ctx
@@ -235,15 +240,22 @@ impl DetectorEngine {
     /// `Utf8`).
     pub fn read_table_file(&self, path: &Path) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_string();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+            .to_string();
         let text = path.to_string_lossy().to_string();
         let ctx = SessionContext::new();
         let frame = self.runtime.block_on(async {
             match ext.as_str() {
                 "csv" => ctx.read_csv(&text, CsvReadOptions::new().has_header(true)).await,
                 "json" | "jsonl" | "ndjson" => {
-                    ctx.read_json(&text, JsonReadOptions::default().file_extension(&format!(".{ext}")))
-                        .await
+                    ctx.read_json(
+                        &text,
+                        JsonReadOptions::default().file_extension(&format!(".{ext}")),
+                    )
+                    .await
                 }
                 "parquet" => {
                     ctx.read_parquet(&text, ParquetReadOptions::default().skip_metadata(true))
