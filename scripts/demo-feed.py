@@ -7,8 +7,10 @@ minus the ones threshold detectors count), re-attributed to --users developer id
 --rate events per second over --minutes of event time. Each detonation file keeps its own
 timing and starts 20 s after the previous one, from minute 2. The whole timeline is moved so
 that its last event is now: blocks the attacks cause are active while the demo runs.
+--benign-only leaves the detonations out and starts the timeline now instead.
 
     python3 scripts/demo-feed.py --out /tmp/feed.jsonl
+    python3 scripts/demo-feed.py --out /tmp/more.jsonl --benign-only --minutes 2
 """
 import argparse
 import datetime
@@ -38,6 +40,7 @@ def main():
     p.add_argument("--rate", type=float, default=20, help="benign events per second of event time")
     p.add_argument("--users", type=int, default=500)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--benign-only", action="store_true", help="no detonations; the timeline starts now")
     a = p.parse_args()
     rng = random.Random(a.seed)
 
@@ -62,13 +65,14 @@ def main():
         r["recipientAccountId"] = "111122223333"
         r["sourceIPAddress"] = f"10.{rng.randrange(4)}.{rng.randrange(256)}.{rng.randrange(256)}"
         timeline.append((start + datetime.timedelta(seconds=i / a.rate), r))
-    for k, recs in enumerate(files):
+    for k, recs in enumerate([] if a.benign_only else files):
         first = parse(recs[0]["eventTime"])
         at = start + datetime.timedelta(minutes=2, seconds=20 * k)
         for r in recs:
             timeline.append((at + (parse(r["eventTime"]) - first), r))
     timeline.sort(key=lambda x: x[0])
-    shift = datetime.datetime.now(datetime.timezone.utc) - timeline[-1][0]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    shift = now - (timeline[0][0] if a.benign_only else timeline[-1][0])
     with open(a.out, "w") as out:
         for t, r in timeline:
             r["eventTime"] = fmt(t + shift)

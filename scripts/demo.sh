@@ -5,8 +5,10 @@
 # `rampart run pipelines/cloudtrail` and the example enforcement gateway, feeds the 35 real
 # Stratus Red Team detonations mixed into ~24k benign CloudTrail events (timeline ending now),
 # shows the decisions arriving on the decisions topic, asks the gateway about a blocked and an
-# innocent actor, shows health and metrics, and stops everything cleanly (SIGTERM: the service
-# checkpoints and exits 0).
+# innocent actor, compares a candidate rule running in shadow with what was enforced, adds a
+# broken detector to the running pipeline (hot reload) and shows the blast-radius fail-safe put
+# it in shadow and lift its blocks, verifies the audit log, shows health and metrics, and stops
+# everything cleanly (SIGTERM: the service checkpoints and exits 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -32,8 +34,29 @@ trap stop_background EXIT
 echo "== starting the Tansu broker on $BROKERS (in-memory storage)" >&2
 start_tansu "$KAFKA_PORT" "$out/broker.log" cloudtrail
 
-echo "== rampart run pipelines/cloudtrail (metrics on http://127.0.0.1:$HTTP_PORT/metrics)" >&2
-RAMPART_LOG=info "$RAMPART" run pipelines/cloudtrail --brokers "$BROKERS" \
+# The service runs a copy of the pipeline (the demo edits it live; the audit log lands there),
+# with one more detector: a stricter candidate for recon-denied-calls, in shadow.
+pipeline="$out/cloudtrail"
+cp -r pipelines/cloudtrail "$pipeline"
+rm -rf "$pipeline/state" "$pipeline/audit.log" "$pipeline/audit.log.rules"
+cat > "$pipeline/detectors/recon-denied-calls-candidate.sql" <<'SQL'
+-- id: recon-denied-calls-candidate
+-- verdict: block
+-- severity: medium
+-- mode: shadow
+-- reason: {{actor}} was denied {{n}} List/Describe/Get calls within 10 minutes (candidate: block from 5)
+-- tags: discovery, T1580, candidate
+SELECT actor, n FROM (
+  SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time
+         RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS n
+  FROM events
+  WHERE error_code IN ('AccessDenied', 'Client.UnauthorizedOperation', 'UnauthorizedOperation')
+    AND (action LIKE 'List%' OR action LIKE 'Describe%' OR action LIKE 'Get%'))
+WHERE n >= 5
+SQL
+
+echo "== rampart run $pipeline (metrics on http://127.0.0.1:$HTTP_PORT/metrics)" >&2
+RAMPART_LOG=info "$RAMPART" run "$pipeline" --brokers "$BROKERS" \
   --listen "127.0.0.1:$HTTP_PORT" --state "$out/state" 2>"$out/rampart.log" &
 rampart_pid=$!
 pids+=($rampart_pid)
@@ -80,6 +103,44 @@ echo "\$ curl -H 'X-Actor: arn:aws:iam::111122223333:user/dev-3' http://127.0.0.
 curl -s -w '  (HTTP %{http_code})\n' -H "X-Actor: arn:aws:iam::111122223333:user/dev-3" "http://127.0.0.1:$GATEWAY_PORT/ListBuckets"
 
 echo >&2
+echo "== shadow mode: the candidate rule's decisions are marked shadow (the gateway ignores them)" >&2
+echo "\$ rampart compare $out/decisions.jsonl" >&2
+"$RAMPART" compare "$out/decisions.jsonl" | sed '/^enforced/,$d' | head -n 20
+
+echo >&2
+echo "== the blast-radius fail-safe: a broken detector (it blocks every Describe call) is added to the running pipeline" >&2
+cat > "$pipeline/detectors/describe-blocked.sql" <<'SQL'
+-- id: describe-blocked
+-- verdict: block
+-- severity: high
+-- reason: {{actor}} called {{action}}
+SELECT actor, action FROM events WHERE action LIKE 'Describe%'
+SQL
+for _ in $(seq 100); do
+  grep -q '"what":"describe-blocked","change":"added"' "$pipeline/audit.log" 2>/dev/null && break
+  sleep 0.1
+done
+echo "(hot reload: $(grep -c '"kind":"rule"' "$pipeline/audit.log") rule changes in the audit log so far, the last: describe-blocked added)" >&2
+python3 scripts/demo-feed.py --out "$out/more.jsonl" --benign-only --minutes 1
+"$LOAD" --brokers "$BROKERS" feed --topic cloudtrail --rate 4000 "$out/more.jsonl"
+"$LOAD" --brokers "$BROKERS" tail --topic rampart.decisions --idle 4 > "$out/decisions-2.jsonl"
+python3 - "$out/decisions-2.jsonl" <<'PY'
+import json, sys
+ds = [json.loads(l) for l in open(sys.argv[1])]
+mine = [d for d in ds if d["detector"]["id"] == "describe-blocked"]
+count = lambda v, m: sum(1 for d in mine if d["verdict"] == v and d["mode"] == m)
+for d in mine:
+    if d["verdict"] == "alert":
+        print(f"alert  {d['reason']}")
+print(f"describe-blocked: {count('block', 'enforce')} blocks enforced before the fail-safe tripped, "
+      f"{count('revoke', 'enforce')} of them revoked, {count('block', 'shadow')} more decided in shadow only")
+PY
+echo "readyz: $(curl -s "http://127.0.0.1:$HTTP_PORT/readyz" | tr '\n' ' ')" >&2
+echo "\$ curl -X POST 'http://127.0.0.1:$HTTP_PORT/admin/rearm?detector=describe-blocked&by=demo'  (after fixing it; here we remove it)" >&2
+curl -s -X POST "http://127.0.0.1:$HTTP_PORT/admin/rearm?detector=describe-blocked&by=demo"
+rm "$pipeline/detectors/describe-blocked.sql"
+
+echo >&2
 echo "== health and a few metrics" >&2
 echo "healthz: $(curl -s "http://127.0.0.1:$HTTP_PORT/healthz")  readyz: $(curl -s "http://127.0.0.1:$HTTP_PORT/readyz")"
 curl -s "http://127.0.0.1:$HTTP_PORT/metrics" \
@@ -92,4 +153,6 @@ status=0
 wait "$rampart_pid" || status=$?
 tail -n 1 "$out/rampart.log" >&2
 echo "rampart run exited with status $status (logs: $out/rampart.log)" >&2
+echo "\$ rampart audit verify $pipeline/audit.log" >&2
+"$RAMPART" audit verify "$pipeline/audit.log"
 exit "$status"

@@ -1013,6 +1013,37 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
     });
     assert!(audit_has(r#""action":"reload refused""#));
     std::fs::remove_file(dir.join("detectors/bad.sql")).expect("rm");
+    // A changed reference table is reloaded too; SIGHUP and the admin endpoint reload on demand.
+    edit(
+        &dir.join("tables/plans.csv"),
+        "free,40,60,false",
+        "free,50,80,false",
+    );
+    service.wait_for(
+        "the changed table in the audit log",
+        Duration::from_secs(30),
+        |_| audit_has(r#""what":"tables/plans.csv","change":"changed""#),
+    );
+    service.wait_for(
+        "the refusal note cleared by a good reload",
+        Duration::from_secs(30),
+        |s| {
+            s.get("/readyz")
+                .is_some_and(|(code, body)| code == 200 && !body.contains("refused"))
+        },
+    );
+    let (code, body) = service.post("/admin/reload?by=carol").expect("answers");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("reloaded: 4 detector(s)"), "{body}");
+    assert!(audit_has(
+        r#""action":"reload","changes":0,"via":"reload (admin)","who":"carol from"#
+    ));
+    service.signal("-HUP");
+    service.wait_for(
+        "the SIGHUP reload in the audit log",
+        Duration::from_secs(30),
+        |_| audit_has(r#""via":"reload (SIGHUP)""#),
+    );
 
     // The blast-radius fail-safe: a detector that would block everyone, added live.
     std::fs::write(

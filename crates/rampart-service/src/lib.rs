@@ -812,6 +812,10 @@ impl Service<'_> {
                 })?,
             None => 0,
         };
+        self.audit_entry(
+            audit::Kind::Admin,
+            &serde_json::json!({"action": "reload", "who": who, "via": via, "changes": changes}),
+        )?;
         if let Some((seen, _)) = &mut self.watch {
             *seen = watch::Fingerprint::of(&dir);
         }
