@@ -205,3 +205,75 @@ fn valid_name(name: &str, tables: &[ReferenceTable]) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use datafusion::parquet::arrow::ArrowWriter;
+
+    use crate::pipeline::Pipeline;
+    use crate::replay::replay_collect;
+
+    /// A pipeline whose detector joins a JSON-lines table and a Parquet table.
+    #[test]
+    fn json_lines_and_parquet_tables_join_with_events() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("p");
+        for sub in ["detectors", "tables"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
+        }
+        std::fs::write(
+            dir.join("pipeline.toml"),
+            "name = \"t\"\n[mapping]\nevent_time = \"t\"\nactor = \"who\"\naction = \"op\"\n",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.join("tables/owners.jsonl"),
+            "{\"who\":\"alice\",\"team\":\"payments\"}\n{\"who\":\"bob\",\"team\":\"search\"}\n",
+        )
+        .expect("write");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("team", DataType::Utf8, false),
+            Field::new("max_deletes", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from(vec!["payments", "search"])),
+                Arc::new(Int64Array::from(vec![0_i64, 5])),
+            ],
+        )
+        .expect("batch");
+        let file = std::fs::File::create(dir.join("tables/limits.parquet")).expect("create");
+        let mut writer = ArrowWriter::try_new(file, schema, None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        std::fs::write(
+            dir.join("detectors/deletes.sql"),
+            "-- id: deletes\n-- verdict: alert\n-- severity: low\n-- reason: {{actor}} of {{team}} deleted\n\
+             SELECT e.actor, o.team FROM events e JOIN owners o ON e.actor = o.who \
+             JOIN limits l ON o.team = l.team WHERE e.action = 'Delete' AND l.max_deletes = 0\n",
+        )
+        .expect("write");
+        let input = tmp.path().join("in.jsonl");
+        std::fs::write(
+            &input,
+            "{\"t\":\"2026-01-01T00:00:00Z\",\"who\":\"alice\",\"op\":\"Delete\"}\n\
+             {\"t\":\"2026-01-01T00:00:01Z\",\"who\":\"bob\",\"op\":\"Delete\"}\n\
+             {\"t\":\"2026-01-01T00:00:02Z\",\"who\":\"carol\",\"op\":\"Delete\"}\n",
+        )
+        .expect("write");
+        let pipeline = Pipeline::load(&dir).expect("loads");
+        assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
+        let names: Vec<(String, usize)> = pipeline.tables().into_iter().map(|t| (t.name, t.rows)).collect();
+        assert_eq!(names, [("limits".to_string(), 2), ("owners".to_string(), 2)]);
+        let (out, _) = replay_collect(&pipeline, &[input.as_path()]).expect("replays");
+        let reasons: Vec<&str> = out.decisions.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(reasons, ["alice of payments deleted"]);
+        assert!(pipeline.rule_versions().contains_key("tables/limits.parquet"));
+    }
+}
