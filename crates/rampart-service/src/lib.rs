@@ -388,6 +388,9 @@ impl Service<'_> {
                             last_message = Instant::now();
                         }
                         if gathered.messages > 0 {
+                            if self.summary.events == 0 && self.summary.bad_records == 0 {
+                                tracing::info!("first message consumed");
+                            }
                             backlog.extend(self.process(gathered)?);
                         }
                     }

@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/ami-shared.sql

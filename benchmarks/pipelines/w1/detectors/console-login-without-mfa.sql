@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/console-login-without-mfa.sql

@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/ebs-snapshot-shared.sql

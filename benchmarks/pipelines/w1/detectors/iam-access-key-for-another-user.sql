@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/iam-access-key-for-another-user.sql

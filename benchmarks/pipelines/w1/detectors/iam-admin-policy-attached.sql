@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/iam-admin-policy-attached.sql

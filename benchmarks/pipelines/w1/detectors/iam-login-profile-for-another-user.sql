@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/iam-login-profile-for-another-user.sql

@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/iam-role-trusts-outside-account.sql

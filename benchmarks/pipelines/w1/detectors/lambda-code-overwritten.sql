@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/lambda-code-overwritten.sql

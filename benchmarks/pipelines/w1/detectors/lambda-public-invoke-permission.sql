@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/lambda-public-invoke-permission.sql

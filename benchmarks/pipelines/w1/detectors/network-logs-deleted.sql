@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/network-logs-deleted.sql

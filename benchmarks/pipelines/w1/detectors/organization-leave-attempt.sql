@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/organization-leave-attempt.sql

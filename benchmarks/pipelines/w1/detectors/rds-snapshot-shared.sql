@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/rds-snapshot-shared.sql

@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/rolesanywhere-trust-anchor-created.sql

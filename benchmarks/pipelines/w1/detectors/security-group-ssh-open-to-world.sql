@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/security-group-ssh-open-to-world.sql

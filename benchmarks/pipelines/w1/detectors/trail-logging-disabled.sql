@@ -1,0 +1,1 @@
+../../../../pipelines/cloudtrail/detectors/trail-logging-disabled.sql

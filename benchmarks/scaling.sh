@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Workloads W1 and W3: replay throughput with per-event rules only (W1: the cloudtrail
+# pipeline's 17 per-event detectors), and as detectors are added (W3: 1, 8, 32 and 64
+# detectors; 1 is W2's per-actor API rate window, 8 is W2, 32 and 64 add variants of W2's five
+# windows: the same key and window with a different final condition, as an analyst's
+# candidate rules would be). Same generated input as windows.sh. Median of RUNS runs each.
+# Writes benchmarks/results/scaling-DATE.md.
+#
+#   benchmarks/scaling.sh
+#   EVENTS=200000 RUNS=3 benchmarks/scaling.sh   # the default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+source benchmarks/common.sh
+EVENTS="${EVENTS:-200000}"
+RUNS="${RUNS:-3}"
+BENCH="$HOME/.cache/rampart/bench"
+generated "$BENCH/cloudtrail-1000000.jsonl" --events 1000000
+INPUT="$BENCH/cloudtrail-prefix-$EVENTS.jsonl"
+[ -s "$INPUT" ] || head -n "$EVENTS" "$BENCH/cloudtrail-1000000.jsonl" >"$INPUT"
+cargo build --release --workspace --all-targets >&2
+work="${TMPDIR:-/tmp}/rampart-scaling"
+rm -rf "$work"
+mkdir -p "$work"
+
+# pipeline N: a copy of W2 with N detectors.
+make_pipeline() {
+  local n=$1 dir="$work/w3-$1"
+  mkdir -p "$dir/detectors"
+  cp benchmarks/pipelines/w2/pipeline.toml "$dir/"
+  if [ "$n" = 1 ]; then
+    cp -L benchmarks/pipelines/w2/detectors/api-rate-per-actor.sql "$dir/detectors/"
+    echo "$dir"
+    return
+  fi
+  cp -L benchmarks/pipelines/w2/detectors/*.sql "$dir/detectors/"
+  local windows=(actions-per-origin api-rate-per-actor failure-volume-per-actor recon-denied-calls secrets-mass-read)
+  for ((i = 1; i <= n - 8; i++)); do
+    local base=${windows[$(((i - 1) % 5))]}
+    sed -e "s/^-- id: $base\$/-- id: $base-v$i/" -e "\$s/\$/ AND $i > 0/" \
+      "$dir/detectors/$base.sql" >"$dir/detectors/$base-v$i.sql"
+  done
+  echo "$dir"
+}
+
+measure() {
+  local dir=$1 rates=()
+  "$RAMPART" check "$dir" >/dev/null
+  for _ in $(seq "$RUNS"); do
+    rates+=("$(rate_of "$("$RAMPART" replay "$dir" --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1)")")
+  done
+  median "${rates[@]}"
+}
+
+declare -A rate
+rate[w1]=$(measure benchmarks/pipelines/w1)
+for n in 1 8 32 64; do
+  rate[$n]=$(measure "$(make_pipeline "$n")")
+  echo "W3 with $n detectors: ${rate[$n]} events/s" >&2
+done
+share=$(python3 -c "print(f'{100 * ${rate[64]} / ${rate[8]}:.0f}')")
+out="benchmarks/results/scaling-$(date +%F).md"
+{
+  echo "# W1 and W3: replay throughput by detector count ($(date +%F))"
+  echo
+  machine_line
+  echo "Input: the first $EVENTS events of \`benchmarks/generate.py --events 1000000\` (10k Zipf actors). Median of $RUNS runs. Command: \`EVENTS=$EVENTS RUNS=$RUNS benchmarks/scaling.sh\`."
+  echo
+  echo "| workload | detectors | events/s |"
+  echo "| --- | --- | --- |"
+  echo "| W1 | 17 per-event | ${rate[w1]} |"
+  for n in 1 8 32 64; do
+    echo "| W3 | $n | ${rate[$n]} |"
+  done
+  echo
+  echo "64 detectors run at **${share}%** of the throughput of 8 (target: at least 40%)."
+} >"$out"
+cat "$out"
