@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The benchmark suite in one command: replay (cloudtrail pipeline), windows (W2 keyed and naive,
+# state at 1M actors), scaling (W1, W3), latency (W2 through Kafka beside a broker-only
+# passthrough) and peers (W2 in Quix Streams on the same topic), one after the other on this
+# machine; then benchmarks/report.py writes benchmarks/results/<date>.md with the machine,
+# versions, commands, a summary against the targets, and charts (SVG).
+#
+#   benchmarks/run.sh --quick                 # smaller inputs, 3 runs each: about 15 minutes
+#   benchmarks/run.sh                         # the full suite, 5 runs each: about an hour
+#   benchmarks/run.sh --quick replay scaling  # a chosen set
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quick=false
+parts=()
+for arg in "$@"; do
+  case "$arg" in
+    --quick) quick=true ;;
+    replay | windows | scaling | latency | peers) parts+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--quick] [replay|windows|scaling|latency|peers]..." >&2; exit 2 ;;
+  esac
+done
+[ ${#parts[@]} -gt 0 ] || parts=(replay windows scaling latency peers)
+./scripts/setup.sh
+source scripts/env.sh
+started=$(date -u +%FT%TZ)
+commands=()
+run() {
+  commands+=("$*")
+  echo "== $*" >&2
+  env "$@"
+}
+for part in "${parts[@]}"; do
+  if $quick; then
+    case "$part" in
+      replay) run EVENTS=200000 RUNS=3 benchmarks/replay.sh ;;
+      windows) run EVENTS=200000 RUNS=3 NAIVE_EVENTS=20000 benchmarks/windows.sh ;;
+      scaling) run EVENTS=100000 RUNS=3 benchmarks/scaling.sh ;;
+      latency) run RATES=10000,50000 DURATION=10 benchmarks/latency.sh ;;
+      peers) run EVENTS=10000 benchmarks/peers.sh ;;
+    esac
+  else
+    case "$part" in
+      replay) run EVENTS=1000000 RUNS=5 benchmarks/replay.sh ;;
+      windows) run EVENTS=1000000 RUNS=5 benchmarks/windows.sh ;;
+      scaling) run EVENTS=200000 RUNS=5 benchmarks/scaling.sh ;;
+      latency) run benchmarks/latency.sh ;;
+      peers) run EVENTS=20000 benchmarks/peers.sh ;;
+    esac
+  fi
+done
+VENV="$HOME/.cache/rampart/venv"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$VENV/bin/pip" install -q "matplotlib==3.9.*"
+printf '%s\n' "${commands[@]}" >"${TMPDIR:-/tmp}/rampart-bench-commands.txt"
+"$VENV/bin/python" benchmarks/report.py --started "$started" --commands "${TMPDIR:-/tmp}/rampart-bench-commands.txt" \
+  $($quick && echo --quick)
