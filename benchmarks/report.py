@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import subprocess
+import textwrap
 
 import matplotlib
 
@@ -18,6 +19,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
+
+
+def save(fig, name):
+    """Writes the chart as SVG (linked from the results) and PNG (for viewers without SVG)."""
+    for ext in ("svg", "png"):
+        fig.savefig(os.path.join(RESULTS, f"{name}.{ext}"), dpi=110)
+    plt.close(fig)
 
 
 def latest(part):
@@ -81,8 +89,9 @@ def main():
 
     charts = []
     if throughput:
-        fig, ax = plt.subplots(figsize=(10, 4.5))
+        fig, ax = plt.subplots(figsize=(11, 5))
         labels, values = zip(*throughput)
+        labels = [textwrap.fill(label.replace("\n", " "), 14) for label in labels]
         ax.bar(range(len(values)), values, color=["#3b6ea5" if "Quix" not in l and "naive" not in l else "#c0504d" for l in labels])
         ax.set_xticks(range(len(values)), labels, fontsize=8)
         ax.set_yscale("log")
@@ -91,7 +100,7 @@ def main():
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:,}", ha="center", va="bottom", fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, f"{date}-throughput.svg"))
+        save(fig, f"{date}-throughput")
         charts.append(("Throughput", f"{date}-throughput.svg"))
     if latency:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -108,7 +117,7 @@ def main():
         ax.set_title("Latency through Kafka (Tansu, loopback)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, f"{date}-latency.svg"))
+        save(fig, f"{date}-latency")
         charts.append(("Latency", f"{date}-latency.svg"))
     if disk and rss:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -118,7 +127,7 @@ def main():
         ax.set_title("W2 window state at 1M distinct actors")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, f"{date}-state.svg"))
+        save(fig, f"{date}-state")
         charts.append(("State", f"{date}-state.svg"))
 
     machine = [l for l in text["replay"].splitlines() + text["windows"].splitlines() if l.startswith("Machine:")]
