@@ -7,12 +7,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repository root")
-}
+mod common;
+
+use common::root;
 
 fn rampart(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rampart"))
@@ -34,17 +31,9 @@ fn lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Copies the cloudtrail pipeline into a temporary directory, for tests that change it.
+/// A copy of the cloudtrail pipeline, for tests that change it.
 fn pipeline_copy(dir: &Path) -> PathBuf {
-    let src = root().join("pipelines/cloudtrail");
-    let dst = dir.join("cloudtrail");
-    std::fs::create_dir_all(dst.join("detectors")).expect("mkdir");
-    std::fs::copy(src.join("pipeline.toml"), dst.join("pipeline.toml")).expect("copy");
-    for entry in std::fs::read_dir(src.join("detectors")).expect("detectors") {
-        let path = entry.expect("entry").path();
-        std::fs::copy(&path, dst.join("detectors").join(path.file_name().expect("name"))).expect("copy");
-    }
-    dst
+    common::pipeline_copy("cloudtrail", dir)
 }
 
 const STRATUS: &str = "data/cloudtrail/stratus-detonation-logs";
@@ -491,19 +480,9 @@ fn run_without_a_kafka_section_says_what_is_missing() {
     );
 }
 
-/// A copy of the saas-usage pipeline (its tables and tests included).
+/// A copy of the saas-usage pipeline, with its tables.
 fn saas_copy(dir: &Path) -> PathBuf {
-    let src = root().join("pipelines/saas-usage");
-    let dst = dir.join("saas-usage");
-    for sub in ["detectors", "tables"] {
-        std::fs::create_dir_all(dst.join(sub)).expect("mkdir");
-        for entry in std::fs::read_dir(src.join(sub)).expect("list") {
-            let path = entry.expect("entry").path();
-            std::fs::copy(&path, dst.join(sub).join(path.file_name().expect("name"))).expect("copy");
-        }
-    }
-    std::fs::copy(src.join("pipeline.toml"), dst.join("pipeline.toml")).expect("copy");
-    dst
+    common::pipeline_copy("saas-usage", dir)
 }
 
 const SAAS_DATA: &str = "pipelines/saas-usage/tests/data";

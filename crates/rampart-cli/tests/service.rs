@@ -21,12 +21,9 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repository root")
-}
+mod common;
+
+use common::root;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -327,20 +324,13 @@ fn decisions(messages: &[Consumed]) -> Vec<Value> {
 
 /// A copy of the cloudtrail pipeline (its [kafka] section included).
 fn cloudtrail_pipeline(dir: &Path) -> PathBuf {
-    let src = root().join("pipelines/cloudtrail");
-    let dst = dir.join("cloudtrail");
-    std::fs::create_dir_all(dst.join("detectors")).expect("mkdir");
-    for entry in std::fs::read_dir(src.join("detectors")).expect("detectors") {
-        let path = entry.expect("entry").path();
-        std::fs::copy(&path, dst.join("detectors").join(path.file_name().expect("name"))).expect("copy");
-    }
-    let toml = std::fs::read_to_string(src.join("pipeline.toml")).expect("pipeline.toml");
+    let dst = common::pipeline_copy("cloudtrail", dir);
+    let toml = std::fs::read_to_string(dst.join("pipeline.toml")).expect("pipeline.toml");
     assert!(
         toml.contains("input_topics = [\"cloudtrail\"]")
             && toml.contains("decisions_topic = \"rampart.decisions\""),
         "the cloudtrail pipeline's [kafka] section names the topics this test uses"
     );
-    std::fs::write(dst.join("pipeline.toml"), toml).expect("write");
     dst
 }
 
@@ -867,21 +857,6 @@ fn shadow_decisions_go_to_their_own_topic_and_missing_topics_stop_the_start() {
     );
 }
 
-/// A copy of the saas-usage pipeline (tables included) with the given HTTP port.
-fn saas_pipeline(dir: &Path) -> PathBuf {
-    let src = root().join("pipelines/saas-usage");
-    let dst = dir.join("saas-usage");
-    for sub in ["detectors", "tables"] {
-        std::fs::create_dir_all(dst.join(sub)).expect("mkdir");
-        for entry in std::fs::read_dir(src.join(sub)).expect("list") {
-            let path = entry.expect("entry").path();
-            std::fs::copy(&path, dst.join(sub).join(path.file_name().expect("name"))).expect("copy");
-        }
-    }
-    std::fs::copy(src.join("pipeline.toml"), dst.join("pipeline.toml")).expect("copy");
-    dst
-}
-
 /// An API-gateway request at `t`.
 fn request(t: chrono::DateTime<chrono::Utc>, key: &str, tenant: &str, method: &str, route: &str) -> String {
     serde_json::json!({
@@ -907,7 +882,7 @@ fn waits_for_decision(broker: &Broker, what: &str, ok: impl Fn(&Value) -> bool) 
 fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_topic() {
     let broker = Broker::start();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = saas_pipeline(tmp.path());
+    let dir = common::pipeline_copy("saas-usage", tmp.path());
     let service = Service::start(&dir, &broker, &tmp.path().join("state"), &[]);
     service.wait_for("ready", Duration::from_secs(60), |s| {
         s.get("/readyz").is_some_and(|(code, _)| code == 200)
