@@ -621,9 +621,14 @@ impl Pipeline {
         );
         // Only now: a key read back for a row decided in this batch must not look expired.
         store.advance_clock(windows.clock.newest);
-        let budget = self.config.state_cache_bytes / windows.keyed.len().max(1);
-        for keyed in &mut windows.keyed {
-            keyed.evict(budget);
+        // One budget for all windowed detectors: nothing is evicted while the total fits, and
+        // past it each detector gives up its share of the excess (busy detectors keep more).
+        let total: usize = windows.keyed.iter().map(KeyedState::cache_bytes).sum();
+        if total > self.config.state_cache_bytes {
+            for keyed in &mut windows.keyed {
+                let share = (keyed.cache_bytes() as u128 * self.config.state_cache_bytes as u128 / total as u128) as usize;
+                keyed.evict(share);
+            }
         }
         Ok(())
     }
