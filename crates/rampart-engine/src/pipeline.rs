@@ -626,7 +626,8 @@ impl Pipeline {
         let total: usize = windows.keyed.iter().map(KeyedState::cache_bytes).sum();
         if total > self.config.state_cache_bytes {
             for keyed in &mut windows.keyed {
-                let share = (keyed.cache_bytes() as u128 * self.config.state_cache_bytes as u128 / total as u128) as usize;
+                let share = (keyed.cache_bytes() as u128 * self.config.state_cache_bytes as u128
+                    / total as u128) as usize;
                 keyed.evict(share);
             }
         }
