@@ -16,4 +16,4 @@ COPY pipelines /pipelines
 VOLUME /var/lib/rampart
 EXPOSE 9464
 ENTRYPOINT ["rampart"]
-CMD ["run", "/pipelines/cloudtrail", "--state", "/var/lib/rampart/cloudtrail", "--listen", "0.0.0.0:9464"]
+CMD ["run", "/pipelines/cloudtrail", "--state", "/var/lib/rampart/cloudtrail", "--audit", "/var/lib/rampart/cloudtrail-audit.log", "--listen", "0.0.0.0:9464"]

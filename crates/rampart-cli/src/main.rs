@@ -146,6 +146,9 @@ enum Command {
         /// POST /admin/reload still reload).
         #[arg(long)]
         no_watch: bool,
+        /// Append the audit log here, instead of `[audit] path` (e.g. on a persistent volume).
+        #[arg(long, value_name = "FILE")]
+        audit: Option<PathBuf>,
     },
 }
 
@@ -206,6 +209,7 @@ fn main() -> ExitCode {
             state,
             until_idle,
             no_watch,
+            audit,
         } => run(
             &pipeline,
             rampart_service::RunOptions {
@@ -216,6 +220,7 @@ fn main() -> ExitCode {
             },
             brokers,
             state,
+            audit,
         ),
         Command::Compare { files } => compare(&files),
         Command::Audit {
@@ -236,14 +241,18 @@ fn run(
     mut options: rampart_service::RunOptions,
     brokers: Option<String>,
     state: Option<PathBuf>,
+    audit: Option<PathBuf>,
 ) -> Result<ExitCode> {
     use std::sync::Arc;
     let config = load_config(dir)?;
     let state_dir = state.unwrap_or(config.state_dir);
-    let pipeline = Pipeline::load_with(dir, StateChoice::Persistent(state_dir), Evaluator::Keyed)
+    let mut pipeline = Pipeline::load_with(dir, StateChoice::Persistent(state_dir), Evaluator::Keyed)
         .with_context(|| format!("cannot load pipeline {}", dir.display()))?;
     for p in &pipeline.problems {
         eprintln!("warning: detector refused, the others run: {p}");
+    }
+    if audit.is_some() {
+        pipeline.config.audit_path = audit;
     }
     // First signal: finish the batch in flight, checkpoint, stop. Second: stop waiting for the
     // broker (the last checkpoint stands). Third: exit at once.

@@ -832,14 +832,21 @@ fn shadow_decisions_go_to_their_own_topic_and_missing_topics_stop_the_start() {
     );
     let feeding = feed(&broker, 20_000, 20_000);
     feeding.join().expect("feeding");
+    let audit = tmp.path().join("elsewhere/audit.log");
     let (status, stderr) = Service::start(
         &shadowed,
         &broker,
         &tmp.path().join("shadowed-state"),
-        &["--until-idle", "3s"],
+        &["--until-idle", "3s", "--audit", audit.to_str().expect("utf-8")],
     )
     .wait(Duration::from_secs(60));
     assert!(status.success(), "{stderr}");
+    assert!(
+        !shadowed.join("audit.log").exists(),
+        "--audit moves the audit log"
+    );
+    let log = std::fs::read_to_string(&audit).expect("the audit log is where --audit says");
+    assert!(log.contains(r#""kind":"decision""#) && log.contains(r#""mode":"shadow""#));
 
     let shadow = decisions(&drain(&broker, "shadow", Duration::from_secs(2)));
     let enforced = decisions(&drain(&broker, "decisions", Duration::from_secs(2)));
