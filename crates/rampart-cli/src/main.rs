@@ -546,13 +546,10 @@ fn replay(
         comparison: compare.then(Comparison::default),
         audit: match audit {
             None => None,
-            Some(path) => {
-                let mut log = AuditLog::open(path)
-                    .with_context(|| format!("cannot open audit log {}", path.display()))?;
-                log.record_rules(&pipeline.rule_versions(), &audit::local_user(), "replay")
-                    .with_context(|| format!("cannot write audit log {}", path.display()))?;
-                Some(log)
-            }
+            Some(path) => Some(
+                AuditLog::open_recording(path, &pipeline.rule_versions(), &audit::local_user(), "replay")
+                    .with_context(|| format!("cannot open or write audit log {}", path.display()))?,
+            ),
         },
     };
     let end_of_input = end_of_input || !pipeline.is_persistent();

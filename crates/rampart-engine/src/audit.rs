@@ -124,6 +124,19 @@ impl AuditLog {
         })
     }
 
+    /// [`Self::open`], then [`Self::record_rules`]: a log that starts with the changes since
+    /// the rules it last recorded.
+    pub fn open_recording(
+        path: &Path,
+        rules: &BTreeMap<String, String>,
+        who: &str,
+        via: &str,
+    ) -> io::Result<Self> {
+        let mut log = Self::open(path)?;
+        log.record_rules(rules, who, via)?;
+        Ok(log)
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path

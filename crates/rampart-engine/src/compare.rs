@@ -101,8 +101,7 @@ impl Comparison {
                 continue;
             };
             let decisions: u64 = actors.values().map(|s| s.count).sum();
-            let first = actors.values().map(|s| s.first).min().unwrap_or_default();
-            let last = actors.values().map(|s| s.last).max().unwrap_or_default();
+            let (first, last) = span(actors);
             let _ = writeln!(
                 out,
                 "  would have blocked or held {} actor(s) ({decisions} decision(s)), {} .. {}",
@@ -152,8 +151,7 @@ impl Comparison {
         if !enforcing.is_empty() {
             let _ = writeln!(out, "enforced (block, review):");
             for (id, actors) in enforcing {
-                let first = actors.values().map(|s| s.first).min().unwrap_or_default();
-                let last = actors.values().map(|s| s.last).max().unwrap_or_default();
+                let (first, last) = span(actors);
                 let _ = writeln!(
                     out,
                     "  {id:<44} {} actor(s), {} .. {}",
@@ -165,6 +163,13 @@ impl Comparison {
         }
         out
     }
+}
+
+/// The first and last times over `actors`.
+fn span(actors: &BTreeMap<String, Seen>) -> (i64, i64) {
+    let first = actors.values().map(|s| s.first).min().unwrap_or_default();
+    let last = actors.values().map(|s| s.last).max().unwrap_or_default();
+    (first, last)
 }
 
 #[cfg(test)]

@@ -85,6 +85,12 @@ impl ServiceError {
     fn client(what: &'static str) -> impl Fn(KafkaError) -> Self {
         move |source| Self::Client { what, source }
     }
+
+    /// A write to the audit log at `path` failed.
+    fn audit(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.display().to_string();
+        move |source| Self::Audit { path, source }
+    }
 }
 
 /// How to run.
@@ -250,22 +256,16 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         "running"
     );
 
-    let mut audit = match &pipeline.config.audit_path {
+    let audit = match &pipeline.config.audit_path {
         None => None,
         Some(path) => {
-            let failed = |source| ServiceError::Audit {
-                path: path.display().to_string(),
-                source,
-            };
-            let mut log = AuditLog::open(path).map_err(failed)?;
-            log.record_rules(&pipeline.rule_versions(), &audit::local_user(), "start")
-                .map_err(failed)?;
+            let log =
+                AuditLog::open_recording(path, &pipeline.rule_versions(), &audit::local_user(), "start")
+                    .map_err(ServiceError::audit(path))?;
+            metrics.audit_entries.set(log.entries() as i64);
             Some(log)
         }
     };
-    if let Some(log) = &mut audit {
-        metrics.audit_entries.set(log.entries() as i64);
-    }
     let next_row = pipeline.next_row();
     let decoder = pipeline.decoder();
     let watched = watch::Fingerprint::of(&pipeline.dir);
@@ -367,10 +367,7 @@ impl Service<'_> {
                         if let Some((handle, tpl)) = running.take() {
                             self.checkpointed(join(handle), &tpl)?;
                         }
-                        while let Some(batch) = backlog.pop_front() {
-                            let evaluation = self.pipeline.evaluate_windowed(&batch);
-                            self.publish(evaluation)?;
-                        }
+                        self.work_windows(&mut backlog, usize::MAX)?;
                         self.reload_pipeline(reload, &acks, &stop, &health)?;
                         last_checkpoint = Instant::now();
                         last_message = Instant::now();
@@ -403,14 +400,11 @@ impl Service<'_> {
                     // bound is worked off whole (consuming waits: backpressure).
                     if running.is_none() && !backlog.is_empty() {
                         let take = if backlog.len() > MAX_WINDOW_BACKLOG {
-                            backlog.len()
+                            usize::MAX
                         } else {
-                            WINDOW_BATCHES_PER_ROUND.min(backlog.len())
+                            WINDOW_BATCHES_PER_ROUND
                         };
-                        for batch in backlog.drain(..take) {
-                            let evaluation = self.pipeline.evaluate_windowed(&batch);
-                            self.publish(evaluation)?;
-                        }
+                        self.work_windows(&mut backlog, take)?;
                         // (Idle time is time with nothing to do.)
                         last_message = Instant::now();
                     }
@@ -423,23 +417,8 @@ impl Service<'_> {
                         if let Some((handle, tpl)) = running.take() {
                             self.checkpointed(join(handle), &tpl)?;
                         }
-                        while let Some(batch) = backlog.pop_front() {
-                            let evaluation = self.pipeline.evaluate_windowed(&batch);
-                            self.publish(evaluation)?;
-                        }
-                        let (progress, tpl) = self.take_consumed();
-                        let guard = self.pipeline.guard_snapshot();
-                        self.sync_audit()?;
-                        let result = checkpoint(
-                            &self.pipeline,
-                            &acks,
-                            self.last_seq(),
-                            &progress,
-                            guard,
-                            &stop,
-                            &health,
-                        );
-                        self.checkpointed(result, &tpl)?;
+                        self.work_windows(&mut backlog, usize::MAX)?;
+                        self.checkpoint_now(&acks, &stop, &health)?;
                         return Ok(());
                     }
                     // The state must hold every consumed batch: start only with no window work left.
@@ -633,10 +612,7 @@ impl Service<'_> {
             && let Some(log) = &mut self.audit
         {
             // To the OS once per batch (on disk at the next checkpoint).
-            log.flush().map_err(|source| ServiceError::Audit {
-                path: log.path().display().to_string(),
-                source,
-            })?;
+            log.flush().map_err(ServiceError::audit(log.path()))?;
         }
         Ok(())
     }
@@ -778,19 +754,7 @@ impl Service<'_> {
             }
             return Ok(());
         }
-        let (progress, tpl) = self.take_consumed();
-        let guard = self.pipeline.guard_snapshot();
-        self.sync_audit()?;
-        let result = checkpoint(
-            &self.pipeline,
-            acks,
-            self.last_seq(),
-            &progress,
-            guard,
-            stop,
-            health,
-        );
-        self.checkpointed(result, &tpl)?;
+        self.checkpoint_now(acks, stop, health)?;
         let state = self.pipeline.state_choice().clone();
         self.pipeline.close_state();
         let pipeline = match Pipeline::load_with(&dir, state, Evaluator::Keyed) {
@@ -809,10 +773,7 @@ impl Service<'_> {
         let changes = match &mut self.audit {
             Some(log) => log
                 .record_rules(&self.pipeline.rule_versions(), &who, via)
-                .map_err(|source| ServiceError::Audit {
-                    path: log.path().display().to_string(),
-                    source,
-                })?,
+                .map_err(ServiceError::audit(log.path()))?,
             None => 0,
         };
         self.audit_entry(
@@ -873,10 +834,7 @@ impl Service<'_> {
                         log.flush()
                     }
                 })
-                .map_err(|source| ServiceError::Audit {
-                    path: log.path().display().to_string(),
-                    source,
-                })?;
+                .map_err(ServiceError::audit(log.path()))?;
             self.metrics.audit_entries.set(log.entries() as i64);
         }
         Ok(())
@@ -886,10 +844,7 @@ impl Service<'_> {
     /// checkpoint reflects is in the log).
     fn sync_audit(&mut self) -> Result<(), ServiceError> {
         if let Some(log) = &mut self.audit {
-            log.sync().map_err(|source| ServiceError::Audit {
-                path: log.path().display().to_string(),
-                source,
-            })?;
+            log.sync().map_err(ServiceError::audit(log.path()))?;
         }
         Ok(())
     }
@@ -1013,6 +968,39 @@ impl Service<'_> {
             return Err(ServiceError::Interrupted);
         }
         Ok(())
+    }
+
+    /// Runs the windowed detectors on up to `n` batches of `backlog`, oldest first, and
+    /// publishes what they decide.
+    fn work_windows(&mut self, backlog: &mut VecDeque<EventBatch>, n: usize) -> Result<(), ServiceError> {
+        for batch in backlog.drain(..n.min(backlog.len())) {
+            let evaluation = self.pipeline.evaluate_windowed(&batch);
+            self.publish(evaluation)?;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint of everything consumed, on this thread (when stopping or reloading, with
+    /// no checkpoint running and no window work left).
+    fn checkpoint_now(
+        &mut self,
+        acks: &ProducerCallbacks,
+        stop: &AtomicUsize,
+        health: &Health,
+    ) -> Result<(), ServiceError> {
+        let (progress, tpl) = self.take_consumed();
+        let guard = self.pipeline.guard_snapshot();
+        self.sync_audit()?;
+        let result = checkpoint(
+            &self.pipeline,
+            acks,
+            self.last_seq(),
+            &progress,
+            guard,
+            stop,
+            health,
+        );
+        self.checkpointed(result, &tpl)
     }
 
     /// The sequence number of the last message handed to the producer (`None`: none yet).
