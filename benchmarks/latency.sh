@@ -53,6 +53,7 @@ start_tansu "$port" "$work/broker.log" bench.pt.in bench.pt.out bench.events
 common=(--brokers "$BROKERS" --set "linger.ms=$LINGER_MS" --set "fetch.wait.max.ms=$FETCH_WAIT_MS" latency --background "$work/background.jsonl" --probe "$work/probe.json"
   --rates "$RATES" --duration "$DURATION" --actors "$ACTORS")
 
+if [ -z "${SKIP_PASSTHROUGH:-}" ]; then
 echo "== broker-only passthrough" >&2
 "$LOAD" --brokers "$BROKERS" --set "linger.ms=$LINGER_MS" --set "fetch.wait.max.ms=$FETCH_WAIT_MS" passthrough --from bench.pt.in --to bench.pt.out 2>"$work/passthrough.log" &
 pt=$!
@@ -60,14 +61,19 @@ pids+=($pt)
 sleep 2
 "$LOAD" "${common[@]}" --input bench.pt.in --output bench.pt.out --label passthrough | tee "$work/passthrough.md"
 kill "$pt"
+fi
 
 echo "== rampart run benchmarks/pipelines/w2" >&2
 RAMPART_KAFKA_LINGER_MS=$LINGER_MS RAMPART_KAFKA_FETCH_WAIT_MAX_MS=$FETCH_WAIT_MS \
   "$RAMPART" run benchmarks/pipelines/w2 --brokers "$BROKERS" --listen "127.0.0.1:$http" \
-  --state "$work/state" 2>"$work/rampart.log" &
+  --state "$work/state" --audit "$work/audit.log" 2>"$work/rampart.log" &
 rp=$!
 pids+=($rp)
 for _ in $(seq 300); do curl -sf "http://127.0.0.1:$http/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+if [ -n "${PERF_OUT:-}" ]; then
+  # A CPU profile of rampart while the load runs (see benchmarks/results/profile-*.md).
+  perf record -F 499 -g -p "$rp" -o "$PERF_OUT" -- sleep "$DURATION" 2>/dev/null &
+fi
 "$LOAD" "${common[@]}" --input bench.events --output bench.decisions --label rampart | tee "$work/rampart.md"
 curl -s "http://127.0.0.1:$http/metrics" | grep -E '^rampart_(events_total|decisions_total|processing_latency_seconds|checkpoint_latency_seconds)' >"$work/metrics.txt" || true
 kill -TERM "$rp"

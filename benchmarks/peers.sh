@@ -43,7 +43,7 @@ replay_rate=$(rate_of "$replay")
 echo "== Rampart: rampart run benchmarks/pipelines/w2 on the topic" >&2
 export RAMPART_KAFKA_LINGER_MS=10 RAMPART_KAFKA_FETCH_WAIT_MAX_MS=25
 RAMPART_LOG=info "$RAMPART" run benchmarks/pipelines/w2 --brokers "$BROKERS" --listen "127.0.0.1:$(free_port)" \
-  --state "$work/rampart-state" --until-idle 3s 2>"$work/rampart.log"
+  --state "$work/rampart-state" --audit "$work/rampart-audit.log" --until-idle 3s 2>"$work/rampart.log"
 rampart_rate=$(python3 - "$work/rampart.log" "$EVENTS" <<'PY'
 import re, sys, datetime
 # From the first message to the last: the log's "first message consumed" .. "no message for the idle period" (3 s later).

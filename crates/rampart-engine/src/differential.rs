@@ -94,13 +94,22 @@ const DETECTORS: [(&str, &str, &str); 9] = [
 
 /// A pipeline of the detectors above over a simple event shape.
 fn window_pipeline(dir: &Path, batch_size: usize, lateness: &str) -> PathBuf {
+    window_pipeline_with(dir, batch_size, lateness, None)
+}
+
+/// [`window_pipeline`] with a window state cache of `cache_mb` (0: every batch checkpoints
+/// and evicts every key, so keys come back from disk each time).
+fn window_pipeline_with(dir: &Path, batch_size: usize, lateness: &str, cache_mb: Option<usize>) -> PathBuf {
     let p = dir.join(format!("windows-{batch_size}"));
+    let cache = cache_mb
+        .map(|mb| format!("cache_mb = {mb}\n"))
+        .unwrap_or_default();
     std::fs::create_dir_all(p.join("detectors")).expect("mkdir");
     std::fs::write(
         p.join("pipeline.toml"),
         format!(
             "name = \"windows\"\n[source]\nbatch_size = {batch_size}\n[mapping]\nevent_time = \"t\"\n\
-             actor = \"a\"\naction = \"x\"\norigin = \"ip\"\noutcome = \"o\"\n[state]\nallowed_lateness = \"{lateness}\"\n"
+             actor = \"a\"\naction = \"x\"\norigin = \"ip\"\noutcome = \"o\"\n[state]\nallowed_lateness = \"{lateness}\"\n{cache}"
         ),
     )
     .expect("write");
@@ -270,9 +279,20 @@ fn batch_rows(pipeline: &Pipeline, input: &Path) -> Vec<Row> {
 
 /// Streams `input` through the pipeline at each batch size and compares with one batch query.
 fn assert_stream_equals_batch(dir: &Path, input: &Path, batch_sizes: &[usize], min_rows: usize) {
+    assert_stream_equals_batch_with(dir, input, batch_sizes, min_rows, ("0s", None))
+}
+
+fn assert_stream_equals_batch_with(
+    dir: &Path,
+    input: &Path,
+    batch_sizes: &[usize],
+    min_rows: usize,
+    (lateness, cache_mb): (&str, Option<usize>),
+) {
     let mut expected: Option<Vec<Row>> = None;
     for &batch_size in batch_sizes {
-        let pipeline = Pipeline::load(&window_pipeline(dir, batch_size, "0s")).expect("loads");
+        let pipeline =
+            Pipeline::load(&window_pipeline_with(dir, batch_size, lateness, cache_mb)).expect("loads");
         pipeline.set_guarded(false);
         if expected.is_none() {
             // The planted edge cases: a 5th failure exactly one window after the first fires.
@@ -329,6 +349,18 @@ fn windows_stream_to_the_same_rows_as_one_batch_query() {
     let input = tmp.path().join("events.jsonl");
     std::fs::write(&input, generated_events(6000, 7)).expect("write");
     assert_stream_equals_batch(tmp.path(), &input, &[4096, 500, 37, 3], 5);
+}
+
+/// With no cache, every batch writes its keys' new rows as chunks and drops every key from
+/// memory: each batch reads its keys back from disk (with the rows still waiting for the
+/// allowed lateness; busy keys rewrite their chunks as one), and still decides what the batch
+/// query returns.
+#[test]
+fn windows_read_back_from_disk_every_batch_decide_the_same_rows() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let input = tmp.path().join("events.jsonl");
+    std::fs::write(&input, generated_events(6000, 5)).expect("write");
+    assert_stream_equals_batch_with(tmp.path(), &input, &[61], 5, ("2m", Some(0)));
 }
 
 /// `RAMPART_DIFF_EVENTS` events (default 50 000; the documented full run uses 1 000 000).

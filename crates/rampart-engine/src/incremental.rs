@@ -18,9 +18,10 @@ use datafusion::arrow::datatypes::DataType;
 use rampart_sql::{AggregateKind, WindowAggregate};
 
 /// One argument value.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum Val {
     /// SQL NULL.
+    #[default]
     Null,
     /// Signed integers.
     Int(i64),
@@ -341,9 +342,25 @@ impl Acc {
     }
 }
 
+/// Kinds of row chunks a key writes (see [`KeyAgg::save`]).
+pub const FRAME_CHUNK: u8 = b'F';
+/// Chunks of pending rows' `pre` columns.
+pub const PENDING_CHUNK: u8 = b'P';
+/// Frame chunks a key keeps before they are rewritten as one (bounds the reads of a key
+/// coming back from disk, and each row is rewritten about once per this many saves).
+const MAX_FRAME_CHUNKS: usize = 32;
+
+/// Puts (`Some`) and deletes (`None`) of chunks.
+pub type ChunkWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// A key's frame rows and accumulators. Rows are in event-time order and numbered by a
 /// sequence (`front` is the number of `times[0]`); rows numbered below `added` are in the
 /// accumulators, and aggregate `i`'s frame starts at row `starts[i]`.
+///
+/// On disk a key is the chunks of rows it got between two checkpoints, each written once:
+/// frame chunks (time and arguments) and pending chunks (the `pre` columns of rows not decided
+/// yet). Everything else follows from the rows and the time up to which rows are decided (see
+/// [`KeyAgg::load`]), so a checkpoint writes what arrived, not what the key holds.
 #[derive(Debug, Clone)]
 pub struct KeyAgg {
     times: VecDeque<i64>,
@@ -357,6 +374,12 @@ pub struct KeyAgg {
     kinds: Vec<Val>,
     /// Rows not decided yet: event time, row id, the row's `pre` columns (Arrow row format).
     pub pending: Vec<(i64, u64, Box<[u8]>)>,
+    /// Rows that arrived since the last save: (time, row id).
+    fresh: Vec<(i64, u64)>,
+    /// Saved chunks: (id, newest event time in it).
+    frame_chunks: Vec<(u64, i64)>,
+    pending_chunks: Vec<(u64, i64)>,
+    next_chunk: u64,
 }
 
 impl KeyAgg {
@@ -371,6 +394,10 @@ impl KeyAgg {
             accs: aggregates.iter().map(Acc::new).collect(),
             kinds: vec![Val::Null; aggregates.len()],
             pending: Vec::new(),
+            fresh: Vec::new(),
+            frame_chunks: Vec::new(),
+            pending_chunks: Vec::new(),
+            next_chunk: 0,
         }
     }
 
@@ -402,6 +429,8 @@ impl KeyAgg {
             + self.args.capacity() * vals
             + self.pending.capacity() * 40
             + self.pending.iter().map(|p| p.2.len() + 16).sum::<usize>()
+            + self.fresh.capacity() * 16
+            + (self.frame_chunks.capacity() + self.pending_chunks.capacity()) * 16
             + self.accs.capacity() * std::mem::size_of::<Acc>()
             + (self.starts.capacity() + self.kinds.capacity()) * 24
             + distinct
@@ -416,6 +445,7 @@ impl KeyAgg {
                 *kind = v.clone();
             }
         }
+        self.fresh.push((time, row));
         let first_free = (self.added - self.front) as usize;
         let mut at = self.times.len();
         while at > first_free && self.times[at - 1] > time {
@@ -494,67 +524,237 @@ impl KeyAgg {
         self.times.is_empty() && self.pending.is_empty()
     }
 
-    /// Serialises for the state store (after the 9-byte header the caller writes).
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.front.to_le_bytes());
-        out.extend_from_slice(&self.added.to_le_bytes());
-        out.extend_from_slice(&(self.starts.len() as u32).to_le_bytes());
-        for s in &self.starts {
-            out.extend_from_slice(&s.to_le_bytes());
-        }
-        for k in &self.kinds {
-            k.encode(out);
-        }
-        out.extend_from_slice(&(self.times.len() as u32).to_le_bytes());
-        for t in &self.times {
-            out.extend_from_slice(&t.to_le_bytes());
-        }
-        for v in &self.args {
-            v.encode(out);
-        }
-        out.extend_from_slice(&(self.pending.len() as u32).to_le_bytes());
-        for (t, r, bytes) in &self.pending {
-            out.extend_from_slice(&t.to_le_bytes());
-            out.extend_from_slice(&r.to_le_bytes());
-            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            out.extend_from_slice(bytes);
-        }
+    /// Drops every row (the key is forgotten; [`Self::save`] then deletes its chunks).
+    pub fn clear(&mut self) {
+        self.times.clear();
+        self.args.clear();
+        self.pending.clear();
     }
 
-    /// Reads what [`Self::encode`] wrote and rebuilds the accumulators from the frame rows.
-    pub fn decode(aggregates: &[WindowAggregate], mut input: &[u8]) -> Option<Self> {
-        let input = &mut input;
-        let u64_at =
-            |input: &mut &[u8]| -> Option<u64> { Some(u64::from_le_bytes(take(input, 8)?.try_into().ok()?)) };
-        let u32_at =
-            |input: &mut &[u8]| -> Option<u32> { Some(u32::from_le_bytes(take(input, 4)?.try_into().ok()?)) };
-        let mut agg = Self::new(aggregates);
-        agg.front = u64_at(input)?;
-        agg.added = u64_at(input)?;
-        let n = u32_at(input)? as usize;
-        if n != aggregates.len() {
-            return None;
+    /// Whether rows arrived since the last save.
+    pub fn has_fresh_rows(&self) -> bool {
+        !self.fresh.is_empty()
+    }
+
+    /// Adds to `out` the chunk writes that bring the key on disk up to date: a frame chunk and
+    /// a pending chunk of the rows that arrived since the last save (or, past
+    /// [`MAX_FRAME_CHUNKS`], one frame chunk of every row held instead of the others), and
+    /// deletes of chunks no frame or pending row needs any more. `chunk_key` names a chunk by
+    /// kind and id; rows older than `decided_until` are decided; a frame chunk is of no use
+    /// `horizon` µs after its newest row, a pending chunk `lateness` µs after. A key that
+    /// holds nothing deletes every chunk.
+    pub fn save(
+        &mut self,
+        chunk_key: impl Fn(u8, u64) -> Vec<u8>,
+        decided_until: i64,
+        horizon: i64,
+        lateness: i64,
+        out: &mut ChunkWrites,
+    ) {
+        let stride = self.stride();
+        if self.is_empty() {
+            for (id, _) in self.frame_chunks.drain(..) {
+                out.push((chunk_key(FRAME_CHUNK, id), None));
+            }
+            for (id, _) in self.pending_chunks.drain(..) {
+                out.push((chunk_key(PENDING_CHUNK, id), None));
+            }
+            self.fresh.clear();
+            return;
         }
-        agg.starts = (0..n).map(|_| u64_at(input)).collect::<Option<_>>()?;
-        agg.kinds = (0..n).map(|_| Val::decode(input)).collect::<Option<_>>()?;
-        let rows = u32_at(input)? as usize;
-        agg.times = (0..rows)
-            .map(|_| u64_at(input).map(|t| t as i64))
-            .collect::<Option<_>>()?;
-        agg.args = (0..rows * n).map(|_| Val::decode(input)).collect::<Option<_>>()?;
-        let pending = u32_at(input)? as usize;
-        for _ in 0..pending {
-            let t = u64_at(input)? as i64;
-            let r = u64_at(input)?;
-            let len = u32_at(input)? as usize;
-            agg.pending.push((t, r, take(input, len)?.into()));
+        self.fresh.sort_unstable();
+        if !self.fresh.is_empty() {
+            let id = self.next_chunk;
+            self.next_chunk += 1;
+            let (entries, newest) = if self.frame_chunks.len() < MAX_FRAME_CHUNKS {
+                self.fresh_entries()
+            } else {
+                // Every row held, in order: `ord` is the position.
+                for (old, _) in self.frame_chunks.drain(..) {
+                    out.push((chunk_key(FRAME_CHUNK, old), None));
+                }
+                let mut entries = Vec::new();
+                for (i, time) in self.times.iter().enumerate() {
+                    entries.extend_from_slice(&time.to_le_bytes());
+                    entries.extend_from_slice(&(i as u64).to_le_bytes());
+                    for v in self.args.range(i * stride..(i + 1) * stride) {
+                        v.encode(&mut entries);
+                    }
+                }
+                (entries, self.times.back().copied().unwrap_or(i64::MIN))
+            };
+            // (Empty when every fresh row has left the frames already.)
+            if !entries.is_empty() {
+                let mut value = newest.saturating_add(horizon).to_le_bytes().to_vec();
+                value.extend_from_slice(&entries);
+                out.push((chunk_key(FRAME_CHUNK, id), Some(value)));
+                self.frame_chunks.push((id, newest));
+            }
+        }
+        // Chunks whose rows every frame has left.
+        let oldest = self.times.front().copied().unwrap_or(i64::MAX);
+        self.frame_chunks.retain(|(id, newest)| {
+            let keep = *newest >= oldest;
+            if !keep {
+                out.push((chunk_key(FRAME_CHUNK, *id), None));
+            }
+            keep
+        });
+        if !self.fresh.is_empty() {
+            let mut value = Vec::new();
+            let mut newest = i64::MIN;
+            for (time, row) in self.fresh.drain(..) {
+                let at = self.pending.partition_point(|(t, r, _)| (*t, *r) < (time, row));
+                if let Some((_, _, bytes)) = self.pending.get(at).filter(|p| (p.0, p.1) == (time, row)) {
+                    value.extend_from_slice(&time.to_le_bytes());
+                    value.extend_from_slice(&row.to_le_bytes());
+                    value.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    value.extend_from_slice(bytes);
+                    newest = newest.max(time);
+                }
+            }
+            if !value.is_empty() {
+                let id = self.next_chunk;
+                self.next_chunk += 1;
+                let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
+                chunk.extend_from_slice(&value);
+                out.push((chunk_key(PENDING_CHUNK, id), Some(chunk)));
+                self.pending_chunks.push((id, newest));
+            }
+        }
+        // Chunks whose rows are all decided.
+        self.pending_chunks.retain(|(id, newest)| {
+            let keep = *newest >= decided_until;
+            if !keep {
+                out.push((chunk_key(PENDING_CHUNK, *id), None));
+            }
+            keep
+        });
+    }
+
+    /// The frame chunk entries of the rows that arrived since the last save (`fresh`, sorted),
+    /// and the newest time among them. Rows of equal time are held in arrival order, so the
+    /// fresh rows of a time are the last ones of that time; rows every frame has already left
+    /// are not needed.
+    fn fresh_entries(&self) -> (Vec<u8>, i64) {
+        let stride = self.stride();
+        let mut entries = Vec::with_capacity(self.fresh.len() * (16 + stride * 9));
+        let mut newest = i64::MIN;
+        for same in self.fresh.chunk_by(|a, b| a.0 == b.0) {
+            let time = same[0].0;
+            let end = self.times.partition_point(|t| *t <= time);
+            let start = self
+                .times
+                .partition_point(|t| *t < time)
+                .max(end.saturating_sub(same.len()));
+            let held = &same[same.len() - (end - start)..];
+            for (&(_, row), at) in held.iter().zip(start..end) {
+                entries.extend_from_slice(&time.to_le_bytes());
+                entries.extend_from_slice(&row.to_le_bytes());
+                for v in self.args.range(at * stride..(at + 1) * stride) {
+                    v.encode(&mut entries);
+                }
+                newest = time;
+            }
+        }
+        (entries, newest)
+    }
+
+    /// The pending rows of a pending chunk's value (after its expiry): time, row id, bytes.
+    pub fn pending_rows(value: &[u8]) -> Option<Vec<(i64, u64, &[u8])>> {
+        let mut input = value.get(8..)?;
+        let input = &mut input;
+        let mut out = Vec::new();
+        while !input.is_empty() {
+            let time = i64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+            let row = u64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+            let len = u32::from_le_bytes(take(input, 4)?.try_into().ok()?) as usize;
+            out.push((time, row, take(input, len)?));
+        }
+        Some(out)
+    }
+
+    /// Rebuilds a key from its chunks ((id, value) of its frame and pending chunks), given that
+    /// every row older than `decided_until` was decided (and so entered the accumulators) and
+    /// no other: the frames end at the newest of those rows, rows older than every frame are
+    /// dropped, and the pending rows are those not older than `decided_until`. `None` when a
+    /// chunk does not decode.
+    pub fn load(
+        aggregates: &[WindowAggregate],
+        frame: &[(u64, Vec<u8>)],
+        pending: &[(u64, Vec<u8>)],
+        decided_until: i64,
+    ) -> Option<Self> {
+        let n = aggregates.len();
+        let mut agg = Self::new(aggregates);
+        // (time, chunk id, order in chunk, where its arguments start in `values`): chunks in
+        // id order are in arrival order, so this is the order rows were held in.
+        let mut rows: Vec<(i64, u64, u64, usize)> = Vec::new();
+        let mut values: Vec<Val> = Vec::new();
+        for (id, value) in frame {
+            let mut input = value.get(8..)?;
+            let input = &mut input;
+            let mut newest = i64::MIN;
+            while !input.is_empty() {
+                let time = i64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                let ord = u64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                rows.push((time, *id, ord, values.len()));
+                for _ in 0..n {
+                    values.push(Val::decode(input)?);
+                }
+                newest = newest.max(time);
+            }
+            agg.frame_chunks.push((*id, newest));
+            agg.next_chunk = agg.next_chunk.max(id + 1);
+        }
+        rows.sort_unstable_by_key(|(t, id, ord, _)| (*t, *id, *ord));
+        for (k, kind) in agg.kinds.iter_mut().enumerate() {
+            if let Some(v) = values.iter().skip(k).step_by(n.max(1)).find(|v| **v != Val::Null) {
+                *kind = v.clone();
+            }
+        }
+        let entered = rows.partition_point(|r| r.0 < decided_until);
+        let first = match entered.checked_sub(1).map(|last| rows[last].0) {
+            // The frames end at the newest decided row: rows older than every frame are gone.
+            Some(end) => {
+                let oldest_start = aggregates
+                    .iter()
+                    .map(|a| end.saturating_sub(a.length))
+                    .min()
+                    .unwrap_or(end);
+                let first = rows[..entered].partition_point(|r| r.0 < oldest_start);
+                for (k, a) in aggregates.iter().enumerate() {
+                    let from = end.saturating_sub(a.length);
+                    agg.starts[k] = (rows[first..entered].partition_point(|r| r.0 < from)) as u64;
+                }
+                first
+            }
+            None => 0,
+        };
+        agg.added = (entered - first) as u64;
+        agg.times.reserve(rows.len() - first);
+        agg.args.reserve((rows.len() - first) * n);
+        for &(time, _, _, at) in &rows[first..] {
+            agg.times.push_back(time);
+            agg.args.extend(values[at..at + n].iter_mut().map(std::mem::take));
         }
         for (k, acc) in agg.accs.iter_mut().enumerate() {
             for seq in agg.starts[k]..agg.added {
-                let i = (seq - agg.front) as usize;
-                acc.add(&agg.args[i * n + k], seq);
+                acc.add(&agg.args[seq as usize * n + k], seq);
             }
         }
+        for (id, value) in pending {
+            let mut newest = i64::MIN;
+            for (time, row, bytes) in Self::pending_rows(value)? {
+                newest = newest.max(time);
+                if time >= decided_until {
+                    agg.pending.push((time, row, bytes.into()));
+                }
+            }
+            agg.pending_chunks.push((*id, newest));
+            agg.next_chunk = agg.next_chunk.max(id + 1);
+        }
+        agg.pending.sort_unstable_by_key(|(t, r, _)| (*t, *r));
         Some(agg)
     }
 }

@@ -26,7 +26,7 @@ use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowAggregate, WindowSplit};
 
 use crate::decide::DecisionMaker;
-use crate::incremental::{KeyAgg, Val};
+use crate::incremental::{FRAME_CHUNK, KeyAgg, PENDING_CHUNK, Val};
 use crate::state::{Commit, StateError, StateStore, expires_at};
 use crate::triggers::TriggerStore;
 use rustc_hash::FxHashMap;
@@ -39,6 +39,18 @@ const ROW_HEADER: usize = 20;
 const FIRED: u8 = 1;
 /// Flag: the value is an incremental key ([`KeyAgg`]).
 const INCREMENTAL: u8 = 2;
+
+/// Incremental windows: the store key of a chunk of `key` without its id: the detector's tag,
+/// the chunk kind, then the key with its length (so that no key's chunks share a prefix with
+/// another key's). The id follows, big-endian, so a key's chunks are in id order.
+fn chunk_prefix(tag: &[u8], kind: u8, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tag.len() + key.len() + 13);
+    k.extend_from_slice(tag);
+    k.push(kind);
+    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
 
 /// One stored row.
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +153,12 @@ pub struct KeyedState {
     due: BTreeSet<(i64, Box<[u8]>)>,
     /// Incremental sliding windows: the aggregates (see [`crate::incremental`]).
     aggregates: Option<Vec<WindowAggregate>>,
+    /// Incremental sliding windows: every row older than this was decided.
+    decided_until: i64,
+    /// The windows' reach (µs).
+    reach: i64,
+    /// The pipeline's allowed lateness (µs).
+    lateness: i64,
     /// Counts batches, to know which cached keys were used recently.
     tick: u64,
 }
@@ -153,7 +171,7 @@ pub type Touched = Vec<(Box<[u8]>, usize)>;
 
 impl KeyedState {
     /// Empty state for `detector` (windowed).
-    pub fn new(detector: &CompiledDetector, split: &WindowSplit) -> Result<Self, String> {
+    pub fn new(detector: &CompiledDetector, split: &WindowSplit, lateness: i64) -> Result<Self, String> {
         let fields = |types: Vec<datafusion::arrow::datatypes::DataType>| {
             types.into_iter().map(SortField::new).collect::<Vec<_>>()
         };
@@ -186,6 +204,9 @@ impl KeyedState {
             pending: BTreeMap::new(),
             due: BTreeSet::new(),
             aggregates: split.incremental.as_ref().map(|i| i.aggregates.clone()),
+            decided_until: i64::MIN,
+            reach: micros(split.reach),
+            lateness,
             tick: 0,
         })
     }
@@ -197,6 +218,17 @@ impl KeyedState {
         k
     }
 
+    /// The key and id of a chunk key of this detector and `kind`.
+    fn split_chunk_key<'k>(&self, kind: u8, chunk_key: &'k [u8]) -> Option<(&'k [u8], u64)> {
+        let rest = chunk_key
+            .strip_prefix(self.tag.as_slice())?
+            .strip_prefix(&[kind])?;
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let key = rest.get(4..4 + len)?;
+        let id = u64::from_be_bytes(rest.get(4 + len..)?.try_into().ok()?);
+        Some((key, id))
+    }
+
     fn pending_meta_key(&self) -> String {
         format!(
             "pending/{}",
@@ -204,8 +236,32 @@ impl KeyedState {
         )
     }
 
-    /// Restores the rows that were waiting when the state was last written.
-    pub fn restore(&mut self, store: &StateStore) -> Result<(), StateError> {
+    /// Restores the rows that were waiting when the state was last written (for incremental
+    /// windows: the keys with pending rows not older than `decided_until`).
+    pub fn restore(&mut self, store: &StateStore, decided_until: i64) -> Result<(), StateError> {
+        if self.aggregates.is_some() {
+            self.decided_until = decided_until;
+            let mut prefix = self.tag.clone();
+            prefix.push(PENDING_CHUNK);
+            let mut oldest: FxHashMap<Box<[u8]>, i64> = FxHashMap::default();
+            for (chunk_key, value) in store.chunks(&prefix)? {
+                let corrupt = || StateError::Corrupt {
+                    path: store.path().to_path_buf(),
+                    what: format!("pending rows chunk {}", hex::encode(&chunk_key)),
+                    reason: "does not decode".into(),
+                };
+                let (key, _) = self
+                    .split_chunk_key(PENDING_CHUNK, &chunk_key)
+                    .ok_or_else(corrupt)?;
+                let rows = KeyAgg::pending_rows(&value).ok_or_else(corrupt)?;
+                if let Some(t) = rows.iter().map(|r| r.0).filter(|t| *t >= decided_until).min() {
+                    let o = oldest.entry(key.into()).or_insert(t);
+                    *o = (*o).min(t);
+                }
+            }
+            self.due.extend(oldest.into_iter().map(|(k, t)| (t, k)));
+            return Ok(());
+        }
         let key = self.pending_meta_key();
         let Some(bytes) = store.meta(&key)? else {
             return Ok(());
@@ -228,24 +284,42 @@ impl KeyedState {
 
     fn entry(&mut self, store: &StateStore, key: &[u8]) -> Result<&mut Entry, StateError> {
         if !self.cache.contains_key(key) {
-            let mut value = store.get(&self.store_key(key))?.unwrap_or_default();
-            let agg = match &self.aggregates {
+            let (value, agg) = match &self.aggregates {
                 Some(aggregates) => {
-                    let agg = match value.get(HEADER..) {
-                        Some(body) => {
-                            KeyAgg::decode(aggregates, body).ok_or_else(|| StateError::Corrupt {
+                    let chunks = |kind| -> Result<Vec<(u64, Vec<u8>)>, StateError> {
+                        Ok(store
+                            .chunks(&chunk_prefix(&self.tag, kind, key))?
+                            .into_iter()
+                            .filter_map(|(k, v)| Some((self.split_chunk_key(kind, &k)?.1, v)))
+                            .collect())
+                    };
+                    let frame = chunks(FRAME_CHUNK)?;
+                    // Pending rows are frame rows too: with none as new as `decided_until`,
+                    // there are none to read.
+                    let newest = frame.iter().map(|(_, v)| expires_at(v)).max().unwrap_or(i64::MIN);
+                    let undecided =
+                        newest.saturating_sub(self.reach.saturating_add(self.lateness)) >= self.decided_until;
+                    let pending = if undecided {
+                        chunks(PENDING_CHUNK)?
+                    } else {
+                        Vec::new()
+                    };
+                    let agg =
+                        KeyAgg::load(aggregates, &frame, &pending, self.decided_until).ok_or_else(|| {
+                            StateError::Corrupt {
                                 path: store.path().to_path_buf(),
                                 what: format!("window state of key {}", hex::encode(key)),
                                 reason: "does not decode".into(),
-                            })?
-                        }
-                        None => KeyAgg::new(aggregates),
-                    };
-                    value.truncate(HEADER);
-                    value.shrink_to_fit();
-                    Some(Box::new(agg))
+                            }
+                        })?;
+                    let mut value = Vec::new();
+                    let expires = agg.newest().map_or(i64::MIN, |n| {
+                        n.saturating_add(self.reach).saturating_add(self.lateness)
+                    });
+                    set_header(&mut value, expires, INCREMENTAL);
+                    (value, Some(Box::new(agg)))
                 }
-                None => None,
+                None => (store.get(&self.store_key(key))?.unwrap_or_default(), None),
             };
             let entry = Entry {
                 value,
@@ -361,8 +435,27 @@ impl KeyedState {
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Result<Vec<(u64, Decision)>, String> {
-        let plan = split.incremental.as_ref().expect("incremental detector");
         let limit = (!all).then(|| ctx.clock.watermark());
+        let decided = self.decide_due(detector, split, ctx, limit);
+        // Only now: keys read back from disk while deciding had their rows up to the old
+        // limit decided, no further. (Deciding everything at the end of the input leaves
+        // it: on disk those rows stay pending, and a later run decides them again, with the
+        // same ids.)
+        if let Some(limit) = limit {
+            self.decided_until = self.decided_until.max(limit);
+        }
+        decided
+    }
+
+    /// [`Self::decide_incremental`] for the keys with rows older than `limit`.
+    fn decide_due(
+        &mut self,
+        detector: &CompiledDetector,
+        split: &WindowSplit,
+        ctx: &DecideContext<'_>,
+        limit: Option<i64>,
+    ) -> Result<Vec<(u64, Decision)>, String> {
+        let plan = split.incremental.as_ref().expect("incremental detector");
         let due_keys: Vec<Box<[u8]>> = match limit {
             Some(limit) => {
                 let later = self.due.split_off(&(limit, Box::from([])));
@@ -714,22 +807,36 @@ impl KeyedState {
         let now = clock.newest;
         let mut expired = Vec::new();
         let mut bytes = 0;
+        let horizon = self.reach.saturating_add(clock.lateness);
         for (key, entry) in &mut self.cache {
             let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(|a| a.is_empty());
-            if entry.dirty {
+            if let Some(agg) = &mut entry.agg {
+                if entry.dirty || gone {
+                    if gone {
+                        agg.clear();
+                    }
+                    let tag = &self.tag;
+                    let chunk_key = |kind: u8, id: u64| {
+                        let mut k = chunk_prefix(tag, kind, key);
+                        k.extend_from_slice(&id.to_be_bytes());
+                        k
+                    };
+                    agg.save(
+                        chunk_key,
+                        self.decided_until,
+                        horizon,
+                        clock.lateness,
+                        &mut commit.chunks,
+                    );
+                    entry.dirty = false;
+                }
+            } else if entry.dirty {
                 let store_key = {
                     let mut k = self.tag.clone();
                     k.extend_from_slice(key);
                     k
                 };
-                let value = (!gone).then(|| match &entry.agg {
-                    Some(agg) => {
-                        let mut v = entry.value.clone();
-                        agg.encode(&mut v);
-                        v
-                    }
-                    None => entry.value.clone(),
-                });
+                let value = (!gone).then(|| entry.value.clone());
                 commit.rows.push((store_key, value));
                 entry.dirty = false;
             }
@@ -743,11 +850,14 @@ impl KeyedState {
             self.cache.remove(&key);
         }
         self.cache_bytes = bytes;
+        if self.aggregates.is_some() {
+            // (Their pending rows are in their keys' chunks.)
+            return;
+        }
         let pending: Vec<PendingRow> = self
             .pending
             .iter()
             .map(|((time, row), key)| (*time, *row, key))
-            .chain(self.due.iter().map(|(time, key)| (*time, 0, key)))
             .map(|(time, row, key)| PendingRow {
                 time,
                 row,
@@ -756,7 +866,7 @@ impl KeyedState {
             .collect();
         commit.meta.push((
             self.pending_meta_key(),
-            serde_json::to_vec(&pending).expect("pending rows serialise"),
+            Some(serde_json::to_vec(&pending).expect("pending rows serialise")),
         ));
     }
 

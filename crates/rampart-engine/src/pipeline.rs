@@ -144,6 +144,13 @@ impl Windows {
 struct StoredClock {
     newest: i64,
     next_row: u64,
+    /// Every window row older than this was decided.
+    #[serde(default = "no_time")]
+    decided_until: i64,
+}
+
+fn no_time() -> i64 {
+    i64::MIN
 }
 
 /// What one batch produced.
@@ -256,6 +263,7 @@ impl Pipeline {
             }
             StateChoice::Temporary => None,
         };
+        let mut decided_until = i64::MIN;
         if let Some(store) = &store {
             if let Some(bytes) = store.meta("clock")? {
                 let stored: StoredClock =
@@ -266,17 +274,10 @@ impl Pipeline {
                     })?;
                 windows.clock.newest = stored.newest;
                 windows.next_row = stored.next_row;
+                decided_until = stored.decided_until;
                 store.advance_clock(stored.newest);
             }
-            if let Some(bytes) = store.meta("triggers")? {
-                let triggers: Vec<(u64, crate::decide::Trigger)> =
-                    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                        path: store.path().to_path_buf(),
-                        what: "triggers".into(),
-                        reason: e.to_string(),
-                    })?;
-                windows.triggers.restore(triggers);
-            }
+            windows.triggers.load(store, windows.clock.watermark())?;
             if let Some(bytes) = store.meta("guard")? {
                 self.guard().restore(&bytes).map_err(|e| StateError::Corrupt {
                     path: store.path().to_path_buf(),
@@ -294,7 +295,7 @@ impl Pipeline {
         }
         for detector in windowed {
             let split = detector.split().expect("windowed detectors have a split");
-            let mut keyed = KeyedState::new(detector, split).map_err(|e| {
+            let mut keyed = KeyedState::new(detector, split, lateness).map_err(|e| {
                 LoadError::Config(vec![Problem::at(
                     &detector.path,
                     1,
@@ -302,7 +303,7 @@ impl Pipeline {
                 )])
             })?;
             if let Some(store) = &store {
-                keyed.restore(store)?;
+                keyed.restore(store, decided_until)?;
             }
             windows.keyed.push(keyed);
         }
@@ -585,30 +586,24 @@ impl Pipeline {
         let clock = StoredClock {
             newest: windows.clock.newest,
             next_row: windows.next_row,
+            // Every batch decides the rows older than the watermark.
+            decided_until: windows.clock.watermark(),
         };
         commit.meta.push((
             "clock".into(),
-            serde_json::to_vec(&clock).expect("clock serialises"),
+            Some(serde_json::to_vec(&clock).expect("clock serialises")),
         ));
-        commit.meta.push(("guard".into(), guard));
-        let waiting = windows.triggers.waiting(windows.clock.watermark());
-        commit.meta.push((
-            "triggers".into(),
-            serde_json::to_vec(&waiting).expect("triggers serialise"),
-        ));
+        commit.meta.push(("guard".into(), Some(guard)));
+        windows.triggers.save(&mut commit.meta);
         if self.is_persistent() {
             commit.meta.push((
                 "progress".into(),
-                serde_json::to_vec(progress).expect("progress serialises"),
+                Some(serde_json::to_vec(progress).expect("progress serialises")),
             ));
             windows.progress = progress.clone();
         }
-        let rows = commit.rows.len();
-        let bytes: usize = commit
-            .rows
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum();
+        let rows = commit.rows.len() + commit.chunks.len();
+        let bytes = commit.bytes();
         let before_write = started.elapsed();
         store.write(commit)?;
         tracing::debug!(

@@ -1,6 +1,7 @@
-//! The window state store: RocksDB, one value per detector and key, plus a little metadata
-//! (the event-time clock, rows waiting for their frame to complete, input progress), all
-//! written in one atomic write batch per checkpoint.
+//! The window state store: RocksDB, one value per detector and key (`rows`), the chunks of
+//! rows incremental windows append per key (`chunks`), and a little metadata (the event-time
+//! clock, the events behind waiting rows, input progress), all written in one atomic write
+//! batch per checkpoint.
 //!
 //! Values start with the event time after which they are of no use to any window
 //! ([`expires_at`]); a compaction filter drops them once the clock has passed it, so keys that
@@ -11,10 +12,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use rocksdb::compaction_filter::Decision as Keep;
-use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions,
+};
 
 /// Column family of per-detector, per-key values.
 const ROWS: &str = "rows";
+/// Column family of the row chunks incremental windows append per key (values start with
+/// their expiry, like `rows`).
+const CHUNKS: &str = "chunks";
 /// Column family of metadata.
 const META: &str = "meta";
 
@@ -97,27 +104,35 @@ impl StateStore {
         db_options.set_max_total_wal_size(64 << 20);
         db_options.set_keep_log_file_num(2);
 
-        let mut rows = Options::default();
-        rows.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        rows.set_write_buffer_size(16 << 20);
-        rows.set_max_write_buffer_number(2);
-        let mut table = BlockBasedOptions::default();
-        table.set_bloom_filter(10.0, false);
-        table.set_block_cache(&rocksdb::Cache::new_lru_cache(16 << 20));
-        rows.set_block_based_table_factory(&table);
-        let filter_clock = Arc::clone(&clock);
-        rows.set_compaction_filter("rampart-expired-windows", move |_level, _key, value: &[u8]| {
-            if expires_at(value) < filter_clock.load(Ordering::Relaxed) {
-                Keep::Remove
-            } else {
-                Keep::Keep
+        let cache = rocksdb::Cache::new_lru_cache(16 << 20);
+        let expiring = |bloom: bool| {
+            let mut options = Options::default();
+            options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            options.set_write_buffer_size(16 << 20);
+            options.set_max_write_buffer_number(2);
+            let mut table = BlockBasedOptions::default();
+            if bloom {
+                table.set_bloom_filter(10.0, false);
             }
-        });
+            table.set_block_cache(&cache);
+            options.set_block_based_table_factory(&table);
+            let filter_clock = Arc::clone(&clock);
+            options.set_compaction_filter("rampart-expired-windows", move |_level, _key, value: &[u8]| {
+                if expires_at(value) < filter_clock.load(Ordering::Relaxed) {
+                    Keep::Remove
+                } else {
+                    Keep::Keep
+                }
+            });
+            options
+        };
         let db = DB::open_cf_descriptors(
             &db_options,
             dir,
             [
-                ColumnFamilyDescriptor::new(ROWS, rows),
+                ColumnFamilyDescriptor::new(ROWS, expiring(true)),
+                // Read by prefix scans: a whole-key bloom filter would not help.
+                ColumnFamilyDescriptor::new(CHUNKS, expiring(false)),
                 ColumnFamilyDescriptor::new(META, Options::default()),
             ],
         )
@@ -163,10 +178,44 @@ impl StateStore {
         self.db.get_cf(cf, key).map_err(|e| self.error(e))
     }
 
+    /// The metadata entries whose keys start with `prefix`, in key order.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Entries, StateError> {
+        self.scan(META, prefix.as_bytes(), false)
+    }
+
+    /// The chunks whose keys start with `prefix` and that have not expired, in key order.
+    pub fn chunks(&self, prefix: &[u8]) -> Result<Entries, StateError> {
+        self.scan(CHUNKS, prefix, true)
+    }
+
+    fn scan(&self, cf: &str, prefix: &[u8], expiring: bool) -> Result<Entries, StateError> {
+        let cf = self.db.cf_handle(cf).expect("opened with this column family");
+        let mut options = ReadOptions::default();
+        if let Some(end) = successor(prefix) {
+            options.set_iterate_upper_bound(end);
+        }
+        let now = self.clock.load(Ordering::Relaxed);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf_opt(cf, options, IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|e| self.error(e))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if !expiring || expires_at(&value) >= now {
+                out.push((key.into_vec(), value.into_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes `commit` atomically (not synced to disk: a crash may lose the last checkpoints,
     /// never half of one).
     pub fn write(&self, commit: Commit) -> Result<(), StateError> {
         let rows = self.db.cf_handle(ROWS).expect("opened with this column family");
+        let chunks = self.db.cf_handle(CHUNKS).expect("opened with this column family");
         let meta = self.db.cf_handle(META).expect("opened with this column family");
         let mut batch = WriteBatch::default();
         for (key, value) in commit.rows {
@@ -175,8 +224,17 @@ impl StateStore {
                 None => batch.delete_cf(rows, key),
             }
         }
+        for (key, value) in commit.chunks {
+            match value {
+                Some(v) => batch.put_cf(chunks, key, v),
+                None => batch.delete_cf(chunks, key),
+            }
+        }
         for (key, value) in commit.meta {
-            batch.put_cf(meta, key, value);
+            match value {
+                Some(v) => batch.put_cf(meta, key, v),
+                None => batch.delete_cf(meta, key),
+            }
         }
         let mut options = WriteOptions::default();
         options.set_sync(false);
@@ -191,7 +249,7 @@ impl StateStore {
     /// Flushes memtables to SST files and compacts, so that [`Self::size_on_disk`] shows the
     /// steady-state size (benchmarks; not needed for correctness).
     pub fn compact(&self) -> Result<(), StateError> {
-        for name in [ROWS, META] {
+        for name in [ROWS, CHUNKS, META] {
             let cf = self.db.cf_handle(name).expect("opened with this column family");
             self.db.flush_cf(cf).map_err(|e| self.error(e))?;
             self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
@@ -215,11 +273,42 @@ fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// What one checkpoint writes.
+/// The smallest key greater than every key starting with `prefix` (`None`: there is none).
+fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Stored entries: (key, value) in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What one checkpoint writes: entries to put (`Some`) or delete (`None`).
 #[derive(Debug, Default)]
 pub struct Commit {
-    /// Detector key values to put (`Some`) or delete (`None`).
+    /// Detector key values.
     pub rows: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    /// Metadata entries to put.
-    pub meta: Vec<(String, Vec<u8>)>,
+    /// Row chunks of incremental windows.
+    pub chunks: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Metadata entries.
+    pub meta: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Commit {
+    /// Bytes of keys and values put.
+    pub fn bytes(&self) -> usize {
+        let size = |(k, v): &(Vec<u8>, Option<Vec<u8>>)| k.len() + v.as_ref().map_or(0, Vec::len);
+        self.rows.iter().map(size).sum::<usize>()
+            + self.chunks.iter().map(size).sum::<usize>()
+            + self
+                .meta
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
+    }
 }

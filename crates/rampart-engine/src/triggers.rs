@@ -1,7 +1,9 @@
 //! The events behind window rows that are not decided yet, shared by all windowed detectors:
 //! a decision names its triggering event (time, actor, action, source position). Batches are
 //! kept in a slim form (those four columns, no raw record) until the watermark passes their
-//! newest event; what is still needed at a checkpoint is persisted with the window state.
+//! newest event. Each batch is written to the state once, at the first checkpoint after it
+//! came (one metadata entry per batch, `triggers/<first row>`), and deleted once the watermark
+//! has passed it.
 
 use std::collections::VecDeque;
 
@@ -11,11 +13,17 @@ use rustc_hash::FxHashMap;
 
 use crate::decide::Trigger;
 use crate::decode::EventBatch;
+use crate::state::{StateError, StateStore};
+
+/// Metadata key prefix of persisted batches.
+const PREFIX: &str = "triggers/";
 
 /// A batch's trigger columns.
 struct SlimBatch {
     first_row: u64,
     newest: i64,
+    /// Written to the state already.
+    saved: bool,
     times: TimestampMicrosecondArray,
     actors: StringArray,
     actions: StringArray,
@@ -33,12 +41,28 @@ impl SlimBatch {
     }
 }
 
+/// A persisted batch.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredBatch {
+    first_row: u64,
+    newest: i64,
+    triggers: Vec<Trigger>,
+}
+
 /// Triggers of rows that may still be decided.
 #[derive(Default)]
 pub struct TriggerStore {
     batches: VecDeque<SlimBatch>,
     /// Restored from a checkpoint (their batches are gone).
     restored: FxHashMap<u64, Trigger>,
+    /// Persisted batches that are not in `batches`: (first row, newest time).
+    restored_batches: Vec<(u64, i64)>,
+    /// Persisted batches forgotten since the last save (their first rows).
+    forgotten: Vec<u64>,
+}
+
+fn meta_key(first_row: u64) -> String {
+    format!("{PREFIX}{first_row:020}")
 }
 
 impl TriggerStore {
@@ -60,6 +84,7 @@ impl TriggerStore {
         self.batches.push_back(SlimBatch {
             first_row: events.first_row,
             newest,
+            saved: false,
             times: times.clone(),
             actors: actors.clone(),
             actions: actions.clone(),
@@ -82,35 +107,58 @@ impl TriggerStore {
 
     /// Forgets batches and triggers older than `watermark` (every such row is decided).
     pub fn prune(&mut self, watermark: i64) {
-        while self.batches.front().is_some_and(|b| b.newest < watermark) {
+        while let Some(b) = self.batches.front().filter(|b| b.newest < watermark) {
+            if b.saved {
+                self.forgotten.push(b.first_row);
+            }
             self.batches.pop_front();
         }
         if !self.restored.is_empty() {
             self.restored.retain(|_, t| t.time >= watermark);
         }
-    }
-
-    /// The triggers of every kept row at or after `watermark` (rows that may be waiting).
-    pub fn waiting(&self, watermark: i64) -> Vec<(u64, Trigger)> {
-        let mut out: Vec<(u64, Trigger)> = self
-            .restored
-            .iter()
-            .filter(|(_, t)| t.time >= watermark)
-            .map(|(r, t)| (*r, t.clone()))
-            .collect();
-        for b in &self.batches {
-            for i in 0..b.times.len() {
-                if b.times.value(i) >= watermark {
-                    out.push((b.first_row + i as u64, b.trigger(i)));
-                }
+        let forgotten = &mut self.forgotten;
+        self.restored_batches.retain(|(first_row, newest)| {
+            let keep = *newest >= watermark;
+            if !keep {
+                forgotten.push(*first_row);
             }
-        }
-        out.sort_by_key(|(r, _)| *r);
-        out
+            keep
+        });
     }
 
-    /// Adds triggers restored from a checkpoint.
-    pub fn restore(&mut self, triggers: Vec<(u64, Trigger)>) {
-        self.restored.extend(triggers);
+    /// Adds to `out` the metadata writes that bring the persisted batches up to date: the
+    /// batches that came since the last save, and deletes of those forgotten since.
+    pub fn save(&mut self, out: &mut Vec<(String, Option<Vec<u8>>)>) {
+        for first_row in self.forgotten.drain(..) {
+            out.push((meta_key(first_row), None));
+        }
+        for b in self.batches.iter_mut().filter(|b| !b.saved) {
+            let stored = StoredBatch {
+                first_row: b.first_row,
+                newest: b.newest,
+                triggers: (0..b.times.len()).map(|i| b.trigger(i)).collect(),
+            };
+            let value = serde_json::to_vec(&stored).expect("triggers serialise");
+            out.push((meta_key(b.first_row), Some(value)));
+            b.saved = true;
+        }
+    }
+
+    /// Restores the persisted batches' triggers at or after `watermark`.
+    pub fn load(&mut self, store: &StateStore, watermark: i64) -> Result<(), StateError> {
+        for (key, value) in store.meta_with_prefix(PREFIX)? {
+            let stored: StoredBatch = serde_json::from_slice(&value).map_err(|e| StateError::Corrupt {
+                path: store.path().to_path_buf(),
+                what: String::from_utf8_lossy(&key).into_owned(),
+                reason: e.to_string(),
+            })?;
+            self.restored_batches.push((stored.first_row, stored.newest));
+            self.restored.extend(
+                (stored.first_row..)
+                    .zip(stored.triggers)
+                    .filter(|(_, t)| t.time >= watermark),
+            );
+        }
+        Ok(())
     }
 }

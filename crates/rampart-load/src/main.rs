@@ -476,6 +476,9 @@ fn measure(
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
             let mut seen = std::collections::HashSet::new();
             let mut quiet_since: Option<Instant> = None;
+            // The worst latency per second of intended send time (printed to stderr: where a
+            // tail comes from).
+            let mut worst: Vec<u64> = Vec::new();
             loop {
                 match receiver.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) => {
@@ -490,6 +493,11 @@ fn measure(
                         let intended = Duration::from_secs_f64(i as f64 / rate);
                         let latency = now.saturating_sub(intended).as_micros() as u64;
                         histogram.saturating_record(latency.max(1));
+                        let second = intended.as_secs() as usize;
+                        if worst.len() <= second {
+                            worst.resize(second + 1, 0);
+                        }
+                        worst[second] = worst[second].max(latency);
                         quiet_since = None;
                     }
                     Some(Err(e)) => eprintln!("latency receiver: {e}"),
@@ -507,6 +515,8 @@ fn measure(
                 }
             }
             let _ = sent_r;
+            let worst: Vec<String> = worst.iter().map(|us| format!("{}", us / 1000)).collect();
+            eprintln!("worst latency (ms) per second of sending: {}", worst.join(" "));
             (histogram, seen.len() as u64)
         });
 
