@@ -150,8 +150,20 @@ fn main() -> Result<()> {
                 "| system | target ev/s | sent ev/s | probes | received | p50 ms | p99 ms | p99.9 ms | max ms |"
             );
             println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+            // Probe actors are new at every rate: a repeat would be a repeat block, which the
+            // guard suppresses.
+            let mut first_probe = 0;
             for rate in rates {
-                let r = measure(&cli.brokers, &input, &output, &load, rate, duration, warmup)?;
+                let r = measure(
+                    &cli.brokers,
+                    &input,
+                    &output,
+                    &load,
+                    (rate, first_probe),
+                    duration,
+                    warmup,
+                )?;
+                first_probe += (rate * duration as f64) as u64 / load.probe_every + 1;
                 println!(
                     "| {label} | {rate:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
                     r.sent_rate,
@@ -415,11 +427,12 @@ impl Load {
         })
     }
 
-    /// Event `i`'s message, with `time` as its event time.
-    fn message(&self, i: u64, time: &str, out: &mut String) {
+    /// Event `i`'s message, with `time` as its event time; probes are numbered from
+    /// `first_probe`.
+    fn message(&self, i: u64, first_probe: u64, time: &str, out: &mut String) {
         out.clear();
         if i.is_multiple_of(self.probe_every) {
-            self.probe.fill(time, i / self.probe_every, out);
+            self.probe.fill(time, first_probe + i / self.probe_every, out);
         } else {
             let template = &self.background[(i as usize) % self.background.len()];
             template.fill(time, i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % self.actors, out);
@@ -455,7 +468,7 @@ fn measure(
     input: &str,
     output: &str,
     load: &Load,
-    rate: f64,
+    (rate, first_probe): (f64, u64),
     duration: u64,
     warmup: u64,
 ) -> Result<Measured> {
@@ -483,7 +496,11 @@ fn measure(
                 match receiver.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) => {
                         let now = started.elapsed();
-                        let Some(seq) = m.payload().and_then(probe_of) else {
+                        let Some(seq) = m
+                            .payload()
+                            .and_then(probe_of)
+                            .and_then(|s| s.checked_sub(first_probe))
+                        else {
                             continue;
                         };
                         let i = seq * probe_every;
@@ -531,7 +548,7 @@ fn measure(
                 }
             }
             let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-            load.message(i, &time, &mut message);
+            load.message(i, first_probe, &time, &mut message);
             send(&producer, input, message.as_bytes())?;
             sent.fetch_add(1, Ordering::Relaxed);
         }
