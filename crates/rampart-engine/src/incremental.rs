@@ -190,6 +190,16 @@ impl Val {
     }
 }
 
+/// One frame chunk entry: the row's time, its order among rows of equal time in the chunk, and
+/// its arguments ([`KeyAgg::load`] reads them back).
+fn push_frame_entry<'a>(out: &mut Vec<u8>, time: i64, ord: u64, args: impl Iterator<Item = &'a Val>) {
+    out.extend_from_slice(&time.to_le_bytes());
+    out.extend_from_slice(&ord.to_le_bytes());
+    for v in args {
+        v.encode(out);
+    }
+}
+
 fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     if input.len() < n {
         return None;
@@ -531,11 +541,6 @@ impl KeyAgg {
         self.pending.clear();
     }
 
-    /// Whether rows arrived since the last save.
-    pub fn has_fresh_rows(&self) -> bool {
-        !self.fresh.is_empty()
-    }
-
     /// Adds to `out` the chunk writes that bring the key on disk up to date: a frame chunk and
     /// a pending chunk of the rows that arrived since the last save (or, past
     /// [`MAX_FRAME_CHUNKS`], one frame chunk of every row held instead of the others), and
@@ -575,11 +580,12 @@ impl KeyAgg {
                 }
                 let mut entries = Vec::new();
                 for (i, time) in self.times.iter().enumerate() {
-                    entries.extend_from_slice(&time.to_le_bytes());
-                    entries.extend_from_slice(&(i as u64).to_le_bytes());
-                    for v in self.args.range(i * stride..(i + 1) * stride) {
-                        v.encode(&mut entries);
-                    }
+                    push_frame_entry(
+                        &mut entries,
+                        *time,
+                        i as u64,
+                        self.args.range(i * stride..(i + 1) * stride),
+                    );
                 }
                 (entries, self.times.back().copied().unwrap_or(i64::MIN))
             };
@@ -649,11 +655,12 @@ impl KeyAgg {
                 .max(end.saturating_sub(same.len()));
             let held = &same[same.len() - (end - start)..];
             for (&(_, row), at) in held.iter().zip(start..end) {
-                entries.extend_from_slice(&time.to_le_bytes());
-                entries.extend_from_slice(&row.to_le_bytes());
-                for v in self.args.range(at * stride..(at + 1) * stride) {
-                    v.encode(&mut entries);
-                }
+                push_frame_entry(
+                    &mut entries,
+                    time,
+                    row,
+                    self.args.range(at * stride..(at + 1) * stride),
+                );
                 newest = time;
             }
         }

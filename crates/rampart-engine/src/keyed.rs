@@ -211,6 +211,12 @@ impl KeyedState {
         })
     }
 
+    /// How long after its newest row a key's rows may still be in a frame (µs): the windows'
+    /// reach plus the allowed lateness.
+    fn horizon(&self) -> i64 {
+        self.reach.saturating_add(self.lateness)
+    }
+
     fn store_key(&self, key: &[u8]) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.tag.len() + key.len());
         k.extend_from_slice(&self.tag);
@@ -297,8 +303,7 @@ impl KeyedState {
                     // Pending rows are frame rows too: with none as new as `decided_until`,
                     // there are none to read.
                     let newest = frame.iter().map(|(_, v)| expires_at(v)).max().unwrap_or(i64::MIN);
-                    let undecided =
-                        newest.saturating_sub(self.reach.saturating_add(self.lateness)) >= self.decided_until;
+                    let undecided = newest.saturating_sub(self.horizon()) >= self.decided_until;
                     let pending = if undecided {
                         chunks(PENDING_CHUNK)?
                     } else {
@@ -313,9 +318,9 @@ impl KeyedState {
                             }
                         })?;
                     let mut value = Vec::new();
-                    let expires = agg.newest().map_or(i64::MIN, |n| {
-                        n.saturating_add(self.reach).saturating_add(self.lateness)
-                    });
+                    let expires = agg
+                        .newest()
+                        .map_or(i64::MIN, |n| n.saturating_add(self.horizon()));
                     set_header(&mut value, expires, INCREMENTAL);
                     (value, Some(Box::new(agg)))
                 }
@@ -340,11 +345,10 @@ impl KeyedState {
         &mut self,
         split: &WindowSplit,
         store: &StateStore,
-        clock: Clock,
         pre: &[RecordBatch],
     ) -> Result<(), String> {
         let aggregates = self.aggregates.clone().unwrap_or_default();
-        let horizon = micros(split.reach).saturating_add(clock.lateness);
+        let horizon = self.horizon();
         for batch in pre {
             let n = batch.num_rows();
             if n == 0 {
@@ -544,12 +548,11 @@ impl KeyedState {
         split: &WindowSplit,
         store: &StateStore,
         before: Clock,
-        clock: Clock,
         pre: &[RecordBatch],
     ) -> Result<Touched, String> {
         self.tick += 1;
         if self.aggregates.is_some() {
-            self.add_incremental(split, store, clock, pre)?;
+            self.add_incremental(split, store, pre)?;
             return Ok(Vec::new());
         }
         let mut by_key: HashMap<Box<[u8]>, NewRows> = HashMap::new();
@@ -580,7 +583,7 @@ impl KeyedState {
             }
         }
         let keep_from = before.watermark().saturating_sub(micros(split.reach));
-        let horizon = micros(split.reach).saturating_add(clock.lateness);
+        let horizon = self.horizon();
         let mut touched = Vec::with_capacity(by_key.len());
         for (key, mut new) in by_key {
             new.sort_by_key(|(t, r, _)| (*t, *r));
@@ -807,7 +810,7 @@ impl KeyedState {
         let now = clock.newest;
         let mut expired = Vec::new();
         let mut bytes = 0;
-        let horizon = self.reach.saturating_add(clock.lateness);
+        let horizon = self.horizon();
         for (key, entry) in &mut self.cache {
             let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(|a| a.is_empty());
             if let Some(agg) = &mut entry.agg {

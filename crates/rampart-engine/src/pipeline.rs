@@ -729,7 +729,7 @@ impl Pipeline {
          -> Result<Vec<(u64, Decision)>, String> {
             let split = detector.split().expect("windowed detectors have a split");
             let pre = pre?;
-            let touched = state.add(split, store, before, clock, &pre)?;
+            let touched = state.add(split, store, before, &pre)?;
             match split.kind {
                 StateKind::Sliding => state.decide_sliding(detector, split, &ctx, events.is_none()),
                 StateKind::Grouped => state.decide_grouped(detector, split, &ctx, touched),
