@@ -16,6 +16,12 @@ use rampart_engine::replay::{ReplaySink, expand_inputs};
 use rampart_engine::testing::run_tests;
 use rampart_engine::{DeadLetter, Evaluator, Pipeline, StateChoice, Summary};
 
+/// Window state is millions of small allocations made and freed on several threads; glibc's
+/// allocator fragments under it (resident memory) and spent about a third of a large-state
+/// replay in malloc and free.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Rampart: action-level guardrails on event streams. Detectors are SQL files; decisions
 /// (block, alert, review) carry their reason.
 #[derive(Parser)]

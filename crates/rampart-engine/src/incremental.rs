@@ -35,6 +35,26 @@ pub enum Val {
 
 impl Eq for Val {}
 
+impl Val {
+    /// Heap bytes of the value (text: its shared allocation).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Val::Str(s) => heap(16 + s.len()),
+            _ => 0,
+        }
+    }
+}
+
+/// The bytes an allocation of `size` bytes takes: allocators round up to size classes (about
+/// an eighth apart, at least 16 bytes).
+pub fn heap(size: usize) -> usize {
+    if size == 0 {
+        0
+    } else {
+        (size + size / 8).next_multiple_of(16)
+    }
+}
+
 impl std::hash::Hash for Val {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         match self {
@@ -422,29 +442,39 @@ impl KeyAgg {
         frame.max(pending)
     }
 
-    /// Approximate heap bytes.
+    /// Heap bytes, allocation by allocation (with the allocator's rounding): the boxed key
+    /// itself, every buffer's capacity, the text values and the pending rows.
     pub fn bytes(&self) -> usize {
-        // Capacities, not lengths, plus allocator overhead: this bounds the real heap.
-        let vals = std::mem::size_of::<Val>();
-        let distinct: usize = self
+        fn buffer<T>(capacity: usize) -> usize {
+            heap(capacity * std::mem::size_of::<T>())
+        }
+        let accs: usize = self
             .accs
             .iter()
             .map(|a| match a {
-                Acc::Distinct(m) => m.capacity() * (vals + 8) + 64,
-                Acc::Extreme { queue, .. } => queue.capacity() * (vals + 8) + 32,
+                // hashbrown: buckets (a power of two, 8/7 of the capacity) of entries and
+                // one control byte each.
+                Acc::Distinct(m) if m.capacity() > 0 => {
+                    let buckets = (m.capacity() * 8 / 7).next_power_of_two();
+                    heap(buckets * (std::mem::size_of::<(Val, u32)>() + 1) + 16)
+                }
+                Acc::Extreme { queue, .. } => buffer::<(u64, Val)>(queue.capacity()),
                 _ => 0,
             })
             .sum();
-        self.times.capacity() * 8
-            + self.args.capacity() * vals
-            + self.pending.capacity() * 40
-            + self.pending.iter().map(|p| p.2.len() + 16).sum::<usize>()
-            + self.fresh.capacity() * 16
-            + (self.frame_chunks.capacity() + self.pending_chunks.capacity()) * 16
-            + self.accs.capacity() * std::mem::size_of::<Acc>()
-            + (self.starts.capacity() + self.kinds.capacity()) * 24
-            + distinct
-            + 8 * 32
+        let text: usize = self.args.iter().map(Val::heap_bytes).sum();
+        heap(std::mem::size_of::<Self>())
+            + buffer::<i64>(self.times.capacity())
+            + buffer::<Val>(self.args.capacity())
+            + text
+            + buffer::<u64>(self.starts.capacity())
+            + buffer::<Acc>(self.accs.capacity())
+            + accs
+            + buffer::<Val>(self.kinds.capacity())
+            + buffer::<(i64, u64, Box<[u8]>)>(self.pending.capacity())
+            + self.pending.iter().map(|p| heap(p.2.len())).sum::<usize>()
+            + buffer::<(i64, u64)>(self.fresh.capacity())
+            + buffer::<(u64, i64)>(self.frame_chunks.capacity() + self.pending_chunks.capacity())
     }
 
     /// Adds a row that arrived: into the frame rows (after every row already in the

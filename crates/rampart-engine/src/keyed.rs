@@ -26,7 +26,7 @@ use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowAggregate, WindowSplit};
 
 use crate::decide::DecisionMaker;
-use crate::incremental::{FRAME_CHUNK, KeyAgg, PENDING_CHUNK, Val};
+use crate::incremental::{FRAME_CHUNK, KeyAgg, PENDING_CHUNK, Val, heap};
 use crate::state::{Commit, StateError, StateStore, expires_at};
 use crate::triggers::TriggerStore;
 use rustc_hash::FxHashMap;
@@ -124,9 +124,19 @@ struct Entry {
 }
 
 impl Entry {
-    /// Approximate heap bytes (with the cache slot, the boxed key and allocator overhead).
+    /// Heap bytes: the cache slot (at hashbrown's load factor), the boxed key, the value, the
+    /// aggregates, and for a key with rows waiting its entry in `due` (a B-tree slot and a
+    /// copy of the key).
     fn bytes(&self, key: &[u8]) -> usize {
-        key.len() + self.value.capacity() + self.agg.as_ref().map_or(0, |a| a.bytes() + 16) + 160
+        let slot = (std::mem::size_of::<(Box<[u8]>, Entry)>() + 1) * 8 / 7;
+        let due = match &self.agg {
+            Some(a) if !a.pending.is_empty() => heap(key.len()) + 2 * std::mem::size_of::<(i64, Box<[u8]>)>(),
+            _ => 0,
+        };
+        slot + heap(key.len())
+            + heap(self.value.capacity())
+            + self.agg.as_ref().map_or(0, |a| a.bytes())
+            + due
     }
 }
 
@@ -294,7 +304,7 @@ impl KeyedState {
                 Some(aggregates) => {
                     let chunks = |kind| -> Result<Vec<(u64, Vec<u8>)>, StateError> {
                         Ok(store
-                            .chunks(&chunk_prefix(&self.tag, kind, key))?
+                            .key_chunks(&chunk_prefix(&self.tag, kind, key))?
                             .into_iter()
                             .filter_map(|(k, v)| Some((self.split_chunk_key(kind, &k)?.1, v)))
                             .collect())
@@ -378,23 +388,31 @@ impl KeyedState {
                 let key: &[u8] = keys.as_ref().map_or(&[], |k| k.row(i).data());
                 by_key.entry(key).or_default().push(i);
             }
+            // A row's share of its key's buffers (time, values, pending entry, fresh entry),
+            // with the slack of their growth.
+            let row_bytes = (8 + aggregates.len() * std::mem::size_of::<Val>() + 32 + 16) * 3 / 2;
             for (key, indices) in by_key {
                 // Counted as rows arrive; checkpoints recount exactly.
-                self.cache_bytes += indices.len() * (64 + aggregates.len() * std::mem::size_of::<Val>());
+                let mut added = 0;
                 let entry = self.entry(store, key).map_err(|e| e.to_string())?;
                 let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
                 let oldest_before = agg.oldest_pending();
                 for i in indices {
-                    let values = args
+                    let values: Vec<Val> = args
                         .iter_mut()
                         .map(|a| std::mem::replace(&mut a[i], Val::Null))
                         .collect();
-                    agg.insert(times.value(i), ids.value(i), values, rows.row(i).as_ref().into());
+                    let row = rows.row(i);
+                    added += row_bytes
+                        + heap(row.as_ref().len())
+                        + values.iter().map(Val::heap_bytes).sum::<usize>();
+                    agg.insert(times.value(i), ids.value(i), values, row.as_ref().into());
                 }
                 let oldest = agg.oldest_pending();
                 let newest = agg.newest().unwrap_or(i64::MIN);
                 set_header(&mut entry.value, newest.saturating_add(horizon), INCREMENTAL);
                 entry.dirty = true;
+                self.cache_bytes += added;
                 if oldest != oldest_before {
                     if let Some(o) = oldest_before {
                         self.due.remove(&(o, Box::from(key)));
@@ -806,8 +824,9 @@ impl KeyedState {
     }
 
     /// Adds the changed keys and the waiting rows to `commit`; expired keys are deleted.
-    pub fn checkpoint(&mut self, clock: Clock, commit: &mut Commit) {
+    pub fn checkpoint(&mut self, clock: Clock, commit: &mut Commit<'_>) {
         let now = clock.newest;
+        let mut chunks = Vec::new();
         let mut expired = Vec::new();
         let mut bytes = 0;
         let horizon = self.horizon();
@@ -829,8 +848,11 @@ impl KeyedState {
                         self.decided_until,
                         horizon,
                         clock.lateness,
-                        &mut commit.chunks,
+                        &mut chunks,
                     );
+                    for (k, v) in chunks.drain(..) {
+                        commit.chunk(&k, v.as_deref());
+                    }
                     entry.dirty = false;
                 }
             } else if entry.dirty {
@@ -839,8 +861,7 @@ impl KeyedState {
                     k.extend_from_slice(key);
                     k
                 };
-                let value = (!gone).then(|| entry.value.clone());
-                commit.rows.push((store_key, value));
+                commit.row(&store_key, (!gone).then_some(entry.value.as_slice()));
                 entry.dirty = false;
             }
             if gone {
@@ -867,10 +888,10 @@ impl KeyedState {
                 key: hex::encode(key),
             })
             .collect();
-        commit.meta.push((
-            self.pending_meta_key(),
-            Some(serde_json::to_vec(&pending).expect("pending rows serialise")),
-        ));
+        commit.meta(
+            &self.pending_meta_key(),
+            Some(&serde_json::to_vec(&pending).expect("pending rows serialise")),
+        );
     }
 
     /// Drops clean cached keys until the cache holds at most `budget` bytes.

@@ -18,7 +18,7 @@ use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
 use crate::guard::{Guard, Trip};
 use crate::keyed::{Clock, DecideContext, KeyedState};
 use crate::naive::NaiveWindows;
-use crate::state::{Commit, StateError, StateStore};
+use crate::state::{StateError, StateStore};
 use crate::tables::{ReferenceTable, TableSource};
 use crate::triggers::TriggerStore;
 
@@ -578,7 +578,7 @@ impl Pipeline {
             return Ok(());
         };
         let started = std::time::Instant::now();
-        let mut commit = Commit::default();
+        let mut commit = store.commit();
         for keyed in &mut windows.keyed {
             keyed.checkpoint(windows.clock, &mut commit);
         }
@@ -589,20 +589,20 @@ impl Pipeline {
             // Every batch decides the rows older than the watermark.
             decided_until: windows.clock.watermark(),
         };
-        commit.meta.push((
-            "clock".into(),
-            Some(serde_json::to_vec(&clock).expect("clock serialises")),
-        ));
-        commit.meta.push(("guard".into(), Some(guard)));
-        windows.triggers.save(&mut commit.meta);
+        commit.meta(
+            "clock",
+            Some(&serde_json::to_vec(&clock).expect("clock serialises")),
+        );
+        commit.meta("guard", Some(&guard));
+        windows.triggers.save(&mut commit);
         if self.is_persistent() {
-            commit.meta.push((
-                "progress".into(),
-                Some(serde_json::to_vec(progress).expect("progress serialises")),
-            ));
+            commit.meta(
+                "progress",
+                Some(&serde_json::to_vec(progress).expect("progress serialises")),
+            );
             windows.progress = progress.clone();
         }
-        let rows = commit.rows.len() + commit.chunks.len();
+        let rows = commit.len();
         let bytes = commit.bytes();
         let before_write = started.elapsed();
         store.write(commit)?;

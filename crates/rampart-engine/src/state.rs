@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use rocksdb::compaction_filter::Decision as Keep;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
-    WriteOptions,
+    BlockBasedOptions, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions,
+    SliceTransform, WriteBatch, WriteOptions,
 };
 
 /// Column family of per-detector, per-key values.
@@ -24,6 +24,18 @@ const ROWS: &str = "rows";
 const CHUNKS: &str = "chunks";
 /// Column family of metadata.
 const META: &str = "meta";
+/// Chunk keys end with their id, this long: the rest is the prefix all chunks of one key (and
+/// kind) share, which the `chunks` column family's bloom filters are built on.
+pub const CHUNK_ID_LEN: usize = 8;
+
+/// The part of a chunk key before its id.
+fn chunk_key_prefix(key: &[u8]) -> &[u8] {
+    &key[..key.len() - CHUNK_ID_LEN]
+}
+
+fn is_chunk_key(key: &[u8]) -> bool {
+    key.len() > CHUNK_ID_LEN
+}
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -105,14 +117,24 @@ impl StateStore {
         db_options.set_keep_log_file_num(2);
 
         let cache = rocksdb::Cache::new_lru_cache(16 << 20);
-        let expiring = |bloom: bool| {
+        let expiring = |by_prefix: bool| {
             let mut options = Options::default();
             options.set_compression_type(rocksdb::DBCompressionType::Lz4);
             options.set_write_buffer_size(16 << 20);
             options.set_max_write_buffer_number(2);
             let mut table = BlockBasedOptions::default();
-            if bloom {
-                table.set_bloom_filter(10.0, false);
+            table.set_bloom_filter(10.0, false);
+            if by_prefix {
+                // A key's chunks are read by one prefix seek, and most seeks (keys never seen
+                // before) find nothing: bloom filters on the prefix, in the SST files and the
+                // memtables, answer those without reading a data block.
+                options.set_prefix_extractor(SliceTransform::create(
+                    "rampart-chunk-key",
+                    chunk_key_prefix,
+                    Some(is_chunk_key),
+                ));
+                options.set_memtable_prefix_bloom_ratio(0.1);
+                table.set_whole_key_filtering(false);
             }
             table.set_block_cache(&cache);
             options.set_block_based_table_factory(&table);
@@ -130,9 +152,8 @@ impl StateStore {
             &db_options,
             dir,
             [
-                ColumnFamilyDescriptor::new(ROWS, expiring(true)),
-                // Read by prefix scans: a whole-key bloom filter would not help.
-                ColumnFamilyDescriptor::new(CHUNKS, expiring(false)),
+                ColumnFamilyDescriptor::new(ROWS, expiring(false)),
+                ColumnFamilyDescriptor::new(CHUNKS, expiring(true)),
                 ColumnFamilyDescriptor::new(META, Options::default()),
             ],
         )
@@ -180,17 +201,38 @@ impl StateStore {
 
     /// The metadata entries whose keys start with `prefix`, in key order.
     pub fn meta_with_prefix(&self, prefix: &str) -> Result<Entries, StateError> {
-        self.scan(META, prefix.as_bytes(), false)
+        let prefix = prefix.as_bytes();
+        self.scan(META, prefix, prefix, ReadOptions::default(), false)
     }
 
-    /// The chunks whose keys start with `prefix` and that have not expired, in key order.
-    pub fn chunks(&self, prefix: &[u8]) -> Result<Entries, StateError> {
-        self.scan(CHUNKS, prefix, true)
-    }
-
-    fn scan(&self, cf: &str, prefix: &[u8], expiring: bool) -> Result<Entries, StateError> {
-        let cf = self.db.cf_handle(cf).expect("opened with this column family");
+    /// The chunks of one key: those whose keys are `prefix` and an id ([`CHUNK_ID_LEN`] bytes),
+    /// that have not expired, in id order. Uses the prefix bloom filters.
+    pub fn key_chunks(&self, prefix: &[u8]) -> Result<Entries, StateError> {
         let mut options = ReadOptions::default();
+        options.set_prefix_same_as_start(true);
+        let mut start = Vec::with_capacity(prefix.len() + CHUNK_ID_LEN);
+        start.extend_from_slice(prefix);
+        start.extend_from_slice(&[0; CHUNK_ID_LEN]);
+        self.scan(CHUNKS, &start, prefix, options, true)
+    }
+
+    /// The chunks of every key whose chunk keys start with `prefix` and that have not
+    /// expired, in key order (a scan across keys: no bloom filter helps).
+    pub fn chunks(&self, prefix: &[u8]) -> Result<Entries, StateError> {
+        let mut options = ReadOptions::default();
+        options.set_total_order_seek(true);
+        self.scan(CHUNKS, prefix, prefix, options, true)
+    }
+
+    fn scan(
+        &self,
+        cf: &str,
+        start: &[u8],
+        prefix: &[u8],
+        mut options: ReadOptions,
+        expiring: bool,
+    ) -> Result<Entries, StateError> {
+        let cf = self.db.cf_handle(cf).expect("opened with this column family");
         if let Some(end) = successor(prefix) {
             options.set_iterate_upper_bound(end);
         }
@@ -198,7 +240,7 @@ impl StateStore {
         let mut out = Vec::new();
         for item in self
             .db
-            .iterator_cf_opt(cf, options, IteratorMode::From(prefix, Direction::Forward))
+            .iterator_cf_opt(cf, options, IteratorMode::From(start, Direction::Forward))
         {
             let (key, value) = item.map_err(|e| self.error(e))?;
             if !key.starts_with(prefix) {
@@ -211,34 +253,22 @@ impl StateStore {
         Ok(out)
     }
 
+    /// An empty checkpoint to fill and then [`Self::write`].
+    pub fn commit(&self) -> Commit<'_> {
+        Commit {
+            store: self,
+            batch: WriteBatch::default(),
+        }
+    }
+
     /// Writes `commit` atomically (not synced to disk: a crash may lose the last checkpoints,
     /// never half of one).
-    pub fn write(&self, commit: Commit) -> Result<(), StateError> {
-        let rows = self.db.cf_handle(ROWS).expect("opened with this column family");
-        let chunks = self.db.cf_handle(CHUNKS).expect("opened with this column family");
-        let meta = self.db.cf_handle(META).expect("opened with this column family");
-        let mut batch = WriteBatch::default();
-        for (key, value) in commit.rows {
-            match value {
-                Some(v) => batch.put_cf(rows, key, v),
-                None => batch.delete_cf(rows, key),
-            }
-        }
-        for (key, value) in commit.chunks {
-            match value {
-                Some(v) => batch.put_cf(chunks, key, v),
-                None => batch.delete_cf(chunks, key),
-            }
-        }
-        for (key, value) in commit.meta {
-            match value {
-                Some(v) => batch.put_cf(meta, key, v),
-                None => batch.delete_cf(meta, key),
-            }
-        }
+    pub fn write(&self, commit: Commit<'_>) -> Result<(), StateError> {
         let mut options = WriteOptions::default();
         options.set_sync(false);
-        self.db.write_opt(batch, &options).map_err(|e| self.error(e))
+        self.db
+            .write_opt(commit.batch, &options)
+            .map_err(|e| self.error(e))
     }
 
     /// Bytes the state takes on disk (SST files, memtables not yet flushed, logs).
@@ -288,27 +318,54 @@ fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
 /// Stored entries: (key, value) in key order.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// What one checkpoint writes: entries to put (`Some`) or delete (`None`).
-#[derive(Debug, Default)]
-pub struct Commit {
-    /// Detector key values.
-    pub rows: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    /// Row chunks of incremental windows.
-    pub chunks: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    /// Metadata entries.
-    pub meta: Vec<(String, Option<Vec<u8>>)>,
+/// What one checkpoint writes: entries to put (`Some`) or delete (`None`), added straight to
+/// RocksDB's write batch (one buffer, not an allocation per entry: a checkpoint of a large
+/// cache holds millions of entries).
+pub struct Commit<'a> {
+    store: &'a StateStore,
+    batch: WriteBatch,
 }
 
-impl Commit {
-    /// Bytes of keys and values put.
+impl Commit<'_> {
+    fn add(&mut self, cf: &str, key: &[u8], value: Option<&[u8]>) {
+        let cf = self
+            .store
+            .db
+            .cf_handle(cf)
+            .expect("opened with this column family");
+        match value {
+            Some(v) => self.batch.put_cf(cf, key, v),
+            None => self.batch.delete_cf(cf, key),
+        }
+    }
+
+    /// Puts or deletes a detector key value.
+    pub fn row(&mut self, key: &[u8], value: Option<&[u8]>) {
+        self.add(ROWS, key, value);
+    }
+
+    /// Puts or deletes a row chunk of an incremental window.
+    pub fn chunk(&mut self, key: &[u8], value: Option<&[u8]>) {
+        self.add(CHUNKS, key, value);
+    }
+
+    /// Puts or deletes a metadata entry.
+    pub fn meta(&mut self, key: &str, value: Option<&[u8]>) {
+        self.add(META, key.as_bytes(), value);
+    }
+
+    /// Entries put or deleted.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Bytes of the write batch (keys, values and their framing).
     pub fn bytes(&self) -> usize {
-        let size = |(k, v): &(Vec<u8>, Option<Vec<u8>>)| k.len() + v.as_ref().map_or(0, Vec::len);
-        self.rows.iter().map(size).sum::<usize>()
-            + self.chunks.iter().map(size).sum::<usize>()
-            + self
-                .meta
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-                .sum::<usize>()
+        self.batch.size_in_bytes()
     }
 }

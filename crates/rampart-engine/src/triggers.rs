@@ -13,7 +13,7 @@ use rustc_hash::FxHashMap;
 
 use crate::decide::Trigger;
 use crate::decode::EventBatch;
-use crate::state::{StateError, StateStore};
+use crate::state::{Commit, StateError, StateStore};
 
 /// Metadata key prefix of persisted batches.
 const PREFIX: &str = "triggers/";
@@ -128,9 +128,9 @@ impl TriggerStore {
 
     /// Adds to `out` the metadata writes that bring the persisted batches up to date: the
     /// batches that came since the last save, and deletes of those forgotten since.
-    pub fn save(&mut self, out: &mut Vec<(String, Option<Vec<u8>>)>) {
+    pub fn save(&mut self, out: &mut Commit<'_>) {
         for first_row in self.forgotten.drain(..) {
-            out.push((meta_key(first_row), None));
+            out.meta(&meta_key(first_row), None);
         }
         for b in self.batches.iter_mut().filter(|b| !b.saved) {
             let stored = StoredBatch {
@@ -139,7 +139,7 @@ impl TriggerStore {
                 triggers: (0..b.times.len()).map(|i| b.trigger(i)).collect(),
             };
             let value = serde_json::to_vec(&stored).expect("triggers serialise");
-            out.push((meta_key(b.first_row), Some(value)));
+            out.meta(&meta_key(b.first_row), Some(&value));
             b.saved = true;
         }
     }
