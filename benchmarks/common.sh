@@ -22,3 +22,21 @@ generated() {
   mkdir -p "$(dirname "$file")"
   [ -s "$file" ] || python3 benchmarks/generate.py "$@" --out "$file"
 }
+
+# The cores every system under test runs on (`taskset -c` list; default: all of them). Every
+# system in a comparison (Rampart, the naive evaluator, Quix Streams, the passthrough) is started
+# with `pinned`, so each gets the same cores; the broker and the load generator are not pinned
+# unless BROKER_CPUS is set (e.g. SUT_CPUS=1 BROKER_CPUS=0 keeps them off the system's core).
+SUT_CPUS="${SUT_CPUS:-0-$(($(nproc) - 1))}"
+pinned() { taskset -c "$SUT_CPUS" "$@"; }
+# The broker and load generator: on BROKER_CPUS when set.
+helper() { if [ -n "${BROKER_CPUS:-}" ]; then taskset -c "$BROKER_CPUS" "$@"; else "$@"; fi; }
+pinning_line() {
+  echo "CPU pinning: systems under test on CPUs $SUT_CPUS (\`taskset -c\`)${BROKER_CPUS:+, broker and load generator on CPUs $BROKER_CPUS}."
+}
+# Moves the background processes started so far (the broker) to BROKER_CPUS, when set.
+pin_helpers() {
+  [ -n "${BROKER_CPUS:-}" ] || return 0
+  local p
+  for p in "${pids[@]}"; do taskset -apc "$BROKER_CPUS" "$p" >/dev/null; done
+}

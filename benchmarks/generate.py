@@ -7,7 +7,15 @@ rewritten: actors are Zipf-distributed over --actors identities, event time adva
 --rate events per second, and attack records (those some per-event detector catches) are
 injected at --attack-share of the events. The same arguments always give the same file.
 
+With --bursts N, N abusive bursts are injected at evenly spaced known times, each by a new
+actor (user "burst-K"), alternating two kinds that W2's selective windows look for:
+reconnaissance (20 denied Describe/Get calls within 20 ms: recon-denied-calls, at least 15 in
+10 minutes) and secrets (25 distinct secrets read: secrets-mass-read, at least 20 in an hour).
+--truth FILE writes what was injected, one JSON line per burst (detector, key, kind, time), for
+scoring every system's decisions for precision and recall (benchmarks/score.py).
+
     python3 benchmarks/generate.py --events 1000000 --out /tmp/ct-1m.jsonl
+    python3 benchmarks/generate.py --events 200000 --bursts 40 --truth /tmp/truth.jsonl --out /tmp/ct.jsonl
 """
 import argparse
 import bisect
@@ -39,6 +47,8 @@ def main():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--round-robin", action="store_true",
                    help="actor = event number modulo --actors (every actor appears; for state-size runs)")
+    p.add_argument("--bursts", type=int, default=0, help="abusive bursts to inject (see above)")
+    p.add_argument("--truth", help="where to write the injected bursts (JSON lines)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -55,14 +65,42 @@ def main():
         total += w
         cumulative.append(total)
 
+    denied = [r for r in records if r.get("errorCode") in ("AccessDenied", "Client.UnauthorizedOperation")
+              and r["eventName"].startswith(("List", "Describe", "Get"))]
+    secrets = [r for r in records if r["eventName"] == "GetSecretValue" and not r.get("errorCode")]
+    # Burst k starts at event (k + 1/2) * events / bursts; its records replace the ones there.
+    burst_at = {int((k + 0.5) * a.events / a.bursts): k for k in range(a.bursts)} if a.bursts else {}
+    queued = []  # (template, burst number) still to emit
+    truth = []
+
     start = datetime.datetime(2024, 8, 1, tzinfo=datetime.timezone.utc)
     with open(a.out, "w") as out:
         for i in range(a.events):
-            template = rng.choice(attacks) if rng.random() < a.attack_share else rng.choice(benign)
-            r = dict(template)
-            actor = i % a.actors if a.round_robin else bisect.bisect_left(cumulative, rng.random() * total)
+            if i in burst_at:
+                k = burst_at[i]
+                if k % 2 == 0:
+                    kind, detector = "recon", "recon-denied-calls"
+                    queued += [(dict(denied[j % len(denied)]), k) for j in range(20)]
+                else:
+                    kind, detector = "secrets", "secrets-mass-read"
+                    for j in range(25):
+                        r = dict(secrets[j % len(secrets)])
+                        r["requestParameters"] = {"secretId": "arn:aws:secretsmanager:us-east-1:%012d:secret:burst-%d-%d"
+                                                  % (100000000000 + k % 997, k, j)}
+                        queued.append((r, k))
+                truth.append({"detector": detector, "kind": kind, "burst": k, "first_event": i})
+            burst = None
+            if queued:
+                template, burst = queued.pop(0)
+                r = template
+                actor = a.actors + burst
+                name = "burst-%d" % burst
+            else:
+                template = rng.choice(attacks) if rng.random() < a.attack_share else rng.choice(benign)
+                r = dict(template)
+                actor = i % a.actors if a.round_robin else bisect.bisect_left(cumulative, rng.random() * total)
+                name = "user-%d" % actor
             account = "%012d" % (100000000000 + actor % 997)
-            name = "user-%d" % actor
             ui = dict(r.get("userIdentity") or {})
             ui.update(type="IAMUser", userName=name, accountId=account,
                       arn="arn:aws:iam::%s:user/%s" % (account, name),
@@ -75,6 +113,12 @@ def main():
             r["eventID"] = "%08x-0000-4000-8000-%012x" % (a.seed, i)
             out.write(json.dumps(r, separators=(",", ":")))
             out.write("\n")
+            if burst is not None and "key" not in truth[burst]:
+                truth[burst].update(key=ui["arn"], time=r["eventTime"])
+    if a.truth:
+        with open(a.truth, "w") as f:
+            for t in truth:
+                f.write(json.dumps(t) + "\n")
 
 
 if __name__ == "__main__":

@@ -49,23 +49,24 @@ http=$(free_port)
 BROKERS="127.0.0.1:$port"
 trap stop_background EXIT
 start_tansu "$port" "$work/broker.log" bench.pt.in bench.pt.out bench.events
+pin_helpers
 
 common=(--brokers "$BROKERS" --set "linger.ms=$LINGER_MS" --set "fetch.wait.max.ms=$FETCH_WAIT_MS" latency --background "$work/background.jsonl" --probe "$work/probe.json"
   --rates "$RATES" --duration "$DURATION" --actors "$ACTORS")
 
 if [ -z "${SKIP_PASSTHROUGH:-}" ]; then
 echo "== broker-only passthrough" >&2
-"$LOAD" --brokers "$BROKERS" --set "linger.ms=$LINGER_MS" --set "fetch.wait.max.ms=$FETCH_WAIT_MS" passthrough --from bench.pt.in --to bench.pt.out 2>"$work/passthrough.log" &
+pinned "$LOAD" --brokers "$BROKERS" --set "linger.ms=$LINGER_MS" --set "fetch.wait.max.ms=$FETCH_WAIT_MS" passthrough --from bench.pt.in --to bench.pt.out 2>"$work/passthrough.log" &
 pt=$!
 pids+=($pt)
 sleep 2
-"$LOAD" "${common[@]}" --input bench.pt.in --output bench.pt.out --label passthrough | tee "$work/passthrough.md"
+helper "$LOAD" "${common[@]}" --input bench.pt.in --output bench.pt.out --label passthrough | tee "$work/passthrough.md"
 kill "$pt"
 fi
 
 echo "== rampart run benchmarks/pipelines/w2" >&2
 RAMPART_KAFKA_LINGER_MS=$LINGER_MS RAMPART_KAFKA_FETCH_WAIT_MAX_MS=$FETCH_WAIT_MS \
-  "$RAMPART" run benchmarks/pipelines/w2 --brokers "$BROKERS" --listen "127.0.0.1:$http" \
+  pinned "$RAMPART" run benchmarks/pipelines/w2 --brokers "$BROKERS" --listen "127.0.0.1:$http" \
   --state "$work/state" --audit "$work/audit.log" 2>"$work/rampart.log" &
 rp=$!
 pids+=($rp)
@@ -74,7 +75,7 @@ if [ -n "${PERF_OUT:-}" ]; then
   # A CPU profile of rampart while the load runs (see benchmarks/results/profile-*.md).
   perf record -F 499 -g -p "$rp" -o "$PERF_OUT" -- sleep "$DURATION" 2>/dev/null &
 fi
-"$LOAD" "${common[@]}" --input bench.events --output bench.decisions --label rampart | tee "$work/rampart.md"
+helper "$LOAD" "${common[@]}" --input bench.events --output bench.decisions --label rampart | tee "$work/rampart.md"
 curl -s "http://127.0.0.1:$http/metrics" | grep -E '^rampart_(events_total|decisions_total|processing_latency_seconds|checkpoint_latency_seconds)' >"$work/metrics.txt" || true
 kill -TERM "$rp"
 wait "$rp" || true
@@ -84,6 +85,7 @@ out="benchmarks/results/latency-$(date +%F).md"
   echo "# End-to-end latency through Kafka ($(date +%F))"
   echo
   machine_line
+  pinning_line
   echo "Broker: Tansu 0.6.0, in-memory storage, loopback, 1 partition per topic."
   echo "Command: \`RATES=$RATES DURATION=$DURATION ACTORS=$ACTORS LINGER_MS=$LINGER_MS FETCH_WAIT_MS=$FETCH_WAIT_MS benchmarks/latency.sh\` ($DURATION s per rate, the first 3 s not counted)."
   echo

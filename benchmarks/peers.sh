@@ -27,22 +27,26 @@ LOAD="$CARGO_TARGET_DIR/release/rampart-load"
 work="${TMPDIR:-/tmp}/rampart-peers"
 rm -rf "$work"
 mkdir -p "$work"
-generated "$HOME/.cache/rampart/bench/cloudtrail-1000000.jsonl" --events 1000000 --actors 10000
-head -n "$EVENTS" "$HOME/.cache/rampart/bench/cloudtrail-1000000.jsonl" >"$work/input.jsonl"
+# Zipf actors with injected abusive bursts (one per 1,000 events by default), and the truth
+# file the decisions are scored against.
+BURSTS="${BURSTS:-$((EVENTS / 1000))}"
+python3 benchmarks/generate.py --events "$EVENTS" --actors 10000 --bursts "$BURSTS" \
+  --truth "$work/truth.jsonl" --out "$work/input.jsonl"
 
 PORT=$(free_port)
 trap stop_background EXIT
 start_tansu "$PORT" "$work/broker.log" bench.events
+pin_helpers
 BROKERS="127.0.0.1:$PORT"
-"$LOAD" --brokers "$BROKERS" feed --topic bench.events --rate 200000 "$work/input.jsonl" >&2
+helper "$LOAD" --brokers "$BROKERS" feed --topic bench.events --rate 200000 "$work/input.jsonl" >&2
 
 echo "== Rampart replay of the same file (reference)" >&2
-replay=$("$RAMPART" replay benchmarks/pipelines/w2 --input "$work/input.jsonl" --output "$work/rampart-replay-decisions.jsonl" --dead-letters /dev/null 2>&1)
+replay=$(pinned "$RAMPART" replay benchmarks/pipelines/w2 --input "$work/input.jsonl" --output "$work/rampart-replay-decisions.jsonl" --dead-letters /dev/null 2>&1)
 replay_rate=$(rate_of "$replay")
 
 echo "== Rampart: rampart run benchmarks/pipelines/w2 on the topic" >&2
 export RAMPART_KAFKA_LINGER_MS=10 RAMPART_KAFKA_FETCH_WAIT_MAX_MS=25
-RAMPART_LOG=info "$RAMPART" run benchmarks/pipelines/w2 --brokers "$BROKERS" --listen "127.0.0.1:$(free_port)" \
+RAMPART_LOG=info pinned "$RAMPART" run benchmarks/pipelines/w2 --brokers "$BROKERS" --listen "127.0.0.1:$(free_port)" \
   --state "$work/rampart-state" --audit "$work/rampart-audit.log" --until-idle 3s 2>"$work/rampart.log"
 rampart_rate=$(python3 - "$work/rampart.log" "$EVENTS" <<'PY'
 import re, sys, datetime
@@ -58,7 +62,7 @@ PY
 "$LOAD" --brokers "$BROKERS" tail --topic bench.decisions --idle 3 >"$work/rampart-decisions.jsonl"
 
 echo "== Quix Streams $QUIX_VERSION: benchmarks/peers/quix_w2.py on the topic" >&2
-quix=$("$VENV/bin/python" benchmarks/peers/quix_w2.py --brokers "$BROKERS" --input bench.events \
+quix=$(pinned "$VENV/bin/python" benchmarks/peers/quix_w2.py --brokers "$BROKERS" --input bench.events \
   --decisions quix.decisions --events "$EVENTS" 2>"$work/quix.log" | tail -n 1)
 quix_rate=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["events_per_second"])' "$quix")
 "$LOAD" --brokers "$BROKERS" tail --topic quix.decisions --idle 3 >"$work/quix-decisions.jsonl"
@@ -67,35 +71,17 @@ quix_rate=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["events_p
 # input is complete and every window row is decided, while the service (whose input never
 # ends) keeps the rows of the last allowed-lateness (10 s) of event time waiting for later
 # events.
-comparison=$(python3 - "$work/rampart-replay-decisions.jsonl" "$work/quix-decisions.jsonl" <<'PY'
-import json, sys, collections
-def pairs(path, rampart):
-    out = collections.defaultdict(set)
-    for line in open(path):
-        d = json.loads(line)
-        if rampart:
-            if d["verdict"] == "revoke" or "fail-safe" in d.get("tags", []):
-                continue
-            out[d["detector"]["id"]].add(d["key"])
-        else:
-            out[d["detector"]].add(d.get("key") or d.get("actor"))
-    return out
-r, q = pairs(sys.argv[1], True), pairs(sys.argv[2], False)
-print("| detector | keys found by Rampart | by Quix Streams | in both | only Rampart | only Quix |")
-print("| --- | --- | --- | --- | --- | --- |")
-for det in sorted(set(r) | set(q)):
-    a, b = r.get(det, set()), q.get(det, set())
-    print(f"| {det} | {len(a)} | {len(b)} | {len(a & b)} | {len(a - b)} | {len(b - a)} |")
-PY
-)
+comparison=$(python3 benchmarks/score.py --truth "$work/truth.jsonl" \
+  "Rampart=$work/rampart-replay-decisions.jsonl" "Quix Streams=$work/quix-decisions.jsonl")
 ratio=$(python3 -c "print(f'{$rampart_rate / max($quix_rate, 1):.0f}')")
 out="benchmarks/results/peers-$(date +%F).md"
 {
   echo "# W2 through Kafka: Rampart and Quix Streams ($(date +%F))"
   echo
   machine_line
+  pinning_line
   echo "Broker: Tansu 0.6.0 (in-memory) on loopback, the same for both, one system at a time."
-  echo "Input: the first $EVENTS events of \`benchmarks/generate.py --events 1000000 --actors 10000\` (Zipf actors), pre-loaded into one partition."
+  echo "Input: \`benchmarks/generate.py --events $EVENTS --actors 10000 --bursts $BURSTS\` (Zipf actors, $BURSTS injected bursts alternating denied reconnaissance and mass secret reads, each by a new actor), pre-loaded into one partition."
   echo "Command: \`EVENTS=$EVENTS benchmarks/peers.sh\`. Quix Streams $QUIX_VERSION (Python $("$VENV/bin/python" -c 'import platform; print(platform.python_version())'))."
   echo
   echo "| system | events/s (first to last input message) |"
@@ -108,5 +94,7 @@ out="benchmarks/results/peers-$(date +%F).md"
   echo "Detections: distinct (detector, key) pairs each system published (Rampart once per block or dedup period, Quix every match); Rampart's are from the replay of the same file, where the input ends and every window row is decided (the service keeps the rows of the last 10 s of event time, the allowed lateness, waiting for later events: $(python3 -c 'import sys; print(sum(1 for _ in open(sys.argv[1])))' "$work/rampart-decisions.jsonl") decisions on the topic):"
   echo
   echo "$comparison"
+  echo
+  echo "Precision and recall are against the injected bursts: recall is the share of bursts the system alerted on; precision the share of keys it alerted on that are burst actors (keys of the background traffic that cross the same threshold count against it, equally for every system)."
 } >"$out"
 cat "$out"

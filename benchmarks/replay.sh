@@ -16,7 +16,7 @@ generated "$INPUT" --events "$EVENTS"
 cargo build --release --workspace --all-targets >&2
 rates=()
 for i in $(seq "$RUNS"); do
-  summary=$("$RAMPART" replay pipelines/cloudtrail --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1 >/dev/null)
+  summary=$(pinned "$RAMPART" replay pipelines/cloudtrail --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1 >/dev/null)
   rate=$(rate_of "$summary")
   decisions=$(sed -n 's/^decisions: *\([0-9]*\)/\1/p' <<<"$summary")
   echo "run $i: $rate events/s, $decisions decisions" >&2
@@ -28,6 +28,7 @@ out="benchmarks/results/replay-$(date -u +%Y-%m-%d).md"
   echo "# Replay throughput, $(date -u +%Y-%m-%d)"
   echo
   machine_line
+  pinning_line
   echo "Input: \`benchmarks/generate.py --events $EVENTS\` (CloudTrail-shaped JSON lines, $(du -h "$INPUT" | cut -f1))."
   echo "Command: \`EVENTS=$EVENTS RUNS=$RUNS benchmarks/replay.sh\`"
   echo

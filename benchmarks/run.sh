@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark suite in one command: replay (cloudtrail pipeline), windows (W2 keyed and naive,
-# state at 1M actors), scaling (W1, W3), state (W4: 1M and 5M actors), latency (W2 through Kafka beside a broker-only
+# state at 1M actors), scaling (W1, W3), state (W4: 1M, 5M and 10M actors), latency (W2 through Kafka beside a broker-only
 # passthrough) and peers (W2 in Quix Streams on the same topic), one after the other on this
 # machine; then benchmarks/report.py writes benchmarks/results/<date>.md with the machine,
 # versions, commands, a summary against the targets, and charts (SVG).
@@ -44,7 +44,7 @@ for part in "${parts[@]}"; do
       replay) run EVENTS=1000000 RUNS=5 benchmarks/replay.sh ;;
       windows) run EVENTS=1000000 RUNS=5 benchmarks/windows.sh ;;
       scaling) run EVENTS=200000 RUNS=5 benchmarks/scaling.sh ;;
-      state) run "ACTORS=1000000 5000000" benchmarks/state.sh ;;
+      state) run "ACTORS=1000000 5000000 10000000" benchmarks/state.sh ;;
       latency) run benchmarks/latency.sh ;;
       peers) run EVENTS=20000 benchmarks/peers.sh ;;
     esac

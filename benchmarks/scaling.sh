@@ -47,7 +47,7 @@ measure() {
   local dir=$1 rates=()
   "$RAMPART" check "$dir" >/dev/null
   for _ in $(seq "$RUNS"); do
-    rates+=("$(rate_of "$("$RAMPART" replay "$dir" --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1)")")
+    rates+=("$(rate_of "$(pinned "$RAMPART" replay "$dir" --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1)")")
   done
   median "${rates[@]}"
 }
@@ -64,6 +64,7 @@ out="benchmarks/results/scaling-$(date +%F).md"
   echo "# W1 and W3: replay throughput by detector count ($(date +%F))"
   echo
   machine_line
+  pinning_line
   echo "Input: the first $EVENTS events of \`benchmarks/generate.py --events 1000000\` (10k Zipf actors). Median of $RUNS runs. Command: \`EVENTS=$EVENTS RUNS=$RUNS benchmarks/scaling.sh\`."
   echo
   echo "| workload | detectors | events/s |"

@@ -31,7 +31,7 @@ cargo build --release --workspace --all-targets >&2
 # 1. Throughput, keyed evaluator.
 rates=()
 for i in $(seq "$RUNS"); do
-  summary=$("$RAMPART" replay "$PIPELINE" --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1 >/dev/null)
+  summary=$(pinned "$RAMPART" replay "$PIPELINE" --input "$INPUT" --output /dev/null --dead-letters /dev/null 2>&1 >/dev/null)
   rates+=("$(rate_of "$summary")")
   echo "keyed run $i: ${rates[-1]} events/s" >&2
 done
@@ -43,9 +43,9 @@ prefix="$BENCH/w2-prefix-$NAIVE_EVENTS.jsonl"
 head -n "$NAIVE_EVENTS" "$INPUT" > "$prefix"
 naive_rates=(); keyed_prefix_rates=()
 for i in $(seq 3); do
-  s=$("$RAMPART" replay "$PIPELINE" --evaluator naive --input "$prefix" --output "$BENCH/naive.jsonl" --dead-letters /dev/null 2>&1 >/dev/null)
+  s=$(pinned "$RAMPART" replay "$PIPELINE" --evaluator naive --input "$prefix" --output "$BENCH/naive.jsonl" --dead-letters /dev/null 2>&1 >/dev/null)
   naive_rates+=("$(rate_of "$s")")
-  s=$("$RAMPART" replay "$PIPELINE" --input "$prefix" --output "$BENCH/keyed.jsonl" --dead-letters /dev/null 2>&1 >/dev/null)
+  s=$(pinned "$RAMPART" replay "$PIPELINE" --input "$prefix" --output "$BENCH/keyed.jsonl" --dead-letters /dev/null 2>&1 >/dev/null)
   keyed_prefix_rates+=("$(rate_of "$s")")
   echo "prefix run $i: naive ${naive_rates[-1]}, keyed ${keyed_prefix_rates[-1]} events/s" >&2
 done
@@ -64,7 +64,7 @@ ratio=$(awk -v k="$keyed_prefix" -v n="$naive" 'BEGIN {printf "%.1f", k / n}')
 # 3. State at 1M distinct actors (persistent state, compacted before measuring).
 state_dir="$BENCH/w2-state"
 rm -rf "$state_dir"
-state_summary=$( { /usr/bin/time -v "$RAMPART" replay "$PIPELINE" --state "$state_dir" --state-stats \
+state_summary=$( { /usr/bin/time -v taskset -c "$SUT_CPUS" "$RAMPART" replay "$PIPELINE" --state "$state_dir" --state-stats \
   --input "$STATE_INPUT" --output /dev/null --dead-letters /dev/null >/dev/null; } 2>&1 )
 state_line=$(grep '^window state:' <<<"$state_summary")
 rss_kb=$(sed -n 's/.*Maximum resident set size (kbytes): //p' <<<"$state_summary")
@@ -76,6 +76,7 @@ out="benchmarks/results/windows-$(date -u +%Y-%m-%d).md"
   echo "# Windowed detectors (W2), $(date -u +%Y-%m-%d)"
   echo
   machine_line
+  pinning_line
   echo "Workload: \`$PIPELINE\` (3 per-event, 5 sliding windows: API calls per actor over 1 min, failed calls per actor over 15 min (sum), distinct APIs per source IP over 10 min, denied reconnaissance per actor over 10 min, distinct secrets per actor over 1 h)."
   echo "Input: \`benchmarks/generate.py --events $EVENTS\` (10 000 Zipf(1.1) actors, 1000 events/s of event time, $(du -h "$INPUT" | cut -f1))."
   echo "Command: \`EVENTS=$EVENTS RUNS=$RUNS NAIVE_EVENTS=$NAIVE_EVENTS benchmarks/windows.sh\`"
