@@ -28,6 +28,8 @@ generated() {
 # with `pinned`, so each gets the same cores; the broker and the load generator are not pinned
 # unless BROKER_CPUS is set (e.g. SUT_CPUS=1 BROKER_CPUS=0 keeps them off the system's core).
 SUT_CPUS="${SUT_CPUS:-0-$(($(nproc) - 1))}"
+# (Background processes whose pid is needed: `taskset -c "$SUT_CPUS" CMD &` directly, since a
+# function run in the background is a subshell with its own pid.)
 pinned() { taskset -c "$SUT_CPUS" "$@"; }
 # The broker and load generator: on BROKER_CPUS when set.
 helper() { if [ -n "${BROKER_CPUS:-}" ]; then taskset -c "$BROKER_CPUS" "$@"; else "$@"; fi; }
@@ -39,4 +41,26 @@ pin_helpers() {
   [ -n "${BROKER_CPUS:-}" ] || return 0
   local p
   for p in "${pids[@]}"; do taskset -apc "$BROKER_CPUS" "$p" >/dev/null; done
+}
+
+# w3_pipeline DIR N: makes DIR a copy of W2 with N detectors (1: W2's per-actor API rate window
+# alone; 32 and 64 add variants of W2's five windows, the same key and window with a different
+# final condition, as an analyst's candidate rules would be); prints DIR.
+w3_pipeline() {
+  local dir=$1 n=$2
+  mkdir -p "$dir/detectors"
+  cp benchmarks/pipelines/w2/pipeline.toml "$dir/"
+  if [ "$n" = 1 ]; then
+    cp -L benchmarks/pipelines/w2/detectors/api-rate-per-actor.sql "$dir/detectors/"
+    echo "$dir"
+    return
+  fi
+  cp -L benchmarks/pipelines/w2/detectors/*.sql "$dir/detectors/"
+  local windows=(actions-per-origin api-rate-per-actor failure-volume-per-actor recon-denied-calls secrets-mass-read)
+  for ((i = 1; i <= n - 8; i++)); do
+    local base=${windows[$(((i - 1) % 5))]}
+    sed -e "s/^-- id: $base\$/-- id: $base-v$i/" -e "\$s/\$/ AND $i > 0/" \
+      "$dir/detectors/$base.sql" >"$dir/detectors/$base-v$i.sql"
+  done
+  echo "$dir"
 }

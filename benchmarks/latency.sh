@@ -56,7 +56,7 @@ common=(--brokers "$BROKERS" --set "linger.ms=$LINGER_MS" --set "fetch.wait.max.
 
 if [ -z "${SKIP_PASSTHROUGH:-}" ]; then
 echo "== broker-only passthrough" >&2
-pinned "$LOAD" --brokers "$BROKERS" --set "linger.ms=$LINGER_MS" --set "fetch.wait.max.ms=$FETCH_WAIT_MS" passthrough --from bench.pt.in --to bench.pt.out 2>"$work/passthrough.log" &
+taskset -c "$SUT_CPUS" "$LOAD" --brokers "$BROKERS" --set "linger.ms=$LINGER_MS" --set "fetch.wait.max.ms=$FETCH_WAIT_MS" passthrough --from bench.pt.in --to bench.pt.out 2>"$work/passthrough.log" &
 pt=$!
 pids+=($pt)
 sleep 2
@@ -66,21 +66,26 @@ fi
 
 echo "== rampart run benchmarks/pipelines/w2" >&2
 RAMPART_KAFKA_LINGER_MS=$LINGER_MS RAMPART_KAFKA_FETCH_WAIT_MAX_MS=$FETCH_WAIT_MS \
-  pinned "$RAMPART" run benchmarks/pipelines/w2 --brokers "$BROKERS" --listen "127.0.0.1:$http" \
+  taskset -c "$SUT_CPUS" "$RAMPART" run benchmarks/pipelines/w2 --brokers "$BROKERS" --listen "127.0.0.1:$http" \
   --state "$work/state" --audit "$work/audit.log" 2>"$work/rampart.log" &
 rp=$!
 pids+=($rp)
 for _ in $(seq 300); do curl -sf "http://127.0.0.1:$http/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 if [ -n "${PERF_OUT:-}" ]; then
   # A CPU profile of rampart while the load runs (see benchmarks/results/profile-*.md).
-  perf record -F 499 -g -p "$rp" -o "$PERF_OUT" -- sleep "$DURATION" 2>/dev/null &
+  # (PERF_CALL_GRAPH=dwarf,16384 for full call stacks: benchmarks/profile.sh.)
+  perf record -F 499 --call-graph "${PERF_CALL_GRAPH:-fp}" -p "$rp" -o "$PERF_OUT" -- sleep "$DURATION" 2>/dev/null &
+  perf_pid=$!
 fi
 helper "$LOAD" "${common[@]}" --input bench.events --output bench.decisions --label rampart | tee "$work/rampart.md"
 curl -s "http://127.0.0.1:$http/metrics" | grep -E '^rampart_(events_total|decisions_total|processing_latency_seconds|checkpoint_latency_seconds)' >"$work/metrics.txt" || true
 kill -TERM "$rp"
 wait "$rp" || true
+[ -z "${perf_pid:-}" ] || wait "$perf_pid" || true
 
+# A run without the passthrough (a diagnostic run) does not replace the day's result.
 out="benchmarks/results/latency-$(date +%F).md"
+[ -z "${SKIP_PASSTHROUGH:-}" ] || out="$work/latency.md"
 {
   echo "# End-to-end latency through Kafka ($(date +%F))"
   echo
@@ -96,7 +101,7 @@ out="benchmarks/results/latency-$(date +%F).md"
   echo "(see the script for why); rampart batches at most 4096 events or 5 ms. Load generator,"
   echo "broker and rampart share the 2 cores."
   echo
-  cat "$work/passthrough.md"
+  if [ -s "$work/passthrough.md" ]; then cat "$work/passthrough.md"; else head -n 2 "$work/rampart.md"; fi
   tail -n +3 "$work/rampart.md"
   echo
   echo "Rampart's own view at the end (\`/metrics\`):"

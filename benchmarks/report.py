@@ -55,7 +55,7 @@ def main():
     a.add_argument("--quick", action="store_true")
     args = a.parse_args()
     date = datetime.date.today().isoformat()
-    files = {p: latest(p) for p in ("replay", "windows", "scaling", "state", "latency", "peers")}
+    files = {p: latest(p) for p in ("replay", "windows", "scaling", "state", "latency", "peers", "profile")}
     text = {p: read(f) for p, f in files.items()}
 
     throughput = []  # (label, events/s)
@@ -86,9 +86,14 @@ def main():
         latency.setdefault(system, []).append((int(rate), float(p50), float(p99), float(p999)))
     disk = re.search(r"\*\*(\d+) MB\*\*", text["windows"])
     rss = re.search(r"\*\*(\d+) MiB\*\*", text["windows"])
-    # W4: (actors, MB on disk, MiB RSS, events/s) per row of state.sh's table.
-    w4 = [(int(n), int(d), int(r), int(e)) for n, d, r, e in re.findall(
-        r"^\| (\d+) \| (\d+) MB \([^)]*\) \| (\d+) MiB \| (\d+) \|", text["state"], re.M)]
+    # W4: (actors, MB on disk, MiB RSS, MiB of it the window state's, events/s) per row of
+    # state.sh's table.
+    w4 = [(int(n), int(d), int(r), int(w), int(e)) for n, d, r, w, e in re.findall(
+        r"^\| (\d+) \| (\d+) MB \([^)]*\) \| (\d+) MiB \| \d+ MiB \| \*\*(\d+) MiB\*\* \| (\d+) \|",
+        text["state"], re.M)]
+    # Precision and recall against the injected bursts: (detector, system, injected, found, precision).
+    scores = re.findall(r"^\| ([a-z-]+) \| ([A-Za-z ]+) \| (\d+) \| (\d+) \| [\d.]+ \| \d+ \| \d+ \| ([\d.-]+) \|",
+                        text["peers"], re.M)
 
     charts = []
     if throughput:
@@ -126,7 +131,8 @@ def main():
         fig, ax = plt.subplots(figsize=(6, 4))
         actors = [r[0] / 1e6 for r in w4]
         ax.plot(actors, [r[1] for r in w4], marker="o", label="on disk (MB)")
-        ax.plot(actors, [r[2] for r in w4], marker="o", label="peak RSS (MiB)")
+        ax.plot(actors, [r[2] for r in w4], marker="o", label="peak RSS of the replay (MiB)")
+        ax.plot(actors, [r[3] for r in w4], marker="o", label="of it the window state (MiB)")
         ax.plot(actors, [200 * a for a in actors], ":", color="grey", label="disk target (200 MB per M)")
         ax.plot(actors, [256 * a for a in actors], "--", color="grey", label="RSS target (256 MiB per M)")
         ax.set_xlabel("distinct actors (millions)")
@@ -161,8 +167,11 @@ def main():
             f.write(f"| W2 keyed / naive evaluator | {naive_ratio:.1f}x | at least 20x |\n")
         if m_r and m_q:
             f.write(f"| W2 Rampart / Quix Streams | {int(m_r.group(1)) / max(int(m_q.group(1)), 1):,.0f}x | at least 10x |\n")
-        for n, d, r, e in w4:
-            f.write(f"| W4 state at {n:,} actors | {d} MB on disk, {r} MiB peak RSS, {e:,} events/s | {200 * n // 1000000} MB, {256 * n // 1000000} MiB |\n")
+        for n, d, r, w, e in w4:
+            f.write(f"| W4 state at {n:,} actors | {d} MB on disk, {w} MiB resident ({r} MiB peak RSS of the replay), "
+                    f"{e:,} events/s | {200 * n // 1000000} MB, {256 * n // 1000000} MiB |\n")
+        for detector, system, injected, found, precision in scores:
+            f.write(f"| W2 {detector}, {system}: injected bursts found | {found} of {injected}, precision {precision} | recall 1 |\n")
         if disk and rss and not w4:
             f.write(f"| W2 state at 1M actors | {disk.group(1)} MB on disk, {rss.group(1)} MiB peak RSS | 200 MB, 256 MiB |\n")
         for system, rows in sorted(latency.items()):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark suite in one command: replay (cloudtrail pipeline), windows (W2 keyed and naive,
 # state at 1M actors), scaling (W1, W3), state (W4: 1M, 5M and 10M actors), latency (W2 through Kafka beside a broker-only
-# passthrough) and peers (W2 in Quix Streams on the same topic), one after the other on this
+# passthrough), peers (W2 in Quix Streams on the same topic) and profiles (perf flamegraphs of
+# the missed targets), one after the other on this
 # machine; then benchmarks/report.py writes benchmarks/results/<date>.md with the machine,
 # versions, commands, a summary against the targets, and charts (SVG).
 #
@@ -15,11 +16,11 @@ parts=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=true ;;
-    replay | windows | scaling | state | latency | peers) parts+=("$arg") ;;
-    *) echo "usage: benchmarks/run.sh [--quick] [replay|windows|scaling|state|latency|peers]..." >&2; exit 2 ;;
+    replay | windows | scaling | state | latency | peers | profile) parts+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--quick] [replay|windows|scaling|state|latency|peers|profile]..." >&2; exit 2 ;;
   esac
 done
-[ ${#parts[@]} -gt 0 ] || parts=(replay windows scaling state latency peers)
+[ ${#parts[@]} -gt 0 ] || parts=(replay windows scaling state latency peers profile)
 ./scripts/setup.sh
 source scripts/env.sh
 started=$(date -u +%FT%TZ)
@@ -38,6 +39,7 @@ for part in "${parts[@]}"; do
       state) run ACTORS=1000000 benchmarks/state.sh ;;
       latency) run RATES=10000,50000 DURATION=10 benchmarks/latency.sh ;;
       peers) run EVENTS=10000 benchmarks/peers.sh ;;
+      profile) run SECONDS_EACH=8 benchmarks/profile.sh ;;
     esac
   else
     case "$part" in
@@ -47,6 +49,7 @@ for part in "${parts[@]}"; do
       state) run "ACTORS=1000000 5000000 10000000" benchmarks/state.sh ;;
       latency) run benchmarks/latency.sh ;;
       peers) run EVENTS=20000 benchmarks/peers.sh ;;
+      profile) run benchmarks/profile.sh ;;
     esac
   fi
 done

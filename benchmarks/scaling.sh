@@ -23,25 +23,8 @@ work="${TMPDIR:-/tmp}/rampart-scaling"
 rm -rf "$work"
 mkdir -p "$work"
 
-# pipeline N: a copy of W2 with N detectors.
-make_pipeline() {
-  local n=$1 dir="$work/w3-$1"
-  mkdir -p "$dir/detectors"
-  cp benchmarks/pipelines/w2/pipeline.toml "$dir/"
-  if [ "$n" = 1 ]; then
-    cp -L benchmarks/pipelines/w2/detectors/api-rate-per-actor.sql "$dir/detectors/"
-    echo "$dir"
-    return
-  fi
-  cp -L benchmarks/pipelines/w2/detectors/*.sql "$dir/detectors/"
-  local windows=(actions-per-origin api-rate-per-actor failure-volume-per-actor recon-denied-calls secrets-mass-read)
-  for ((i = 1; i <= n - 8; i++)); do
-    local base=${windows[$(((i - 1) % 5))]}
-    sed -e "s/^-- id: $base\$/-- id: $base-v$i/" -e "\$s/\$/ AND $i > 0/" \
-      "$dir/detectors/$base.sql" >"$dir/detectors/$base-v$i.sql"
-  done
-  echo "$dir"
-}
+# pipeline N: a copy of W2 with N detectors (w3_pipeline in common.sh).
+make_pipeline() { w3_pipeline "$work/w3-$1" "$1"; }
 
 measure() {
   local dir=$1 rates=()
