@@ -17,6 +17,8 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use rampart_sql::{AggregateKind, WindowAggregate};
 
+use crate::state::Commit;
+
 /// One argument value.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Val {
@@ -380,9 +382,6 @@ pub const PENDING_CHUNK: u8 = b'P';
 /// coming back from disk, and each row is rewritten about once per this many saves).
 const MAX_FRAME_CHUNKS: usize = 32;
 
-/// Puts (`Some`) and deletes (`None`) of chunks.
-pub type ChunkWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
-
 /// A key's frame rows and accumulators. Rows are in event-time order and numbered by a
 /// sequence (`front` is the number of `times[0]`); rows numbered below `added` are in the
 /// accumulators, and aggregate `i`'s frame starts at row `starts[i]`.
@@ -584,15 +583,15 @@ impl KeyAgg {
         decided_until: i64,
         horizon: i64,
         lateness: i64,
-        out: &mut ChunkWrites,
+        out: &mut Commit<'_>,
     ) {
         let stride = self.stride();
         if self.is_empty() {
             for (id, _) in self.frame_chunks.drain(..) {
-                out.push((chunk_key(FRAME_CHUNK, id), None));
+                out.chunk(&chunk_key(FRAME_CHUNK, id), None);
             }
             for (id, _) in self.pending_chunks.drain(..) {
-                out.push((chunk_key(PENDING_CHUNK, id), None));
+                out.chunk(&chunk_key(PENDING_CHUNK, id), None);
             }
             self.fresh.clear();
             return;
@@ -606,7 +605,7 @@ impl KeyAgg {
             } else {
                 // Every row held, in order: `ord` is the position.
                 for (old, _) in self.frame_chunks.drain(..) {
-                    out.push((chunk_key(FRAME_CHUNK, old), None));
+                    out.chunk(&chunk_key(FRAME_CHUNK, old), None);
                 }
                 let mut entries = Vec::new();
                 for (i, time) in self.times.iter().enumerate() {
@@ -623,7 +622,7 @@ impl KeyAgg {
             if !entries.is_empty() {
                 let mut value = newest.saturating_add(horizon).to_le_bytes().to_vec();
                 value.extend_from_slice(&entries);
-                out.push((chunk_key(FRAME_CHUNK, id), Some(value)));
+                out.chunk(&chunk_key(FRAME_CHUNK, id), Some(&value));
                 self.frame_chunks.push((id, newest));
             }
         }
@@ -632,7 +631,7 @@ impl KeyAgg {
         self.frame_chunks.retain(|(id, newest)| {
             let keep = *newest >= oldest;
             if !keep {
-                out.push((chunk_key(FRAME_CHUNK, *id), None));
+                out.chunk(&chunk_key(FRAME_CHUNK, *id), None);
             }
             keep
         });
@@ -654,7 +653,7 @@ impl KeyAgg {
                 self.next_chunk += 1;
                 let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
                 chunk.extend_from_slice(&value);
-                out.push((chunk_key(PENDING_CHUNK, id), Some(chunk)));
+                out.chunk(&chunk_key(PENDING_CHUNK, id), Some(&chunk));
                 self.pending_chunks.push((id, newest));
             }
         }
@@ -662,7 +661,7 @@ impl KeyAgg {
         self.pending_chunks.retain(|(id, newest)| {
             let keep = *newest >= decided_until;
             if !keep {
-                out.push((chunk_key(PENDING_CHUNK, *id), None));
+                out.chunk(&chunk_key(PENDING_CHUNK, *id), None);
             }
             keep
         });

@@ -826,7 +826,6 @@ impl KeyedState {
     /// Adds the changed keys and the waiting rows to `commit`; expired keys are deleted.
     pub fn checkpoint(&mut self, clock: Clock, commit: &mut Commit<'_>) {
         let now = clock.newest;
-        let mut chunks = Vec::new();
         let mut expired = Vec::new();
         let mut bytes = 0;
         let horizon = self.horizon();
@@ -843,16 +842,7 @@ impl KeyedState {
                         k.extend_from_slice(&id.to_be_bytes());
                         k
                     };
-                    agg.save(
-                        chunk_key,
-                        self.decided_until,
-                        horizon,
-                        clock.lateness,
-                        &mut chunks,
-                    );
-                    for (k, v) in chunks.drain(..) {
-                        commit.chunk(&k, v.as_deref());
-                    }
+                    agg.save(chunk_key, self.decided_until, horizon, clock.lateness, commit);
                     entry.dirty = false;
                 }
             } else if entry.dirty {

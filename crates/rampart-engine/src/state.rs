@@ -255,8 +255,11 @@ impl StateStore {
 
     /// An empty checkpoint to fill and then [`Self::write`].
     pub fn commit(&self) -> Commit<'_> {
+        let cf = |name| self.db.cf_handle(name).expect("opened with this column family");
         Commit {
-            store: self,
+            rows: cf(ROWS),
+            chunks: cf(CHUNKS),
+            meta: cf(META),
             batch: WriteBatch::default(),
         }
     }
@@ -322,36 +325,33 @@ pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 /// RocksDB's write batch (one buffer, not an allocation per entry: a checkpoint of a large
 /// cache holds millions of entries).
 pub struct Commit<'a> {
-    store: &'a StateStore,
+    rows: &'a rocksdb::ColumnFamily,
+    chunks: &'a rocksdb::ColumnFamily,
+    meta: &'a rocksdb::ColumnFamily,
     batch: WriteBatch,
 }
 
 impl Commit<'_> {
-    fn add(&mut self, cf: &str, key: &[u8], value: Option<&[u8]>) {
-        let cf = self
-            .store
-            .db
-            .cf_handle(cf)
-            .expect("opened with this column family");
+    fn add(batch: &mut WriteBatch, cf: &rocksdb::ColumnFamily, key: &[u8], value: Option<&[u8]>) {
         match value {
-            Some(v) => self.batch.put_cf(cf, key, v),
-            None => self.batch.delete_cf(cf, key),
+            Some(v) => batch.put_cf(cf, key, v),
+            None => batch.delete_cf(cf, key),
         }
     }
 
     /// Puts or deletes a detector key value.
     pub fn row(&mut self, key: &[u8], value: Option<&[u8]>) {
-        self.add(ROWS, key, value);
+        Self::add(&mut self.batch, self.rows, key, value);
     }
 
     /// Puts or deletes a row chunk of an incremental window.
     pub fn chunk(&mut self, key: &[u8], value: Option<&[u8]>) {
-        self.add(CHUNKS, key, value);
+        Self::add(&mut self.batch, self.chunks, key, value);
     }
 
     /// Puts or deletes a metadata entry.
     pub fn meta(&mut self, key: &str, value: Option<&[u8]>) {
-        self.add(META, key.as_bytes(), value);
+        Self::add(&mut self.batch, self.meta, key.as_bytes(), value);
     }
 
     /// Entries put or deleted.
