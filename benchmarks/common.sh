@@ -43,11 +43,13 @@ pin_helpers() {
   for p in "${pids[@]}"; do taskset -apc "$BROKER_CPUS" "$p" >/dev/null; done
 }
 
-# w3_pipeline DIR N: makes DIR a copy of W2 with N detectors (1: W2's per-actor API rate window
-# alone; 32 and 64 add variants of W2's five windows, the same key and window with a different
-# final condition, as an analyst's candidate rules would be); prints DIR.
+# w3_pipeline DIR N [MODE]: makes DIR a copy of W2 with N detectors (1: W2's per-actor API rate
+# window alone; 32 and 64 add variants of W2's five windows); prints DIR. MODE `shared` (the
+# default): a variant has its base's key and window with a different final condition, as an
+# analyst's candidate thresholds would be (they share the base's window state). MODE `distinct`:
+# each variant's frame is also i seconds longer, so every detector keeps its own window state.
 w3_pipeline() {
-  local dir=$1 n=$2
+  local dir=$1 n=$2 mode=${3:-shared}
   mkdir -p "$dir/detectors"
   cp benchmarks/pipelines/w2/pipeline.toml "$dir/"
   if [ "$n" = 1 ]; then
@@ -58,8 +60,18 @@ w3_pipeline() {
   cp -L benchmarks/pipelines/w2/detectors/*.sql "$dir/detectors/"
   local windows=(actions-per-origin api-rate-per-actor failure-volume-per-actor recon-denied-calls secrets-mass-read)
   for ((i = 1; i <= n - 8; i++)); do
-    local base=${windows[$(((i - 1) % 5))]}
-    sed -e "s/^-- id: $base\$/-- id: $base-v$i/" -e "\$s/\$/ AND $i > 0/" \
+    local base=${windows[$(((i - 1) % 5))]} frame=()
+    if [ "$mode" = distinct ]; then
+      local length seconds
+      length=$(grep -o "INTERVAL '[^']*' PRECEDING" "$dir/detectors/$base.sql" | cut -d"'" -f2)
+      case "$length" in
+        *minute*) seconds=$((${length%% *} * 60)) ;;
+        *hour*) seconds=$((${length%% *} * 3600)) ;;
+        *) echo "w3_pipeline: unknown frame length '$length' in $base" >&2; return 1 ;;
+      esac
+      frame=(-e "s/INTERVAL '$length' PRECEDING/INTERVAL '$((seconds + i)) seconds' PRECEDING/")
+    fi
+    sed -e "s/^-- id: $base\$/-- id: $base-v$i/" -e "\$s/\$/ AND $i > 0/" "${frame[@]}" \
       "$dir/detectors/$base.sql" >"$dir/detectors/$base-v$i.sql"
   done
   echo "$dir"

@@ -62,7 +62,7 @@ def main():
     m = re.search(r"^\| cloudtrail \| ([^|]+?) \|.*\| \*\*(\d+)\*\* \|", text["replay"], re.M)
     if m:
         throughput.append((f"cloudtrail replay\n({m.group(1)})", int(m.group(2))))
-    for w, detectors, rate in re.findall(r"^\| (W1|W3) \| ([^|]+?) \| (\d+) \|", text["scaling"], re.M):
+    for w, detectors, rate in re.findall(r"^\| (W1|W3|W3 distinct windows) \| ([^|]+?) \| (\d+) \|", text["scaling"], re.M):
         throughput.append((f"{w}\n{detectors.strip()} detector(s)", int(rate)))
     m = re.search(r"replay, keyed evaluator.*?\*\*(\d+) events/s\*\*", text["windows"])
     if m:

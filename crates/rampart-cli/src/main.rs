@@ -347,6 +347,12 @@ fn check(dir: &Path, explain: bool) -> Result<ExitCode> {
             pipeline.detectors.len(),
             shapes.join(", ")
         );
+        for shared in pipeline.shared_window_states() {
+            println!(
+                "one window state for {} (same rows, key and frame; they differ above the window)",
+                shared.join(", ")
+            );
+        }
         Ok(ExitCode::SUCCESS)
     } else {
         println!(

@@ -24,13 +24,30 @@ fn repo() -> PathBuf {
 /// ids start with `g-`: they select only their group key, because a streaming group fires
 /// with the values at the moment HAVING first holds while the batch query reports the
 /// bucket's final values).
-const DETECTORS: [(&str, &str, &str); 9] = [
+///
+/// `failures-many` and `spread-wide` have the same windows as `failures` and `spread` with other
+/// thresholds and names: each pair shares one window state.
+const DETECTORS: [(&str, &str, &str); 11] = [
     (
         "failures",
         "{{actor}}",
         "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
          RANGE BETWEEN INTERVAL '15 minutes' PRECEDING AND CURRENT ROW) AS n \
          FROM events WHERE outcome = 'Failure') WHERE n >= 5",
+    ),
+    (
+        "failures-many",
+        "{{actor}}",
+        "SELECT actor, many FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '15 minutes' PRECEDING AND CURRENT ROW) AS many \
+         FROM events WHERE outcome = 'Failure') WHERE many >= 9",
+    ),
+    (
+        "spread-wide",
+        "{{origin}}",
+        "SELECT origin, actor, wide FROM (SELECT origin, actor, count(DISTINCT action) OVER (PARTITION BY origin \
+         ORDER BY event_time RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS wide FROM events) \
+         WHERE wide >= 5 AND actor <> 'nobody'",
     ),
     (
         "spread",
@@ -309,7 +326,15 @@ fn assert_stream_equals_batch_with(
             .collect();
         assert_eq!(
             incremental,
-            ["by-json-key", "failures", "range", "spread", "volume"],
+            [
+                "by-json-key",
+                "failures-many",
+                "failures",
+                "range",
+                "spread-wide",
+                "spread",
+                "volume"
+            ],
             "every single sliding window is maintained incrementally"
         );
         let want = expected
@@ -349,6 +374,22 @@ fn windows_stream_to_the_same_rows_as_one_batch_query() {
     let input = tmp.path().join("events.jsonl");
     std::fs::write(&input, generated_events(6000, 7)).expect("write");
     assert_stream_equals_batch(tmp.path(), &input, &[4096, 500, 37, 3], 5);
+}
+
+/// Detectors with the same window (rows, key, aggregates, frame) keep one state between them;
+/// the differential tests above check that each still decides its own rows.
+#[test]
+fn detectors_with_the_same_window_share_its_state() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pipeline = Pipeline::load(&window_pipeline(tmp.path(), 4096, "0s")).expect("loads");
+    assert_eq!(
+        pipeline.shared_window_states(),
+        vec![
+            // (In file name order: `-` sorts before `.`.)
+            vec!["failures-many".to_string(), "failures".to_string()],
+            vec!["spread-wide".to_string(), "spread".to_string()],
+        ]
+    );
 }
 
 /// With no cache, every batch writes its keys' new rows as chunks and drops every key from

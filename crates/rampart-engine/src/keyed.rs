@@ -30,6 +30,7 @@ use crate::incremental::{FRAME_CHUNK, KeyAgg, PENDING_CHUNK, Val, heap};
 use crate::state::{Commit, StateError, StateStore, expires_at};
 use crate::triggers::TriggerStore;
 use rustc_hash::FxHashMap;
+use sha2::{Digest, Sha256};
 
 /// Value layout: expires_at (i64 LE), flags (u8), then rows: time (i64 LE), row id (u64 LE),
 /// length (u32 LE), Arrow row bytes; sorted by (time, row id).
@@ -151,7 +152,9 @@ struct PendingRow {
 
 /// The state of one windowed detector.
 pub struct KeyedState {
-    /// Store key prefix: detector id and version, so that a changed detector starts afresh.
+    /// Store key prefix: for an incremental sliding window, a hash of its state's identity (so
+    /// detectors with the same window share it, and a detector whose window changed starts
+    /// afresh); otherwise the detector's id and version (so a changed detector starts afresh).
     tag: Vec<u8>,
     key_converter: Option<RowConverter>,
     row_converter: RowConverter,
@@ -175,6 +178,9 @@ pub struct KeyedState {
 
 /// Rows of one batch for one key.
 type NewRows = Vec<(i64, u64, Vec<u8>)>;
+
+/// One detector's decisions on a batch, with the rows they are for, or why it failed.
+pub type Decided = Result<Vec<(u64, Decision)>, String>;
 
 /// Keys that got rows in a batch, with how many.
 pub type Touched = Vec<(Box<[u8]>, usize)>;
@@ -203,7 +209,15 @@ impl KeyedState {
             .map(|f| f.data_type().clone())
             .collect();
         let row_converter = RowConverter::new(fields(row_types)).map_err(|e| e.to_string())?;
-        let mut tag = format!("{}@{}", detector.meta.id, detector.version).into_bytes();
+        let mut tag = match split.state_identity() {
+            // Shared by detectors with the same window (see `state_identity`).
+            Some(identity) => format!(
+                "window/{}",
+                &hex::encode(Sha256::digest(identity.as_bytes()))[..32]
+            ),
+            None => format!("{}@{}", detector.meta.id, detector.version),
+        }
+        .into_bytes();
         tag.push(0);
         Ok(Self {
             tag,
@@ -449,16 +463,30 @@ impl KeyedState {
 
     /// Incremental sliding windows: decides the rows older than the watermark (all at the
     /// end of the input) key by key, in time order, moving each key's frames forward, then runs
-    /// the query's part above the window over them.
+    /// each member detector's part above the window over them (one result per member).
     fn decide_incremental(
         &mut self,
-        detector: &CompiledDetector,
-        split: &WindowSplit,
+        members: &[&CompiledDetector],
         ctx: &DecideContext<'_>,
         all: bool,
-    ) -> Result<Vec<(u64, Decision)>, String> {
+    ) -> Vec<Decided> {
         let limit = (!all).then(|| ctx.clock.watermark());
-        let decided = self.decide_due(detector, split, ctx, limit);
+        let decided = match self.decide_due(ctx, limit) {
+            Ok(Some(columns)) => members
+                .iter()
+                .map(|detector| {
+                    let split = detector.split().expect("windowed detectors have a split");
+                    let plan = split.incremental.as_ref().expect("incremental detector");
+                    // (The members' window columns may be named differently.)
+                    let rows = RecordBatch::try_new(Arc::clone(&plan.above_input), columns.clone())
+                        .map_err(|e| e.to_string())?;
+                    let results = ctx.engine.run_above(plan, rows).map_err(|e| e.to_string())?;
+                    Ok(self.decisions_for(detector, &results, |_| true, ctx))
+                })
+                .collect(),
+            Ok(None) => members.iter().map(|_| Ok(Vec::new())).collect(),
+            Err(e) => members.iter().map(|_| Err(e.clone())).collect(),
+        };
         // Only now: keys read back from disk while deciding had their rows up to the old
         // limit decided, no further. (Deciding everything at the end of the input leaves
         // it: on disk those rows stay pending, and a later run decides them again, with the
@@ -469,15 +497,14 @@ impl KeyedState {
         decided
     }
 
-    /// [`Self::decide_incremental`] for the keys with rows older than `limit`.
+    /// [`Self::decide_incremental`] for the keys with rows older than `limit`: the decided
+    /// rows' columns: `pre`'s, then the window values (`None`: no row was due).
     fn decide_due(
         &mut self,
-        detector: &CompiledDetector,
-        split: &WindowSplit,
         ctx: &DecideContext<'_>,
         limit: Option<i64>,
-    ) -> Result<Vec<(u64, Decision)>, String> {
-        let plan = split.incremental.as_ref().expect("incremental detector");
+    ) -> Result<Option<Vec<ArrayRef>>, String> {
+        let aggregates = self.aggregates.clone().unwrap_or_default();
         let due_keys: Vec<Box<[u8]>> = match limit {
             Some(limit) => {
                 let later = self.due.split_off(&(limit, Box::from([])));
@@ -492,14 +519,14 @@ impl KeyedState {
                 .collect(),
         };
         if due_keys.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let mut rows: Vec<Box<[u8]>> = Vec::new();
-        let mut values: Vec<Vec<Val>> = vec![Vec::new(); plan.aggregates.len()];
+        let mut values: Vec<Vec<Val>> = vec![Vec::new(); aggregates.len()];
         for key in due_keys {
             let entry = self.entry(ctx.store, &key).map_err(|e| e.to_string())?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
-            for (_, vals, bytes) in agg.decide_until(&plan.aggregates, limit) {
+            for (_, vals, bytes) in agg.decide_until(&aggregates, limit) {
                 for (column, v) in values.iter_mut().zip(vals) {
                     column.push(v);
                 }
@@ -511,20 +538,17 @@ impl KeyedState {
             }
         }
         if rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let parser = self.row_converter.parser();
         let mut columns = self
             .row_converter
             .convert_rows(rows.iter().map(|b| parser.parse(b)))
             .map_err(|e| e.to_string())?;
-        for (a, vals) in plan.aggregates.iter().zip(&values) {
+        for (a, vals) in aggregates.iter().zip(&values) {
             columns.push(Val::array(vals, &a.output)?);
         }
-        let batch =
-            RecordBatch::try_new(Arc::clone(&plan.above_input), columns).map_err(|e| e.to_string())?;
-        let results = ctx.engine.run_above(plan, batch).map_err(|e| e.to_string())?;
-        Ok(self.decisions_for(detector, &results, |_| true, ctx))
+        Ok(Some(columns))
     }
 
     /// Decisions for the result rows `wanted` accepts.
@@ -658,16 +682,35 @@ impl KeyedState {
 
     /// Sliding windows: decides every waiting row older than the watermark (all of them when
     /// `all`, at the end of the input).
+    /// One result per member detector (`members` share this state: only incremental windows
+    /// have more than one, see [`WindowSplit::state_identity`]).
     pub fn decide_sliding(
+        &mut self,
+        members: &[&CompiledDetector],
+        ctx: &DecideContext<'_>,
+        all: bool,
+    ) -> Vec<Decided> {
+        if self.aggregates.is_some() {
+            return self.decide_incremental(members, ctx, all);
+        }
+        debug_assert_eq!(members.len(), 1, "a re-run window's state is its detector's own");
+        members
+            .iter()
+            .map(|detector| {
+                let split = detector.split().expect("windowed detectors have a split");
+                self.decide_rerun(detector, split, ctx, all)
+            })
+            .collect()
+    }
+
+    /// [`Self::decide_sliding`] for a window re-run over its key's rows.
+    fn decide_rerun(
         &mut self,
         detector: &CompiledDetector,
         split: &WindowSplit,
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Result<Vec<(u64, Decision)>, String> {
-        if self.aggregates.is_some() {
-            return self.decide_incremental(detector, split, ctx, all);
-        }
         let due = if all {
             std::mem::take(&mut self.pending)
         } else {

@@ -1,7 +1,7 @@
 //! A loaded pipeline: its validated config, its event schema, and the detectors that passed the
 //! sandbox and planning. Detectors that were refused are kept as problems; the rest run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -16,7 +16,7 @@ use crate::config::PipelineConfig;
 use crate::decide::DecisionMaker;
 use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
 use crate::guard::{Guard, Trip};
-use crate::keyed::{Clock, DecideContext, KeyedState};
+use crate::keyed::{Clock, DecideContext, Decided, KeyedState};
 use crate::naive::NaiveWindows;
 use crate::state::{StateError, StateStore};
 use crate::tables::{ReferenceTable, TableSource};
@@ -109,7 +109,7 @@ pub struct SourceProgress {
 /// The window state of all windowed detectors, and the clock they share.
 struct Windows {
     store: Option<StateStore>,
-    keyed: Vec<KeyedState>,
+    keyed: Vec<SharedState>,
     naive: NaiveWindows,
     clock: Clock,
     next_row: u64,
@@ -118,6 +118,14 @@ struct Windows {
     since_checkpoint: usize,
     /// The events behind rows not decided yet.
     triggers: TriggerStore,
+}
+
+/// The state of one window and the windowed detectors that read it: one detector, or several
+/// whose windows keep the same rows and values ([`rampart_sql::WindowSplit::state_identity`]).
+struct SharedState {
+    /// Indices of the detectors among the windowed ones, in order.
+    members: Vec<usize>,
+    state: KeyedState,
 }
 
 impl Windows {
@@ -293,8 +301,14 @@ impl Pipeline {
                 })?;
             }
         }
-        for detector in windowed {
+        let mut by_identity: HashMap<String, usize> = HashMap::new();
+        for (i, detector) in windowed.iter().enumerate() {
             let split = detector.split().expect("windowed detectors have a split");
+            let identity = split.state_identity();
+            if let Some(&shared) = identity.as_ref().and_then(|id| by_identity.get(id)) {
+                windows.keyed[shared].members.push(i);
+                continue;
+            }
             let mut keyed = KeyedState::new(detector, split, lateness).map_err(|e| {
                 LoadError::Config(vec![Problem::at(
                     &detector.path,
@@ -305,7 +319,13 @@ impl Pipeline {
             if let Some(store) = &store {
                 keyed.restore(store, decided_until)?;
             }
-            windows.keyed.push(keyed);
+            if let Some(identity) = identity {
+                by_identity.insert(identity, windows.keyed.len());
+            }
+            windows.keyed.push(SharedState {
+                members: vec![i],
+                state: keyed,
+            });
         }
         windows.store = store;
         Ok(windows)
@@ -559,7 +579,7 @@ impl Pipeline {
     /// caller knows the input progress to write with it).
     pub fn wants_checkpoint(&self) -> bool {
         let windows = self.lock();
-        let cached: usize = windows.keyed.iter().map(KeyedState::cache_bytes).sum();
+        let cached: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
         windows.since_checkpoint >= 1 << 18 || cached > self.config.state_cache_bytes
     }
 
@@ -580,7 +600,7 @@ impl Pipeline {
         let started = std::time::Instant::now();
         let mut commit = store.commit();
         for keyed in &mut windows.keyed {
-            keyed.checkpoint(windows.clock, &mut commit);
+            keyed.state.checkpoint(windows.clock, &mut commit);
         }
         let encoded = started.elapsed();
         let clock = StoredClock {
@@ -618,24 +638,36 @@ impl Pipeline {
         store.advance_clock(windows.clock.newest);
         // One budget for all windowed detectors: nothing is evicted while the total fits, and
         // past it each detector gives up its share of the excess (busy detectors keep more).
-        let total: usize = windows.keyed.iter().map(KeyedState::cache_bytes).sum();
+        let total: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
         if total > self.config.state_cache_bytes {
             for keyed in &mut windows.keyed {
-                let share = (keyed.cache_bytes() as u128 * self.config.state_cache_bytes as u128
+                let share = (keyed.state.cache_bytes() as u128 * self.config.state_cache_bytes as u128
                     / total as u128) as usize;
-                keyed.evict(share);
+                keyed.state.evict(share);
             }
         }
         Ok(())
+    }
+
+    /// The windowed detectors that share one window state (same rows, key, aggregates and
+    /// frames; they differ above the window), by id, one list per shared state.
+    pub fn shared_window_states(&self) -> Vec<Vec<String>> {
+        let windowed = &self.detectors[self.per_event..];
+        self.lock()
+            .keyed
+            .iter()
+            .filter(|w| w.members.len() > 1)
+            .map(|w| w.members.iter().map(|&i| windowed[i].meta.id.clone()).collect())
+            .collect()
     }
 
     /// Window state figures: keys cached in memory, their bytes, rows waiting, bytes on disk.
     pub fn state_stats(&self) -> StateStats {
         let windows = self.lock();
         StateStats {
-            cached_keys: windows.keyed.iter().map(KeyedState::cached_keys).sum(),
-            cached_bytes: windows.keyed.iter().map(KeyedState::cache_bytes).sum(),
-            waiting_rows: windows.keyed.iter().map(KeyedState::waiting).sum(),
+            cached_keys: windows.keyed.iter().map(|w| w.state.cached_keys()).sum(),
+            cached_bytes: windows.keyed.iter().map(|w| w.state.cache_bytes()).sum(),
+            waiting_rows: windows.keyed.iter().map(|w| w.state.waiting()).sum(),
             disk_bytes: windows.store.as_ref().map_or(0, StateStore::size_on_disk),
         }
     }
@@ -709,13 +741,15 @@ impl Pipeline {
             engine: &self.engine,
             store,
         };
-        // The part below each window runs here (it reads the shared events slot); then the
-        // detectors' state work runs on two threads (each detector's state is its own).
-        let pres: Vec<Result<Vec<datafusion::arrow::record_batch::RecordBatch>, String>> = windowed
+        // The part below each window runs here, once per shared state (it reads the shared
+        // events slot); then the states' work runs on two threads (each state is its own).
+        let pres: Vec<Result<Vec<datafusion::arrow::record_batch::RecordBatch>, String>> = keyed
             .iter()
-            .map(|detector| match &on_time {
+            .map(|shared| match &on_time {
                 Some(batch) => {
-                    let split = detector.split().expect("windowed detectors have a split");
+                    let split = windowed[shared.members[0]]
+                        .split()
+                        .expect("windowed detectors have a split");
                     self.engine
                         .run_pre(split, batch.clone())
                         .map_err(|e| e.to_string())
@@ -723,24 +757,23 @@ impl Pipeline {
                 None => Ok(Vec::new()),
             })
             .collect();
-        let work = |detector: &CompiledDetector,
-                    state: &mut KeyedState,
+        let work = |shared: &mut SharedState,
                     pre: Result<Vec<datafusion::arrow::record_batch::RecordBatch>, String>|
-         -> Result<Vec<(u64, Decision)>, String> {
-            let split = detector.split().expect("windowed detectors have a split");
-            let pre = pre?;
-            let touched = state.add(split, store, before, &pre)?;
-            match split.kind {
-                StateKind::Sliding => state.decide_sliding(detector, split, &ctx, events.is_none()),
-                StateKind::Grouped => state.decide_grouped(detector, split, &ctx, touched),
-            }
+         -> Vec<(usize, Decided)> {
+            let members: Vec<&CompiledDetector> = shared.members.iter().map(|&i| &windowed[i]).collect();
+            let split = members[0].split().expect("windowed detectors have a split");
+            let results = match pre.and_then(|pre| shared.state.add(split, store, before, &pre)) {
+                Err(e) => members.iter().map(|_| Err(e.clone())).collect(),
+                Ok(touched) => match split.kind {
+                    StateKind::Sliding => shared.state.decide_sliding(&members, &ctx, events.is_none()),
+                    StateKind::Grouped => {
+                        vec![shared.state.decide_grouped(members[0], split, &ctx, touched)]
+                    }
+                },
+            };
+            shared.members.iter().copied().zip(results).collect()
         };
-        let jobs: Vec<_> = windowed
-            .iter()
-            .zip(keyed.iter_mut())
-            .zip(pres)
-            .enumerate()
-            .collect();
+        let jobs: Vec<_> = keyed.iter_mut().zip(pres).enumerate().collect();
         let (mine, theirs): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(i, _)| i % 2 == 0);
         let work = &work;
         let mut results = std::thread::scope(|scope| {
@@ -750,20 +783,21 @@ impl Pipeline {
                     .spawn_scoped(scope, move || {
                         theirs
                             .into_iter()
-                            .map(|(i, ((d, state), pre))| (i, work(d, state, pre)))
+                            .flat_map(|(_, (shared, pre))| work(shared, pre))
                             .collect::<Vec<_>>()
                     })
                     .expect("the OS can start a thread")
             });
             let mut results: Vec<_> = mine
                 .into_iter()
-                .map(|(i, ((d, state), pre))| (i, work(d, state, pre)))
+                .flat_map(|(_, (shared, pre))| work(shared, pre))
                 .collect();
             if let Some(handle) = other {
                 results.extend(handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
             }
             results
         });
+        // In detector order, as without sharing.
         results.sort_by_key(|(i, _)| *i);
         for (i, result) in results {
             let detector = &windowed[i];

@@ -713,8 +713,9 @@ impl Service<'_> {
 
     /// Reloads the pipeline directory: a version that fails `check` (or changes `[kafka]`) is
     /// refused and the running one continues; otherwise everything consumed is checkpointed
-    /// and the pipeline reopened on the same state, where unchanged detectors find their
-    /// window state (it is stored per detector version) and changed ones start afresh.
+    /// and the pipeline reopened on the same state, where unchanged windows find their state
+    /// (it is stored per window, or per detector version for windows that are re-run) and
+    /// changed ones start afresh.
     fn reload_pipeline(
         &mut self,
         reload: Reload,

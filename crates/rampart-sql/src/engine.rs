@@ -153,6 +153,51 @@ impl CompiledDetector {
     }
 }
 
+impl WindowSplit {
+    /// For an incremental sliding window: what its state is made of, as text. That is the plan
+    /// below the window (the rows kept, with their columns), the key, the aggregates with their
+    /// frames, and the reach. Two detectors with the same identity keep the same rows and
+    /// aggregate values; they differ only above the window, in their thresholds or outputs. So
+    /// they can share one state. `None` for state that is a detector's own: grouped windows,
+    /// and windows re-run over their rows.
+    pub fn state_identity(&self) -> Option<String> {
+        use std::fmt::Write;
+        let plan = self.incremental.as_ref()?;
+        let mut s = datafusion::physical_plan::displayable(self.pre.as_ref())
+            .indent(true)
+            .to_string();
+        for f in self.pre_schema.fields() {
+            let _ = writeln!(
+                s,
+                "column {}: {} (nullable: {})",
+                f.name(),
+                f.data_type(),
+                f.is_nullable()
+            );
+        }
+        for k in &self.keys {
+            let _ = writeln!(s, "key {k}");
+        }
+        for a in &plan.aggregates {
+            let argument = a
+                .argument
+                .as_ref()
+                .map_or_else(|| "*".to_string(), |e| e.to_string());
+            let _ = writeln!(
+                s,
+                "aggregate {:?}({argument}) over {} µs: {}",
+                a.function, a.length, a.output
+            );
+        }
+        let _ = writeln!(
+            s,
+            "reach {:?}, time column {}, row id column {}",
+            self.reach, self.time_index, self.row_index
+        );
+        Some(s)
+    }
+}
+
 /// What planning a detector's SQL gives.
 struct Planned {
     shape: Shape,
