@@ -179,6 +179,9 @@ pub struct KeyedState {
 /// Rows of one batch for one key.
 type NewRows = Vec<(i64, u64, Vec<u8>)>;
 
+/// Eviction keeps the keys used by this many of the latest batches.
+const RECENT_BATCHES: u64 = 2;
+
 /// One detector's decisions on a batch, with the rows they are for, or why it failed.
 pub type Decided = Result<Vec<(u64, Decision)>, String>;
 
@@ -928,15 +931,22 @@ impl KeyedState {
     }
 
     /// Drops clean cached keys until the cache holds at most `budget` bytes.
-    /// Least recently used first, down to half the budget (so that eviction is rare).
+    /// Least recently used first, down to half the budget (so that eviction is rare). Keys the
+    /// last [`RECENT_BATCHES`] batches used stay (evicting them would read them back at once),
+    /// unless `budget` is 0 (no cache: every key is read back each time).
     pub fn evict(&mut self, budget: usize) {
         if self.cache_bytes <= budget {
             return;
         }
+        let recent = if budget == 0 {
+            u64::MAX
+        } else {
+            self.tick.saturating_sub(RECENT_BATCHES - 1)
+        };
         let mut clean: Vec<(u64, usize, &Box<[u8]>)> = self
             .cache
             .iter()
-            .filter(|(_, e)| !e.dirty)
+            .filter(|(_, e)| !e.dirty && e.used < recent)
             .map(|(k, e)| (e.used, e.bytes(k), k))
             .collect();
         clean.sort_unstable_by_key(|(used, _, _)| *used);

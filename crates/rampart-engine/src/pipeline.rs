@@ -116,6 +116,11 @@ struct Windows {
     progress: Progress,
     /// Events evaluated since the last checkpoint.
     since_checkpoint: usize,
+    /// Bytes the cache kept after the last checkpoint that had to evict (keys the latest
+    /// batches used stay); 0 when the last checkpoint evicted nothing.
+    in_use: usize,
+    /// Whether the warning that `in_use` exceeds the cache budget was logged.
+    warned_in_use: bool,
     /// The events behind rows not decided yet.
     triggers: TriggerStore,
 }
@@ -142,6 +147,8 @@ impl Windows {
             next_row: 0,
             progress: Progress::new(),
             since_checkpoint: 0,
+            in_use: 0,
+            warned_in_use: false,
             triggers: TriggerStore::default(),
         }
     }
@@ -580,7 +587,11 @@ impl Pipeline {
     pub fn wants_checkpoint(&self) -> bool {
         let windows = self.lock();
         let cached: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
-        windows.since_checkpoint >= 1 << 18 || cached > self.config.state_cache_bytes
+        // Past the budget; or, when the keys in use alone exceed it (eviction kept them), past
+        // those by half the budget, so that a large working set is not written and evicted
+        // after every batch.
+        let budget = self.config.state_cache_bytes;
+        windows.since_checkpoint >= 1 << 18 || cached > budget.max(windows.in_use + budget / 8)
     }
 
     /// Writes the window state changed since the last checkpoint, the rows still waiting, the
@@ -638,12 +649,24 @@ impl Pipeline {
         store.advance_clock(windows.clock.newest);
         // One budget for all windowed detectors: nothing is evicted while the total fits, and
         // past it each detector gives up its share of the excess (busy detectors keep more).
+        let budget = self.config.state_cache_bytes;
         let total: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
-        if total > self.config.state_cache_bytes {
+        windows.in_use = 0;
+        if total > budget {
             for keyed in &mut windows.keyed {
-                let share = (keyed.state.cache_bytes() as u128 * self.config.state_cache_bytes as u128
-                    / total as u128) as usize;
+                let share = (keyed.state.cache_bytes() as u128 * budget as u128 / total as u128) as usize;
                 keyed.state.evict(share);
+            }
+            windows.in_use = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
+            if windows.in_use > budget && !windows.warned_in_use {
+                windows.warned_in_use = true;
+                tracing::warn!(
+                    in_use_mib = windows.in_use >> 20,
+                    cache_mib = budget >> 20,
+                    "the window keys the latest batches used take more memory than [state] cache_mb: \
+                     they stay in memory (evicting them would read them back at once); raise cache_mb \
+                     to match"
+                );
             }
         }
         Ok(())
