@@ -150,7 +150,8 @@ struct PendingRow {
     key: String,
 }
 
-/// The state of one windowed detector.
+/// The state of one window: one windowed detector's, or that of several with the same window
+/// (see [`WindowSplit::state_identity`]).
 pub struct KeyedState {
     /// Store key prefix: for an incremental sliding window, a hash of its state's identity (so
     /// detectors with the same window share it, and a detector whose window changed starts
@@ -189,8 +190,14 @@ pub type Decided = Result<Vec<(u64, Decision)>, String>;
 pub type Touched = Vec<(Box<[u8]>, usize)>;
 
 impl KeyedState {
-    /// Empty state for `detector` (windowed).
-    pub fn new(detector: &CompiledDetector, split: &WindowSplit, lateness: i64) -> Result<Self, String> {
+    /// Empty state for `detector` (windowed); `identity` is its split's
+    /// [`WindowSplit::state_identity`], computed once by the caller.
+    pub fn new(
+        detector: &CompiledDetector,
+        split: &WindowSplit,
+        identity: Option<&str>,
+        lateness: i64,
+    ) -> Result<Self, String> {
         let fields = |types: Vec<datafusion::arrow::datatypes::DataType>| {
             types.into_iter().map(SortField::new).collect::<Vec<_>>()
         };
@@ -212,7 +219,7 @@ impl KeyedState {
             .map(|f| f.data_type().clone())
             .collect();
         let row_converter = RowConverter::new(fields(row_types)).map_err(|e| e.to_string())?;
-        let mut tag = match split.state_identity() {
+        let mut tag = match identity {
             // Shared by detectors with the same window (see `state_identity`).
             Some(identity) => format!(
                 "window/{}",
@@ -474,7 +481,9 @@ impl KeyedState {
         all: bool,
     ) -> Vec<Decided> {
         let limit = (!all).then(|| ctx.clock.watermark());
-        let decided = match self.decide_due(ctx, limit) {
+        let first = members.first().and_then(|d| d.split()?.incremental.as_ref());
+        let aggregates = first.map_or(&[][..], |plan| &plan.aggregates);
+        let decided = match self.decide_due(aggregates, ctx, limit) {
             Ok(Some(columns)) => members
                 .iter()
                 .map(|detector| {
@@ -501,13 +510,14 @@ impl KeyedState {
     }
 
     /// [`Self::decide_incremental`] for the keys with rows older than `limit`: the decided
-    /// rows' columns: `pre`'s, then the window values (`None`: no row was due).
+    /// rows' columns: `pre`'s, then the window values (`None`: no row was due). `aggregates`
+    /// are the window's (every member has the same).
     fn decide_due(
         &mut self,
+        aggregates: &[WindowAggregate],
         ctx: &DecideContext<'_>,
         limit: Option<i64>,
     ) -> Result<Option<Vec<ArrayRef>>, String> {
-        let aggregates = self.aggregates.clone().unwrap_or_default();
         let due_keys: Vec<Box<[u8]>> = match limit {
             Some(limit) => {
                 let later = self.due.split_off(&(limit, Box::from([])));
@@ -529,7 +539,7 @@ impl KeyedState {
         for key in due_keys {
             let entry = self.entry(ctx.store, &key).map_err(|e| e.to_string())?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
-            for (_, vals, bytes) in agg.decide_until(&aggregates, limit) {
+            for (_, vals, bytes) in agg.decide_until(aggregates, limit) {
                 for (column, v) in values.iter_mut().zip(vals) {
                     column.push(v);
                 }
@@ -713,7 +723,7 @@ impl KeyedState {
         split: &WindowSplit,
         ctx: &DecideContext<'_>,
         all: bool,
-    ) -> Result<Vec<(u64, Decision)>, String> {
+    ) -> Decided {
         let due = if all {
             std::mem::take(&mut self.pending)
         } else {
@@ -788,7 +798,7 @@ impl KeyedState {
         split: &WindowSplit,
         ctx: &DecideContext<'_>,
         touched: Touched,
-    ) -> Result<Vec<(u64, Decision)>, String> {
+    ) -> Decided {
         let Some(events) = ctx.events else {
             return Ok(Vec::new());
         };

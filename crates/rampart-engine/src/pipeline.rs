@@ -316,7 +316,7 @@ impl Pipeline {
                 windows.keyed[shared].members.push(i);
                 continue;
             }
-            let mut keyed = KeyedState::new(detector, split, lateness).map_err(|e| {
+            let mut keyed = KeyedState::new(detector, split, identity.as_deref(), lateness).map_err(|e| {
                 LoadError::Config(vec![Problem::at(
                     &detector.path,
                     1,
@@ -588,8 +588,8 @@ impl Pipeline {
         let windows = self.lock();
         let cached: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
         // Past the budget; or, when the keys in use alone exceed it (eviction kept them), past
-        // those by half the budget, so that a large working set is not written and evicted
-        // after every batch.
+        // those by an eighth of the budget, so that a large working set is not written and
+        // evicted after every batch.
         let budget = self.config.state_cache_bytes;
         windows.since_checkpoint >= 1 << 18 || cached > budget.max(windows.in_use + budget / 8)
     }
@@ -647,8 +647,8 @@ impl Pipeline {
         );
         // Only now: a key read back for a row decided in this batch must not look expired.
         store.advance_clock(windows.clock.newest);
-        // One budget for all windowed detectors: nothing is evicted while the total fits, and
-        // past it each detector gives up its share of the excess (busy detectors keep more).
+        // One budget for all window states: nothing is evicted while the total fits, and past
+        // it each state gives up its share of the excess (busy states keep more).
         let budget = self.config.state_cache_bytes;
         let total: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
         windows.in_use = 0;
