@@ -64,10 +64,9 @@ helper "$LOAD" "${common[@]}" --input bench.pt.in --output bench.pt.out --label 
 kill "$pt"
 fi
 
-PIPELINE="${PIPELINE:-benchmarks/pipelines/w2}"
-echo "== rampart run $PIPELINE" >&2
+echo "== rampart run benchmarks/pipelines/w2" >&2
 RAMPART_KAFKA_LINGER_MS=$LINGER_MS RAMPART_KAFKA_FETCH_WAIT_MAX_MS=$FETCH_WAIT_MS \
-  taskset -c "$SUT_CPUS" "$RAMPART" run "$PIPELINE" --brokers "$BROKERS" --listen "127.0.0.1:$http" \
+  taskset -c "$SUT_CPUS" "$RAMPART" run benchmarks/pipelines/w2 --brokers "$BROKERS" --listen "127.0.0.1:$http" \
   --state "$work/state" --audit "$work/audit.log" 2>"$work/rampart.log" &
 rp=$!
 pids+=($rp)

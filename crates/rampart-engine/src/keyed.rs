@@ -175,8 +175,6 @@ pub struct KeyedState {
     lateness: i64,
     /// Counts batches, to know which cached keys were used recently.
     tick: u64,
-    /// Keys the last checkpoint deleted (see [`Self::forget_gone`]).
-    gone: Vec<Box<[u8]>>,
 }
 
 /// Rows of one batch for one key.
@@ -244,7 +242,6 @@ impl KeyedState {
             reach: micros(split.reach),
             lateness,
             tick: 0,
-            gone: Vec::new(),
         })
     }
 
@@ -882,11 +879,10 @@ impl KeyedState {
         Ok(out)
     }
 
-    /// Adds the changed keys and the waiting rows to `commit`; expired keys are deleted, and
-    /// stay cached, empty, until [`Self::forget_gone`] (after the commit is written: until
-    /// then, reading them back would find what the commit deletes).
+    /// Adds the changed keys and the waiting rows to `commit`; expired keys are deleted.
     pub fn checkpoint(&mut self, clock: Clock, commit: &mut Commit<'_>) {
         let now = clock.newest;
+        let mut expired = Vec::new();
         let mut bytes = 0;
         let horizon = self.horizon();
         for (key, entry) in &mut self.cache {
@@ -915,17 +911,13 @@ impl KeyedState {
                 entry.dirty = false;
             }
             if gone {
-                // What reading the key back after the commit would give: nothing (an
-                // incremental window's accumulators start afresh).
-                entry.value = Vec::new();
-                if let (Some(agg), Some(aggregates)) = (&mut entry.agg, &self.aggregates) {
-                    set_header(&mut entry.value, i64::MIN, INCREMENTAL);
-                    **agg = KeyAgg::load(aggregates, &[], &[], self.decided_until)
-                        .expect("an empty window state loads");
-                }
-                self.gone.push(key.clone());
+                expired.push(key.clone());
+            } else {
+                bytes += entry.bytes(key);
             }
-            bytes += entry.bytes(key);
+        }
+        for key in expired {
+            self.cache.remove(&key);
         }
         self.cache_bytes = bytes;
         if self.aggregates.is_some() {
@@ -946,19 +938,6 @@ impl KeyedState {
             &self.pending_meta_key(),
             Some(&serde_json::to_vec(&pending).expect("pending rows serialise")),
         );
-    }
-
-    /// Forgets the keys the last checkpoint deleted, unless rows came for them since.
-    pub fn forget_gone(&mut self) {
-        for key in std::mem::take(&mut self.gone) {
-            let empty = self
-                .cache
-                .get(&key)
-                .is_some_and(|e| !e.dirty && e.agg.as_ref().map_or(e.value.is_empty(), |a| a.is_empty()));
-            if empty && let Some(entry) = self.cache.remove(&key) {
-                self.cache_bytes = self.cache_bytes.saturating_sub(entry.bytes(&key));
-            }
-        }
     }
 
     /// Drops clean cached keys until the cache holds at most `budget` bytes.

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use datafusion::arrow::array::BooleanArray;
 use datafusion::arrow::compute::filter_record_batch;
@@ -18,7 +18,7 @@ use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
 use crate::guard::{Guard, Trip};
 use crate::keyed::{Clock, DecideContext, Decided, KeyedState};
 use crate::naive::NaiveWindows;
-use crate::state::{Sealed, StateError, StateStore};
+use crate::state::{StateError, StateStore};
 use crate::tables::{ReferenceTable, TableSource};
 use crate::triggers::TriggerStore;
 
@@ -108,8 +108,7 @@ pub struct SourceProgress {
 
 /// The window state of all windowed detectors, and the clock they share.
 struct Windows {
-    /// (Shared with a checkpoint being written: [`PreparedCheckpoint`].)
-    store: Option<Arc<StateStore>>,
+    store: Option<StateStore>,
     keyed: Vec<SharedState>,
     naive: NaiveWindows,
     clock: Clock,
@@ -273,9 +272,9 @@ impl Pipeline {
         let mut windows = Windows::empty(lateness);
         let windowed = &self.detectors[self.per_event..];
         let store = match &self.state_choice {
-            StateChoice::Persistent(dir) => Some(Arc::new(StateStore::open(dir)?)),
+            StateChoice::Persistent(dir) => Some(StateStore::open(dir)?),
             StateChoice::Temporary if !windowed.is_empty() && self.evaluator == Evaluator::Keyed => {
-                Some(Arc::new(StateStore::temporary()?))
+                Some(StateStore::temporary()?)
             }
             StateChoice::Temporary => None,
         };
@@ -603,28 +602,18 @@ impl Pipeline {
 
     /// [`Self::checkpoint`] with the guard state taken earlier by [`Self::guard_snapshot`].
     pub fn checkpoint_with(&self, progress: &Progress, guard: Vec<u8>) -> Result<(), StateError> {
-        match self.prepare_checkpoint(progress, guard) {
-            Some(prepared) => self.finish_checkpoint(prepared),
-            None => Ok(()),
-        }
-    }
-
-    /// The first half of a checkpoint: encodes the window state changed since the last one,
-    /// the rows still waiting, the clock, `guard` and `progress` into one write batch, under
-    /// the windows' lock. Windows may take further batches as soon as this returns: the
-    /// batch is a snapshot, and until [`Self::finish_checkpoint`] has written it no cached
-    /// key that it holds is evicted or forgotten (so none is read back stale). `None`: there
-    /// is no state store.
-    pub fn prepare_checkpoint(&self, progress: &Progress, guard: Vec<u8>) -> Option<PreparedCheckpoint> {
         let mut windows = self.lock();
         let windows = &mut *windows;
         windows.since_checkpoint = 0;
-        let store = Arc::clone(windows.store.as_ref()?);
+        let Some(store) = &windows.store else {
+            return Ok(());
+        };
         let started = std::time::Instant::now();
         let mut commit = store.commit();
         for keyed in &mut windows.keyed {
             keyed.state.checkpoint(windows.clock, &mut commit);
         }
+        let encoded = started.elapsed();
         let clock = StoredClock {
             newest: windows.clock.newest,
             next_row: windows.next_row,
@@ -644,45 +633,20 @@ impl Pipeline {
             );
             windows.progress = progress.clone();
         }
-        let (rows, bytes) = (commit.len(), commit.bytes());
-        Some(PreparedCheckpoint {
-            commit: commit.seal(),
-            store,
-            newest: windows.clock.newest,
-            rows,
-            bytes,
-            encoded: started.elapsed(),
-        })
-    }
-
-    /// The second half of a checkpoint: writes `prepared` (without the windows' lock), then
-    /// forgets the keys it deleted and trims the cache to its budget.
-    pub fn finish_checkpoint(&self, prepared: PreparedCheckpoint) -> Result<(), StateError> {
-        let PreparedCheckpoint {
-            commit,
-            store,
-            newest,
-            rows,
-            bytes,
-            encoded,
-        } = prepared;
-        let started = std::time::Instant::now();
+        let rows = commit.len();
+        let bytes = commit.bytes();
+        let before_write = started.elapsed();
         store.write(commit)?;
         tracing::debug!(
             rows,
             bytes,
             encode_ms = encoded.as_millis() as u64,
-            write_ms = started.elapsed().as_millis() as u64,
+            meta_ms = (before_write - encoded).as_millis() as u64,
+            write_ms = (started.elapsed() - before_write).as_millis() as u64,
             "checkpoint"
         );
-        // Only now: a key read back for a row decided before the checkpoint must not look
-        // expired.
-        store.advance_clock(newest);
-        let mut windows = self.lock();
-        let windows = &mut *windows;
-        for keyed in &mut windows.keyed {
-            keyed.state.forget_gone();
-        }
+        // Only now: a key read back for a row decided in this batch must not look expired.
+        store.advance_clock(windows.clock.newest);
         // One budget for all window states: nothing is evicted while the total fits, and past
         // it each state gives up its share of the excess (busy states keep more).
         let budget = self.config.state_cache_bytes;
@@ -727,7 +691,7 @@ impl Pipeline {
             cached_keys: windows.keyed.iter().map(|w| w.state.cached_keys()).sum(),
             cached_bytes: windows.keyed.iter().map(|w| w.state.cache_bytes()).sum(),
             waiting_rows: windows.keyed.iter().map(|w| w.state.waiting()).sum(),
-            disk_bytes: windows.store.as_deref().map_or(0, StateStore::size_on_disk),
+            disk_bytes: windows.store.as_ref().map_or(0, StateStore::size_on_disk),
         }
     }
 
@@ -929,17 +893,6 @@ impl Pipeline {
     pub fn plans_built(&self) -> usize {
         self.engine.plans_built()
     }
-}
-
-/// A checkpoint encoded by [`Pipeline::prepare_checkpoint`] and not written yet.
-pub struct PreparedCheckpoint {
-    commit: Sealed,
-    store: Arc<StateStore>,
-    /// The clock's newest event time when it was encoded.
-    newest: i64,
-    rows: usize,
-    bytes: usize,
-    encoded: std::time::Duration,
 }
 
 /// Window state figures (see [`Pipeline::state_stats`]).

@@ -264,12 +264,14 @@ impl StateStore {
         }
     }
 
-    /// Writes a sealed commit atomically (not synced to disk: a crash may lose the last
-    /// checkpoints, never half of one).
-    pub fn write(&self, commit: Sealed) -> Result<(), StateError> {
+    /// Writes `commit` atomically (not synced to disk: a crash may lose the last checkpoints,
+    /// never half of one).
+    pub fn write(&self, commit: Commit<'_>) -> Result<(), StateError> {
         let mut options = WriteOptions::default();
         options.set_sync(false);
-        self.db.write_opt(commit.0, &options).map_err(|e| self.error(e))
+        self.db
+            .write_opt(commit.batch, &options)
+            .map_err(|e| self.error(e))
     }
 
     /// Bytes the state takes on disk (SST files, memtables not yet flushed, logs).
@@ -366,13 +368,4 @@ impl Commit<'_> {
     pub fn bytes(&self) -> usize {
         self.batch.size_in_bytes()
     }
-
-    /// The filled commit, detached from the store's handles: to [`StateStore::write`] later,
-    /// from any thread.
-    pub fn seal(self) -> Sealed {
-        Sealed(self.batch)
-    }
 }
-
-/// A filled [`Commit`] waiting to be written.
-pub struct Sealed(WriteBatch);

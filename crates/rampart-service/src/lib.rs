@@ -343,9 +343,8 @@ struct Service<'a> {
 impl Service<'_> {
     /// The loop: gather a micro-batch, run the per-event detectors and publish at once, then
     /// the windowed detectors, and start a checkpoint every `checkpoint_interval`. A checkpoint
-    /// runs on its own thread (encoding the window state, waiting for acknowledgements, then
-    /// the RocksDB write) while this one goes on consuming and publishing per-event decisions;
-    /// window work waits only while it encodes.
+    /// runs on its own thread (waiting for acknowledgements, then the RocksDB write) while this
+    /// one goes on consuming and publishing per-event decisions; window work waits for it.
     fn serve(&mut self) -> Result<(), ServiceError> {
         let interval = self.pipeline.config.service.checkpoint_interval;
         let mut last_checkpoint = Instant::now();
@@ -354,7 +353,7 @@ impl Service<'_> {
         let acks = Arc::clone(self.producer.context());
         let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
         std::thread::scope(|scope| -> Result<(), ServiceError> {
-            let mut running: Option<Running<'_>> = None;
+            let mut running: Option<(std::thread::ScopedJoinHandle<'_, _>, TopicPartitionList)> = None;
             let mut body = || -> Result<(), ServiceError> {
                 loop {
                     let stopping = self.stop.load(Ordering::Relaxed) > 0;
@@ -365,8 +364,8 @@ impl Service<'_> {
                     }
                     if let Some(reload) = self.take_admin()? {
                         // A reload starts from a state that holds everything consumed.
-                        if let Some(r) = running.take() {
-                            self.checkpointed(join(r.handle), &r.tpl)?;
+                        if let Some((handle, tpl)) = running.take() {
+                            self.checkpointed(join(handle), &tpl)?;
                         }
                         self.work_windows(&mut backlog, usize::MAX)?;
                         self.reload_pipeline(reload, &acks, &stop, &health)?;
@@ -374,9 +373,7 @@ impl Service<'_> {
                         last_message = Instant::now();
                         continue;
                     }
-                    // Window work waits only while a checkpoint encodes the state.
-                    let windows_free = running.as_ref().is_none_or(Running::encoded);
-                    if backlog.len() > MAX_WINDOW_BACKLOG && !windows_free {
+                    if backlog.len() > MAX_WINDOW_BACKLOG && running.is_some() {
                         // Backpressure: a checkpoint holds the windows up; consume no more
                         // (and this is not idleness).
                         std::thread::sleep(Duration::from_millis(5));
@@ -394,14 +391,14 @@ impl Service<'_> {
                             backlog.extend(self.process(gathered)?);
                         }
                     }
-                    if running.as_ref().is_some_and(|r| r.handle.is_finished()) {
-                        let r = running.take().expect("a checkpoint is running");
-                        self.checkpointed(join(r.handle), &r.tpl)?;
+                    if running.as_ref().is_some_and(|(h, _)| h.is_finished()) {
+                        let (handle, tpl) = running.take().expect("a checkpoint is running");
+                        self.checkpointed(join(handle), &tpl)?;
                     }
                     // Window work catches up a few batches per round, so that consuming and
                     // per-event decisions do not wait for the whole backlog; a backlog past its
                     // bound is worked off whole (consuming waits: backpressure).
-                    if running.as_ref().is_none_or(Running::encoded) && !backlog.is_empty() {
+                    if running.is_none() && !backlog.is_empty() {
                         let take = if backlog.len() > MAX_WINDOW_BACKLOG {
                             usize::MAX
                         } else {
@@ -417,8 +414,8 @@ impl Service<'_> {
                             tracing::info!("no message for the idle period");
                         }
                         tracing::info!("stopping: checkpointing what was consumed");
-                        if let Some(r) = running.take() {
-                            self.checkpointed(join(r.handle), &r.tpl)?;
+                        if let Some((handle, tpl)) = running.take() {
+                            self.checkpointed(join(handle), &tpl)?;
                         }
                         self.work_windows(&mut backlog, usize::MAX)?;
                         self.checkpoint_now(&acks, &stop, &health)?;
@@ -430,14 +427,17 @@ impl Service<'_> {
                         && !self.consumed.is_empty()
                         && last_checkpoint.elapsed() >= interval
                     {
-                        let (snapshot, tpl) = self.snapshot()?;
+                        let (progress, tpl) = self.take_consumed();
+                        let through = self.last_seq();
+                        // The guard state as of the decisions the checkpoint waits for.
+                        let guard = self.pipeline.guard_snapshot();
+                        self.sync_audit()?;
                         let pipeline = Arc::clone(&self.pipeline);
                         let (acks, stop, health) = (&acks, &stop, &health);
-                        let encoded = Arc::new(AtomicBool::new(false));
-                        let flag = Arc::clone(&encoded);
-                        let handle =
-                            scope.spawn(move || checkpoint(&pipeline, acks, snapshot, stop, health, &flag));
-                        running = Some(Running { handle, tpl, encoded });
+                        let handle = scope.spawn(move || {
+                            checkpoint(&pipeline, acks, through, &progress, guard, stop, health)
+                        });
+                        running = Some((handle, tpl));
                         last_checkpoint = Instant::now();
                     }
                 }
@@ -989,31 +989,19 @@ impl Service<'_> {
         stop: &AtomicUsize,
         health: &Health,
     ) -> Result<(), ServiceError> {
-        let (snapshot, tpl) = self.snapshot()?;
+        let (progress, tpl) = self.take_consumed();
+        let guard = self.pipeline.guard_snapshot();
+        self.sync_audit()?;
         let result = checkpoint(
             &self.pipeline,
             acks,
-            snapshot,
+            self.last_seq(),
+            &progress,
+            guard,
             stop,
             health,
-            &AtomicBool::new(false),
         );
         self.checkpointed(result, &tpl)
-    }
-
-    /// What a checkpoint started now writes (everything consumed, with no window work
-    /// left), and the offsets to commit to the group after it.
-    fn snapshot(&mut self) -> Result<(Snapshot, TopicPartitionList), ServiceError> {
-        let (progress, tpl) = self.take_consumed();
-        // The guard state as of the decisions the checkpoint waits for.
-        let guard = self.pipeline.guard_snapshot();
-        self.sync_audit()?;
-        let snapshot = Snapshot {
-            through: self.last_seq(),
-            progress,
-            guard,
-        };
-        Ok((snapshot, tpl))
     }
 
     /// The sequence number of the last message handed to the producer (`None`: none yet).
@@ -1064,34 +1052,20 @@ impl Service<'_> {
     }
 }
 
-/// What a checkpoint writes: the window state as of `progress` (the offsets it reflects),
-/// once the broker has acknowledged every message numbered `through` or lower (every decision
-/// and dead letter of the batches that state holds).
-struct Snapshot {
-    through: Option<usize>,
-    progress: Progress,
-    guard: Vec<u8>,
-}
-
-/// A checkpoint: encodes the window state (then sets `encoded`: window work may go on), waits
-/// until the broker acknowledged the snapshot's messages, then writes it in one RocksDB
-/// write. Gives up waiting only on a second stop signal. Returns how long it took.
+/// A checkpoint: waits until the broker acknowledged every message numbered `through` or
+/// lower (every decision and dead letter of the batches the window state holds), then writes
+/// the window state with `progress` (the offsets it reflects) in one RocksDB write. Gives up
+/// waiting only on a second stop signal. Returns how long it took.
 fn checkpoint(
     pipeline: &Pipeline,
     acks: &ProducerCallbacks,
-    snapshot: Snapshot,
+    through: Option<usize>,
+    progress: &Progress,
+    guard: Vec<u8>,
     stop: &AtomicUsize,
     health: &Health,
-    encoded: &AtomicBool,
 ) -> Result<Duration, ServiceError> {
     let started = Instant::now();
-    let Snapshot {
-        through,
-        progress,
-        guard,
-    } = snapshot;
-    let prepared = pipeline.prepare_checkpoint(&progress, guard);
-    encoded.store(true, Ordering::Release);
     while let Some(seq) = through
         && !acks.settled_through(seq)
     {
@@ -1116,26 +1090,8 @@ fn checkpoint(
             .unwrap_or_default();
         return Err(ServiceError::Delivery(error));
     }
-    if let Some(prepared) = prepared {
-        pipeline.finish_checkpoint(prepared)?;
-    }
+    pipeline.checkpoint_with(progress, guard)?;
     Ok(started.elapsed())
-}
-
-/// A checkpoint running on its own thread.
-struct Running<'scope> {
-    handle: std::thread::ScopedJoinHandle<'scope, Result<Duration, ServiceError>>,
-    /// The offsets to commit to the group after it.
-    tpl: TopicPartitionList,
-    /// Set once it has encoded the window state.
-    encoded: Arc<AtomicBool>,
-}
-
-impl Running<'_> {
-    /// Whether the state is encoded (window work may go on).
-    fn encoded(&self) -> bool {
-        self.encoded.load(Ordering::Acquire)
-    }
 }
 
 /// Waits for a checkpoint thread (its panic is this thread's panic).
