@@ -148,6 +148,10 @@ enum Command {
         /// backlog and exit.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         until_idle: Option<std::time::Duration>,
+        /// Stop cleanly once every assigned partition is consumed to its end (its high
+        /// watermark when checked): replay a finished topic and exit.
+        #[arg(long)]
+        until_end: bool,
         /// Do not reload when a file of the pipeline directory changes (SIGHUP and
         /// POST /admin/reload still reload).
         #[arg(long)]
@@ -214,6 +218,7 @@ fn main() -> ExitCode {
             listen,
             state,
             until_idle,
+            until_end,
             no_watch,
             audit,
         } => run(
@@ -221,6 +226,7 @@ fn main() -> ExitCode {
             rampart_service::RunOptions {
                 listen,
                 until_idle,
+                until_end,
                 watch: !no_watch,
                 ..Default::default()
             },

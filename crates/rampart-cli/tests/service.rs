@@ -686,13 +686,8 @@ fn assert_same_decisions(run: &BTreeMap<String, Value>, reference: &BTreeMap<Str
 /// topic): decision id -> decision.
 fn reference_run(broker: &Broker, dir: &Path, events: u64) -> BTreeMap<String, Value> {
     let reference = synthetic_pipeline(dir, "reference", "decisions-reference");
-    let (status, stderr) = Service::start(
-        &reference,
-        broker,
-        &dir.join("reference-state"),
-        &["--until-idle", "3s"],
-    )
-    .wait(Duration::from_secs(120));
+    let (status, stderr) = Service::start(&reference, broker, &dir.join("reference-state"), &["--until-end"])
+        .wait(Duration::from_secs(120));
     assert!(status.success(), "{stderr}");
     assert!(
         stderr.contains(&format!("stopped: {events} events,")),
@@ -740,8 +735,9 @@ fn a_service_killed_mid_stream_resumes_without_losing_or_double_counting() {
     service.signal("-KILL");
     let (status, _) = service.wait(Duration::from_secs(10));
     assert!(!status.success());
-    let restarted = Service::start(&victim, &broker, &state, &["--until-idle", "3s"]);
+    // Restarted once the whole stream is on the broker, so that `--until-end` stops at its end.
     feeding.join().expect("feeding");
+    let restarted = Service::start(&victim, &broker, &state, &["--until-end"]);
     let (status, stderr) = restarted.wait(Duration::from_secs(120));
     assert!(status.success(), "{stderr}");
 

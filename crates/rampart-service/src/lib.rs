@@ -106,6 +106,10 @@ pub struct RunOptions {
     /// Stop (cleanly, as on SIGTERM) once no message has come for this long: drains a topic's
     /// backlog and exits (replaying history through Kafka, tests).
     pub until_idle: Option<Duration>,
+    /// Stop (cleanly, as on SIGTERM) once every assigned partition is consumed to its end (its
+    /// high watermark when checked): replays a finished topic and exits, however long the
+    /// broker pauses on the way.
+    pub until_end: bool,
     /// Raised (e.g. by SIGHUP) to reload the pipeline directory; lowered when done.
     pub reload: Arc<AtomicBool>,
     /// Watch the pipeline directory and reload on a change (default on in the CLI).
@@ -279,6 +283,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         offsets,
         stop: options.stop,
         until_idle: options.until_idle,
+        until_end: options.until_end,
         progress,
         consumed: BTreeMap::new(),
         next_row,
@@ -311,6 +316,7 @@ struct Service<'a> {
     offsets: StoredOffsets,
     stop: Arc<AtomicUsize>,
     until_idle: Option<Duration>,
+    until_end: bool,
     /// Input progress as of the last checkpoint.
     progress: Progress,
     /// Consumed since the last checkpoint.
@@ -349,6 +355,7 @@ impl Service<'_> {
         let interval = self.pipeline.config.service.checkpoint_interval;
         let mut last_checkpoint = Instant::now();
         let mut last_message = Instant::now();
+        let mut last_end_check = Instant::now();
         let mut backlog: VecDeque<EventBatch> = VecDeque::new();
         let acks = Arc::clone(self.producer.context());
         let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
@@ -409,9 +416,22 @@ impl Service<'_> {
                         last_message = Instant::now();
                     }
                     let idle = self.until_idle.is_some_and(|idle| last_message.elapsed() >= idle);
-                    if stopping || idle {
+                    // At the end: nothing came for a moment, and the broker's high watermarks
+                    // say nothing is left (asked at most twice a second).
+                    let ended = self.until_end
+                        && backlog.is_empty()
+                        && last_message.elapsed() >= Duration::from_millis(200)
+                        && last_end_check.elapsed() >= Duration::from_millis(500)
+                        && {
+                            last_end_check = Instant::now();
+                            self.consumed_to_the_end()
+                        };
+                    if stopping || idle || ended {
                         if idle && !stopping {
                             tracing::info!("no message for the idle period");
+                        }
+                        if ended && !stopping {
+                            tracing::info!("every assigned partition consumed to its end");
                         }
                         tracing::info!("stopping: checkpointing what was consumed");
                         if let Some((handle, tpl)) = running.take() {
@@ -456,6 +476,43 @@ impl Service<'_> {
             "stopped cleanly"
         );
         Ok(())
+    }
+
+    /// Whether every assigned partition is consumed up to its high watermark. The position is
+    /// the next offset after what was consumed (or stored with the state), else the group's
+    /// fetch position, else the partition's start (`auto.offset.reset = earliest`). An
+    /// unreachable broker answers nothing: not at the end.
+    fn consumed_to_the_end(&self) -> bool {
+        if self.health.assigned.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return false;
+        };
+        let positions = self.consumer.position().ok();
+        let consumed = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assignment.elements().iter().all(|e| {
+            let (topic, partition) = (e.topic(), e.partition());
+            let Ok((low, high)) = self
+                .consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(5))
+            else {
+                return false;
+            };
+            let fetched = positions
+                .as_ref()
+                .and_then(|p| p.find_partition(topic, partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(n) => Some(n),
+                    _ => None,
+                });
+            let position = consumed
+                .get(&(topic.to_string(), partition))
+                .copied()
+                .or(fetched)
+                .unwrap_or(low);
+            position >= high
+        })
     }
 
     /// Polls until a micro-batch is full (`source.batch_size` events) or `batch_max_wait` has
