@@ -201,9 +201,11 @@ pub fn replay_with(
     let files = expand_inputs(inputs)?;
     let started = Instant::now();
     let mut summary = Summary::default();
-    let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Decoded)>(DECODE_THREADS * 4);
+    // A chunk per decoding thread in each channel: when the detectors are the bottleneck,
+    // deeper queues only hold more decoded batches in memory.
+    let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Decoded)>(DECODE_THREADS);
     let work_rx = Mutex::new(work_rx);
-    let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Vec<Decoded>)>(DECODE_THREADS * 4);
+    let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Vec<Decoded>)>(DECODE_THREADS);
 
     std::thread::scope(|scope| {
         let framer = named(

@@ -24,6 +24,10 @@ const ROWS: &str = "rows";
 const CHUNKS: &str = "chunks";
 /// Column family of metadata.
 const META: &str = "meta";
+/// Memtable size of each column family (two each at most: one filling, one flushing). Small,
+/// because it is resident memory beside the state's own cache, which holds the hot keys; a
+/// checkpoint's write lands in it.
+const MEMTABLE_BYTES: usize = 8 << 20;
 /// Chunk keys end with their id, this long: the rest is the prefix all chunks of one key (and
 /// kind) share, which the `chunks` column family's bloom filters are built on.
 pub const CHUNK_ID_LEN: usize = 8;
@@ -111,7 +115,7 @@ impl StateStore {
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
         // Small and bounded: the state's own cache holds the hot keys.
-        db_options.set_write_buffer_size(16 << 20);
+        db_options.set_write_buffer_size(MEMTABLE_BYTES);
         db_options.set_max_write_buffer_number(2);
         db_options.set_max_total_wal_size(64 << 20);
         db_options.set_keep_log_file_num(2);
@@ -120,7 +124,7 @@ impl StateStore {
         let expiring = |by_prefix: bool| {
             let mut options = Options::default();
             options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            options.set_write_buffer_size(16 << 20);
+            options.set_write_buffer_size(MEMTABLE_BYTES);
             options.set_max_write_buffer_number(2);
             let mut table = BlockBasedOptions::default();
             table.set_bloom_filter(10.0, false);
@@ -154,7 +158,14 @@ impl StateStore {
             [
                 ColumnFamilyDescriptor::new(ROWS, expiring(false)),
                 ColumnFamilyDescriptor::new(CHUNKS, expiring(true)),
-                ColumnFamilyDescriptor::new(META, Options::default()),
+                ColumnFamilyDescriptor::new(META, {
+                    // Every checkpoint rewrites its values: a default (64 MiB) memtable would
+                    // hold many stale copies in memory.
+                    let mut options = Options::default();
+                    options.set_write_buffer_size(MEMTABLE_BYTES);
+                    options.set_max_write_buffer_number(2);
+                    options
+                }),
             ],
         )
         .map_err(|source| StateError::Db {
