@@ -479,9 +479,9 @@ impl Service<'_> {
     }
 
     /// Whether every assigned partition is consumed up to its high watermark. The position is
-    /// the next offset after what was consumed (or stored with the state), else the group's
-    /// fetch position, else the partition's start (`auto.offset.reset = earliest`). An
-    /// unreachable broker answers nothing: not at the end.
+    /// the next offset after what was consumed (or stored with the state) or the consumer's
+    /// fetch position, whichever is further, else the partition's start
+    /// (`auto.offset.reset = earliest`). An unreachable broker answers nothing: not at the end.
     fn consumed_to_the_end(&self) -> bool {
         if self.health.assigned.load(Ordering::Relaxed) == 0 {
             return false;
@@ -506,10 +506,12 @@ impl Service<'_> {
                     Offset::Offset(n) => Some(n),
                     _ => None,
                 });
+            // (The larger: the fetch position also passes records the application never
+            // sees, such as transaction markers.)
             let position = consumed
                 .get(&(topic.to_string(), partition))
                 .copied()
-                .or(fetched)
+                .max(fetched)
                 .unwrap_or(low);
             position >= high
         })
