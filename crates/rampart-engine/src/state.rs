@@ -24,10 +24,16 @@ const ROWS: &str = "rows";
 const CHUNKS: &str = "chunks";
 /// Column family of metadata.
 const META: &str = "meta";
-/// Memtable size of each column family (two each at most: one filling, one flushing). Small,
-/// because it is resident memory beside the state's own cache, which holds the hot keys; a
-/// checkpoint's write lands in it.
-const MEMTABLE_BYTES: usize = 8 << 20;
+/// Options with small memtables, for every column family: two of 8 MiB at most (one filling,
+/// one flushing). They are resident memory beside the state's own cache, which holds the hot
+/// keys; a checkpoint's write lands in them, and `meta`'s values, rewritten at every
+/// checkpoint, would pile up stale copies in a default (64 MiB) one.
+fn small_memtables() -> Options {
+    let mut options = Options::default();
+    options.set_write_buffer_size(8 << 20);
+    options.set_max_write_buffer_number(2);
+    options
+}
 /// Chunk keys end with their id, this long: the rest is the prefix all chunks of one key (and
 /// kind) share, which the `chunks` column family's bloom filters are built on.
 pub const CHUNK_ID_LEN: usize = 8;
@@ -110,22 +116,17 @@ impl StateStore {
 
     fn open_in(dir: &Path, temp: Option<tempfile::TempDir>) -> Result<Self, StateError> {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
-        let mut db_options = Options::default();
+        let mut db_options = small_memtables();
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
-        // Small and bounded: the state's own cache holds the hot keys.
-        db_options.set_write_buffer_size(MEMTABLE_BYTES);
-        db_options.set_max_write_buffer_number(2);
         db_options.set_max_total_wal_size(64 << 20);
         db_options.set_keep_log_file_num(2);
 
         let cache = rocksdb::Cache::new_lru_cache(16 << 20);
         let expiring = |by_prefix: bool| {
-            let mut options = Options::default();
+            let mut options = small_memtables();
             options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            options.set_write_buffer_size(MEMTABLE_BYTES);
-            options.set_max_write_buffer_number(2);
             let mut table = BlockBasedOptions::default();
             table.set_bloom_filter(10.0, false);
             if by_prefix {
@@ -158,14 +159,7 @@ impl StateStore {
             [
                 ColumnFamilyDescriptor::new(ROWS, expiring(false)),
                 ColumnFamilyDescriptor::new(CHUNKS, expiring(true)),
-                ColumnFamilyDescriptor::new(META, {
-                    // Every checkpoint rewrites its values: a default (64 MiB) memtable would
-                    // hold many stale copies in memory.
-                    let mut options = Options::default();
-                    options.set_write_buffer_size(MEMTABLE_BYTES);
-                    options.set_max_write_buffer_number(2);
-                    options
-                }),
+                ColumnFamilyDescriptor::new(META, small_memtables()),
             ],
         )
         .map_err(|source| StateError::Db {
