@@ -10,7 +10,7 @@ use std::time::Duration;
 use rampart_engine::config::KafkaConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
@@ -156,6 +156,10 @@ pub struct ConsumerCallbacks {
 }
 
 impl ClientContext for ConsumerCallbacks {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        client_log("consumer", level, facility, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         client_error(&self.health, "consumer", &error, reason);
     }
@@ -238,6 +242,10 @@ pub struct ProducerCallbacks {
 }
 
 impl ClientContext for ProducerCallbacks {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        client_log("producer", level, facility, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         client_error(&self.health, "producer", &error, reason);
     }
@@ -287,6 +295,20 @@ impl ProducerContext for ProducerCallbacks {
 
 /// Logs a client's error; one that means the broker cannot be reached makes the service not
 /// ready (until messages or acknowledgements flow again).
+/// librdkafka's own log lines, as `tracing` events with the target `librdkafka` (its
+/// informational lines, such as each disconnection, at debug level).
+fn client_log(client: &str, level: RDKafkaLogLevel, facility: &str, message: &str) {
+    use RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            tracing::error!(target: "librdkafka", client, facility, "{message}")
+        }
+        L::Warning => tracing::warn!(target: "librdkafka", client, facility, "{message}"),
+        L::Notice => tracing::info!(target: "librdkafka", client, facility, "{message}"),
+        L::Info | L::Debug => tracing::debug!(target: "librdkafka", client, facility, "{message}"),
+    }
+}
+
 fn client_error(health: &Health, client: &str, error: &KafkaError, reason: &str) {
     tracing::warn!(%error, reason, client, "Kafka client error");
     if is_outage(error) {

@@ -356,6 +356,7 @@ impl Service<'_> {
         let mut last_checkpoint = Instant::now();
         let mut last_message = Instant::now();
         let mut last_end_check = Instant::now();
+        let mut last_end_note = Instant::now();
         let mut backlog: VecDeque<EventBatch> = VecDeque::new();
         let acks = Arc::clone(self.producer.context());
         let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
@@ -424,7 +425,12 @@ impl Service<'_> {
                         && last_end_check.elapsed() >= Duration::from_millis(500)
                         && {
                             last_end_check = Instant::now();
-                            self.consumed_to_the_end()
+                            let behind = self.partitions_behind();
+                            if !behind.is_empty() && last_end_note.elapsed() >= Duration::from_secs(10) {
+                                tracing::info!(events = self.summary.events, ?behind, "not yet at the end");
+                                last_end_note = Instant::now();
+                            }
+                            behind.is_empty()
                         };
                     if stopping || idle || ended {
                         if idle && !stopping {
@@ -478,26 +484,32 @@ impl Service<'_> {
         Ok(())
     }
 
-    /// Whether every assigned partition is consumed up to its high watermark. The position is
-    /// the next offset after what was consumed (or stored with the state) or the consumer's
-    /// fetch position, whichever is further, else the partition's start
-    /// (`auto.offset.reset = earliest`). An unreachable broker answers nothing: not at the end.
-    fn consumed_to_the_end(&self) -> bool {
+    /// The assigned partitions not yet consumed up to their high watermark, each as
+    /// `topic/partition position/high` (empty: at the end). The position is the next offset
+    /// after what was consumed (or stored with the state) or the consumer's fetch position,
+    /// whichever is further, else the partition's start (`auto.offset.reset = earliest`). An
+    /// unreachable broker answers nothing: not at the end.
+    fn partitions_behind(&self) -> Vec<String> {
         if self.health.assigned.load(Ordering::Relaxed) == 0 {
-            return false;
+            return vec!["no partition assigned".to_string()];
         }
         let Ok(assignment) = self.consumer.assignment() else {
-            return false;
+            return vec!["no assignment".to_string()];
         };
         let positions = self.consumer.position().ok();
         let consumed = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        assignment.elements().iter().all(|e| {
+        let mut behind = Vec::new();
+        for e in assignment.elements() {
             let (topic, partition) = (e.topic(), e.partition());
-            let Ok((low, high)) = self
+            let (low, high) = match self
                 .consumer
                 .fetch_watermarks(topic, partition, Duration::from_secs(5))
-            else {
-                return false;
+            {
+                Ok(watermarks) => watermarks,
+                Err(e) => {
+                    behind.push(format!("{topic}/{partition}: {e}"));
+                    continue;
+                }
             };
             let fetched = positions
                 .as_ref()
@@ -513,8 +525,11 @@ impl Service<'_> {
                 .copied()
                 .max(fetched)
                 .unwrap_or(low);
-            position >= high
-        })
+            if position < high {
+                behind.push(format!("{topic}/{partition} {position}/{high}"));
+            }
+        }
+        behind
     }
 
     /// Polls until a micro-batch is full (`source.batch_size` events) or `batch_max_wait` has
