@@ -216,11 +216,15 @@ fn drain(broker: &Broker, topic: &str, quiet: Duration) -> Vec<Consumed> {
 struct Service {
     child: Child,
     listen: String,
+    /// Its stderr (beside the state directory).
+    log: PathBuf,
 }
 
 impl Service {
     fn start(pipeline: &Path, broker: &Broker, state: &Path, extra: &[&str]) -> Self {
         let listen = format!("127.0.0.1:{}", free_port());
+        let log = state.with_extension("log");
+        let stderr = std::fs::File::create(&log).expect("the service's log file");
         let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
             .arg("run")
             .arg(pipeline)
@@ -229,10 +233,10 @@ impl Service {
             .args(extra)
             .env("RAMPART_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("rampart run starts");
-        Self { child, listen }
+        Self { child, listen, log }
     }
 
     fn get(&self, path: &str) -> Option<(u16, String)> {
@@ -272,9 +276,41 @@ impl Service {
     fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut(&Self) -> bool) {
         let deadline = Instant::now() + timeout;
         while !ok(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; {}",
+                self.diagnosis()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// What the service says about itself: readiness and its progress metrics.
+    fn diagnosis(&self) -> String {
+        let ready = self
+            .get("/readyz")
+            .map(|(status, body)| format!("{status} {body}"));
+        let metrics = self.get("/metrics").map(|(_, body)| {
+            body.lines()
+                .filter(|l| {
+                    [
+                        "rampart_events_total",
+                        "rampart_consumer_lag",
+                        "rampart_bad_records_total",
+                    ]
+                    .iter()
+                    .any(|m| l.starts_with(m))
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "/readyz: {ready:?}; metrics: {metrics:?}; the log's end:\n{}",
+            tail.join("\n")
+        )
     }
 
     fn signal(&self, signal: &str) {
@@ -289,18 +325,11 @@ impl Service {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (status, err);
+                return (status, std::fs::read_to_string(&self.log).unwrap_or_default());
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
+                let err = std::fs::read_to_string(&self.log).unwrap_or_default();
                 panic!("rampart run did not exit within {timeout:?}; stderr:\n{err}");
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -699,9 +728,18 @@ fn reference_run(broker: &Broker, dir: &Path, events: u64) -> BTreeMap<String, V
     decisions
 }
 
-/// Produces synthetic events on a thread at about `rate` per second until `total`.
+/// Produces synthetic events on a thread at about `rate` per second until `total`, in
+/// batches of up to 200 ms: Tansu's in-memory storage reads a log of many small batches very
+/// slowly once it is half a minute old (a fresh consumer of 60,000 events written at 1,000/s
+/// in 5 ms batches got 7,563 of them in a minute; in 200 ms batches, all of them in 0.2 s),
+/// which stalled reference runs over minute-long streams.
 fn feed(broker: &Broker, total: u64, rate: u64) -> std::thread::JoinHandle<()> {
-    let kafka = producer(broker);
+    let kafka: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .set("message.timeout.ms", "0")
+        .set("linger.ms", "200")
+        .create()
+        .expect("a producer");
     std::thread::spawn(move || {
         let started = Instant::now();
         for i in 0..total {
