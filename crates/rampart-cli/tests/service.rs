@@ -729,10 +729,11 @@ fn reference_run(broker: &Broker, dir: &Path, events: u64) -> BTreeMap<String, V
 }
 
 /// Produces synthetic events on a thread at about `rate` per second until `total`, in
-/// batches of up to 200 ms: Tansu's in-memory storage reads a log of many small batches very
-/// slowly once it is half a minute old (a fresh consumer of 60,000 events written at 1,000/s
-/// in 5 ms batches got 7,563 of them in a minute; in 200 ms batches, all of them in 0.2 s),
-/// which stalled reference runs over minute-long streams.
+/// batches of up to 200 ms: Tansu's in-memory storage serves a partition of some ten thousand
+/// record batches very slowly (a fresh consumer of 120,000 events in batches of 10 got 20,951
+/// of them in two minutes; of 60,000 in batches of 10, all in 2.9 s; of 60,000 written at
+/// 1,000/s in 200 ms batches, all in 0.2 s), which stalled reference runs over minute-long
+/// streams written in 5 ms batches.
 fn feed(broker: &Broker, total: u64, rate: u64) -> std::thread::JoinHandle<()> {
     let kafka: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", broker.address())
