@@ -129,10 +129,15 @@ impl Drop for Broker {
 }
 
 fn producer(broker: &Broker) -> ThreadedProducer<DefaultProducerContext> {
+    lingering_producer(broker, 5)
+}
+
+/// A producer that waits up to `linger_ms` to fill a record batch.
+fn lingering_producer(broker: &Broker, linger_ms: u32) -> ThreadedProducer<DefaultProducerContext> {
     ClientConfig::new()
         .set("bootstrap.servers", broker.address())
         .set("message.timeout.ms", "0")
-        .set("linger.ms", "5")
+        .set("linger.ms", linger_ms.to_string())
         .create()
         .expect("a producer")
 }
@@ -285,7 +290,8 @@ impl Service {
         }
     }
 
-    /// What the service says about itself: readiness and its progress metrics.
+    /// What the service says about itself: readiness, its progress metrics and the end of
+    /// its log.
     fn diagnosis(&self) -> String {
         let ready = self
             .get("/readyz")
@@ -305,12 +311,9 @@ impl Service {
                 .join("; ")
         });
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "/readyz: {ready:?}; metrics: {metrics:?}; the log's end:\n{}",
-            tail.join("\n")
-        )
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        format!("/readyz: {ready:?}; metrics: {metrics:?}; the log's end:\n{tail}")
     }
 
     fn signal(&self, signal: &str) {
@@ -735,12 +738,7 @@ fn reference_run(broker: &Broker, dir: &Path, events: u64) -> BTreeMap<String, V
 /// 1,000/s in 200 ms batches, all in 0.2 s), which stalled reference runs over minute-long
 /// streams written in 5 ms batches.
 fn feed(broker: &Broker, total: u64, rate: u64) -> std::thread::JoinHandle<()> {
-    let kafka: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", broker.address())
-        .set("message.timeout.ms", "0")
-        .set("linger.ms", "200")
-        .create()
-        .expect("a producer");
+    let kafka = lingering_producer(broker, 200);
     std::thread::spawn(move || {
         let started = Instant::now();
         for i in 0..total {
