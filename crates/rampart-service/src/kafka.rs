@@ -293,8 +293,6 @@ impl ProducerContext for ProducerCallbacks {
     }
 }
 
-/// Logs a client's error; one that means the broker cannot be reached makes the service not
-/// ready (until messages or acknowledgements flow again).
 /// librdkafka's own log lines, as `tracing` events with the target `librdkafka` (its
 /// informational lines, such as each disconnection, at debug level).
 fn client_log(client: &str, level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -309,6 +307,8 @@ fn client_log(client: &str, level: RDKafkaLogLevel, facility: &str, message: &st
     }
 }
 
+/// Logs a client's error; one that means the broker cannot be reached makes the service not
+/// ready (until messages or acknowledgements flow again).
 fn client_error(health: &Health, client: &str, error: &KafkaError, reason: &str) {
     tracing::warn!(%error, reason, client, "Kafka client error");
     if is_outage(error) {

@@ -499,15 +499,15 @@ impl Service<'_> {
         let positions = self.consumer.position().ok();
         let consumed = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut behind = Vec::new();
-        for e in assignment.elements() {
-            let (topic, partition) = (e.topic(), e.partition());
+        for element in assignment.elements() {
+            let (topic, partition) = (element.topic(), element.partition());
             let (low, high) = match self
                 .consumer
                 .fetch_watermarks(topic, partition, Duration::from_secs(5))
             {
                 Ok(watermarks) => watermarks,
-                Err(e) => {
-                    behind.push(format!("{topic}/{partition}: {e}"));
+                Err(error) => {
+                    behind.push(format!("{topic}/{partition}: {error}"));
                     continue;
                 }
             };
