@@ -175,6 +175,8 @@ pub struct KeyedState {
     lateness: i64,
     /// Counts batches, to know which cached keys were used recently.
     tick: u64,
+    /// About how many bytes the next checkpoint writes (see [`Self::unsaved_bytes`]).
+    unsaved_bytes: usize,
 }
 
 /// Rows of one batch for one key.
@@ -242,6 +244,7 @@ impl KeyedState {
             reach: micros(split.reach),
             lateness,
             tick: 0,
+            unsaved_bytes: 0,
         })
     }
 
@@ -383,6 +386,7 @@ impl KeyedState {
     ) -> Result<(), String> {
         let aggregates = self.aggregates.clone().unwrap_or_default();
         let horizon = self.horizon();
+        let tag_len = self.tag.len();
         for batch in pre {
             let n = batch.num_rows();
             if n == 0 {
@@ -421,6 +425,13 @@ impl KeyedState {
                 let entry = self.entry(store, key).map_err(|e| e.to_string())?;
                 let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
                 let oldest_before = agg.oldest_pending();
+                // Written at the next checkpoint: a frame and a pending chunk (each a store
+                // key of the tag, the key and an id, and RocksDB's own framing)...
+                let mut unsaved = if entry.dirty {
+                    0
+                } else {
+                    2 * (tag_len + key.len() + 32)
+                };
                 for i in indices {
                     let values: Vec<Val> = args
                         .iter_mut()
@@ -430,6 +441,9 @@ impl KeyedState {
                     added += row_bytes
                         + heap(row.as_ref().len())
                         + values.iter().map(Val::heap_bytes).sum::<usize>();
+                    // ...and per row its time, order and arguments in the one, its time, id
+                    // and `pre` columns in the other.
+                    unsaved += 16 + aggregates.len() * 9 + 20 + row.as_ref().len();
                     agg.insert(times.value(i), ids.value(i), values, row.as_ref().into());
                 }
                 let oldest = agg.oldest_pending();
@@ -437,6 +451,7 @@ impl KeyedState {
                 set_header(&mut entry.value, newest.saturating_add(horizon), INCREMENTAL);
                 entry.dirty = true;
                 self.cache_bytes += added;
+                self.unsaved_bytes += unsaved;
                 if oldest != oldest_before {
                     if let Some(o) = oldest_before {
                         self.due.remove(&(o, Box::from(key)));
@@ -687,7 +702,10 @@ impl KeyedState {
             entry.value = merged;
             entry.dirty = true;
             let after = entry.value.capacity();
+            // (A dirty key is written whole; counted again if it changes again.)
+            let unsaved = entry.value.len() + key.len() + 32;
             self.cache_bytes = (self.cache_bytes + after).saturating_sub(before);
+            self.unsaved_bytes += unsaved;
             touched.push((key, new.len()));
         }
         Ok(touched)
@@ -881,6 +899,7 @@ impl KeyedState {
 
     /// Adds the changed keys and the waiting rows to `commit`; expired keys are deleted.
     pub fn checkpoint(&mut self, clock: Clock, commit: &mut Commit<'_>) {
+        self.unsaved_bytes = 0;
         let now = clock.newest;
         let mut expired = Vec::new();
         let mut bytes = 0;
@@ -975,6 +994,12 @@ impl KeyedState {
         }
         self.cache.shrink_to_fit();
         self.cache_bytes = self.cache_bytes.saturating_sub(freed);
+    }
+
+    /// About how many bytes the next checkpoint writes for the rows added since the last one
+    /// (an estimate of the write batch it builds, which is held in memory until written).
+    pub fn unsaved_bytes(&self) -> usize {
+        self.unsaved_bytes
     }
 
     /// Approximate bytes of cached keys.

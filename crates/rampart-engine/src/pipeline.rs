@@ -587,11 +587,17 @@ impl Pipeline {
     pub fn wants_checkpoint(&self) -> bool {
         let windows = self.lock();
         let cached: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
+        let unsaved: usize = windows.keyed.iter().map(|w| w.state.unsaved_bytes()).sum();
         // Past the budget; or, when the keys in use alone exceed it (eviction kept them), past
         // those by an eighth of the budget, so that a large working set is not written and
-        // evicted after every batch.
+        // evicted after every batch. Or when the checkpoint's write batch, built in memory and
+        // then copied whole into a memtable, would pass an eighth of the budget (at 1M new
+        // actors a checkpoint forced by the cache alone wrote about 50 MB; more frequent ones
+        // cost a dense workload, whose hot keys write a chunk each time, some throughput).
         let budget = self.config.state_cache_bytes;
-        windows.since_checkpoint >= 1 << 18 || cached > budget.max(windows.in_use + budget / 8)
+        windows.since_checkpoint >= 1 << 18
+            || unsaved > budget / 8
+            || cached > budget.max(windows.in_use + budget / 8)
     }
 
     /// Writes the window state changed since the last checkpoint, the rows still waiting, the
@@ -614,6 +620,7 @@ impl Pipeline {
             keyed.state.checkpoint(windows.clock, &mut commit);
         }
         let encoded = started.elapsed();
+        let window_bytes = commit.bytes();
         let clock = StoredClock {
             newest: windows.clock.newest,
             next_row: windows.next_row,
@@ -640,6 +647,7 @@ impl Pipeline {
         tracing::debug!(
             rows,
             bytes,
+            window_bytes,
             encode_ms = encoded.as_millis() as u64,
             meta_ms = (before_write - encoded).as_millis() as u64,
             write_ms = (started.elapsed() - before_write).as_millis() as u64,
