@@ -222,6 +222,14 @@ fn push_frame_entry<'a>(out: &mut Vec<u8>, time: i64, ord: u64, args: impl Itera
     }
 }
 
+/// Pushes onto a list that is usually short: its first allocation holds one element.
+fn push_small<T>(list: &mut Vec<T>, item: T) {
+    if list.capacity() == 0 {
+        list.reserve_exact(1);
+    }
+    list.push(item);
+}
+
 fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     if input.len() < n {
         return None;
@@ -484,6 +492,18 @@ impl KeyAgg {
                 *kind = v.clone();
             }
         }
+        if self.times.is_empty() {
+            // Most keys hold a row or two (a million actors, each seen once): their buffers
+            // start at one row rather than the four a first push reserves.
+            self.times.reserve_exact(1);
+            self.args.reserve_exact(self.stride());
+        }
+        if self.pending.is_empty() {
+            self.pending.reserve_exact(1);
+        }
+        if self.fresh.is_empty() {
+            self.fresh.reserve_exact(1);
+        }
         self.fresh.push((time, row));
         let first_free = (self.added - self.front) as usize;
         let mut at = self.times.len();
@@ -516,6 +536,10 @@ impl KeyAgg {
             None => self.pending.len(),
         };
         let rows: Vec<(i64, u64, Box<[u8]>)> = self.pending.drain(..due).collect();
+        if self.pending.is_empty() {
+            // (Freed: most keys wait for nothing most of the time.)
+            self.pending = Vec::new();
+        }
         rows.into_iter()
             .map(|(time, row, bytes)| (row, self.values_at(aggregates, time), bytes))
             .collect()
@@ -593,7 +617,7 @@ impl KeyAgg {
             for (id, _) in self.pending_chunks.drain(..) {
                 out.chunk(&chunk_key(PENDING_CHUNK, id), None);
             }
-            self.fresh.clear();
+            self.fresh = Vec::new();
             return;
         }
         self.fresh.sort_unstable();
@@ -623,7 +647,7 @@ impl KeyAgg {
                 let mut value = newest.saturating_add(horizon).to_le_bytes().to_vec();
                 value.extend_from_slice(&entries);
                 out.chunk(&chunk_key(FRAME_CHUNK, id), Some(&value));
-                self.frame_chunks.push((id, newest));
+                push_small(&mut self.frame_chunks, (id, newest));
             }
         }
         // Chunks whose rows every frame has left.
@@ -638,7 +662,8 @@ impl KeyAgg {
         if !self.fresh.is_empty() {
             let mut value = Vec::new();
             let mut newest = i64::MIN;
-            for (time, row) in self.fresh.drain(..) {
+            // (Taken, not drained: the buffer is freed until rows arrive again.)
+            for (time, row) in std::mem::take(&mut self.fresh) {
                 let at = self.pending.partition_point(|(t, r, _)| (*t, *r) < (time, row));
                 if let Some((_, _, bytes)) = self.pending.get(at).filter(|p| (p.0, p.1) == (time, row)) {
                     value.extend_from_slice(&time.to_le_bytes());
@@ -654,7 +679,7 @@ impl KeyAgg {
                 let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
                 chunk.extend_from_slice(&value);
                 out.chunk(&chunk_key(PENDING_CHUNK, id), Some(&chunk));
-                self.pending_chunks.push((id, newest));
+                push_small(&mut self.pending_chunks, (id, newest));
             }
         }
         // Chunks whose rows are all decided.
