@@ -123,6 +123,8 @@ struct Windows {
     warned_in_use: bool,
     /// The events behind rows not decided yet.
     triggers: TriggerStore,
+    /// Bytes the last checkpoint wrote besides the window states (clock, guard, triggers).
+    meta_bytes: usize,
 }
 
 /// The state of one window and the windowed detectors that read it: one detector, or several
@@ -150,6 +152,7 @@ impl Windows {
             in_use: 0,
             warned_in_use: false,
             triggers: TriggerStore::default(),
+            meta_bytes: 0,
         }
     }
 }
@@ -615,7 +618,10 @@ impl Pipeline {
             return Ok(());
         };
         let started = std::time::Instant::now();
-        let mut commit = store.commit();
+        // The windows' estimate, an eighth more for what it leaves out (deletions, expired
+        // keys), and the metadata as large as last time.
+        let unsaved: usize = windows.keyed.iter().map(|w| w.state.unsaved_bytes()).sum();
+        let mut commit = store.commit(unsaved + unsaved / 8 + windows.meta_bytes);
         for keyed in &mut windows.keyed {
             keyed.state.checkpoint(windows.clock, &mut commit);
         }
@@ -642,6 +648,7 @@ impl Pipeline {
         }
         let rows = commit.len();
         let bytes = commit.bytes();
+        windows.meta_bytes = bytes - window_bytes;
         let before_write = started.elapsed();
         store.write(commit)?;
         tracing::debug!(

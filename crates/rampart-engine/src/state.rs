@@ -258,14 +258,16 @@ impl StateStore {
         Ok(out)
     }
 
-    /// An empty checkpoint to fill and then [`Self::write`].
-    pub fn commit(&self) -> Commit<'_> {
+    /// An empty checkpoint to fill and then [`Self::write`], its buffer sized for `bytes`
+    /// (RocksDB's write batch is one string that otherwise doubles as it grows: a 17 MB
+    /// checkpoint would hold 32 MB, and both while it is copied).
+    pub fn commit(&self, bytes: usize) -> Commit<'_> {
         let cf = |name| self.db.cf_handle(name).expect("opened with this column family");
         Commit {
             rows: cf(ROWS),
             chunks: cf(CHUNKS),
             meta: cf(META),
-            batch: WriteBatch::default(),
+            batch: WriteBatch::with_capacity_bytes(bytes),
         }
     }
 
