@@ -16,6 +16,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use rampart_sql::{AggregateKind, WindowAggregate};
+use rustc_hash::FxHashSet;
 
 use crate::state::Commit;
 
@@ -38,12 +39,27 @@ pub enum Val {
 impl Eq for Val {}
 
 impl Val {
-    /// Heap bytes of the value (text: its shared allocation).
+    /// Heap bytes of the value (text: its share of the allocation it shares with other values
+    /// of the same text).
     pub fn heap_bytes(&self) -> usize {
         match self {
-            Val::Str(s) => heap(16 + s.len()),
+            Val::Str(s) => heap(16 + s.len()) / Arc::strong_count(s),
             _ => 0,
         }
+    }
+
+    /// A text value sharing its allocation with an equal one in `texts` (added there if none
+    /// is): rows repeat a handful of texts (actions, regions, user names), one allocation each
+    /// rather than one per row.
+    fn text(text: &str, texts: &mut FxHashSet<Arc<str>>) -> Val {
+        Val::Str(match texts.get(text) {
+            Some(t) => Arc::clone(t),
+            None => {
+                let t: Arc<str> = text.into();
+                texts.insert(Arc::clone(&t));
+                t
+            }
+        })
     }
 }
 
@@ -128,12 +144,14 @@ impl Val {
         } else {
             let a = cast_to(&DataType::Utf8)?;
             let a = a.as_any().downcast_ref::<StringArray>().expect("cast to Utf8");
+            // One allocation per distinct text of the batch, shared by its rows.
+            let mut texts = FxHashSet::default();
             (0..n)
                 .map(|i| {
                     if a.is_null(i) {
                         Val::Null
                     } else {
-                        Val::Str(a.value(i).into())
+                        Val::text(a.value(i), &mut texts)
                     }
                 })
                 .collect()
@@ -195,7 +213,8 @@ impl Val {
         }
     }
 
-    fn decode(input: &mut &[u8]) -> Option<Val> {
+    /// Reads back what [`Self::encode`] wrote (texts shared through `texts`).
+    fn decode(input: &mut &[u8], texts: &mut FxHashSet<Arc<str>>) -> Option<Val> {
         let (&tag, rest) = input.split_first()?;
         *input = rest;
         Some(match tag {
@@ -205,7 +224,7 @@ impl Val {
             3 => Val::Float(f64::from_le_bytes(take(input, 8)?.try_into().ok()?)),
             4 => {
                 let len = u32::from_le_bytes(take(input, 4)?.try_into().ok()?) as usize;
-                Val::Str(std::str::from_utf8(take(input, len)?).ok()?.into())
+                Val::text(std::str::from_utf8(take(input, len)?).ok()?, texts)
             }
             _ => return None,
         })
@@ -486,10 +505,18 @@ impl KeyAgg {
 
     /// Adds a row that arrived: into the frame rows (after every row already in the
     /// accumulators, so never before a decided row) and into the pending rows.
-    pub fn insert(&mut self, time: i64, row: u64, args: Vec<Val>, bytes: Box<[u8]>) {
+    pub fn insert(&mut self, time: i64, row: u64, mut args: Vec<Val>, bytes: Box<[u8]>) {
         for (kind, v) in self.kinds.iter_mut().zip(&args) {
             if *kind == Val::Null && *v != Val::Null {
                 *kind = v.clone();
+            }
+        }
+        // A text a distinct count already holds: the row shares its allocation.
+        for (acc, v) in self.accs.iter().zip(args.iter_mut()) {
+            if let (Acc::Distinct(values), Val::Str(_)) = (acc, &*v)
+                && let Some((held, _)) = values.get_key_value(v)
+            {
+                *v = held.clone();
             }
         }
         if self.times.is_empty() {
@@ -752,6 +779,7 @@ impl KeyAgg {
         // id order are in arrival order, so this is the order rows were held in.
         let mut rows: Vec<(i64, u64, u64, usize)> = Vec::new();
         let mut values: Vec<Val> = Vec::new();
+        let mut texts = FxHashSet::default();
         for (id, value) in frame {
             let mut input = value.get(8..)?;
             let input = &mut input;
@@ -761,7 +789,7 @@ impl KeyAgg {
                 let ord = u64::from_le_bytes(take(input, 8)?.try_into().ok()?);
                 rows.push((time, *id, ord, values.len()));
                 for _ in 0..n {
-                    values.push(Val::decode(input)?);
+                    values.push(Val::decode(input, &mut texts)?);
                 }
                 newest = newest.max(time);
             }
@@ -817,5 +845,63 @@ impl KeyAgg {
         }
         agg.pending.sort_unstable_by_key(|(t, r, _)| (*t, *r));
         Some(agg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::StringArray;
+    use datafusion::physical_expr::expressions::Column;
+
+    use super::*;
+
+    fn text(v: &Val) -> &Arc<str> {
+        match v {
+            Val::Str(s) => s,
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rows_share_the_allocation_of_equal_texts() {
+        // Within a batch.
+        let array: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("ListUsers"),
+            None,
+            Some("ListUsers"),
+            Some("GetUser"),
+        ]));
+        let column = Val::column(&array).unwrap();
+        assert_eq!(column[1], Val::Null);
+        assert!(Arc::ptr_eq(text(&column[0]), text(&column[2])));
+        assert!(!Arc::ptr_eq(text(&column[0]), text(&column[3])));
+        assert_eq!(&**text(&column[3]), "GetUser");
+
+        // Across batches: a row shares the text its key's distinct count holds.
+        let aggregates = [WindowAggregate {
+            function: AggregateKind::CountDistinct,
+            argument: Some(Arc::new(Column::new("action", 0))),
+            length: 60_000_000,
+            output: DataType::Int64,
+        }];
+        let mut key = KeyAgg::new(&aggregates);
+        key.insert(1, 0, vec![Val::Str("ListUsers".into())], Box::new([]));
+        let decided = key.decide_until(&aggregates, Some(2));
+        assert_eq!(decided[0].1, vec![Val::Int(1)]);
+        key.insert(3, 1, vec![Val::Str("ListUsers".into())], Box::new([]));
+        key.insert(4, 2, vec![Val::Str("GetUser".into())], Box::new([]));
+        assert!(Arc::ptr_eq(text(&key.args[0]), text(&key.args[1])));
+        assert!(!Arc::ptr_eq(text(&key.args[0]), text(&key.args[2])));
+        let decided = key.decide_until(&aggregates, None);
+        let counts: Vec<_> = decided.into_iter().map(|(_, v, _)| v).collect();
+        assert_eq!(counts, vec![vec![Val::Int(1)], vec![Val::Int(2)]]);
+
+        // Read back from a saved chunk.
+        let mut chunk = i64::MAX.to_le_bytes().to_vec();
+        push_frame_entry(&mut chunk, 1, 0, [Val::Str("ListUsers".into())].iter());
+        push_frame_entry(&mut chunk, 2, 1, [Val::Str("ListUsers".into())].iter());
+        let loaded = KeyAgg::load(&aggregates, &[(0, chunk)], &[], 3).unwrap();
+        assert_eq!(loaded.args.len(), 2);
+        assert!(Arc::ptr_eq(text(&loaded.args[0]), text(&loaded.args[1])));
     }
 }
