@@ -241,12 +241,12 @@ fn push_frame_entry<'a>(out: &mut Vec<u8>, time: i64, ord: u64, args: impl Itera
     }
 }
 
-/// Pushes onto a list that is usually short: its first allocation holds one element.
-fn push_small<T>(list: &mut Vec<T>, item: T) {
+/// Makes room in a list that is usually short (most keys hold a row or two): its first
+/// allocation holds one element rather than the four a first push reserves.
+fn reserve_small<T>(list: &mut Vec<T>) {
     if list.capacity() == 0 {
         list.reserve_exact(1);
     }
-    list.push(item);
 }
 
 fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
@@ -520,17 +520,12 @@ impl KeyAgg {
             }
         }
         if self.times.is_empty() {
-            // Most keys hold a row or two (a million actors, each seen once): their buffers
-            // start at one row rather than the four a first push reserves.
+            // As `reserve_small`, for the frame rows: one row's time and arguments.
             self.times.reserve_exact(1);
             self.args.reserve_exact(self.stride());
         }
-        if self.pending.is_empty() {
-            self.pending.reserve_exact(1);
-        }
-        if self.fresh.is_empty() {
-            self.fresh.reserve_exact(1);
-        }
+        reserve_small(&mut self.pending);
+        reserve_small(&mut self.fresh);
         self.fresh.push((time, row));
         let first_free = (self.added - self.front) as usize;
         let mut at = self.times.len();
@@ -674,7 +669,8 @@ impl KeyAgg {
                 let mut value = newest.saturating_add(horizon).to_le_bytes().to_vec();
                 value.extend_from_slice(&entries);
                 out.chunk(&chunk_key(FRAME_CHUNK, id), Some(&value));
-                push_small(&mut self.frame_chunks, (id, newest));
+                reserve_small(&mut self.frame_chunks);
+                self.frame_chunks.push((id, newest));
             }
         }
         // Chunks whose rows every frame has left.
@@ -706,7 +702,8 @@ impl KeyAgg {
                 let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
                 chunk.extend_from_slice(&value);
                 out.chunk(&chunk_key(PENDING_CHUNK, id), Some(&chunk));
-                push_small(&mut self.pending_chunks, (id, newest));
+                reserve_small(&mut self.pending_chunks);
+                self.pending_chunks.push((id, newest));
             }
         }
         // Chunks whose rows are all decided.
