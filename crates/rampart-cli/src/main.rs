@@ -378,6 +378,23 @@ fn check(dir: &Path, explain: bool) -> Result<ExitCode> {
                 shared.join(", ")
             );
         }
+        let lateness = humantime::format_duration(pipeline.config.allowed_lateness);
+        for d in &pipeline.detectors {
+            let Some(split) = d.split() else { continue };
+            let when = match (&split.timing, split.kind) {
+                (rampart_engine::Timing::AtOnce, rampart_engine::StateKind::Grouped) => {
+                    "decides at once: when its HAVING first holds".to_string()
+                }
+                (rampart_engine::Timing::AtOnce, rampart_engine::StateKind::Sliding) => format!(
+                    "decides at once: as soon as a row's second is complete and the condition holds \
+                     (rows that do not fire yet wait for the allowed lateness, {lateness})"
+                ),
+                (rampart_engine::Timing::AfterLateness(why), _) => {
+                    format!("decides after the allowed lateness ({lateness}): {why}")
+                }
+            };
+            println!("{}: {when}", d.meta.id);
+        }
         Ok(ExitCode::SUCCESS)
     } else {
         println!(

@@ -57,6 +57,14 @@ fn check_and_test_pass_on_the_cloudtrail_pipeline() {
         "{}",
         text(&out.stdout)
     );
+    // Each windowed detector says when it decides: the thresholds at once.
+    for id in THRESHOLDS {
+        assert!(
+            text(&out.stdout).contains(&format!("{id}: decides at once")),
+            "{id}: {}",
+            text(&out.stdout)
+        );
+    }
 
     let out = rampart(&["test", "pipelines/cloudtrail"]);
     let stdout = text(&out.stdout);

@@ -93,9 +93,20 @@ impl Broker {
     }
 
     fn create_topic(&self, name: &str) {
+        self.create_topic_with(name, 1);
+    }
+
+    fn create_topic_with(&self, name: &str, partitions: u32) {
         let tansu = tansu();
         let out = Command::new(tansu)
-            .args(["topic", "create", name, "--partitions", "1", "--broker"])
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+                "--broker",
+            ])
             .arg(format!("tcp://127.0.0.1:{}", self.port))
             .output()
             .expect("tansu topic create runs");
@@ -143,7 +154,20 @@ fn lingering_producer(broker: &Broker, linger_ms: u32) -> ThreadedProducer<Defau
 }
 
 fn produce(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, payload: &[u8]) {
+    produce_to(producer, topic, None, payload);
+}
+
+/// Produces to `partition` of `topic` (`None`: the partitioner chooses).
+fn produce_to(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    partition: Option<i32>,
+    payload: &[u8],
+) {
     let mut record = BaseRecord::<(), [u8]>::to(topic).payload(payload);
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
     loop {
         match producer.send(record) {
             Ok(()) => return,
@@ -590,6 +614,17 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
 
 /// A small pipeline over synthetic events: one per-event block and two windows.
 fn synthetic_pipeline(dir: &Path, name: &str, decisions_topic: &str) -> PathBuf {
+    synthetic_pipeline_on(dir, name, decisions_topic, "events", "")
+}
+
+/// [`synthetic_pipeline`] reading `input` with more `[service]` settings.
+fn synthetic_pipeline_on(
+    dir: &Path,
+    name: &str,
+    decisions_topic: &str,
+    input: &str,
+    service: &str,
+) -> PathBuf {
     let p = dir.join(name);
     std::fs::create_dir_all(p.join("detectors")).expect("mkdir");
     std::fs::write(
@@ -615,12 +650,13 @@ dedup_for = "0s"
 enabled = false
 [kafka]
 group = "{name}"
-input_topics = ["events"]
+input_topics = ["{input}"]
 decisions_topic = "{decisions_topic}"
 dead_letter_topic = "{decisions_topic}.dead"
 create_topics = true
 [service]
 checkpoint_interval = "100ms"
+{service}
 "#
         ),
     )
@@ -653,6 +689,11 @@ checkpoint_interval = "100ms"
 /// Synthetic event `i`: 50 users at about 500 events per second of event time, with a burst of
 /// one user every 5 s.
 fn synthetic_event(i: u64) -> String {
+    synthetic_event_shifted(i, 0)
+}
+
+/// [`synthetic_event`] `shift_ms` later (earlier when negative) in event time.
+fn synthetic_event_shifted(i: u64, shift_ms: i64) -> String {
     let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     x ^= x >> 31;
     let ms = i * 2;
@@ -666,7 +707,7 @@ fn synthetic_event(i: u64) -> String {
     } else {
         (user * 3 + (x >> 16) % 2) % 16
     };
-    let t = chrono::DateTime::from_timestamp_millis(1_767_225_600_000 + ms as i64).expect("time");
+    let t = chrono::DateTime::from_timestamp_millis(1_767_225_600_000 + ms as i64 + shift_ms).expect("time");
     format!(
         r#"{{"t":"{}","user":"u{user}","op":"{op}","ip":"10.0.0.{ip}"}}"#,
         t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -738,6 +779,12 @@ fn reference_run(broker: &Broker, dir: &Path, events: u64) -> BTreeMap<String, V
 /// 1,000/s in 200 ms batches, all in 0.2 s), which stalled reference runs over minute-long
 /// streams written in 5 ms batches.
 fn feed(broker: &Broker, total: u64, rate: u64) -> std::thread::JoinHandle<()> {
+    feed_partitions(broker, total, rate, 1)
+}
+
+/// [`feed`] round robin over `partitions` partitions of `events` (as a producer keying by
+/// event id does).
+fn feed_partitions(broker: &Broker, total: u64, rate: u64, partitions: u64) -> std::thread::JoinHandle<()> {
     let kafka = lingering_producer(broker, 200);
     std::thread::spawn(move || {
         let started = Instant::now();
@@ -746,7 +793,8 @@ fn feed(broker: &Broker, total: u64, rate: u64) -> std::thread::JoinHandle<()> {
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 std::thread::sleep(wait);
             }
-            produce(&kafka, "events", synthetic_event(i).as_bytes());
+            let partition = (partitions > 1).then_some((i % partitions) as i32);
+            produce_to(&kafka, "events", partition, synthetic_event(i).as_bytes());
         }
         kafka.flush(Duration::from_secs(120)).expect("flush");
     })
@@ -755,7 +803,9 @@ fn feed(broker: &Broker, total: u64, rate: u64) -> std::thread::JoinHandle<()> {
 #[test]
 fn a_service_killed_mid_stream_resumes_without_losing_or_double_counting() {
     let broker = Broker::start();
-    broker.create_topic("events");
+    // Four partitions, events round robin: each partition's watermark and the rows that
+    // fired at once are in the checkpoint.
+    broker.create_topic_with("events", 4);
     let tmp = tempfile::tempdir().expect("tempdir");
     let total = 90_000;
     let victim = synthetic_pipeline(tmp.path(), "victim", "decisions");
@@ -764,7 +814,7 @@ fn a_service_killed_mid_stream_resumes_without_losing_or_double_counting() {
     service.wait_for("ready", Duration::from_secs(30), |s| {
         s.get("/readyz").is_some_and(|(status, _)| status == 200)
     });
-    let feeding = feed(&broker, total, 15_000);
+    let feeding = feed_partitions(&broker, total, 15_000, 4);
     service.wait_for("a third of the stream", Duration::from_secs(60), |s| {
         s.metric("rampart_events_total")
             .is_some_and(|n| n >= total as f64 / 3.0)
@@ -1141,4 +1191,297 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
         "re-armed"
     );
     assert!(audit_has(r#""who":"bob from 127.0.0.1:"#), "who re-armed");
+}
+
+/// Produces `events` ((partition or `None`, payload)) to `topic` as fast as a lingering
+/// producer batches them, and waits until the broker has them all.
+fn produce_all(broker: &Broker, topic: &str, events: impl Iterator<Item = (Option<i32>, String)>) {
+    let kafka = lingering_producer(broker, 50);
+    for (partition, payload) in events {
+        produce_to(&kafka, topic, partition, payload.as_bytes());
+    }
+    kafka.flush(Duration::from_secs(120)).expect("flush");
+}
+
+/// What decisions say wherever their events came from (decision ids name the source
+/// position): (detector, event time, actor, evidence), sorted.
+fn contents<'a>(decisions: impl Iterator<Item = &'a Value>) -> Vec<(String, String, String, String)> {
+    let mut v: Vec<_> = decisions
+        .map(|d| {
+            (
+                d["detector"]["id"].as_str().unwrap_or_default().to_string(),
+                d["event_time"].as_str().unwrap_or_default().to_string(),
+                d["actor"].as_str().unwrap_or_default().to_string(),
+                d["evidence"].to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Runs `pipeline` over its topic with `--until-end`; asserts it consumed `events` with no
+/// late record and returns its log.
+fn run_to_end(pipeline: &Path, broker: &Broker, state: &Path, events: u64) -> String {
+    let (status, stderr) =
+        Service::start(pipeline, broker, state, &["--until-end"]).wait(Duration::from_secs(180));
+    assert!(status.success(), "{stderr}");
+    let last = stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("stopped:"))
+        .unwrap_or_default();
+    assert!(last.contains(&format!("stopped: {events} events,")), "{last}");
+    assert!(last.contains(" 0 late records"), "no event is late: {last}");
+    stderr
+}
+
+/// The windows of one service over a topic of four partitions, produced round robin (each
+/// partition in event-time order, partitions read a fetch at a time), decide what they decide
+/// over the same events on one partition, evidence included, and what a replay of the same
+/// events from a file decides: no event is late.
+#[test]
+fn windows_over_four_partitions_decide_what_one_partition_and_a_replay_do() {
+    let broker = Broker::start();
+    broker.create_topic("events");
+    broker.create_topic_with("events4", 4);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let total = 40_000u64;
+    produce_all(&broker, "events", (0..total).map(|i| (None, synthetic_event(i))));
+    produce_all(
+        &broker,
+        "events4",
+        (0..total).map(|i| (Some((i % 4) as i32), synthetic_event(i))),
+    );
+    let service = "quiet_after = \"300ms\"";
+    let one = synthetic_pipeline_on(tmp.path(), "one", "decisions-one", "events", service);
+    let four = synthetic_pipeline_on(tmp.path(), "four", "decisions-four", "events4", service);
+    run_to_end(&one, &broker, &tmp.path().join("one-state"), total);
+    run_to_end(&four, &broker, &tmp.path().join("four-state"), total);
+    let (one, repeats) = by_id(&drain(&broker, "decisions-one", Duration::from_secs(2)));
+    assert_eq!(repeats, 0);
+    let (four, repeats) = by_id(&drain(&broker, "decisions-four", Duration::from_secs(2)));
+    assert_eq!(repeats, 0);
+    let windowed = |d: &&Value| d["detector"]["id"] != "deletes";
+    assert!(one.values().filter(windowed).count() > 100, "the windows fire");
+    assert_eq!(contents(four.values()), contents(one.values()));
+
+    // The same events from a file, replayed (the equivalence harness checks replay against
+    // one batch query).
+    let input = tmp.path().join("events.jsonl");
+    let text: String = (0..total).map(|i| synthetic_event(i) + "\n").collect();
+    std::fs::write(&input, text).expect("write");
+    let output = tmp.path().join("replay.jsonl");
+    let replay = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .arg("replay")
+        .arg(tmp.path().join("one"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .expect("rampart replay runs");
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let replayed: Vec<Value> = std::fs::read_to_string(&output)
+        .expect("replay output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a decision"))
+        .collect();
+    assert_eq!(contents(replayed.iter()), contents(one.values()));
+}
+
+/// A partition that stops getting records mid-stream, and one that never gets any, hold the
+/// windows back only until the idle timeout: window decisions come while the stream flows,
+/// long before it goes quiet, and no event is late.
+#[test]
+fn a_stopped_or_empty_partition_stops_holding_the_windows_after_the_idle_timeout() {
+    let broker = Broker::start();
+    broker.create_topic_with("events5", 5);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Quiet after a minute: only idleness can let the windows decide while events flow.
+    let pipeline = synthetic_pipeline_on(
+        tmp.path(),
+        "idle",
+        "decisions",
+        "events5",
+        "partition_idle_after = \"2s\"\nquiet_after = \"60s\"",
+    );
+    let service = Service::start(&pipeline, &broker, &tmp.path().join("state"), &[]);
+    service.wait_for("ready", Duration::from_secs(30), |s| {
+        s.get("/readyz").is_some_and(|(status, _)| status == 200)
+    });
+    // 12 s of events at 4,000 per second (24 s of event time): partition 3 gets its share of
+    // the first 3 s only, partition 4 none.
+    let total = 48_000u64;
+    let stop3 = 12_000u64;
+    let kafka = lingering_producer(&broker, 100);
+    let started = Instant::now();
+    let feeding = std::thread::spawn(move || {
+        for i in 0..total {
+            let due = Duration::from_secs_f64(i as f64 / 4_000.0);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            let partition = if i < stop3 { i % 4 } else { i % 3 };
+            produce_to(
+                &kafka,
+                "events5",
+                Some(partition as i32),
+                synthetic_event(i).as_bytes(),
+            );
+        }
+        kafka.flush(Duration::from_secs(60)).expect("flush");
+    });
+    // Partition 3's last event is 24 s of event time in (2 ms per event). A window decision
+    // about an event 8 s later needs both idle partitions out of the minimum.
+    let later = chrono::DateTime::from_timestamp_millis(1_767_225_600_000 + 2 * stop3 as i64 + 8_000)
+        .expect("time")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let got = consume_until(&broker, "decisions", Duration::from_secs(40), |got| {
+        decisions(got).iter().any(|d| {
+            d["detector"]["id"] == "burst" && d["event_time"].as_str().is_some_and(|t| t > later.as_str())
+        })
+    });
+    let elapsed = started.elapsed();
+    let decided = decisions(&got);
+    assert!(
+        decided.iter().any(|d| d["detector"]["id"] == "burst"
+            && d["event_time"].as_str().is_some_and(|t| t > later.as_str())),
+        "no window decision after the stopped partition went idle; {}",
+        service.diagnosis()
+    );
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "decided while the stream flows, not after it went quiet: {elapsed:?}"
+    );
+    feeding.join().expect("feeding");
+    assert_eq!(service.metric("rampart_late_records_total"), Some(0.0));
+    let (_, metrics) = service.get("/metrics").expect("metrics");
+    assert!(
+        metrics.contains("rampart_partition_watermark_seconds{topic=\"events5\",partition=\"0\"}"),
+        "per-partition watermarks are exported"
+    );
+}
+
+/// One partition produced 30 minutes of event time behind the three others: it holds the
+/// windows back (rows wait, nothing is late), the partitions ahead are paused while it catches
+/// up (so what waits in memory stays bounded), and the decisions are those of the same events
+/// on one partition in event-time order.
+#[test]
+fn a_partition_30_minutes_behind_holds_the_windows_and_catches_up() {
+    let broker = Broker::start();
+    broker.create_topic("events");
+    broker.create_topic_with("events4", 4);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let total = 32_000u64;
+    let behind = -30 * 60 * 1000;
+    let event = |i: u64| synthetic_event_shifted(i, if i % 4 == 0 { behind } else { 0 });
+    produce_all(
+        &broker,
+        "events4",
+        (0..total).map(|i| (Some((i % 4) as i32), event(i))),
+    );
+    // The reference: the same events, in event-time order, on one partition.
+    let mut ordered: Vec<u64> = (0..total).collect();
+    ordered.sort_by_key(|i| (i % 4 != 0, *i));
+    produce_all(&broker, "events", ordered.into_iter().map(|i| (None, event(i))));
+    let service = "quiet_after = \"300ms\"\npartition_idle_after = \"3s\"\nmax_partition_skew = \"20s\"";
+    let one = synthetic_pipeline_on(tmp.path(), "one", "decisions-one", "events", service);
+    let four = synthetic_pipeline_on(tmp.path(), "four", "decisions-four", "events4", service);
+    run_to_end(&one, &broker, &tmp.path().join("one-state"), total);
+    let log = run_to_end(&four, &broker, &tmp.path().join("four-state"), total);
+    assert!(
+        log.contains("paused"),
+        "the partitions ahead were paused while the one behind caught up"
+    );
+    let (one, _) = by_id(&drain(&broker, "decisions-one", Duration::from_secs(2)));
+    let (four, _) = by_id(&drain(&broker, "decisions-four", Duration::from_secs(2)));
+    assert!(one.len() > 100);
+    assert_eq!(contents(four.values()), contents(one.values()));
+}
+
+/// Live, on one partition: a threshold burst followed by one event a second later is decided
+/// at once (well before the quiet period), and a burst followed by silence within the quiet
+/// period (not after the 1 s allowed lateness of event time, which never passes on a silent
+/// stream).
+#[test]
+fn a_live_burst_is_decided_at_once_and_one_followed_by_silence_after_the_quiet_period() {
+    let broker = Broker::start();
+    broker.create_topic("events");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pipeline = synthetic_pipeline_on(tmp.path(), "live", "decisions", "events", "quiet_after = \"6s\"");
+    let service = Service::start(&pipeline, &broker, &tmp.path().join("state"), &[]);
+    service.wait_for("ready", Duration::from_secs(30), |s| {
+        s.get("/readyz").is_some_and(|(status, _)| status == 200)
+    });
+    // 250 calls of one user at the same millisecond: their rows have all their peers only
+    // once a later time arrives, or the stream goes quiet.
+    let burst = |user: &str, at_ms: i64| -> Vec<String> {
+        let t = chrono::DateTime::from_timestamp_millis(1_767_225_600_000 + at_ms)
+            .expect("time")
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        (0..250)
+            .map(|_| format!(r#"{{"t":"{t}","user":"{user}","op":"Get","ip":"10.0.0.1"}}"#))
+            .collect()
+    };
+    let later = r#"{"t":"2026-01-01T00:00:01.000Z","user":"someone","op":"Get","ip":"10.0.0.2"}"#;
+    let kafka = lingering_producer(&broker, 20);
+    for e in burst("burst-then-event", 0)
+        .iter()
+        .map(String::as_str)
+        .chain([later])
+    {
+        produce(&kafka, "events", e.as_bytes());
+    }
+    kafka.flush(Duration::from_secs(30)).expect("flush");
+    let sent = Instant::now();
+    let fired = |user: &'static str| {
+        move |got: &[Consumed]| {
+            decisions(got)
+                .iter()
+                .any(|d| d["detector"]["id"] == "burst" && d["actor"] == user)
+        }
+    };
+    let got = consume_until(
+        &broker,
+        "decisions",
+        Duration::from_secs(20),
+        fired("burst-then-event"),
+    );
+    assert!(fired("burst-then-event")(&got), "{}", service.diagnosis());
+    let at_once = sent.elapsed();
+    assert!(
+        at_once < Duration::from_secs(4),
+        "decided at once, not after the quiet period: {at_once:?}"
+    );
+    let first = decisions(&got)
+        .into_iter()
+        .find(|d| d["detector"]["id"] == "burst")
+        .expect("burst");
+    assert_eq!(
+        first["evidence"]["n"], 250,
+        "every peer of its millisecond counts"
+    );
+
+    for e in burst("burst-then-silence", 60_000) {
+        produce(&kafka, "events", e.as_bytes());
+    }
+    kafka.flush(Duration::from_secs(30)).expect("flush");
+    let sent = Instant::now();
+    let got = consume_until(
+        &broker,
+        "decisions",
+        Duration::from_secs(30),
+        fired("burst-then-silence"),
+    );
+    assert!(fired("burst-then-silence")(&got), "{}", service.diagnosis());
+    let after_quiet = sent.elapsed();
+    assert!(
+        after_quiet >= Duration::from_secs(5) && after_quiet < Duration::from_secs(15),
+        "decided once the stream was quiet for 6 s: {after_quiet:?}"
+    );
 }

@@ -110,6 +110,15 @@ struct RawService {
     /// How often window state and source offsets are checkpointed together. Default 5s (at 1s,
     /// checkpoints took a third of the service's CPU under load; see docs/operations.md).
     checkpoint_interval: Option<String>,
+    /// An input partition with no record for this long (and none waiting in it) stops holding
+    /// the watermark back, until it gets records again. Default 30s.
+    partition_idle_after: Option<String>,
+    /// Once no record has come for this long, the newest event time's rows count as complete:
+    /// window detectors that decide at once decide them. Default 1s.
+    quiet_after: Option<String>,
+    /// An input partition whose event time runs ahead of the watermark by more than this is
+    /// paused until the others catch up (bounds the rows waiting in memory). Default 5m.
+    max_partition_skew: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -299,6 +308,12 @@ pub struct ServiceConfig {
     pub listen: String,
     /// How often state and offsets are checkpointed.
     pub checkpoint_interval: Duration,
+    /// A partition with no record for this long stops holding the watermark.
+    pub partition_idle_after: Duration,
+    /// No record for this long: the newest event time's rows count as complete.
+    pub quiet_after: Duration,
+    /// A partition ahead of the watermark by more than this (event time) is paused.
+    pub max_partition_skew: Duration,
 }
 
 /// A validated pipeline configuration.
@@ -507,6 +522,21 @@ impl PipelineConfig {
             raw.service.checkpoint_interval.as_deref(),
             Duration::from_secs(5),
         );
+        let partition_idle_after = duration(
+            "partition_idle_after",
+            raw.service.partition_idle_after.as_deref(),
+            Duration::from_secs(30),
+        );
+        let quiet_after = duration(
+            "quiet_after",
+            raw.service.quiet_after.as_deref(),
+            Duration::from_secs(1),
+        );
+        let max_partition_skew = duration(
+            "max_partition_skew",
+            raw.service.max_partition_skew.as_deref(),
+            Duration::from_secs(300),
+        );
         let kafka = raw.kafka.map(|k| {
             let batch_max_wait = duration(
                 "batch_max_wait",
@@ -593,6 +623,9 @@ impl PipelineConfig {
         let service = ServiceConfig {
             listen: raw.service.listen.unwrap_or_else(|| "127.0.0.1:9464".into()),
             checkpoint_interval,
+            partition_idle_after,
+            quiet_after,
+            max_partition_skew,
         };
         let batch_size = raw.source.batch_size.unwrap_or(4096);
         if batch_size == 0 {

@@ -625,3 +625,246 @@ fn late_events_are_dead_letters_that_windows_do_not_count() {
         failures[0].source
     );
 }
+
+/// Events out of event-time order within the allowed lateness (each up to a minute behind the
+/// newest, lateness 2 minutes): the rows that fire are exactly the batch query's, and a row
+/// decided at the watermark has the batch values (one that fired at once may have missed a
+/// straggler that arrived after it: its evidence is what was known then).
+#[test]
+fn out_of_order_within_the_lateness_fires_exactly_the_batch_rows() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let text = generated_events(6000, 13);
+    // Each event is delayed by a pseudo-random 0..60 s and the log sorted by arrival.
+    let mut lines: Vec<(i64, usize, &str)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let t = line
+                .split("\"t\":\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .expect("time");
+            let t = humantime::parse_rfc3339(t)
+                .expect("rfc3339")
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs() as i64;
+            let delay = (i as i64).wrapping_mul(2_654_435_761) % 61;
+            (t + delay, i, line)
+        })
+        .collect();
+    lines.sort();
+    let shuffled: String = lines.iter().map(|(_, _, l)| format!("{l}\n")).collect();
+    let input = tmp.path().join("shuffled.jsonl");
+    std::fs::write(&input, &shuffled).expect("write");
+    for batch_size in [4096, 97] {
+        let pipeline = Pipeline::load(&window_pipeline(tmp.path(), batch_size, "2m")).expect("loads");
+        pipeline.set_guarded(false);
+        let want = batch_rows(&pipeline, &input);
+        let (out, summary) = replay_collect(&pipeline, &[input.as_path()]).expect("replays");
+        assert_eq!(summary.late_records, 0, "every event is within the lateness");
+        let got = rows_of(&out.decisions);
+        let fired = |rows: &[Row]| {
+            let mut v: Vec<(String, u64)> = rows.iter().map(|r| (r.0.clone(), r.1)).collect();
+            v.sort();
+            v
+        };
+        let (missing, extra) = differences(&fired(&want), &fired(&got));
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "batch size {batch_size}: missing {missing:?}, extra {extra:?}"
+        );
+        assert_eq!(fired(&got), fired(&want));
+        assert!(want.len() > 100, "enough rows fire to be a test: {}", want.len());
+        // Detectors deciding at the watermark (the non-monotone ones) see the batch values.
+        for id in ["range", "volume", "nested"] {
+            let of = |rows: &[Row]| rows.iter().filter(|r| r.0 == id).cloned().collect::<Vec<_>>();
+            assert_eq!(of(&got), of(&want), "{id} decides at the watermark: batch values");
+        }
+    }
+}
+
+/// The detectors' timing as `rampart check` reports it: thresholds that only become true
+/// decide at once, others after the lateness.
+#[test]
+fn threshold_windows_decide_at_once_others_after_the_lateness() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pipeline = Pipeline::load(&window_pipeline(tmp.path(), 64, "2m")).expect("loads");
+    let timing: Vec<(&str, bool)> = pipeline
+        .detectors
+        .iter()
+        .filter_map(|d| {
+            Some((
+                d.meta.id.as_str(),
+                d.split()?.timing == rampart_sql::Timing::AtOnce,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        timing,
+        [
+            ("by-json-key", true),
+            ("failures-many", true),
+            ("failures", true),
+            ("g-actors-per-origin", true),
+            ("g-approx", true),
+            ("g-failures", true),
+            ("nested", false),
+            ("range", false),
+            ("spread-wide", true),
+            ("spread", true),
+            ("volume", false),
+        ]
+    );
+}
+
+/// A CloudTrail event of `actor` calling `action` at `t` (seconds after 2026-01-01T00:00:00Z),
+/// denied or not.
+fn cloudtrail_event(t: i64, actor: &str, action: &str, denied: bool) -> String {
+    let time = rampart_core::time::format_micros((1_767_225_600 + t) * 1_000_000);
+    let error = if denied {
+        r#","errorCode":"Client.UnauthorizedOperation""#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"eventTime":"{time}","eventName":"{action}","eventSource":"ec2.amazonaws.com","userIdentity":{{"type":"IAMUser","arn":"{actor}"}},"sourceIPAddress":"198.51.100.7","recipientAccountId":"111122223333"{error}}}"#
+    )
+}
+
+/// 30 denied DescribeInstances calls within 30 seconds, then one unrelated event a minute
+/// later, replayed with a persistent state (so the input does not count as finished): the
+/// threshold (15 within 10 minutes) is decided at once, not after the 5-minute lateness.
+#[test]
+fn a_threshold_burst_is_decided_at_once_not_after_the_lateness() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let actor = "arn:aws:iam::111122223333:user/mallory";
+    let mut lines: Vec<String> = (0..30)
+        .map(|i| cloudtrail_event(i, actor, "DescribeInstances", true))
+        .collect();
+    lines.push(cloudtrail_event(
+        90,
+        "arn:aws:iam::111122223333:user/alice",
+        "ListBuckets",
+        false,
+    ));
+    let input = tmp.path().join("burst.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write");
+    let pipeline = Pipeline::load_with(
+        &repo().join("pipelines/cloudtrail"),
+        StateChoice::Persistent(tmp.path().join("state")),
+        Evaluator::Keyed,
+    )
+    .expect("loads");
+    assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
+    let (out, _) = replay_collect(&pipeline, &[input.as_path()]).expect("replays");
+    let recon: Vec<&Decision> = out
+        .decisions
+        .iter()
+        .filter(|d| d.detector.id == "recon-denied-calls")
+        .collect();
+    assert_eq!(recon.len(), 1, "decided at once (repeats suppressed): {recon:?}");
+    assert_eq!(recon[0].evidence["n"], 15, "the 15th call crosses the threshold");
+    assert!(
+        recon[0].source.to_string().ends_with(":15"),
+        "{}",
+        recon[0].source
+    );
+}
+
+/// The same events as four Kafka partitions (round robin), read one whole partition after
+/// the other, give the sliding-window decisions (ids and evidence) of the same events read in
+/// their original order, and the same grouped-window groups: a partition read ahead makes no
+/// other's events late, and rows wait for the slowest partition.
+#[test]
+fn partitions_read_one_after_the_other_decide_what_the_interleaved_stream_does() {
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = window_pipeline(tmp.path(), 256, "1m");
+    let text = generated_events(4000, 17);
+    let topic: Arc<str> = "events".into();
+    // One batch per event, with its partition and offset: partition i % 4, offset i / 4.
+    let decode = |pipeline: &Pipeline| -> Vec<((i32, i64), crate::EventBatch)> {
+        let mut decoder = pipeline.decoder();
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let at = ((i % 4) as i32, (i / 4) as i64);
+            let mut emit = |d: Decoded| {
+                if let Decoded::Batch(b) = d {
+                    out.push((at, b));
+                }
+            };
+            decoder.decode_message(&topic, at.0, at.1, line.as_bytes(), &mut emit);
+            decoder.flush(&mut emit);
+        }
+        out
+    };
+    let run = |state: &str, by_partition: bool| -> Vec<(String, String)> {
+        let pipeline = Pipeline::load_with(
+            &dir,
+            StateChoice::Persistent(tmp.path().join(state)),
+            Evaluator::Keyed,
+        )
+        .expect("loads");
+        pipeline.set_guarded(false);
+        let names: Vec<String> = (0..4)
+            .map(|p| rampart_core::clock::kafka_source("events", p))
+            .collect();
+        pipeline.track_sources(&names);
+        let mut events = decode(&pipeline);
+        if by_partition {
+            events.sort_by_key(|(at, _)| *at);
+        }
+        let mut decisions = Vec::new();
+        let mut late = 0;
+        let mut next_row = pipeline.next_row();
+        for chunk in events.chunks(50) {
+            let mut batch = concat(chunk.iter().map(|(_, e)| e));
+            batch.renumber(next_row);
+            next_row += batch.batch.num_rows() as u64;
+            let out = pipeline.evaluate(&batch);
+            late += out.late.len();
+            decisions.extend(out.decisions);
+        }
+        decisions.extend(pipeline.decide_waiting().decisions);
+        assert_eq!(late, 0, "no event is late");
+        // A grouped window fires at the event (in arrival order) after which its HAVING
+        // holds, which depends on how partitions interleave: the same groups fire, with their
+        // key and bucket as evidence.
+        let mut v: Vec<(String, String)> = decisions
+            .iter()
+            .map(|d| {
+                let id = if d.detector.id.starts_with("g-") {
+                    d.detector.id.clone()
+                } else {
+                    d.decision_id.clone()
+                };
+                (id, serde_json::to_string(&d.evidence).expect("json"))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let interleaved = run("interleaved", false);
+    assert!(interleaved.len() > 50, "{}", interleaved.len());
+    let by_partition = run("by-partition", true);
+    let (missing, extra) = differences(&interleaved, &by_partition);
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
+    assert_eq!(by_partition, interleaved);
+}
+
+/// One batch of the rows of `batches`.
+fn concat<'a>(batches: impl Iterator<Item = &'a crate::EventBatch>) -> crate::EventBatch {
+    let batches: Vec<&crate::EventBatch> = batches.collect();
+    let schema = batches[0].batch.schema();
+    let batch = datafusion::arrow::compute::concat_batches(&schema, batches.iter().map(|b| &b.batch))
+        .expect("same schema");
+    crate::EventBatch {
+        batch,
+        positions: batches.iter().flat_map(|b| b.positions.iter().cloned()).collect(),
+        first_row: u64::MAX,
+    }
+}

@@ -311,6 +311,21 @@ impl Acc {
         }
     }
 
+    /// Empty again (a frame of no rows).
+    fn reset(&mut self) {
+        match self {
+            Acc::Count { n, .. } => *n = 0,
+            Acc::Distinct(values) => values.clear(),
+            Acc::Sum { int, uint, float, n } => {
+                (*int, *uint, *float, *n) = (0, 0, 0.0, 0);
+            }
+            Acc::Avg { int, float, n } => {
+                (*int, *float, *n) = (0, 0.0, 0);
+            }
+            Acc::Extreme { queue, .. } => queue.clear(),
+        }
+    }
+
     fn add(&mut self, v: &Val, seq: u64) {
         match self {
             Acc::Distinct(values) => {
@@ -405,13 +420,66 @@ impl Acc {
 pub const FRAME_CHUNK: u8 = b'F';
 /// Chunks of pending rows' `pre` columns.
 pub const PENDING_CHUNK: u8 = b'P';
+/// Chunks of the pending rows that fired at once, and for which detector.
+pub const FIRED_CHUNK: u8 = b'E';
 /// Frame chunks a key keeps before they are rewritten as one (bounds the reads of a key
 /// coming back from disk, and each row is rewritten about once per this many saves).
 const MAX_FRAME_CHUNKS: usize = 32;
 
+/// A key's chunks as read from the store: (id, value) of each kind, in id order.
+#[derive(Debug, Default)]
+pub struct KeyChunks {
+    /// Frame chunks.
+    pub frame: Vec<(u64, Vec<u8>)>,
+    /// Pending chunks.
+    pub pending: Vec<(u64, Vec<u8>)>,
+    /// Chunks of rows that fired at once.
+    pub fired: Vec<(u64, Vec<u8>)>,
+}
+
+/// A row not decided yet.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    /// Event time (µs).
+    pub time: i64,
+    /// Row id.
+    pub row: u64,
+    /// The row's `pre` columns (Arrow row format).
+    pub bytes: Box<[u8]>,
+    /// The detectors of the state (bit `i`: the `i`-th) whose answer for this row is known:
+    /// they fired on it at once, or did not fire on its exact values.
+    pub settled: u32,
+    /// The detectors that fired on it at once.
+    pub fired: u32,
+    /// Its window values were computed over its frames, and no row arrived into them since.
+    pub evaluated: bool,
+    /// Those values, kept for detectors that decide at the watermark.
+    pub values: Option<Box<[Val]>>,
+}
+
+/// A row to run detectors' conditions on (see [`KeyAgg::decide`]).
+#[derive(Debug)]
+pub struct Due {
+    /// Event time (µs).
+    pub time: i64,
+    /// Row id.
+    pub row: u64,
+    /// Its window values.
+    pub values: Vec<Val>,
+    /// Its `pre` columns.
+    pub bytes: Box<[u8]>,
+    /// The detectors to run on it (bits).
+    pub members: u32,
+    /// Decided for good (the watermark passed it): it leaves the key.
+    pub last: bool,
+}
+
 /// A key's frame rows and accumulators. Rows are in event-time order and numbered by a
 /// sequence (`front` is the number of `times[0]`); rows numbered below `added` are in the
-/// accumulators, and aggregate `i`'s frame starts at row `starts[i]`.
+/// accumulators, whose frames end at `frame_end`, and aggregate `i`'s frame starts at row
+/// `starts[i]`. A row that arrives at or before the newest evaluated time (a straggler within
+/// the allowed lateness) makes the rows whose frames it enters be evaluated again, and, at or
+/// before `frame_end`, empties the accumulators first.
 ///
 /// On disk a key is the chunks of rows it got between two checkpoints, each written once:
 /// frame chunks (time and arguments) and pending chunks (the `pre` columns of rows not decided
@@ -428,8 +496,17 @@ pub struct KeyAgg {
     accs: Vec<Acc>,
     /// The type each aggregate's argument had (Null for count(*)); decides the result kind.
     kinds: Vec<Val>,
-    /// Rows not decided yet: event time, row id, the row's `pre` columns (Arrow row format).
-    pub pending: Vec<(i64, u64, Box<[u8]>)>,
+    /// Rows not decided yet, by (time, row id).
+    pub pending: Vec<Waiting>,
+    /// The time the accumulators' frames end at (`i64::MIN`: they hold no row).
+    frame_end: i64,
+    /// The newest time a row was evaluated at: a row arriving at or before it may be in the
+    /// frames of rows already evaluated (even after the accumulators were emptied).
+    evaluated_to: i64,
+    /// Fired at once since the last save: (time, row id, detector tag).
+    fired_log: Vec<(i64, u64, u64)>,
+    /// Saved chunks of fired rows: (id, newest event time in it).
+    fired_chunks: Vec<(u64, i64)>,
     /// Rows that arrived since the last save: (time, row id).
     fresh: Vec<(i64, u64)>,
     /// Saved chunks: (id, newest event time in it).
@@ -450,6 +527,10 @@ impl KeyAgg {
             accs: aggregates.iter().map(Acc::new).collect(),
             kinds: vec![Val::Null; aggregates.len()],
             pending: Vec::new(),
+            frame_end: i64::MIN,
+            evaluated_to: i64::MIN,
+            fired_log: Vec::new(),
+            fired_chunks: Vec::new(),
             fresh: Vec::new(),
             frame_chunks: Vec::new(),
             pending_chunks: Vec::new(),
@@ -464,7 +545,7 @@ impl KeyAgg {
     /// The newest event time held.
     pub fn newest(&self) -> Option<i64> {
         let frame = self.times.back().copied();
-        let pending = self.pending.last().map(|p| p.0);
+        let pending = self.pending.last().map(|p| p.time);
         frame.max(pending)
     }
 
@@ -497,15 +578,33 @@ impl KeyAgg {
             + buffer::<Acc>(self.accs.capacity())
             + accs
             + buffer::<Val>(self.kinds.capacity())
-            + buffer::<(i64, u64, Box<[u8]>)>(self.pending.capacity())
-            + self.pending.iter().map(|p| heap(p.2.len())).sum::<usize>()
+            + buffer::<Waiting>(self.pending.capacity())
+            + self
+                .pending
+                .iter()
+                .map(|p| heap(p.bytes.len()) + p.values.as_ref().map_or(0, |v| buffer::<Val>(v.len())))
+                .sum::<usize>()
+            + buffer::<(i64, u64, u64)>(self.fired_log.capacity())
+            + buffer::<(u64, i64)>(self.fired_chunks.capacity())
             + buffer::<(i64, u64)>(self.fresh.capacity())
             + buffer::<(u64, i64)>(self.frame_chunks.capacity() + self.pending_chunks.capacity())
     }
 
     /// Adds a row that arrived: into the frame rows (after every row already in the
-    /// accumulators, so never before a decided row) and into the pending rows.
+    /// accumulators, so never before a decided row) and into the pending rows. A row at or
+    /// before the accumulators' frame end (a straggler) first empties them, and the pending
+    /// rows it may count for are to be evaluated again (except for what fired on them).
     pub fn insert(&mut self, time: i64, row: u64, mut args: Vec<Val>, bytes: Box<[u8]>) {
+        if time <= self.evaluated_to {
+            for p in self.pending.iter_mut().filter(|p| p.time >= time) {
+                p.evaluated = false;
+                p.values = None;
+                p.settled = p.fired;
+            }
+        }
+        if time <= self.frame_end {
+            self.rewind();
+        }
         for (kind, v) in self.kinds.iter_mut().zip(&args) {
             if *kind == Val::Null && *v != Val::Null {
                 *kind = v.clone();
@@ -537,38 +636,167 @@ impl KeyAgg {
         for (k, v) in args.into_iter().enumerate() {
             self.args.insert(at * stride + k, v);
         }
-        let p = self.pending.partition_point(|(t, r, _)| (*t, *r) <= (time, row));
-        self.pending.insert(p, (time, row, bytes));
+        let p = self.pending.partition_point(|w| (w.time, w.row) <= (time, row));
+        self.pending.insert(
+            p,
+            Waiting {
+                time,
+                row,
+                bytes,
+                settled: 0,
+                fired: 0,
+                evaluated: false,
+                values: None,
+            },
+        );
+    }
+
+    /// Empties the accumulators: no row has entered them.
+    fn rewind(&mut self) {
+        for acc in &mut self.accs {
+            acc.reset();
+        }
+        self.added = self.front;
+        self.starts.iter_mut().for_each(|s| *s = self.front);
+        self.frame_end = i64::MIN;
     }
 
     /// The oldest pending time.
     pub fn oldest_pending(&self) -> Option<i64> {
-        self.pending.first().map(|p| p.0)
+        self.pending.first().map(|p| p.time)
     }
 
-    /// Decides the pending rows older than `limit` (all with `None`), in time order: their
-    /// row ids, window values and `pre` columns.
+    /// The oldest pending time with work for the detectors in `at_once` (bits): not evaluated
+    /// yet, or one of them not settled.
+    pub fn oldest_unsettled(&self, at_once: u32) -> Option<i64> {
+        self.pending.get(self.first_unsettled(at_once)).map(|p| p.time)
+    }
+
+    /// The first pending row with work for the detectors in `at_once`. Such rows are a suffix
+    /// of the pending rows: rows are evaluated in time order, rows arriving after the frames'
+    /// end come after every evaluated row, and a straggler unsettles every row from its time on.
+    fn first_unsettled(&self, at_once: u32) -> usize {
+        self.pending
+            .partition_point(|p| p.evaluated && at_once & !p.settled == 0)
+    }
+
+    /// Notes that detector `bit` (whose stable tag is `tag`) fired at once on pending row
+    /// (`time`, `row`): it is not decided again, even after a restart.
+    pub fn mark_fired(&mut self, time: i64, row: u64, bit: u32, tag: u64) {
+        let at = self.pending.partition_point(|w| (w.time, w.row) < (time, row));
+        if let Some(w) = self
+            .pending
+            .get_mut(at)
+            .filter(|w| (w.time, w.row) == (time, row))
+        {
+            w.fired |= bit;
+            w.settled |= bit;
+            reserve_small(&mut self.fired_log);
+            self.fired_log.push((time, row, tag));
+        }
+    }
+
+    /// The rows to run detectors on: every pending row older than `watermark` (all with
+    /// `None`) for the detectors in `members` not settled on it, for good; and, for the
+    /// detectors in `at_once` (bits; those whose condition only becomes true), every other
+    /// pending row older than `complete` not settled for them, with its values over the rows
+    /// arrived so far. Rows are evaluated in time order (a row's frames move forward); values
+    /// are kept on a row for later only when `hold` (some member decides at the watermark).
+    /// Rows no frame of a row at or after `watermark` reaches are forgotten.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide(
+        &mut self,
+        aggregates: &[WindowAggregate],
+        watermark: Option<i64>,
+        complete: i64,
+        members: u32,
+        at_once: u32,
+        hold: bool,
+    ) -> Vec<Due> {
+        let last_before = watermark.unwrap_or(i64::MAX);
+        let evaluate_before = match watermark {
+            None => i64::MAX,
+            Some(w) if at_once == 0 => w,
+            Some(w) => complete.max(w),
+        };
+        let longest = aggregates.iter().map(|a| a.length).max().unwrap_or(0);
+        let keep_from = watermark.map_or(i64::MIN, |w| w.saturating_sub(longest));
+        let mut out = Vec::new();
+        // The rows decided for good, then those with work for the detectors deciding at once
+        // (the settled ones between need nothing), in time order.
+        let decided = self.pending.partition_point(|p| p.time < last_before);
+        let open = self.first_unsettled(at_once).max(decided);
+        let judged = self
+            .pending
+            .partition_point(|p| p.time < evaluate_before)
+            .max(open);
+        for i in (0..decided).chain(open..judged) {
+            let time = self.pending[i].time;
+            let last = i < decided;
+            let wanted = if last { members } else { at_once } & !self.pending[i].settled;
+            let held = self.pending[i].values.take();
+            let values = match held {
+                Some(v) if self.pending[i].evaluated => Some(v.into_vec()),
+                _ if self.pending[i].evaluated && wanted == 0 => None,
+                _ => {
+                    if time < self.frame_end {
+                        // (Only if a row was left unevaluated behind the frames.)
+                        self.rewind();
+                    }
+                    self.pending[i].evaluated = true;
+                    Some(self.values_at(aggregates, time, keep_from))
+                }
+            };
+            let p = &mut self.pending[i];
+            if !last {
+                p.settled |= wanted;
+                if hold {
+                    p.values = values.as_ref().map(|v| v.clone().into_boxed_slice());
+                }
+            }
+            if wanted != 0 {
+                out.push(Due {
+                    time,
+                    row: p.row,
+                    values: values.unwrap_or_default(),
+                    bytes: if last {
+                        std::mem::take(&mut p.bytes)
+                    } else {
+                        p.bytes.clone()
+                    },
+                    members: wanted,
+                    last,
+                });
+            }
+        }
+        self.pending.drain(..decided);
+        if self.pending.is_empty() {
+            // (Freed: most keys wait for nothing most of the time.)
+            self.pending = Vec::new();
+        }
+        out
+    }
+
+    /// Decides the pending rows older than `limit` (all with `None`), in time order, for one
+    /// detector deciding at the watermark: their row ids, window values and `pre` columns.
+    #[cfg(test)]
     pub fn decide_until(
         &mut self,
         aggregates: &[WindowAggregate],
         limit: Option<i64>,
     ) -> Vec<(u64, Vec<Val>, Box<[u8]>)> {
-        let due = match limit {
-            Some(limit) => self.pending.partition_point(|p| p.0 < limit),
-            None => self.pending.len(),
-        };
-        let rows: Vec<(i64, u64, Box<[u8]>)> = self.pending.drain(..due).collect();
-        if self.pending.is_empty() {
-            // (Freed: most keys wait for nothing most of the time.)
-            self.pending = Vec::new();
-        }
-        rows.into_iter()
-            .map(|(time, row, bytes)| (row, self.values_at(aggregates, time), bytes))
+        self.decide(aggregates, limit, i64::MIN, 1, 0, false)
+            .into_iter()
+            .map(|d| (d.row, d.values, d.bytes))
             .collect()
     }
 
-    /// Moves every frame to end at `time` and returns the aggregates' values.
-    fn values_at(&mut self, aggregates: &[WindowAggregate], time: i64) -> Vec<Val> {
+    /// Moves every frame to end at `time` (not before the current end) and returns the
+    /// aggregates' values. Rows every frame has left and older than `keep_from` are dropped
+    /// (rows from `keep_from` on may still be in the frames of a row evaluated again).
+    fn values_at(&mut self, aggregates: &[WindowAggregate], time: i64, keep_from: i64) -> Vec<Val> {
+        self.frame_end = time;
+        self.evaluated_to = self.evaluated_to.max(time);
         let stride = self.stride();
         // Rows at or before `time` enter every frame...
         while ((self.added - self.front) as usize) < self.times.len()
@@ -590,7 +818,7 @@ impl KeyAgg {
             }
         }
         let oldest = self.starts.iter().copied().min().unwrap_or(self.added);
-        while self.front < oldest {
+        while self.front < oldest && self.times.front().is_some_and(|t| *t < keep_from) {
             self.times.pop_front();
             for _ in 0..stride {
                 self.args.pop_front();
@@ -614,6 +842,7 @@ impl KeyAgg {
         self.times.clear();
         self.args.clear();
         self.pending.clear();
+        self.fired_log.clear();
     }
 
     /// Adds to `out` the chunk writes that bring the key on disk up to date: a frame chunk and
@@ -639,7 +868,11 @@ impl KeyAgg {
             for (id, _) in self.pending_chunks.drain(..) {
                 out.chunk(&chunk_key(PENDING_CHUNK, id), None);
             }
+            for (id, _) in self.fired_chunks.drain(..) {
+                out.chunk(&chunk_key(FIRED_CHUNK, id), None);
+            }
             self.fresh = Vec::new();
+            self.fired_log = Vec::new();
             return;
         }
         self.fresh.sort_unstable();
@@ -687,8 +920,10 @@ impl KeyAgg {
             let mut newest = i64::MIN;
             // (Taken, not drained: the buffer is freed until rows arrive again.)
             for (time, row) in std::mem::take(&mut self.fresh) {
-                let at = self.pending.partition_point(|(t, r, _)| (*t, *r) < (time, row));
-                if let Some((_, _, bytes)) = self.pending.get(at).filter(|p| (p.0, p.1) == (time, row)) {
+                let at = self.pending.partition_point(|w| (w.time, w.row) < (time, row));
+                if let Some(Waiting { bytes, .. }) =
+                    self.pending.get(at).filter(|w| (w.time, w.row) == (time, row))
+                {
                     value.extend_from_slice(&time.to_le_bytes());
                     value.extend_from_slice(&row.to_le_bytes());
                     value.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
@@ -706,14 +941,34 @@ impl KeyAgg {
                 self.pending_chunks.push((id, newest));
             }
         }
-        // Chunks whose rows are all decided.
-        self.pending_chunks.retain(|(id, newest)| {
-            let keep = *newest >= decided_until;
-            if !keep {
-                out.chunk(&chunk_key(PENDING_CHUNK, *id), None);
+        if !self.fired_log.is_empty() {
+            // Each entry: time, row id, the detector's tag.
+            let newest = self.fired_log.iter().map(|f| f.0).max().unwrap_or(i64::MIN);
+            let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
+            for (time, row, tag) in std::mem::take(&mut self.fired_log) {
+                chunk.extend_from_slice(&time.to_le_bytes());
+                chunk.extend_from_slice(&row.to_le_bytes());
+                chunk.extend_from_slice(&tag.to_le_bytes());
             }
-            keep
-        });
+            let id = self.next_chunk;
+            self.next_chunk += 1;
+            out.chunk(&chunk_key(FIRED_CHUNK, id), Some(&chunk));
+            reserve_small(&mut self.fired_chunks);
+            self.fired_chunks.push((id, newest));
+        }
+        // Chunks whose rows are all decided.
+        for (kind, chunks) in [
+            (PENDING_CHUNK, &mut self.pending_chunks),
+            (FIRED_CHUNK, &mut self.fired_chunks),
+        ] {
+            chunks.retain(|(id, newest)| {
+                let keep = *newest >= decided_until;
+                if !keep {
+                    out.chunk(&chunk_key(kind, *id), None);
+                }
+                keep
+            });
+        }
     }
 
     /// The frame chunk entries of the rows that arrived since the last save (`fresh`, sorted),
@@ -766,10 +1021,11 @@ impl KeyAgg {
     /// chunk does not decode.
     pub fn load(
         aggregates: &[WindowAggregate],
-        frame: &[(u64, Vec<u8>)],
-        pending: &[(u64, Vec<u8>)],
+        chunks: &KeyChunks,
+        tags: &[u64],
         decided_until: i64,
     ) -> Option<Self> {
+        let (frame, pending) = (&chunks.frame, &chunks.pending);
         let n = aggregates.len();
         let mut agg = Self::new(aggregates);
         // (time, chunk id, order in chunk, where its arguments start in `values`): chunks in
@@ -803,6 +1059,8 @@ impl KeyAgg {
         let first = match entered.checked_sub(1).map(|last| rows[last].0) {
             // The frames end at the newest decided row: rows older than every frame are gone.
             Some(end) => {
+                agg.frame_end = end;
+                agg.evaluated_to = end;
                 let oldest_start = aggregates
                     .iter()
                     .map(|a| end.saturating_sub(a.length))
@@ -834,13 +1092,43 @@ impl KeyAgg {
             for (time, row, bytes) in Self::pending_rows(value)? {
                 newest = newest.max(time);
                 if time >= decided_until {
-                    agg.pending.push((time, row, bytes.into()));
+                    agg.pending.push(Waiting {
+                        time,
+                        row,
+                        bytes: bytes.into(),
+                        settled: 0,
+                        fired: 0,
+                        evaluated: false,
+                        values: None,
+                    });
                 }
             }
             agg.pending_chunks.push((*id, newest));
             agg.next_chunk = agg.next_chunk.max(id + 1);
         }
-        agg.pending.sort_unstable_by_key(|(t, r, _)| (*t, *r));
+        agg.pending.sort_unstable_by_key(|w| (w.time, w.row));
+        for (id, value) in &chunks.fired {
+            let mut input = value.get(8..)?;
+            let input = &mut input;
+            let mut newest = i64::MIN;
+            while !input.is_empty() {
+                let time = i64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                let row = u64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                let tag = u64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                newest = newest.max(time);
+                // (A detector changed since has another tag: it decides afresh.)
+                let Some(bit) = tags.iter().position(|t| *t == tag) else {
+                    continue;
+                };
+                let at = agg.pending.partition_point(|w| (w.time, w.row) < (time, row));
+                if let Some(w) = agg.pending.get_mut(at).filter(|w| (w.time, w.row) == (time, row)) {
+                    w.fired |= 1 << bit;
+                    w.settled |= 1 << bit;
+                }
+            }
+            agg.fired_chunks.push((*id, newest));
+            agg.next_chunk = agg.next_chunk.max(id + 1);
+        }
         Some(agg)
     }
 }
@@ -897,7 +1185,11 @@ mod tests {
         let mut chunk = i64::MAX.to_le_bytes().to_vec();
         push_frame_entry(&mut chunk, 1, 0, [Val::Str("ListUsers".into())].iter());
         push_frame_entry(&mut chunk, 2, 1, [Val::Str("ListUsers".into())].iter());
-        let loaded = KeyAgg::load(&aggregates, &[(0, chunk)], &[], 3).unwrap();
+        let chunks = KeyChunks {
+            frame: vec![(0, chunk)],
+            ..KeyChunks::default()
+        };
+        let loaded = KeyAgg::load(&aggregates, &chunks, &[], 3).unwrap();
         assert_eq!(loaded.args.len(), 2);
         assert!(Arc::ptr_eq(text(&loaded.args[0]), text(&loaded.args[1])));
     }

@@ -5,10 +5,14 @@
 //! filters, only the columns it uses, in event-time order, encoded with Arrow's row format.
 //! Hot keys live in a bounded cache; the rest is in RocksDB ([`StateStore`]).
 //!
-//! Sliding windows: each row is decided once, when every row with the same or an earlier time
-//! has arrived (for input in event-time order: once a later time has been seen), by running
-//! the window part of the query over that key's rows within reach of it. So the value it sees
-//! is the one the same SQL gives in batch over the whole input.
+//! Sliding windows: each row is decided once, when the watermark passes it (every row of its
+//! frames has arrived), over that key's rows within reach of it, so the value it sees is the
+//! one the same SQL gives in batch over the whole input. Detectors whose condition only
+//! becomes true as rows enter the frame ([`rampart_sql::Timing::AtOnce`]) also look at a row
+//! as soon as every row of its own time has arrived (for input in event-time order per source:
+//! once each source has a later time): if the condition holds on what has arrived, it holds
+//! over the whole input too, and the row fires then, once. Rows that do not fire yet wait for
+//! the watermark, and are looked at again if a row arrives into their frames meanwhile.
 //!
 //! Grouped windows: a group fires once, at the first event after which its HAVING holds (found
 //! by evaluating prefixes of the batch's new rows), and then keeps no rows until its bucket
@@ -26,7 +30,7 @@ use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowAggregate, WindowSplit};
 
 use crate::decide::DecisionMaker;
-use crate::incremental::{FRAME_CHUNK, KeyAgg, PENDING_CHUNK, Val, heap};
+use crate::incremental::{Due, FIRED_CHUNK, FRAME_CHUNK, KeyAgg, KeyChunks, PENDING_CHUNK, Val, heap};
 use crate::state::{Commit, StateError, StateStore, expires_at};
 use crate::triggers::TriggerStore;
 use rustc_hash::FxHashMap;
@@ -95,20 +99,23 @@ fn set_header(value: &mut Vec<u8>, expires: i64, flags: u8) {
     value[8] = flags;
 }
 
-/// The event-time clock windows are decided by.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct Clock {
-    /// Newest event time seen (µs); `i64::MIN` before any event.
-    pub newest: i64,
-    /// Allowed lateness (µs).
+/// Where event time stands for deciding window rows (see [`rampart_core::EventClock`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Rows older than this have all the rows of their frames: they are decided for good.
+    pub watermark: i64,
+    /// Rows older than this have all their peers (in-order input): detectors whose condition
+    /// only becomes true decide them at once.
+    pub complete: i64,
+    /// The allowed lateness (µs).
     pub lateness: i64,
 }
 
-impl Clock {
-    /// The watermark: events older than this are late (not counted), so rows older than this
-    /// have every row of their frame and are decided.
-    pub fn watermark(&self) -> i64 {
-        self.newest.saturating_sub(self.lateness)
+impl Bounds {
+    /// The time a key's expiry (newest row + reach + lateness) is compared with: a key that
+    /// expired before it has no row any undecided row's frame reaches.
+    pub fn expiry_now(&self) -> i64 {
+        self.watermark.saturating_add(self.lateness)
     }
 }
 
@@ -148,6 +155,19 @@ struct PendingRow {
     time: i64,
     row: u64,
     key: String,
+    /// The detector fired on it at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    fired: bool,
+}
+
+/// A row of a re-run window waiting to be decided.
+struct Rerun {
+    key: Box<[u8]>,
+    /// The detector fired on it at once.
+    fired: bool,
+    /// Its answer is known from rows that are all its frames' (no row arrived into them since
+    /// it was looked at).
+    settled: bool,
 }
 
 /// The state of one window: one windowed detector's, or that of several with the same window
@@ -162,9 +182,19 @@ pub struct KeyedState {
     cache: FxHashMap<Box<[u8]>, Entry>,
     cache_bytes: usize,
     /// Sliding windows re-run per key: rows not yet decided, by (time, row id), with their key.
-    pending: BTreeMap<(i64, u64), Box<[u8]>>,
+    pending: BTreeMap<(i64, u64), Rerun>,
+    /// Sliding windows re-run per key: per key with rows looked at before the watermark, the
+    /// newest of them (a row arriving at or before it changes their frames).
+    looked_at: FxHashMap<Box<[u8]>, i64>,
     /// Incremental sliding windows: the keys with rows not decided yet, by their oldest.
     due: BTreeSet<(i64, Box<[u8]>)>,
+    /// Incremental sliding windows with detectors deciding at once: the keys with rows to look
+    /// at, by the oldest.
+    early: BTreeSet<(i64, Box<[u8]>)>,
+    /// The detectors reading this state, by stable tag (their bit is their position).
+    tags: Vec<u64>,
+    /// The detectors (bits) that decide at once.
+    at_once: u32,
     /// Incremental sliding windows: the aggregates (see [`crate::incremental`]).
     aggregates: Option<Vec<WindowAggregate>>,
     /// Incremental sliding windows: every row older than this was decided.
@@ -178,6 +208,10 @@ pub struct KeyedState {
     /// About how many bytes the next checkpoint writes (see [`Self::unsaved_bytes`]).
     unsaved_bytes: usize,
 }
+
+/// Rows to judge: the keys, each row with its key's index, and the rows' columns (`pre`'s, then
+/// the window values).
+type JudgedRows = (Vec<Box<[u8]>>, Vec<(usize, Due)>, Vec<ArrayRef>);
 
 /// Rows of one batch for one key.
 type NewRows = Vec<(i64, u64, Vec<u8>)>;
@@ -238,7 +272,11 @@ impl KeyedState {
             cache: FxHashMap::default(),
             cache_bytes: 0,
             pending: BTreeMap::new(),
+            looked_at: FxHashMap::default(),
             due: BTreeSet::new(),
+            early: BTreeSet::new(),
+            tags: Vec::new(),
+            at_once: 0,
             aggregates: split.incremental.as_ref().map(|i| i.aggregates.clone()),
             decided_until: i64::MIN,
             reach: micros(split.reach),
@@ -246,6 +284,21 @@ impl KeyedState {
             tick: 0,
             unsaved_bytes: 0,
         })
+    }
+
+    /// The detectors reading this state, in order: their stable tags (see [`detector_tag`]) and
+    /// whether each decides at once. At most 32.
+    pub fn set_members(&mut self, members: &[&CompiledDetector]) {
+        self.tags = members.iter().map(|d| detector_tag(d)).collect();
+        self.at_once = members
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.split().is_some_and(|s| s.timing == rampart_sql::Timing::AtOnce))
+            .fold(0, |bits, (i, _)| bits | 1 << i);
+    }
+
+    fn all_members(&self) -> u32 {
+        (1u64 << self.tags.len().max(1)).wrapping_sub(1) as u32
     }
 
     /// How long after its newest row a key's rows may still be in a frame (µs): the windows'
@@ -302,6 +355,9 @@ impl KeyedState {
                     *o = (*o).min(t);
                 }
             }
+            if self.at_once != 0 {
+                self.early.extend(oldest.iter().map(|(k, t)| (*t, k.clone())));
+            }
             self.due.extend(oldest.into_iter().map(|(k, t)| (t, k)));
             return Ok(());
         }
@@ -316,11 +372,14 @@ impl KeyedState {
         })?;
         for p in rows {
             let key = hex::decode(&p.key).unwrap_or_default().into_boxed_slice();
-            if self.aggregates.is_some() {
-                self.due.insert((p.time, key));
-            } else {
-                self.pending.insert((p.time, p.row), key);
-            }
+            self.pending.insert(
+                (p.time, p.row),
+                Rerun {
+                    key,
+                    fired: p.fired,
+                    settled: p.fired,
+                },
+            );
         }
         Ok(())
     }
@@ -341,19 +400,29 @@ impl KeyedState {
                     // there are none to read.
                     let newest = frame.iter().map(|(_, v)| expires_at(v)).max().unwrap_or(i64::MIN);
                     let undecided = newest.saturating_sub(self.horizon()) >= self.decided_until;
-                    let pending = if undecided {
-                        chunks(PENDING_CHUNK)?
+                    let stored = if undecided {
+                        KeyChunks {
+                            frame,
+                            pending: chunks(PENDING_CHUNK)?,
+                            fired: if self.at_once != 0 {
+                                chunks(FIRED_CHUNK)?
+                            } else {
+                                Vec::new()
+                            },
+                        }
                     } else {
-                        Vec::new()
+                        KeyChunks {
+                            frame,
+                            ..KeyChunks::default()
+                        }
                     };
-                    let agg =
-                        KeyAgg::load(aggregates, &frame, &pending, self.decided_until).ok_or_else(|| {
-                            StateError::Corrupt {
-                                path: store.path().to_path_buf(),
-                                what: format!("window state of key {}", hex::encode(key)),
-                                reason: "does not decode".into(),
-                            }
-                        })?;
+                    let agg = KeyAgg::load(aggregates, &stored, &self.tags, self.decided_until).ok_or_else(
+                        || StateError::Corrupt {
+                            path: store.path().to_path_buf(),
+                            what: format!("window state of key {}", hex::encode(key)),
+                            reason: "does not decode".into(),
+                        },
+                    )?;
                     let mut value = Vec::new();
                     let expires = agg
                         .newest()
@@ -387,6 +456,7 @@ impl KeyedState {
         let aggregates = self.aggregates.clone().unwrap_or_default();
         let horizon = self.horizon();
         let tag_len = self.tag.len();
+        let at_once = self.at_once;
         for batch in pre {
             let n = batch.num_rows();
             if n == 0 {
@@ -425,6 +495,7 @@ impl KeyedState {
                 let entry = self.entry(store, key).map_err(|e| e.to_string())?;
                 let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
                 let oldest_before = agg.oldest_pending();
+                let early_before = (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten();
                 // Written at the next checkpoint: a frame and a pending chunk (each a store
                 // key of the tag, the key and an id, and RocksDB's own framing)...
                 let mut unsaved = if entry.dirty {
@@ -447,19 +518,14 @@ impl KeyedState {
                     agg.insert(times.value(i), ids.value(i), values, row.as_ref().into());
                 }
                 let oldest = agg.oldest_pending();
+                let early = (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten();
                 let newest = agg.newest().unwrap_or(i64::MIN);
                 set_header(&mut entry.value, newest.saturating_add(horizon), INCREMENTAL);
                 entry.dirty = true;
                 self.cache_bytes += added;
                 self.unsaved_bytes += unsaved;
-                if oldest != oldest_before {
-                    if let Some(o) = oldest_before {
-                        self.due.remove(&(o, Box::from(key)));
-                    }
-                    if let Some(o) = oldest {
-                        self.due.insert((o, Box::from(key)));
-                    }
-                }
+                reindex(&mut self.due, key, oldest_before, oldest);
+                reindex(&mut self.early, key, early_before, early);
             }
         }
         Ok(())
@@ -486,30 +552,25 @@ impl KeyedState {
             .map_err(|e| e.to_string())
     }
 
-    /// Incremental sliding windows: decides the rows older than the watermark (all at the
-    /// end of the input) key by key, in time order, moving each key's frames forward, then runs
-    /// each member detector's part above the window over them (one result per member).
+    /// Incremental sliding windows: decides the rows older than the watermark (all at the end
+    /// of the input) for good, and looks at the rows older than the completeness bound for the
+    /// members that decide at once; key by key, in time order, moving each key's frames
+    /// forward, then runs each member detector's part above the window over the rows it has to
+    /// judge (one result per member).
     fn decide_incremental(
         &mut self,
         members: &[&CompiledDetector],
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Vec<Decided> {
-        let limit = (!all).then(|| ctx.clock.watermark());
+        let watermark = (!all).then_some(ctx.bounds.watermark);
         let first = members.first().and_then(|d| d.split()?.incremental.as_ref());
         let aggregates = first.map_or(&[][..], |plan| &plan.aggregates);
-        let decided = match self.decide_due(aggregates, ctx, limit) {
-            Ok(Some(columns)) => members
+        let decided = match self.decide_due(aggregates, ctx, watermark) {
+            Ok(Some((keys, due, columns))) => members
                 .iter()
-                .map(|detector| {
-                    let split = detector.split().expect("windowed detectors have a split");
-                    let plan = split.incremental.as_ref().expect("incremental detector");
-                    // (The members' window columns may be named differently.)
-                    let rows = RecordBatch::try_new(Arc::clone(&plan.above_input), columns.clone())
-                        .map_err(|e| e.to_string())?;
-                    let results = ctx.engine.run_above(plan, rows).map_err(|e| e.to_string())?;
-                    Ok(self.decisions_for(detector, &results, |_| true, ctx))
-                })
+                .enumerate()
+                .map(|(m, detector)| self.run_member(detector, 1 << m, (&keys, &due), &columns, ctx))
                 .collect(),
             Ok(None) => members.iter().map(|_| Ok(Vec::new())).collect(),
             Err(e) => members.iter().map(|_| Err(e.clone())).collect(),
@@ -518,65 +579,147 @@ impl KeyedState {
         // limit decided, no further. (Deciding everything at the end of the input leaves
         // it: on disk those rows stay pending, and a later run decides them again, with the
         // same ids.)
-        if let Some(limit) = limit {
+        if let Some(limit) = watermark {
             self.decided_until = self.decided_until.max(limit);
         }
         decided
     }
 
-    /// [`Self::decide_incremental`] for the keys with rows older than `limit`: the decided
-    /// rows' columns: `pre`'s, then the window values (`None`: no row was due). `aggregates`
-    /// are the window's (every member has the same).
+    /// One member's part above the window over the rows it has to judge (`bit` set in their
+    /// `members`); rows it fires on before the watermark are marked fired in their keys.
+    fn run_member(
+        &mut self,
+        detector: &CompiledDetector,
+        bit: u32,
+        (keys, due): (&[Box<[u8]>], &[(usize, Due)]),
+        columns: &[ArrayRef],
+        ctx: &DecideContext<'_>,
+    ) -> Decided {
+        let wanted: Vec<bool> = due.iter().map(|(_, d)| d.members & bit != 0).collect();
+        if !wanted.contains(&true) {
+            return Ok(Vec::new());
+        }
+        let split = detector.split().expect("windowed detectors have a split");
+        let plan = split.incremental.as_ref().expect("incremental detector");
+        // (The members' window columns may be named differently.)
+        let mut rows = RecordBatch::try_new(Arc::clone(&plan.above_input), columns.to_vec())
+            .map_err(|e| e.to_string())?;
+        if wanted.contains(&false) {
+            let mask = datafusion::arrow::array::BooleanArray::from(wanted);
+            rows =
+                datafusion::arrow::compute::filter_record_batch(&rows, &mask).map_err(|e| e.to_string())?;
+        }
+        let results = ctx.engine.run_above(plan, rows).map_err(|e| e.to_string())?;
+        let decided = self.decisions_for(detector, &results, |_| true, ctx);
+        // Rows that fired before the watermark: once only.
+        let early: HashMap<u64, &(usize, Due)> = due
+            .iter()
+            .filter(|(_, d)| !d.last && d.members & bit != 0)
+            .map(|entry| (entry.1.row, entry))
+            .collect();
+        if !early.is_empty() {
+            let tag = self
+                .tags
+                .get(bit.trailing_zeros() as usize)
+                .copied()
+                .unwrap_or_default();
+            for (row, _) in &decided {
+                if let Some((k, d)) = early.get(row)
+                    && let Some(entry) = self.cache.get_mut(&keys[*k])
+                    && let Some(agg) = entry.agg.as_mut()
+                {
+                    agg.mark_fired(d.time, d.row, bit, tag);
+                    entry.dirty = true;
+                }
+            }
+        }
+        Ok(decided)
+    }
+
+    /// [`Self::decide_incremental`] for the keys with rows older than the watermark or, for the
+    /// members that decide at once, older than the completeness bound: the rows to judge (with
+    /// their key's index in `due_keys`), and their columns (`pre`'s, then the window values);
+    /// `None`: no row to judge. `aggregates` are the window's (every member has the same).
     fn decide_due(
         &mut self,
         aggregates: &[WindowAggregate],
         ctx: &DecideContext<'_>,
-        limit: Option<i64>,
-    ) -> Result<Option<Vec<ArrayRef>>, String> {
-        let due_keys: Vec<Box<[u8]>> = match limit {
+        watermark: Option<i64>,
+    ) -> Result<Option<JudgedRows>, String> {
+        let at_once = if watermark.is_some() { self.at_once } else { 0 };
+        let complete = ctx.bounds.complete;
+        let due_keys: Vec<Box<[u8]>> = match watermark {
             Some(limit) => {
                 let later = self.due.split_off(&(limit, Box::from([])));
-                std::mem::replace(&mut self.due, later)
+                let mut keys: Vec<_> = std::mem::replace(&mut self.due, later)
+                    .into_iter()
+                    .map(|(_, k)| k)
+                    .collect();
+                if at_once != 0 {
+                    let later = self.early.split_off(&(complete, Box::from([])));
+                    keys.extend(
+                        std::mem::replace(&mut self.early, later)
+                            .into_iter()
+                            .map(|(_, k)| k),
+                    );
+                    keys.sort_unstable();
+                    keys.dedup();
+                }
+                keys
+            }
+            None => {
+                self.early.clear();
+                std::mem::take(&mut self.due)
                     .into_iter()
                     .map(|(_, k)| k)
                     .collect()
             }
-            None => std::mem::take(&mut self.due)
-                .into_iter()
-                .map(|(_, k)| k)
-                .collect(),
         };
         if due_keys.is_empty() {
             return Ok(None);
         }
-        let mut rows: Vec<Box<[u8]>> = Vec::new();
-        let mut values: Vec<Vec<Val>> = vec![Vec::new(); aggregates.len()];
-        for key in due_keys {
-            let entry = self.entry(ctx.store, &key).map_err(|e| e.to_string())?;
+        let (members, hold) = (self.all_members(), self.all_members() & !self.at_once != 0);
+        let mut due: Vec<(usize, Due)> = Vec::new();
+        for (k, key) in due_keys.iter().enumerate() {
+            let entry = self.entry(ctx.store, key).map_err(|e| e.to_string())?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
-            for (_, vals, bytes) in agg.decide_until(aggregates, limit) {
-                for (column, v) in values.iter_mut().zip(vals) {
-                    column.push(v);
-                }
-                rows.push(bytes);
-            }
+            let before = (agg.oldest_pending(), agg.oldest_unsettled(at_once));
+            let rows = agg.decide(aggregates, watermark, complete, members, at_once, hold);
+            let after = (
+                agg.oldest_pending(),
+                (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten(),
+            );
             entry.dirty = true;
-            if let Some(oldest) = agg.oldest_pending() {
-                self.due.insert((oldest, key));
+            due.extend(rows.into_iter().map(|d| (k, d)));
+            // (Entries may have been taken out of their set above: insert even when unchanged.)
+            for (index, before, after) in [
+                (&mut self.due, before.0, after.0),
+                (&mut self.early, before.1, after.1),
+            ] {
+                if let Some(t) = before.filter(|t| Some(*t) != after) {
+                    index.remove(&(t, key.clone()));
+                }
+                if let Some(t) = after {
+                    index.insert((t, key.clone()));
+                }
             }
         }
-        if rows.is_empty() {
+        if due.is_empty() {
             return Ok(None);
         }
         let parser = self.row_converter.parser();
         let mut columns = self
             .row_converter
-            .convert_rows(rows.iter().map(|b| parser.parse(b)))
+            .convert_rows(due.iter().map(|(_, d)| parser.parse(&d.bytes)))
             .map_err(|e| e.to_string())?;
-        for (a, vals) in aggregates.iter().zip(&values) {
-            columns.push(Val::array(vals, &a.output)?);
+        for (i, a) in aggregates.iter().enumerate() {
+            let values: Vec<Val> = due
+                .iter()
+                .map(|(_, d)| d.values.get(i).cloned().unwrap_or_default())
+                .collect();
+            columns.push(Val::array(&values, &a.output)?);
         }
-        Ok(Some(columns))
+        Ok(Some((due_keys, due, columns)))
     }
 
     /// Decisions for the result rows `wanted` accepts.
@@ -612,12 +755,13 @@ impl KeyedState {
 
     /// Adds the rows `pre` produced for a batch. Returns the keys that got rows,
     /// with how many (grouped windows decide those keys).
-    /// `before` is the clock before the batch: rows no frame still due can reach are dropped.
+    /// `before` is the watermark before the batch: rows no frame still due can reach are
+    /// dropped.
     pub fn add(
         &mut self,
         split: &WindowSplit,
         store: &StateStore,
-        before: Clock,
+        before: i64,
         pre: &[RecordBatch],
     ) -> Result<Touched, String> {
         self.tick += 1;
@@ -652,14 +796,31 @@ impl KeyedState {
                 ));
             }
         }
-        let keep_from = before.watermark().saturating_sub(micros(split.reach));
+        let keep_from = before.saturating_sub(micros(split.reach));
         let horizon = self.horizon();
         let mut touched = Vec::with_capacity(by_key.len());
         for (key, mut new) in by_key {
             new.sort_by_key(|(t, r, _)| (*t, *r));
             if split.kind == StateKind::Sliding {
+                // A row at or before one looked at already changes its frames: look again.
+                if let (Some(&seen), Some((first, _, _))) = (self.looked_at.get(&key), new.first())
+                    && *first <= seen
+                {
+                    for (_, waiting) in self.pending.range_mut((*first, 0)..) {
+                        if waiting.key == key && !waiting.fired {
+                            waiting.settled = false;
+                        }
+                    }
+                }
                 for (t, r, _) in &new {
-                    self.pending.insert((*t, *r), key.clone());
+                    self.pending.insert(
+                        (*t, *r),
+                        Rerun {
+                            key: key.clone(),
+                            fired: false,
+                            settled: false,
+                        },
+                    );
                 }
             }
             let entry = self.entry(store, &key).map_err(|e| e.to_string())?;
@@ -734,7 +895,9 @@ impl KeyedState {
             .collect()
     }
 
-    /// [`Self::decide_sliding`] for a window re-run over its key's rows.
+    /// [`Self::decide_sliding`] for a window re-run over its key's rows: the rows older than
+    /// the watermark for good, and, for a detector that decides at once, the rows older than
+    /// the completeness bound not looked at yet.
     fn decide_rerun(
         &mut self,
         detector: &CompiledDetector,
@@ -742,23 +905,42 @@ impl KeyedState {
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Decided {
-        let due = if all {
+        let at_once = !all && split.timing == rampart_sql::Timing::AtOnce;
+        let mut due = if all {
             std::mem::take(&mut self.pending)
         } else {
-            let later = self.pending.split_off(&(ctx.clock.watermark(), 0));
+            let later = self.pending.split_off(&(ctx.bounds.watermark, 0));
             std::mem::replace(&mut self.pending, later)
         };
-        if due.is_empty() {
+        // What fired at once is decided; at once, a settled row's answer is known.
+        due.retain(|_, r| !r.fired && !(at_once && r.settled));
+        let early: Vec<(i64, u64)> = if at_once {
+            self.pending
+                .range(..(ctx.bounds.complete, 0))
+                .filter(|(_, r)| !r.settled)
+                .map(|(k, _)| *k)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !all {
+            self.looked_at.retain(|_, seen| *seen >= ctx.bounds.watermark);
+        }
+        if due.is_empty() && early.is_empty() {
             return Ok(Vec::new());
         }
-        // Per key: the time span of its due rows.
-        let mut spans: HashMap<&[u8], (i64, i64)> = HashMap::new();
-        for ((t, _), key) in &due {
-            let span = spans.entry(key).or_insert((*t, *t));
-            span.0 = span.0.min(*t);
-            span.1 = span.1.max(*t);
+        // Per key: the time span of its rows to judge.
+        let mut spans: HashMap<Box<[u8]>, (i64, i64)> = HashMap::new();
+        let judged = due
+            .iter()
+            .map(|(k, r)| (*k, &r.key))
+            .chain(early.iter().map(|k| (*k, &self.pending[k].key)));
+        for ((t, _), key) in judged {
+            let span = spans.entry(key.clone()).or_insert((t, t));
+            span.0 = span.0.min(t);
+            span.1 = span.1.max(t);
         }
-        let keys: Vec<(&[u8], (i64, i64))> = spans.into_iter().collect();
+        let keys: Vec<(Box<[u8]>, (i64, i64))> = spans.into_iter().collect();
         for (key, _) in &keys {
             self.entry(ctx.store, key).map_err(|e| e.to_string())?;
         }
@@ -766,15 +948,29 @@ impl KeyedState {
         let parser = self.row_converter.parser();
         let mut input = Vec::new();
         for (key, (from, to)) in &keys {
-            let entry = self.cache.get(*key).expect("loaded above");
+            let entry = self.cache.get(key).expect("loaded above");
             input.extend(
                 rows_of(&entry.value)
                     .filter(|r| r.time >= from.saturating_sub(reach) && r.time <= *to)
                     .map(|r| parser.parse(r.bytes)),
             );
         }
-        let due_rows: HashSet<u64> = due.keys().map(|(_, r)| *r).collect();
-        self.run(detector, split, &input, |row| due_rows.contains(&row), ctx)
+        let judged_rows: HashSet<u64> = due.keys().chain(&early).map(|(_, r)| *r).collect();
+        let decided = self.run(detector, split, &input, |row| judged_rows.contains(&row), ctx)?;
+        drop(input);
+        if !early.is_empty() {
+            let fired: HashSet<u64> = decided.iter().map(|(row, _)| *row).collect();
+            for k in &early {
+                let Some(waiting) = self.pending.get_mut(k) else {
+                    continue;
+                };
+                waiting.settled = true;
+                waiting.fired = fired.contains(&k.1);
+                let seen = self.looked_at.entry(waiting.key.clone()).or_insert(k.0);
+                *seen = (*seen).max(k.0);
+            }
+        }
+        Ok(decided)
     }
 
     /// Runs the window part over `input` rows and decides the result rows `wanted` accepts.
@@ -898,9 +1094,9 @@ impl KeyedState {
     }
 
     /// Adds the changed keys and the waiting rows to `commit`; expired keys are deleted.
-    pub fn checkpoint(&mut self, clock: Clock, commit: &mut Commit<'_>) {
+    pub fn checkpoint(&mut self, bounds: Bounds, commit: &mut Commit<'_>) {
         self.unsaved_bytes = 0;
-        let now = clock.newest;
+        let now = bounds.expiry_now();
         let mut expired = Vec::new();
         let mut bytes = 0;
         let horizon = self.horizon();
@@ -917,7 +1113,7 @@ impl KeyedState {
                         k.extend_from_slice(&id.to_be_bytes());
                         k
                     };
-                    agg.save(chunk_key, self.decided_until, horizon, clock.lateness, commit);
+                    agg.save(chunk_key, self.decided_until, horizon, bounds.lateness, commit);
                     entry.dirty = false;
                 }
             } else if entry.dirty {
@@ -946,11 +1142,11 @@ impl KeyedState {
         let pending: Vec<PendingRow> = self
             .pending
             .iter()
-            .map(|((time, row), key)| (*time, *row, key))
-            .map(|(time, row, key)| PendingRow {
-                time,
-                row,
-                key: hex::encode(key),
+            .map(|((time, row), waiting)| PendingRow {
+                time: *time,
+                row: *row,
+                key: hex::encode(&waiting.key),
+                fired: waiting.fired,
             })
             .collect();
         commit.meta(
@@ -1020,8 +1216,8 @@ impl KeyedState {
 
 /// What deciding needs besides the state.
 pub struct DecideContext<'a> {
-    /// The clock after the batch.
-    pub clock: Clock,
+    /// Where event time stands after the batch.
+    pub bounds: Bounds,
     /// The batch being evaluated (`None` at the end of the input).
     pub events: Option<&'a crate::decode::EventBatch>,
     /// Decision maker of the pipeline.
@@ -1034,6 +1230,25 @@ pub struct DecideContext<'a> {
     pub store: &'a StateStore,
     /// The events behind rows not decided yet.
     pub triggers: &'a TriggerStore,
+}
+
+/// Moves `key`'s entry in `index` from time `before` to `after` (either may be none).
+fn reindex(index: &mut BTreeSet<(i64, Box<[u8]>)>, key: &[u8], before: Option<i64>, after: Option<i64>) {
+    if before == after {
+        return;
+    }
+    if let Some(t) = before {
+        index.remove(&(t, Box::from(key)));
+    }
+    if let Some(t) = after {
+        index.insert((t, Box::from(key)));
+    }
+}
+
+/// A detector version's stable tag: which detector fired on a row at once, as stored.
+pub fn detector_tag(detector: &CompiledDetector) -> u64 {
+    let digest = Sha256::digest(format!("{}@{}", detector.meta.id, detector.version).as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
 fn micros(d: std::time::Duration) -> i64 {

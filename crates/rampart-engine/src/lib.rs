@@ -23,4 +23,5 @@ pub mod triggers;
 pub use config::PipelineConfig;
 pub use decode::{DeadLetter, DeadLetterKind, EventBatch};
 pub use pipeline::{Evaluator, LoadError, Pipeline, Progress, SourceProgress, StateChoice};
+pub use rampart_sql::{StateKind, Timing};
 pub use replay::{ReplaySink, Summary, replay};

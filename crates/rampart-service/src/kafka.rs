@@ -71,7 +71,9 @@ pub fn client_configs(kafka: &KafkaConfig, env: &[(String, String)]) -> (ClientC
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "5")
-        .set("statistics.interval.ms", "5000");
+        // (Each partition's lag tells the event-time clock whether a silent partition is idle
+        // or still has records to give.)
+        .set("statistics.interval.ms", "1000");
     let mut producer = ClientConfig::new();
     producer
         .set("bootstrap.servers", brokers)
@@ -153,6 +155,9 @@ pub struct ConsumerCallbacks {
     pub health: Arc<Health>,
     /// Lag gauges.
     pub metrics: Arc<Metrics>,
+    /// Per partition (`kafka:TOPIC/PARTITION`): whether librdkafka last reported records not
+    /// yet handed to the application.
+    pub behind: Arc<Mutex<std::collections::BTreeMap<String, bool>>>,
 }
 
 impl ClientContext for ConsumerCallbacks {
@@ -178,6 +183,23 @@ impl ClientContext for ConsumerCallbacks {
                     .consumer_lag
                     .get_or_create(&labels)
                     .set(p.consumer_lag.max(0));
+                // The next offset the application takes, else where fetching stands.
+                let position = if p.app_offset >= 0 {
+                    p.app_offset
+                } else {
+                    p.next_offset.max(p.lo_offset)
+                };
+                let end = if p.ls_offset >= 0 {
+                    p.ls_offset
+                } else {
+                    p.hi_offset
+                };
+                if end >= 0 && position >= 0 {
+                    self.behind.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                        rampart_core::clock::kafka_source(topic, *partition),
+                        end > position,
+                    );
+                }
             }
         }
     }
@@ -207,6 +229,7 @@ impl ConsumerContext for ConsumerCallbacks {
                     tracing::error!(error = %e, "cannot take the assignment");
                 }
                 self.health.assigned.store(tpl.count() as u64, Ordering::Relaxed);
+                self.health.assignments.fetch_add(1, Ordering::Relaxed);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
@@ -214,6 +237,7 @@ impl ConsumerContext for ConsumerCallbacks {
                     tracing::error!(error = %e, "cannot drop the assignment");
                 }
                 self.health.assigned.store(0, Ordering::Relaxed);
+                self.health.assignments.fetch_add(1, Ordering::Relaxed);
             }
             other => {
                 tracing::error!(error = ?other, "rebalance failed");

@@ -13,7 +13,7 @@ pub mod metrics;
 pub mod tables;
 pub mod watch;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -33,7 +33,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::http::{AdminCommand, AdminRequest};
 use crate::kafka::{ConsumerCallbacks, ProducerCallbacks, StoredOffsets};
-use crate::metrics::{DecisionLabels, DetectorLabels, Health, Metrics, now_ms};
+use crate::metrics::{DecisionLabels, DetectorLabels, Health, Metrics, PartitionLabels, now_ms};
 
 /// Why the service stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +236,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
             );
         }
     }
+    let behind: Arc<std::sync::Mutex<BTreeMap<String, bool>>> = Arc::default();
     let producer_callbacks = ProducerCallbacks::new(Arc::clone(&health));
     let producer: ThreadedProducer<ProducerCallbacks> = producer_config
         .create_with_context(producer_callbacks)
@@ -245,6 +246,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
             offsets: Arc::clone(&offsets),
             health: Arc::clone(&health),
             metrics: Arc::clone(&metrics),
+            behind: Arc::clone(&behind),
         })
         .map_err(ServiceError::client("consumer"))?;
     let inputs: Vec<&str> = kafka.input_topics.iter().map(String::as_str).collect();
@@ -272,6 +274,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
     };
     let next_row = pipeline.next_row();
     let decoder = pipeline.decoder();
+    pipeline.set_live(idleness(&pipeline));
     let watched = watch::Fingerprint::of(&pipeline.dir);
     let mut service = Service {
         pipeline: Arc::new(pipeline),
@@ -298,6 +301,11 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         watch: options.watch.then_some((watched, Instant::now())),
         reload_note: None,
         tables: followers,
+        behind,
+        assignments_seen: u64::MAX,
+        paused: BTreeSet::new(),
+        last_tick: Instant::now(),
+        last_event_time_note: None,
     };
     service.refresh_notes();
     let result = service.serve();
@@ -344,6 +352,28 @@ struct Service<'a> {
     reload_note: Option<String>,
     /// Reference tables followed from compacted topics.
     tables: Vec<tables::TableFollower>,
+    /// Per input partition, whether librdkafka last reported records not yet consumed.
+    behind: Arc<std::sync::Mutex<BTreeMap<String, bool>>>,
+    /// The assignment generation the event-time clock follows.
+    assignments_seen: u64,
+    /// Input partitions paused because they run ahead of the watermark.
+    paused: BTreeSet<(String, i32)>,
+    /// When processing time last moved the windows.
+    last_tick: Instant,
+    /// What /readyz says about event time (a partition holding the watermark back).
+    last_event_time_note: Option<String>,
+}
+
+/// How often, with nothing else to do, processing time moves the windows (idle and quiet
+/// partitions).
+const TICK_EVERY: Duration = Duration::from_millis(50);
+
+/// The processing-time rules of the pipeline's event time.
+fn idleness(pipeline: &Pipeline) -> rampart_core::Idleness {
+    rampart_core::Idleness {
+        idle_after: pipeline.config.service.partition_idle_after,
+        quiet_after: pipeline.config.service.quiet_after,
+    }
 }
 
 impl Service<'_> {
@@ -403,6 +433,7 @@ impl Service<'_> {
                         let (handle, tpl) = running.take().expect("a checkpoint is running");
                         self.checkpointed(join(handle), &tpl)?;
                     }
+                    self.follow_event_time();
                     // Window work catches up a few batches per round, so that consuming and
                     // per-event decisions do not wait for the whole backlog; a backlog past its
                     // bound is worked off whole (consuming waits: backpressure).
@@ -415,13 +446,23 @@ impl Service<'_> {
                         self.work_windows(&mut backlog, take)?;
                         // (Idle time is time with nothing to do.)
                         last_message = Instant::now();
+                    } else if running.is_none() && self.last_tick.elapsed() >= TICK_EVERY {
+                        // Nothing consumed: processing time alone may make rows certain (a
+                        // quiet stream, an idle partition). Not while a checkpoint waits for
+                        // the decisions before it.
+                        self.last_tick = Instant::now();
+                        let evaluation = self.pipeline.tick();
+                        self.publish(evaluation)?;
                     }
                     let idle = self.until_idle.is_some_and(|idle| last_message.elapsed() >= idle);
                     // At the end: nothing came for a moment, and the broker's high watermarks
                     // say nothing is left (asked at most twice a second).
+                    // (At least the quiet period: the stream's last rows count as complete.)
+                    let quiet = self.pipeline.config.service.quiet_after + 2 * TICK_EVERY;
                     let ended = self.until_end
                         && backlog.is_empty()
-                        && last_message.elapsed() >= Duration::from_millis(200)
+                        && running.is_none()
+                        && last_message.elapsed() >= quiet.max(Duration::from_millis(200))
                         && last_end_check.elapsed() >= Duration::from_millis(500)
                         && {
                             last_end_check = Instant::now();
@@ -438,6 +479,17 @@ impl Service<'_> {
                         }
                         if ended && !stopping {
                             tracing::info!("every assigned partition consumed to its end");
+                            // Nothing is left behind: the stream is quiet, its last rows complete.
+                            let names: Vec<String> = {
+                                let mut behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
+                                behind.values_mut().for_each(|b| *b = false);
+                                behind.keys().cloned().collect()
+                            };
+                            for name in names {
+                                self.pipeline.set_source_flags(&name, None, Some(false));
+                            }
+                            let evaluation = self.pipeline.tick();
+                            self.publish(evaluation)?;
                         }
                         tracing::info!("stopping: checkpointing what was consumed");
                         if let Some((handle, tpl)) = running.take() {
@@ -662,7 +714,21 @@ impl Service<'_> {
         for letter in &evaluation.late {
             self.metrics.late_records.inc();
             self.summary.late_records += 1;
+            if let rampart_core::SourcePosition::Kafka { topic, partition, .. } = &letter.source {
+                self.metrics
+                    .partition_late_records
+                    .get_or_create(&PartitionLabels {
+                        topic: topic.to_string(),
+                        partition: partition.to_string(),
+                    })
+                    .inc();
+            }
             self.dead_letter(letter, letter.record.as_bytes(), None)?;
+        }
+        for delay in &evaluation.decision_delays {
+            self.metrics
+                .decision_delay
+                .record(u64::try_from(*delay).unwrap_or(0));
         }
         for (detector, n) in evaluation.suppressed {
             self.metrics
@@ -839,8 +905,18 @@ impl Service<'_> {
                 return Err(ServiceError::Reload(e.to_string()));
             }
         };
+        pipeline.set_live(idleness(&pipeline));
         self.pipeline = Arc::new(pipeline);
         self.decoder = self.pipeline.decoder();
+        // (The new pipeline's clock learns the assignment and the paused partitions again.)
+        self.assignments_seen = u64::MAX;
+        for (topic, partition) in &self.paused {
+            self.pipeline.set_source_flags(
+                &rampart_core::clock::kafka_source(topic, *partition),
+                Some(true),
+                None,
+            );
+        }
         self.warned_detectors.clear();
         for table in &mut self.tables {
             table.reapply();
@@ -896,7 +972,135 @@ impl Service<'_> {
             })
             .collect();
         notes.extend(self.reload_note.clone());
+        notes.extend(self.last_event_time_note.clone());
         self.health.set_notes(notes);
+    }
+
+    /// Keeps the pipeline's event-time clock in step with the consumer: the assigned
+    /// partitions, which of them have records not consumed yet; pauses the partitions that run
+    /// ahead of the slowest one by more than `max_partition_skew` (resumes them at half that,
+    /// or when it goes idle); and exports it all.
+    fn follow_event_time(&mut self) {
+        let generation = self.health.assignments.load(Ordering::Relaxed);
+        if generation != self.assignments_seen {
+            self.assignments_seen = generation;
+            let assigned: Vec<(String, i32)> = self
+                .consumer
+                .assignment()
+                .map(|tpl| {
+                    tpl.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let names: Vec<String> = assigned
+                .iter()
+                .map(|(t, p)| rampart_core::clock::kafka_source(t, *p))
+                .collect();
+            self.pipeline.track_sources(&names);
+            // (A new assignment starts unpaused.)
+            self.paused.clear();
+        }
+        let behind = self.behind.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (name, b) in &behind {
+            self.pipeline.set_source_flags(name, None, Some(*b));
+        }
+        let Some(time) = self.pipeline.event_time() else {
+            return;
+        };
+        let skew =
+            i64::try_from(self.pipeline.config.service.max_partition_skew.as_micros()).unwrap_or(i64::MAX);
+        // The slowest partition that has records (one with none yet becomes idle instead).
+        // The slowest partition that holds the watermark and has records (one with none yet
+        // becomes idle instead): the others may run at most `max_partition_skew` ahead of it
+        // (Flink's watermark alignment), so that the rows waiting for it stay bounded.
+        let holder = time
+            .sources
+            .iter()
+            .filter(|s| s.newest > i64::MIN && !s.idle)
+            .min_by_key(|s| s.newest);
+        let catching_up = holder.map(|h| h.watermark(time.lateness));
+        for source in &time.sources {
+            let Some((topic, partition)) = parse_source(&source.name) else {
+                continue;
+            };
+            let lead = catching_up.map(|floor| source.watermark(time.lateness).saturating_sub(floor));
+            let key = (topic, partition);
+            let paused = self.paused.contains(&key);
+            let pause = match lead {
+                Some(lead) if !paused => lead > skew,
+                Some(lead) => lead > skew / 2,
+                None => false,
+            };
+            if pause == paused {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&key.0, key.1);
+            let result = if pause {
+                self.consumer.pause(&tpl)
+            } else {
+                self.consumer.resume(&tpl)
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(
+                        partition = %source.name,
+                        lead_s = lead.unwrap_or_default() / 1_000_000,
+                        "{} (event time ahead of the watermark)",
+                        if pause { "paused" } else { "resumed" }
+                    );
+                    self.pipeline.set_source_flags(&source.name, Some(pause), None);
+                    if pause {
+                        self.paused.insert(key);
+                    } else {
+                        self.paused.remove(&key);
+                    }
+                }
+                Err(e) => tracing::warn!(partition = %source.name, error = %e, "cannot pause or resume"),
+            }
+        }
+        let now_s = now_ms() / 1000;
+        if time.watermark > i64::MIN {
+            self.metrics.watermark.set(time.watermark.div_euclid(1_000_000));
+        }
+        for source in &time.sources {
+            let Some((topic, partition)) = parse_source(&source.name) else {
+                continue;
+            };
+            let labels = PartitionLabels {
+                topic,
+                partition: partition.to_string(),
+            };
+            let paused = self.paused.contains(&(labels.topic.clone(), partition));
+            self.metrics
+                .partition_paused
+                .get_or_create(&labels)
+                .set(i64::from(paused));
+            if source.newest > i64::MIN {
+                let seconds = source.newest.div_euclid(1_000_000);
+                self.metrics
+                    .partition_watermark
+                    .get_or_create(&labels)
+                    .set(source.watermark(time.lateness).div_euclid(1_000_000));
+                self.metrics
+                    .partition_event_lag
+                    .get_or_create(&labels)
+                    .set(now_s - seconds);
+            }
+        }
+        let note = time.laggard.map(|(name, behind)| {
+            format!(
+                "event time: {name} holds the watermark back, {} behind the newest partition (its rows wait; {} partition(s) paused)",
+                humantime::format_duration(Duration::from_secs(u64::try_from(behind / 1_000_000).unwrap_or(0))),
+                self.paused.len()
+            )
+        });
+        if note != self.last_event_time_note {
+            self.last_event_time_note = note;
+            self.refresh_notes();
+        }
     }
 
     fn audit_entry(&mut self, kind: audit::Kind, entry: &impl serde::Serialize) -> Result<(), ServiceError> {

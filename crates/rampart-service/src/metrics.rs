@@ -116,6 +116,21 @@ pub struct Metrics {
     pub state_waiting_rows: Gauge,
     /// Newest event time seen, Unix seconds.
     pub newest_event_time: Gauge,
+    /// The pipeline's watermark, Unix seconds.
+    pub watermark: Gauge,
+    /// Each input partition's own watermark (its newest event time minus the allowed
+    /// lateness), Unix seconds.
+    pub partition_watermark: Family<PartitionLabels, Gauge>,
+    /// Each input partition's event-time lag: wall-clock time minus its newest event time,
+    /// seconds.
+    pub partition_event_lag: Family<PartitionLabels, Gauge>,
+    /// Late records per input partition.
+    pub partition_late_records: Family<PartitionLabels, Counter>,
+    /// 1 while an input partition is paused because it runs ahead of the watermark.
+    pub partition_paused: Family<PartitionLabels, Gauge>,
+    /// Window decisions' delay in event time: from the triggering event's time to the
+    /// watermark (or, decided at once, the newest event time) that decided it.
+    pub decision_delay: Arc<Latency>,
     /// 1 when ready to serve, 0 when not.
     pub ready: Gauge,
     /// Time from a micro-batch being complete to its decisions handed to the producer.
@@ -144,6 +159,12 @@ impl Default for Metrics {
             state_cached_bytes: Gauge::default(),
             state_waiting_rows: Gauge::default(),
             newest_event_time: Gauge::default(),
+            watermark: Gauge::default(),
+            partition_watermark: Family::default(),
+            partition_event_lag: Family::default(),
+            partition_late_records: Family::default(),
+            partition_paused: Family::default(),
+            decision_delay: Arc::default(),
             ready: Gauge::default(),
             processing: Arc::default(),
             end_to_end: Arc::default(),
@@ -227,6 +248,31 @@ impl Metrics {
             "Newest event time seen (Unix seconds)",
             self.newest_event_time.clone(),
         );
+        r.register(
+            "watermark_seconds",
+            "The pipeline's watermark: the slowest input partition's newest event time minus the allowed lateness (idle partitions excepted), Unix seconds",
+            self.watermark.clone(),
+        );
+        r.register(
+            "partition_watermark_seconds",
+            "Each input partition's own watermark (newest event time minus the allowed lateness), Unix seconds",
+            self.partition_watermark.clone(),
+        );
+        r.register(
+            "partition_event_time_lag_seconds",
+            "Wall-clock time minus each input partition's newest event time",
+            self.partition_event_lag.clone(),
+        );
+        r.register(
+            "partition_late_records",
+            "Late records per input partition (sent to the dead-letter topic)",
+            self.partition_late_records.clone(),
+        );
+        r.register(
+            "partition_paused",
+            "1 while an input partition is paused because its event time runs ahead of the watermark by more than max_partition_skew",
+            self.partition_paused.clone(),
+        );
         r.register("ready", "1 when /readyz answers 200", self.ready.clone());
         for (name, help, latency) in [
             (
@@ -243,6 +289,11 @@ impl Metrics {
                 "checkpoint_latency_seconds",
                 "Time a checkpoint takes, waiting for the broker's acknowledgements included",
                 &self.checkpoint,
+            ),
+            (
+                "decision_delay_event_time_seconds",
+                "Window decisions: from the triggering event's time to the event time that decided it (the watermark, or the newest event time when decided at once)",
+                &self.decision_delay,
             ),
         ] {
             r.register_collector(Box::new(Quantiles {
@@ -287,6 +338,8 @@ pub struct Health {
     pub heartbeat_ms: AtomicI64,
     /// Partitions assigned to this instance.
     pub assigned: AtomicU64,
+    /// Counts assignments and revocations (the loop re-reads the assignment when it changes).
+    pub assignments: AtomicU64,
     /// Notes shown by /readyz whether ready or not (detectors in fail-safe shadow, a refused
     /// reload).
     notes: Mutex<Vec<String>>,

@@ -34,7 +34,7 @@ use crate::events_table::{BatchSlot, EventsTable};
 use crate::metadata::{DetectorMeta, parse_header};
 use crate::predicate_order::CheapPredicatesFirst;
 use crate::sandbox::single_query;
-use crate::shape::{Shape, classify, propagate_row_id, unalias};
+use crate::shape::{Shape, Timing, classify, propagate_row_id, unalias};
 use crate::{Error, Result};
 
 /// A detector that passed the sandbox and was planned.
@@ -85,6 +85,8 @@ pub struct WindowSplit {
     pub row_index: usize,
     /// For a single sliding window whose aggregates Rampart maintains itself: how.
     pub incremental: Option<IncrementalPlan>,
+    /// When rows are decided: at once, or when the watermark passes them (and why).
+    pub timing: Timing,
 }
 
 /// A sliding-window detector evaluated incrementally: Rampart keeps each aggregate per key as
@@ -561,12 +563,16 @@ impl DetectorEngine {
             .map(|e| state.create_physical_expr(e.clone(), input_schema))
             .collect::<datafusion::common::Result<Vec<_>>>()?;
         let post = self.runtime.block_on(state.create_physical_plan(&post))?;
-        let incremental = match kind {
-            StateKind::Sliding => self.incremental_plan(logical, input)?,
-            StateKind::Grouped => None,
+        let (incremental, timing) = match kind {
+            StateKind::Sliding => (
+                self.incremental_plan(logical, input)?,
+                crate::shape::sliding_timing(logical),
+            ),
+            StateKind::Grouped => (None, Timing::AtOnce),
         };
         Ok(Ok(WindowSplit {
             incremental,
+            timing,
             pre_schema: pre.schema(),
             pre,
             post,
@@ -861,6 +867,76 @@ mod tests {
             !kept.contains(&"raw"),
             "only the columns the window uses are kept: {kept:?}"
         );
+    }
+
+    #[rstest]
+    #[case::count(
+        "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n >= 15",
+        None
+    )]
+    #[case::qualify_distinct_and_own_column(
+        "SELECT actor FROM events QUALIFY count(DISTINCT action) OVER (PARTITION BY actor \
+         ORDER BY event_time RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) >= 20 AND actor LIKE 'arn:%'",
+        None
+    )]
+    #[case::min_below(
+        "SELECT actor, m FROM (SELECT actor, min(length(action)) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) AS m FROM events) WHERE m <= 3 OR actor = 'x'",
+        None
+    )]
+    #[case::sum_of_case(
+        "SELECT actor, s FROM (SELECT actor, sum(CASE WHEN outcome = 'Failure' THEN 1 ELSE 0 END) OVER \
+         (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) AS s FROM events) \
+         WHERE 10 < s",
+        None
+    )]
+    #[case::count_below(
+        "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n < 3",
+        Some("`")
+    )]
+    #[case::average(
+        "SELECT actor FROM events QUALIFY avg(length(action)) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) > 20",
+        Some("could stop holding")
+    )]
+    #[case::sum_of_any_sign(
+        "SELECT actor FROM events QUALIFY sum(json_get_int(raw, 'bytes')) OVER (PARTITION BY actor \
+         ORDER BY event_time RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) > 20",
+        Some("could stop holding")
+    )]
+    #[case::difference(
+        "SELECT actor, hi - lo AS d FROM (SELECT actor, max(length(action)) OVER w AS hi, \
+         min(length(action)) OVER w AS lo FROM events WINDOW w AS (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW)) WHERE hi - lo > 9",
+        Some("could stop holding")
+    )]
+    #[case::negated(
+        "SELECT actor FROM events QUALIFY NOT (count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW) > 3)",
+        Some("could stop holding")
+    )]
+    #[case::nested(
+        "SELECT actor, m FROM (SELECT actor, max(n) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW) AS m FROM (SELECT actor, event_time, \
+         count(*) OVER (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '2 minutes' PRECEDING \
+         AND CURRENT ROW) AS n FROM events)) WHERE m >= 6",
+        Some("window over another window")
+    )]
+    fn sliding_windows_decide_at_once_when_their_condition_only_becomes_true(
+        #[case] sql: &str,
+        #[case] waits_because: Option<&str>,
+    ) {
+        let detector = compile(sql).expect("compiles");
+        let timing = &detector.split().expect("windowed").timing;
+        match waits_because {
+            None => assert_eq!(timing, &Timing::AtOnce, "{sql}"),
+            Some(why) => assert!(
+                matches!(timing, Timing::AfterLateness(reason) if reason.contains(why)),
+                "{sql}: {timing}"
+            ),
+        }
     }
 
     #[rstest]

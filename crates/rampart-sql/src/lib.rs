@@ -13,7 +13,7 @@ pub use engine::{
     AggregateKind, CompiledDetector, DetectorEngine, IncrementalPlan, StateKind, WindowAggregate, WindowSplit,
 };
 pub use metadata::{BlastRadius, DetectorMeta, ReasonTemplate};
-pub use shape::Shape;
+pub use shape::{Shape, Timing};
 
 /// Errors of this crate that are not about a user's detector (those are [`rampart_core::Problem`]s).
 #[derive(Debug, thiserror::Error)]

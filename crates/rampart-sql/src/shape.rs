@@ -466,3 +466,215 @@ pub fn propagate_row_id(plan: LogicalPlan) -> Result<LogicalPlan> {
     })
     .map(|t| t.data)
 }
+
+/// When a windowed detector's rows are decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Timing {
+    /// As soon as the answer is certain: a grouped window when its HAVING first holds; a
+    /// sliding-window row once every row of its second has arrived and its condition holds
+    /// (conditions that only become true as rows enter the frame), else at the watermark.
+    AtOnce,
+    /// When the watermark passes the row (the allowed lateness after it), for the reason given:
+    /// the condition could stop holding as more rows enter the frame.
+    AfterLateness(String),
+}
+
+impl fmt::Display for Timing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AtOnce => f.write_str("decides at once"),
+            Self::AfterLateness(why) => write!(f, "decides after the allowed lateness: {why}"),
+        }
+    }
+}
+
+/// How a window column's value moves as rows enter its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Growth {
+    /// Never falls: count, count DISTINCT, max, sum of non-negative values.
+    Rises,
+    /// Never rises: min.
+    Falls,
+    /// Either way (avg, sum of any sign, anything computed from a window value).
+    Either,
+}
+
+/// When a sliding-window detector (its optimised logical plan) can decide its rows: at once
+/// when every condition above its window only becomes true as rows enter the frame (the same
+/// rule as a grouped window's HAVING), so that a row that fires on the rows arrived so far also
+/// fires over the whole input.
+pub fn sliding_timing(plan: &LogicalPlan) -> Timing {
+    match window_columns(plan) {
+        Ok(_) => Timing::AtOnce,
+        Err(why) => Timing::AfterLateness(why),
+    }
+}
+
+/// The window values among `plan`'s output columns (by name), with how each moves; `Err` when a
+/// condition on them could stop holding.
+fn window_columns(plan: &LogicalPlan) -> Result<std::collections::HashMap<String, Growth>, String> {
+    use std::collections::HashMap;
+    match plan {
+        LogicalPlan::Window(w) => {
+            if w.input
+                .exists(|n| Ok(matches!(n, LogicalPlan::Window(_))))
+                .unwrap_or(true)
+            {
+                return Err("a window over another window's values".into());
+            }
+            let offset = w.input.schema().fields().len();
+            let mut out = HashMap::new();
+            for (i, expr) in w.window_expr.iter().enumerate() {
+                let spec = sliding_window(unalias(expr))?;
+                let argument = match unalias(expr) {
+                    Expr::WindowFunction(f) => f.params.args.first(),
+                    _ => None,
+                };
+                let growth = match (spec.function.as_str(), spec.distinct) {
+                    ("count", _) | ("max", false) => Growth::Rises,
+                    ("min", false) => Growth::Falls,
+                    ("sum", false) if argument.is_some_and(|a| non_negative(a, w.input.schema())) => {
+                        Growth::Rises
+                    }
+                    _ => Growth::Either,
+                };
+                out.insert(w.schema.field(offset + i).name().clone(), growth);
+            }
+            Ok(out)
+        }
+        LogicalPlan::Projection(p) => {
+            let below = window_columns(&p.input)?;
+            Ok(p.expr
+                .iter()
+                .zip(p.schema.fields())
+                .filter_map(|(e, field)| Some((field.name().clone(), column_growth(e, &below)?)))
+                .collect())
+        }
+        LogicalPlan::Filter(f) => {
+            let below = window_columns(&f.input)?;
+            only_becomes_true(&f.predicate, &below)?;
+            Ok(below)
+        }
+        LogicalPlan::SubqueryAlias(a) => window_columns(&a.input),
+        LogicalPlan::Sort(s) if s.fetch.is_none() => window_columns(&s.input),
+        LogicalPlan::Join(j) => {
+            let mut columns = window_columns(&j.left)?;
+            columns.extend(window_columns(&j.right)?);
+            let conditions = j.on.iter().flat_map(|(l, r)| [l, r]).chain(j.filter.as_ref());
+            for c in conditions {
+                if column_growth(c, &columns).is_some() {
+                    return Err(format!("the join condition `{c}` uses a window value"));
+                }
+            }
+            Ok(columns)
+        }
+        other => {
+            let above_window = other
+                .exists(|n| Ok(matches!(n, LogicalPlan::Window(_))))
+                .unwrap_or(true);
+            if above_window {
+                Err(format!("{} above the window", other.display()))
+            } else {
+                Ok(HashMap::new())
+            }
+        }
+    }
+}
+
+/// How `expr` moves with the window values in `columns`: `None` if it uses none of them.
+fn column_growth(expr: &Expr, columns: &std::collections::HashMap<String, Growth>) -> Option<Growth> {
+    let mut e = unalias(expr);
+    while let Expr::Cast(c) = e {
+        e = unalias(&c.expr);
+    }
+    if let Expr::Column(c) = e
+        && let Some(g) = columns.get(&c.name)
+    {
+        return Some(*g);
+    }
+    let mut uses = false;
+    let _ = expr.apply(|n| {
+        uses |= matches!(n, Expr::Column(c) if columns.contains_key(&c.name));
+        Ok(if uses {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    uses.then_some(Growth::Either)
+}
+
+/// Whether `predicate`, once true for a row, stays true as more rows enter its frames: window
+/// values that rise compared `>`/`>=` with something else, values that fall `<`/`<=`, joined by
+/// AND and OR, and conditions on the row's own columns.
+fn only_becomes_true(
+    predicate: &Expr,
+    columns: &std::collections::HashMap<String, Growth>,
+) -> Result<(), String> {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    let refuse = |e: &Expr| Err(format!("`{e}` could stop holding as more rows enter the frame"));
+    match unalias(predicate) {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And | Operator::Or,
+            right,
+        }) => {
+            only_becomes_true(left, columns)?;
+            only_becomes_true(right, columns)
+        }
+        e @ Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let (growth, op) = match (column_growth(left, columns), column_growth(right, columns)) {
+                (None, None) => return Ok(()),
+                (Some(g), None) => (g, *op),
+                (None, Some(g)) => match op.swap() {
+                    Some(swapped) => (g, swapped),
+                    None => return refuse(e),
+                },
+                (Some(_), Some(_)) => return refuse(e),
+            };
+            match (growth, op) {
+                (Growth::Rises, Operator::Gt | Operator::GtEq)
+                | (Growth::Falls, Operator::Lt | Operator::LtEq) => Ok(()),
+                _ => refuse(e),
+            }
+        }
+        other if column_growth(other, columns).is_none() => Ok(()),
+        other => refuse(other),
+    }
+}
+
+/// Whether `expr` is never negative, from its type or its form (non-negative literals, CASE of
+/// non-negative branches, lengths, abs, sums and products of such).
+fn non_negative(expr: &Expr, schema: &datafusion::common::DFSchema) -> bool {
+    use datafusion::logical_expr::{BinaryExpr, ExprSchemable, Operator};
+    if expr.get_type(schema).is_ok_and(|t| t.is_unsigned_integer()) {
+        return true;
+    }
+    match unalias(expr) {
+        Expr::Literal(v, _) => {
+            v.is_null()
+                || ScalarValue::new_zero(&v.data_type())
+                    .ok()
+                    .and_then(|zero| v.partial_cmp(&zero))
+                    .is_some_and(|o| o.is_ge())
+        }
+        Expr::Cast(c) => non_negative(&c.expr, schema),
+        Expr::TryCast(c) => non_negative(&c.expr, schema),
+        Expr::Case(case) => {
+            case.when_then_expr
+                .iter()
+                .all(|(_, then)| non_negative(then, schema))
+                && case.else_expr.as_ref().is_none_or(|e| non_negative(e, schema))
+        }
+        Expr::ScalarFunction(f) => matches!(
+            f.name(),
+            "abs" | "length" | "char_length" | "character_length" | "octet_length" | "bit_length"
+        ),
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Plus | Operator::Multiply,
+            right,
+        }) => non_negative(left, schema) && non_negative(right, schema),
+        _ => false,
+    }
+}
