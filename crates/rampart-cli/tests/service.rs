@@ -1379,7 +1379,7 @@ fn a_partition_30_minutes_behind_holds_the_windows_and_catches_up() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let total = 32_000u64;
     let behind = -30 * 60 * 1000;
-    let event = |i: u64| synthetic_event_shifted(i, if i % 4 == 0 { behind } else { 0 });
+    let event = |i: u64| synthetic_event_shifted(i, if i.is_multiple_of(4) { behind } else { 0 });
     produce_all(
         &broker,
         "events4",
@@ -1387,7 +1387,7 @@ fn a_partition_30_minutes_behind_holds_the_windows_and_catches_up() {
     );
     // The reference: the same events, in event-time order, on one partition.
     let mut ordered: Vec<u64> = (0..total).collect();
-    ordered.sort_by_key(|i| (i % 4 != 0, *i));
+    ordered.sort_by_key(|i| (!i.is_multiple_of(4), *i));
     produce_all(&broker, "events", ordered.into_iter().map(|i| (None, event(i))));
     let service = "quiet_after = \"300ms\"\npartition_idle_after = \"3s\"\nmax_partition_skew = \"20s\"";
     let one = synthetic_pipeline_on(tmp.path(), "one", "decisions-one", "events", service);

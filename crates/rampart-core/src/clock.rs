@@ -267,7 +267,7 @@ impl EventClock {
         let watermark = self.watermark.max(candidate.unwrap_or(i64::MIN));
         // A stream gone quiet (no source has given a record for a moment, none known to
         // have more) has all its rows' peers; otherwise the slowest active source's newest.
-        let all_quiet = !self.sources.is_empty() && self.sources.iter().all(|s| quiet(s));
+        let all_quiet = !self.sources.is_empty() && self.sources.iter().all(quiet);
         let complete = if all_quiet {
             i64::MAX
         } else {

@@ -567,10 +567,10 @@ impl KeyedState {
         let first = members.first().and_then(|d| d.split()?.incremental.as_ref());
         let aggregates = first.map_or(&[][..], |plan| &plan.aggregates);
         let decided = match self.decide_due(aggregates, ctx, watermark) {
-            Ok(Some((keys, due, columns))) => members
+            Ok(Some(judged)) => members
                 .iter()
                 .enumerate()
-                .map(|(m, detector)| self.run_member(detector, 1 << m, (&keys, &due), &columns, ctx))
+                .map(|(m, detector)| self.run_member(detector, 1 << m, &judged, ctx))
                 .collect(),
             Ok(None) => members.iter().map(|_| Ok(Vec::new())).collect(),
             Err(e) => members.iter().map(|_| Err(e.clone())).collect(),
@@ -591,8 +591,7 @@ impl KeyedState {
         &mut self,
         detector: &CompiledDetector,
         bit: u32,
-        (keys, due): (&[Box<[u8]>], &[(usize, Due)]),
-        columns: &[ArrayRef],
+        (keys, due, columns): &JudgedRows,
         ctx: &DecideContext<'_>,
     ) -> Decided {
         let wanted: Vec<bool> = due.iter().map(|(_, d)| d.members & bit != 0).collect();
@@ -913,7 +912,7 @@ impl KeyedState {
             std::mem::replace(&mut self.pending, later)
         };
         // What fired at once is decided; at once, a settled row's answer is known.
-        due.retain(|_, r| !r.fired && !(at_once && r.settled));
+        due.retain(|_, r| !(r.fired || at_once && r.settled));
         let early: Vec<(i64, u64)> = if at_once {
             self.pending
                 .range(..(ctx.bounds.complete, 0))
@@ -940,7 +939,7 @@ impl KeyedState {
             span.0 = span.0.min(t);
             span.1 = span.1.max(t);
         }
-        let keys: Vec<(Box<[u8]>, (i64, i64))> = spans.into_iter().collect();
+        let keys: Vec<_> = spans.into_iter().collect();
         for (key, _) in &keys {
             self.entry(ctx.store, key).map_err(|e| e.to_string())?;
         }
