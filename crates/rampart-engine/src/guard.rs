@@ -63,6 +63,11 @@ struct RecentBlock {
 struct DetectorGuard {
     /// Per key: the event time (µs) until which repeats are suppressed.
     quiet_until: HashMap<String, i64>,
+    /// Per key: the event time (µs) of the decision that suppresses repeats. An event older than
+    /// it (from a partition read behind another) is not its repeat. (Absent in checkpoints
+    /// written before it: then every event before `quiet_until` is.)
+    #[serde(default)]
+    quiet_since: HashMap<String, i64>,
     /// Keys blocked within the last minute of event time, oldest first.
     recent: VecDeque<RecentBlock>,
     tripped: Option<Trip>,
@@ -192,7 +197,8 @@ impl Guard {
                 continue;
             };
             let g = self.stored.detectors.entry(d.detector.id.clone()).or_default();
-            if g.quiet_until.get(&d.key).is_some_and(|until| *until > t) {
+            let since = g.quiet_since.get(&d.key).copied().unwrap_or(i64::MIN);
+            if since <= t && g.quiet_until.get(&d.key).is_some_and(|until| *until > t) {
                 *suppressed.entry(d.detector.id.clone()).or_default() += 1;
                 *self.suppressed.entry(d.detector.id.clone()).or_default() += 1;
                 continue;
@@ -300,8 +306,11 @@ impl Guard {
             }
             if let Some(until) = quiet {
                 g.quiet_until.insert(d.key.clone(), until);
+                g.quiet_since.insert(d.key.clone(), t);
                 if g.quiet_until.len() >= 2 * g.pruned_at.max(1024) {
                     g.quiet_until.retain(|_, until| *until > t);
+                    let kept = &g.quiet_until;
+                    g.quiet_since.retain(|key, _| kept.contains_key(key));
                     g.pruned_at = g.quiet_until.len();
                 }
             }
@@ -316,6 +325,7 @@ impl Guard {
         for (id, g) in &mut self.stored.detectors {
             if detector.is_none_or(|d| d == id) {
                 g.quiet_until.remove(actor);
+                g.quiet_since.remove(actor);
             }
         }
         revocation(

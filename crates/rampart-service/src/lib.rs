@@ -488,6 +488,14 @@ impl Service<'_> {
                             for name in names {
                                 self.pipeline.set_source_flags(&name, None, Some(false));
                             }
+                            // (Paused partitions are at their end too: nothing holds the rest.)
+                            for (topic, partition) in std::mem::take(&mut self.paused) {
+                                let mut tpl = TopicPartitionList::new();
+                                tpl.add_partition(&topic, partition);
+                                let _ = self.consumer.resume(&tpl);
+                                let name = rampart_core::clock::kafka_source(&topic, partition);
+                                self.pipeline.set_source_flags(&name, Some(false), None);
+                            }
                             let evaluation = self.pipeline.tick();
                             self.publish(evaluation)?;
                         }
