@@ -518,17 +518,20 @@ fn repeats_are_suppressed_and_counted_and_plan_numbers_are_in_the_reasons() {
             )
         })
         .collect();
+    // The hard limit (`n > limit`) decides at once, when the 61st request's second is
+    // complete; the soft band (`n > soft AND n <= hard`) could stop holding, so it decides at
+    // the watermark: the block comes first.
     assert_eq!(
         summary,
-        [("usage-soft-limit", "alert"), ("usage-hard-limit", "block")],
+        [("usage-hard-limit", "block"), ("usage-soft-limit", "alert")],
         "one alert, one block; the repeats are suppressed"
     );
     assert!(
-        decisions[1]["reason"].as_str().is_some_and(
+        decisions[0]["reason"].as_str().is_some_and(
             |r| r.contains("61 requests in one minute, over the hard limit of plan free (60 per minute)")
         ),
         "{}",
-        decisions[1]["reason"]
+        decisions[0]["reason"]
     );
     let stderr = text(&o.stderr);
     assert!(stderr.contains("suppressed:  28 repeat decision(s)"), "{stderr}");
