@@ -647,40 +647,36 @@ impl KeyedState {
     ) -> Result<Option<JudgedRows>, String> {
         let at_once = if watermark.is_some() { self.at_once } else { 0 };
         let complete = ctx.bounds.complete;
-        let due_keys: Vec<Box<[u8]>> = match watermark {
+        // The keys taken out of each index (they go back in with their new times).
+        let mut taken: FxHashMap<Box<[u8]>, (bool, bool)> = FxHashMap::default();
+        match watermark {
             Some(limit) => {
                 let later = self.due.split_off(&(limit, Box::from([])));
-                let mut keys: Vec<_> = std::mem::replace(&mut self.due, later)
-                    .into_iter()
-                    .map(|(_, k)| k)
-                    .collect();
+                for (_, k) in std::mem::replace(&mut self.due, later) {
+                    taken.entry(k).or_default().0 = true;
+                }
                 if at_once != 0 {
                     let later = self.early.split_off(&(complete, Box::from([])));
-                    keys.extend(
-                        std::mem::replace(&mut self.early, later)
-                            .into_iter()
-                            .map(|(_, k)| k),
-                    );
-                    keys.sort_unstable();
-                    keys.dedup();
+                    for (_, k) in std::mem::replace(&mut self.early, later) {
+                        taken.entry(k).or_default().1 = true;
+                    }
                 }
-                keys
             }
             None => {
                 self.early.clear();
-                std::mem::take(&mut self.due)
-                    .into_iter()
-                    .map(|(_, k)| k)
-                    .collect()
+                for (_, k) in std::mem::take(&mut self.due) {
+                    taken.entry(k).or_default().0 = true;
+                }
             }
-        };
-        if due_keys.is_empty() {
+        }
+        if taken.is_empty() {
             return Ok(None);
         }
         let (members, hold) = (self.all_members(), self.all_members() & !self.at_once != 0);
         let mut due: Vec<(usize, Due)> = Vec::new();
-        for (k, key) in due_keys.iter().enumerate() {
-            let entry = self.entry(ctx.store, key).map_err(|e| e.to_string())?;
+        let mut due_keys = Vec::with_capacity(taken.len());
+        for (k, (key, (from_due, from_early))) in taken.into_iter().enumerate() {
+            let entry = self.entry(ctx.store, &key).map_err(|e| e.to_string())?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
             let before = (agg.oldest_pending(), agg.oldest_unsettled(at_once));
             let rows = agg.decide(aggregates, watermark, complete, members, at_once, hold);
@@ -690,18 +686,20 @@ impl KeyedState {
             );
             entry.dirty = true;
             due.extend(rows.into_iter().map(|d| (k, d)));
-            // (Entries may have been taken out of their set above: insert even when unchanged.)
-            for (index, before, after) in [
-                (&mut self.due, before.0, after.0),
-                (&mut self.early, before.1, after.1),
+            // A key taken out of an index goes back at its new time; one still in it moves.
+            for (index, taken_out, before, after) in [
+                (&mut self.due, from_due, before.0, after.0),
+                (&mut self.early, from_early, before.1, after.1),
             ] {
-                if let Some(t) = before.filter(|t| Some(*t) != after) {
-                    index.remove(&(t, key.clone()));
-                }
-                if let Some(t) = after {
-                    index.insert((t, key.clone()));
+                if taken_out {
+                    if let Some(t) = after {
+                        index.insert((t, key.clone()));
+                    }
+                } else {
+                    reindex(index, &key, before, after);
                 }
             }
+            due_keys.push(key);
         }
         if due.is_empty() {
             return Ok(None);
