@@ -610,7 +610,10 @@ impl KeyedState {
         }
         let results = ctx.engine.run_above(plan, rows).map_err(|e| e.to_string())?;
         let decided = self.decisions_for(detector, &results, |_| true, ctx);
-        // Rows that fired before the watermark: once only.
+        // Rows that fired before the watermark: once only. (Most batches fire on none.)
+        if decided.is_empty() {
+            return Ok(decided);
+        }
         let early: HashMap<u64, &(usize, Due)> = due
             .iter()
             .filter(|(_, d)| !d.last && d.members & bit != 0)

@@ -174,12 +174,9 @@ struct StoredClock {
     /// Newest event time of any source.
     newest: i64,
     next_row: u64,
-    /// Every window row older than this was decided.
+    /// Every window row older than this was decided: the watermark.
     #[serde(default = "no_time")]
     decided_until: i64,
-    /// The watermark (absent before per-source clocks: the newest time minus the lateness).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    watermark: Option<i64>,
     /// Each source's newest event time, by name (a Kafka partition's is its progress key).
     #[serde(default)]
     sources: BTreeMap<String, i64>,
@@ -334,9 +331,12 @@ impl Pipeline {
                         what: "clock".into(),
                         reason: e.to_string(),
                     })?;
-                let watermark = stored
-                    .watermark
-                    .unwrap_or_else(|| stored.newest.saturating_sub(lateness));
+                // (Checkpoints older than `decided_until` had the newest time's watermark.)
+                let watermark = if stored.decided_until > i64::MIN {
+                    stored.decided_until
+                } else {
+                    stored.newest.saturating_sub(lateness)
+                };
                 windows.clock.restore(watermark, stored.sources);
                 windows.next_row = stored.next_row;
                 decided_until = stored.decided_until;
@@ -769,7 +769,6 @@ impl Pipeline {
             next_row: windows.next_row,
             // Every batch decides the rows older than the watermark.
             decided_until: windows.clock.watermark(),
-            watermark: Some(windows.clock.watermark()),
             sources: windows
                 .clock
                 .sources()
@@ -915,10 +914,7 @@ impl Pipeline {
             }
             Step::End => None,
         };
-        let events = match step {
-            Step::Batch(e) => Some(e),
-            _ => None,
-        };
+        let events = step.events();
         let all = matches!(step, Step::End);
         let bounds = bounds_of(&windows.clock);
         if let Some(e) = events {
@@ -1110,6 +1106,16 @@ enum Step<'a> {
     Batch(&'a EventBatch),
     Tick,
     End,
+}
+
+impl<'a> Step<'a> {
+    /// The batch, if this step brings one.
+    fn events(self) -> Option<&'a EventBatch> {
+        match self {
+            Step::Batch(e) => Some(e),
+            Step::Tick | Step::End => None,
+        }
+    }
 }
 
 fn bounds_of(clock: &EventClock) -> Bounds {

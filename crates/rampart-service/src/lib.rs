@@ -304,6 +304,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         behind,
         assignments_seen: u64::MAX,
         paused: BTreeSet::new(),
+        behind_told: BTreeMap::new(),
         last_tick: Instant::now(),
         last_event_time_note: None,
     };
@@ -358,6 +359,8 @@ struct Service<'a> {
     assignments_seen: u64,
     /// Input partitions paused because they run ahead of the watermark.
     paused: BTreeSet<(String, i32)>,
+    /// What the clock was last told of each partition's records waiting (`behind`).
+    behind_told: BTreeMap<String, bool>,
     /// When processing time last moved the windows.
     last_tick: Instant,
     /// What /readyz says about event time (a partition holding the watermark back).
@@ -489,12 +492,10 @@ impl Service<'_> {
                                 self.pipeline.set_source_flags(&name, None, Some(false));
                             }
                             // (Paused partitions are at their end too: nothing holds the rest.)
-                            for (topic, partition) in std::mem::take(&mut self.paused) {
-                                let mut tpl = TopicPartitionList::new();
-                                tpl.add_partition(&topic, partition);
-                                let _ = self.consumer.resume(&tpl);
-                                let name = rampart_core::clock::kafka_source(&topic, partition);
-                                self.pipeline.set_source_flags(&name, Some(false), None);
+                            for (topic, partition) in self.paused.clone() {
+                                if let Err(e) = self.set_paused(&topic, partition, false) {
+                                    tracing::debug!(partition = %topic, error = %e, "resume at the end");
+                                }
                             }
                             let evaluation = self.pipeline.tick();
                             self.publish(evaluation)?;
@@ -916,15 +917,8 @@ impl Service<'_> {
         pipeline.set_live(idleness(&pipeline));
         self.pipeline = Arc::new(pipeline);
         self.decoder = self.pipeline.decoder();
-        // (The new pipeline's clock learns the assignment and the paused partitions again.)
+        // (The new pipeline's clock learns the assignment and the lagging partitions again.)
         self.assignments_seen = u64::MAX;
-        for (topic, partition) in &self.paused {
-            self.pipeline.set_source_flags(
-                &rampart_core::clock::kafka_source(topic, *partition),
-                Some(true),
-                None,
-            );
-        }
         self.warned_detectors.clear();
         for table in &mut self.tables {
             table.reapply();
@@ -984,6 +978,23 @@ impl Service<'_> {
         self.health.set_notes(notes);
     }
 
+    /// Pauses or resumes one input partition, and tells the clock (a paused partition is
+    /// neither idle nor quiet).
+    fn set_paused(&mut self, topic: &str, partition: i32, pause: bool) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        if pause {
+            self.consumer.pause(&tpl)?;
+            self.paused.insert((topic.to_string(), partition));
+        } else {
+            self.consumer.resume(&tpl)?;
+            self.paused.remove(&(topic.to_string(), partition));
+        }
+        let name = rampart_core::clock::kafka_source(topic, partition);
+        self.pipeline.set_source_flags(&name, Some(pause), None);
+        Ok(())
+    }
+
     /// Keeps the pipeline's event-time clock in step with the consumer: the assigned
     /// partitions, which of them have records not consumed yet; pauses the partitions that run
     /// ahead of the slowest one by more than `max_partition_skew` (resumes them at half that,
@@ -1007,12 +1018,23 @@ impl Service<'_> {
                 .map(|(t, p)| rampart_core::clock::kafka_source(t, *p))
                 .collect();
             self.pipeline.track_sources(&names);
-            // (A new assignment starts unpaused.)
+            // A new assignment (or a reloaded pipeline's clock) starts unpaused: librdkafka
+            // may keep a re-assigned partition paused, so resume what was paused.
+            for (topic, partition) in self.paused.clone() {
+                if let Err(e) = self.set_paused(&topic, partition, false) {
+                    tracing::debug!(partition = %topic, error = %e, "resume after an assignment");
+                }
+            }
             self.paused.clear();
+            self.behind_told.clear();
         }
+        // What librdkafka says has records waiting, told to the clock when it changes.
         let behind = self.behind.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (name, b) in &behind {
-            self.pipeline.set_source_flags(name, None, Some(*b));
+        for (name, b) in behind {
+            if self.behind_told.get(&name) != Some(&b) {
+                self.pipeline.set_source_flags(&name, None, Some(b));
+                self.behind_told.insert(name, b);
+            }
         }
         let Some(time) = self.pipeline.event_time() else {
             return;
@@ -1044,28 +1066,13 @@ impl Service<'_> {
             if pause == paused {
                 continue;
             }
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&key.0, key.1);
-            let result = if pause {
-                self.consumer.pause(&tpl)
-            } else {
-                self.consumer.resume(&tpl)
-            };
-            match result {
-                Ok(()) => {
-                    tracing::info!(
-                        partition = %source.name,
-                        lead_s = lead.unwrap_or_default() / 1_000_000,
-                        "{} (event time ahead of the watermark)",
-                        if pause { "paused" } else { "resumed" }
-                    );
-                    self.pipeline.set_source_flags(&source.name, Some(pause), None);
-                    if pause {
-                        self.paused.insert(key);
-                    } else {
-                        self.paused.remove(&key);
-                    }
-                }
+            match self.set_paused(&key.0, key.1, pause) {
+                Ok(()) => tracing::info!(
+                    partition = %source.name,
+                    lead_s = lead.unwrap_or_default() / 1_000_000,
+                    "{} (event time ahead of the watermark)",
+                    if pause { "paused" } else { "resumed" }
+                ),
                 Err(e) => tracing::warn!(partition = %source.name, error = %e, "cannot pause or resume"),
             }
         }

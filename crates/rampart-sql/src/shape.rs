@@ -361,18 +361,7 @@ fn having_only_becomes_true(
             _ => Some(String::new()),
         }
     };
-    let uses_aggregate = |e: &Expr| {
-        let mut found = false;
-        let _ = e.apply(|n| {
-            found |= function_of(n).is_some();
-            Ok(if found {
-                TreeNodeRecursion::Stop
-            } else {
-                TreeNodeRecursion::Continue
-            })
-        });
-        found
-    };
+    let uses_aggregate = |e: &Expr| e.exists(|n| Ok(function_of(n).is_some())).unwrap_or(true);
     let refuse = |e: &Expr| {
         Err(format!(
             "HAVING `{e}` could stop holding as more events arrive, but a grouped window fires as \
@@ -592,16 +581,9 @@ fn column_growth(expr: &Expr, columns: &std::collections::HashMap<String, Growth
     {
         return Some(*g);
     }
-    let mut uses = false;
-    let _ = expr.apply(|n| {
-        uses |= matches!(n, Expr::Column(c) if columns.contains_key(&c.name));
-        Ok(if uses {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
-    });
-    uses.then_some(Growth::Either)
+    expr.exists(|n| Ok(matches!(n, Expr::Column(c) if columns.contains_key(&c.name))))
+        .unwrap_or(true)
+        .then_some(Growth::Either)
 }
 
 /// Whether `predicate`, once true for a row, stays true as more rows enter its frames: window
