@@ -703,7 +703,6 @@ impl KeyAgg {
     /// arrived so far. Rows are evaluated in time order (a row's frames move forward); values
     /// are kept on a row for later only when `hold` (some member decides at the watermark).
     /// Rows no frame of a row at or after `watermark` reaches are forgotten.
-    #[allow(clippy::too_many_arguments)]
     pub fn decide(
         &mut self,
         aggregates: &[WindowAggregate],
