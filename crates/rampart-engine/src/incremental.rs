@@ -18,7 +18,8 @@ use datafusion::arrow::datatypes::DataType;
 use rampart_sql::{AggregateKind, WindowAggregate};
 use rustc_hash::FxHashSet;
 
-use crate::state::Commit;
+use rampart_state::Commit;
+use rampart_state::codec::{FIRED_CHUNK, FRAME_CHUNK, PENDING_CHUNK};
 
 /// One argument value.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -416,12 +417,6 @@ impl Acc {
     }
 }
 
-/// Kinds of row chunks a key writes (see [`KeyAgg::save`]).
-pub const FRAME_CHUNK: u8 = b'F';
-/// Chunks of pending rows' `pre` columns.
-pub const PENDING_CHUNK: u8 = b'P';
-/// Chunks of the pending rows that fired at once, and for which detector.
-pub const FIRED_CHUNK: u8 = b'E';
 /// Frame chunks a key keeps before they are rewritten as one (bounds the reads of a key
 /// coming back from disk, and each row is rewritten about once per this many saves).
 const MAX_FRAME_CHUNKS: usize = 32;

@@ -30,74 +30,15 @@ use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowAggregate, WindowSplit};
 
 use crate::decide::DecisionMaker;
-use crate::incremental::{Due, FIRED_CHUNK, FRAME_CHUNK, KeyAgg, KeyChunks, PENDING_CHUNK, Val, heap};
-use crate::state::{Commit, StateError, StateStore, expires_at};
+use crate::incremental::{Due, KeyAgg, KeyChunks, Val, heap};
 use crate::triggers::TriggerStore;
+use rampart_state::codec::{
+    FIRED, FIRED_CHUNK, FRAME_CHUNK, INCREMENTAL, PENDING_CHUNK, ROW_HEADER, StoredRow, chunk_key,
+    chunk_prefix, expires_at, flags, push_row, row_key, rows_of, set_header, split_chunk_key,
+};
+use rampart_state::{Commit, StateError, StateStore};
 use rustc_hash::FxHashMap;
 use sha2::{Digest, Sha256};
-
-/// Value layout: expires_at (i64 LE), flags (u8), then rows: time (i64 LE), row id (u64 LE),
-/// length (u32 LE), Arrow row bytes; sorted by (time, row id).
-const HEADER: usize = 9;
-const ROW_HEADER: usize = 20;
-/// Flag: the group already fired (grouped windows).
-const FIRED: u8 = 1;
-/// Flag: the value is an incremental key ([`KeyAgg`]).
-const INCREMENTAL: u8 = 2;
-
-/// Incremental windows: the store key of a chunk of `key` without its id: the detector's tag,
-/// the chunk kind, then the key with its length (so that no key's chunks share a prefix with
-/// another key's). The id follows, big-endian, so a key's chunks are in id order.
-fn chunk_prefix(tag: &[u8], kind: u8, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(tag.len() + key.len() + 13);
-    k.extend_from_slice(tag);
-    k.push(kind);
-    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
-    k.extend_from_slice(key);
-    k
-}
-
-/// One stored row.
-#[derive(Debug, Clone, Copy)]
-struct StoredRow<'a> {
-    time: i64,
-    row: u64,
-    bytes: &'a [u8],
-}
-
-fn rows_of(value: &[u8]) -> impl Iterator<Item = StoredRow<'_>> {
-    let mut rest = value.get(HEADER..).unwrap_or_default();
-    std::iter::from_fn(move || {
-        if rest.len() < ROW_HEADER {
-            return None;
-        }
-        let time = i64::from_le_bytes(rest[..8].try_into().ok()?);
-        let row = u64::from_le_bytes(rest[8..16].try_into().ok()?);
-        let len = u32::from_le_bytes(rest[16..20].try_into().ok()?) as usize;
-        let bytes = rest.get(ROW_HEADER..ROW_HEADER + len)?;
-        rest = &rest[ROW_HEADER + len..];
-        Some(StoredRow { time, row, bytes })
-    })
-}
-
-fn push_row(value: &mut Vec<u8>, r: StoredRow<'_>) {
-    value.extend_from_slice(&r.time.to_le_bytes());
-    value.extend_from_slice(&r.row.to_le_bytes());
-    value.extend_from_slice(&(r.bytes.len() as u32).to_le_bytes());
-    value.extend_from_slice(r.bytes);
-}
-
-fn flags(value: &[u8]) -> u8 {
-    value.get(8).copied().unwrap_or(0)
-}
-
-fn set_header(value: &mut Vec<u8>, expires: i64, flags: u8) {
-    if value.len() < HEADER {
-        value.resize(HEADER, 0);
-    }
-    value[..8].copy_from_slice(&expires.to_le_bytes());
-    value[8] = flags;
-}
 
 /// Where event time stands for deciding window rows (see [`rampart_core::EventClock`]).
 #[derive(Debug, Clone, Copy)]
@@ -307,24 +248,6 @@ impl KeyedState {
         self.reach.saturating_add(self.lateness)
     }
 
-    fn store_key(&self, key: &[u8]) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.tag.len() + key.len());
-        k.extend_from_slice(&self.tag);
-        k.extend_from_slice(key);
-        k
-    }
-
-    /// The key and id of a chunk key of this detector and `kind`.
-    fn split_chunk_key<'k>(&self, kind: u8, chunk_key: &'k [u8]) -> Option<(&'k [u8], u64)> {
-        let rest = chunk_key
-            .strip_prefix(self.tag.as_slice())?
-            .strip_prefix(&[kind])?;
-        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-        let key = rest.get(4..4 + len)?;
-        let id = u64::from_be_bytes(rest.get(4 + len..)?.try_into().ok()?);
-        Some((key, id))
-    }
-
     fn pending_meta_key(&self) -> String {
         format!(
             "pending/{}",
@@ -341,14 +264,13 @@ impl KeyedState {
             prefix.push(PENDING_CHUNK);
             let mut oldest: FxHashMap<Box<[u8]>, i64> = FxHashMap::default();
             for (chunk_key, value) in store.chunks(&prefix)? {
-                let corrupt = || StateError::Corrupt {
-                    path: store.path().to_path_buf(),
-                    what: format!("pending rows chunk {}", hex::encode(&chunk_key)),
-                    reason: "does not decode".into(),
+                let corrupt = || {
+                    store.corrupt(
+                        format_args!("pending rows chunk {}", hex::encode(&chunk_key)),
+                        "does not decode",
+                    )
                 };
-                let (key, _) = self
-                    .split_chunk_key(PENDING_CHUNK, &chunk_key)
-                    .ok_or_else(corrupt)?;
+                let (key, _) = split_chunk_key(&self.tag, PENDING_CHUNK, &chunk_key).ok_or_else(corrupt)?;
                 let rows = KeyAgg::pending_rows(&value).ok_or_else(corrupt)?;
                 if let Some(t) = rows.iter().map(|r| r.0).filter(|t| *t >= decided_until).min() {
                     let o = oldest.entry(key.into()).or_insert(t);
@@ -362,14 +284,9 @@ impl KeyedState {
             return Ok(());
         }
         let key = self.pending_meta_key();
-        let Some(bytes) = store.meta(&key)? else {
+        let Some(rows) = store.meta_json::<Vec<PendingRow>>(&key)? else {
             return Ok(());
         };
-        let rows: Vec<PendingRow> = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-            path: store.path().to_path_buf(),
-            what: key,
-            reason: e.to_string(),
-        })?;
         for p in rows {
             let key = hex::decode(&p.key).unwrap_or_default().into_boxed_slice();
             self.pending.insert(
@@ -392,7 +309,7 @@ impl KeyedState {
                         Ok(store
                             .key_chunks(&chunk_prefix(&self.tag, kind, key))?
                             .into_iter()
-                            .filter_map(|(k, v)| Some((self.split_chunk_key(kind, &k)?.1, v)))
+                            .filter_map(|(k, v)| Some((split_chunk_key(&self.tag, kind, &k)?.1, v)))
                             .collect())
                     };
                     let frame = chunks(FRAME_CHUNK)?;
@@ -417,10 +334,11 @@ impl KeyedState {
                         }
                     };
                     let agg = KeyAgg::load(aggregates, &stored, &self.tags, self.decided_until).ok_or_else(
-                        || StateError::Corrupt {
-                            path: store.path().to_path_buf(),
-                            what: format!("window state of key {}", hex::encode(key)),
-                            reason: "does not decode".into(),
+                        || {
+                            store.corrupt(
+                                format_args!("window state of key {}", hex::encode(key)),
+                                "does not decode",
+                            )
                         },
                     )?;
                     let mut value = Vec::new();
@@ -430,7 +348,7 @@ impl KeyedState {
                     set_header(&mut value, expires, INCREMENTAL);
                     (value, Some(Box::new(agg)))
                 }
-                None => (store.get(&self.store_key(key))?.unwrap_or_default(), None),
+                None => (store.get(&row_key(&self.tag, key))?.unwrap_or_default(), None),
             };
             let entry = Entry {
                 value,
@@ -1108,21 +1026,15 @@ impl KeyedState {
                         agg.clear();
                     }
                     let tag = &self.tag;
-                    let chunk_key = |kind: u8, id: u64| {
-                        let mut k = chunk_prefix(tag, kind, key);
-                        k.extend_from_slice(&id.to_be_bytes());
-                        k
-                    };
+                    let chunk_key = |kind: u8, id: u64| chunk_key(tag, kind, key, id);
                     agg.save(chunk_key, self.decided_until, horizon, bounds.lateness, commit);
                     entry.dirty = false;
                 }
             } else if entry.dirty {
-                let store_key = {
-                    let mut k = self.tag.clone();
-                    k.extend_from_slice(key);
-                    k
-                };
-                commit.row(&store_key, (!gone).then_some(entry.value.as_slice()));
+                commit.row(
+                    &row_key(&self.tag, key),
+                    (!gone).then_some(entry.value.as_slice()),
+                );
                 entry.dirty = false;
             }
             if gone {

@@ -18,9 +18,9 @@ use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
 use crate::guard::{Guard, Trip};
 use crate::keyed::{Bounds, DecideContext, Decided, KeyedState};
 use crate::naive::NaiveWindows;
-use crate::state::{StateError, StateStore};
 use crate::tables::{ReferenceTable, TableSource};
 use crate::triggers::TriggerStore;
+use rampart_state::{StateError, StateStore};
 
 /// Errors that stop a pipeline from loading at all.
 #[derive(Debug, thiserror::Error)]
@@ -324,13 +324,7 @@ impl Pipeline {
         }
         let mut decided_until = i64::MIN;
         if let Some(store) = &store {
-            if let Some(bytes) = store.meta("clock")? {
-                let stored: StoredClock =
-                    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                        path: store.path().to_path_buf(),
-                        what: "clock".into(),
-                        reason: e.to_string(),
-                    })?;
+            if let Some(stored) = store.meta_json::<StoredClock>("clock")? {
                 // (Checkpoints older than `decided_until` had the newest time's watermark.)
                 let watermark = if stored.decided_until > i64::MIN {
                     stored.decided_until
@@ -343,19 +337,9 @@ impl Pipeline {
                 store.advance_clock(watermark.saturating_add(lateness));
             }
             windows.triggers.load(store, windows.clock.watermark())?;
-            if let Some(bytes) = store.meta("guard")? {
-                self.guard().restore(&bytes).map_err(|e| StateError::Corrupt {
-                    path: store.path().to_path_buf(),
-                    what: "guard".into(),
-                    reason: e.to_string(),
-                })?;
-            }
-            if let Some(bytes) = store.meta("progress")? {
-                windows.progress = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                    path: store.path().to_path_buf(),
-                    what: "progress".into(),
-                    reason: e.to_string(),
-                })?;
+            store.meta_with("guard", |bytes| self.guard().restore(bytes))?;
+            if let Some(progress) = store.meta_json("progress")? {
+                windows.progress = progress;
             }
         }
         // Detectors with the same window identity share one state (at most 32 per state).

@@ -11,7 +11,7 @@ use rampart_core::{Decision, Mode, SourcePosition, Verdict};
 
 use crate::decode::{DeadLetter, Decoded};
 use crate::pipeline::{Evaluation, Pipeline, Progress};
-use crate::state::StateError;
+use rampart_state::StateError;
 
 /// Where replay output goes.
 pub trait ReplaySink {

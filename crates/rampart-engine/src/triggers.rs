@@ -13,7 +13,7 @@ use rustc_hash::FxHashMap;
 
 use crate::decide::Trigger;
 use crate::decode::EventBatch;
-use crate::state::{Commit, StateError, StateStore};
+use rampart_state::{Commit, StateError, StateStore};
 
 /// Metadata key prefix of persisted batches.
 const PREFIX: &str = "triggers/";
@@ -147,11 +147,8 @@ impl TriggerStore {
     /// Restores the persisted batches' triggers at or after `watermark`.
     pub fn load(&mut self, store: &StateStore, watermark: i64) -> Result<(), StateError> {
         for (key, value) in store.meta_with_prefix(PREFIX)? {
-            let stored: StoredBatch = serde_json::from_slice(&value).map_err(|e| StateError::Corrupt {
-                path: store.path().to_path_buf(),
-                what: String::from_utf8_lossy(&key).into_owned(),
-                reason: e.to_string(),
-            })?;
+            let stored: StoredBatch = serde_json::from_slice(&value)
+                .map_err(|e| store.corrupt(String::from_utf8_lossy(&key), e))?;
             self.restored_batches.push((stored.first_row, stored.newest));
             self.restored.extend(
                 (stored.first_row..)

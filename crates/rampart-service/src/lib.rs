@@ -60,7 +60,7 @@ pub enum ServiceError {
     Delivery(String),
     /// The window state could not be written.
     #[error(transparent)]
-    State(#[from] rampart_engine::state::StateError),
+    State(#[from] rampart_engine::StateError),
     /// The HTTP endpoint could not start.
     #[error("{0}")]
     Http(String),

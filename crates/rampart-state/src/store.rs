@@ -4,7 +4,7 @@
 //! batch per checkpoint.
 //!
 //! Values start with the event time after which they are of no use to any window
-//! ([`expires_at`]); a compaction filter drops them once the clock has passed it, so keys that
+//! ([`crate::codec::expires_at`]); a compaction filter drops them once the clock has passed it, so keys that
 //! are never seen again do not stay on disk.
 
 use std::path::{Path, PathBuf};
@@ -16,6 +16,9 @@ use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions,
     SliceTransform, WriteBatch, WriteOptions,
 };
+use serde::de::DeserializeOwned;
+
+use crate::codec::{CHUNK_ID_LEN, chunk_key_prefix, expires_at, is_chunk_key};
 
 /// Column family of per-detector, per-key values.
 const ROWS: &str = "rows";
@@ -34,19 +37,6 @@ fn small_memtables() -> Options {
     options.set_max_write_buffer_number(2);
     options
 }
-/// Chunk keys end with their id, this long: the rest is the prefix all chunks of one key (and
-/// kind) share, which the `chunks` column family's bloom filters are built on.
-pub const CHUNK_ID_LEN: usize = 8;
-
-/// The part of a chunk key before its id.
-fn chunk_key_prefix(key: &[u8]) -> &[u8] {
-    &key[..key.len() - CHUNK_ID_LEN]
-}
-
-fn is_chunk_key(key: &[u8]) -> bool {
-    key.len() > CHUNK_ID_LEN
-}
-
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -61,7 +51,7 @@ pub enum StateError {
     /// A temporary directory for throwaway state could not be made.
     #[error("cannot create a temporary state directory: {0}")]
     Temp(std::io::Error),
-    /// Stored metadata did not parse (written by another version?).
+    /// A stored value did not decode (written by another version?).
     #[error("window state at {path}: unreadable {what}: {reason}")]
     Corrupt {
         /// The state directory.
@@ -71,14 +61,6 @@ pub enum StateError {
         /// Why.
         reason: String,
     },
-}
-
-/// The event time (µs) encoded at the start of a stored value, after which it is useless.
-pub fn expires_at(value: &[u8]) -> i64 {
-    value
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(i64::MIN, i64::from_le_bytes)
 }
 
 /// An open state directory.
@@ -196,6 +178,33 @@ impl StateStore {
         let cf = self.db.cf_handle(ROWS).expect("opened with this column family");
         let value = self.db.get_cf(cf, key).map_err(|e| self.error(e))?;
         Ok(value.filter(|v| expires_at(v) >= self.clock.load(Ordering::Relaxed)))
+    }
+
+    /// A metadata entry read with `parse` (a JSON document, usually), `None` when absent; a
+    /// value `parse` refuses is [`StateError::Corrupt`], naming the entry.
+    pub fn meta_with<T, E: std::fmt::Display>(
+        &self,
+        key: &str,
+        parse: impl FnOnce(&[u8]) -> Result<T, E>,
+    ) -> Result<Option<T>, StateError> {
+        match self.meta(key)? {
+            Some(bytes) => parse(&bytes).map(Some).map_err(|e| self.corrupt(key, e)),
+            None => Ok(None),
+        }
+    }
+
+    /// A metadata entry holding a JSON document, `None` when absent.
+    pub fn meta_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {
+        self.meta_with(key, |bytes| serde_json::from_slice::<T>(bytes))
+    }
+
+    /// The error for a stored value that does not decode: `what` names it.
+    pub fn corrupt(&self, what: impl std::fmt::Display, reason: impl std::fmt::Display) -> StateError {
+        StateError::Corrupt {
+            path: self.path.clone(),
+            what: what.to_string(),
+            reason: reason.to_string(),
+        }
     }
 
     /// A metadata entry.
@@ -374,5 +383,103 @@ impl Commit<'_> {
     /// Bytes of the write batch (keys, values and their framing).
     pub fn bytes(&self) -> usize {
         self.batch.size_in_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{FRAME_CHUNK, PENDING_CHUNK, chunk_key, chunk_prefix, row_key, set_header};
+
+    fn value(expires: i64, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        set_header(&mut v, expires, 0);
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn a_checkpoint_is_written_at_once_and_read_back_after_reopening() {
+        let dir = tempfile::tempdir().expect("tmp");
+        {
+            let store = StateStore::open(dir.path()).expect("opens");
+            let mut commit = store.commit(0);
+            commit.row(&row_key(b"d\0", b"alice"), Some(&value(100, b"rows")));
+            commit.chunk(
+                &chunk_key(b"d\0", FRAME_CHUNK, b"alice", 2),
+                Some(&value(100, b"two")),
+            );
+            commit.chunk(
+                &chunk_key(b"d\0", FRAME_CHUNK, b"alice", 1),
+                Some(&value(100, b"one")),
+            );
+            commit.chunk(
+                &chunk_key(b"d\0", FRAME_CHUNK, b"alicia", 1),
+                Some(&value(100, b"other")),
+            );
+            commit.meta("progress", Some(br#"{"a":1}"#));
+            assert_eq!(commit.len(), 5);
+            assert!(
+                store.get(&row_key(b"d\0", b"alice")).expect("reads").is_none(),
+                "not yet written"
+            );
+            store.write(commit).expect("writes");
+        }
+        let store = StateStore::open(dir.path()).expect("reopens");
+        assert_eq!(
+            store.get(&row_key(b"d\0", b"alice")).expect("reads"),
+            Some(value(100, b"rows"))
+        );
+        let chunks = store
+            .key_chunks(&chunk_prefix(b"d\0", FRAME_CHUNK, b"alice"))
+            .expect("reads");
+        let bodies: Vec<&[u8]> = chunks.iter().map(|(_, v)| &v[9..]).collect();
+        assert_eq!(bodies, [&b"one"[..], b"two"], "one key's chunks, in id order");
+        assert!(
+            store
+                .key_chunks(&chunk_prefix(b"d\0", PENDING_CHUNK, b"alice"))
+                .expect("reads")
+                .is_empty()
+        );
+        let progress: Option<serde_json::Value> = store.meta_json("progress").expect("parses");
+        assert_eq!(progress, Some(serde_json::json!({"a": 1})));
+        assert!(
+            store
+                .meta_json::<u64>("absent")
+                .expect("absent is fine")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn expired_values_are_not_read_and_unreadable_metadata_is_named() {
+        let store = StateStore::temporary().expect("opens");
+        let mut commit = store.commit(0);
+        commit.row(b"old", Some(&value(10, b"")));
+        commit.row(b"new", Some(&value(30, b"")));
+        commit.meta("clock", Some(b"not json"));
+        store.write(commit).expect("writes");
+        store.advance_clock(20);
+        assert!(store.get(b"old").expect("reads").is_none());
+        assert!(store.get(b"new").expect("reads").is_some());
+        let error = store.meta_json::<u64>("clock").expect_err("corrupt");
+        let text = error.to_string();
+        assert!(text.contains("unreadable clock"), "{text}");
+        assert!(text.contains(&store.path().display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn deletes_in_a_commit_remove_entries() {
+        let store = StateStore::temporary().expect("opens");
+        let mut commit = store.commit(0);
+        commit.row(b"k", Some(&value(i64::MAX, b"x")));
+        commit.meta("m", Some(b"1"));
+        store.write(commit).expect("writes");
+        let mut commit = store.commit(0);
+        commit.row(b"k", None);
+        commit.meta("m", None);
+        store.write(commit).expect("writes");
+        assert!(store.get(b"k").expect("reads").is_none());
+        assert!(store.meta("m").expect("reads").is_none());
     }
 }

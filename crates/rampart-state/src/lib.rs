@@ -1,0 +1,8 @@
+//! Window state on disk: the RocksDB store ([`StateStore`], [`Commit`]) and the byte layout of
+//! the values and keys it holds ([`codec`]). No DataFusion here: what a window keeps is bytes
+//! to this crate; what the bytes mean beyond the layout is the engine's.
+
+pub mod codec;
+mod store;
+
+pub use store::{Commit, Entries, StateError, StateStore};
