@@ -10,10 +10,10 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use rampart_core::Decision;
-use rampart_engine::audit::{self, AuditLog};
-use rampart_engine::compare::Comparison;
-use rampart_engine::replay::{ReplaySink, expand_inputs};
-use rampart_engine::testing::run_tests;
+use rampart_engine::drivers::replay::{ReplaySink, expand_inputs};
+use rampart_engine::drivers::testing::run_tests;
+use rampart_engine::guardrails::audit::{self, AuditLog};
+use rampart_engine::guardrails::compare::Comparison;
 use rampart_engine::{DeadLetter, Evaluator, Pipeline, StateChoice, Summary};
 
 /// Window state is millions of small allocations made and freed on several threads; glibc's
@@ -479,7 +479,9 @@ fn compare(files: &[PathBuf]) -> Result<ExitCode> {
 }
 
 fn audit_verify(path: &Path) -> Result<ExitCode> {
-    match rampart_engine::audit::verify(path).with_context(|| format!("cannot read {}", path.display()))? {
+    match rampart_engine::guardrails::audit::verify(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+    {
         Ok(v) => {
             println!("ok: {} entries, head {}", v.entries, v.head);
             Ok(ExitCode::SUCCESS)
@@ -607,7 +609,7 @@ fn replay(
         },
     };
     let end_of_input = end_of_input || !pipeline.is_persistent();
-    let summary = rampart_engine::replay::replay_with(&pipeline, &files, &mut sink, end_of_input)?;
+    let summary = rampart_engine::drivers::replay::replay_with(&pipeline, &files, &mut sink, end_of_input)?;
     sink.decisions.flush().context("cannot write decisions")?;
     sink.dead_letters.flush().context("cannot write dead letters")?;
     if let Some(log) = &mut sink.audit {

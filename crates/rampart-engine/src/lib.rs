@@ -1,27 +1,26 @@
-//! The pipeline: `pipeline.toml`, mapping and decoding inputs into micro-batches, evaluating
-//! detectors, turning matches into decisions, replay and detector tests.
+//! The pipeline: from raw records to decisions, in the order the data flows.
+//!
+//! - [`input`]: framing inputs into records, mapping records into canonical events, and
+//!   building Arrow micro-batches ([`EventBatch`]) and dead letters.
+//! - [`pipeline`]: `pipeline.toml` ([`PipelineConfig`]), reference tables, and the
+//!   [`Pipeline`] that runs the detectors on each batch, keeps event time and checkpoints.
+//! - [`windows`]: where a windowed detector keeps its rows, per key, and decides them.
+//! - [`decide`]: result rows into [`rampart_core::Decision`]s (reason, evidence, expiry, id),
+//!   and the events behind rows not yet decided.
+//! - [`guardrails`]: what stands between decisions and enforcement: suppression, the
+//!   blast-radius fail-safe, operator revocations, the audit log, shadow-against-enforce.
+//! - [`drivers`]: replay of files and `rampart test` cases.
 
-pub mod audit;
-pub mod compare;
-pub mod config;
 pub mod decide;
-pub mod decode;
-#[cfg(test)]
-mod differential;
-pub mod guard;
-pub mod incremental;
-pub mod keyed;
-pub mod mapping;
-pub mod naive;
+pub mod drivers;
+pub mod guardrails;
+pub mod input;
 pub mod pipeline;
-pub mod replay;
-pub mod tables;
-pub mod testing;
-pub mod triggers;
+pub mod windows;
 
-pub use config::PipelineConfig;
-pub use decode::{DeadLetter, DeadLetterKind, EventBatch};
+pub use drivers::replay::{ReplaySink, Summary, replay};
+pub use input::decode::{DeadLetter, DeadLetterKind, EventBatch};
+pub use pipeline::config::PipelineConfig;
 pub use pipeline::{Evaluator, LoadError, Pipeline, Progress, SourceProgress, StateChoice};
 pub use rampart_sql::{StateKind, Timing};
 pub use rampart_state::{StateError, StateStore};
-pub use replay::{ReplaySink, Summary, replay};

@@ -20,8 +20,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rampart_core::{Decision, Mode};
-use rampart_engine::audit::{self, AuditLog};
-use rampart_engine::decode::Decoded;
+use rampart_engine::guardrails::audit::{self, AuditLog};
+use rampart_engine::input::decode::Decoded;
 use rampart_engine::pipeline::Evaluation;
 use rampart_engine::{DeadLetter, DeadLetterKind, Evaluator, EventBatch, Pipeline, Progress};
 use rdkafka::Message;
@@ -209,8 +209,8 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         .tables()
         .into_iter()
         .filter_map(|t| match t.source {
-            rampart_engine::tables::TableSource::Topic { topic, .. } => Some((t.name, topic)),
-            rampart_engine::tables::TableSource::File(_) => None,
+            rampart_engine::pipeline::tables::TableSource::Topic { topic, .. } => Some((t.name, topic)),
+            rampart_engine::pipeline::tables::TableSource::File(_) => None,
         })
         .collect();
     topics.extend(table_topics.iter().map(|(_, topic)| topic.as_str()));
@@ -317,7 +317,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
 /// The processing loop's state.
 struct Service<'a> {
     pipeline: Arc<Pipeline>,
-    kafka: &'a rampart_engine::config::KafkaConfig,
+    kafka: &'a rampart_engine::pipeline::config::KafkaConfig,
     consumer: BaseConsumer<ConsumerCallbacks>,
     producer: ThreadedProducer<ProducerCallbacks>,
     metrics: Arc<Metrics>,
@@ -337,7 +337,7 @@ struct Service<'a> {
     /// Interned topic names (positions share them).
     topics: BTreeMap<String, Arc<str>>,
     /// Maps messages into event batches (emptied at the end of every round).
-    decoder: rampart_engine::decode::Decoder,
+    decoder: rampart_engine::input::decode::Decoder,
     /// Detectors whose run-time failure was already logged.
     warned_detectors: Vec<String>,
     /// Operators' commands from the HTTP endpoint.
@@ -751,7 +751,7 @@ impl Service<'_> {
                 && decision
                     .tags
                     .iter()
-                    .any(|t| t == rampart_engine::guard::FAIL_SAFE_TAG);
+                    .any(|t| t == rampart_engine::guardrails::guard::FAIL_SAFE_TAG);
             self.decision(decision)?;
         }
         if tripped {

@@ -11,7 +11,7 @@ use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use rampart_core::event::RESERVED_COLUMNS;
 use rampart_core::{ColumnType, Problem};
 
-use crate::mapping::{FieldSpec, JsonPath, Mapping};
+use crate::input::mapping::{FieldSpec, JsonPath, Mapping};
 
 /// The raw file, exactly as written.
 #[derive(Debug, Deserialize)]

@@ -12,7 +12,7 @@ use rampart_core::SourcePosition;
 use rustc_hash::FxHashMap;
 
 use crate::decide::Trigger;
-use crate::decode::EventBatch;
+use crate::input::decode::EventBatch;
 use rampart_state::{Commit, StateError, StateStore};
 
 /// Metadata key prefix of persisted batches.

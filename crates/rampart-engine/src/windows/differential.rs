@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use rampart_core::{Decision, SourcePosition};
 
 use crate::decide::Trigger;
-use crate::decode::Decoded;
+use crate::drivers::replay::replay_collect;
+use crate::input::decode::Decoded;
 use crate::pipeline::{Evaluator, Pipeline, StateChoice};
-use crate::replay::replay_collect;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -439,8 +439,9 @@ fn differential_on_the_real_cloudtrail_logs() {
             }
         }
     };
-    for file in crate::replay::expand_inputs(&[repo().join("data/cloudtrail/stratus-detonation-logs")])
-        .expect("inputs")
+    for file in
+        crate::drivers::replay::expand_inputs(&[repo().join("data/cloudtrail/stratus-detonation-logs")])
+            .expect("inputs")
     {
         decoder.decode_file(&file, &mut emit).expect("decodes");
     }
@@ -607,7 +608,7 @@ fn late_events_are_dead_letters_that_windows_do_not_count() {
     assert_eq!(summary.late_records, 1);
     assert_eq!(out.dead_letters.len(), 1);
     let letter = &out.dead_letters[0];
-    assert_eq!(letter.kind, crate::decode::DeadLetterKind::Late);
+    assert_eq!(letter.kind, crate::input::decode::DeadLetterKind::Late);
     assert!(letter.source.to_string().ends_with(":5"), "{}", letter.source);
     assert!(letter.error.contains("allowed lateness (1m)"), "{}", letter.error);
     let failures: Vec<_> = out

@@ -30,8 +30,8 @@ use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowAggregate, WindowSplit};
 
 use crate::decide::DecisionMaker;
-use crate::incremental::{Due, KeyAgg, KeyChunks, Val, heap};
-use crate::triggers::TriggerStore;
+use crate::decide::triggers::TriggerStore;
+use crate::windows::incremental::{Due, KeyAgg, KeyChunks, Val, heap};
 use rampart_state::codec::{
     FIRED, FIRED_CHUNK, FRAME_CHUNK, INCREMENTAL, PENDING_CHUNK, ROW_HEADER, StoredRow, chunk_key,
     chunk_prefix, expires_at, flags, push_row, row_key, rows_of, set_header, split_chunk_key,
@@ -136,7 +136,7 @@ pub struct KeyedState {
     tags: Vec<u64>,
     /// The detectors (bits) that decide at once.
     at_once: u32,
-    /// Incremental sliding windows: the aggregates (see [`crate::incremental`]).
+    /// Incremental sliding windows: the aggregates (see [`crate::windows::incremental`]).
     aggregates: Option<Vec<WindowAggregate>>,
     /// Incremental sliding windows: every row older than this was decided.
     decided_until: i64,
@@ -1131,7 +1131,7 @@ pub struct DecideContext<'a> {
     /// Where event time stands after the batch.
     pub bounds: Bounds,
     /// The batch being evaluated (`None` at the end of the input).
-    pub events: Option<&'a crate::decode::EventBatch>,
+    pub events: Option<&'a crate::input::decode::EventBatch>,
     /// Decision maker of the pipeline.
     pub decisions: &'a DecisionMaker,
     /// Processing time stamp.

@@ -27,7 +27,7 @@ use rampart_core::time::{format_micros, parse_rfc3339_micros};
 use rampart_core::{Decision, DecisionId, DetectorRef, Mode, Severity, SourcePosition, Verdict};
 use rampart_sql::{BlastRadius, CompiledDetector};
 
-use crate::decode::EventBatch;
+use crate::input::decode::EventBatch;
 
 const MINUTE: i64 = 60_000_000;
 

@@ -1,6 +1,9 @@
 //! A loaded pipeline: its validated config, its event schema, and the detectors that passed the
 //! sandbox and planning. Detectors that were refused are kept as problems; the rest run.
 
+pub mod config;
+pub mod tables;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -12,14 +15,14 @@ use serde::{Deserialize, Serialize};
 use rampart_core::{Decision, EventClock, EventSchema, Idleness, Problem};
 use rampart_sql::{CompiledDetector, DetectorEngine, Shape, StateKind};
 
-use crate::config::PipelineConfig;
 use crate::decide::DecisionMaker;
-use crate::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
-use crate::guard::{Guard, Trip};
-use crate::keyed::{Bounds, DecideContext, Decided, KeyedState};
-use crate::naive::NaiveWindows;
-use crate::tables::{ReferenceTable, TableSource};
-use crate::triggers::TriggerStore;
+use crate::decide::triggers::TriggerStore;
+use crate::guardrails::guard::{Guard, Trip};
+use crate::input::decode::{DeadLetter, DeadLetterKind, Decoder, EventBatch};
+use crate::pipeline::config::PipelineConfig;
+use crate::pipeline::tables::{ReferenceTable, TableSource};
+use crate::windows::keyed::{Bounds, DecideContext, Decided, KeyedState};
+use crate::windows::naive::NaiveWindows;
 use rampart_state::{StateError, StateStore};
 
 /// Errors that stop a pipeline from loading at all.
@@ -57,10 +60,10 @@ pub enum StateChoice {
 /// Which window evaluator runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Evaluator {
-    /// Keyed state in RocksDB, each row decided over its key's frame ([`crate::keyed`]).
+    /// Keyed state in RocksDB, each row decided over its key's frame ([`crate::windows::keyed`]).
     #[default]
     Keyed,
-    /// Re-runs every window over all kept rows each batch ([`crate::naive`]; benchmarks).
+    /// Re-runs every window over all kept rows each batch ([`crate::windows::naive`]; benchmarks).
     Naive,
 }
 
@@ -246,7 +249,7 @@ impl Pipeline {
         let engine = DetectorEngine::new(&schema)?;
         let mut detectors: Vec<CompiledDetector> = Vec::new();
         let mut problems = Vec::new();
-        let tables = crate::tables::register(&engine, dir, &config, &mut problems);
+        let tables = crate::pipeline::tables::register(&engine, dir, &config, &mut problems);
         for path in detector_files(&dir.join("detectors"), &mut problems) {
             let text = match std::fs::read_to_string(&path) {
                 Ok(t) => t,
@@ -455,7 +458,7 @@ impl Pipeline {
         }
     }
 
-    /// Whether decisions pass through the guard ([`crate::guard`]: repeat suppression and the
+    /// Whether decisions pass through the guard ([`crate::guardrails::guard`]: repeat suppression and the
     /// blast-radius fail-safe), as they do by default. Off, every detector match becomes a
     /// decision: detector tests and the equivalence harness judge the detectors themselves.
     pub fn set_guarded(&self, guarded: bool) {
@@ -1155,7 +1158,7 @@ fn detector_files(dir: &Path, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replay::replay_collect;
+    use crate::drivers::replay::replay_collect;
 
     fn repo() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -1184,8 +1187,8 @@ mod tests {
         let pipeline = Pipeline::load(&repo().join("pipelines/cloudtrail")).expect("loads");
         let mut decoder = pipeline.decoder();
         let mut records: Vec<(i64, String)> = Vec::new();
-        let mut emit = |d: crate::decode::Decoded| {
-            if let crate::decode::Decoded::Batch(b) = d {
+        let mut emit = |d: crate::input::decode::Decoded| {
+            if let crate::input::decode::Decoded::Batch(b) = d {
                 for i in 0..b.batch.num_rows() {
                     let value: serde_json::Value = serde_json::from_str(b.raw(i)).expect("raw is JSON");
                     records.push((b.event_time(i), value.to_string()));
@@ -1193,7 +1196,7 @@ mod tests {
             }
         };
         let logs = repo().join("data/cloudtrail/stratus-detonation-logs");
-        for file in crate::replay::expand_inputs(&[logs]).expect("inputs") {
+        for file in crate::drivers::replay::expand_inputs(&[logs]).expect("inputs") {
             decoder.decode_file(&file, &mut emit).expect("decodes");
         }
         decoder.flush(&mut emit);

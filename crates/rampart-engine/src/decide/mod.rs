@@ -1,5 +1,7 @@
 //! From a detector's result rows to decisions: reason, evidence, expiry, deterministic id.
 
+pub mod triggers;
+
 use std::time::Duration;
 
 use datafusion::arrow::array::{Array, UInt64Array};
@@ -13,7 +15,7 @@ use rampart_core::time::format_micros;
 use rampart_core::{Decision, DecisionId, DetectorRef, SourcePosition, Verdict};
 use rampart_sql::CompiledDetector;
 
-use crate::decode::EventBatch;
+use crate::input::decode::EventBatch;
 
 /// The event that made a detector fire: what a decision says about it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

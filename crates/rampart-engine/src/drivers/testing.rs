@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use rampart_core::{Decision, Problem, Verdict};
 
-use crate::decode::Decoded;
+use crate::input::decode::Decoded;
 use crate::pipeline::Pipeline;
 
 #[derive(Debug, Deserialize)]

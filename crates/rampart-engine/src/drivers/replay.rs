@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rampart_core::{Decision, Mode, SourcePosition, Verdict};
 
-use crate::decode::{DeadLetter, Decoded};
+use crate::input::decode::{DeadLetter, Decoded};
 use crate::pipeline::{Evaluation, Pipeline, Progress};
 use rampart_state::StateError;
 
@@ -147,7 +147,7 @@ impl HeavyHitters {
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, ReplayError> {
     let mut files = Vec::new();
     for input in inputs {
-        if input.as_os_str() == crate::decode::STDIN {
+        if input.as_os_str() == crate::input::decode::STDIN {
             files.push(input.clone());
             continue;
         }
@@ -418,7 +418,9 @@ fn record(
     }
     for d in &evaluation.decisions {
         if d.verdict == rampart_core::Verdict::Alert
-            && d.tags.iter().any(|t| t == crate::guard::FAIL_SAFE_TAG)
+            && d.tags
+                .iter()
+                .any(|t| t == crate::guardrails::guard::FAIL_SAFE_TAG)
         {
             summary
                 .fail_safe

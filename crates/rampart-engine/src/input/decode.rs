@@ -18,8 +18,8 @@ use serde_json::value::RawValue;
 
 use rampart_core::{ColumnType, EventSchema, SourcePosition};
 
-use crate::config::InputFormat;
-use crate::mapping::{ExtraValue, Extractor, MappedEvent, Mapping};
+use crate::input::mapping::{ExtraValue, Extractor, MappedEvent, Mapping};
+use crate::pipeline::config::InputFormat;
 
 /// The input name that means standard input.
 pub const STDIN: &str = "-";
@@ -698,7 +698,7 @@ impl BatchBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::{FieldSpec, JsonPath};
+    use crate::input::mapping::{FieldSpec, JsonPath};
 
     fn decoder(format: InputFormat, max: usize) -> Decoder {
         let spec = |p: &str| FieldSpec {

@@ -1,7 +1,7 @@
 //! The naive window evaluator, kept as the baseline benchmarks compare with: it keeps every
 //! row a sliding-window detector's filters pass (all keys together, in memory) and re-runs the
 //! window part of the query over all of them on every batch that brings rows, deciding the rows
-//! that became final. Same answers as [`crate::keyed`] for input in event-time order; cost
+//! that became final. Same answers as [`crate::windows::keyed`] for input in event-time order; cost
 //! grows with the rows kept. Grouped windows are not supported here.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -13,7 +13,7 @@ use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, WindowSplit};
 
 use crate::decide::{DecisionMaker, Trigger};
-use crate::decode::EventBatch;
+use crate::input::decode::EventBatch;
 
 /// Rows kept per detector, the events behind them, and the newest time seen.
 #[derive(Default)]

@@ -17,7 +17,7 @@ use rampart_core::{ColumnType, Problem};
 use rampart_sql::DetectorEngine;
 use rampart_sql::events_table::BatchSlot;
 
-use crate::config::PipelineConfig;
+use crate::pipeline::config::PipelineConfig;
 
 /// Where a reference table's rows come from.
 #[derive(Debug, Clone)]
@@ -215,8 +215,8 @@ mod tests {
     use datafusion::arrow::record_batch::RecordBatch;
     use datafusion::parquet::arrow::ArrowWriter;
 
+    use crate::drivers::replay::replay_collect;
     use crate::pipeline::Pipeline;
-    use crate::replay::replay_collect;
 
     /// A pipeline whose detector joins a JSON-lines table and a Parquet table.
     #[test]
