@@ -224,7 +224,7 @@ impl EventClock {
                 {
                     return *i;
                 }
-                let i = self.index_of(&kafka_source(topic, *partition));
+                let i = self.index_of(&crate::position::kafka_source(topic, *partition));
                 self.last_lookup = Some((std::sync::Arc::clone(topic), *partition, i));
                 i
             }
@@ -307,14 +307,10 @@ impl EventClock {
     }
 }
 
-/// The name of a Kafka partition as a source (the same as its input progress key).
-pub fn kafka_source(topic: &str, partition: i32) -> String {
-    format!("kafka:{topic}/{partition}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::position::kafka_source;
     use std::sync::Arc;
 
     const MIN: i64 = 60_000_000;

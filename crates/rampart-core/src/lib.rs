@@ -11,5 +11,5 @@ pub mod time;
 pub use clock::{EventClock, Idleness};
 pub use decision::{Decision, DecisionId, DetectorRef, Mode, Severity, Verdict};
 pub use event::{ColumnType, EventSchema};
-pub use position::SourcePosition;
+pub use position::{SourcePosition, kafka_source, parse_kafka_source};
 pub use problem::Problem;

@@ -195,10 +195,10 @@ impl ClientContext for ConsumerCallbacks {
                     p.hi_offset
                 };
                 if end >= 0 && position >= 0 {
-                    self.behind.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                        rampart_core::clock::kafka_source(topic, *partition),
-                        end > position,
-                    );
+                    self.behind
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(rampart_core::kafka_source(topic, *partition), end > position);
                 }
             }
         }

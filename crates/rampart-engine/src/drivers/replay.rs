@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use rampart_core::{Decision, Mode, SourcePosition, Verdict};
+use rampart_core::{Decision, Mode, Verdict};
 
-use crate::input::decode::{DeadLetter, Decoded};
-use crate::pipeline::{Evaluation, Pipeline, Progress};
+use crate::input::decode::{DeadLetter, DeadLetterKind, Decoded};
+use crate::pipeline::{DetectorFailure, Output, Pipeline};
 use rampart_state::StateError;
 
 /// Where replay output goes.
@@ -275,9 +275,9 @@ fn named<'scope, 'env, T: Send + 'scope>(
 }
 
 /// Takes decoded chunks as the decoding threads finish them and processes them in input order.
-/// With a persistent state, what it had consumed is skipped, checkpoints are written as the
-/// replay goes and at the end, and (unless `end_of_input`) rows waiting for the watermark stay
-/// waiting for the next run.
+/// With a persistent state, what it had consumed is skipped ([`Pipeline::admit`]), checkpoints
+/// are written as the replay goes and at the end, and (unless `end_of_input`) rows waiting for
+/// the watermark stay waiting for the next run.
 fn consume_in_order(
     pipeline: &Pipeline,
     rx: &mpsc::Receiver<(u64, Vec<Decoded>)>,
@@ -287,99 +287,51 @@ fn consume_in_order(
 ) -> Result<(), ReplayError> {
     let mut pending: BTreeMap<u64, Vec<Decoded>> = BTreeMap::new();
     let mut next_seq = 0;
-    let mut input = InputProgress {
-        next_row: pipeline.next_row(),
-        skip: pipeline.progress(),
-        done: pipeline.progress(),
-    };
+    let mut out = Recorder { sink, summary };
     for (seq, items) in rx {
         pending.insert(seq, items);
         while let Some(items) = pending.remove(&next_seq) {
             next_seq += 1;
             for item in items {
-                consume(pipeline, item, &mut input, sink, summary)?;
+                consume(pipeline, item, &mut out)?;
             }
         }
     }
     if !pipeline.is_persistent() {
-        return record(pipeline.finish(), sink, summary);
+        return pipeline.finish().emit(&mut out);
     }
     if end_of_input {
-        record(pipeline.decide_waiting(), sink, summary)?;
+        pipeline.decide_waiting().emit(&mut out)?;
     }
-    pipeline.checkpoint(&input.done).map_err(ReplayError::State)
+    pipeline.checkpoint().map_err(ReplayError::State)
 }
 
-/// Where a replay is in its inputs.
-struct InputProgress {
-    next_row: u64,
-    /// Still to skip per file (consumed by an earlier run).
-    skip: Progress,
-    /// Consumed per file, earlier runs included.
-    done: Progress,
-}
-
-fn file_of(position: &SourcePosition) -> &str {
-    match position {
-        SourcePosition::File { file, .. } => file,
-        SourcePosition::Kafka { topic, .. } => topic,
-    }
-}
-
-fn consume(
-    pipeline: &Pipeline,
-    item: Decoded,
-    input: &mut InputProgress,
-    sink: &mut dyn ReplaySink,
-    summary: &mut Summary,
-) -> Result<(), ReplayError> {
+fn consume(pipeline: &Pipeline, item: Decoded, out: &mut Recorder<'_>) -> Result<(), ReplayError> {
     match item {
         Decoded::Progress(bytes) => {
-            summary.bytes += bytes;
-            sink.progress(bytes);
+            out.summary.bytes += bytes;
+            out.sink.progress(bytes);
         }
         Decoded::DeadLetter(letter) => {
-            let file = file_of(&letter.source);
-            if let Some(skip) = input.skip.get_mut(file).filter(|s| s.dead_letters > 0) {
-                skip.dead_letters -= 1;
-                summary.resumed_after += 1;
+            if !pipeline.admit_dead_letter(&letter) {
+                out.summary.resumed_after += 1;
                 return Ok(());
             }
-            input.done.entry(file.to_string()).or_default().dead_letters += 1;
-            summary.bad_records += 1;
-            sink.dead_letter(&letter).map_err(ReplayError::Output)?;
+            out.summary.bad_records += 1;
+            out.sink.dead_letter(&letter).map_err(ReplayError::Output)?;
         }
         Decoded::Lines(_) => unreachable!("decoding threads decode every chunk"),
-        Decoded::Batch(mut events) => {
-            let keep: Vec<bool> = events
-                .positions
-                .iter()
-                .map(|p| {
-                    let file = file_of(p);
-                    match input.skip.get_mut(file).filter(|s| s.events > 0) {
-                        Some(skip) => {
-                            skip.events -= 1;
-                            false
-                        }
-                        None => {
-                            input.done.entry(file.to_string()).or_default().events += 1;
-                            true
-                        }
-                    }
-                })
-                .collect();
-            let skipped = keep.iter().filter(|k| !**k).count();
-            if skipped > 0 {
-                summary.resumed_after += skipped as u64;
-                events = events.retain(&keep);
-                if events.batch.num_rows() == 0 {
-                    return Ok(());
-                }
-            }
-            events.renumber(input.next_row);
-            input.next_row += events.batch.num_rows() as u64;
-            summary.events += events.batch.num_rows() as u64;
-            for i in 0..events.batch.num_rows() {
+        Decoded::Batch(events) => {
+            let decoded = events.batch.num_rows();
+            let Some(events) = pipeline.admit(events) else {
+                out.summary.resumed_after += decoded as u64;
+                return Ok(());
+            };
+            let summary = &mut *out.summary;
+            let n = events.batch.num_rows();
+            summary.resumed_after += (decoded - n) as u64;
+            summary.events += n as u64;
+            for i in 0..n {
                 let t = events.event_time(i);
                 summary.time_range = Some(match summary.time_range {
                     None => (t, t),
@@ -387,45 +339,26 @@ fn consume(
                 });
                 summary.actor_events.add(events.actor(i));
             }
-            record(pipeline.evaluate(&events), sink, summary)?;
+            pipeline.evaluate(&events).emit(out)?;
             if pipeline.wants_checkpoint() {
-                pipeline.checkpoint(&input.done).map_err(ReplayError::State)?;
+                pipeline.checkpoint().map_err(ReplayError::State)?;
             }
         }
     }
     Ok(())
 }
 
-/// Counts and writes what one evaluation produced.
-fn record(
-    evaluation: Evaluation,
-    sink: &mut dyn ReplaySink,
-    summary: &mut Summary,
-) -> Result<(), ReplayError> {
-    for (detector, error) in evaluation.errors {
-        let n = summary.detector_errors.entry(detector.clone()).or_default();
-        if *n == 0 {
-            tracing::warn!(detector = %detector, %error, "detector failed on a batch; it keeps running on later batches");
-        }
-        *n += 1;
-    }
-    for (detector, n) in evaluation.suppressed {
-        *summary.suppressed.entry(detector).or_default() += n;
-    }
-    for letter in &evaluation.late {
-        summary.late_records += 1;
-        sink.dead_letter(letter).map_err(ReplayError::Output)?;
-    }
-    for d in &evaluation.decisions {
-        if d.verdict == rampart_core::Verdict::Alert
-            && d.tags
-                .iter()
-                .any(|t| t == crate::guardrails::guard::FAIL_SAFE_TAG)
-        {
-            summary
-                .fail_safe
-                .push((d.detector.id.clone(), d.event_time.clone(), d.reason.clone()));
-        }
+/// Replay's output: counts what goes by in the summary and writes it to the sink.
+struct Recorder<'a> {
+    sink: &'a mut dyn ReplaySink,
+    summary: &'a mut Summary,
+}
+
+impl Output for Recorder<'_> {
+    type Error = ReplayError;
+
+    fn decision(&mut self, d: &Decision) -> Result<(), ReplayError> {
+        let summary = &mut *self.summary;
         *summary
             .decisions
             .entry((d.detector.id.clone(), d.verdict, d.mode))
@@ -435,9 +368,41 @@ fn record(
             .timeline
             .entry(d.event_time.get(..13).unwrap_or_default().to_string())
             .or_default() += 1;
-        sink.decision(d).map_err(ReplayError::Output)?;
+        self.sink.decision(d).map_err(ReplayError::Output)
     }
-    Ok(())
+
+    fn dead_letter(&mut self, letter: &DeadLetter) -> Result<(), ReplayError> {
+        // (Malformed records are counted where they are admitted.)
+        if letter.kind == DeadLetterKind::Late {
+            self.summary.late_records += 1;
+        }
+        self.sink.dead_letter(letter).map_err(ReplayError::Output)
+    }
+
+    fn detector_failed(&mut self, failure: &DetectorFailure) -> Result<(), ReplayError> {
+        let n = self
+            .summary
+            .detector_errors
+            .entry(failure.detector.clone())
+            .or_default();
+        if *n == 0 {
+            tracing::warn!(detector = %failure.detector, error = %failure.error, "detector failed on a batch; it keeps running on later batches");
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    fn fail_safe_tripped(&mut self, alert: &Decision) {
+        self.summary.fail_safe.push((
+            alert.detector.id.clone(),
+            alert.event_time.clone(),
+            alert.reason.clone(),
+        ));
+    }
+
+    fn suppressed(&mut self, detector: &str, repeats: u64) {
+        *self.summary.suppressed.entry(detector.to_string()).or_default() += repeats;
+    }
 }
 
 /// Convenience for tests and tools: replay and collect everything in memory.

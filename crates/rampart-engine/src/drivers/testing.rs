@@ -16,8 +16,8 @@ use serde::Deserialize;
 
 use rampart_core::{Decision, Problem, Verdict};
 
-use crate::input::decode::Decoded;
-use crate::pipeline::Pipeline;
+use crate::input::decode::{DeadLetter, Decoded};
+use crate::pipeline::{DetectorFailure, Output, Pipeline};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,20 +249,43 @@ fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec
             letter.error
         ));
     }
-    let mut decisions = Vec::new();
     pipeline.reset();
     pipeline.set_guarded(case.published);
-    let evaluations = batches
-        .iter()
-        .map(|b| pipeline.evaluate(b))
-        .chain(std::iter::once_with(|| pipeline.finish()));
-    for eval in evaluations {
-        if let Some((id, err)) = eval.errors.first() {
-            pipeline.reset();
-            return Err(format!("detector `{id}` failed: {err}"));
-        }
-        decisions.extend(eval.decisions);
-    }
+    let mut out = Collector::default();
+    let result = batches
+        .into_iter()
+        .try_for_each(|b| pipeline.ingest(b, &mut out).map(drop))
+        .and_then(|()| pipeline.finish().emit(&mut out));
     pipeline.set_guarded(true);
-    Ok(decisions)
+    if let Err(failure) = result {
+        pipeline.reset();
+        return Err(format!(
+            "detector `{}` failed: {}",
+            failure.detector, failure.error
+        ));
+    }
+    Ok(out.decisions)
+}
+
+/// A test case's output: its decisions; the first detector failure fails the case.
+#[derive(Default)]
+struct Collector {
+    decisions: Vec<Decision>,
+}
+
+impl Output for Collector {
+    type Error = DetectorFailure;
+
+    fn decision(&mut self, decision: &Decision) -> Result<(), DetectorFailure> {
+        self.decisions.push(decision.clone());
+        Ok(())
+    }
+
+    fn dead_letter(&mut self, _letter: &DeadLetter) -> Result<(), DetectorFailure> {
+        Ok(())
+    }
+
+    fn detector_failed(&mut self, failure: &DetectorFailure) -> Result<(), DetectorFailure> {
+        Err(failure.clone())
+    }
 }

@@ -808,9 +808,7 @@ fn partitions_read_one_after_the_other_decide_what_the_interleaved_stream_does()
         )
         .expect("loads");
         pipeline.set_guarded(false);
-        let names: Vec<String> = (0..4)
-            .map(|p| rampart_core::clock::kafka_source("events", p))
-            .collect();
+        let names: Vec<String> = (0..4).map(|p| rampart_core::kafka_source("events", p)).collect();
         pipeline.track_sources(&names);
         let mut events = decode(&pipeline);
         if by_partition {
@@ -818,11 +816,10 @@ fn partitions_read_one_after_the_other_decide_what_the_interleaved_stream_does()
         }
         let mut decisions = Vec::new();
         let mut late = 0;
-        let mut next_row = pipeline.next_row();
         for chunk in events.chunks(50) {
-            let mut batch = concat(chunk.iter().map(|(_, e)| e));
-            batch.renumber(next_row);
-            next_row += batch.batch.num_rows() as u64;
+            let batch = pipeline
+                .admit(concat(chunk.iter().map(|(_, e)| e)))
+                .expect("every event is new");
             let out = pipeline.evaluate(&batch);
             late += out.late.len();
             decisions.extend(out.decisions);

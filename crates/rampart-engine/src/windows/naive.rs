@@ -14,6 +14,7 @@ use rampart_sql::{CompiledDetector, DetectorEngine, WindowSplit};
 
 use crate::decide::{DecisionMaker, Trigger};
 use crate::input::decode::EventBatch;
+use crate::pipeline::DetectorFailure;
 
 /// Rows kept per detector, the events behind them, and the newest time seen.
 #[derive(Default)]
@@ -37,7 +38,7 @@ impl NaiveWindows {
         reach: i64,
         processed_at: &str,
         decided: &mut Vec<(u64, Decision)>,
-        errors: &mut Vec<(String, String)>,
+        failures: &mut Vec<DetectorFailure>,
     ) {
         self.kept.resize_with(windows.len(), VecDeque::new);
         self.dirty.resize(windows.len(), false);
@@ -62,7 +63,10 @@ impl NaiveWindows {
                             self.dirty[k] |= rows.iter().any(|b| b.num_rows() > 0);
                             self.kept[k].extend(rows);
                         }
-                        Err(err) => errors.push((detector.meta.id.clone(), err.to_string())),
+                        Err(err) => failures.push(DetectorFailure {
+                            detector: detector.meta.id.clone(),
+                            error: err.to_string(),
+                        }),
                     }
                 }
                 let newest = column::<TimestampMicrosecondArray>(&e.batch, 0).and_then(max);
@@ -87,7 +91,10 @@ impl NaiveWindows {
             let results = match engine.run_post(split, self.kept[k].make_contiguous()) {
                 Ok(r) => r,
                 Err(err) => {
-                    errors.push((detector.meta.id.clone(), err.to_string()));
+                    failures.push(DetectorFailure {
+                        detector: detector.meta.id.clone(),
+                        error: err.to_string(),
+                    });
                     continue;
                 }
             };

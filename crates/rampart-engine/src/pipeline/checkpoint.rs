@@ -1,0 +1,187 @@
+//! Checkpoints of the window state: when one is due, and what it writes (the windows' changed
+//! keys, the rows still waiting, the clock, the guard and the input it holds) in one atomic
+//! write to the state store.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use rampart_state::{StateError, StateStore};
+
+use super::event_time::bounds_of;
+use super::{Input, Pipeline};
+
+/// The clock and row numbering, as persisted.
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredClock {
+    /// Newest event time of any source.
+    pub(super) newest: i64,
+    pub(super) next_row: u64,
+    /// Every window row older than this was decided: the watermark.
+    #[serde(default = "no_time")]
+    pub(super) decided_until: i64,
+    /// Each source's newest event time, by name (a Kafka partition's is its progress key).
+    #[serde(default)]
+    pub(super) sources: BTreeMap<String, i64>,
+}
+
+fn no_time() -> i64 {
+    i64::MIN
+}
+
+/// Window state figures (see [`Pipeline::state_stats`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StateStats {
+    /// Keys held in memory.
+    pub cached_keys: usize,
+    /// Approximate bytes of those keys.
+    pub cached_bytes: usize,
+    /// Sliding-window rows waiting for later events.
+    pub waiting_rows: usize,
+    /// Bytes of the state directory on disk.
+    pub disk_bytes: u64,
+}
+
+impl Pipeline {
+    /// Whether enough has changed since the last checkpoint that one should be written (the
+    /// caller knows the input progress to write with it).
+    pub fn wants_checkpoint(&self) -> bool {
+        let windows = self.lock();
+        let cached: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
+        let unsaved: usize = windows.keyed.iter().map(|w| w.state.unsaved_bytes()).sum();
+        // Past the budget; or, when the keys in use alone exceed it (eviction kept them), past
+        // those by an eighth of the budget, so that a large working set is not written and
+        // evicted after every batch. Or when the checkpoint's write batch, built in memory and
+        // then copied whole into a memtable, would pass an eighth of the budget (at 1M new
+        // actors a checkpoint forced by the cache alone wrote about 50 MB; more frequent ones
+        // cost a dense workload, whose hot keys write a chunk each time, some throughput).
+        let budget = self.config.state_cache_bytes;
+        windows.since_checkpoint >= 1 << 18
+            || unsaved > budget / 8
+            || cached > budget.max(windows.in_use + budget / 8)
+    }
+
+    /// Writes the window state changed since the last checkpoint, the rows still waiting, the
+    /// clock and the input it holds in one atomic write, then trims the in-memory cache.
+    pub fn checkpoint(&self) -> Result<(), StateError> {
+        let guard = self.guard_snapshot();
+        self.checkpoint_with(&self.input_for_checkpoint(), guard)
+    }
+
+    /// [`Self::checkpoint`] of `input` ([`Self::input_for_checkpoint`]) with the guard state
+    /// taken earlier by [`Self::guard_snapshot`], both from when the checkpoint began.
+    pub fn checkpoint_with(&self, input: &Input, guard: Vec<u8>) -> Result<(), StateError> {
+        let mut windows = self.lock();
+        let windows = &mut *windows;
+        windows.since_checkpoint = 0;
+        let Some(store) = &windows.store else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        // The windows' estimate, an eighth more for what it leaves out (deletions, expired
+        // keys), and the metadata as large as last time.
+        let unsaved: usize = windows.keyed.iter().map(|w| w.state.unsaved_bytes()).sum();
+        let mut commit = store.commit(unsaved + unsaved / 8 + windows.meta_bytes);
+        let bounds = bounds_of(&windows.clock);
+        for keyed in &mut windows.keyed {
+            keyed.state.checkpoint(bounds, &mut commit);
+        }
+        let encoded = started.elapsed();
+        let window_bytes = commit.bytes();
+        let clock = StoredClock {
+            newest: windows.clock.newest(),
+            next_row: input.next_row,
+            // Every batch decides the rows older than the watermark.
+            decided_until: windows.clock.watermark(),
+            sources: windows
+                .clock
+                .sources()
+                .iter()
+                .filter(|s| s.newest > i64::MIN)
+                .map(|s| (s.name.clone(), s.newest))
+                .collect(),
+        };
+        commit.meta(
+            "clock",
+            Some(&serde_json::to_vec(&clock).expect("clock serialises")),
+        );
+        commit.meta("guard", Some(&guard));
+        windows.triggers.save(&mut commit);
+        if self.is_persistent() {
+            commit.meta(
+                "progress",
+                Some(&serde_json::to_vec(&input.progress).expect("progress serialises")),
+            );
+        }
+        let rows = commit.len();
+        let bytes = commit.bytes();
+        windows.meta_bytes = bytes - window_bytes;
+        let before_write = started.elapsed();
+        store.write(commit)?;
+        tracing::debug!(
+            rows,
+            bytes,
+            window_bytes,
+            encode_ms = encoded.as_millis() as u64,
+            meta_ms = (before_write - encoded).as_millis() as u64,
+            write_ms = (started.elapsed() - before_write).as_millis() as u64,
+            "checkpoint"
+        );
+        // Only now: a key read back for a row decided in this batch must not look expired.
+        store.advance_clock(bounds.expiry_now());
+        // One budget for all window states: nothing is evicted while the total fits, and past
+        // it each state gives up its share of the excess (busy states keep more).
+        let budget = self.config.state_cache_bytes;
+        let total: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
+        windows.in_use = 0;
+        if total > budget {
+            for keyed in &mut windows.keyed {
+                let share = (keyed.state.cache_bytes() as u128 * budget as u128 / total as u128) as usize;
+                keyed.state.evict(share);
+            }
+            windows.in_use = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
+            if windows.in_use > budget && !windows.warned_in_use {
+                windows.warned_in_use = true;
+                tracing::warn!(
+                    in_use_mib = windows.in_use >> 20,
+                    cache_mib = budget >> 20,
+                    "the window keys the latest batches used take more memory than [state] cache_mb: \
+                     they stay in memory (evicting them would read them back at once); raise cache_mb \
+                     to match"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The windowed detectors that share one window state (same rows, key, aggregates and
+    /// frames; they differ above the window), by id, one list per shared state.
+    pub fn shared_window_states(&self) -> Vec<Vec<String>> {
+        let windowed = &self.detectors[self.per_event..];
+        self.lock()
+            .keyed
+            .iter()
+            .filter(|w| w.members.len() > 1)
+            .map(|w| w.members.iter().map(|&i| windowed[i].meta.id.clone()).collect())
+            .collect()
+    }
+
+    /// Window state figures: keys cached in memory, their bytes, rows waiting, bytes on disk.
+    pub fn state_stats(&self) -> StateStats {
+        let windows = self.lock();
+        StateStats {
+            cached_keys: windows.keyed.iter().map(|w| w.state.cached_keys()).sum(),
+            cached_bytes: windows.keyed.iter().map(|w| w.state.cache_bytes()).sum(),
+            waiting_rows: windows.keyed.iter().map(|w| w.state.waiting()).sum(),
+            disk_bytes: windows.store.as_ref().map_or(0, StateStore::size_on_disk),
+        }
+    }
+
+    /// Flushes and compacts the state store (so its size on disk is the steady state).
+    pub fn compact_state(&self) -> Result<(), StateError> {
+        match &self.lock().store {
+            Some(store) => store.compact(),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! Incremental sliding-window aggregates of one key: the rows of its frames (event time and
+//! the aggregates' arguments only), and one accumulator per aggregate that rows enter (when a
+//! decided row's time reaches them) and leave (when they fall out of its frame), in time order.
+//!
+//! The accumulators follow DataFusion's sliding window accumulators, so the values equal the
+//! batch query's: counts and distinct counts exactly, integer sums with the same wrapping,
+//! min/max by a monotonic queue, averages as `sum / count` in `f64` (DataFusion too adds rows
+//! entering the frame before removing those leaving it).
+
+//!
+//! [`accumulators`] holds the values and accumulators; [`stored`] how a key's frames are
+//! written to and read from the state store.
+
+mod accumulators;
+mod stored;
+
+use std::collections::VecDeque;
+
+use rampart_sql::WindowAggregate;
+
+use accumulators::Acc;
+pub use accumulators::{Val, heap};
+
+/// One frame chunk entry: the row's time, its order among rows of equal time in the chunk, and
+/// its arguments ([`KeyAgg::load`] reads them back).
+pub(super) fn push_frame_entry<'a>(
+    out: &mut Vec<u8>,
+    time: i64,
+    ord: u64,
+    args: impl Iterator<Item = &'a Val>,
+) {
+    out.extend_from_slice(&time.to_le_bytes());
+    out.extend_from_slice(&ord.to_le_bytes());
+    for v in args {
+        v.encode(out);
+    }
+}
+
+/// Makes room in a list that is usually short (most keys hold a row or two): its first
+/// allocation holds one element rather than the four a first push reserves.
+pub(super) fn reserve_small<T>(list: &mut Vec<T>) {
+    if list.capacity() == 0 {
+        list.reserve_exact(1);
+    }
+}
+
+pub(super) fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if input.len() < n {
+        return None;
+    }
+    let (head, rest) = input.split_at(n);
+    *input = rest;
+    Some(head)
+}
+
+/// Frame chunks a key keeps before they are rewritten as one (bounds the reads of a key
+/// coming back from disk, and each row is rewritten about once per this many saves).
+pub(super) const MAX_FRAME_CHUNKS: usize = 32;
+
+/// A key's chunks as read from the store: (id, value) of each kind, in id order.
+#[derive(Debug, Default)]
+pub struct KeyChunks {
+    /// Frame chunks.
+    pub frame: Vec<(u64, Vec<u8>)>,
+    /// Pending chunks.
+    pub pending: Vec<(u64, Vec<u8>)>,
+    /// Chunks of rows that fired at once.
+    pub fired: Vec<(u64, Vec<u8>)>,
+}
+
+/// A row not decided yet.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    /// Event time (µs).
+    pub time: i64,
+    /// Row id.
+    pub row: u64,
+    /// The row's `pre` columns (Arrow row format).
+    pub bytes: Box<[u8]>,
+    /// The detectors of the state (bit `i`: the `i`-th) whose answer for this row is known:
+    /// they fired on it at once, or did not fire on its exact values.
+    pub settled: u32,
+    /// The detectors that fired on it at once.
+    pub fired: u32,
+    /// Its window values were computed over its frames, and no row arrived into them since.
+    pub evaluated: bool,
+    /// Those values, kept for detectors that decide at the watermark.
+    pub values: Option<Box<[Val]>>,
+}
+
+/// A row to run detectors' conditions on (see [`KeyAgg::decide`]).
+#[derive(Debug)]
+pub struct Due {
+    /// Event time (µs).
+    pub time: i64,
+    /// Row id.
+    pub row: u64,
+    /// Its window values.
+    pub values: Vec<Val>,
+    /// Its `pre` columns.
+    pub bytes: Box<[u8]>,
+    /// The detectors to run on it (bits).
+    pub members: u32,
+    /// Decided for good (the watermark passed it): it leaves the key.
+    pub last: bool,
+}
+
+/// A key's frame rows and accumulators. Rows are in event-time order and numbered by a
+/// sequence (`front` is the number of `times[0]`); rows numbered below `added` are in the
+/// accumulators, whose frames end at `frame_end`, and aggregate `i`'s frame starts at row
+/// `starts[i]`. A row that arrives at or before the newest evaluated time (a straggler within
+/// the allowed lateness) makes the rows whose frames it enters be evaluated again, and, at or
+/// before `frame_end`, empties the accumulators first.
+///
+/// On disk a key is the chunks of rows it got between two checkpoints, each written once:
+/// frame chunks (time and arguments) and pending chunks (the `pre` columns of rows not decided
+/// yet). Everything else follows from the rows and the time up to which rows are decided (see
+/// [`KeyAgg::load`]), so a checkpoint writes what arrived, not what the key holds.
+#[derive(Debug, Clone)]
+pub struct KeyAgg {
+    times: VecDeque<i64>,
+    /// One value per row and aggregate (row-major).
+    args: VecDeque<Val>,
+    front: u64,
+    added: u64,
+    starts: Vec<u64>,
+    accs: Vec<Acc>,
+    /// The type each aggregate's argument had (Null for count(*)); decides the result kind.
+    kinds: Vec<Val>,
+    /// Rows not decided yet, by (time, row id).
+    pub pending: Vec<Waiting>,
+    /// The time the accumulators' frames end at (`i64::MIN`: they hold no row).
+    frame_end: i64,
+    /// The newest time a row was evaluated at: a row arriving at or before it may be in the
+    /// frames of rows already evaluated (even after the accumulators were emptied).
+    evaluated_to: i64,
+    /// Fired at once since the last save: (time, row id, detector tag).
+    fired_log: Vec<(i64, u64, u64)>,
+    /// Saved chunks of fired rows: (id, newest event time in it).
+    fired_chunks: Vec<(u64, i64)>,
+    /// Rows that arrived since the last save: (time, row id).
+    fresh: Vec<(i64, u64)>,
+    /// Saved chunks: (id, newest event time in it).
+    frame_chunks: Vec<(u64, i64)>,
+    pending_chunks: Vec<(u64, i64)>,
+    next_chunk: u64,
+}
+
+impl KeyAgg {
+    /// An empty key.
+    pub fn new(aggregates: &[WindowAggregate]) -> Self {
+        Self {
+            times: VecDeque::new(),
+            args: VecDeque::new(),
+            front: 0,
+            added: 0,
+            starts: vec![0; aggregates.len()],
+            accs: aggregates.iter().map(Acc::new).collect(),
+            kinds: vec![Val::Null; aggregates.len()],
+            pending: Vec::new(),
+            frame_end: i64::MIN,
+            evaluated_to: i64::MIN,
+            fired_log: Vec::new(),
+            fired_chunks: Vec::new(),
+            fresh: Vec::new(),
+            frame_chunks: Vec::new(),
+            pending_chunks: Vec::new(),
+            next_chunk: 0,
+        }
+    }
+
+    fn stride(&self) -> usize {
+        self.accs.len()
+    }
+
+    /// The newest event time held.
+    pub fn newest(&self) -> Option<i64> {
+        let frame = self.times.back().copied();
+        let pending = self.pending.last().map(|p| p.time);
+        frame.max(pending)
+    }
+
+    /// Heap bytes, allocation by allocation (with the allocator's rounding): the boxed key
+    /// itself, every buffer's capacity, the text values and the pending rows.
+    pub fn bytes(&self) -> usize {
+        fn buffer<T>(capacity: usize) -> usize {
+            heap(capacity * std::mem::size_of::<T>())
+        }
+        let accs: usize = self
+            .accs
+            .iter()
+            .map(|a| match a {
+                // hashbrown: buckets (a power of two, 8/7 of the capacity) of entries and
+                // one control byte each.
+                Acc::Distinct(m) if m.capacity() > 0 => {
+                    let buckets = (m.capacity() * 8 / 7).next_power_of_two();
+                    heap(buckets * (std::mem::size_of::<(Val, u32)>() + 1) + 16)
+                }
+                Acc::Extreme { queue, .. } => buffer::<(u64, Val)>(queue.capacity()),
+                _ => 0,
+            })
+            .sum();
+        let text: usize = self.args.iter().map(Val::heap_bytes).sum();
+        heap(std::mem::size_of::<Self>())
+            + buffer::<i64>(self.times.capacity())
+            + buffer::<Val>(self.args.capacity())
+            + text
+            + buffer::<u64>(self.starts.capacity())
+            + buffer::<Acc>(self.accs.capacity())
+            + accs
+            + buffer::<Val>(self.kinds.capacity())
+            + buffer::<Waiting>(self.pending.capacity())
+            + self
+                .pending
+                .iter()
+                .map(|p| heap(p.bytes.len()) + p.values.as_ref().map_or(0, |v| buffer::<Val>(v.len())))
+                .sum::<usize>()
+            + buffer::<(i64, u64, u64)>(self.fired_log.capacity())
+            + buffer::<(u64, i64)>(self.fired_chunks.capacity())
+            + buffer::<(i64, u64)>(self.fresh.capacity())
+            + buffer::<(u64, i64)>(self.frame_chunks.capacity() + self.pending_chunks.capacity())
+    }
+
+    /// Adds a row that arrived: into the frame rows (after every row already in the
+    /// accumulators, so never before a decided row) and into the pending rows. A row at or
+    /// before the accumulators' frame end (a straggler) first empties them, and the pending
+    /// rows it may count for are to be evaluated again (except for what fired on them).
+    pub fn insert(&mut self, time: i64, row: u64, mut args: Vec<Val>, bytes: Box<[u8]>) {
+        if time <= self.evaluated_to {
+            for p in self.pending.iter_mut().filter(|p| p.time >= time) {
+                p.evaluated = false;
+                p.values = None;
+                p.settled = p.fired;
+            }
+        }
+        if time <= self.frame_end {
+            self.rewind();
+        }
+        for (kind, v) in self.kinds.iter_mut().zip(&args) {
+            if *kind == Val::Null && *v != Val::Null {
+                *kind = v.clone();
+            }
+        }
+        // A text a distinct count already holds: the row shares its allocation.
+        for (acc, v) in self.accs.iter().zip(args.iter_mut()) {
+            if let (Acc::Distinct(values), Val::Str(_)) = (acc, &*v)
+                && let Some((held, _)) = values.get_key_value(v)
+            {
+                *v = held.clone();
+            }
+        }
+        if self.times.is_empty() {
+            // As `reserve_small`, for the frame rows: one row's time and arguments.
+            self.times.reserve_exact(1);
+            self.args.reserve_exact(self.stride());
+        }
+        reserve_small(&mut self.pending);
+        reserve_small(&mut self.fresh);
+        self.fresh.push((time, row));
+        let first_free = (self.added - self.front) as usize;
+        let mut at = self.times.len();
+        while at > first_free && self.times[at - 1] > time {
+            at -= 1;
+        }
+        self.times.insert(at, time);
+        let stride = self.stride();
+        for (k, v) in args.into_iter().enumerate() {
+            self.args.insert(at * stride + k, v);
+        }
+        let p = self.pending.partition_point(|w| (w.time, w.row) <= (time, row));
+        self.pending.insert(
+            p,
+            Waiting {
+                time,
+                row,
+                bytes,
+                settled: 0,
+                fired: 0,
+                evaluated: false,
+                values: None,
+            },
+        );
+    }
+
+    /// Empties the accumulators: no row has entered them.
+    fn rewind(&mut self) {
+        for acc in &mut self.accs {
+            acc.reset();
+        }
+        self.added = self.front;
+        self.starts.iter_mut().for_each(|s| *s = self.front);
+        self.frame_end = i64::MIN;
+    }
+
+    /// The oldest pending time.
+    pub fn oldest_pending(&self) -> Option<i64> {
+        self.pending.first().map(|p| p.time)
+    }
+
+    /// The oldest pending time with work for the detectors in `at_once` (bits): not evaluated
+    /// yet, or one of them not settled.
+    pub fn oldest_unsettled(&self, at_once: u32) -> Option<i64> {
+        self.pending.get(self.first_unsettled(at_once)).map(|p| p.time)
+    }
+
+    /// The first pending row with work for the detectors in `at_once`. Such rows are a suffix
+    /// of the pending rows: rows are evaluated in time order, rows arriving after the frames'
+    /// end come after every evaluated row, and a straggler unsettles every row from its time on.
+    fn first_unsettled(&self, at_once: u32) -> usize {
+        self.pending
+            .partition_point(|p| p.evaluated && at_once & !p.settled == 0)
+    }
+
+    /// Notes that detector `bit` (whose stable tag is `tag`) fired at once on pending row
+    /// (`time`, `row`): it is not decided again, even after a restart.
+    pub fn mark_fired(&mut self, time: i64, row: u64, bit: u32, tag: u64) {
+        let at = self.pending.partition_point(|w| (w.time, w.row) < (time, row));
+        if let Some(w) = self
+            .pending
+            .get_mut(at)
+            .filter(|w| (w.time, w.row) == (time, row))
+        {
+            w.fired |= bit;
+            w.settled |= bit;
+            reserve_small(&mut self.fired_log);
+            self.fired_log.push((time, row, tag));
+        }
+    }
+
+    /// The rows to run detectors on: every pending row older than `watermark` (all with
+    /// `None`) for the detectors in `members` not settled on it, for good; and, for the
+    /// detectors in `at_once` (bits; those whose condition only becomes true), every other
+    /// pending row older than `complete` not settled for them, with its values over the rows
+    /// arrived so far. Rows are evaluated in time order (a row's frames move forward); values
+    /// are kept on a row for later only when `hold` (some member decides at the watermark).
+    /// Rows no frame of a row at or after `watermark` reaches are forgotten.
+    pub fn decide(
+        &mut self,
+        aggregates: &[WindowAggregate],
+        watermark: Option<i64>,
+        complete: i64,
+        members: u32,
+        at_once: u32,
+        hold: bool,
+    ) -> Vec<Due> {
+        let last_before = watermark.unwrap_or(i64::MAX);
+        let evaluate_before = match watermark {
+            None => i64::MAX,
+            Some(w) if at_once == 0 => w,
+            Some(w) => complete.max(w),
+        };
+        let longest = aggregates.iter().map(|a| a.length).max().unwrap_or(0);
+        let keep_from = watermark.map_or(i64::MIN, |w| w.saturating_sub(longest));
+        let mut out = Vec::new();
+        // The rows decided for good, then those with work for the detectors deciding at once
+        // (the settled ones between need nothing), in time order.
+        let decided = self.pending.partition_point(|p| p.time < last_before);
+        let open = self.first_unsettled(at_once).max(decided);
+        let judged = self
+            .pending
+            .partition_point(|p| p.time < evaluate_before)
+            .max(open);
+        for i in (0..decided).chain(open..judged) {
+            let time = self.pending[i].time;
+            let last = i < decided;
+            let wanted = if last { members } else { at_once } & !self.pending[i].settled;
+            let held = self.pending[i].values.take();
+            let values = match held {
+                Some(v) if self.pending[i].evaluated => Some(v.into_vec()),
+                _ if self.pending[i].evaluated && wanted == 0 => None,
+                _ => {
+                    if time < self.frame_end {
+                        // (Only if a row was left unevaluated behind the frames.)
+                        self.rewind();
+                    }
+                    self.pending[i].evaluated = true;
+                    Some(self.values_at(aggregates, time, keep_from))
+                }
+            };
+            let p = &mut self.pending[i];
+            if !last {
+                p.settled |= wanted;
+                if hold {
+                    p.values = values.as_ref().map(|v| v.clone().into_boxed_slice());
+                }
+            }
+            if wanted != 0 {
+                out.push(Due {
+                    time,
+                    row: p.row,
+                    values: values.unwrap_or_default(),
+                    bytes: if last {
+                        std::mem::take(&mut p.bytes)
+                    } else {
+                        p.bytes.clone()
+                    },
+                    members: wanted,
+                    last,
+                });
+            }
+        }
+        self.pending.drain(..decided);
+        if self.pending.is_empty() {
+            // (Freed: most keys wait for nothing most of the time.)
+            self.pending = Vec::new();
+        }
+        out
+    }
+
+    /// Decides the pending rows older than `limit` (all with `None`), in time order, for one
+    /// detector deciding at the watermark: their row ids, window values and `pre` columns.
+    #[cfg(test)]
+    pub fn decide_until(
+        &mut self,
+        aggregates: &[WindowAggregate],
+        limit: Option<i64>,
+    ) -> Vec<(u64, Vec<Val>, Box<[u8]>)> {
+        self.decide(aggregates, limit, i64::MIN, 1, 0, false)
+            .into_iter()
+            .map(|d| (d.row, d.values, d.bytes))
+            .collect()
+    }
+
+    /// Moves every frame to end at `time` (not before the current end) and returns the
+    /// aggregates' values. Rows every frame has left and older than `keep_from` are dropped
+    /// (rows from `keep_from` on may still be in the frames of a row evaluated again).
+    fn values_at(&mut self, aggregates: &[WindowAggregate], time: i64, keep_from: i64) -> Vec<Val> {
+        self.frame_end = time;
+        self.evaluated_to = self.evaluated_to.max(time);
+        let stride = self.stride();
+        // Rows at or before `time` enter every frame...
+        while ((self.added - self.front) as usize) < self.times.len()
+            && self.times[(self.added - self.front) as usize] <= time
+        {
+            let i = (self.added - self.front) as usize;
+            for (k, acc) in self.accs.iter_mut().enumerate() {
+                acc.add(&self.args[i * stride + k], self.added);
+            }
+            self.added += 1;
+        }
+        // ...then rows older than each frame leave it.
+        for (k, acc) in self.accs.iter_mut().enumerate() {
+            let from = time.saturating_sub(aggregates[k].length);
+            while self.starts[k] < self.added && self.times[(self.starts[k] - self.front) as usize] < from {
+                let i = (self.starts[k] - self.front) as usize;
+                acc.retract(&self.args[i * stride + k], self.starts[k]);
+                self.starts[k] += 1;
+            }
+        }
+        let oldest = self.starts.iter().copied().min().unwrap_or(self.added);
+        while self.front < oldest && self.times.front().is_some_and(|t| *t < keep_from) {
+            self.times.pop_front();
+            for _ in 0..stride {
+                self.args.pop_front();
+            }
+            self.front += 1;
+        }
+        self.accs
+            .iter()
+            .zip(&self.kinds)
+            .map(|(a, k)| a.value(k))
+            .collect()
+    }
+
+    /// Whether the key holds nothing (its frames moved past every row).
+    pub fn is_empty(&self) -> bool {
+        self.times.is_empty() && self.pending.is_empty()
+    }
+
+    /// Drops every row (the key is forgotten; [`Self::save`] then deletes its chunks).
+    pub fn clear(&mut self) {
+        self.times.clear();
+        self.args.clear();
+        self.pending.clear();
+        self.fired_log.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{ArrayRef, StringArray};
+    use datafusion::arrow::datatypes::DataType;
+    use datafusion::physical_expr::expressions::Column;
+    use rampart_sql::AggregateKind;
+
+    use super::*;
+
+    fn text(v: &Val) -> &Arc<str> {
+        match v {
+            Val::Str(s) => s,
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rows_share_the_allocation_of_equal_texts() {
+        // Within a batch.
+        let array: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("ListUsers"),
+            None,
+            Some("ListUsers"),
+            Some("GetUser"),
+        ]));
+        let column = Val::column(&array).unwrap();
+        assert_eq!(column[1], Val::Null);
+        assert!(Arc::ptr_eq(text(&column[0]), text(&column[2])));
+        assert!(!Arc::ptr_eq(text(&column[0]), text(&column[3])));
+        assert_eq!(&**text(&column[3]), "GetUser");
+
+        // Across batches: a row shares the text its key's distinct count holds.
+        let aggregates = [WindowAggregate {
+            function: AggregateKind::CountDistinct,
+            argument: Some(Arc::new(Column::new("action", 0))),
+            length: 60_000_000,
+            output: DataType::Int64,
+        }];
+        let mut key = KeyAgg::new(&aggregates);
+        key.insert(1, 0, vec![Val::Str("ListUsers".into())], Box::new([]));
+        let decided = key.decide_until(&aggregates, Some(2));
+        assert_eq!(decided[0].1, vec![Val::Int(1)]);
+        key.insert(3, 1, vec![Val::Str("ListUsers".into())], Box::new([]));
+        key.insert(4, 2, vec![Val::Str("GetUser".into())], Box::new([]));
+        assert!(Arc::ptr_eq(text(&key.args[0]), text(&key.args[1])));
+        assert!(!Arc::ptr_eq(text(&key.args[0]), text(&key.args[2])));
+        let decided = key.decide_until(&aggregates, None);
+        let counts: Vec<_> = decided.into_iter().map(|(_, v, _)| v).collect();
+        assert_eq!(counts, vec![vec![Val::Int(1)], vec![Val::Int(2)]]);
+
+        // Read back from a saved chunk.
+        let mut chunk = i64::MAX.to_le_bytes().to_vec();
+        push_frame_entry(&mut chunk, 1, 0, [Val::Str("ListUsers".into())].iter());
+        push_frame_entry(&mut chunk, 2, 1, [Val::Str("ListUsers".into())].iter());
+        let chunks = KeyChunks {
+            frame: vec![(0, chunk)],
+            ..KeyChunks::default()
+        };
+        let loaded = KeyAgg::load(&aggregates, &chunks, &[], 3).unwrap();
+        assert_eq!(loaded.args.len(), 2);
+        assert!(Arc::ptr_eq(text(&loaded.args[0]), text(&loaded.args[1])));
+    }
+}

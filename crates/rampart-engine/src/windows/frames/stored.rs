@@ -1,0 +1,301 @@
+//! How a key's frames are stored: append-only chunks per key ([`KeyAgg::save`]: the rows that
+//! arrived since the last checkpoint, as a frame chunk and a pending chunk; past
+//! [`MAX_FRAME_CHUNKS`], one chunk of every row held) and rebuilt from them
+//! ([`KeyAgg::load`]), so that a checkpoint's size follows the input, not the windows.
+
+use rampart_sql::WindowAggregate;
+use rustc_hash::FxHashSet;
+
+use rampart_state::Commit;
+use rampart_state::codec::{FIRED_CHUNK, FRAME_CHUNK, PENDING_CHUNK};
+
+use super::{KeyAgg, KeyChunks, MAX_FRAME_CHUNKS, Val, Waiting, push_frame_entry, reserve_small, take};
+
+impl KeyAgg {
+    /// Adds to `out` the chunk writes that bring the key on disk up to date: a frame chunk and
+    /// a pending chunk of the rows that arrived since the last save (or, past
+    /// [`MAX_FRAME_CHUNKS`], one frame chunk of every row held instead of the others), and
+    /// deletes of chunks no frame or pending row needs any more. `chunk_key` names a chunk by
+    /// kind and id; rows older than `decided_until` are decided; a frame chunk is of no use
+    /// `horizon` µs after its newest row, a pending chunk `lateness` µs after. A key that
+    /// holds nothing deletes every chunk.
+    pub fn save(
+        &mut self,
+        chunk_key: impl Fn(u8, u64) -> Vec<u8>,
+        decided_until: i64,
+        horizon: i64,
+        lateness: i64,
+        out: &mut Commit<'_>,
+    ) {
+        let stride = self.stride();
+        if self.is_empty() {
+            for (id, _) in self.frame_chunks.drain(..) {
+                out.chunk(&chunk_key(FRAME_CHUNK, id), None);
+            }
+            for (id, _) in self.pending_chunks.drain(..) {
+                out.chunk(&chunk_key(PENDING_CHUNK, id), None);
+            }
+            for (id, _) in self.fired_chunks.drain(..) {
+                out.chunk(&chunk_key(FIRED_CHUNK, id), None);
+            }
+            self.fresh = Vec::new();
+            self.fired_log = Vec::new();
+            return;
+        }
+        self.fresh.sort_unstable();
+        if !self.fresh.is_empty() {
+            let id = self.next_chunk;
+            self.next_chunk += 1;
+            let (entries, newest) = if self.frame_chunks.len() < MAX_FRAME_CHUNKS {
+                self.fresh_entries()
+            } else {
+                // Every row held, in order: `ord` is the position.
+                for (old, _) in self.frame_chunks.drain(..) {
+                    out.chunk(&chunk_key(FRAME_CHUNK, old), None);
+                }
+                let mut entries = Vec::new();
+                for (i, time) in self.times.iter().enumerate() {
+                    push_frame_entry(
+                        &mut entries,
+                        *time,
+                        i as u64,
+                        self.args.range(i * stride..(i + 1) * stride),
+                    );
+                }
+                (entries, self.times.back().copied().unwrap_or(i64::MIN))
+            };
+            // (Empty when every fresh row has left the frames already.)
+            if !entries.is_empty() {
+                let mut value = newest.saturating_add(horizon).to_le_bytes().to_vec();
+                value.extend_from_slice(&entries);
+                out.chunk(&chunk_key(FRAME_CHUNK, id), Some(&value));
+                reserve_small(&mut self.frame_chunks);
+                self.frame_chunks.push((id, newest));
+            }
+        }
+        // Chunks whose rows every frame has left.
+        let oldest = self.times.front().copied().unwrap_or(i64::MAX);
+        self.frame_chunks.retain(|(id, newest)| {
+            let keep = *newest >= oldest;
+            if !keep {
+                out.chunk(&chunk_key(FRAME_CHUNK, *id), None);
+            }
+            keep
+        });
+        if !self.fresh.is_empty() {
+            let mut value = Vec::new();
+            let mut newest = i64::MIN;
+            // (Taken, not drained: the buffer is freed until rows arrive again.)
+            for (time, row) in std::mem::take(&mut self.fresh) {
+                let at = self.pending.partition_point(|w| (w.time, w.row) < (time, row));
+                if let Some(Waiting { bytes, .. }) =
+                    self.pending.get(at).filter(|w| (w.time, w.row) == (time, row))
+                {
+                    value.extend_from_slice(&time.to_le_bytes());
+                    value.extend_from_slice(&row.to_le_bytes());
+                    value.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    value.extend_from_slice(bytes);
+                    newest = newest.max(time);
+                }
+            }
+            if !value.is_empty() {
+                let id = self.next_chunk;
+                self.next_chunk += 1;
+                let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
+                chunk.extend_from_slice(&value);
+                out.chunk(&chunk_key(PENDING_CHUNK, id), Some(&chunk));
+                reserve_small(&mut self.pending_chunks);
+                self.pending_chunks.push((id, newest));
+            }
+        }
+        if !self.fired_log.is_empty() {
+            // Each entry: time, row id, the detector's tag.
+            let newest = self.fired_log.iter().map(|f| f.0).max().unwrap_or(i64::MIN);
+            let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
+            for (time, row, tag) in std::mem::take(&mut self.fired_log) {
+                chunk.extend_from_slice(&time.to_le_bytes());
+                chunk.extend_from_slice(&row.to_le_bytes());
+                chunk.extend_from_slice(&tag.to_le_bytes());
+            }
+            let id = self.next_chunk;
+            self.next_chunk += 1;
+            out.chunk(&chunk_key(FIRED_CHUNK, id), Some(&chunk));
+            reserve_small(&mut self.fired_chunks);
+            self.fired_chunks.push((id, newest));
+        }
+        // Chunks whose rows are all decided.
+        for (kind, chunks) in [
+            (PENDING_CHUNK, &mut self.pending_chunks),
+            (FIRED_CHUNK, &mut self.fired_chunks),
+        ] {
+            chunks.retain(|(id, newest)| {
+                let keep = *newest >= decided_until;
+                if !keep {
+                    out.chunk(&chunk_key(kind, *id), None);
+                }
+                keep
+            });
+        }
+    }
+
+    /// The frame chunk entries of the rows that arrived since the last save (`fresh`, sorted),
+    /// and the newest time among them. Rows of equal time are held in arrival order, so the
+    /// fresh rows of a time are the last ones of that time; rows every frame has already left
+    /// are not needed.
+    pub(super) fn fresh_entries(&self) -> (Vec<u8>, i64) {
+        let stride = self.stride();
+        let mut entries = Vec::with_capacity(self.fresh.len() * (16 + stride * 9));
+        let mut newest = i64::MIN;
+        for same in self.fresh.chunk_by(|a, b| a.0 == b.0) {
+            let time = same[0].0;
+            let end = self.times.partition_point(|t| *t <= time);
+            let start = self
+                .times
+                .partition_point(|t| *t < time)
+                .max(end.saturating_sub(same.len()));
+            let held = &same[same.len() - (end - start)..];
+            for (&(_, row), at) in held.iter().zip(start..end) {
+                push_frame_entry(
+                    &mut entries,
+                    time,
+                    row,
+                    self.args.range(at * stride..(at + 1) * stride),
+                );
+                newest = time;
+            }
+        }
+        (entries, newest)
+    }
+
+    /// The pending rows of a pending chunk's value (after its expiry): time, row id, bytes.
+    pub fn pending_rows(value: &[u8]) -> Option<Vec<(i64, u64, &[u8])>> {
+        let mut input = value.get(8..)?;
+        let input = &mut input;
+        let mut out = Vec::new();
+        while !input.is_empty() {
+            let time = i64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+            let row = u64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+            let len = u32::from_le_bytes(take(input, 4)?.try_into().ok()?) as usize;
+            out.push((time, row, take(input, len)?));
+        }
+        Some(out)
+    }
+
+    /// Rebuilds a key from its chunks ((id, value) of its frame and pending chunks), given that
+    /// every row older than `decided_until` was decided (and so entered the accumulators) and
+    /// no other: the frames end at the newest of those rows, rows older than every frame are
+    /// dropped, and the pending rows are those not older than `decided_until`. `None` when a
+    /// chunk does not decode.
+    pub fn load(
+        aggregates: &[WindowAggregate],
+        chunks: &KeyChunks,
+        tags: &[u64],
+        decided_until: i64,
+    ) -> Option<Self> {
+        let (frame, pending) = (&chunks.frame, &chunks.pending);
+        let n = aggregates.len();
+        let mut agg = Self::new(aggregates);
+        // (time, chunk id, order in chunk, where its arguments start in `values`): chunks in
+        // id order are in arrival order, so this is the order rows were held in.
+        let mut rows: Vec<(i64, u64, u64, usize)> = Vec::new();
+        let mut values: Vec<Val> = Vec::new();
+        let mut texts = FxHashSet::default();
+        for (id, value) in frame {
+            let mut input = value.get(8..)?;
+            let input = &mut input;
+            let mut newest = i64::MIN;
+            while !input.is_empty() {
+                let time = i64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                let ord = u64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                rows.push((time, *id, ord, values.len()));
+                for _ in 0..n {
+                    values.push(Val::decode(input, &mut texts)?);
+                }
+                newest = newest.max(time);
+            }
+            agg.frame_chunks.push((*id, newest));
+            agg.next_chunk = agg.next_chunk.max(id + 1);
+        }
+        rows.sort_unstable_by_key(|(t, id, ord, _)| (*t, *id, *ord));
+        for (k, kind) in agg.kinds.iter_mut().enumerate() {
+            if let Some(v) = values.iter().skip(k).step_by(n.max(1)).find(|v| **v != Val::Null) {
+                *kind = v.clone();
+            }
+        }
+        let entered = rows.partition_point(|r| r.0 < decided_until);
+        let first = match entered.checked_sub(1).map(|last| rows[last].0) {
+            // The frames end at the newest decided row: rows older than every frame are gone.
+            Some(end) => {
+                agg.frame_end = end;
+                agg.evaluated_to = end;
+                let oldest_start = aggregates
+                    .iter()
+                    .map(|a| end.saturating_sub(a.length))
+                    .min()
+                    .unwrap_or(end);
+                let first = rows[..entered].partition_point(|r| r.0 < oldest_start);
+                for (k, a) in aggregates.iter().enumerate() {
+                    let from = end.saturating_sub(a.length);
+                    agg.starts[k] = (rows[first..entered].partition_point(|r| r.0 < from)) as u64;
+                }
+                first
+            }
+            None => 0,
+        };
+        agg.added = (entered - first) as u64;
+        agg.times.reserve(rows.len() - first);
+        agg.args.reserve((rows.len() - first) * n);
+        for &(time, _, _, at) in &rows[first..] {
+            agg.times.push_back(time);
+            agg.args.extend(values[at..at + n].iter_mut().map(std::mem::take));
+        }
+        for (k, acc) in agg.accs.iter_mut().enumerate() {
+            for seq in agg.starts[k]..agg.added {
+                acc.add(&agg.args[seq as usize * n + k], seq);
+            }
+        }
+        for (id, value) in pending {
+            let mut newest = i64::MIN;
+            for (time, row, bytes) in Self::pending_rows(value)? {
+                newest = newest.max(time);
+                if time >= decided_until {
+                    agg.pending.push(Waiting {
+                        time,
+                        row,
+                        bytes: bytes.into(),
+                        settled: 0,
+                        fired: 0,
+                        evaluated: false,
+                        values: None,
+                    });
+                }
+            }
+            agg.pending_chunks.push((*id, newest));
+            agg.next_chunk = agg.next_chunk.max(id + 1);
+        }
+        agg.pending.sort_unstable_by_key(|w| (w.time, w.row));
+        for (id, value) in &chunks.fired {
+            let mut input = value.get(8..)?;
+            let input = &mut input;
+            let mut newest = i64::MIN;
+            while !input.is_empty() {
+                let time = i64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                let row = u64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                let tag = u64::from_le_bytes(take(input, 8)?.try_into().ok()?);
+                newest = newest.max(time);
+                // (A detector changed since has another tag: it decides afresh.)
+                let Some(bit) = tags.iter().position(|t| *t == tag) else {
+                    continue;
+                };
+                let at = agg.pending.partition_point(|w| (w.time, w.row) < (time, row));
+                if let Some(w) = agg.pending.get_mut(at).filter(|w| (w.time, w.row) == (time, row)) {
+                    w.fired |= 1 << bit;
+                    w.settled |= 1 << bit;
+                }
+            }
+            agg.fired_chunks.push((*id, newest));
+            agg.next_chunk = agg.next_chunk.max(id + 1);
+        }
+        Some(agg)
+    }
+}

@@ -1,0 +1,257 @@
+//! The cache of keys over the state store: a key's entry is loaded on first use (its rows, or
+//! for incremental windows its chunks rebuilt into frames and accumulators), written back by a
+//! checkpoint when changed, and evicted, least recently used first, past the memory budget.
+
+use rampart_state::codec::{
+    FIRED_CHUNK, FRAME_CHUNK, INCREMENTAL, PENDING_CHUNK, chunk_key, chunk_prefix, expires_at, row_key,
+    set_header, split_chunk_key,
+};
+use rampart_state::{Commit, StateError, StateStore};
+use rustc_hash::FxHashMap;
+
+use super::rerun::{PendingRow, Rerun};
+use super::{Bounds, KeyedState};
+use crate::windows::frames::{KeyAgg, KeyChunks, heap};
+
+pub(super) struct Entry {
+    /// The stored value (rows, or a fired group's header); for incremental detectors only
+    /// the header, the rest being `agg`.
+    pub(super) value: Vec<u8>,
+    pub(super) dirty: bool,
+    /// Incremental sliding windows: the key's frames and accumulators.
+    /// (Boxed: the cache's slots stay small, and keep their capacity after evictions.)
+    pub(super) agg: Option<Box<KeyAgg>>,
+    /// When it was last used ([`KeyedState::tick`]): eviction drops the least recent first.
+    pub(super) used: u64,
+}
+
+impl Entry {
+    /// Heap bytes: the cache slot (at hashbrown's load factor), the boxed key, the value, the
+    /// aggregates, and for a key with rows waiting its entry in `due` (a B-tree slot and a
+    /// copy of the key).
+    pub(super) fn bytes(&self, key: &[u8]) -> usize {
+        let slot = (std::mem::size_of::<(Box<[u8]>, Entry)>() + 1) * 8 / 7;
+        let due = match &self.agg {
+            Some(a) if !a.pending.is_empty() => heap(key.len()) + 2 * std::mem::size_of::<(i64, Box<[u8]>)>(),
+            _ => 0,
+        };
+        slot + heap(key.len())
+            + heap(self.value.capacity())
+            + self.agg.as_ref().map_or(0, |a| a.bytes())
+            + due
+    }
+}
+
+/// Eviction keeps the keys used by this many of the latest batches.
+const RECENT_BATCHES: u64 = 2;
+
+impl KeyedState {
+    pub(super) fn pending_meta_key(&self) -> String {
+        format!(
+            "pending/{}",
+            String::from_utf8_lossy(&self.tag[..self.tag.len() - 1])
+        )
+    }
+
+    /// Restores the rows that were waiting when the state was last written (for incremental
+    /// windows: the keys with pending rows not older than `decided_until`).
+    pub fn restore(&mut self, store: &StateStore, decided_until: i64) -> Result<(), StateError> {
+        if self.aggregates.is_some() {
+            self.decided_until = decided_until;
+            let mut prefix = self.tag.clone();
+            prefix.push(PENDING_CHUNK);
+            let mut oldest: FxHashMap<Box<[u8]>, i64> = FxHashMap::default();
+            for (chunk_key, value) in store.chunks(&prefix)? {
+                let corrupt = || {
+                    store.corrupt(
+                        format_args!("pending rows chunk {}", hex::encode(&chunk_key)),
+                        "does not decode",
+                    )
+                };
+                let (key, _) = split_chunk_key(&self.tag, PENDING_CHUNK, &chunk_key).ok_or_else(corrupt)?;
+                let rows = KeyAgg::pending_rows(&value).ok_or_else(corrupt)?;
+                if let Some(t) = rows.iter().map(|r| r.0).filter(|t| *t >= decided_until).min() {
+                    let o = oldest.entry(key.into()).or_insert(t);
+                    *o = (*o).min(t);
+                }
+            }
+            if self.at_once != 0 {
+                self.early.extend(oldest.iter().map(|(k, t)| (*t, k.clone())));
+            }
+            self.due.extend(oldest.into_iter().map(|(k, t)| (t, k)));
+            return Ok(());
+        }
+        let key = self.pending_meta_key();
+        let Some(rows) = store.meta_json::<Vec<PendingRow>>(&key)? else {
+            return Ok(());
+        };
+        for p in rows {
+            let key = hex::decode(&p.key).unwrap_or_default().into_boxed_slice();
+            self.pending.insert(
+                (p.time, p.row),
+                Rerun {
+                    key,
+                    fired: p.fired,
+                    settled: p.fired,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    pub(super) fn entry(&mut self, store: &StateStore, key: &[u8]) -> Result<&mut Entry, StateError> {
+        if !self.cache.contains_key(key) {
+            let (value, agg) = match &self.aggregates {
+                Some(aggregates) => {
+                    let chunks = |kind| -> Result<Vec<(u64, Vec<u8>)>, StateError> {
+                        Ok(store
+                            .key_chunks(&chunk_prefix(&self.tag, kind, key))?
+                            .into_iter()
+                            .filter_map(|(k, v)| Some((split_chunk_key(&self.tag, kind, &k)?.1, v)))
+                            .collect())
+                    };
+                    let frame = chunks(FRAME_CHUNK)?;
+                    // Pending rows are frame rows too: with none as new as `decided_until`,
+                    // there are none to read.
+                    let newest = frame.iter().map(|(_, v)| expires_at(v)).max().unwrap_or(i64::MIN);
+                    let undecided = newest.saturating_sub(self.horizon()) >= self.decided_until;
+                    let stored = if undecided {
+                        KeyChunks {
+                            frame,
+                            pending: chunks(PENDING_CHUNK)?,
+                            fired: if self.at_once != 0 {
+                                chunks(FIRED_CHUNK)?
+                            } else {
+                                Vec::new()
+                            },
+                        }
+                    } else {
+                        KeyChunks {
+                            frame,
+                            ..KeyChunks::default()
+                        }
+                    };
+                    let agg = KeyAgg::load(aggregates, &stored, &self.tags, self.decided_until).ok_or_else(
+                        || {
+                            store.corrupt(
+                                format_args!("window state of key {}", hex::encode(key)),
+                                "does not decode",
+                            )
+                        },
+                    )?;
+                    let mut value = Vec::new();
+                    let expires = agg
+                        .newest()
+                        .map_or(i64::MIN, |n| n.saturating_add(self.horizon()));
+                    set_header(&mut value, expires, INCREMENTAL);
+                    (value, Some(Box::new(agg)))
+                }
+                None => (store.get(&row_key(&self.tag, key))?.unwrap_or_default(), None),
+            };
+            let entry = Entry {
+                value,
+                dirty: false,
+                agg,
+                used: 0,
+            };
+            self.cache_bytes += entry.bytes(key);
+            self.cache.insert(key.into(), entry);
+        }
+        let entry = self.cache.get_mut(key).expect("inserted above");
+        entry.used = self.tick;
+        Ok(entry)
+    }
+
+    /// Adds the changed keys and the waiting rows to `commit`; expired keys are deleted.
+    pub fn checkpoint(&mut self, bounds: Bounds, commit: &mut Commit<'_>) {
+        self.unsaved_bytes = 0;
+        let now = bounds.expiry_now();
+        let mut expired = Vec::new();
+        let mut bytes = 0;
+        let horizon = self.horizon();
+        for (key, entry) in &mut self.cache {
+            let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(|a| a.is_empty());
+            if let Some(agg) = &mut entry.agg {
+                if entry.dirty || gone {
+                    if gone {
+                        agg.clear();
+                    }
+                    let tag = &self.tag;
+                    let chunk_key = |kind: u8, id: u64| chunk_key(tag, kind, key, id);
+                    agg.save(chunk_key, self.decided_until, horizon, bounds.lateness, commit);
+                    entry.dirty = false;
+                }
+            } else if entry.dirty {
+                commit.row(
+                    &row_key(&self.tag, key),
+                    (!gone).then_some(entry.value.as_slice()),
+                );
+                entry.dirty = false;
+            }
+            if gone {
+                expired.push(key.clone());
+            } else {
+                bytes += entry.bytes(key);
+            }
+        }
+        for key in expired {
+            self.cache.remove(&key);
+        }
+        self.cache_bytes = bytes;
+        if self.aggregates.is_some() {
+            // (Their pending rows are in their keys' chunks.)
+            return;
+        }
+        let pending: Vec<PendingRow> = self
+            .pending
+            .iter()
+            .map(|((time, row), waiting)| PendingRow {
+                time: *time,
+                row: *row,
+                key: hex::encode(&waiting.key),
+                fired: waiting.fired,
+            })
+            .collect();
+        commit.meta(
+            &self.pending_meta_key(),
+            Some(&serde_json::to_vec(&pending).expect("pending rows serialise")),
+        );
+    }
+
+    /// Drops clean cached keys until the cache holds at most `budget` bytes.
+    /// Least recently used first, down to half the budget (so that eviction is rare). Keys the
+    /// last [`RECENT_BATCHES`] batches used stay (evicting them would read them back at once),
+    /// unless `budget` is 0 (no cache: every key is read back each time).
+    pub fn evict(&mut self, budget: usize) {
+        if self.cache_bytes <= budget {
+            return;
+        }
+        let recent = if budget == 0 {
+            u64::MAX
+        } else {
+            self.tick.saturating_sub(RECENT_BATCHES - 1)
+        };
+        let mut clean: Vec<(u64, usize, &Box<[u8]>)> = self
+            .cache
+            .iter()
+            .filter(|(_, e)| !e.dirty && e.used < recent)
+            .map(|(k, e)| (e.used, e.bytes(k), k))
+            .collect();
+        clean.sort_unstable_by_key(|(used, _, _)| *used);
+        let excess = self.cache_bytes - budget / 2;
+        let mut freed = 0;
+        let mut drop = Vec::new();
+        for (_, bytes, key) in clean {
+            if freed >= excess {
+                break;
+            }
+            freed += bytes;
+            drop.push(key.clone());
+        }
+        for key in drop {
+            self.cache.remove(&key);
+        }
+        self.cache.shrink_to_fit();
+        self.cache_bytes = self.cache_bytes.saturating_sub(freed);
+    }
+}

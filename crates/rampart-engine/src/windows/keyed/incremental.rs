@@ -1,0 +1,325 @@
+//! Incremental sliding windows: rows enter their key's frames ([`KeyAgg`]) and accumulators
+//! as they arrive; a row is decided when the watermark passes it, or at once for members whose
+//! condition only becomes true as rows enter the frame, and each member's plan above the
+//! window runs on the decided rows with their window values.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, TimestampMicrosecondArray, UInt64Array};
+use datafusion::arrow::record_batch::RecordBatch;
+use rampart_core::Decision;
+use rampart_sql::{CompiledDetector, WindowAggregate, WindowSplit};
+use rampart_state::StateStore;
+use rampart_state::codec::{INCREMENTAL, set_header};
+use rustc_hash::FxHashMap;
+
+use super::{DecideContext, Decided, JudgedRows, KeyedState, column};
+use crate::decide::DecisionMaker;
+use crate::windows::frames::{Due, Val, heap};
+
+impl KeyedState {
+    /// Incremental sliding windows: adds a batch's rows to their keys' frames.
+    pub(super) fn add_incremental(
+        &mut self,
+        split: &WindowSplit,
+        store: &StateStore,
+        pre: &[RecordBatch],
+    ) -> Result<(), String> {
+        let aggregates = self.aggregates.clone().unwrap_or_default();
+        let horizon = self.horizon();
+        let tag_len = self.tag.len();
+        let at_once = self.at_once;
+        for batch in pre {
+            let n = batch.num_rows();
+            if n == 0 {
+                continue;
+            }
+            let keys = self.keys_of(split, batch)?;
+            let mut args = aggregates
+                .iter()
+                .map(|a| match &a.argument {
+                    Some(arg) => arg
+                        .evaluate(batch)
+                        .and_then(|v| v.into_array(n))
+                        .map_err(|e| e.to_string())
+                        .and_then(|a| Val::column(&a)),
+                    None => Ok(vec![Val::Null; n]),
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let rows = self
+                .row_converter
+                .convert_columns(batch.columns())
+                .map_err(|e| e.to_string())?;
+            let times = column::<TimestampMicrosecondArray>(batch, split.time_index)?;
+            let ids = column::<UInt64Array>(batch, split.row_index)?;
+            // One cache lookup per key and batch.
+            let mut by_key: FxHashMap<&[u8], Vec<usize>> = FxHashMap::default();
+            for i in (0..n).filter(|i| !times.is_null(*i)) {
+                let key: &[u8] = keys.as_ref().map_or(&[], |k| k.row(i).data());
+                by_key.entry(key).or_default().push(i);
+            }
+            // A row's share of its key's buffers (time, values, pending entry, fresh entry),
+            // with the slack of their growth.
+            let row_bytes = (8 + aggregates.len() * std::mem::size_of::<Val>() + 32 + 16) * 3 / 2;
+            for (key, indices) in by_key {
+                // Counted as rows arrive; checkpoints recount exactly.
+                let mut added = 0;
+                let entry = self.entry(store, key).map_err(|e| e.to_string())?;
+                let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
+                let oldest_before = agg.oldest_pending();
+                let early_before = (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten();
+                // Written at the next checkpoint: a frame and a pending chunk (each a store
+                // key of the tag, the key and an id, and RocksDB's own framing)...
+                let mut unsaved = if entry.dirty {
+                    0
+                } else {
+                    2 * (tag_len + key.len() + 32)
+                };
+                for i in indices {
+                    let values: Vec<Val> = args
+                        .iter_mut()
+                        .map(|a| std::mem::replace(&mut a[i], Val::Null))
+                        .collect();
+                    let row = rows.row(i);
+                    added += row_bytes
+                        + heap(row.as_ref().len())
+                        + values.iter().map(Val::heap_bytes).sum::<usize>();
+                    // ...and per row its time, order and arguments in the one, its time, id
+                    // and `pre` columns in the other.
+                    unsaved += 16 + aggregates.len() * 9 + 20 + row.as_ref().len();
+                    agg.insert(times.value(i), ids.value(i), values, row.as_ref().into());
+                }
+                let oldest = agg.oldest_pending();
+                let early = (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten();
+                let newest = agg.newest().unwrap_or(i64::MIN);
+                set_header(&mut entry.value, newest.saturating_add(horizon), INCREMENTAL);
+                entry.dirty = true;
+                self.cache_bytes += added;
+                self.unsaved_bytes += unsaved;
+                reindex(&mut self.due, key, oldest_before, oldest);
+                reindex(&mut self.early, key, early_before, early);
+            }
+        }
+        Ok(())
+    }
+
+    /// Incremental sliding windows: decides the rows older than the watermark (all at the end
+    /// of the input) for good, and looks at the rows older than the completeness bound for the
+    /// members that decide at once; key by key, in time order, moving each key's frames
+    /// forward, then runs each member detector's part above the window over the rows it has to
+    /// judge (one result per member).
+    pub(super) fn decide_incremental(
+        &mut self,
+        members: &[&CompiledDetector],
+        ctx: &DecideContext<'_>,
+        all: bool,
+    ) -> Vec<Decided> {
+        let watermark = (!all).then_some(ctx.bounds.watermark);
+        let first = members.first().and_then(|d| d.split()?.incremental.as_ref());
+        let aggregates = first.map_or(&[][..], |plan| &plan.aggregates);
+        let decided = match self.decide_due(aggregates, ctx, watermark) {
+            Ok(Some(judged)) => members
+                .iter()
+                .enumerate()
+                .map(|(m, detector)| self.run_member(detector, 1 << m, &judged, ctx))
+                .collect(),
+            Ok(None) => members.iter().map(|_| Ok(Vec::new())).collect(),
+            Err(e) => members.iter().map(|_| Err(e.clone())).collect(),
+        };
+        // Only now: keys read back from disk while deciding had their rows up to the old
+        // limit decided, no further. (Deciding everything at the end of the input leaves
+        // it: on disk those rows stay pending, and a later run decides them again, with the
+        // same ids.)
+        if let Some(limit) = watermark {
+            self.decided_until = self.decided_until.max(limit);
+        }
+        decided
+    }
+
+    /// One member's part above the window over the rows it has to judge (`bit` set in their
+    /// `members`); rows it fires on before the watermark are marked fired in their keys.
+    pub(super) fn run_member(
+        &mut self,
+        detector: &CompiledDetector,
+        bit: u32,
+        (keys, due, columns): &JudgedRows,
+        ctx: &DecideContext<'_>,
+    ) -> Decided {
+        let wanted: Vec<bool> = due.iter().map(|(_, d)| d.members & bit != 0).collect();
+        if !wanted.contains(&true) {
+            return Ok(Vec::new());
+        }
+        let split = detector.split().expect("windowed detectors have a split");
+        let plan = split.incremental.as_ref().expect("incremental detector");
+        // (The members' window columns may be named differently.)
+        let mut rows = RecordBatch::try_new(Arc::clone(&plan.above_input), columns.to_vec())
+            .map_err(|e| e.to_string())?;
+        if wanted.contains(&false) {
+            let mask = datafusion::arrow::array::BooleanArray::from(wanted);
+            rows =
+                datafusion::arrow::compute::filter_record_batch(&rows, &mask).map_err(|e| e.to_string())?;
+        }
+        let results = ctx.engine.run_above(plan, rows).map_err(|e| e.to_string())?;
+        let decided = self.decisions_for(detector, &results, |_| true, ctx);
+        // Rows that fired before the watermark: once only. (Most batches fire on none.)
+        if decided.is_empty() {
+            return Ok(decided);
+        }
+        let early: HashMap<u64, &(usize, Due)> = due
+            .iter()
+            .filter(|(_, d)| !d.last && d.members & bit != 0)
+            .map(|entry| (entry.1.row, entry))
+            .collect();
+        if !early.is_empty() {
+            let tag = self
+                .tags
+                .get(bit.trailing_zeros() as usize)
+                .copied()
+                .unwrap_or_default();
+            for (row, _) in &decided {
+                if let Some((k, d)) = early.get(row)
+                    && let Some(entry) = self.cache.get_mut(&keys[*k])
+                    && let Some(agg) = entry.agg.as_mut()
+                {
+                    agg.mark_fired(d.time, d.row, bit, tag);
+                    entry.dirty = true;
+                }
+            }
+        }
+        Ok(decided)
+    }
+
+    /// [`Self::decide_incremental`] for the keys with rows older than the watermark or, for the
+    /// members that decide at once, older than the completeness bound: the rows to judge (with
+    /// their key's index in `due_keys`), and their columns (`pre`'s, then the window values);
+    /// `None`: no row to judge. `aggregates` are the window's (every member has the same).
+    pub(super) fn decide_due(
+        &mut self,
+        aggregates: &[WindowAggregate],
+        ctx: &DecideContext<'_>,
+        watermark: Option<i64>,
+    ) -> Result<Option<JudgedRows>, String> {
+        let at_once = if watermark.is_some() { self.at_once } else { 0 };
+        let complete = ctx.bounds.complete;
+        // The keys taken out of each index (they go back in with their new times).
+        let mut taken: FxHashMap<Box<[u8]>, (bool, bool)> = FxHashMap::default();
+        match watermark {
+            Some(limit) => {
+                let later = self.due.split_off(&(limit, Box::from([])));
+                for (_, k) in std::mem::replace(&mut self.due, later) {
+                    taken.entry(k).or_default().0 = true;
+                }
+                if at_once != 0 {
+                    let later = self.early.split_off(&(complete, Box::from([])));
+                    for (_, k) in std::mem::replace(&mut self.early, later) {
+                        taken.entry(k).or_default().1 = true;
+                    }
+                }
+            }
+            None => {
+                self.early.clear();
+                for (_, k) in std::mem::take(&mut self.due) {
+                    taken.entry(k).or_default().0 = true;
+                }
+            }
+        }
+        if taken.is_empty() {
+            return Ok(None);
+        }
+        let (members, hold) = (self.all_members(), self.all_members() & !self.at_once != 0);
+        let mut due: Vec<(usize, Due)> = Vec::new();
+        let mut due_keys = Vec::with_capacity(taken.len());
+        for (k, (key, (from_due, from_early))) in taken.into_iter().enumerate() {
+            let entry = self.entry(ctx.store, &key).map_err(|e| e.to_string())?;
+            let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
+            let before = (agg.oldest_pending(), agg.oldest_unsettled(at_once));
+            let rows = agg.decide(aggregates, watermark, complete, members, at_once, hold);
+            let after = (
+                agg.oldest_pending(),
+                (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten(),
+            );
+            entry.dirty = true;
+            due.extend(rows.into_iter().map(|d| (k, d)));
+            // A key taken out of an index goes back at its new time; one still in it moves.
+            for (index, taken_out, before, after) in [
+                (&mut self.due, from_due, before.0, after.0),
+                (&mut self.early, from_early, before.1, after.1),
+            ] {
+                if taken_out {
+                    if let Some(t) = after {
+                        index.insert((t, key.clone()));
+                    }
+                } else {
+                    reindex(index, &key, before, after);
+                }
+            }
+            due_keys.push(key);
+        }
+        if due.is_empty() {
+            return Ok(None);
+        }
+        let parser = self.row_converter.parser();
+        let mut columns = self
+            .row_converter
+            .convert_rows(due.iter().map(|(_, d)| parser.parse(&d.bytes)))
+            .map_err(|e| e.to_string())?;
+        for (i, a) in aggregates.iter().enumerate() {
+            let values: Vec<Val> = due
+                .iter()
+                .map(|(_, d)| d.values.get(i).cloned().unwrap_or_default())
+                .collect();
+            columns.push(Val::array(&values, &a.output)?);
+        }
+        Ok(Some((due_keys, due, columns)))
+    }
+
+    /// Decisions for the result rows `wanted` accepts.
+    pub(super) fn decisions_for(
+        &self,
+        detector: &CompiledDetector,
+        results: &[RecordBatch],
+        wanted: impl Fn(u64) -> bool,
+        ctx: &DecideContext<'_>,
+    ) -> Vec<(u64, Decision)> {
+        let mut out = Vec::new();
+        for result in results {
+            let Some(ids) = DecisionMaker::row_ids(detector, result) else {
+                continue;
+            };
+            for r in 0..result.num_rows() {
+                let row = ids.value(r);
+                if !wanted(row) {
+                    continue;
+                }
+                let Some(trigger) = ctx.triggers.get(row) else {
+                    continue;
+                };
+                out.push((
+                    row,
+                    ctx.decisions
+                        .decide_row(detector, result, r, &trigger, ctx.processed_at),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Moves `key`'s entry in `index` from time `before` to `after` (either may be none).
+pub(super) fn reindex(
+    index: &mut BTreeSet<(i64, Box<[u8]>)>,
+    key: &[u8],
+    before: Option<i64>,
+    after: Option<i64>,
+) {
+    if before == after {
+        return;
+    }
+    if let Some(t) = before {
+        index.remove(&(t, Box::from(key)));
+    }
+    if let Some(t) = after {
+        index.insert((t, Box::from(key)));
+    }
+}

@@ -1,0 +1,322 @@
+//! Keyed window state of one windowed detector, and how its rows are decided.
+//!
+//! Per key (the window's PARTITION BY, or the GROUP BY with its `date_bin` bucket) the state
+//! holds the rows of the detector's query below the window: only the rows that passed its
+//! filters, only the columns it uses, in event-time order, encoded with Arrow's row format.
+//! Hot keys live in a bounded cache; the rest is in RocksDB ([`StateStore`]).
+//!
+//! Sliding windows: each row is decided once, when the watermark passes it (every row of its
+//! frames has arrived), over that key's rows within reach of it, so the value it sees is the
+//! one the same SQL gives in batch over the whole input. Detectors whose condition only
+//! becomes true as rows enter the frame ([`rampart_sql::Timing::AtOnce`]) also look at a row
+//! as soon as every row of its own time has arrived (for input in event-time order per source:
+//! once each source has a later time): if the condition holds on what has arrived, it holds
+//! over the whole input too, and the row fires then, once. Rows that do not fire yet wait for
+//! the watermark, and are looked at again if a row arrives into their frames meanwhile.
+//!
+//! Grouped windows: a group fires once, at the first event after which its HAVING holds (found
+//! by evaluating prefixes of the batch's new rows), and then keeps no rows until its bucket
+//! has passed.
+//!
+//! The strategies are one file each: [`incremental`] sliding windows, sliding windows
+//! [`rerun`] over their rows, [`grouped`] windows; the [`cache`] of keys over the store is
+//! theirs in common.
+
+mod cache;
+mod grouped;
+mod incremental;
+mod rerun;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use datafusion::arrow::array::{Array, ArrayRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, SortField};
+use rampart_core::Decision;
+use rampart_sql::{CompiledDetector, DetectorEngine, WindowAggregate, WindowSplit};
+use rampart_state::StateStore;
+use rustc_hash::FxHashMap;
+
+use crate::decide::DecisionMaker;
+use crate::decide::triggers::TriggerStore;
+use crate::windows::frames::Due;
+use cache::Entry;
+use rerun::Rerun;
+use sha2::{Digest, Sha256};
+
+/// Where event time stands for deciding window rows (see [`rampart_core::EventClock`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Rows older than this have all the rows of their frames: they are decided for good.
+    pub watermark: i64,
+    /// Rows older than this have all their peers (in-order input): detectors whose condition
+    /// only becomes true decide them at once.
+    pub complete: i64,
+    /// The allowed lateness (µs).
+    pub lateness: i64,
+}
+
+impl Bounds {
+    /// The time a key's expiry (newest row + reach + lateness) is compared with: a key that
+    /// expired before it has no row any undecided row's frame reaches.
+    pub fn expiry_now(&self) -> i64 {
+        self.watermark.saturating_add(self.lateness)
+    }
+}
+
+/// The state of one window: one windowed detector's, or that of several with the same window
+/// (see [`WindowSplit::state_identity`]).
+pub struct KeyedState {
+    /// Store key prefix: for an incremental sliding window, a hash of its state's identity (so
+    /// detectors with the same window share it, and a detector whose window changed starts
+    /// afresh); otherwise the detector's id and version (so a changed detector starts afresh).
+    tag: Vec<u8>,
+    key_converter: Option<RowConverter>,
+    row_converter: RowConverter,
+    cache: FxHashMap<Box<[u8]>, Entry>,
+    cache_bytes: usize,
+    /// Sliding windows re-run per key: rows not yet decided, by (time, row id), with their key.
+    pending: BTreeMap<(i64, u64), Rerun>,
+    /// Sliding windows re-run per key: per key with rows looked at before the watermark, the
+    /// newest of them (a row arriving at or before it changes their frames).
+    looked_at: FxHashMap<Box<[u8]>, i64>,
+    /// Incremental sliding windows: the keys with rows not decided yet, by their oldest.
+    due: BTreeSet<(i64, Box<[u8]>)>,
+    /// Incremental sliding windows with detectors deciding at once: the keys with rows to look
+    /// at, by the oldest.
+    early: BTreeSet<(i64, Box<[u8]>)>,
+    /// The detectors reading this state, by stable tag (their bit is their position).
+    tags: Vec<u64>,
+    /// The detectors (bits) that decide at once.
+    at_once: u32,
+    /// Incremental sliding windows: the aggregates (see [`crate::windows::frames`]).
+    aggregates: Option<Vec<WindowAggregate>>,
+    /// Incremental sliding windows: every row older than this was decided.
+    decided_until: i64,
+    /// The windows' reach (µs).
+    reach: i64,
+    /// The pipeline's allowed lateness (µs).
+    lateness: i64,
+    /// Counts batches, to know which cached keys were used recently.
+    tick: u64,
+    /// About how many bytes the next checkpoint writes (see [`Self::unsaved_bytes`]).
+    unsaved_bytes: usize,
+}
+
+/// Rows to judge: the keys, each row with its key's index, and the rows' columns (`pre`'s, then
+/// the window values).
+type JudgedRows = (Vec<Box<[u8]>>, Vec<(usize, Due)>, Vec<ArrayRef>);
+
+/// Rows of one batch for one key.
+type NewRows = Vec<(i64, u64, Vec<u8>)>;
+
+/// One detector's decisions on a batch, with the rows they are for, or why it failed.
+pub type Decided = Result<Vec<(u64, Decision)>, String>;
+
+/// Keys that got rows in a batch, with how many.
+pub type Touched = Vec<(Box<[u8]>, usize)>;
+
+impl KeyedState {
+    /// Empty state for `detector` (windowed); `identity` is its split's
+    /// [`WindowSplit::state_identity`], computed once by the caller.
+    pub fn new(
+        detector: &CompiledDetector,
+        split: &WindowSplit,
+        identity: Option<&str>,
+        lateness: i64,
+    ) -> Result<Self, String> {
+        let fields = |types: Vec<datafusion::arrow::datatypes::DataType>| {
+            types.into_iter().map(SortField::new).collect::<Vec<_>>()
+        };
+        let key_types = split
+            .keys
+            .iter()
+            .map(|k| k.data_type(&split.pre_schema))
+            .collect::<datafusion::common::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let key_converter = if key_types.is_empty() {
+            None
+        } else {
+            Some(RowConverter::new(fields(key_types)).map_err(|e| e.to_string())?)
+        };
+        let row_types = split
+            .pre_schema
+            .fields()
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect();
+        let row_converter = RowConverter::new(fields(row_types)).map_err(|e| e.to_string())?;
+        let mut tag = match identity {
+            // Shared by detectors with the same window (see `state_identity`).
+            Some(identity) => format!(
+                "window/{}",
+                &hex::encode(Sha256::digest(identity.as_bytes()))[..32]
+            ),
+            None => format!("{}@{}", detector.meta.id, detector.version),
+        }
+        .into_bytes();
+        tag.push(0);
+        Ok(Self {
+            tag,
+            key_converter,
+            row_converter,
+            cache: FxHashMap::default(),
+            cache_bytes: 0,
+            pending: BTreeMap::new(),
+            looked_at: FxHashMap::default(),
+            due: BTreeSet::new(),
+            early: BTreeSet::new(),
+            tags: Vec::new(),
+            at_once: 0,
+            aggregates: split.incremental.as_ref().map(|i| i.aggregates.clone()),
+            decided_until: i64::MIN,
+            reach: micros(split.reach),
+            lateness,
+            tick: 0,
+            unsaved_bytes: 0,
+        })
+    }
+
+    /// The detectors reading this state, in order: their stable tags (see [`detector_tag`]) and
+    /// whether each decides at once. At most 32.
+    pub fn set_members(&mut self, members: &[&CompiledDetector]) {
+        self.tags = members.iter().map(|d| detector_tag(d)).collect();
+        self.at_once = members
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.split().is_some_and(|s| s.timing == rampart_sql::Timing::AtOnce))
+            .fold(0, |bits, (i, _)| bits | 1 << i);
+    }
+
+    fn all_members(&self) -> u32 {
+        (1u64 << self.tags.len().max(1)).wrapping_sub(1) as u32
+    }
+
+    /// How long after its newest row a key's rows may still be in a frame (µs): the windows'
+    /// reach plus the allowed lateness.
+    fn horizon(&self) -> i64 {
+        self.reach.saturating_add(self.lateness)
+    }
+
+    fn keys_of(
+        &self,
+        split: &WindowSplit,
+        batch: &RecordBatch,
+    ) -> Result<Option<datafusion::arrow::row::Rows>, String> {
+        let Some(converter) = &self.key_converter else {
+            return Ok(None);
+        };
+        let n = batch.num_rows();
+        let columns = split
+            .keys
+            .iter()
+            .map(|k| k.evaluate(batch).and_then(|v| v.into_array(n)))
+            .collect::<datafusion::common::Result<Vec<ArrayRef>>>()
+            .map_err(|e| e.to_string())?;
+        converter
+            .convert_columns(&columns)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Adds the rows `pre` produced for a batch. Returns the keys that got rows,
+    /// with how many (grouped windows decide those keys).
+    /// `before` is the watermark before the batch: rows no frame still due can reach are
+    /// dropped.
+    pub fn add(
+        &mut self,
+        split: &WindowSplit,
+        store: &StateStore,
+        before: i64,
+        pre: &[RecordBatch],
+    ) -> Result<Touched, String> {
+        self.tick += 1;
+        if self.aggregates.is_some() {
+            self.add_incremental(split, store, pre)?;
+            return Ok(Vec::new());
+        }
+        self.add_rows(split, store, before, pre)
+    }
+
+    /// Sliding windows: decides every waiting row older than the watermark (all of them when
+    /// `all`, at the end of the input).
+    /// One result per member detector (`members` share this state: only incremental windows
+    /// have more than one, see [`WindowSplit::state_identity`]).
+    pub fn decide_sliding(
+        &mut self,
+        members: &[&CompiledDetector],
+        ctx: &DecideContext<'_>,
+        all: bool,
+    ) -> Vec<Decided> {
+        if self.aggregates.is_some() {
+            return self.decide_incremental(members, ctx, all);
+        }
+        debug_assert_eq!(members.len(), 1, "a re-run window's state is its detector's own");
+        members
+            .iter()
+            .map(|detector| {
+                let split = detector.split().expect("windowed detectors have a split");
+                self.decide_rerun(detector, split, ctx, all)
+            })
+            .collect()
+    }
+
+    /// About how many bytes the next checkpoint writes for the rows added since the last one
+    /// (an estimate of the write batch it builds, which is held in memory until written).
+    pub fn unsaved_bytes(&self) -> usize {
+        self.unsaved_bytes
+    }
+
+    /// Approximate bytes of cached keys.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_bytes
+    }
+
+    /// Keys cached in memory.
+    pub fn cached_keys(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Rows waiting to be decided (for incremental windows: keys with such rows).
+    pub fn waiting(&self) -> usize {
+        self.pending.len() + self.due.len()
+    }
+}
+
+/// What deciding needs besides the state.
+pub struct DecideContext<'a> {
+    /// Where event time stands after the batch.
+    pub bounds: Bounds,
+    /// The batch being evaluated (`None` at the end of the input).
+    pub events: Option<&'a crate::input::decode::EventBatch>,
+    /// Decision maker of the pipeline.
+    pub decisions: &'a DecisionMaker,
+    /// Processing time stamp.
+    pub processed_at: &'a str,
+    /// Runs the detectors' plans.
+    pub engine: &'a DetectorEngine,
+    /// The window state on disk.
+    pub store: &'a StateStore,
+    /// The events behind rows not decided yet.
+    pub triggers: &'a TriggerStore,
+}
+
+/// A detector version's stable tag: which detector fired on a row at once, as stored.
+pub fn detector_tag(detector: &CompiledDetector) -> u64 {
+    let digest = Sha256::digest(format!("{}@{}", detector.meta.id, detector.version).as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+fn micros(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Result<&T, String> {
+    batch
+        .columns()
+        .get(index)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| {
+            format!("internal: column {index} of the rows under the window has an unexpected type")
+        })
+}

@@ -1,0 +1,142 @@
+//! Window work and checkpoints: the windowed detectors run on the batches the source admitted,
+//! a few per round; a checkpoint waits for the broker to acknowledge every message before it,
+//! then writes the window state with the input (offsets) it reflects, on its own thread.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rampart_core::parse_kafka_source;
+use rampart_engine::pipeline::Input;
+use rampart_engine::{EventBatch, Pipeline};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::Service;
+use crate::ServiceError;
+use crate::kafka::ProducerCallbacks;
+use crate::metrics::Health;
+
+impl Service<'_> {
+    /// Runs the windowed detectors on up to `n` batches of `backlog`, oldest first, and
+    /// publishes what they decide.
+    pub(super) fn work_windows(
+        &mut self,
+        backlog: &mut VecDeque<EventBatch>,
+        n: usize,
+    ) -> Result<(), ServiceError> {
+        for batch in backlog.drain(..n.min(backlog.len())) {
+            self.pipeline.evaluate_windowed(&batch).emit(self)?;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint of everything consumed, on this thread (when stopping or reloading, with
+    /// no checkpoint running and no window work left).
+    pub(super) fn checkpoint_now(
+        &mut self,
+        acks: &ProducerCallbacks,
+        stop: &AtomicUsize,
+        health: &Health,
+    ) -> Result<(), ServiceError> {
+        let (input, tpl) = self.input_for_checkpoint();
+        let guard = self.pipeline.guard_snapshot();
+        self.sync_audit()?;
+        let result = write(&self.pipeline, acks, self.last_seq(), &input, guard, stop, health);
+        self.checkpointed(result, &tpl)
+    }
+
+    /// The input a checkpoint beginning now writes, and the offsets to commit to the group
+    /// after it.
+    pub(super) fn input_for_checkpoint(&mut self) -> (Input, TopicPartitionList) {
+        let input = self.pipeline.input_for_checkpoint();
+        let mut tpl = TopicPartitionList::new();
+        for (source, progress) in &input.progress {
+            if let (Some((topic, partition)), Some(next)) = (parse_kafka_source(source), progress.next_offset)
+                && let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(next))
+            {
+                tracing::debug!(error = %e, "offset list");
+            }
+        }
+        (input, tpl)
+    }
+
+    /// Waits for the checkpoint running, if any, and takes its result.
+    pub(super) fn finish_checkpoint(
+        &mut self,
+        running: Option<super::Running<'_>>,
+    ) -> Result<(), ServiceError> {
+        match running {
+            Some((handle, tpl)) => self.checkpointed(super::join(handle), &tpl),
+            None => Ok(()),
+        }
+    }
+
+    /// After a checkpoint: commits its offsets to the group (for lag tools; the state store
+    /// stays the source of truth) and updates the metrics.
+    pub(super) fn checkpointed(
+        &mut self,
+        result: Result<Duration, ServiceError>,
+        tpl: &TopicPartitionList,
+    ) -> Result<(), ServiceError> {
+        let took = result?;
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(tpl, CommitMode::Async)
+        {
+            tracing::debug!(error = %e, "group offset commit (informational)");
+        }
+        self.metrics.checkpoints.inc();
+        self.summary.checkpoints += 1;
+        self.metrics.checkpoint.record(took.as_micros() as u64);
+        let stats = self.pipeline.state_stats();
+        self.metrics.state_disk_bytes.set(stats.disk_bytes as i64);
+        self.metrics.state_cached_bytes.set(stats.cached_bytes as i64);
+        self.metrics.state_waiting_rows.set(stats.waiting_rows as i64);
+        if self.health.not_ready().is_some() {
+            self.health.set_not_ready(None);
+        }
+        Ok(())
+    }
+}
+
+/// A checkpoint: waits until the broker acknowledged every message numbered `through` or
+/// lower (every decision and dead letter of the batches the window state holds), then writes
+/// the window state with `input` (the offsets it reflects) in one RocksDB write. Gives up
+/// waiting only on a second stop signal. Returns how long it took.
+pub(super) fn write(
+    pipeline: &Pipeline,
+    acks: &ProducerCallbacks,
+    through: Option<usize>,
+    input: &Input,
+    guard: Vec<u8>,
+    stop: &AtomicUsize,
+    health: &Health,
+) -> Result<Duration, ServiceError> {
+    let started = Instant::now();
+    while let Some(seq) = through
+        && !acks.settled_through(seq)
+    {
+        if started.elapsed() > Duration::from_secs(1) {
+            health.set_not_ready(Some(format!(
+                "waiting for the broker to acknowledge decisions ({} s)",
+                started.elapsed().as_secs()
+            )));
+        }
+        if stop.load(Ordering::Relaxed) >= 2 {
+            return Err(ServiceError::Interrupted);
+        }
+        health.beat();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if acks.failed.load(Ordering::Relaxed) > 0 {
+        let error = acks
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        return Err(ServiceError::Delivery(error));
+    }
+    pipeline.checkpoint_with(input, guard)?;
+    Ok(started.elapsed())
+}

@@ -1,0 +1,476 @@
+//! The processing loop of service mode, split by role: [`source`] (polling, decoding,
+//! admitting and the per-event detectors; event time per partition), [`sink`] (decisions and
+//! dead letters to Kafka, the audit log), [`admin`] (operators' commands, reloads) and
+//! [`checkpoint`] (window work and checkpoints with the offsets they reflect).
+
+mod admin;
+mod checkpoint;
+mod sink;
+mod source;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use std::sync::Mutex;
+
+use rampart_core::parse_kafka_source;
+use rampart_engine::guardrails::audit::{self, AuditLog};
+use rampart_engine::pipeline::config::KafkaConfig;
+use rampart_engine::pipeline::tables::TableSource;
+use rampart_engine::{EventBatch, Pipeline};
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{Producer, ThreadedProducer};
+
+use crate::http::{self, AdminRequest};
+use crate::kafka::{self, ConsumerCallbacks, ProducerCallbacks, StoredOffsets};
+use crate::metrics::{Health, Metrics};
+use crate::{RunOptions, RunSummary, ServiceError, tables, watch};
+
+/// Batches of window work done per round of the loop while catching up after a checkpoint.
+const WINDOW_BATCHES_PER_ROUND: usize = 4;
+/// Batches waiting for window work beyond which consuming stops until they are done.
+const MAX_WINDOW_BACKLOG: usize = 256;
+
+/// Runs the pipeline as a service until `options.stop` is raised. Returns after the batch in
+/// flight is decided, its decisions acknowledged and a final checkpoint written.
+pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, ServiceError> {
+    let kafka = pipeline.config.kafka.clone().ok_or_else(|| {
+        ServiceError::Config(format!(
+            "{} has no [kafka] section: say which topics to consume and where decisions go (see docs/operations.md)",
+            pipeline.dir.join("pipeline.toml").display()
+        ))
+    })?;
+    if !pipeline.is_persistent() {
+        return Err(ServiceError::Config(
+            "service mode needs a persistent window state (it stores the source offsets with it)".into(),
+        ));
+    }
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    health.beat();
+    health.set_not_ready(Some("starting".into()));
+    let listen = options
+        .listen
+        .as_deref()
+        .unwrap_or(&pipeline.config.service.listen);
+    let (admin_sender, admin) = mpsc::channel();
+    let endpoint = http::Endpoint::start(listen, Arc::clone(&metrics), Arc::clone(&health), admin_sender)
+        .map_err(ServiceError::Http)?;
+    tracing::info!(address = %endpoint.address, "serving /metrics, /healthz and /readyz");
+
+    let (consumer_config, producer_config) = kafka::client_configs(&kafka, &options.env);
+    let tables = follow_tables(&pipeline, &kafka, &consumer_config, &producer_config)?;
+    let offsets = stored_offsets(&pipeline);
+    let behind: Arc<Mutex<BTreeMap<String, bool>>> = Arc::default();
+    let producer: ThreadedProducer<ProducerCallbacks> = producer_config
+        .create_with_context(ProducerCallbacks::new(Arc::clone(&health)))
+        .map_err(ServiceError::client("producer"))?;
+    let consumer: BaseConsumer<ConsumerCallbacks> = consumer_config
+        .create_with_context(ConsumerCallbacks {
+            offsets: Arc::clone(&offsets),
+            health: Arc::clone(&health),
+            metrics: Arc::clone(&metrics),
+            behind: Arc::clone(&behind),
+        })
+        .map_err(ServiceError::client("consumer"))?;
+    let inputs: Vec<&str> = kafka.input_topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&inputs)
+        .map_err(|e| ServiceError::Broker(format!("cannot subscribe to {}: {e}", inputs.join(", "))))?;
+    health.set_not_ready(None);
+    tracing::info!(
+        pipeline = %pipeline.config.name,
+        inputs = %inputs.join(", "),
+        decisions = %kafka.decisions_topic,
+        dead_letters = %kafka.dead_letter_topic,
+        "running"
+    );
+
+    let audit = open_audit(&pipeline, &metrics)?;
+    let decoder = pipeline.decoder();
+    pipeline.set_live(idleness(&pipeline));
+    let watched = watch::Fingerprint::of(&pipeline.dir);
+    let mut service = Service {
+        pipeline: Arc::new(pipeline),
+        kafka: &kafka,
+        consumer,
+        producer,
+        metrics,
+        health,
+        offsets,
+        stop: options.stop,
+        until_idle: options.until_idle,
+        until_end: options.until_end,
+        next_seq: 0,
+        summary: RunSummary::default(),
+        topics: BTreeMap::new(),
+        decoder,
+        warned_detectors: Vec::new(),
+        tripped: false,
+        admin,
+        audit,
+        reload: options.reload,
+        watch: options.watch.then_some((watched, Instant::now())),
+        reload_note: None,
+        tables,
+        behind,
+        assignments_seen: u64::MAX,
+        paused: BTreeSet::new(),
+        behind_told: BTreeMap::new(),
+        last_tick: Instant::now(),
+        last_event_time_note: None,
+    };
+    service.refresh_notes();
+    let result = service.serve();
+    drop(endpoint);
+    result.map(|()| service.summary)
+}
+
+/// Makes sure every topic the pipeline uses exists (creating them if so configured), and
+/// starts following the reference tables that come from compacted topics.
+fn follow_tables(
+    pipeline: &Pipeline,
+    kafka: &KafkaConfig,
+    consumer_config: &rdkafka::ClientConfig,
+    producer_config: &rdkafka::ClientConfig,
+) -> Result<Vec<tables::TableFollower>, ServiceError> {
+    let mut topics: Vec<&str> = kafka.input_topics.iter().map(String::as_str).collect();
+    topics.extend([
+        kafka.decisions_topic.as_str(),
+        kafka.shadow_topic.as_str(),
+        kafka.dead_letter_topic.as_str(),
+    ]);
+    let table_topics: Vec<(String, String)> = pipeline
+        .tables()
+        .into_iter()
+        .filter_map(|t| match t.source {
+            TableSource::Topic { topic, .. } => Some((t.name, topic)),
+            TableSource::File(_) => None,
+        })
+        .collect();
+    topics.extend(table_topics.iter().map(|(_, topic)| topic.as_str()));
+    kafka::ensure_topics(producer_config, &topics, kafka.create_topics, kafka.partitions)?;
+    table_topics
+        .iter()
+        .map(|(name, topic)| tables::TableFollower::start(name, topic, consumer_config))
+        .collect()
+}
+
+/// The next offset of each input partition, as stored with the window state: where the
+/// consumer resumes when the partition is assigned.
+fn stored_offsets(pipeline: &Pipeline) -> StoredOffsets {
+    let offsets: StoredOffsets = Arc::default();
+    let mut o = offsets.lock().unwrap_or_else(|p| p.into_inner());
+    for (source, p) in pipeline.progress() {
+        if let (Some(partition), Some(next)) = (parse_kafka_source(&source), p.next_offset) {
+            o.insert(partition, next);
+        }
+    }
+    if !o.is_empty() {
+        tracing::info!(
+            partitions = o.len(),
+            "resuming from the offsets stored with the window state"
+        );
+    }
+    drop(o);
+    offsets
+}
+
+/// The audit log, if the pipeline has one, with a start entry recording the rules.
+fn open_audit(pipeline: &Pipeline, metrics: &Metrics) -> Result<Option<AuditLog>, ServiceError> {
+    let Some(path) = &pipeline.config.audit_path else {
+        return Ok(None);
+    };
+    let log = AuditLog::open_recording(path, &pipeline.rule_versions(), &audit::local_user(), "start")
+        .map_err(ServiceError::audit(path))?;
+    metrics.audit_entries.set(log.entries() as i64);
+    Ok(Some(log))
+}
+
+/// The processing loop's state.
+struct Service<'a> {
+    pipeline: Arc<Pipeline>,
+    kafka: &'a KafkaConfig,
+    consumer: BaseConsumer<ConsumerCallbacks>,
+    producer: ThreadedProducer<ProducerCallbacks>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    offsets: StoredOffsets,
+    stop: Arc<AtomicUsize>,
+    until_idle: Option<Duration>,
+    until_end: bool,
+    /// The sequence number of the last message handed to the producer.
+    next_seq: usize,
+    summary: RunSummary,
+    /// Interned topic names (positions share them).
+    topics: BTreeMap<String, Arc<str>>,
+    /// Maps messages into event batches (emptied at the end of every round).
+    decoder: rampart_engine::input::decode::Decoder,
+    /// Detectors whose run-time failure was already logged.
+    warned_detectors: Vec<String>,
+    /// Whether the batch being published tripped the blast-radius fail-safe.
+    tripped: bool,
+    /// Operators' commands from the HTTP endpoint.
+    admin: mpsc::Receiver<AdminRequest>,
+    /// The hash-chained audit log, if configured.
+    audit: Option<AuditLog>,
+    /// Raised to reload the pipeline (SIGHUP).
+    reload: Arc<AtomicBool>,
+    /// The pipeline directory as last loaded, and when it was last looked at (`None`: no
+    /// watching).
+    watch: Option<(watch::Fingerprint, Instant)>,
+    /// Why the last reload was refused (until one succeeds), for /readyz.
+    reload_note: Option<String>,
+    /// Reference tables followed from compacted topics.
+    tables: Vec<tables::TableFollower>,
+    /// Per input partition, whether librdkafka last reported records not yet consumed.
+    behind: Arc<Mutex<BTreeMap<String, bool>>>,
+    /// The assignment generation the event-time clock follows.
+    assignments_seen: u64,
+    /// Input partitions paused because they run ahead of the watermark.
+    paused: BTreeSet<(String, i32)>,
+    /// What the clock was last told of each partition's records waiting (`behind`).
+    behind_told: BTreeMap<String, bool>,
+    /// When processing time last moved the windows.
+    last_tick: Instant,
+    /// What /readyz says about event time (a partition holding the watermark back).
+    last_event_time_note: Option<String>,
+}
+
+/// How often, with nothing else to do, processing time moves the windows (idle and quiet
+/// partitions).
+const TICK_EVERY: Duration = Duration::from_millis(50);
+
+/// The processing-time rules of the pipeline's event time.
+fn idleness(pipeline: &Pipeline) -> rampart_core::Idleness {
+    rampart_core::Idleness {
+        idle_after: pipeline.config.service.partition_idle_after,
+        quiet_after: pipeline.config.service.quiet_after,
+    }
+}
+
+/// When things last happened, for the loop's time-based choices.
+struct Timers {
+    last_checkpoint: Instant,
+    /// The last message consumed (or the last moment there was something else to do).
+    last_message: Instant,
+    last_end_check: Instant,
+    last_end_note: Instant,
+}
+
+impl Timers {
+    fn now() -> Self {
+        let now = Instant::now();
+        Self {
+            last_checkpoint: now,
+            last_message: now,
+            last_end_check: now,
+            last_end_note: now,
+        }
+    }
+}
+
+/// A checkpoint running on its own thread, and the offsets to commit to the group after it.
+type Running<'scope> = (
+    std::thread::ScopedJoinHandle<'scope, Result<Duration, ServiceError>>,
+    TopicPartitionList,
+);
+
+impl Service<'_> {
+    /// The loop: gather a micro-batch, run the per-event detectors and publish at once, then
+    /// the windowed detectors, and start a checkpoint every `checkpoint_interval`. A checkpoint
+    /// runs on its own thread (waiting for acknowledgements, then the RocksDB write) while this
+    /// one goes on consuming and publishing per-event decisions; window work waits for it.
+    fn serve(&mut self) -> Result<(), ServiceError> {
+        let interval = self.pipeline.config.service.checkpoint_interval;
+        let mut timers = Timers::now();
+        let mut backlog: VecDeque<EventBatch> = VecDeque::new();
+        let acks = Arc::clone(self.producer.context());
+        let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
+        std::thread::scope(|scope| -> Result<(), ServiceError> {
+            let mut running: Option<Running<'_>> = None;
+            let mut body = || -> Result<(), ServiceError> {
+                loop {
+                    let stopping = self.stop.load(Ordering::Relaxed) > 0;
+                    self.health.beat();
+                    // Between two batches: each sees one version of every table.
+                    for table in &mut self.tables {
+                        table.apply(&self.pipeline);
+                    }
+                    if let Some(reload) = self.take_admin()? {
+                        // A reload starts from a state that holds everything consumed.
+                        self.finish_checkpoint(running.take())?;
+                        self.work_windows(&mut backlog, usize::MAX)?;
+                        self.reload_pipeline(reload, &acks, &stop, &health)?;
+                        timers.last_checkpoint = Instant::now();
+                        timers.last_message = Instant::now();
+                        continue;
+                    }
+                    self.consume_round(stopping, running.is_some(), &mut backlog, &mut timers)?;
+                    if running.as_ref().is_some_and(|(h, _)| h.is_finished()) {
+                        self.finish_checkpoint(running.take())?;
+                    }
+                    self.follow_event_time();
+                    if running.is_none() {
+                        self.window_round(&mut backlog, &mut timers)?;
+                    }
+                    let idle = self
+                        .until_idle
+                        .is_some_and(|idle| timers.last_message.elapsed() >= idle);
+                    let ended =
+                        self.until_end && backlog.is_empty() && running.is_none() && self.at_end(&mut timers);
+                    if stopping || idle || ended {
+                        if idle && !stopping {
+                            tracing::info!("no message for the idle period");
+                        }
+                        if ended && !stopping {
+                            self.end_of_input()?;
+                        }
+                        tracing::info!("stopping: checkpointing what was consumed");
+                        self.finish_checkpoint(running.take())?;
+                        self.work_windows(&mut backlog, usize::MAX)?;
+                        self.checkpoint_now(&acks, &stop, &health)?;
+                        return Ok(());
+                    }
+                    // The state must hold every consumed batch: start only with no window work left.
+                    if running.is_none()
+                        && backlog.is_empty()
+                        && self.pipeline.has_new_input()
+                        && timers.last_checkpoint.elapsed() >= interval
+                    {
+                        let (input, tpl) = self.input_for_checkpoint();
+                        let through = self.last_seq();
+                        // The guard state as of the decisions the checkpoint waits for.
+                        let guard = self.pipeline.guard_snapshot();
+                        self.sync_audit()?;
+                        let pipeline = Arc::clone(&self.pipeline);
+                        let (acks, stop, health) = (&acks, &stop, &health);
+                        let handle = scope.spawn(move || {
+                            checkpoint::write(&pipeline, acks, through, &input, guard, stop, health)
+                        });
+                        running = Some((handle, tpl));
+                        timers.last_checkpoint = Instant::now();
+                    }
+                }
+            };
+            let result = body();
+            if result.is_err() {
+                // A checkpoint still waiting for the broker must not hold the exit up.
+                stop.fetch_max(2, Ordering::SeqCst);
+            }
+            result
+        })?;
+        self.consumer.unsubscribe();
+        tracing::info!(
+            events = self.summary.events,
+            decisions = self.summary.decisions,
+            "stopped cleanly"
+        );
+        Ok(())
+    }
+
+    /// Consumes a micro-batch, unless stopping, or unless the window backlog is past its bound
+    /// while a checkpoint holds the windows up (backpressure: consume no more).
+    fn consume_round(
+        &mut self,
+        stopping: bool,
+        checkpointing: bool,
+        backlog: &mut VecDeque<EventBatch>,
+        timers: &mut Timers,
+    ) -> Result<(), ServiceError> {
+        if backlog.len() > MAX_WINDOW_BACKLOG && checkpointing {
+            // (Not idleness.)
+            std::thread::sleep(Duration::from_millis(5));
+            timers.last_message = Instant::now();
+            return Ok(());
+        }
+        if stopping {
+            return Ok(());
+        }
+        let gathered = self.gather();
+        if gathered.messages > 0 || self.health.assigned.load(Ordering::Relaxed) == 0 {
+            // (Idle time counts from the assignment: joining the group is not idleness.)
+            timers.last_message = Instant::now();
+        }
+        if gathered.messages > 0 {
+            if self.summary.events == 0 && self.summary.bad_records == 0 {
+                tracing::info!("first message consumed");
+            }
+            backlog.extend(self.process(gathered)?);
+        }
+        Ok(())
+    }
+
+    /// With no checkpoint running: window work catches up a few batches per round, so that
+    /// consuming and per-event decisions do not wait for the whole backlog (a backlog past its
+    /// bound is worked off whole: consuming waits); with nothing consumed, processing time
+    /// alone may make rows certain (a quiet stream, an idle partition).
+    fn window_round(
+        &mut self,
+        backlog: &mut VecDeque<EventBatch>,
+        timers: &mut Timers,
+    ) -> Result<(), ServiceError> {
+        if !backlog.is_empty() {
+            let take = if backlog.len() > MAX_WINDOW_BACKLOG {
+                usize::MAX
+            } else {
+                WINDOW_BATCHES_PER_ROUND
+            };
+            self.work_windows(backlog, take)?;
+            // (Idle time is time with nothing to do.)
+            timers.last_message = Instant::now();
+        } else if self.last_tick.elapsed() >= TICK_EVERY {
+            self.last_tick = Instant::now();
+            self.pipeline.tick().emit(self)?;
+        }
+        Ok(())
+    }
+
+    /// Whether every assigned partition is consumed to its end: nothing came for a moment (at
+    /// least the quiet period: the stream's last rows count as complete), and the broker's
+    /// high watermarks say nothing is left (asked at most twice a second).
+    fn at_end(&mut self, timers: &mut Timers) -> bool {
+        let quiet = self.pipeline.config.service.quiet_after + 2 * TICK_EVERY;
+        if timers.last_message.elapsed() < quiet.max(Duration::from_millis(200))
+            || timers.last_end_check.elapsed() < Duration::from_millis(500)
+        {
+            return false;
+        }
+        timers.last_end_check = Instant::now();
+        let behind = self.partitions_behind();
+        if !behind.is_empty() && timers.last_end_note.elapsed() >= Duration::from_secs(10) {
+            tracing::info!(events = self.summary.events, ?behind, "not yet at the end");
+            timers.last_end_note = Instant::now();
+        }
+        behind.is_empty()
+    }
+
+    /// At the end of the input (`--until-end`): nothing is left behind, so the stream is
+    /// quiet and its last rows complete; paused partitions are at their end too.
+    fn end_of_input(&mut self) -> Result<(), ServiceError> {
+        tracing::info!("every assigned partition consumed to its end");
+        let names: Vec<String> = {
+            let mut behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
+            behind.values_mut().for_each(|b| *b = false);
+            behind.keys().cloned().collect()
+        };
+        for name in names {
+            self.pipeline.set_source_flags(&name, None, Some(false));
+        }
+        for (topic, partition) in self.paused.clone() {
+            if let Err(e) = self.set_paused(&topic, partition, false) {
+                tracing::debug!(partition = %topic, error = %e, "resume at the end");
+            }
+        }
+        self.pipeline.tick().emit(self)
+    }
+}
+
+/// Waits for a checkpoint thread (its panic is this thread's panic).
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}

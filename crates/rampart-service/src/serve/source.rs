@@ -1,0 +1,357 @@
+//! The source side of the loop: polling a micro-batch, decoding its messages, admitting the
+//! batches into the pipeline and running the per-event detectors at once; and keeping the
+//! pipeline's event time in step with the consumer's partitions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rampart_core::parse_kafka_source;
+use rampart_engine::input::decode::Decoded;
+use rampart_engine::pipeline::EventTime;
+use rampart_engine::{DeadLetter, EventBatch};
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::Service;
+use crate::ServiceError;
+use crate::metrics::{PartitionLabels, now_ms};
+
+/// One record sent to the dead-letter topic, with the original bytes.
+pub(super) struct Letter {
+    pub(super) letter: DeadLetter,
+    pub(super) payload: Vec<u8>,
+    pub(super) key: Option<Vec<u8>>,
+}
+
+/// What one round of polling gathered.
+#[derive(Default)]
+pub(super) struct Gathered {
+    pub(super) batches: Vec<EventBatch>,
+    pub(super) letters: Vec<Letter>,
+    /// Kafka timestamps (ms) of the messages, for the end-to-end latency.
+    pub(super) timestamps: Vec<i64>,
+    pub(super) messages: usize,
+}
+
+impl Service<'_> {
+    /// The assigned partitions not yet consumed up to their high watermark, each as
+    /// `topic/partition position/high` (empty: at the end). The position is the next offset
+    /// after what was consumed (or stored with the state) or the consumer's fetch position,
+    /// whichever is further, else the partition's start (`auto.offset.reset = earliest`). An
+    /// unreachable broker answers nothing: not at the end.
+    pub(super) fn partitions_behind(&self) -> Vec<String> {
+        if self.health.assigned.load(Ordering::Relaxed) == 0 {
+            return vec!["no partition assigned".to_string()];
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return vec!["no assignment".to_string()];
+        };
+        let positions = self.consumer.position().ok();
+        let consumed = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut behind = Vec::new();
+        for element in assignment.elements() {
+            let (topic, partition) = (element.topic(), element.partition());
+            let (low, high) = match self
+                .consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(5))
+            {
+                Ok(watermarks) => watermarks,
+                Err(error) => {
+                    behind.push(format!("{topic}/{partition}: {error}"));
+                    continue;
+                }
+            };
+            let fetched = positions
+                .as_ref()
+                .and_then(|p| p.find_partition(topic, partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(n) => Some(n),
+                    _ => None,
+                });
+            // (The larger: the fetch position also passes records the application never
+            // sees, such as transaction markers.)
+            let position = consumed
+                .get(&(topic.to_string(), partition))
+                .copied()
+                .max(fetched)
+                .unwrap_or(low);
+            if position < high {
+                behind.push(format!("{topic}/{partition} {position}/{high}"));
+            }
+        }
+        behind
+    }
+
+    /// Polls until a micro-batch is full (`source.batch_size` events) or `batch_max_wait` has
+    /// passed since its first message; returns at once (empty) when nothing comes for 100 ms.
+    pub(super) fn gather(&mut self) -> Gathered {
+        let mut out = Gathered::default();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let timeout = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => Duration::from_millis(100),
+            };
+            let polled = self.consumer.poll(timeout);
+            let message = match polled {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    if deadline.is_none() {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Ok(m)) => m,
+            };
+            deadline.get_or_insert_with(|| Instant::now() + self.kafka.batch_max_wait);
+            out.messages += 1;
+            let topic = intern(&mut self.topics, message.topic());
+            let (partition, offset) = (message.partition(), message.offset());
+            out.timestamps
+                .push(message.timestamp().to_millis().unwrap_or_else(now_ms));
+            let payload = message.payload().unwrap_or_default();
+            let key = message.key();
+            self.decoder
+                .decode_message(&topic, partition, offset, payload, &mut |d| match d {
+                    Decoded::Batch(b) => {
+                        out.batches.push(b);
+                    }
+                    Decoded::DeadLetter(letter) => {
+                        out.letters.push(Letter {
+                            letter,
+                            payload: payload.to_vec(),
+                            key: key.map(<[u8]>::to_vec),
+                        });
+                    }
+                    Decoded::Lines(_) | Decoded::Progress(_) => {}
+                });
+            // Seen by the rebalance callback: a re-assignment resumes after what the window
+            // state in memory already holds.
+            self.offsets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((topic.to_string(), partition), offset + 1);
+            if !out.batches.is_empty() {
+                break;
+            }
+        }
+        self.decoder.flush(&mut |d| {
+            if let Decoded::Batch(b) = d {
+                out.batches.push(b);
+            }
+        });
+        if out.messages > 0 && self.health.not_ready().is_some_and(|r| r.contains("unreachable")) {
+            self.health.set_not_ready(None);
+        }
+        out
+    }
+
+    /// Admits a gathered micro-batch into the pipeline (numbering its rows, counting its
+    /// input), runs the per-event detectors on it and hands their decisions and the dead letters
+    /// to the producer; returns the batches for the windowed detectors.
+    pub(super) fn process(&mut self, gathered: Gathered) -> Result<Vec<EventBatch>, ServiceError> {
+        let complete = Instant::now();
+        for letter in gathered.letters {
+            if !self.pipeline.admit_dead_letter(&letter.letter) {
+                continue;
+            }
+            self.metrics.bad_records.inc();
+            self.summary.bad_records += 1;
+            self.send_dead_letter(&letter.letter, &letter.payload, letter.key.as_deref())?;
+        }
+        let mut batches = Vec::with_capacity(gathered.batches.len());
+        for batch in gathered.batches {
+            let Some(batch) = self.pipeline.admit(batch) else {
+                continue;
+            };
+            let n = batch.batch.num_rows();
+            self.metrics.events.inc_by(n as u64);
+            self.metrics.batch_events.observe(n as f64);
+            self.summary.events += n as u64;
+            if let Some(newest) = (0..n).map(|i| batch.event_time(i)).max() {
+                let seconds = newest.div_euclid(1_000_000);
+                if seconds > self.metrics.newest_event_time.get() {
+                    self.metrics.newest_event_time.set(seconds);
+                }
+            }
+            self.pipeline.evaluate_per_event(&batch).emit(self)?;
+            batches.push(batch);
+        }
+        let now = now_ms();
+        self.metrics
+            .processing
+            .record(complete.elapsed().as_micros() as u64);
+        for t in gathered.timestamps {
+            self.metrics
+                .end_to_end
+                .record(u64::try_from(now - t).unwrap_or(0).saturating_mul(1000));
+        }
+        Ok(batches)
+    }
+
+    /// Pauses or resumes one input partition, and tells the clock (a paused partition is
+    /// neither idle nor quiet).
+    pub(super) fn set_paused(&mut self, topic: &str, partition: i32, pause: bool) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        if pause {
+            self.consumer.pause(&tpl)?;
+            self.paused.insert((topic.to_string(), partition));
+        } else {
+            self.consumer.resume(&tpl)?;
+            self.paused.remove(&(topic.to_string(), partition));
+        }
+        let name = rampart_core::kafka_source(topic, partition);
+        self.pipeline.set_source_flags(&name, Some(pause), None);
+        Ok(())
+    }
+
+    /// Keeps the pipeline's event-time clock in step with the consumer: the assigned
+    /// partitions, which of them have records not consumed yet; pauses the partitions that run
+    /// ahead of the slowest one by more than `max_partition_skew` (resumes them at half that,
+    /// or when it goes idle); and exports it all.
+    pub(super) fn follow_event_time(&mut self) {
+        self.follow_assignment();
+        // What librdkafka says has records waiting, told to the clock when it changes.
+        let behind = self.behind.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (name, b) in behind {
+            if self.behind_told.get(&name) != Some(&b) {
+                self.pipeline.set_source_flags(&name, None, Some(b));
+                self.behind_told.insert(name, b);
+            }
+        }
+        let Some(time) = self.pipeline.event_time() else {
+            return;
+        };
+        self.align_partitions(&time);
+        self.export_event_time(&time);
+    }
+
+    /// After a new assignment, tells the clock which partitions this instance consumes.
+    fn follow_assignment(&mut self) {
+        let generation = self.health.assignments.load(Ordering::Relaxed);
+        if generation == self.assignments_seen {
+            return;
+        }
+        self.assignments_seen = generation;
+        let names: Vec<String> = self
+            .consumer
+            .assignment()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| rampart_core::kafka_source(e.topic(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.pipeline.track_sources(&names);
+        // A new assignment (or a reloaded pipeline's clock) starts unpaused: librdkafka
+        // may keep a re-assigned partition paused, so resume what was paused.
+        for (topic, partition) in self.paused.clone() {
+            if let Err(e) = self.set_paused(&topic, partition, false) {
+                tracing::debug!(partition = %topic, error = %e, "resume after an assignment");
+            }
+        }
+        self.paused.clear();
+        self.behind_told.clear();
+    }
+
+    /// Pauses the partitions whose watermark runs more than `max_partition_skew` ahead of the
+    /// slowest partition that holds the watermark and has records (one with none yet becomes
+    /// idle instead), and resumes them at half that (Flink's watermark alignment): the rows
+    /// waiting for the slowest one stay bounded.
+    fn align_partitions(&mut self, time: &EventTime) {
+        let skew =
+            i64::try_from(self.pipeline.config.service.max_partition_skew.as_micros()).unwrap_or(i64::MAX);
+        let holder = time
+            .sources
+            .iter()
+            .filter(|s| s.newest > i64::MIN && !s.idle)
+            .min_by_key(|s| s.newest);
+        let catching_up = holder.map(|h| h.watermark(time.lateness));
+        for source in &time.sources {
+            let Some((topic, partition)) = parse_kafka_source(&source.name) else {
+                continue;
+            };
+            let lead = catching_up.map(|floor| source.watermark(time.lateness).saturating_sub(floor));
+            let paused = self.paused.contains(&(topic.clone(), partition));
+            let pause = match lead {
+                Some(lead) if !paused => lead > skew,
+                Some(lead) => lead > skew / 2,
+                None => false,
+            };
+            if pause == paused {
+                continue;
+            }
+            match self.set_paused(&topic, partition, pause) {
+                Ok(()) => tracing::info!(
+                    partition = %source.name,
+                    lead_s = lead.unwrap_or_default() / 1_000_000,
+                    "{} (event time ahead of the watermark)",
+                    if pause { "paused" } else { "resumed" }
+                ),
+                Err(e) => tracing::warn!(partition = %source.name, error = %e, "cannot pause or resume"),
+            }
+        }
+    }
+
+    /// Event time in the metrics (the watermark; per partition: its watermark, how far its
+    /// events lag the wall clock, whether it is paused) and in /readyz (a partition holding
+    /// the watermark back).
+    fn export_event_time(&mut self, time: &EventTime) {
+        let now_s = now_ms() / 1000;
+        if time.watermark > i64::MIN {
+            self.metrics.watermark.set(time.watermark.div_euclid(1_000_000));
+        }
+        for source in &time.sources {
+            let Some((topic, partition)) = parse_kafka_source(&source.name) else {
+                continue;
+            };
+            let labels = PartitionLabels {
+                topic,
+                partition: partition.to_string(),
+            };
+            let paused = self.paused.contains(&(labels.topic.clone(), partition));
+            self.metrics
+                .partition_paused
+                .get_or_create(&labels)
+                .set(i64::from(paused));
+            if source.newest > i64::MIN {
+                let seconds = source.newest.div_euclid(1_000_000);
+                self.metrics
+                    .partition_watermark
+                    .get_or_create(&labels)
+                    .set(source.watermark(time.lateness).div_euclid(1_000_000));
+                self.metrics
+                    .partition_event_lag
+                    .get_or_create(&labels)
+                    .set(now_s - seconds);
+            }
+        }
+        let note = time.laggard.as_ref().map(|(name, behind)| {
+            format!(
+                "event time: {name} holds the watermark back, {} behind the newest partition (its rows wait; {} partition(s) paused)",
+                humantime::format_duration(Duration::from_secs(u64::try_from(behind / 1_000_000).unwrap_or(0))),
+                self.paused.len()
+            )
+        });
+        if note != self.last_event_time_note {
+            self.last_event_time_note = note;
+            self.refresh_notes();
+        }
+    }
+}
+
+/// The shared name of a topic (positions of its events share it).
+fn intern(topics: &mut BTreeMap<String, Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(t) = topics.get(name) {
+        return Arc::clone(t);
+    }
+    let t: Arc<str> = Arc::from(name);
+    topics.insert(name.to_string(), Arc::clone(&t));
+    t
+}
