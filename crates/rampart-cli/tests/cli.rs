@@ -645,3 +645,73 @@ fn a_detector_that_would_block_everyone_falls_back_to_shadow_and_the_audit_log_h
         text(&v.stdout)
     );
 }
+
+/// The tidy check: every source file opens with a `//!` line saying what it is, and is named
+/// in ARCHITECTURE.md under its crate (a `mod.rs` by its folder, `lib.rs`/`main.rs` by the
+/// crate's own section), so that the code map stays true as files come and go.
+#[test]
+fn every_source_file_is_documented_and_named_in_the_architecture() {
+    let architecture = std::fs::read_to_string(root().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let mut problems = Vec::new();
+    let mut crates: Vec<PathBuf> = std::fs::read_dir(root().join("crates"))
+        .expect("crates/")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    crates.sort();
+    for krate in crates {
+        let name = krate.file_name().expect("name").to_string_lossy().into_owned();
+        let heading = format!("### `crates/{name}`");
+        let Some(start) = architecture.find(&heading) else {
+            problems.push(format!("ARCHITECTURE.md has no section `{heading}`"));
+            continue;
+        };
+        let rest = &architecture[start + heading.len()..];
+        let section = &rest[..rest
+            .find("\n## ")
+            .or_else(|| rest.find("\n### "))
+            .unwrap_or(rest.len())];
+        let section = &section[..section.find("\n### ").unwrap_or(section.len())];
+        let src = krate.join("src");
+        let mut files = Vec::new();
+        let mut dirs = vec![src.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("src dir") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|x| x == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        files.sort();
+        assert!(!files.is_empty(), "{name} has source files");
+        for file in files {
+            let relative = file
+                .strip_prefix(&src)
+                .expect("under src")
+                .to_string_lossy()
+                .replace('\\', "/");
+            let text = std::fs::read_to_string(&file).expect("source");
+            if !text.starts_with("//!") {
+                problems.push(format!(
+                    "crates/{name}/src/{relative} does not open with a `//!` line"
+                ));
+            }
+            let named = match relative.as_str() {
+                "lib.rs" | "main.rs" => true,
+                r if r.ends_with("/mod.rs") => {
+                    let dir = r.trim_end_matches("mod.rs");
+                    section.contains(&format!("`{dir}")) || section.contains(&format!("`{r}`"))
+                }
+                r => section.contains(&format!("`{r}`")) || section.contains(&format!("/{r}`")),
+            };
+            if !named {
+                problems.push(format!(
+                    "crates/{name}/src/{relative} is not named in ARCHITECTURE.md's section for {name}"
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
