@@ -2,7 +2,8 @@
 # by CI, so that rebuilds are incremental (a cold DataFusion build takes ~25 minutes here).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rampart/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-RAMPART="$CARGO_TARGET_DIR/release/rampart"
+# (Benchmarks may set RAMPART to another build, e.g. the commit before a change, for A/B runs.)
+RAMPART="${RAMPART:-$CARGO_TARGET_DIR/release/rampart}"
 
 # The Tansu broker scripts/setup.sh installs, for the demo and the latency benchmark.
 TANSU="$HOME/.cache/rampart/bin/tansu"

@@ -381,7 +381,7 @@ fn check(dir: &Path, explain: bool) -> Result<ExitCode> {
         let lateness = humantime::format_duration(pipeline.config.allowed_lateness);
         for d in &pipeline.detectors {
             let Some(split) = d.split() else { continue };
-            let when = match (&split.timing, split.kind) {
+            let when = match (&split.timing, split.kind()) {
                 (rampart_engine::Timing::AtOnce, rampart_engine::StateKind::Grouped) => {
                     "decides at once: when its HAVING first holds".to_string()
                 }

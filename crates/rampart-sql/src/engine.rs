@@ -71,8 +71,8 @@ pub struct WindowSplit {
     post_input: SchemaRef,
     /// The schema of `pre`'s output (the rows kept in state).
     pub pre_schema: SchemaRef,
-    /// Sliding frames or grouped buckets.
-    pub kind: StateKind,
+    /// How the window keeps and decides its rows.
+    pub strategy: Strategy,
     /// The key, evaluated over `pre`'s output: the PARTITION BY expressions of the windows, or
     /// the GROUP BY expressions (the `date_bin` bucket included).
     pub keys: Vec<Arc<dyn PhysicalExpr>>,
@@ -83,10 +83,30 @@ pub struct WindowSplit {
     pub time_index: usize,
     /// Column of `pre`'s output holding the hidden row id.
     pub row_index: usize,
-    /// For a single sliding window whose aggregates Rampart maintains itself: how.
-    pub incremental: Option<IncrementalPlan>,
     /// When rows are decided: at once, or when the watermark passes them (and why).
     pub timing: Timing,
+}
+
+/// How a window keeps and decides its rows.
+#[derive(Debug)]
+pub enum Strategy {
+    /// A single sliding window whose aggregates Rampart maintains as rows enter and leave its
+    /// frames.
+    Incremental(IncrementalPlan),
+    /// A sliding window re-run over its key's rows when a row is due (aggregates or shapes
+    /// Rampart does not maintain itself).
+    Rerun,
+    /// A grouped window: each group (key and bucket) fires once, when its HAVING first holds.
+    Grouped,
+}
+
+/// A windowed detector with its window: what the window state works with.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowedDetector<'a> {
+    /// The detector.
+    pub detector: &'a CompiledDetector,
+    /// Its plan cut at the window.
+    pub split: &'a WindowSplit,
 }
 
 /// A sliding-window detector evaluated incrementally: Rampart keeps each aggregate per key as
@@ -147,6 +167,14 @@ impl CompiledDetector {
         self.split.as_ref()
     }
 
+    /// The detector with its window, if it has one.
+    pub fn windowed(&self) -> Option<WindowedDetector<'_>> {
+        Some(WindowedDetector {
+            detector: self,
+            split: self.split.as_ref()?,
+        })
+    }
+
     /// The physical plan, indented, as `EXPLAIN` would print it.
     pub fn explain(&self) -> String {
         datafusion::physical_plan::displayable(self.plan.as_ref())
@@ -156,6 +184,22 @@ impl CompiledDetector {
 }
 
 impl WindowSplit {
+    /// Sliding frames or grouped buckets.
+    pub fn kind(&self) -> StateKind {
+        match self.strategy {
+            Strategy::Incremental(_) | Strategy::Rerun => StateKind::Sliding,
+            Strategy::Grouped => StateKind::Grouped,
+        }
+    }
+
+    /// For a single sliding window whose aggregates Rampart maintains itself: how.
+    pub fn incremental(&self) -> Option<&IncrementalPlan> {
+        match &self.strategy {
+            Strategy::Incremental(plan) => Some(plan),
+            Strategy::Rerun | Strategy::Grouped => None,
+        }
+    }
+
     /// For an incremental sliding window: what its state is made of, as text. That is the plan
     /// below the window (the rows kept, with their columns), the key, the aggregates with their
     /// frames, and the reach. Two detectors with the same identity keep the same rows and
@@ -164,7 +208,7 @@ impl WindowSplit {
     /// and windows re-run over their rows.
     pub fn state_identity(&self) -> Option<String> {
         use std::fmt::Write;
-        let plan = self.incremental.as_ref()?;
+        let plan = self.incremental()?;
         let mut s = datafusion::physical_plan::displayable(self.pre.as_ref())
             .indent(true)
             .to_string();
@@ -563,22 +607,22 @@ impl DetectorEngine {
             .map(|e| state.create_physical_expr(e.clone(), input_schema))
             .collect::<datafusion::common::Result<Vec<_>>>()?;
         let post = self.runtime.block_on(state.create_physical_plan(&post))?;
-        let (incremental, timing) = match kind {
+        let (strategy, timing) = match kind {
             StateKind::Sliding => (
-                self.incremental_plan(logical, input)?,
+                self.incremental_plan(logical, input)?
+                    .map_or(Strategy::Rerun, Strategy::Incremental),
                 crate::shape::sliding_timing(logical),
             ),
-            StateKind::Grouped => (None, Timing::AtOnce),
+            StateKind::Grouped => (Strategy::Grouped, Timing::AtOnce),
         };
         Ok(Ok(WindowSplit {
-            incremental,
+            strategy,
             timing,
             pre_schema: pre.schema(),
             pre,
             post,
             post_slot,
             post_input,
-            kind,
             keys,
             reach,
             time_index,

@@ -10,7 +10,8 @@ pub mod sandbox;
 pub mod shape;
 
 pub use engine::{
-    AggregateKind, CompiledDetector, DetectorEngine, IncrementalPlan, StateKind, WindowAggregate, WindowSplit,
+    AggregateKind, CompiledDetector, DetectorEngine, IncrementalPlan, StateKind, Strategy, WindowAggregate,
+    WindowSplit, WindowedDetector,
 };
 pub use metadata::{BlastRadius, DetectorMeta, ReasonTemplate};
 pub use shape::{Shape, Timing};

@@ -9,7 +9,7 @@ use datafusion::arrow::array::BooleanArray;
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::record_batch::RecordBatch;
 use rampart_core::{Decision, EventClock, Problem};
-use rampart_sql::{CompiledDetector, StateKind};
+use rampart_sql::{CompiledDetector, StateKind, WindowedDetector};
 use rampart_state::StateStore;
 
 use super::checkpoint::StoredClock;
@@ -99,7 +99,7 @@ impl Pipeline {
         let lateness = i64::try_from(self.config.allowed_lateness.as_micros()).unwrap_or(i64::MAX);
         let mut windows = Windows::empty(lateness);
         let mut input = Input::default();
-        let windowed = &self.detectors[self.per_event..];
+        let windowed = self.windowed();
         let store = match &self.state_choice {
             StateChoice::Persistent(dir) => Some(StateStore::open(dir)?),
             StateChoice::Temporary if !windowed.is_empty() && self.evaluator == Evaluator::Keyed => {
@@ -133,9 +133,8 @@ impl Pipeline {
         // Detectors with the same window identity share one state (at most 32 per state).
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut by_identity: HashMap<String, usize> = HashMap::new();
-        for (i, detector) in windowed.iter().enumerate() {
-            let split = detector.split().expect("windowed detectors have a split");
-            match split.state_identity() {
+        for (i, w) in windowed.iter().enumerate() {
+            match w.split.state_identity() {
                 Some(identity) => match by_identity.get(&identity) {
                     Some(&g) if groups[g].len() < 32 => groups[g].push(i),
                     _ => {
@@ -147,18 +146,17 @@ impl Pipeline {
             }
         }
         for members in groups {
-            let detector = &windowed[members[0]];
-            let split = detector.split().expect("windowed detectors have a split");
-            let identity = split.state_identity();
-            let mut keyed = KeyedState::new(detector, split, identity.as_deref(), lateness).map_err(|e| {
+            let first = windowed[members[0]];
+            let identity = first.split.state_identity();
+            let mut keyed = KeyedState::new(first, identity.as_deref(), lateness).map_err(|e| {
                 LoadError::Config(vec![Problem::at(
-                    &detector.path,
+                    &first.detector.path,
                     1,
                     format!("cannot keep state for this detector: {e}"),
                 )])
             })?;
-            let compiled: Vec<&CompiledDetector> = members.iter().map(|&i| &windowed[i]).collect();
-            keyed.set_members(&compiled);
+            let readers: Vec<WindowedDetector<'_>> = members.iter().map(|&i| windowed[i]).collect();
+            keyed.set_members(&readers);
             if let Some(store) = &store {
                 keyed.restore(store, decided_until)?;
             }
@@ -263,7 +261,7 @@ impl Pipeline {
         let Some(on_time) = self.advance_clock(windows, step, out) else {
             return;
         };
-        let windowed = &self.detectors[self.per_event..];
+        let windowed = self.windowed();
         let events = step.events();
         let all = matches!(step, Step::End);
         let bounds = bounds_of(&windows.clock);
@@ -293,9 +291,7 @@ impl Pipeline {
             .iter()
             .map(|shared| match &on_time {
                 Advanced::Batch(batch) => {
-                    let split = windowed[shared.members[0]]
-                        .split()
-                        .expect("windowed detectors have a split");
+                    let split = windowed[shared.members[0]].split;
                     self.engine
                         .run_pre(split, batch.clone())
                         .map_err(|e| e.to_string())
@@ -306,15 +302,13 @@ impl Pipeline {
         let work = |shared: &mut SharedState,
                     pre: Result<Vec<datafusion::arrow::record_batch::RecordBatch>, String>|
          -> Vec<(usize, Decided)> {
-            let members: Vec<&CompiledDetector> = shared.members.iter().map(|&i| &windowed[i]).collect();
-            let split = members[0].split().expect("windowed detectors have a split");
-            let results = match pre.and_then(|pre| shared.state.add(split, store, before, &pre)) {
+            let members: Vec<WindowedDetector<'_>> = shared.members.iter().map(|&i| windowed[i]).collect();
+            let first = members[0];
+            let results = match pre.and_then(|pre| shared.state.add(first.split, store, before, &pre)) {
                 Err(e) => members.iter().map(|_| Err(e.clone())).collect(),
-                Ok(touched) => match split.kind {
+                Ok(touched) => match first.split.kind() {
                     StateKind::Sliding => shared.state.decide_sliding(&members, &ctx, all),
-                    StateKind::Grouped => {
-                        vec![shared.state.decide_grouped(members[0], split, &ctx, touched)]
-                    }
+                    StateKind::Grouped => vec![shared.state.decide_grouped(first, &ctx, touched)],
                 },
             };
             shared.members.iter().copied().zip(results).collect()
@@ -322,7 +316,7 @@ impl Pipeline {
         let jobs: Vec<_> = keyed.iter_mut().zip(pres).collect();
         let results = on_two_threads(jobs, |(shared, pre)| work(shared, pre));
         Self::take_results(
-            windowed,
+            &windowed,
             results,
             triggers,
             bounds,
@@ -388,7 +382,7 @@ impl Pipeline {
     /// with each decision's delay in event time; failures into `out`.
     #[allow(clippy::too_many_arguments)] // (the pieces of one evaluation, borrowed apart)
     fn take_results(
-        windowed: &[CompiledDetector],
+        windowed: &[WindowedDetector<'_>],
         mut results: Vec<(usize, Decided)>,
         triggers: &TriggerStore,
         bounds: Bounds,
@@ -403,7 +397,7 @@ impl Pipeline {
         // the newest event time passed its second.
         let at_once_basis = bounds.complete.min(clock_newest);
         for (i, result) in results {
-            let detector = &windowed[i];
+            let detector = windowed[i].detector;
             match result {
                 Ok(d) => {
                     for (row, _) in &d {
@@ -480,6 +474,17 @@ impl Pipeline {
         let mask = BooleanArray::from(keep);
         let batch = filter_record_batch(&events.batch, &mask).expect("mask has the batch's length");
         (batch, late)
+    }
+}
+
+impl Pipeline {
+    /// The windowed detectors with their windows, in order (the indices window states name
+    /// their members by).
+    pub(super) fn windowed(&self) -> Vec<WindowedDetector<'_>> {
+        self.detectors[self.per_event..]
+            .iter()
+            .filter_map(CompiledDetector::windowed)
+            .collect()
     }
 }
 

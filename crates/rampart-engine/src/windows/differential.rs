@@ -321,7 +321,7 @@ fn assert_stream_equals_batch_with(
         let incremental: Vec<&str> = pipeline
             .detectors
             .iter()
-            .filter(|d| d.split().is_some_and(|s| s.incremental.is_some()))
+            .filter(|d| d.split().is_some_and(|s| s.incremental().is_some()))
             .map(|d| d.meta.id.as_str())
             .collect();
         assert_eq!(

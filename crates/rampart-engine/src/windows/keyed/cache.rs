@@ -10,7 +10,7 @@ use rampart_state::{Commit, StateError, StateStore};
 use rustc_hash::FxHashMap;
 
 use super::rerun::{PendingRow, Rerun};
-use super::{Bounds, KeyedState};
+use super::{Bounds, Kept, KeyedState};
 use crate::windows::frames::{KeyAgg, KeyChunks, heap};
 
 pub(super) struct Entry {
@@ -56,7 +56,7 @@ impl KeyedState {
     /// Restores the rows that were waiting when the state was last written (for incremental
     /// windows: the keys with pending rows not older than `decided_until`).
     pub fn restore(&mut self, store: &StateStore, decided_until: i64) -> Result<(), StateError> {
-        if self.aggregates.is_some() {
+        if matches!(self.kept, Kept::Frames(_)) {
             self.decided_until = decided_until;
             let mut prefix = self.tag.clone();
             prefix.push(PENDING_CHUNK);
@@ -101,8 +101,8 @@ impl KeyedState {
 
     pub(super) fn entry(&mut self, store: &StateStore, key: &[u8]) -> Result<&mut Entry, StateError> {
         if !self.cache.contains_key(key) {
-            let (value, agg) = match &self.aggregates {
-                Some(aggregates) => {
+            let (value, agg) = match &self.kept {
+                Kept::Frames(aggregates) => {
                     let chunks = |kind| -> Result<Vec<(u64, Vec<u8>)>, StateError> {
                         Ok(store
                             .key_chunks(&chunk_prefix(&self.tag, kind, key))?
@@ -146,7 +146,7 @@ impl KeyedState {
                     set_header(&mut value, expires, INCREMENTAL);
                     (value, Some(Box::new(agg)))
                 }
-                None => (store.get(&row_key(&self.tag, key))?.unwrap_or_default(), None),
+                Kept::Rows => (store.get(&row_key(&self.tag, key))?.unwrap_or_default(), None),
             };
             let entry = Entry {
                 value,
@@ -198,7 +198,7 @@ impl KeyedState {
             self.cache.remove(&key);
         }
         self.cache_bytes = bytes;
-        if self.aggregates.is_some() {
+        if matches!(self.kept, Kept::Frames(_)) {
             // (Their pending rows are in their keys' chunks.)
             return;
         }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use rampart_sql::{CompiledDetector, WindowSplit};
+use rampart_sql::WindowedDetector;
 use rampart_state::codec::{FIRED, StoredRow, expires_at, flags, rows_of, set_header};
 
 use super::{DecideContext, Decided, KeyedState, Touched};
@@ -15,11 +15,11 @@ impl KeyedState {
     /// of this batch's events after which it holds, and marks them fired.
     pub fn decide_grouped(
         &mut self,
-        detector: &CompiledDetector,
-        split: &WindowSplit,
+        window: WindowedDetector<'_>,
         ctx: &DecideContext<'_>,
         touched: Touched,
     ) -> Decided {
+        let WindowedDetector { detector, split } = window;
         let Some(events) = ctx.events else {
             return Ok(Vec::new());
         };

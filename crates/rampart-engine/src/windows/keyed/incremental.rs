@@ -9,12 +9,12 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, TimestampMicrosecondArray, UInt64Array};
 use datafusion::arrow::record_batch::RecordBatch;
 use rampart_core::Decision;
-use rampart_sql::{CompiledDetector, WindowAggregate, WindowSplit};
+use rampart_sql::{CompiledDetector, IncrementalPlan, WindowAggregate, WindowSplit, WindowedDetector};
 use rampart_state::StateStore;
 use rampart_state::codec::{INCREMENTAL, set_header};
 use rustc_hash::FxHashMap;
 
-use super::{DecideContext, Decided, JudgedRows, KeyedState, column};
+use super::{DecideContext, Decided, JudgedRows, Kept, KeyedState, column};
 use crate::decide::DecisionMaker;
 use crate::windows::frames::{Due, Val, heap};
 
@@ -26,7 +26,10 @@ impl KeyedState {
         store: &StateStore,
         pre: &[RecordBatch],
     ) -> Result<(), String> {
-        let aggregates = self.aggregates.clone().unwrap_or_default();
+        let Kept::Frames(aggregates) = &self.kept else {
+            return Err("internal: rows of a re-run window added as frames".into());
+        };
+        let aggregates = aggregates.clone();
         let horizon = self.horizon();
         let tag_len = self.tag.len();
         let at_once = self.at_once;
@@ -111,18 +114,24 @@ impl KeyedState {
     /// judge (one result per member).
     pub(super) fn decide_incremental(
         &mut self,
-        members: &[&CompiledDetector],
+        members: &[WindowedDetector<'_>],
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Vec<Decided> {
         let watermark = (!all).then_some(ctx.bounds.watermark);
-        let first = members.first().and_then(|d| d.split()?.incremental.as_ref());
+        let first = members.first().and_then(|m| m.split.incremental());
         let aggregates = first.map_or(&[][..], |plan| &plan.aggregates);
         let decided = match self.decide_due(aggregates, ctx, watermark) {
             Ok(Some(judged)) => members
                 .iter()
                 .enumerate()
-                .map(|(m, detector)| self.run_member(detector, 1 << m, &judged, ctx))
+                .map(|(bit, m)| match m.split.incremental() {
+                    Some(plan) => self.run_member(m.detector, plan, 1 << bit, &judged, ctx),
+                    None => Err(format!(
+                        "internal: `{}` reads an incremental window's state without an incremental plan",
+                        m.detector.meta.id
+                    )),
+                })
                 .collect(),
             Ok(None) => members.iter().map(|_| Ok(Vec::new())).collect(),
             Err(e) => members.iter().map(|_| Err(e.clone())).collect(),
@@ -142,6 +151,7 @@ impl KeyedState {
     pub(super) fn run_member(
         &mut self,
         detector: &CompiledDetector,
+        plan: &IncrementalPlan,
         bit: u32,
         (keys, due, columns): &JudgedRows,
         ctx: &DecideContext<'_>,
@@ -150,8 +160,6 @@ impl KeyedState {
         if !wanted.contains(&true) {
             return Ok(Vec::new());
         }
-        let split = detector.split().expect("windowed detectors have a split");
-        let plan = split.incremental.as_ref().expect("incremental detector");
         // (The members' window columns may be named differently.)
         let mut rows = RecordBatch::try_new(Arc::clone(&plan.above_input), columns.to_vec())
             .map_err(|e| e.to_string())?;

@@ -33,7 +33,7 @@ use datafusion::arrow::array::{Array, ArrayRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 use rampart_core::Decision;
-use rampart_sql::{CompiledDetector, DetectorEngine, WindowAggregate, WindowSplit};
+use rampart_sql::{CompiledDetector, DetectorEngine, WindowAggregate, WindowSplit, WindowedDetector};
 use rampart_state::StateStore;
 use rustc_hash::FxHashMap;
 
@@ -89,8 +89,8 @@ pub struct KeyedState {
     tags: Vec<u64>,
     /// The detectors (bits) that decide at once.
     at_once: u32,
-    /// Incremental sliding windows: the aggregates (see [`crate::windows::frames`]).
-    aggregates: Option<Vec<WindowAggregate>>,
+    /// What the state keeps per key.
+    kept: Kept,
     /// Incremental sliding windows: every row older than this was decided.
     decided_until: i64,
     /// The windows' reach (µs).
@@ -101,6 +101,16 @@ pub struct KeyedState {
     tick: u64,
     /// About how many bytes the next checkpoint writes (see [`Self::unsaved_bytes`]).
     unsaved_bytes: usize,
+}
+
+/// What a window state keeps per key.
+enum Kept {
+    /// Incremental sliding windows: frames and accumulators of these aggregates
+    /// ([`crate::windows::frames`]), stored as chunks.
+    Frames(Vec<WindowAggregate>),
+    /// Sliding windows re-run over their rows, and grouped windows: the rows, one stored value
+    /// per key.
+    Rows,
 }
 
 /// Rows to judge: the keys, each row with its key's index, and the rows' columns (`pre`'s, then
@@ -119,12 +129,8 @@ pub type Touched = Vec<(Box<[u8]>, usize)>;
 impl KeyedState {
     /// Empty state for `detector` (windowed); `identity` is its split's
     /// [`WindowSplit::state_identity`], computed once by the caller.
-    pub fn new(
-        detector: &CompiledDetector,
-        split: &WindowSplit,
-        identity: Option<&str>,
-        lateness: i64,
-    ) -> Result<Self, String> {
+    pub fn new(window: WindowedDetector<'_>, identity: Option<&str>, lateness: i64) -> Result<Self, String> {
+        let WindowedDetector { detector, split } = window;
         let fields = |types: Vec<datafusion::arrow::datatypes::DataType>| {
             types.into_iter().map(SortField::new).collect::<Vec<_>>()
         };
@@ -168,7 +174,10 @@ impl KeyedState {
             early: BTreeSet::new(),
             tags: Vec::new(),
             at_once: 0,
-            aggregates: split.incremental.as_ref().map(|i| i.aggregates.clone()),
+            kept: match split.incremental() {
+                Some(plan) => Kept::Frames(plan.aggregates.clone()),
+                None => Kept::Rows,
+            },
             decided_until: i64::MIN,
             reach: micros(split.reach),
             lateness,
@@ -179,12 +188,12 @@ impl KeyedState {
 
     /// The detectors reading this state, in order: their stable tags (see [`detector_tag`]) and
     /// whether each decides at once. At most 32.
-    pub fn set_members(&mut self, members: &[&CompiledDetector]) {
-        self.tags = members.iter().map(|d| detector_tag(d)).collect();
+    pub fn set_members(&mut self, members: &[WindowedDetector<'_>]) {
+        self.tags = members.iter().map(|m| detector_tag(m.detector)).collect();
         self.at_once = members
             .iter()
             .enumerate()
-            .filter(|(_, d)| d.split().is_some_and(|s| s.timing == rampart_sql::Timing::AtOnce))
+            .filter(|(_, m)| m.split.timing == rampart_sql::Timing::AtOnce)
             .fold(0, |bits, (i, _)| bits | 1 << i);
     }
 
@@ -231,11 +240,13 @@ impl KeyedState {
         pre: &[RecordBatch],
     ) -> Result<Touched, String> {
         self.tick += 1;
-        if self.aggregates.is_some() {
-            self.add_incremental(split, store, pre)?;
-            return Ok(Vec::new());
+        match self.kept {
+            Kept::Frames(_) => {
+                self.add_incremental(split, store, pre)?;
+                Ok(Vec::new())
+            }
+            Kept::Rows => self.add_rows(split, store, before, pre),
         }
-        self.add_rows(split, store, before, pre)
     }
 
     /// Sliding windows: decides every waiting row older than the watermark (all of them when
@@ -244,21 +255,20 @@ impl KeyedState {
     /// have more than one, see [`WindowSplit::state_identity`]).
     pub fn decide_sliding(
         &mut self,
-        members: &[&CompiledDetector],
+        members: &[WindowedDetector<'_>],
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Vec<Decided> {
-        if self.aggregates.is_some() {
-            return self.decide_incremental(members, ctx, all);
+        match self.kept {
+            Kept::Frames(_) => self.decide_incremental(members, ctx, all),
+            Kept::Rows => {
+                debug_assert_eq!(members.len(), 1, "a re-run window's state is its detector's own");
+                members
+                    .iter()
+                    .map(|m| self.decide_rerun(m.detector, m.split, ctx, all))
+                    .collect()
+            }
         }
-        debug_assert_eq!(members.len(), 1, "a re-run window's state is its detector's own");
-        members
-            .iter()
-            .map(|detector| {
-                let split = detector.split().expect("windowed detectors have a split");
-                self.decide_rerun(detector, split, ctx, all)
-            })
-            .collect()
     }
 
     /// About how many bytes the next checkpoint writes for the rows added since the last one

@@ -81,7 +81,7 @@ impl KeyedState {
         let mut touched = Vec::with_capacity(by_key.len());
         for (key, mut new) in by_key {
             new.sort_by_key(|(t, r, _)| (*t, *r));
-            if split.kind == StateKind::Sliding {
+            if split.kind() == StateKind::Sliding {
                 // A row at or before one looked at already changes its frames: look again.
                 if let (Some(&seen), Some((first, _, _))) = (self.looked_at.get(&key), new.first())
                     && *first <= seen
@@ -113,7 +113,7 @@ impl KeyedState {
             );
             set_header(&mut merged, 0, 0);
             let mut old = rows_of(&entry.value)
-                .filter(|r| split.kind == StateKind::Grouped || r.time >= keep_from)
+                .filter(|r| split.kind() == StateKind::Grouped || r.time >= keep_from)
                 .peekable();
             let mut fresh = new.iter().peekable();
             loop {
