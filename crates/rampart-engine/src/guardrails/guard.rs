@@ -76,6 +76,140 @@ struct DetectorGuard {
     pruned_at: usize,
 }
 
+/// A block that would pass a detector's blast-radius limit: how many distinct keys, among how
+/// many active actors, against which limit.
+struct OverLimit {
+    blocked: usize,
+    active: usize,
+    per_minute: usize,
+    share: Option<f64>,
+    /// The limit passed, in words.
+    limit: String,
+}
+
+impl DetectorGuard {
+    /// Whether blocking `key` at `t` passes `blast` (distinct keys blocked within the minute of
+    /// event time before it, against a count and a share of the `active` actors).
+    fn over_limit(&mut self, blast: BlastRadius, key: &str, t: i64, active: usize) -> Option<OverLimit> {
+        let BlastRadius::Limit {
+            per_minute,
+            share,
+            min_keys,
+        } = blast
+        else {
+            return None;
+        };
+        self.recent.retain(|b| b.time > t - MINUTE);
+        let mut keys: Vec<&str> = self.recent.iter().map(|b| b.key.as_str()).collect();
+        keys.push(key);
+        keys.sort_unstable();
+        keys.dedup();
+        let blocked = keys.len();
+        let over_count = blocked > per_minute;
+        let over_share = share.filter(|s| blocked >= min_keys && blocked as f64 > s * active.max(1) as f64);
+        if !over_count && over_share.is_none() {
+            return None;
+        }
+        let limit = match over_share {
+            Some(s) if !over_count => {
+                format!("{:.0}% of the {active} actors active in that minute", s * 100.0)
+            }
+            _ => format!("{per_minute} per minute"),
+        };
+        Some(OverLimit {
+            blocked,
+            active,
+            per_minute,
+            share,
+            limit,
+        })
+    }
+
+    /// Trips the fail-safe on `d` (the block past the limit, at `t`): the detector goes to
+    /// shadow until re-armed; returns the alert and the revocations of the minute's blocks.
+    fn trip(&mut self, pipeline: &str, d: &Decision, t: i64, over: &OverLimit) -> Vec<Decision> {
+        let OverLimit {
+            blocked,
+            active,
+            per_minute,
+            share,
+            limit,
+        } = over;
+        let reason = format!(
+            "blast-radius fail-safe: detector `{}` would have blocked {blocked} distinct keys within \
+             one minute of event time (limit: {limit}); it now runs in shadow, its blocks of that \
+             minute are revoked, until an operator re-arms it",
+            d.detector.id
+        );
+        self.tripped = Some(Trip {
+            at: d.event_time.clone(),
+            reason: reason.clone(),
+        });
+        tracing::warn!(detector = %d.detector.id, blocked, active, "{reason}");
+        let mut evidence = Map::new();
+        evidence.insert("blocked_keys".into(), (*blocked).into());
+        evidence.insert("limit_per_minute".into(), (*per_minute).into());
+        evidence.insert("active_actors".into(), (*active).into());
+        if let Some(s) = share {
+            evidence.insert("limit_share".into(), Value::from(*s));
+        }
+        let mut out = vec![Decision {
+            decision_id: DecisionId::new()
+                .part(pipeline)
+                .part("fail-safe")
+                .part(&d.detector.id)
+                .part(&d.detector.version)
+                .part(t.to_le_bytes())
+                .finish(),
+            verdict: Verdict::Alert,
+            mode: Mode::Enforce,
+            severity: Severity::High,
+            actor: "*".into(),
+            key: d.detector.id.clone(),
+            actions: vec!["*".into()],
+            reason,
+            evidence,
+            expires_at: None,
+            guidance: Some(format!(
+                "Compare the detector with recent traffic (`rampart replay --compare`), fix it, then \
+                 re-arm it: POST /admin/rearm?detector={}",
+                d.detector.id
+            )),
+            tags: vec![FAIL_SAFE_TAG.into()],
+            ..d.clone()
+        }];
+        let mut revoked = HashSet::new();
+        for b in std::mem::take(&mut self.recent) {
+            if revoked.insert(b.key.clone()) {
+                out.push(revocation(
+                    pipeline,
+                    d.detector.clone(),
+                    &b.actor,
+                    &b.key,
+                    format!("{} (fail-safe tripped)", d.detector.id),
+                    t,
+                    d.source.clone(),
+                    &d.processed_at,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Suppresses repeats for `key` from `t` until `until`; prunes expired keys when the map
+    /// has doubled since the last prune.
+    fn quiet(&mut self, key: &str, t: i64, until: i64) {
+        self.quiet_until.insert(key.to_string(), until);
+        self.quiet_since.insert(key.to_string(), t);
+        if self.quiet_until.len() >= 2 * self.pruned_at.max(1024) {
+            self.quiet_until.retain(|_, until| *until > t);
+            let kept = &self.quiet_until;
+            self.quiet_since.retain(|key, _| kept.contains_key(key));
+            self.pruned_at = self.quiet_until.len();
+        }
+    }
+}
+
 /// Distinct actors per minute of event time (hashed), for the blast radius's share limit.
 #[derive(Debug, Default)]
 struct ActiveActors {
@@ -147,15 +281,31 @@ impl Guard {
         default_dedup: std::time::Duration,
         default_blast: BlastRadius,
     ) -> Self {
-        let policies = detectors
-            .iter()
-            .map(|d| {
-                let dedup = d.meta.dedup_for.unwrap_or(default_dedup);
+        Self::with_policies(
+            pipeline,
+            detectors.iter().map(|d| {
+                (
+                    d.meta.id.clone(),
+                    d.meta.dedup_for.unwrap_or(default_dedup),
+                    d.meta.blast_radius.unwrap_or(default_blast),
+                )
+            }),
+        )
+    }
+
+    /// A guard for detectors given as (id, repeat suppression, blast radius).
+    fn with_policies(
+        pipeline: &str,
+        policies: impl IntoIterator<Item = (String, std::time::Duration, BlastRadius)>,
+    ) -> Self {
+        let policies = policies
+            .into_iter()
+            .map(|(id, dedup, blast)| {
                 let policy = Policy {
-                    dedup_for: i64::try_from(dedup.as_micros()).unwrap_or(i64::MAX),
-                    blast: d.meta.blast_radius.unwrap_or(default_blast),
+                    dedup_for: rampart_core::time::micros(dedup),
+                    blast,
                 };
-                (d.meta.id.clone(), policy)
+                (id, policy)
             })
             .collect();
         Self {
@@ -212,88 +362,10 @@ impl Guard {
             if enforcing && g.tripped.is_some() {
                 d.mode = Mode::Shadow;
                 d.tags.push(FAIL_SAFE_TAG.into());
-            } else if enforcing
-                && let BlastRadius::Limit {
-                    per_minute,
-                    share,
-                    min_keys,
-                } = policy.blast
-            {
-                g.recent.retain(|b| b.time > t - MINUTE);
-                let mut keys: Vec<&str> = g.recent.iter().map(|b| b.key.as_str()).collect();
-                keys.push(&d.key);
-                keys.sort_unstable();
-                keys.dedup();
-                let blocked = keys.len();
+            } else if enforcing && let BlastRadius::Limit { .. } = policy.blast {
                 let active = self.active.count();
-                let over_count = blocked > per_minute;
-                let over_share =
-                    share.filter(|s| blocked >= min_keys && blocked as f64 > s * active.max(1) as f64);
-                if over_count || over_share.is_some() {
-                    let limit = match over_share {
-                        Some(s) if !over_count => {
-                            format!("{:.0}% of the {active} actors active in that minute", s * 100.0)
-                        }
-                        _ => format!("{per_minute} per minute"),
-                    };
-                    let reason = format!(
-                        "blast-radius fail-safe: detector `{}` would have blocked {blocked} distinct keys within \
-                         one minute of event time (limit: {limit}); it now runs in shadow, its blocks of that \
-                         minute are revoked, until an operator re-arms it",
-                        d.detector.id
-                    );
-                    g.tripped = Some(Trip {
-                        at: d.event_time.clone(),
-                        reason: reason.clone(),
-                    });
-                    tracing::warn!(detector = %d.detector.id, blocked, active, "{reason}");
-                    let mut evidence = Map::new();
-                    evidence.insert("blocked_keys".into(), blocked.into());
-                    evidence.insert("limit_per_minute".into(), per_minute.into());
-                    evidence.insert("active_actors".into(), active.into());
-                    if let Some(s) = share {
-                        evidence.insert("limit_share".into(), Value::from(s));
-                    }
-                    out.push(Decision {
-                        decision_id: DecisionId::new()
-                            .part(&self.pipeline)
-                            .part("fail-safe")
-                            .part(&d.detector.id)
-                            .part(&d.detector.version)
-                            .part(t.to_le_bytes())
-                            .finish(),
-                        verdict: Verdict::Alert,
-                        mode: Mode::Enforce,
-                        severity: Severity::High,
-                        actor: "*".into(),
-                        key: d.detector.id.clone(),
-                        actions: vec!["*".into()],
-                        reason,
-                        evidence,
-                        expires_at: None,
-                        guidance: Some(format!(
-                            "Compare the detector with recent traffic (`rampart replay --compare`), fix it, then \
-                             re-arm it: POST /admin/rearm?detector={}",
-                            d.detector.id
-                        )),
-                        tags: vec![FAIL_SAFE_TAG.into()],
-                        ..d.clone()
-                    });
-                    let mut revoked = HashSet::new();
-                    for b in std::mem::take(&mut g.recent) {
-                        if revoked.insert(b.key.clone()) {
-                            out.push(revocation(
-                                &self.pipeline,
-                                d.detector.clone(),
-                                &b.actor,
-                                &b.key,
-                                format!("{} (fail-safe tripped)", d.detector.id),
-                                t,
-                                d.source.clone(),
-                                &d.processed_at,
-                            ));
-                        }
-                    }
+                if let Some(over) = g.over_limit(policy.blast, &d.key, t, active) {
+                    out.extend(g.trip(&self.pipeline, &d, t, &over));
                     d.mode = Mode::Shadow;
                     d.tags.push(FAIL_SAFE_TAG.into());
                 } else {
@@ -305,14 +377,7 @@ impl Guard {
                 }
             }
             if let Some(until) = quiet {
-                g.quiet_until.insert(d.key.clone(), until);
-                g.quiet_since.insert(d.key.clone(), t);
-                if g.quiet_until.len() >= 2 * g.pruned_at.max(1024) {
-                    g.quiet_until.retain(|_, until| *until > t);
-                    let kept = &g.quiet_until;
-                    g.quiet_since.retain(|key, _| kept.contains_key(key));
-                    g.pruned_at = g.quiet_until.len();
-                }
+                g.quiet(&d.key, t, until);
             }
             out.push(d);
         }
@@ -442,5 +507,151 @@ fn revocation(
         guidance: None,
         tags: Vec::new(),
         detector,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rampart_core::time::format_micros;
+
+    use super::*;
+
+    const SECOND: i64 = 1_000_000;
+
+    fn guard(blast: BlastRadius) -> Guard {
+        Guard::with_policies("p", [("d".to_string(), Duration::from_secs(600), blast)])
+    }
+
+    fn decision(verdict: Verdict, key: &str, t: i64) -> Decision {
+        Decision {
+            schema_version: DECISION_SCHEMA_VERSION,
+            decision_id: format!("{key}@{t}"),
+            pipeline: "p".into(),
+            detector: DetectorRef {
+                id: "d".into(),
+                version: "v1".into(),
+            },
+            verdict,
+            mode: Mode::Enforce,
+            severity: Severity::High,
+            actor: key.into(),
+            key: key.into(),
+            actions: vec!["*".into()],
+            reason: "r".into(),
+            evidence: Map::new(),
+            event_time: format_micros(t),
+            processed_at: format_micros(0),
+            expires_at: (verdict == Verdict::Block).then(|| format_micros(t + 3600 * SECOND)),
+            source: SourcePosition::File {
+                file: Arc::from("f"),
+                line: 1,
+            },
+            guidance: None,
+            tags: Vec::new(),
+        }
+    }
+
+    fn apply(g: &mut Guard, decisions: Vec<Decision>) -> (Vec<Decision>, u64) {
+        let mut suppressed = BTreeMap::new();
+        let out = g.apply(decisions, &mut suppressed);
+        (out, suppressed.get("d").copied().unwrap_or(0))
+    }
+
+    #[test]
+    fn repeats_are_suppressed_for_their_period_and_an_older_event_is_not_a_repeat() {
+        let mut g = guard(BlastRadius::Off);
+        let t = 1_000 * SECOND;
+        let (out, n) = apply(
+            &mut g,
+            vec![
+                decision(Verdict::Alert, "a", t),
+                decision(Verdict::Alert, "a", t + 599 * SECOND),
+                decision(Verdict::Alert, "b", t + SECOND),
+                // From a partition read behind: older than the alert that suppresses `a`.
+                decision(Verdict::Alert, "a", t - SECOND),
+            ],
+        );
+        assert_eq!(n, 1, "one repeat within the 10 minutes");
+        let keys: Vec<&str> = out.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["a", "b", "a"]);
+        let (out, n) = apply(&mut g, vec![decision(Verdict::Alert, "a", t + 600 * SECOND)]);
+        assert_eq!((out.len(), n), (1, 0), "the period has passed");
+    }
+
+    #[test]
+    fn a_block_suppresses_repeats_until_it_expires_and_a_revocation_lifts_that() {
+        let mut g = guard(BlastRadius::Off);
+        let t = 5_000 * SECOND;
+        let (out, n) = apply(
+            &mut g,
+            vec![
+                decision(Verdict::Block, "a", t),
+                decision(Verdict::Block, "a", t + 3599 * SECOND),
+            ],
+        );
+        assert_eq!((out.len(), n), (1, 1));
+        let revocation = g.revoke("a", Some("d"), "false positive", t + 10 * SECOND);
+        assert_eq!(revocation.verdict, Verdict::Revoke);
+        let (out, n) = apply(&mut g, vec![decision(Verdict::Block, "a", t + 20 * SECOND)]);
+        assert_eq!((out.len(), n), (1, 0), "blocked again after the revocation");
+        assert_eq!(g.suppressed()["d"], 1);
+    }
+
+    #[test]
+    fn blocking_too_many_keys_in_a_minute_trips_the_fail_safe_until_re_armed() {
+        let limit = BlastRadius::Limit {
+            per_minute: 3,
+            share: None,
+            min_keys: 0,
+        };
+        let mut g = guard(limit);
+        let t = 60_000 * SECOND;
+        let blocks = (0..4)
+            .map(|i| decision(Verdict::Block, &format!("k{i}"), t + i * SECOND))
+            .collect();
+        let (out, _) = apply(&mut g, blocks);
+        let enforced: Vec<&str> = out
+            .iter()
+            .filter(|d| d.verdict == Verdict::Block && d.mode == Mode::Enforce)
+            .map(|d| d.key.as_str())
+            .collect();
+        assert_eq!(enforced, ["k0", "k1", "k2"], "the fourth passes the limit");
+        let alert = out
+            .iter()
+            .find(|d| d.verdict == Verdict::Alert)
+            .expect("the fail-safe's alert");
+        assert_eq!(alert.tags, [FAIL_SAFE_TAG]);
+        assert_eq!(alert.evidence["blocked_keys"], 4);
+        let revoked: Vec<&str> = out
+            .iter()
+            .filter(|d| d.verdict == Verdict::Revoke)
+            .map(|d| d.key.as_str())
+            .collect();
+        assert_eq!(revoked, ["k0", "k1", "k2"], "the minute's blocks are revoked");
+        let fourth = out.last().expect("the fourth block");
+        assert_eq!((fourth.key.as_str(), fourth.mode), ("k3", Mode::Shadow));
+        assert_eq!(g.tripped().len(), 1);
+
+        let (out, _) = apply(&mut g, vec![decision(Verdict::Block, "k9", t + 120 * SECOND)]);
+        assert_eq!(out[0].mode, Mode::Shadow, "in shadow until re-armed");
+        assert!(g.rearm("d").is_some());
+        assert!(g.rearm("d").is_none(), "re-armed once");
+        let (out, _) = apply(&mut g, vec![decision(Verdict::Block, "k8", t + 180 * SECOND)]);
+        assert_eq!(out[0].mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn the_guard_state_survives_a_snapshot_and_restore() {
+        let mut g = guard(BlastRadius::Off);
+        let t = 9_000 * SECOND;
+        apply(&mut g, vec![decision(Verdict::Alert, "a", t)]);
+        let snapshot = g.snapshot();
+        let mut restored = guard(BlastRadius::Off);
+        restored.restore(&snapshot).expect("restores");
+        let (out, n) = apply(&mut restored, vec![decision(Verdict::Alert, "a", t + SECOND)]);
+        assert_eq!((out.len(), n), (0, 1), "still a repeat after the restart");
     }
 }
