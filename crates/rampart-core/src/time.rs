@@ -2,6 +2,11 @@
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Utc};
 
+/// A duration in microseconds, as event time counts (saturating at `i64::MAX`).
+pub fn micros(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// Formats microseconds since the Unix epoch as RFC 3339 UTC (`2024-07-31T13:06:24Z`, with a
 /// fraction only when there is one).
 pub fn format_micros(micros: i64) -> String {

@@ -700,7 +700,7 @@ impl DetectorEngine {
             aggregates.push(WindowAggregate {
                 function,
                 argument,
-                length: i64::try_from(spec.length.as_micros()).unwrap_or(i64::MAX),
+                length: rampart_core::time::micros(spec.length),
                 output,
             });
         }

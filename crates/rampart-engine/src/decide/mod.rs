@@ -124,7 +124,7 @@ impl DecisionMaker {
         let event_time = trigger.time;
         let expires_at = matches!(detector.meta.verdict, Verdict::Block | Verdict::Review).then(|| {
             let block_for = detector.meta.block_for.unwrap_or(self.default_block_for);
-            format_micros(event_time.saturating_add(block_for.as_micros() as i64))
+            format_micros(event_time.saturating_add(rampart_core::time::micros(block_for)))
         });
         let decision_id = DecisionId::new()
             .part(&self.pipeline)

@@ -102,5 +102,5 @@ pub(super) fn bounds_of(clock: &EventClock) -> Bounds {
 pub(super) fn now_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .map_or(0, rampart_core::time::micros)
 }

@@ -96,7 +96,7 @@ impl Pipeline {
     /// Opens the window state (from the store of a persistent state, or empty) and the input it
     /// holds.
     pub(super) fn open_windows(&self) -> Result<(Windows, Input), LoadError> {
-        let lateness = i64::try_from(self.config.allowed_lateness.as_micros()).unwrap_or(i64::MAX);
+        let lateness = rampart_core::time::micros(self.config.allowed_lateness);
         let mut windows = Windows::empty(lateness);
         let mut input = Input::default();
         let windowed = self.windowed();
@@ -346,7 +346,7 @@ impl Pipeline {
             .max()
             .unwrap_or_default()
             + self.config.allowed_lateness;
-        let reach = i64::try_from(reach.as_micros()).unwrap_or(i64::MAX);
+        let reach = rampart_core::time::micros(reach);
         windows.naive.evaluate(
             &self.engine,
             windowed,

@@ -141,5 +141,5 @@ fn newest_kept(batch: &RecordBatch, split: &WindowSplit) -> Option<i64> {
 }
 
 fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Option<&T> {
-    batch.columns().get(index)?.as_any().downcast_ref::<T>()
+    crate::windows::keyed::column(batch, index).ok()
 }

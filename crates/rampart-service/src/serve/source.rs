@@ -265,8 +265,7 @@ impl Service<'_> {
     /// idle instead), and resumes them at half that (Flink's watermark alignment): the rows
     /// waiting for the slowest one stay bounded.
     fn align_partitions(&mut self, time: &EventTime) {
-        let skew =
-            i64::try_from(self.pipeline.config.service.max_partition_skew.as_micros()).unwrap_or(i64::MAX);
+        let skew = rampart_core::time::micros(self.pipeline.config.service.max_partition_skew);
         let holder = time
             .sources
             .iter()

@@ -20,94 +20,32 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Sliding windows of every supported aggregate and key shape, and grouped windows (whose
-/// ids start with `g-`: they select only their group key, because a streaming group fires
-/// with the values at the moment HAVING first holds while the batch query reports the
-/// bucket's final values).
+/// The detectors the harness checks, as files (`differential/detectors/*.sql`): sliding windows
+/// of every supported aggregate and key shape, and grouped windows (whose ids start with `g-`:
+/// they select only their group key, because a streaming group fires with the values at the
+/// moment HAVING first holds while the batch query reports the bucket's final values).
 ///
 /// `failures-many` and `spread-wide` have the same windows as `failures` and `spread` with other
 /// thresholds and names: each pair shares one window state.
-const DETECTORS: [(&str, &str, &str); 11] = [
-    (
-        "failures",
-        "{{actor}}",
-        "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
-         RANGE BETWEEN INTERVAL '15 minutes' PRECEDING AND CURRENT ROW) AS n \
-         FROM events WHERE outcome = 'Failure') WHERE n >= 5",
-    ),
-    (
-        "failures-many",
-        "{{actor}}",
-        "SELECT actor, many FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
-         RANGE BETWEEN INTERVAL '15 minutes' PRECEDING AND CURRENT ROW) AS many \
-         FROM events WHERE outcome = 'Failure') WHERE many >= 9",
-    ),
-    (
-        "spread-wide",
-        "{{origin}}",
-        "SELECT origin, actor, wide FROM (SELECT origin, actor, count(DISTINCT action) OVER (PARTITION BY origin \
-         ORDER BY event_time RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS wide FROM events) \
-         WHERE wide >= 5 AND actor <> 'nobody'",
-    ),
-    (
-        "spread",
-        "{{origin}}",
-        "SELECT origin, actor, d FROM (SELECT origin, actor, count(DISTINCT action) OVER (PARTITION BY origin \
-         ORDER BY event_time RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS d FROM events) \
-         WHERE d >= 4",
-    ),
-    (
-        "volume",
-        "{{actor}}",
-        "SELECT actor, origin, action FROM events \
-         QUALIFY sum(json_get_int(raw, 'bytes')) OVER (PARTITION BY actor, origin ORDER BY event_time \
-         RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) > 40000",
-    ),
-    (
-        "range",
-        "{{actor}}",
-        "SELECT actor, hi - lo AS spread, m, c FROM (SELECT actor, \
-         max(json_get_int(raw, 'bytes')) OVER w AS hi, min(json_get_int(raw, 'bytes')) OVER w AS lo, \
-         avg(json_get_int(raw, 'bytes')) OVER w AS m, count(json_get_int(raw, 'bytes')) OVER w AS c FROM events \
-         WINDOW w AS (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW)) \
-         WHERE hi - lo > 9000",
-    ),
-    (
-        "by-json-key",
-        "{{team}}",
-        "SELECT team, n FROM (SELECT json_get_str(raw, 'team') AS team, count(*) OVER (PARTITION BY \
-         json_get_str(raw, 'team') ORDER BY event_time RANGE BETWEEN INTERVAL '2 minutes' PRECEDING AND CURRENT ROW) AS n \
-         FROM events WHERE action = 'Delete') WHERE n >= 6",
-    ),
-    (
-        // A window over a window: not incremental; its window part re-runs per touched key.
-        "nested",
-        "{{actor}}",
-        "SELECT actor, m FROM (SELECT actor, max(n) OVER (PARTITION BY actor ORDER BY event_time \
-         RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW) AS m FROM (SELECT actor, event_time, \
-         count(*) OVER (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '2 minutes' PRECEDING \
-         AND CURRENT ROW) AS n FROM events WHERE outcome = 'Failure')) WHERE m >= 6",
-    ),
-    (
-        "g-failures",
-        "{{actor}}",
-        "SELECT actor, date_bin(INTERVAL '10 minutes', event_time) AS bucket FROM events \
-         WHERE outcome = 'Failure' GROUP BY actor, date_bin(INTERVAL '10 minutes', event_time) HAVING count(*) >= 8",
-    ),
-    (
-        "g-actors-per-origin",
-        "{{origin}}",
-        "SELECT origin, date_bin(INTERVAL '1 hour', event_time, TIMESTAMP '2024-08-01T00:30:00Z') AS hour \
-         FROM events GROUP BY origin, date_bin(INTERVAL '1 hour', event_time, TIMESTAMP '2024-08-01T00:30:00Z') \
-         HAVING count(DISTINCT actor) >= 3 AND sum(json_get_int(raw, 'bytes')) > 100000",
-    ),
-    (
-        "g-approx",
-        "{{actor}}",
-        "SELECT actor, date_bin(INTERVAL '30 minutes', event_time) AS half_hour FROM events \
-         GROUP BY actor, date_bin(INTERVAL '30 minutes', event_time) HAVING approx_distinct(origin) >= 5",
-    ),
-];
+fn detector_files() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/windows/differential/detectors");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("the differential detectors")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 11, "the differential detectors in {}", dir.display());
+    files
+}
+
+/// The ids of the differential detectors (their file names).
+fn detector_ids() -> Vec<String> {
+    detector_files()
+        .iter()
+        .map(|p| p.file_stem().expect("name").to_string_lossy().into_owned())
+        .collect()
+}
 
 /// A pipeline of the detectors above over a simple event shape.
 fn window_pipeline(dir: &Path, batch_size: usize, lateness: &str) -> PathBuf {
@@ -130,9 +68,8 @@ fn window_pipeline_with(dir: &Path, batch_size: usize, lateness: &str, cache_mb:
         ),
     )
     .expect("write");
-    for (id, reason, sql) in DETECTORS {
-        let text = format!("-- id: {id}\n-- verdict: alert\n-- severity: low\n-- reason: {reason}\n{sql}\n");
-        std::fs::write(p.join("detectors").join(format!("{id}.sql")), text).expect("write");
+    for file in detector_files() {
+        std::fs::copy(&file, p.join("detectors").join(file.file_name().expect("name"))).expect("copy");
     }
     p
 }
@@ -317,7 +254,7 @@ fn assert_stream_equals_batch_with(
             assert!(text.contains("edge-"), "the log has edge actors");
         }
         assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
-        assert_eq!(pipeline.detectors.len(), DETECTORS.len());
+        assert_eq!(pipeline.detectors.len(), detector_ids().len());
         let incremental: Vec<&str> = pipeline
             .detectors
             .iter()
@@ -340,7 +277,7 @@ fn assert_stream_equals_batch_with(
         let want = expected
             .get_or_insert_with(|| batch_rows(&pipeline, input))
             .clone();
-        for (id, _, _) in DETECTORS {
+        for id in detector_ids() {
             let n = want.iter().filter(|r| r.0 == id).count();
             assert!(n >= min_rows, "{id} fires {n} times: too rarely to be a test");
         }

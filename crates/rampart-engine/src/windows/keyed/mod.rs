@@ -179,7 +179,7 @@ impl KeyedState {
                 None => Kept::Rows,
             },
             decided_until: i64::MIN,
-            reach: micros(split.reach),
+            reach: rampart_core::time::micros(split.reach),
             lateness,
             tick: 0,
             unsaved_bytes: 0,
@@ -317,11 +317,7 @@ pub fn detector_tag(detector: &CompiledDetector) -> u64 {
     u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
-fn micros(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
-
-fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Result<&T, String> {
+pub(crate) fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Result<&T, String> {
     batch
         .columns()
         .get(index)

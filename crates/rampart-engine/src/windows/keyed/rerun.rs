@@ -14,7 +14,7 @@ use rampart_state::StateStore;
 use rampart_state::codec::{FIRED, ROW_HEADER, StoredRow, flags, push_row, rows_of, set_header};
 use serde::{Deserialize, Serialize};
 
-use super::{DecideContext, Decided, KeyedState, NewRows, Touched, column, micros};
+use super::{DecideContext, Decided, KeyedState, NewRows, Touched, column};
 
 /// A row waiting to be decided (or, for incremental windows, a key with such rows and the
 /// oldest one's time), as persisted across restarts.
@@ -76,7 +76,7 @@ impl KeyedState {
                 ));
             }
         }
-        let keep_from = before.saturating_sub(micros(split.reach));
+        let keep_from = before.saturating_sub(rampart_core::time::micros(split.reach));
         let horizon = self.horizon();
         let mut touched = Vec::with_capacity(by_key.len());
         for (key, mut new) in by_key {
@@ -201,7 +201,7 @@ impl KeyedState {
         for (key, _) in &keys {
             self.entry(ctx.store, key).map_err(|e| e.to_string())?;
         }
-        let reach = micros(split.reach);
+        let reach = rampart_core::time::micros(split.reach);
         let parser = self.row_converter.parser();
         let mut input = Vec::new();
         for (key, (from, to)) in &keys {
