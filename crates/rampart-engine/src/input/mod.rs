@@ -2,5 +2,6 @@
 //! the mapping of a record's JSON onto the canonical columns, and the Arrow micro-batches and
 //! dead letters that come out.
 
+pub mod batch;
 pub mod decode;
 pub mod mapping;

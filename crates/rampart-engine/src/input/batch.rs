@@ -1,0 +1,248 @@
+//! What decoding produces: Arrow micro-batches of canonical events with each row's source
+//! position ([`EventBatch`], built by [`BatchBuilder`] from mapped records) and the records that
+//! could not be used ([`DeadLetter`]).
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringArray, StringBuilder,
+    TimestampMicrosecondArray, TimestampMicrosecondBuilder, UInt64Array, UInt64Builder,
+};
+use datafusion::arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+use rampart_core::{ColumnType, EventSchema, SourcePosition};
+
+use crate::input::mapping::{ExtraValue, MappedEvent};
+
+/// Why a record went to the dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterKind {
+    /// Not JSON, not an object, missing or mistyped fields, too large.
+    Malformed,
+    /// Older than the allowed lateness.
+    Late,
+}
+
+/// A record Rampart could not use, with the reason and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// malformed or late.
+    pub kind: DeadLetterKind,
+    /// What was wrong.
+    pub error: String,
+    /// Where the record came from.
+    pub source: SourcePosition,
+    /// The record's text (cut at the record size limit).
+    pub record: String,
+    /// Whether `record` was cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// A micro-batch of canonical events with the source position of each row.
+#[derive(Debug, Clone)]
+pub struct EventBatch {
+    /// The events, in the pipeline's event schema.
+    pub batch: RecordBatch,
+    /// Source position of each row.
+    pub positions: Vec<SourcePosition>,
+    /// Row id of the first row; row `i` has id `first_row + i`.
+    pub first_row: u64,
+}
+
+impl EventBatch {
+    /// Gives the rows the ids `first_row..`, for batches decoded out of order on other threads.
+    pub fn renumber(&mut self, first_row: u64) {
+        if self.first_row == first_row {
+            return;
+        }
+        let n = self.batch.num_rows() as u64;
+        let mut columns = self.batch.columns().to_vec();
+        if let Some(ids) = columns.last_mut() {
+            *ids = Arc::new(UInt64Array::from_iter_values(first_row..first_row + n));
+        }
+        self.batch = RecordBatch::try_new(self.batch.schema(), columns).expect("same schema, same length");
+        self.first_row = first_row;
+    }
+
+    /// The rows where `keep` is true (renumber afterwards).
+    pub fn retain(self, keep: &[bool]) -> Self {
+        let mask = datafusion::arrow::array::BooleanArray::from(keep.to_vec());
+        let batch = datafusion::arrow::compute::filter_record_batch(&self.batch, &mask)
+            .expect("mask has the batch's length");
+        let positions = self
+            .positions
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(p, k)| k.then_some(p))
+            .collect();
+        Self {
+            batch,
+            positions,
+            first_row: u64::MAX,
+        }
+    }
+
+    /// Index of the row with `row_id`, if it is in this batch.
+    pub fn index_of(&self, row_id: u64) -> Option<usize> {
+        let i = usize::try_from(row_id.checked_sub(self.first_row)?).ok()?;
+        (i < self.batch.num_rows()).then_some(i)
+    }
+
+    fn strings(&self, column: usize) -> &StringArray {
+        self.batch
+            .column(column)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("canonical string column")
+    }
+
+    /// Event time of row `i`, in microseconds.
+    pub fn event_time(&self, i: usize) -> i64 {
+        let times = self
+            .batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>();
+        times.expect("canonical event_time column").value(i)
+    }
+
+    /// Actor of row `i`.
+    pub fn actor(&self, i: usize) -> &str {
+        self.strings(1).value(i)
+    }
+
+    /// Action of row `i`.
+    pub fn action(&self, i: usize) -> &str {
+        self.strings(2).value(i)
+    }
+
+    /// Raw JSON text of row `i`.
+    pub fn raw(&self, i: usize) -> &str {
+        self.strings(self.batch.num_columns() - 2).value(i)
+    }
+}
+
+/// Accumulates mapped events into Arrow column builders.
+pub(crate) struct BatchBuilder {
+    schema: EventSchema,
+    capacity: usize,
+    time: TimestampMicrosecondBuilder,
+    actor: StringBuilder,
+    action: StringBuilder,
+    optional: [StringBuilder; 4],
+    extras: Vec<ExtraBuilder>,
+    raw: StringBuilder,
+    row: UInt64Builder,
+    positions: Vec<SourcePosition>,
+    /// The row id the next event gets (the decoder numbers rows in input order).
+    pub(crate) next_row: u64,
+}
+
+enum ExtraBuilder {
+    String(StringBuilder),
+    Int(Int64Builder),
+    Float(Float64Builder),
+    Bool(BooleanBuilder),
+    Timestamp(TimestampMicrosecondBuilder),
+}
+
+impl BatchBuilder {
+    pub(crate) fn new(schema: EventSchema, capacity: usize) -> Self {
+        let extras = schema
+            .extras()
+            .iter()
+            .map(|(_, ty)| match ty {
+                ColumnType::String => ExtraBuilder::String(StringBuilder::new()),
+                ColumnType::Int => ExtraBuilder::Int(Int64Builder::new()),
+                ColumnType::Float => ExtraBuilder::Float(Float64Builder::new()),
+                ColumnType::Bool => ExtraBuilder::Bool(BooleanBuilder::new()),
+                ColumnType::Timestamp => {
+                    ExtraBuilder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+                }
+            })
+            .collect();
+        Self {
+            schema,
+            capacity,
+            time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            actor: StringBuilder::new(),
+            action: StringBuilder::new(),
+            optional: Default::default(),
+            extras,
+            raw: StringBuilder::new(),
+            row: UInt64Builder::new(),
+            positions: Vec::with_capacity(capacity),
+            next_row: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub(crate) fn push(&mut self, event: MappedEvent, raw: &str, position: SourcePosition) {
+        self.time.append_value(event.event_time);
+        self.actor.append_value(&event.actor);
+        self.action.append_value(&event.action);
+        for (b, v) in self.optional.iter_mut().zip(&event.optional) {
+            b.append_option(v.as_deref());
+        }
+        for (b, v) in self.extras.iter_mut().zip(event.extras) {
+            match (b, v) {
+                (ExtraBuilder::String(b), ExtraValue::String(s)) => b.append_value(s),
+                (ExtraBuilder::Int(b), ExtraValue::Int(i)) => b.append_value(i),
+                (ExtraBuilder::Float(b), ExtraValue::Float(f)) => b.append_value(f),
+                (ExtraBuilder::Bool(b), ExtraValue::Bool(x)) => b.append_value(x),
+                (ExtraBuilder::Timestamp(b), ExtraValue::Timestamp(t)) => b.append_value(t),
+                (ExtraBuilder::String(b), _) => b.append_null(),
+                (ExtraBuilder::Int(b), _) => b.append_null(),
+                (ExtraBuilder::Float(b), _) => b.append_null(),
+                (ExtraBuilder::Bool(b), _) => b.append_null(),
+                (ExtraBuilder::Timestamp(b), _) => b.append_null(),
+            }
+        }
+        self.raw.append_value(raw);
+        self.row.append_value(self.next_row + self.positions.len() as u64);
+        self.positions.push(position);
+    }
+
+    pub(crate) fn finish(&mut self) -> Option<EventBatch> {
+        if self.positions.is_empty() {
+            return None;
+        }
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(self.time.finish()),
+            Arc::new(self.actor.finish()),
+            Arc::new(self.action.finish()),
+        ];
+        columns.extend(self.optional.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        columns.extend(self.extras.iter_mut().map(|b| -> ArrayRef {
+            match b {
+                ExtraBuilder::String(b) => Arc::new(b.finish()),
+                ExtraBuilder::Int(b) => Arc::new(b.finish()),
+                ExtraBuilder::Float(b) => Arc::new(b.finish()),
+                ExtraBuilder::Bool(b) => Arc::new(b.finish()),
+                ExtraBuilder::Timestamp(b) => Arc::new(b.finish()),
+            }
+        }));
+        let raw = self.raw.finish();
+        // The raw text is most of a batch's bytes: size the next builder like this batch so it
+        // never grows by copying.
+        self.raw = StringBuilder::with_capacity(self.capacity, raw.value_data().len());
+        columns.push(Arc::new(raw));
+        columns.push(Arc::new(self.row.finish()));
+        let batch = RecordBatch::try_new(Arc::clone(self.schema.arrow()), columns)
+            .expect("builders follow the event schema");
+        let positions = std::mem::replace(&mut self.positions, Vec::with_capacity(self.capacity));
+        let first_row = self.next_row;
+        self.next_row += positions.len() as u64;
+        Some(EventBatch {
+            batch,
+            positions,
+            first_row,
+        })
+    }
+}
