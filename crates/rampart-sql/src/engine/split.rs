@@ -1,0 +1,226 @@
+//! Cutting a windowed detector's optimised plan where its state is ([`WindowSplit`]): the part
+//! below the window runs per batch, the key and reach say what to keep, and a single window of
+//! aggregates Rampart maintains also gets the plan above it ([`IncrementalPlan`]).
+
+use std::sync::Arc;
+
+use super::*;
+
+impl DetectorEngine {
+    /// Cuts `logical` where its state is: at its lowest window node (sliding windows) or at its
+    /// aggregate (grouped windows). The inner `Err` says why the query cannot be cut (it is the
+    /// user's query, not a failure).
+    pub(super) fn split_at_state(
+        &self,
+        logical: &LogicalPlan,
+        shape: &Shape,
+    ) -> datafusion::common::Result<std::result::Result<WindowSplit, String>> {
+        let (kind, reach) = match shape {
+            Shape::SlidingWindow { windows } => {
+                let keys: Vec<&Vec<String>> = windows.iter().map(|w| &w.partition_by).collect();
+                if keys.windows(2).any(|pair| pair[0] != pair[1]) {
+                    return Ok(Err(format!(
+                        "the windows of one detector must be partitioned by the same key (found {}); \
+                         write one detector per key",
+                        keys.iter()
+                            .map(|k| format!("({})", k.join(", ")))
+                            .collect::<Vec<_>>()
+                            .join(" and ")
+                    )));
+                }
+                (StateKind::Sliding, windows.iter().map(|w| w.length).sum())
+            }
+            Shape::GroupedWindow { bucket, .. } => (StateKind::Grouped, *bucket),
+            Shape::PerEvent => return Ok(Err("a per-event detector keeps no state".into())),
+        };
+        // The lowest stateful node: where the rows to keep come out.
+        let mut cuts: Vec<(Arc<LogicalPlan>, Vec<Expr>)> = Vec::new();
+        logical.apply(|node| {
+            match node {
+                LogicalPlan::Window(w) if kind == StateKind::Sliding => {
+                    let mut nested = false;
+                    w.input.apply(|n| {
+                        nested |= matches!(n, LogicalPlan::Window(_));
+                        Ok(if nested {
+                            TreeNodeRecursion::Stop
+                        } else {
+                            TreeNodeRecursion::Continue
+                        })
+                    })?;
+                    if !nested {
+                        let keys = match w.window_expr.first().map(unalias) {
+                            Some(Expr::WindowFunction(f)) => f.params.partition_by.clone(),
+                            _ => Vec::new(),
+                        };
+                        cuts.push((Arc::clone(&w.input), keys));
+                    }
+                }
+                LogicalPlan::Aggregate(a) if kind == StateKind::Grouped => {
+                    cuts.push((Arc::clone(&a.input), a.group_expr.clone()));
+                }
+                _ => {}
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let [(input, key_exprs)] = cuts.as_slice() else {
+            return Ok(Err(match kind {
+                StateKind::Sliding => {
+                    "windows in several branches of one query (a UNION of windowed \
+                                       queries) are not supported; write one detector per window"
+                }
+                StateKind::Grouped => {
+                    "a grouped window may have one GROUP BY; write one detector per \
+                                       grouping"
+                }
+            }
+            .into()));
+        };
+        let input_schema = input.schema();
+        let position = |name: &str| input_schema.fields().iter().position(|f| f.name() == name);
+        let (Some(time_index), Some(row_index)) = (position(EVENT_TIME), position(ROW_ID)) else {
+            return Ok(Err(format!(
+                "the rows under the window must keep `{EVENT_TIME}` as it is (not renamed or \
+                 computed), so that Rampart can tell when a row's window is complete"
+            )));
+        };
+        let (replacement, post_input, post_slot) = slot_scan("window_input", input_schema)?;
+        let replacement = Arc::new(replacement);
+        let is_cut = |child: &Arc<LogicalPlan>| Arc::ptr_eq(child, input) || child.as_ref() == input.as_ref();
+        let post = logical
+            .clone()
+            .transform_up(|node| match node {
+                LogicalPlan::Window(w) if is_cut(&w.input) => Ok(Transformed::yes(LogicalPlan::Window(
+                    Window::try_new(w.window_expr, Arc::clone(&replacement))?,
+                ))),
+                LogicalPlan::Aggregate(a) if is_cut(&a.input) => {
+                    Ok(Transformed::yes(LogicalPlan::Aggregate(Aggregate::try_new(
+                        Arc::clone(&replacement),
+                        a.group_expr,
+                        a.aggr_expr,
+                    )?)))
+                }
+                other => Ok(Transformed::yes(other.recompute_schema()?)),
+            })?
+            .data;
+        let state = self.ctx.state();
+        let pre = self.runtime.block_on(state.create_physical_plan(input))?;
+        let keys = key_exprs
+            .iter()
+            .map(|e| state.create_physical_expr(e.clone(), input_schema))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        let post = self.runtime.block_on(state.create_physical_plan(&post))?;
+        let (strategy, timing) = match kind {
+            StateKind::Sliding => (
+                self.incremental_plan(logical, input)?
+                    .map_or(Strategy::Rerun, Strategy::Incremental),
+                crate::shape::sliding_timing(logical),
+            ),
+            StateKind::Grouped => (Strategy::Grouped, Timing::AtOnce),
+        };
+        Ok(Ok(WindowSplit {
+            strategy,
+            timing,
+            pre_schema: pre.schema(),
+            pre,
+            post,
+            post_slot,
+            post_input,
+            keys,
+            reach,
+            time_index,
+            row_index,
+        }))
+    }
+
+    /// For a query with one window node whose aggregates Rampart can maintain (count, count
+    /// DISTINCT, sum, avg, min, max over integer, float or text arguments, as the types allow):
+    /// the plan above the window and the aggregates. `None`: the window part is re-run over
+    /// each touched key's rows instead (same answer, more work).
+    fn incremental_plan(
+        &self,
+        logical: &LogicalPlan,
+        input: &Arc<LogicalPlan>,
+    ) -> datafusion::common::Result<Option<IncrementalPlan>> {
+        let mut windows = Vec::new();
+        logical.apply(|node| {
+            if let LogicalPlan::Window(w) = node {
+                windows.push(w.clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let [window] = windows.as_slice() else {
+            return Ok(None);
+        };
+        let state = self.ctx.state();
+        let input_schema = input.schema();
+        let mut aggregates = Vec::new();
+        let offset = input_schema.fields().len();
+        for (i, expr) in window.window_expr.iter().enumerate() {
+            let Ok(spec) = crate::shape::sliding_window(unalias(expr)) else {
+                return Ok(None);
+            };
+            let Expr::WindowFunction(f) = unalias(expr) else {
+                return Ok(None);
+            };
+            let argument = match f.params.args.as_slice() {
+                [] => None,
+                [Expr::Literal(v, _)] if spec.function == "count" && !v.is_null() => None,
+                [arg] => Some(state.create_physical_expr(arg.clone(), input_schema)?),
+                _ => return Ok(None),
+            };
+            let arg_type = match &argument {
+                Some(a) => Some(a.data_type(input_schema.as_arrow())?),
+                None => None,
+            };
+            let numeric = |t: &DataType| t.is_integer() || matches!(t, DataType::Float64 | DataType::Float32);
+            let text = |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+            let function = match (spec.function.as_str(), spec.distinct, arg_type.as_ref()) {
+                ("count", false, _) => AggregateKind::Count,
+                ("count", true, Some(t)) if t.is_integer() || text(t) => AggregateKind::CountDistinct,
+                ("sum", false, Some(t)) if numeric(t) => AggregateKind::Sum,
+                ("avg", false, Some(t)) if numeric(t) => AggregateKind::Avg,
+                ("min", false, Some(t)) if numeric(t) || text(t) => AggregateKind::Min,
+                ("max", false, Some(t)) if numeric(t) || text(t) => AggregateKind::Max,
+                _ => return Ok(None),
+            };
+            let output = window.schema.field(offset + i).data_type().clone();
+            let supported_output = matches!(
+                (function, &output),
+                (
+                    AggregateKind::Count | AggregateKind::CountDistinct,
+                    DataType::Int64
+                ) | (AggregateKind::Avg, DataType::Float64)
+                    | (
+                        AggregateKind::Sum,
+                        DataType::Int64 | DataType::UInt64 | DataType::Float64
+                    )
+                    | (AggregateKind::Min | AggregateKind::Max, _)
+            );
+            if !supported_output {
+                return Ok(None);
+            }
+            aggregates.push(WindowAggregate {
+                function,
+                argument,
+                length: rampart_core::time::micros(spec.length),
+                output,
+            });
+        }
+        // The window's output becomes a scan the engine fills; everything above it stays.
+        let (replacement, above_input, above_slot) = slot_scan("window_rows", &window.schema)?;
+        let above = logical
+            .clone()
+            .transform_up(|node| match node {
+                LogicalPlan::Window(_) => Ok(Transformed::yes(replacement.clone())),
+                other => Ok(Transformed::yes(other.recompute_schema()?)),
+            })?
+            .data;
+        let above = self.runtime.block_on(state.create_physical_plan(&above))?;
+        Ok(Some(IncrementalPlan {
+            above,
+            above_slot,
+            above_input,
+            aggregates,
+        }))
+    }
+}
