@@ -176,127 +176,21 @@ impl ReasonTemplate {
 /// Parses the header of a detector file. Returns the metadata or every problem found.
 pub fn parse_header(path: &Path, text: &str) -> Result<DetectorMeta, Vec<Problem>> {
     let mut problems = Vec::new();
-    let mut values: Vec<(&'static str, usize, String)> = Vec::new();
-    let mut continuing = false;
-
-    for (index, line) in text.lines().enumerate() {
-        let line_no = index + 1;
-        let trimmed = line.trim();
-        if trimmed.is_empty() {
-            continuing = false;
-            continue;
-        }
-        let Some(comment) = trimmed.strip_prefix("--") else {
-            break;
-        };
-        if continuing && comment.starts_with("   ") {
-            if let Some((_, _, value)) = values.last_mut() {
-                value.push(' ');
-                value.push_str(comment.trim());
-            }
-            continue;
-        }
-        continuing = false;
-        let content = comment.trim();
-        let Some((key, value)) = content.split_once(':') else {
-            continue;
-        };
-        if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-            continue;
-        }
-        let Some(known) = KEYS.iter().find(|(k, _)| *k == key).map(|(k, _)| *k) else {
-            let known: Vec<_> = KEYS.iter().map(|(k, _)| *k).collect();
-            problems.push(Problem::at(
-                path,
-                line_no,
-                format!("unknown metadata key `{key}` (known keys: {})", known.join(", ")),
-            ));
-            continue;
-        };
-        if let Some((_, first, _)) = values.iter().find(|(k, _, _)| *k == known) {
-            problems.push(Problem::at(
-                path,
-                line_no,
-                format!("metadata key `{key}` is set twice (first on line {first})"),
-            ));
-            continue;
-        }
-        values.push((known, line_no, value.trim().to_string()));
-        continuing = true;
-    }
-
-    let get = |key: &str| {
-        values
-            .iter()
-            .find(|(k, _, _)| *k == key)
-            .map(|(_, l, v)| (*l, v.as_str()))
-    };
-    let require = |key: &str, problems: &mut Vec<Problem>| match get(key) {
-        Some((line, v)) if !v.is_empty() => Some((line, v)),
-        _ => {
-            problems.push(Problem::at(
-                path,
-                1,
-                format!("missing metadata `-- {key}: ...` in the leading comment lines"),
-            ));
-            None
-        }
-    };
-
-    let id = require("id", &mut problems).and_then(|(line, v)| {
-        let ok = v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if ok {
-            Some(v.to_string())
-        } else {
-            problems.push(Problem::at(
-                path,
-                line,
-                format!("detector id `{v}` may only hold letters, digits, `-`, `_` and `.`"),
-            ));
-            None
-        }
-    });
-    let verdict = parse_keyword::<Verdict>(path, require("verdict", &mut problems), &mut problems);
-    let severity = parse_keyword::<Severity>(path, require("severity", &mut problems), &mut problems);
-    let reason = require("reason", &mut problems).and_then(|(line, v)| {
+    let header = Header::read(path, text, &mut problems);
+    let id = header.id(&mut problems);
+    let verdict = parse_keyword::<Verdict>(path, header.require("verdict", &mut problems), &mut problems);
+    let severity = parse_keyword::<Severity>(path, header.require("severity", &mut problems), &mut problems);
+    let reason = header.require("reason", &mut problems).and_then(|(line, v)| {
         ReasonTemplate::parse(v)
             .map_err(|e| problems.push(Problem::at(path, line, e)))
             .ok()
     });
-    let mode = match get("mode") {
+    let mode = match header.get("mode") {
         Some(found) => parse_keyword::<Mode>(path, Some(found), &mut problems),
         None => Some(Mode::Enforce),
     };
-    let block_for = match get("block_for") {
-        None => None,
-        Some((line, v)) => match humantime::parse_duration(v) {
-            Ok(d) if d.is_zero() => {
-                problems.push(Problem::at(path, line, "block_for must be longer than zero"));
-                None
-            }
-            Ok(d) => Some(d),
-            Err(e) => {
-                problems.push(Problem::at(
-                    path,
-                    line,
-                    format!("block_for `{v}` is not a duration ({e}); write e.g. 30m, 1h, 2days"),
-                ));
-                None
-            }
-        },
-    };
-    if let (Some((line, _)), Some(v)) = (get("block_for"), verdict)
-        && !matches!(v, Verdict::Block | Verdict::Review)
-    {
-        problems.push(Problem::at(
-            path,
-            line,
-            format!(
-                "block_for only applies to `verdict: block` or `review`, this detector's verdict is `{v}`"
-            ),
-        ));
-    }
-    if let (Some((line, _)), Some(Verdict::Revoke)) = (get("verdict"), verdict) {
+    let block_for = header.block_for(verdict, &mut problems);
+    if let (Some((line, _)), Some(Verdict::Revoke)) = (header.get("verdict"), verdict) {
         problems.push(Problem::at(
             path,
             line,
@@ -304,23 +198,26 @@ pub fn parse_header(path: &Path, text: &str) -> Result<DetectorMeta, Vec<Problem
              fail-safe); a detector decides block, alert or review",
         ));
     }
-    let dedup_for = get("dedup_for").and_then(|(line, v)| match humantime::parse_duration(v) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            problems.push(Problem::at(
-                path,
-                line,
-                format!("dedup_for `{v}` is not a duration ({e}); write e.g. 10m, 1h, or 0s for none"),
-            ));
-            None
-        }
-    });
-    let blast_radius = get("blast_radius").and_then(|(line, v)| {
+    let dedup_for = header
+        .get("dedup_for")
+        .and_then(|(line, v)| match humantime::parse_duration(v) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                problems.push(Problem::at(
+                    path,
+                    line,
+                    format!("dedup_for `{v}` is not a duration ({e}); write e.g. 10m, 1h, or 0s for none"),
+                ));
+                None
+            }
+        });
+    let blast_radius = header.get("blast_radius").and_then(|(line, v)| {
         BlastRadius::parse(v)
             .map_err(|e| problems.push(Problem::at(path, line, e)))
             .ok()
     });
-    let tags = get("tags")
+    let tags = header
+        .get("tags")
         .map(|(_, v)| {
             v.split(',')
                 .map(str::trim)
@@ -329,7 +226,12 @@ pub fn parse_header(path: &Path, text: &str) -> Result<DetectorMeta, Vec<Problem
                 .collect()
         })
         .unwrap_or_default();
-    let text_of = |key: &str| get(key).map(|(_, v)| v.to_string()).filter(|v| !v.is_empty());
+    let text_of = |key: &str| {
+        header
+            .get(key)
+            .map(|(_, v)| v.to_string())
+            .filter(|v| !v.is_empty())
+    };
 
     match (id, verdict, severity, reason, mode) {
         (Some(id), Some(verdict), Some(severity), Some(reason), Some(mode)) if problems.is_empty() => {
@@ -348,6 +250,135 @@ pub fn parse_header(path: &Path, text: &str) -> Result<DetectorMeta, Vec<Problem
             })
         }
         _ => Err(problems),
+    }
+}
+
+/// The `-- key: value` lines leading a detector file: each known key once, with its line
+/// (a value continues on following comment lines indented by three spaces or more).
+struct Header<'a> {
+    path: &'a Path,
+    values: Vec<(&'static str, usize, String)>,
+}
+
+impl<'a> Header<'a> {
+    /// Reads the leading comment lines; unknown and repeated keys are problems.
+    fn read(path: &'a Path, text: &str, problems: &mut Vec<Problem>) -> Self {
+        let mut values: Vec<(&'static str, usize, String)> = Vec::new();
+        let mut continuing = false;
+        for (index, line) in text.lines().enumerate() {
+            let line_no = index + 1;
+            let trimmed = line.trim();
+            if trimmed.is_empty() {
+                continuing = false;
+                continue;
+            }
+            let Some(comment) = trimmed.strip_prefix("--") else {
+                break;
+            };
+            if continuing && comment.starts_with("   ") {
+                if let Some((_, _, value)) = values.last_mut() {
+                    value.push(' ');
+                    value.push_str(comment.trim());
+                }
+                continue;
+            }
+            continuing = false;
+            let Some((key, value)) = comment.trim().split_once(':') else {
+                continue;
+            };
+            if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                continue;
+            }
+            let Some(known) = KEYS.iter().find(|(k, _)| *k == key).map(|(k, _)| *k) else {
+                let known: Vec<_> = KEYS.iter().map(|(k, _)| *k).collect();
+                problems.push(Problem::at(
+                    path,
+                    line_no,
+                    format!("unknown metadata key `{key}` (known keys: {})", known.join(", ")),
+                ));
+                continue;
+            };
+            if let Some((_, first, _)) = values.iter().find(|(k, _, _)| *k == known) {
+                problems.push(Problem::at(
+                    path,
+                    line_no,
+                    format!("metadata key `{key}` is set twice (first on line {first})"),
+                ));
+                continue;
+            }
+            values.push((known, line_no, value.trim().to_string()));
+            continuing = true;
+        }
+        Self { path, values }
+    }
+
+    /// A key's line and value, if set.
+    fn get(&self, key: &str) -> Option<(usize, &str)> {
+        self.values
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, l, v)| (*l, v.as_str()))
+    }
+
+    /// A key that must be set (and not empty).
+    fn require(&self, key: &str, problems: &mut Vec<Problem>) -> Option<(usize, &str)> {
+        match self.get(key) {
+            Some((line, v)) if !v.is_empty() => Some((line, v)),
+            _ => {
+                problems.push(Problem::at(
+                    self.path,
+                    1,
+                    format!("missing metadata `-- {key}: ...` in the leading comment lines"),
+                ));
+                None
+            }
+        }
+    }
+
+    /// The detector's id: letters, digits, `-`, `_` and `.`.
+    fn id(&self, problems: &mut Vec<Problem>) -> Option<String> {
+        let (line, v) = self.require("id", problems)?;
+        if v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Some(v.to_string());
+        }
+        problems.push(Problem::at(
+            self.path,
+            line,
+            format!("detector id `{v}` may only hold letters, digits, `-`, `_` and `.`"),
+        ));
+        None
+    }
+
+    /// `block_for`: a positive duration, for block and review verdicts only.
+    fn block_for(&self, verdict: Option<Verdict>, problems: &mut Vec<Problem>) -> Option<Duration> {
+        let (line, v) = self.get("block_for")?;
+        let duration = match humantime::parse_duration(v) {
+            Ok(d) if d.is_zero() => {
+                problems.push(Problem::at(self.path, line, "block_for must be longer than zero"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                problems.push(Problem::at(
+                    self.path,
+                    line,
+                    format!("block_for `{v}` is not a duration ({e}); write e.g. 30m, 1h, 2days"),
+                ));
+                None
+            }
+        };
+        if let Some(verdict) = verdict
+            && !matches!(verdict, Verdict::Block | Verdict::Review)
+        {
+            problems.push(Problem::at(
+                self.path,
+                line,
+                format!(
+                    "block_for only applies to `verdict: block` or `review`, this detector's verdict is `{verdict}`"
+                ),
+            ));
+        }
+        duration
     }
 }
 

@@ -39,16 +39,13 @@ pub(super) struct Rerun {
 }
 
 impl KeyedState {
-    /// Sliding windows re-run over their rows, and grouped windows: adds a batch's rows to
-    /// their keys' stored rows (time order), dropping those out of reach of `before`; returns
-    /// the keys touched with their number of new rows.
-    pub(super) fn add_rows(
-        &mut self,
+    /// A batch's rows below the window by key: (time, row id, Arrow row bytes) each; rows
+    /// without an event time are left out.
+    fn rows_by_key(
+        &self,
         split: &WindowSplit,
-        store: &StateStore,
-        before: i64,
         pre: &[RecordBatch],
-    ) -> Result<Touched, String> {
+    ) -> Result<HashMap<Box<[u8]>, NewRows>, String> {
         let mut by_key: HashMap<Box<[u8]>, NewRows> = HashMap::new();
         for batch in pre {
             let n = batch.num_rows();
@@ -76,6 +73,20 @@ impl KeyedState {
                 ));
             }
         }
+        Ok(by_key)
+    }
+
+    /// Sliding windows re-run over their rows, and grouped windows: adds a batch's rows to
+    /// their keys' stored rows (time order), dropping those out of reach of `before`; returns
+    /// the keys touched with their number of new rows.
+    pub(super) fn add_rows(
+        &mut self,
+        split: &WindowSplit,
+        store: &StateStore,
+        before: i64,
+        pre: &[RecordBatch],
+    ) -> Result<Touched, String> {
+        let by_key = self.rows_by_key(split, pre)?;
         let keep_from = before.saturating_sub(rampart_core::time::micros(split.reach));
         let horizon = self.horizon();
         let mut touched = Vec::with_capacity(by_key.len());
