@@ -159,3 +159,95 @@ impl TriggerStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{ArrayRef, StringArray, TimestampMicrosecondArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::arrow::record_batch::RecordBatch;
+
+    use super::*;
+
+    /// A batch of events at `times` (actor `a<row>`, action `x`), rows numbered from `first_row`.
+    fn events(first_row: u64, times: &[i64]) -> EventBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
+            Field::new("actor", DataType::Utf8, false),
+            Field::new("action", DataType::Utf8, false),
+        ]));
+        let rows = first_row..first_row + times.len() as u64;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(TimestampMicrosecondArray::from(times.to_vec())),
+            Arc::new(StringArray::from_iter_values(
+                rows.clone().map(|r| format!("a{r}")),
+            )),
+            Arc::new(StringArray::from_iter_values(times.iter().map(|_| "x"))),
+        ];
+        EventBatch {
+            batch: RecordBatch::try_new(schema, columns).expect("batch"),
+            positions: rows
+                .map(|r| SourcePosition::File {
+                    file: Arc::from("f"),
+                    line: r + 1,
+                })
+                .collect(),
+            first_row,
+        }
+    }
+
+    #[test]
+    fn a_row_s_trigger_is_found_in_its_batch_until_the_watermark_passes_the_batch() {
+        let mut store = TriggerStore::default();
+        store.push(&events(0, &[10, 30, 20]));
+        store.push(&events(3, &[40, 50]));
+        let t = store.get(2).expect("kept");
+        assert_eq!((t.time, t.actor.as_str(), t.action.as_str()), (20, "a2", "x"));
+        assert_eq!(store.get(4).map(|t| t.time), Some(50));
+        assert!(store.get(5).is_none(), "no such row");
+        store.prune(30);
+        assert!(
+            store.get(0).is_some(),
+            "the first batch's newest (30) is not older than 30"
+        );
+        store.prune(31);
+        assert!(store.get(0).is_none(), "the whole first batch is older than 31");
+        assert_eq!(store.get(3).map(|t| t.time), Some(40));
+    }
+
+    #[test]
+    fn persisted_batches_come_back_from_their_watermark_on_and_are_deleted_once_passed() {
+        let state = StateStore::temporary().expect("state");
+        let mut store = TriggerStore::default();
+        store.push(&events(0, &[10, 20]));
+        store.push(&events(2, &[30, 40]));
+        let mut commit = state.commit(0);
+        store.save(&mut commit);
+        state.write(commit).expect("writes");
+        assert_eq!(
+            state.meta_with_prefix(PREFIX).expect("reads").len(),
+            2,
+            "one entry per batch"
+        );
+
+        let mut restored = TriggerStore::default();
+        restored.load(&state, 20).expect("loads");
+        assert!(restored.get(0).is_none(), "older than the watermark");
+        assert_eq!(restored.get(1).map(|t| t.actor), Some("a1".to_string()));
+        assert_eq!(restored.get(3).map(|t| t.time), Some(40));
+
+        restored.prune(41);
+        let mut commit = state.commit(0);
+        restored.save(&mut commit);
+        state.write(commit).expect("writes");
+        assert!(
+            state.meta_with_prefix(PREFIX).expect("reads").is_empty(),
+            "passed batches are deleted"
+        );
+    }
+}
