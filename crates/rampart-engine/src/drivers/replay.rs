@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rampart_core::{Decision, Mode, Verdict};
 
-use crate::input::decode::{DeadLetter, DeadLetterKind, Decoded};
+use crate::input::decode::{DeadLetter, DeadLetterKind, Decoded, Framed};
 use crate::pipeline::{DetectorFailure, Output, Pipeline};
 use rampart_state::StateError;
 
@@ -203,9 +203,9 @@ pub fn replay_with(
     let mut summary = Summary::default();
     // A chunk per decoding thread in each channel: when the detectors are the bottleneck,
     // deeper queues only hold more decoded batches in memory.
-    let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Decoded)>(DECODE_THREADS);
+    let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Framed)>(DECODE_THREADS);
     let work_rx = Mutex::new(work_rx);
-    let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Vec<Decoded>)>(DECODE_THREADS);
+    let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Read)>(DECODE_THREADS);
 
     std::thread::scope(|scope| {
         let framer = named(
@@ -214,20 +214,20 @@ pub fn replay_with(
             move || -> Result<(), ReplayError> {
                 let mut decoder = pipeline.decoder().chunking(pipeline.config.batch_size);
                 let mut seq = 0;
-                let mut send = |d: Decoded| {
+                let mut send = |d: Framed| {
                     // Receivers only hang up when output failed; that error is reported there.
                     let _ = work_tx.send((seq, d));
                     seq += 1;
                 };
                 for file in &files {
                     decoder
-                        .decode_file(file, &mut send)
+                        .frame_file(file, &mut send)
                         .map_err(|source| ReplayError::Input {
                             path: file.clone(),
                             source,
                         })?;
                 }
-                decoder.flush(&mut send);
+                decoder.flush(&mut |d| send(Framed::Decoded(d)));
                 Ok(())
             },
         );
@@ -240,12 +240,13 @@ pub fn replay_with(
                     let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok((seq, item)) = next else { break };
                     let out = match item {
-                        Decoded::Lines(chunk) => {
-                            let mut out = Vec::new();
-                            decoder.decode_chunk(&chunk, &mut |d| out.push(d));
-                            out
+                        Framed::Lines(chunk) => {
+                            let mut decoded = Vec::new();
+                            decoder.decode_chunk(&chunk, &mut |d| decoded.push(d));
+                            Read::Decoded(decoded)
                         }
-                        other => vec![other],
+                        Framed::Decoded(d) => Read::Decoded(vec![d]),
+                        Framed::Progress(bytes) => Read::Progress(bytes),
                     };
                     // After a failed output keep draining, so that the framer never blocks.
                     let _ = done_tx.send((seq, out));
@@ -274,26 +275,40 @@ fn named<'scope, 'env, T: Send + 'scope>(
         .expect("the OS can start a thread")
 }
 
+/// What one framed item became once decoded: records, or input bytes read.
+enum Read {
+    Decoded(Vec<Decoded>),
+    Progress(u64),
+}
+
 /// Takes decoded chunks as the decoding threads finish them and processes them in input order.
 /// With a persistent state, what it had consumed is skipped ([`Pipeline::admit`]), checkpoints
 /// are written as the replay goes and at the end, and (unless `end_of_input`) rows waiting for
 /// the watermark stay waiting for the next run.
 fn consume_in_order(
     pipeline: &Pipeline,
-    rx: &mpsc::Receiver<(u64, Vec<Decoded>)>,
+    rx: &mpsc::Receiver<(u64, Read)>,
     sink: &mut dyn ReplaySink,
     summary: &mut Summary,
     end_of_input: bool,
 ) -> Result<(), ReplayError> {
-    let mut pending: BTreeMap<u64, Vec<Decoded>> = BTreeMap::new();
+    let mut pending: BTreeMap<u64, Read> = BTreeMap::new();
     let mut next_seq = 0;
     let mut out = Recorder { sink, summary };
-    for (seq, items) in rx {
-        pending.insert(seq, items);
-        while let Some(items) = pending.remove(&next_seq) {
+    for (seq, read) in rx {
+        pending.insert(seq, read);
+        while let Some(read) = pending.remove(&next_seq) {
             next_seq += 1;
-            for item in items {
-                consume(pipeline, item, &mut out)?;
+            match read {
+                Read::Progress(bytes) => {
+                    out.summary.bytes += bytes;
+                    out.sink.progress(bytes);
+                }
+                Read::Decoded(items) => {
+                    for item in items {
+                        consume(pipeline, item, &mut out)?;
+                    }
+                }
             }
         }
     }
@@ -308,10 +323,6 @@ fn consume_in_order(
 
 fn consume(pipeline: &Pipeline, item: Decoded, out: &mut Recorder<'_>) -> Result<(), ReplayError> {
     match item {
-        Decoded::Progress(bytes) => {
-            out.summary.bytes += bytes;
-            out.sink.progress(bytes);
-        }
         Decoded::DeadLetter(letter) => {
             if !pipeline.admit_dead_letter(&letter) {
                 out.summary.resumed_after += 1;
@@ -320,7 +331,6 @@ fn consume(pipeline: &Pipeline, item: Decoded, out: &mut Recorder<'_>) -> Result
             out.summary.bad_records += 1;
             out.sink.dead_letter(&letter).map_err(ReplayError::Output)?;
         }
-        Decoded::Lines(_) => unreachable!("decoding threads decode every chunk"),
         Decoded::Batch(events) => {
             let decoded = events.batch.num_rows();
             let Some(events) = pipeline.admit(events) else {

@@ -219,8 +219,6 @@ fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec
     let mut emit = |d: Decoded| match d {
         Decoded::Batch(b) => batches.push(b),
         Decoded::DeadLetter(l) => dead.push(l),
-        Decoded::Progress(_) => {}
-        Decoded::Lines(_) => unreachable!("a decoder that does not chunk decodes every line"),
     };
     let inputs: Vec<PathBuf> = match &case.input {
         Inputs::None => Vec::new(),

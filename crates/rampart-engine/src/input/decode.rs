@@ -33,15 +33,24 @@ pub struct LineChunk {
     pub data: Vec<u8>,
 }
 
-/// What decoding hands on, in input order.
+/// What decoding records gives, in input order.
 #[derive(Debug)]
 pub enum Decoded {
-    /// Undecoded lines (only from a decoder made with [`Decoder::chunking`]).
-    Lines(LineChunk),
     /// A full (or final) batch of events.
     Batch(EventBatch),
     /// A record that could not be used.
     DeadLetter(DeadLetter),
+}
+
+/// What reading an input file gives, in input order ([`Decoder::frame_file`]): decoded records,
+/// or, from a decoder made with [`Decoder::chunking`], JSON lines left for other threads to
+/// decode ([`Decoder::decode_chunk`]); and how far the input has been read.
+#[derive(Debug)]
+pub enum Framed {
+    /// Undecoded JSON lines.
+    Lines(LineChunk),
+    /// Records decoded here (formats other than JSON lines, or a decoder that does not chunk).
+    Decoded(Decoded),
     /// Bytes of input consumed since the last report (for progress).
     Progress(u64),
 }
@@ -76,7 +85,7 @@ impl Decoder {
         }
     }
 
-    /// Makes this decoder frame JSON lines into [`Decoded::Lines`] chunks of `lines` lines
+    /// Makes this decoder frame JSON lines into [`Framed::Lines`] chunks of `lines` lines
     /// (other formats still decode here), so that several threads can decode them. With
     /// `lines` = the batch size, each chunk decodes into one full batch.
     pub fn chunking(mut self, lines: usize) -> Self {
@@ -98,10 +107,38 @@ impl Decoder {
         self.builder.next_row = 0;
     }
 
-    /// Decodes one file (gzip or not). IO errors on the file itself are returned; everything
-    /// wrong with its content becomes dead letters.
+    /// Decodes one file (gzip or not) here, whatever the chunking. IO errors on the file
+    /// itself are returned; everything wrong with its content becomes dead letters.
     /// The path `-` is standard input (named `<stdin>` in positions).
     pub fn decode_file(&mut self, path: &Path, emit: &mut dyn FnMut(Decoded)) -> io::Result<()> {
+        self.decoding_here(|d, framed| d.frame_file(path, framed), emit)
+    }
+
+    /// Decodes text held in memory (test cases), named `name` in positions.
+    pub fn decode_text(&mut self, name: &str, text: &str, emit: &mut dyn FnMut(Decoded)) -> io::Result<()> {
+        self.decoding_here(|d, framed| d.frame_text(name, text, framed), emit)
+    }
+
+    /// Runs `read` with chunking off, handing on only the decoded records.
+    fn decoding_here(
+        &mut self,
+        read: impl FnOnce(&mut Self, &mut dyn FnMut(Framed)) -> io::Result<()>,
+        emit: &mut dyn FnMut(Decoded),
+    ) -> io::Result<()> {
+        let chunking = self.chunk_lines.take();
+        let result = read(self, &mut |framed| match framed {
+            Framed::Decoded(d) => emit(d),
+            Framed::Progress(_) => {}
+            Framed::Lines(_) => unreachable!("chunking is off while decoding here"),
+        });
+        self.chunk_lines = chunking;
+        result
+    }
+
+    /// Reads one file (gzip or not): JSON lines in chunks if this decoder chunks, everything
+    /// else decoded here. IO errors on the file itself are returned; everything wrong with its
+    /// content becomes dead letters. The path `-` is standard input (named `<stdin>`).
+    pub fn frame_file(&mut self, path: &Path, emit: &mut dyn FnMut(Framed)) -> io::Result<()> {
         if path == Path::new(STDIN) {
             let stdin = BufReader::with_capacity(1 << 18, io::stdin().lock());
             return self.decode_stream(Arc::from("<stdin>"), stdin, emit);
@@ -114,7 +151,7 @@ impl Decoder {
         &mut self,
         name: Arc<str>,
         mut input: R,
-        emit: &mut dyn FnMut(Decoded),
+        emit: &mut dyn FnMut(Framed),
     ) -> io::Result<()> {
         let gzip = input.fill_buf()?.starts_with(&[0x1f, 0x8b]);
         let reader: Box<dyn BufRead> = if gzip {
@@ -125,8 +162,8 @@ impl Decoder {
         self.decode_reader(name, reader, emit)
     }
 
-    /// Decodes text held in memory (test cases), named `name` in positions.
-    pub fn decode_text(&mut self, name: &str, text: &str, emit: &mut dyn FnMut(Decoded)) -> io::Result<()> {
+    /// [`Self::frame_file`] of text held in memory, named `name` in positions.
+    pub fn frame_text(&mut self, name: &str, text: &str, emit: &mut dyn FnMut(Framed)) -> io::Result<()> {
         self.decode_reader(Arc::from(name), Box::new(text.as_bytes()), emit)
     }
 
@@ -141,7 +178,7 @@ impl Decoder {
         &mut self,
         name: Arc<str>,
         mut reader: Box<dyn BufRead + '_>,
-        emit: &mut dyn FnMut(Decoded),
+        emit: &mut dyn FnMut(Framed),
     ) -> io::Result<()> {
         let mut first = Vec::new();
         let mut line_no = 1;
@@ -171,10 +208,10 @@ impl Decoder {
         }
         let mut bytes = first;
         reader.read_to_end(&mut bytes)?;
-        emit(Decoded::Progress(bytes.len() as u64));
+        emit(Framed::Progress(bytes.len() as u64));
         let Ok(text) = std::str::from_utf8(&bytes) else {
             self.dead(
-                emit,
+                &mut |d| emit(Framed::Decoded(d)),
                 &name,
                 line_no,
                 "the file is not valid UTF-8".into(),
@@ -187,15 +224,22 @@ impl Decoder {
                 let mut cursor = LineCursor::new(text, line_no);
                 for raw in records {
                     let line = cursor.line_at(raw.get());
-                    self.record(emit, &name, line, raw.get());
+                    self.record(&mut |d| emit(Framed::Decoded(d)), &name, line, raw.get());
                 }
             }
-            Ok(Document::Single) => self.record(emit, &name, line_no, text.trim()),
+            Ok(Document::Single) => {
+                self.record(&mut |d| emit(Framed::Decoded(d)), &name, line_no, text.trim())
+            }
             Err(_) if self.format == InputFormat::Auto => {
                 // Not one JSON document: treat it as JSON lines so good lines still count.
                 for (line, text_line) in (line_no..).zip(text.split('\n')) {
                     if !text_line.trim().is_empty() {
-                        self.record(emit, &name, line, text_line.trim_end_matches('\r'));
+                        self.record(
+                            &mut |d| emit(Framed::Decoded(d)),
+                            &name,
+                            line,
+                            text_line.trim_end_matches('\r'),
+                        );
                     }
                 }
             }
@@ -209,7 +253,7 @@ impl Decoder {
                     }
                 );
                 self.dead(
-                    emit,
+                    &mut |d| emit(Framed::Decoded(d)),
                     &name,
                     line_no + e.line().saturating_sub(1) as u64,
                     error,
@@ -226,7 +270,7 @@ impl Decoder {
         first: Vec<u8>,
         mut line_no: u64,
         mut reader: Box<dyn BufRead + '_>,
-        emit: &mut dyn FnMut(Decoded),
+        emit: &mut dyn FnMut(Framed),
     ) -> io::Result<()> {
         if let Some(lines) = self.chunk_lines {
             // Copy the input block-wise (not line by line) and cut after every `lines`-th
@@ -270,9 +314,9 @@ impl Decoder {
         let mut pending = 0u64;
         loop {
             pending += buf.len() as u64;
-            self.line(emit, name, line_no, &buf);
+            self.line(&mut |d| emit(Framed::Decoded(d)), name, line_no, &buf);
             if pending >= 1 << 20 {
-                emit(Decoded::Progress(pending));
+                emit(Framed::Progress(pending));
                 pending = 0;
             }
             buf.clear();
@@ -281,13 +325,13 @@ impl Decoder {
             }
             line_no += 1;
         }
-        emit(Decoded::Progress(pending));
+        emit(Framed::Progress(pending));
         Ok(())
     }
 
-    fn emit_chunk(&self, emit: &mut dyn FnMut(Decoded), name: &Arc<str>, first_line: u64, data: Vec<u8>) {
-        emit(Decoded::Progress(data.len() as u64));
-        emit(Decoded::Lines(LineChunk {
+    fn emit_chunk(&self, emit: &mut dyn FnMut(Framed), name: &Arc<str>, first_line: u64, data: Vec<u8>) {
+        emit(Framed::Progress(data.len() as u64));
+        emit(Framed::Lines(LineChunk {
             name: Arc::clone(name),
             first_line,
             data,
@@ -493,15 +537,16 @@ mod tests {
         let mut framed = Vec::new();
         let mut framer = decoder(format, 200).chunking(lines);
         framer
-            .decode_text("input", text, &mut |d| framed.push(d))
+            .frame_text("input", text, &mut |f| framed.push(f))
             .expect("in memory");
-        framer.flush(&mut |d| framed.push(d));
+        framer.flush(&mut |d| framed.push(Framed::Decoded(d)));
         let mut worker = decoder(format, 200);
         let mut decoded = Vec::new();
         for item in framed {
             match item {
-                Decoded::Lines(chunk) => worker.decode_chunk(&chunk, &mut |d| decoded.push(d)),
-                other => decoded.push(other),
+                Framed::Lines(chunk) => worker.decode_chunk(&chunk, &mut |d| decoded.push(d)),
+                Framed::Decoded(d) => decoded.push(d),
+                Framed::Progress(_) => {}
             }
         }
         collect(decoded)
@@ -534,8 +579,6 @@ mod tests {
                     };
                     dead.push((line, l.error));
                 }
-                Decoded::Progress(_) => {}
-                Decoded::Lines(_) => panic!("a chunk was left undecoded"),
             }
         }
         (events, dead)

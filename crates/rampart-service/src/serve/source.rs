@@ -127,7 +127,6 @@ impl Service<'_> {
                             key: key.map(<[u8]>::to_vec),
                         });
                     }
-                    Decoded::Lines(_) | Decoded::Progress(_) => {}
                 });
             // Seen by the rebalance callback: a re-assignment resumes after what the window
             // state in memory already holds.
