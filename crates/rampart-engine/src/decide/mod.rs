@@ -195,3 +195,102 @@ fn json_value(array: &dyn Array, row: usize) -> Value {
         other => Value::String(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::input::decode::Decoded;
+    use crate::pipeline::Pipeline;
+
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// The cloudtrail pipeline, the StopLogging detonation admitted as one batch, and the
+    /// `trail-logging-disabled` detector's result rows on it.
+    fn stop_logging() -> (Pipeline, EventBatch, Vec<RecordBatch>) {
+        let pipeline = Pipeline::load(&repo().join("pipelines/cloudtrail")).expect("loads");
+        let file =
+            repo().join("data/cloudtrail/stratus-detonation-logs/aws.defense-evasion.cloudtrail-stop.json");
+        let mut decoder = pipeline.decoder();
+        let mut batches = Vec::new();
+        let mut emit = |d| {
+            if let Decoded::Batch(b) = d {
+                batches.push(b);
+            }
+        };
+        decoder.decode_file(&file, &mut emit).expect("reads");
+        decoder.flush(&mut emit);
+        let events = pipeline.admit(batches.remove(0)).expect("new events");
+        let detector = pipeline
+            .detectors
+            .iter()
+            .find(|d| d.meta.id == "trail-logging-disabled")
+            .expect("loaded");
+        let results = pipeline
+            .engine()
+            .run(std::slice::from_ref(detector), events.batch.clone())
+            .remove(0)
+            .expect("runs");
+        (pipeline, events, results)
+    }
+
+    #[test]
+    fn a_result_row_becomes_a_decision_with_its_reason_evidence_expiry_and_trigger() {
+        let (pipeline, events, results) = stop_logging();
+        let detector = pipeline
+            .detectors
+            .iter()
+            .find(|d| d.meta.id == "trail-logging-disabled")
+            .expect("loaded");
+        let maker = DecisionMaker::new("p".into(), Duration::from_secs(60));
+        let decided: Vec<(u64, Decision)> = results
+            .iter()
+            .flat_map(|r| maker.decide(detector, r, &events, "2026-01-01T00:00:00Z"))
+            .collect();
+        assert_eq!(decided.len(), 1, "one StopLogging call");
+        let (row, d) = &decided[0];
+        let i = events
+            .index_of(*row)
+            .expect("the triggering event is in the batch");
+        assert_eq!(events.action(i), "StopLogging");
+        assert_eq!((d.verdict, d.actor.as_str()), (Verdict::Block, events.actor(i)));
+        assert!(d.reason.contains("called StopLogging on trail"), "{}", d.reason);
+        assert!(!d.evidence.contains_key(RAW) && !d.evidence.contains_key(ROW_ID));
+        assert!(d.evidence.contains_key("trail"));
+        // The detector's own block_for (4h) wins over the pipeline default (60s).
+        let expires = d
+            .expires_at
+            .as_deref()
+            .and_then(rampart_core::time::parse_rfc3339_micros);
+        assert_eq!(expires, Some(events.event_time(i) + 4 * 3600 * 1_000_000));
+        assert_eq!(d.source, events.positions[i]);
+        assert_eq!(
+            d.guidance
+                .as_deref()
+                .map(|g| g.starts_with("Trails are only stopped")),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn decision_ids_depend_on_the_pipeline_and_event_not_on_when_they_are_made() {
+        let (pipeline, events, results) = stop_logging();
+        let detector = pipeline
+            .detectors
+            .iter()
+            .find(|d| d.meta.id == "trail-logging-disabled")
+            .expect("loaded");
+        let id = |pipeline_name: &str, processed_at: &str| {
+            let maker = DecisionMaker::new(pipeline_name.into(), Duration::from_secs(60));
+            maker.decide(detector, &results[0], &events, processed_at)[0]
+                .1
+                .decision_id
+                .clone()
+        };
+        assert_eq!(id("p", "2026-01-01T00:00:00Z"), id("p", "2027-06-01T12:00:00Z"));
+        assert_ne!(id("p", "2026-01-01T00:00:00Z"), id("q", "2026-01-01T00:00:00Z"));
+    }
+}
