@@ -47,12 +47,20 @@ impl Service<'_> {
     }
 
     /// The input a checkpoint beginning now writes, and the offsets to commit to the group
-    /// after it.
+    /// after it: those of the partitions consumed since the last checkpoint (not every
+    /// partition the state ever held: one since assigned to another member keeps its commit).
     pub(super) fn input_for_checkpoint(&mut self) -> (Input, TopicPartitionList) {
         let input = self.pipeline.input_for_checkpoint();
         let mut tpl = TopicPartitionList::new();
         for (source, progress) in &input.progress {
-            if let (Some((topic, partition)), Some(next)) = (parse_kafka_source(source), progress.next_offset)
+            let Some(next) = progress.next_offset else {
+                continue;
+            };
+            if self.committed.get(source) == Some(&next) {
+                continue;
+            }
+            self.committed.insert(source.clone(), next);
+            if let Some((topic, partition)) = parse_kafka_source(source)
                 && let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(next))
             {
                 tracing::debug!(error = %e, "offset list");

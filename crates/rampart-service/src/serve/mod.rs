@@ -64,7 +64,13 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
 
     let (consumer_config, producer_config) = kafka::client_configs(&kafka, &options.env);
     let tables = follow_tables(&pipeline, &kafka, &consumer_config, &producer_config)?;
-    let offsets = stored_offsets(&pipeline);
+    // Each input partition's next offset, as stored with the window state.
+    let committed: BTreeMap<String, i64> = pipeline
+        .progress()
+        .into_iter()
+        .filter_map(|(source, p)| Some((source, p.next_offset?)))
+        .collect();
+    let offsets = stored_offsets(&committed);
     let behind: Arc<Mutex<BTreeMap<String, bool>>> = Arc::default();
     let producer: ThreadedProducer<ProducerCallbacks> = producer_config
         .create_with_context(ProducerCallbacks::new(Arc::clone(&health)))
@@ -106,6 +112,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         until_idle: options.until_idle,
         until_end: options.until_end,
         next_seq: 0,
+        committed,
         summary: RunSummary::default(),
         topics: BTreeMap::new(),
         decoder,
@@ -162,22 +169,18 @@ fn follow_tables(
 
 /// The next offset of each input partition, as stored with the window state: where the
 /// consumer resumes when the partition is assigned.
-fn stored_offsets(pipeline: &Pipeline) -> StoredOffsets {
-    let offsets: StoredOffsets = Arc::default();
-    let mut o = offsets.lock().unwrap_or_else(|p| p.into_inner());
-    for (source, p) in pipeline.progress() {
-        if let (Some(partition), Some(next)) = (parse_kafka_source(&source), p.next_offset) {
-            o.insert(partition, next);
-        }
-    }
-    if !o.is_empty() {
+fn stored_offsets(stored: &BTreeMap<String, i64>) -> StoredOffsets {
+    let offsets: BTreeMap<(String, i32), i64> = stored
+        .iter()
+        .filter_map(|(source, next)| Some((parse_kafka_source(source)?, *next)))
+        .collect();
+    if !offsets.is_empty() {
         tracing::info!(
-            partitions = o.len(),
+            partitions = offsets.len(),
             "resuming from the offsets stored with the window state"
         );
     }
-    drop(o);
-    offsets
+    Arc::new(Mutex::new(offsets))
 }
 
 /// The audit log, if the pipeline has one, with a start entry recording the rules.
@@ -205,6 +208,9 @@ struct Service<'a> {
     until_end: bool,
     /// The sequence number of the last message handed to the producer.
     next_seq: usize,
+    /// Per input partition (by source name), the next offset last committed to the group, or
+    /// stored with the state at start.
+    committed: BTreeMap<String, i64>,
     summary: RunSummary,
     /// Interned topic names (positions share them).
     topics: BTreeMap<String, Arc<str>>,
