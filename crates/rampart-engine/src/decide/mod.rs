@@ -208,6 +208,15 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
     }
 
+    /// The detector under test.
+    fn trail_logging_disabled(pipeline: &Pipeline) -> &CompiledDetector {
+        pipeline
+            .detectors
+            .iter()
+            .find(|d| d.meta.id == "trail-logging-disabled")
+            .expect("loaded")
+    }
+
     /// The cloudtrail pipeline, the StopLogging detonation admitted as one batch, and the
     /// `trail-logging-disabled` detector's result rows on it.
     fn stop_logging() -> (Pipeline, EventBatch, Vec<RecordBatch>) {
@@ -224,11 +233,7 @@ mod tests {
         decoder.decode_file(&file, &mut emit).expect("reads");
         decoder.flush(&mut emit);
         let events = pipeline.admit(batches.remove(0)).expect("new events");
-        let detector = pipeline
-            .detectors
-            .iter()
-            .find(|d| d.meta.id == "trail-logging-disabled")
-            .expect("loaded");
+        let detector = trail_logging_disabled(&pipeline);
         let results = pipeline
             .engine()
             .run(std::slice::from_ref(detector), events.batch.clone())
@@ -240,11 +245,7 @@ mod tests {
     #[test]
     fn a_result_row_becomes_a_decision_with_its_reason_evidence_expiry_and_trigger() {
         let (pipeline, events, results) = stop_logging();
-        let detector = pipeline
-            .detectors
-            .iter()
-            .find(|d| d.meta.id == "trail-logging-disabled")
-            .expect("loaded");
+        let detector = trail_logging_disabled(&pipeline);
         let maker = DecisionMaker::new("p".into(), Duration::from_secs(60));
         let decided: Vec<(u64, Decision)> = results
             .iter()
@@ -278,11 +279,7 @@ mod tests {
     #[test]
     fn decision_ids_depend_on_the_pipeline_and_event_not_on_when_they_are_made() {
         let (pipeline, events, results) = stop_logging();
-        let detector = pipeline
-            .detectors
-            .iter()
-            .find(|d| d.meta.id == "trail-logging-disabled")
-            .expect("loaded");
+        let detector = trail_logging_disabled(&pipeline);
         let id = |pipeline_name: &str, processed_at: &str| {
             let maker = DecisionMaker::new(pipeline_name.into(), Duration::from_secs(60));
             maker.decide(detector, &results[0], &events, processed_at)[0]

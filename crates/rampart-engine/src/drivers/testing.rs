@@ -252,7 +252,7 @@ fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec
     let mut out = Collector::default();
     let result = batches
         .into_iter()
-        .try_for_each(|b| pipeline.ingest(b, &mut out).map(drop))
+        .try_for_each(|b| pipeline.ingest(b, &mut out))
         .and_then(|()| pipeline.finish().emit(&mut out));
     pipeline.set_guarded(true);
     if let Err(failure) = result {

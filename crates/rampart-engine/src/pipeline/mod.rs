@@ -301,11 +301,6 @@ impl Pipeline {
         self.intake.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The row id the next event gets (row ids continue across restarts).
-    pub fn next_row(&self) -> u64 {
-        self.intake().input().next_row
-    }
-
     /// Input taken so far, per source (restored from the last checkpoint of a persistent
     /// state).
     pub fn progress(&self) -> Progress {
@@ -327,13 +322,12 @@ impl Pipeline {
     }
 
     /// The batch loop's step: admits `batch`, runs every detector on it and hands the results
-    /// to `out`. Returns how many events it took.
-    pub fn ingest<O: Output + ?Sized>(&self, batch: EventBatch, out: &mut O) -> Result<usize, O::Error> {
-        let Some(batch) = self.admit(batch) else {
-            return Ok(0);
-        };
-        self.evaluate(&batch).emit(out)?;
-        Ok(batch.batch.num_rows())
+    /// to `out`.
+    pub fn ingest<O: Output + ?Sized>(&self, batch: EventBatch, out: &mut O) -> Result<(), O::Error> {
+        match self.admit(batch) {
+            Some(batch) => self.evaluate(&batch).emit(out),
+            None => Ok(()),
+        }
     }
 
     /// Whether input was taken since the last checkpoint began.

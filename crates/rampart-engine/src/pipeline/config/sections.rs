@@ -36,14 +36,9 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// The 1-based line of a byte offset.
-    pub fn line(&self, byte: usize) -> usize {
-        line_at(self.text, byte)
-    }
-
     /// A problem with the value at `span`.
     fn problem(&mut self, span: Range<usize>, message: impl Into<String>) {
-        let line = Some(self.line(span.start));
+        let line = Some(line_at(self.text, span.start));
         self.problems.push(Problem {
             file: self.path.to_path_buf(),
             line,

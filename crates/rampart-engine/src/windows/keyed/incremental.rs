@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, TimestampMicrosecondArray, UInt64Array};
+use datafusion::arrow::array::Array;
 use datafusion::arrow::record_batch::RecordBatch;
 use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, IncrementalPlan, WindowAggregate, WindowSplit, WindowedDetector};
@@ -14,7 +14,7 @@ use rampart_state::StateStore;
 use rampart_state::codec::{INCREMENTAL, set_header};
 use rustc_hash::FxHashMap;
 
-use super::{DecideContext, Decided, JudgedRows, Kept, KeyedState, column};
+use super::{DecideContext, Decided, JudgedRows, KeyedState};
 use crate::decide::DecisionMaker;
 use crate::windows::frames::{Due, Val, heap};
 
@@ -22,14 +22,11 @@ impl KeyedState {
     /// Incremental sliding windows: adds a batch's rows to their keys' frames.
     pub(super) fn add_incremental(
         &mut self,
+        aggregates: &[WindowAggregate],
         split: &WindowSplit,
         store: &StateStore,
         pre: &[RecordBatch],
     ) -> Result<(), String> {
-        let Kept::Frames(aggregates) = &self.kept else {
-            return Err("internal: rows of a re-run window added as frames".into());
-        };
-        let aggregates = aggregates.clone();
         let horizon = self.horizon();
         let tag_len = self.tag.len();
         let at_once = self.at_once;
@@ -50,12 +47,7 @@ impl KeyedState {
                     None => Ok(vec![Val::Null; n]),
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            let rows = self
-                .row_converter
-                .convert_columns(batch.columns())
-                .map_err(|e| e.to_string())?;
-            let times = column::<TimestampMicrosecondArray>(batch, split.time_index)?;
-            let ids = column::<UInt64Array>(batch, split.row_index)?;
+            let (rows, times, ids) = self.batch_rows(split, batch)?;
             // One cache lookup per key and batch.
             let mut by_key: FxHashMap<&[u8], Vec<usize>> = FxHashMap::default();
             for i in (0..n).filter(|i| !times.is_null(*i)) {

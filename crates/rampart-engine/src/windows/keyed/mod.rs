@@ -29,9 +29,9 @@ mod rerun;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use datafusion::arrow::array::{Array, ArrayRef};
+use datafusion::arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt64Array};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, WindowAggregate, WindowSplit, WindowedDetector};
 use rampart_state::StateStore;
@@ -228,6 +228,22 @@ impl KeyedState {
             .map_err(|e| e.to_string())
     }
 
+    /// A batch's rows below the window in Arrow's row format, with their event times and row
+    /// ids.
+    fn batch_rows<'b>(
+        &self,
+        split: &WindowSplit,
+        batch: &'b RecordBatch,
+    ) -> Result<(Rows, &'b TimestampMicrosecondArray, &'b UInt64Array), String> {
+        let rows = self
+            .row_converter
+            .convert_columns(batch.columns())
+            .map_err(|e| e.to_string())?;
+        let times = column::<TimestampMicrosecondArray>(batch, split.time_index)?;
+        let ids = column::<UInt64Array>(batch, split.row_index)?;
+        Ok((rows, times, ids))
+    }
+
     /// Adds the rows `pre` produced for a batch. Returns the keys that got rows,
     /// with how many (grouped windows decide those keys).
     /// `before` is the watermark before the batch: rows no frame still due can reach are
@@ -240,9 +256,10 @@ impl KeyedState {
         pre: &[RecordBatch],
     ) -> Result<Touched, String> {
         self.tick += 1;
-        match self.kept {
-            Kept::Frames(_) => {
-                self.add_incremental(split, store, pre)?;
+        match &self.kept {
+            Kept::Frames(aggregates) => {
+                let aggregates = aggregates.clone();
+                self.add_incremental(&aggregates, split, store, pre)?;
                 Ok(Vec::new())
             }
             Kept::Rows => self.add_rows(split, store, before, pre),

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, TimestampMicrosecondArray, UInt64Array};
+use datafusion::arrow::array::Array;
 use datafusion::arrow::record_batch::RecordBatch;
 use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowSplit};
@@ -14,7 +14,7 @@ use rampart_state::StateStore;
 use rampart_state::codec::{FIRED, ROW_HEADER, StoredRow, flags, push_row, rows_of, set_header};
 use serde::{Deserialize, Serialize};
 
-use super::{DecideContext, Decided, KeyedState, NewRows, Touched, column};
+use super::{DecideContext, Decided, KeyedState, NewRows, Touched};
 
 /// A row waiting to be decided (or, for incremental windows, a key with such rows and the
 /// oldest one's time), as persisted across restarts.
@@ -53,12 +53,7 @@ impl KeyedState {
                 continue;
             }
             let keys = self.keys_of(split, batch)?;
-            let rows = self
-                .row_converter
-                .convert_columns(batch.columns())
-                .map_err(|e| e.to_string())?;
-            let times = column::<TimestampMicrosecondArray>(batch, split.time_index)?;
-            let ids = column::<UInt64Array>(batch, split.row_index)?;
+            let (rows, times, ids) = self.batch_rows(split, batch)?;
             for i in 0..n {
                 if times.is_null(i) {
                     continue;
