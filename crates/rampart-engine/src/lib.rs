@@ -10,15 +10,18 @@
 //! - [`guardrails`]: what stands between decisions and enforcement: suppression, the
 //!   blast-radius fail-safe, operator revocations, the audit log, shadow-against-enforce.
 //! - [`drivers`]: replay of files and `rampart test` cases.
+//! - [`error`]: what fails while events are evaluated, and whose it is to act on.
 
 pub mod decide;
 pub mod drivers;
+pub mod error;
 pub mod guardrails;
 pub mod input;
 pub mod pipeline;
 pub mod windows;
 
 pub use drivers::replay::{ReplaySink, Summary, replay};
+pub use error::{Error, Fault};
 pub use input::decode::{DeadLetter, DeadLetterKind, EventBatch};
 pub use pipeline::config::PipelineConfig;
 pub use pipeline::{Evaluator, LoadError, Pipeline, Progress, SourceProgress, StateChoice};

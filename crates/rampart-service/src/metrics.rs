@@ -41,6 +41,16 @@ pub struct DetectorLabels {
     pub detector: String,
 }
 
+/// Labels of a detector failure counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// Detector id.
+    pub detector: String,
+    /// Whose the failure is to act on: `input` (the detector's SQL on these events),
+    /// `outside` (the disk, RocksDB, memory) or `bug` (Rampart's own).
+    pub fault: &'static str,
+}
+
 /// The quantiles exported for each latency histogram.
 const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
 
@@ -95,7 +105,7 @@ pub struct Metrics {
     /// Decisions published, by detector, verdict and mode.
     pub decisions: Family<DecisionLabels, Counter>,
     /// Detector run-time failures on a batch.
-    pub detector_errors: Family<DetectorLabels, Counter>,
+    pub detector_errors: Family<FailureLabels, Counter>,
     /// Repeat decisions suppressed (a block still active, an alert within its dedup period).
     pub suppressed: Family<DetectorLabels, Counter>,
     /// 1 for each detector the blast-radius fail-safe put in shadow.
@@ -177,6 +187,16 @@ impl Metrics {
     /// A registry exposing these metrics under the `rampart_` prefix.
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("rampart");
+        self.register_flow(&mut r);
+        self.register_state(&mut r);
+        self.register_event_time(&mut r);
+        self.register_latencies(&mut r);
+        r
+    }
+
+    /// What went through: events, bad and late records, decisions, detector failures and the
+    /// guard's work.
+    fn register_flow(&self, r: &mut Registry) {
         r.register("events", "Events consumed and mapped", self.events.clone());
         r.register(
             "bad_records",
@@ -195,7 +215,7 @@ impl Metrics {
         );
         r.register(
             "detector_errors",
-            "Detector failures on a batch (the detector keeps running on later batches)",
+            "Detector failures on a batch, by detector and fault: input, outside or bug (the detector keeps running on later batches)",
             self.detector_errors.clone(),
         );
         r.register(
@@ -213,6 +233,10 @@ impl Metrics {
             "Entries in the hash-chained audit log",
             self.audit_entries.clone(),
         );
+    }
+
+    /// Batches, checkpoints, consumer lag and the window state.
+    fn register_state(&self, r: &mut Registry) {
         r.register(
             "batch_events",
             "Events per micro-batch",
@@ -243,6 +267,10 @@ impl Metrics {
             "Window rows waiting for the watermark",
             self.state_waiting_rows.clone(),
         );
+    }
+
+    /// Event time: newest, watermark, per partition.
+    fn register_event_time(&self, r: &mut Registry) {
         r.register(
             "newest_event_time_seconds",
             "Newest event time seen (Unix seconds)",
@@ -274,6 +302,10 @@ impl Metrics {
             self.partition_paused.clone(),
         );
         r.register("ready", "1 when /readyz answers 200", self.ready.clone());
+    }
+
+    /// The latency histograms, as quantiles.
+    fn register_latencies(&self, r: &mut Registry) {
         for (name, help, latency) in [
             (
                 "processing_latency_seconds",
@@ -302,7 +334,6 @@ impl Metrics {
                 latency: Arc::clone(latency),
             }));
         }
-        r
     }
 }
 

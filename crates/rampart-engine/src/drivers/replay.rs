@@ -396,7 +396,7 @@ impl Output for Recorder<'_> {
             .entry(failure.detector.clone())
             .or_default();
         if *n == 0 {
-            tracing::warn!(detector = %failure.detector, error = %failure.error, "detector failed on a batch; it keeps running on later batches");
+            failure.log();
         }
         *n += 1;
         Ok(())

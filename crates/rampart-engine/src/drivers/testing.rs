@@ -247,16 +247,14 @@ fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec
             letter.error
         ));
     }
-    pipeline.reset();
-    pipeline.set_guarded(case.published);
+    // Each case starts afresh; whether its decisions pass through the guard is the case's.
+    pipeline.reset_guarded(case.published);
     let mut out = Collector::default();
     let result = batches
         .into_iter()
         .try_for_each(|b| pipeline.ingest(b, &mut out))
         .and_then(|()| pipeline.finish().emit(&mut out));
-    pipeline.set_guarded(true);
     if let Err(failure) = result {
-        pipeline.reset();
         return Err(format!(
             "detector `{}` failed: {}",
             failure.detector, failure.error

@@ -557,4 +557,83 @@ mod tests {
             "batching does not change decisions"
         );
     }
+
+    /// A detector whose SQL fails on some events at run time is reported as the user's
+    /// failure, batch after batch, while the others decide as before.
+    #[test]
+    fn a_detector_failing_on_the_events_is_the_users_fault_and_the_rest_keep_deciding() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = with_batch_size(tmp.path(), 64);
+        std::fs::write(
+            dir.join("detectors/zz-casts-the-action.sql"),
+            "-- id: casts-the-action\n-- verdict: alert\n-- severity: low\n-- reason: {{actor}}\n\
+             SELECT actor, action FROM events WHERE CAST(action AS BIGINT) > 0\n",
+        )
+        .expect("write");
+        let pipeline = Pipeline::load(&dir).expect("loads");
+        assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
+        /// What the batch loop hands over, kept.
+        #[derive(Default)]
+        struct Kept {
+            decisions: Vec<Decision>,
+            failures: Vec<DetectorFailure>,
+            batches: usize,
+        }
+        impl Output for Kept {
+            type Error = std::convert::Infallible;
+            fn decision(&mut self, decision: &Decision) -> Result<(), Self::Error> {
+                self.decisions.push(decision.clone());
+                Ok(())
+            }
+            fn dead_letter(&mut self, _: &DeadLetter) -> Result<(), Self::Error> {
+                Ok(())
+            }
+            fn detector_failed(&mut self, failure: &DetectorFailure) -> Result<(), Self::Error> {
+                self.failures.push(failure.clone());
+                Ok(())
+            }
+            fn end_of_batch(&mut self, _: usize) -> Result<(), Self::Error> {
+                self.batches += 1;
+                Ok(())
+            }
+        }
+        let mut decoder = pipeline.decoder();
+        let mut out = Kept::default();
+        let mut emit = |d: crate::input::decode::Decoded| {
+            if let crate::input::decode::Decoded::Batch(b) = d {
+                let Ok(()) = pipeline.ingest(b, &mut out);
+            }
+        };
+        let logs = repo().join("data/cloudtrail/stratus-detonation-logs");
+        for file in crate::drivers::replay::expand_inputs(&[logs]).expect("inputs") {
+            decoder.decode_file(&file, &mut emit).expect("decodes");
+        }
+        decoder.flush(&mut emit);
+        assert!(out.batches > 1, "{} batches", out.batches);
+        assert_eq!(
+            out.failures.len(),
+            out.batches,
+            "it fails on every batch and runs again on the next"
+        );
+        for failure in &out.failures {
+            assert_eq!(failure.detector, "casts-the-action");
+            assert_eq!(failure.error.fault(), crate::Fault::Input, "{}", failure.error);
+            assert!(
+                failure.error.to_string().contains("Cannot cast"),
+                "{}",
+                failure.error
+            );
+        }
+        let per_event = out
+            .decisions
+            .iter()
+            .filter(|d| {
+                pipeline
+                    .detectors
+                    .iter()
+                    .any(|p| p.meta.id == d.detector.id && p.split().is_none())
+            })
+            .count();
+        assert_eq!(per_event, 23, "the other detectors caught every detonation");
+    }
 }

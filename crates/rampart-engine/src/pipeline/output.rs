@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use rampart_core::{Decision, Verdict};
 
+use crate::error::{Error, Fault};
 use crate::guardrails::guard::FAIL_SAFE_TAG;
 use crate::input::decode::DeadLetter;
 
@@ -14,8 +15,26 @@ use crate::input::decode::DeadLetter;
 pub struct DetectorFailure {
     /// The detector's id.
     pub detector: String,
-    /// What went wrong.
-    pub error: String,
+    /// What went wrong, and whose it is to act on ([`Error::fault`]).
+    pub error: Error,
+}
+
+impl DetectorFailure {
+    /// Logs the failure: a warning when it is the detector's (its SQL on these events), an
+    /// error when the disk, memory or Rampart itself failed it.
+    pub fn log(&self) {
+        let (detector, error, fault) = (&self.detector, &self.error, self.error.fault());
+        match fault {
+            Fault::Input => tracing::warn!(
+                %detector, %error, %fault,
+                "detector failed on a batch; it keeps running on later batches"
+            ),
+            Fault::Outside | Fault::Bug => tracing::error!(
+                %detector, %error, %fault,
+                "detector failed on a batch; it keeps running on later batches"
+            ),
+        }
+    }
 }
 
 /// What one batch produced.
@@ -38,10 +57,10 @@ pub struct Evaluation {
 
 impl Evaluation {
     /// Records a detector's failure.
-    pub(crate) fn failed(&mut self, detector: &str, error: impl ToString) {
+    pub(crate) fn failed(&mut self, detector: &str, error: impl Into<Error>) {
         self.failures.push(DetectorFailure {
             detector: detector.to_string(),
-            error: error.to_string(),
+            error: error.into(),
         });
     }
 

@@ -17,6 +17,7 @@ use super::event_time::bounds_of;
 use super::intake::Intake;
 use super::{Evaluation, Evaluator, Input, LoadError, Pipeline, StateChoice, in_input_order};
 use crate::decide::triggers::TriggerStore;
+use crate::error::{Error, Result};
 use crate::input::decode::{DeadLetter, DeadLetterKind, EventBatch};
 use crate::windows::keyed::{Bounds, DecideContext, Decided, KeyedState};
 use crate::windows::naive::NaiveWindows;
@@ -229,7 +230,14 @@ impl Pipeline {
     /// Forgets the window state and starts again from what a persistent state holds on disk
     /// (or from nothing).
     pub fn reset(&self) {
+        self.reset_guarded(self.guarded.load(std::sync::atomic::Ordering::Relaxed));
+    }
+
+    /// [`Self::reset`], and from now on decisions pass through the guard or not (see
+    /// [`Self::set_guarded`]): a `rampart test` case starts so, as the case says.
+    pub fn reset_guarded(&self, guarded: bool) {
         let mut windows = self.lock();
+        self.set_guarded(guarded);
         self.guard().clear();
         // Close the store before reopening it.
         windows.store = None;
@@ -287,20 +295,18 @@ impl Pipeline {
         };
         // The part below each window runs here, once per shared state (it reads the shared
         // events slot); then the states' work runs on two threads (each state is its own).
-        let pres: Vec<Result<Vec<datafusion::arrow::record_batch::RecordBatch>, String>> = keyed
+        let pres: Vec<Result<Vec<datafusion::arrow::record_batch::RecordBatch>>> = keyed
             .iter()
             .map(|shared| match &on_time {
                 Advanced::Batch(batch) => {
                     let split = windowed[shared.members[0]].split;
-                    self.engine
-                        .run_pre(split, batch.clone())
-                        .map_err(|e| e.to_string())
+                    self.engine.run_pre(split, batch.clone()).map_err(Error::from)
                 }
                 Advanced::Time => Ok(Vec::new()),
             })
             .collect();
         let work = |shared: &mut SharedState,
-                    pre: Result<Vec<datafusion::arrow::record_batch::RecordBatch>, String>|
+                    pre: Result<Vec<datafusion::arrow::record_batch::RecordBatch>>|
          -> Vec<(usize, Decided)> {
             let members: Vec<WindowedDetector<'_>> = shared.members.iter().map(|&i| windowed[i]).collect();
             let first = members[0];

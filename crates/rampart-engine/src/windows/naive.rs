@@ -46,29 +46,7 @@ impl NaiveWindows {
         let first_new_row = events.map_or(u64::MAX, |e| e.first_row);
         let horizon = match events {
             Some(e) => {
-                for (k, detector) in windows.iter().enumerate() {
-                    let Some(split) = detector.split() else { continue };
-                    match engine.run_pre(split, e.batch.clone()) {
-                        Ok(rows) => {
-                            for batch in &rows {
-                                let Some(ids) = column::<UInt64Array>(batch, split.row_index) else {
-                                    continue;
-                                };
-                                for row in ids.values().iter() {
-                                    if let Some(i) = e.index_of(*row) {
-                                        self.triggers.entry(*row).or_insert_with(|| Trigger::of(e, i));
-                                    }
-                                }
-                            }
-                            self.dirty[k] |= rows.iter().any(|b| b.num_rows() > 0);
-                            self.kept[k].extend(rows);
-                        }
-                        Err(err) => failures.push(DetectorFailure {
-                            detector: detector.meta.id.clone(),
-                            error: err.to_string(),
-                        }),
-                    }
-                }
+                self.keep(engine, windows, e, failures);
                 let newest = column::<TimestampMicrosecondArray>(&e.batch, 0).and_then(max);
                 match (previous, newest) {
                     (Some(p), Some(n)) => p.max(n),
@@ -93,7 +71,7 @@ impl NaiveWindows {
                 Err(err) => {
                     failures.push(DetectorFailure {
                         detector: detector.meta.id.clone(),
-                        error: err.to_string(),
+                        error: err.into(),
                     });
                     continue;
                 }
@@ -119,19 +97,58 @@ impl NaiveWindows {
         }
         if events.is_some() {
             self.horizon = Some(horizon);
-            let oldest_needed = horizon.saturating_sub(reach);
-            for (k, detector) in windows.iter().enumerate() {
-                let Some(split) = detector.split() else { continue };
-                let kept = &mut self.kept[k];
-                while kept
-                    .front()
-                    .is_some_and(|b| newest_kept(b, split).is_none_or(|t| t < oldest_needed))
-                {
-                    kept.pop_front();
-                }
-            }
-            self.triggers.retain(|_, t| t.time >= oldest_needed);
+            self.forget_before(windows, horizon.saturating_sub(reach));
         }
+    }
+
+    /// Runs each window's part below the window on `e` and keeps its rows, with their
+    /// triggering events.
+    fn keep(
+        &mut self,
+        engine: &DetectorEngine,
+        windows: &[CompiledDetector],
+        e: &EventBatch,
+        failures: &mut Vec<DetectorFailure>,
+    ) {
+        for (k, detector) in windows.iter().enumerate() {
+            let Some(split) = detector.split() else { continue };
+            match engine.run_pre(split, e.batch.clone()) {
+                Ok(rows) => {
+                    for batch in &rows {
+                        let Some(ids) = column::<UInt64Array>(batch, split.row_index) else {
+                            continue;
+                        };
+                        for row in ids.values().iter() {
+                            if let Some(i) = e.index_of(*row) {
+                                self.triggers.entry(*row).or_insert_with(|| Trigger::of(e, i));
+                            }
+                        }
+                    }
+                    self.dirty[k] |= rows.iter().any(|b| b.num_rows() > 0);
+                    self.kept[k].extend(rows);
+                }
+                Err(err) => failures.push(DetectorFailure {
+                    detector: detector.meta.id.clone(),
+                    error: err.into(),
+                }),
+            }
+        }
+    }
+
+    /// Drops the kept batches and triggers no frame reaches any more: all older than
+    /// `oldest_needed`.
+    fn forget_before(&mut self, windows: &[CompiledDetector], oldest_needed: i64) {
+        for (k, detector) in windows.iter().enumerate() {
+            let Some(split) = detector.split() else { continue };
+            let kept = &mut self.kept[k];
+            while kept
+                .front()
+                .is_some_and(|b| newest_kept(b, split).is_none_or(|t| t < oldest_needed))
+            {
+                kept.pop_front();
+            }
+        }
+        self.triggers.retain(|_, t| t.time >= oldest_needed);
     }
 }
 

@@ -15,7 +15,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 
 use super::Service;
 use crate::ServiceError;
-use crate::metrics::{DecisionLabels, DetectorLabels, PartitionLabels};
+use crate::metrics::{DecisionLabels, DetectorLabels, FailureLabels, PartitionLabels};
 
 impl Service<'_> {
     /// Publishes one decision, keyed by actor, to the decisions topic (enforcing) or the shadow
@@ -205,14 +205,16 @@ impl Output for Service<'_> {
 
     fn detector_failed(&mut self, failure: &DetectorFailure) -> Result<(), ServiceError> {
         let detector = &failure.detector;
+        let fault = failure.error.fault();
         self.metrics
             .detector_errors
-            .get_or_create(&DetectorLabels {
+            .get_or_create(&FailureLabels {
                 detector: detector.clone(),
+                fault: fault.as_str(),
             })
             .inc();
         if !self.warned_detectors.contains(detector) {
-            tracing::warn!(%detector, error = %failure.error, "detector failed on a batch; it keeps running on later batches");
+            failure.log();
             self.warned_detectors.push(detector.clone());
         }
         Ok(())

@@ -16,6 +16,7 @@ use rampart_sql::{AggregateKind, WindowAggregate};
 use rustc_hash::FxHashSet;
 
 use super::take;
+use crate::error::{Error, Result};
 
 /// One argument value.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -95,10 +96,10 @@ impl Val {
     }
 
     /// The values of `array` (integers, floats or text), one per row.
-    pub fn column(array: &ArrayRef) -> Result<Vec<Val>, String> {
+    pub fn column(array: &ArrayRef) -> Result<Vec<Val>> {
         let t = array.data_type();
         let n = array.len();
-        let cast_to = |to: &DataType| cast(array, to).map_err(|e| e.to_string());
+        let cast_to = |to: &DataType| cast(array, to).map_err(Error::from);
         let out = if t.is_signed_integer() {
             let a = cast_to(&DataType::Int64)?;
             let a = a.as_any().downcast_ref::<Int64Array>().expect("cast to Int64");
@@ -157,7 +158,7 @@ impl Val {
     }
 
     /// A column of `values` with type `to`.
-    pub fn array(values: &[Val], to: &DataType) -> Result<ArrayRef, String> {
+    pub fn array(values: &[Val], to: &DataType) -> Result<ArrayRef> {
         let first = values.iter().find(|v| **v != Val::Null);
         let array: ArrayRef = match first {
             None => return Ok(new_null_array(to, values.len())),
@@ -183,7 +184,7 @@ impl Val {
         if array.data_type() == to {
             Ok(array)
         } else {
-            cast(&array, to).map_err(|e| e.to_string())
+            cast(&array, to).map_err(Error::from)
         }
     }
 

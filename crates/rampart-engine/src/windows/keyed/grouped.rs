@@ -89,7 +89,7 @@ impl KeyedState {
         }
         // Fired groups keep only their header (the expiry) until the bucket has passed.
         for g in satisfied {
-            let entry = self.entry(ctx.store, &touched[g].0).map_err(|e| e.to_string())?;
+            let entry = self.entry(ctx.store, &touched[g].0)?;
             let expires = expires_at(&entry.value);
             let before = entry.value.capacity();
             entry.value = Vec::new();

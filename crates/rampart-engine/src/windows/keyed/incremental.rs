@@ -16,6 +16,7 @@ use rustc_hash::FxHashMap;
 
 use super::{DecideContext, Decided, JudgedRows, KeyedState};
 use crate::decide::DecisionMaker;
+use crate::error::{Error, Result};
 use crate::windows::frames::{Due, Val, heap};
 
 impl KeyedState {
@@ -26,7 +27,7 @@ impl KeyedState {
         split: &WindowSplit,
         store: &StateStore,
         pre: &[RecordBatch],
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let horizon = self.horizon();
         let tag_len = self.tag.len();
         let at_once = self.at_once;
@@ -42,11 +43,11 @@ impl KeyedState {
                     Some(arg) => arg
                         .evaluate(batch)
                         .and_then(|v| v.into_array(n))
-                        .map_err(|e| e.to_string())
+                        .map_err(Error::from)
                         .and_then(|a| Val::column(&a)),
                     None => Ok(vec![Val::Null; n]),
                 })
-                .collect::<Result<Vec<_>, String>>()?;
+                .collect::<Result<Vec<_>>>()?;
             let (rows, times, ids) = self.batch_rows(split, batch)?;
             // One cache lookup per key and batch.
             let mut by_key: FxHashMap<&[u8], Vec<usize>> = FxHashMap::default();
@@ -60,7 +61,7 @@ impl KeyedState {
             for (key, indices) in by_key {
                 // Counted as rows arrive; checkpoints recount exactly.
                 let mut added = 0;
-                let entry = self.entry(store, key).map_err(|e| e.to_string())?;
+                let entry = self.entry(store, key)?;
                 let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
                 let oldest_before = agg.oldest_pending();
                 let early_before = (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten();
@@ -119,10 +120,10 @@ impl KeyedState {
                 .enumerate()
                 .map(|(bit, m)| match m.split.incremental() {
                     Some(plan) => self.run_member(m.detector, plan, 1 << bit, &judged, ctx),
-                    None => Err(format!(
-                        "internal: `{}` reads an incremental window's state without an incremental plan",
+                    None => Err(Error::bug(format!(
+                        "`{}` reads an incremental window's state without an incremental plan",
                         m.detector.meta.id
-                    )),
+                    ))),
                 })
                 .collect(),
             Ok(None) => members.iter().map(|_| Ok(Vec::new())).collect(),
@@ -153,14 +154,12 @@ impl KeyedState {
             return Ok(Vec::new());
         }
         // (The members' window columns may be named differently.)
-        let mut rows = RecordBatch::try_new(Arc::clone(&plan.above_input), columns.to_vec())
-            .map_err(|e| e.to_string())?;
+        let mut rows = RecordBatch::try_new(Arc::clone(&plan.above_input), columns.to_vec())?;
         if wanted.contains(&false) {
             let mask = datafusion::arrow::array::BooleanArray::from(wanted);
-            rows =
-                datafusion::arrow::compute::filter_record_batch(&rows, &mask).map_err(|e| e.to_string())?;
+            rows = datafusion::arrow::compute::filter_record_batch(&rows, &mask)?;
         }
-        let results = ctx.engine.run_above(plan, rows).map_err(|e| e.to_string())?;
+        let results = ctx.engine.run_above(plan, rows)?;
         let decided = self.decisions_for(detector, &results, |_| true, ctx);
         // Rows that fired before the watermark: once only. (Most batches fire on none.)
         if decided.is_empty() {
@@ -199,7 +198,7 @@ impl KeyedState {
         aggregates: &[WindowAggregate],
         ctx: &DecideContext<'_>,
         watermark: Option<i64>,
-    ) -> Result<Option<JudgedRows>, String> {
+    ) -> Result<Option<JudgedRows>> {
         let at_once = if watermark.is_some() { self.at_once } else { 0 };
         let complete = ctx.bounds.complete;
         // The keys taken out of each index (they go back in with their new times).
@@ -231,7 +230,7 @@ impl KeyedState {
         let mut due: Vec<(usize, Due)> = Vec::new();
         let mut due_keys = Vec::with_capacity(taken.len());
         for (k, (key, (from_due, from_early))) in taken.into_iter().enumerate() {
-            let entry = self.entry(ctx.store, &key).map_err(|e| e.to_string())?;
+            let entry = self.entry(ctx.store, &key)?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
             let before = (agg.oldest_pending(), agg.oldest_unsettled(at_once));
             let rows = agg.decide(aggregates, watermark, complete, members, at_once, hold);
@@ -262,8 +261,7 @@ impl KeyedState {
         let parser = self.row_converter.parser();
         let mut columns = self
             .row_converter
-            .convert_rows(due.iter().map(|(_, d)| parser.parse(&d.bytes)))
-            .map_err(|e| e.to_string())?;
+            .convert_rows(due.iter().map(|(_, d)| parser.parse(&d.bytes)))?;
         for (i, a) in aggregates.iter().enumerate() {
             let values: Vec<Val> = due
                 .iter()

@@ -39,6 +39,7 @@ use rustc_hash::FxHashMap;
 
 use crate::decide::DecisionMaker;
 use crate::decide::triggers::TriggerStore;
+use crate::error::{Error, Result};
 use crate::windows::frames::Due;
 use cache::Entry;
 use rerun::Rerun;
@@ -121,7 +122,7 @@ type JudgedRows = (Vec<Box<[u8]>>, Vec<(usize, Due)>, Vec<ArrayRef>);
 type NewRows = Vec<(i64, u64, Vec<u8>)>;
 
 /// One detector's decisions on a batch, with the rows they are for, or why it failed.
-pub type Decided = Result<Vec<(u64, Decision)>, String>;
+pub type Decided = Result<Vec<(u64, Decision)>>;
 
 /// Keys that got rows in a batch, with how many.
 pub type Touched = Vec<(Box<[u8]>, usize)>;
@@ -129,7 +130,7 @@ pub type Touched = Vec<(Box<[u8]>, usize)>;
 impl KeyedState {
     /// Empty state for `detector` (windowed); `identity` is its split's
     /// [`WindowSplit::state_identity`], computed once by the caller.
-    pub fn new(window: WindowedDetector<'_>, identity: Option<&str>, lateness: i64) -> Result<Self, String> {
+    pub fn new(window: WindowedDetector<'_>, identity: Option<&str>, lateness: i64) -> Result<Self> {
         let WindowedDetector { detector, split } = window;
         let fields = |types: Vec<datafusion::arrow::datatypes::DataType>| {
             types.into_iter().map(SortField::new).collect::<Vec<_>>()
@@ -138,12 +139,11 @@ impl KeyedState {
             .keys
             .iter()
             .map(|k| k.data_type(&split.pre_schema))
-            .collect::<datafusion::common::Result<Vec<_>>>()
-            .map_err(|e| e.to_string())?;
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
         let key_converter = if key_types.is_empty() {
             None
         } else {
-            Some(RowConverter::new(fields(key_types)).map_err(|e| e.to_string())?)
+            Some(RowConverter::new(fields(key_types))?)
         };
         let row_types = split
             .pre_schema
@@ -151,7 +151,7 @@ impl KeyedState {
             .iter()
             .map(|f| f.data_type().clone())
             .collect();
-        let row_converter = RowConverter::new(fields(row_types)).map_err(|e| e.to_string())?;
+        let row_converter = RowConverter::new(fields(row_types))?;
         let mut tag = match identity {
             // Shared by detectors with the same window (see `state_identity`).
             Some(identity) => format!(
@@ -211,7 +211,7 @@ impl KeyedState {
         &self,
         split: &WindowSplit,
         batch: &RecordBatch,
-    ) -> Result<Option<datafusion::arrow::row::Rows>, String> {
+    ) -> Result<Option<datafusion::arrow::row::Rows>> {
         let Some(converter) = &self.key_converter else {
             return Ok(None);
         };
@@ -220,12 +220,8 @@ impl KeyedState {
             .keys
             .iter()
             .map(|k| k.evaluate(batch).and_then(|v| v.into_array(n)))
-            .collect::<datafusion::common::Result<Vec<ArrayRef>>>()
-            .map_err(|e| e.to_string())?;
-        converter
-            .convert_columns(&columns)
-            .map(Some)
-            .map_err(|e| e.to_string())
+            .collect::<datafusion::common::Result<Vec<ArrayRef>>>()?;
+        converter.convert_columns(&columns).map(Some).map_err(Error::from)
     }
 
     /// A batch's rows below the window in Arrow's row format, with their event times and row
@@ -234,11 +230,8 @@ impl KeyedState {
         &self,
         split: &WindowSplit,
         batch: &'b RecordBatch,
-    ) -> Result<(Rows, &'b TimestampMicrosecondArray, &'b UInt64Array), String> {
-        let rows = self
-            .row_converter
-            .convert_columns(batch.columns())
-            .map_err(|e| e.to_string())?;
+    ) -> Result<(Rows, &'b TimestampMicrosecondArray, &'b UInt64Array)> {
+        let rows = self.row_converter.convert_columns(batch.columns())?;
         let times = column::<TimestampMicrosecondArray>(batch, split.time_index)?;
         let ids = column::<UInt64Array>(batch, split.row_index)?;
         Ok((rows, times, ids))
@@ -254,7 +247,7 @@ impl KeyedState {
         store: &StateStore,
         before: i64,
         pre: &[RecordBatch],
-    ) -> Result<Touched, String> {
+    ) -> Result<Touched> {
         self.tick += 1;
         match &self.kept {
             Kept::Frames(aggregates) => {
@@ -334,12 +327,14 @@ pub fn detector_tag(detector: &CompiledDetector) -> u64 {
     u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
-pub(crate) fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Result<&T, String> {
+pub(crate) fn column<T: 'static>(batch: &RecordBatch, index: usize) -> Result<&T> {
     batch
         .columns()
         .get(index)
         .and_then(|c| c.as_any().downcast_ref::<T>())
         .ok_or_else(|| {
-            format!("internal: column {index} of the rows under the window has an unexpected type")
+            Error::bug(format!(
+                "column {index} of the rows under the window has an unexpected type"
+            ))
         })
 }

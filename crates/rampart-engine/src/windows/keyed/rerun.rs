@@ -15,6 +15,7 @@ use rampart_state::codec::{FIRED, ROW_HEADER, StoredRow, flags, push_row, rows_o
 use serde::{Deserialize, Serialize};
 
 use super::{DecideContext, Decided, KeyedState, NewRows, Touched};
+use crate::error::{Error, Result};
 
 /// A row waiting to be decided (or, for incremental windows, a key with such rows and the
 /// oldest one's time), as persisted across restarts.
@@ -41,11 +42,7 @@ pub(super) struct Rerun {
 impl KeyedState {
     /// A batch's rows below the window by key: (time, row id, Arrow row bytes) each; rows
     /// without an event time are left out.
-    fn rows_by_key(
-        &self,
-        split: &WindowSplit,
-        pre: &[RecordBatch],
-    ) -> Result<HashMap<Box<[u8]>, NewRows>, String> {
+    fn rows_by_key(&self, split: &WindowSplit, pre: &[RecordBatch]) -> Result<HashMap<Box<[u8]>, NewRows>> {
         let mut by_key: HashMap<Box<[u8]>, NewRows> = HashMap::new();
         for batch in pre {
             let n = batch.num_rows();
@@ -80,7 +77,7 @@ impl KeyedState {
         store: &StateStore,
         before: i64,
         pre: &[RecordBatch],
-    ) -> Result<Touched, String> {
+    ) -> Result<Touched> {
         let by_key = self.rows_by_key(split, pre)?;
         let keep_from = before.saturating_sub(rampart_core::time::micros(split.reach));
         let horizon = self.horizon();
@@ -109,7 +106,7 @@ impl KeyedState {
                     );
                 }
             }
-            let entry = self.entry(store, &key).map_err(|e| e.to_string())?;
+            let entry = self.entry(store, &key)?;
             if flags(&entry.value) & FIRED != 0 {
                 continue;
             }
@@ -205,7 +202,7 @@ impl KeyedState {
         }
         let keys: Vec<_> = spans.into_iter().collect();
         for (key, _) in &keys {
-            self.entry(ctx.store, key).map_err(|e| e.to_string())?;
+            self.entry(ctx.store, key)?;
         }
         let reach = rampart_core::time::micros(split.reach);
         let parser = self.row_converter.parser();
@@ -244,7 +241,7 @@ impl KeyedState {
         input: &[datafusion::arrow::row::Row<'_>],
         wanted: impl Fn(u64) -> bool,
         ctx: &DecideContext<'_>,
-    ) -> Result<Vec<(u64, Decision)>, String> {
+    ) -> Result<Vec<(u64, Decision)>> {
         let results = self.post(ctx.engine, split, input)?;
         Ok(self.decisions_for(detector, &results, wanted, ctx))
     }
@@ -254,16 +251,12 @@ impl KeyedState {
         engine: &DetectorEngine,
         split: &WindowSplit,
         input: &[datafusion::arrow::row::Row<'_>],
-    ) -> Result<Vec<RecordBatch>, String> {
+    ) -> Result<Vec<RecordBatch>> {
         if input.is_empty() {
             return Ok(Vec::new());
         }
-        let columns = self
-            .row_converter
-            .convert_rows(input.iter().copied())
-            .map_err(|e| e.to_string())?;
-        let batch =
-            RecordBatch::try_new(Arc::clone(&split.pre_schema), columns).map_err(|e| e.to_string())?;
-        engine.run_post(split, &[batch]).map_err(|e| e.to_string())
+        let columns = self.row_converter.convert_rows(input.iter().copied())?;
+        let batch = RecordBatch::try_new(Arc::clone(&split.pre_schema), columns)?;
+        engine.run_post(split, &[batch]).map_err(Error::from)
     }
 }
