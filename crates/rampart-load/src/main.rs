@@ -14,7 +14,7 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -477,65 +477,23 @@ fn measure(
     assign_from_end(&receiver, output)?;
     let producer = producer(brokers)?;
     let done = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let probe_every = load.probe_every;
     let warmup_events = (rate * warmup as f64) as u64;
     let expected = (warmup_events.div_ceil(probe_every)..total.div_ceil(probe_every)).count() as u64;
 
     let measured = std::thread::scope(|scope| -> Result<Measured> {
-        let (done_r, sent_r) = (Arc::clone(&done), Arc::clone(&sent));
-        let receiving = scope.spawn(move || {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
-            let mut seen = std::collections::HashSet::new();
-            let mut quiet_since: Option<Instant> = None;
-            // The worst latency per second of intended send time (printed to stderr: where a
-            // tail comes from).
-            let mut worst: Vec<u64> = Vec::new();
-            loop {
-                match receiver.poll(Duration::from_millis(50)) {
-                    Some(Ok(m)) => {
-                        let now = started.elapsed();
-                        let Some(seq) = m
-                            .payload()
-                            .and_then(probe_of)
-                            .and_then(|s| s.checked_sub(first_probe))
-                        else {
-                            continue;
-                        };
-                        let i = seq * probe_every;
-                        if i < warmup_events || i >= total || !seen.insert(seq) {
-                            continue;
-                        }
-                        let intended = Duration::from_secs_f64(i as f64 / rate);
-                        let latency = now.saturating_sub(intended).as_micros() as u64;
-                        histogram.saturating_record(latency.max(1));
-                        let second = intended.as_secs() as usize;
-                        if worst.len() <= second {
-                            worst.resize(second + 1, 0);
-                        }
-                        worst[second] = worst[second].max(latency);
-                        quiet_since = None;
-                    }
-                    Some(Err(e)) => eprintln!("latency receiver: {e}"),
-                    None => {}
-                }
-                if seen.len() as u64 >= expected {
-                    break;
-                }
-                if done_r.load(Ordering::Relaxed) {
-                    // After the last send, wait up to 10 s for the rest.
-                    let since = *quiet_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > Duration::from_secs(10) {
-                        break;
-                    }
-                }
-            }
-            let _ = sent_r;
-            let worst: Vec<String> = worst.iter().map(|us| format!("{}", us / 1000)).collect();
-            eprintln!("worst latency (ms) per second of sending: {}", worst.join(" "));
-            (histogram, seen.len() as u64)
-        });
+        let schedule = Schedule {
+            started,
+            rate,
+            first_probe,
+            probe_every,
+            warmup_events,
+            total,
+            expected,
+        };
+        let done_r = Arc::clone(&done);
+        let receiving = scope.spawn(move || receive_probes(&receiver, &schedule, &done_r));
 
         let mut message = String::with_capacity(4096);
         for i in 0..total {
@@ -550,7 +508,6 @@ fn measure(
             let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
             load.message(i, first_probe, &time, &mut message);
             send(&producer, input, message.as_bytes())?;
-            sent.fetch_add(1, Ordering::Relaxed);
         }
         let send_seconds = started.elapsed().as_secs_f64();
         done.store(true, Ordering::Relaxed);
@@ -563,6 +520,88 @@ fn measure(
         })
     })?;
     Ok(measured)
+}
+
+/// When each event is due and which of them are probes to time.
+#[derive(Clone, Copy)]
+struct Schedule {
+    /// When sending started.
+    started: Instant,
+    /// Events per second.
+    rate: f64,
+    /// The sequence number of the first probe.
+    first_probe: u64,
+    /// Every this many events is a probe.
+    probe_every: u64,
+    /// Events sent before timing starts.
+    warmup_events: u64,
+    /// Events to send.
+    total: u64,
+    /// Probes timed (after the warm-up).
+    expected: u64,
+}
+
+/// Receives the decisions on the probes until every timed one arrived, or 10 s after `done`
+/// (the last send) without one: the latencies from each probe's intended send time, and how
+/// many arrived.
+fn receive_probes(receiver: &BaseConsumer, schedule: &Schedule, done: &AtomicBool) -> (Histogram<u64>, u64) {
+    let Schedule {
+        started,
+        rate,
+        first_probe,
+        probe_every,
+        warmup_events,
+        total,
+        expected,
+    } = *schedule;
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
+    let mut seen = std::collections::HashSet::new();
+    let mut quiet_since: Option<Instant> = None;
+    // The worst latency per second of intended send time (printed to stderr: where a
+    // tail comes from).
+    let mut worst: Vec<u64> = Vec::new();
+    loop {
+        match receiver.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                let now = started.elapsed();
+                let Some(seq) = m
+                    .payload()
+                    .and_then(probe_of)
+                    .and_then(|s| s.checked_sub(first_probe))
+                else {
+                    continue;
+                };
+                let i = seq * probe_every;
+                if i < warmup_events || i >= total || !seen.insert(seq) {
+                    continue;
+                }
+                let intended = Duration::from_secs_f64(i as f64 / rate);
+                let latency = now.saturating_sub(intended).as_micros() as u64;
+                histogram.saturating_record(latency.max(1));
+                let second = intended.as_secs() as usize;
+                if worst.len() <= second {
+                    worst.resize(second + 1, 0);
+                }
+                worst[second] = worst[second].max(latency);
+                quiet_since = None;
+            }
+            Some(Err(e)) => eprintln!("latency receiver: {e}"),
+            None => {}
+        }
+        if seen.len() as u64 >= expected {
+            break;
+        }
+        if done.load(Ordering::Relaxed) {
+            // After the last send, wait up to 10 s for the rest.
+            let since = *quiet_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+        }
+    }
+    let worst: Vec<String> = worst.iter().map(|us| format!("{}", us / 1000)).collect();
+    eprintln!("worst latency (ms) per second of sending: {}", worst.join(" "));
+    (histogram, seen.len() as u64)
 }
 
 #[cfg(test)]

@@ -15,65 +15,16 @@ impl DetectorEngine {
         logical: &LogicalPlan,
         shape: &Shape,
     ) -> datafusion::common::Result<std::result::Result<WindowSplit, String>> {
-        let (kind, reach) = match shape {
-            Shape::SlidingWindow { windows } => {
-                let keys: Vec<&Vec<String>> = windows.iter().map(|w| &w.partition_by).collect();
-                if keys.windows(2).any(|pair| pair[0] != pair[1]) {
-                    return Ok(Err(format!(
-                        "the windows of one detector must be partitioned by the same key (found {}); \
-                         write one detector per key",
-                        keys.iter()
-                            .map(|k| format!("({})", k.join(", ")))
-                            .collect::<Vec<_>>()
-                            .join(" and ")
-                    )));
-                }
-                (StateKind::Sliding, windows.iter().map(|w| w.length).sum())
-            }
-            Shape::GroupedWindow { bucket, .. } => (StateKind::Grouped, *bucket),
-            Shape::PerEvent => return Ok(Err("a per-event detector keeps no state".into())),
+        let (kind, reach) = match state_kind(shape) {
+            Ok(found) => found,
+            Err(refused) => return Ok(Err(refused)),
         };
-        // The lowest stateful node: where the rows to keep come out.
-        let mut cuts: Vec<(Arc<LogicalPlan>, Vec<Expr>)> = Vec::new();
-        logical.apply(|node| {
-            match node {
-                LogicalPlan::Window(w) if kind == StateKind::Sliding => {
-                    let mut nested = false;
-                    w.input.apply(|n| {
-                        nested |= matches!(n, LogicalPlan::Window(_));
-                        Ok(if nested {
-                            TreeNodeRecursion::Stop
-                        } else {
-                            TreeNodeRecursion::Continue
-                        })
-                    })?;
-                    if !nested {
-                        let keys = match w.window_expr.first().map(unalias) {
-                            Some(Expr::WindowFunction(f)) => f.params.partition_by.clone(),
-                            _ => Vec::new(),
-                        };
-                        cuts.push((Arc::clone(&w.input), keys));
-                    }
-                }
-                LogicalPlan::Aggregate(a) if kind == StateKind::Grouped => {
-                    cuts.push((Arc::clone(&a.input), a.group_expr.clone()));
-                }
-                _ => {}
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })?;
-        let [(input, key_exprs)] = cuts.as_slice() else {
-            return Ok(Err(match kind {
-                StateKind::Sliding => {
-                    "windows in several branches of one query (a UNION of windowed \
-                                       queries) are not supported; write one detector per window"
-                }
-                StateKind::Grouped => {
-                    "a grouped window may have one GROUP BY; write one detector per \
-                                       grouping"
-                }
-            }
-            .into()));
+        let Cut {
+            input,
+            keys: key_exprs,
+        } = match lowest_stateful(logical, kind)? {
+            Ok(found) => found,
+            Err(refused) => return Ok(Err(refused)),
         };
         let input_schema = input.schema();
         let position = |name: &str| input_schema.fields().iter().position(|f| f.name() == name);
@@ -84,26 +35,9 @@ impl DetectorEngine {
             )));
         };
         let (replacement, post_input, post_slot) = slot_scan("window_input", input_schema)?;
-        let replacement = Arc::new(replacement);
-        let is_cut = |child: &Arc<LogicalPlan>| Arc::ptr_eq(child, input) || child.as_ref() == input.as_ref();
-        let post = logical
-            .clone()
-            .transform_up(|node| match node {
-                LogicalPlan::Window(w) if is_cut(&w.input) => Ok(Transformed::yes(LogicalPlan::Window(
-                    Window::try_new(w.window_expr, Arc::clone(&replacement))?,
-                ))),
-                LogicalPlan::Aggregate(a) if is_cut(&a.input) => {
-                    Ok(Transformed::yes(LogicalPlan::Aggregate(Aggregate::try_new(
-                        Arc::clone(&replacement),
-                        a.group_expr,
-                        a.aggr_expr,
-                    )?)))
-                }
-                other => Ok(Transformed::yes(other.recompute_schema()?)),
-            })?
-            .data;
+        let post = plan_above(logical, &input, Arc::new(replacement))?;
         let state = self.ctx.state();
-        let pre = self.runtime.block_on(state.create_physical_plan(input))?;
+        let pre = self.runtime.block_on(state.create_physical_plan(&input))?;
         let keys = key_exprs
             .iter()
             .map(|e| state.create_physical_expr(e.clone(), input_schema))
@@ -111,7 +45,7 @@ impl DetectorEngine {
         let post = self.runtime.block_on(state.create_physical_plan(&post))?;
         let (strategy, timing) = match kind {
             StateKind::Sliding => (
-                self.incremental_plan(logical, input)?
+                self.incremental_plan(logical, &input)?
                     .map_or(Strategy::Rerun, Strategy::Incremental),
                 crate::shape::sliding_timing(logical),
             ),
@@ -223,4 +157,110 @@ impl DetectorEngine {
             aggregates,
         }))
     }
+}
+
+/// The kind of state a windowed shape keeps and how far back its windows reach; why not, for
+/// a shape Rampart cannot keep.
+fn state_kind(shape: &Shape) -> std::result::Result<(StateKind, std::time::Duration), String> {
+    match shape {
+        Shape::SlidingWindow { windows } => {
+            let keys: Vec<&Vec<String>> = windows.iter().map(|w| &w.partition_by).collect();
+            if keys.windows(2).any(|pair| pair[0] != pair[1]) {
+                return Err(format!(
+                    "the windows of one detector must be partitioned by the same key (found {}); \
+                         write one detector per key",
+                    keys.iter()
+                        .map(|k| format!("({})", k.join(", ")))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ));
+            }
+            Ok((StateKind::Sliding, windows.iter().map(|w| w.length).sum()))
+        }
+        Shape::GroupedWindow { bucket, .. } => Ok((StateKind::Grouped, *bucket)),
+        Shape::PerEvent => Err("a per-event detector keeps no state".into()),
+    }
+}
+
+/// Where a plan is cut: the input of its lowest stateful node, and that node's keys.
+struct Cut {
+    /// The plan below the window: its rows are what the state keeps.
+    input: Arc<LogicalPlan>,
+    /// The window's PARTITION BY, or the GROUP BY.
+    keys: Vec<Expr>,
+}
+
+/// The lowest stateful node of `logical` (where the rows to keep come out): its input and
+/// its keys (the window's PARTITION BY, or the GROUP BY); why not, when there is not exactly one.
+fn lowest_stateful(
+    logical: &LogicalPlan,
+    kind: StateKind,
+) -> datafusion::common::Result<std::result::Result<Cut, String>> {
+    let mut cuts: Vec<(Arc<LogicalPlan>, Vec<Expr>)> = Vec::new();
+    logical.apply(|node| {
+        match node {
+            LogicalPlan::Window(w) if kind == StateKind::Sliding => {
+                let mut nested = false;
+                w.input.apply(|n| {
+                    nested |= matches!(n, LogicalPlan::Window(_));
+                    Ok(if nested {
+                        TreeNodeRecursion::Stop
+                    } else {
+                        TreeNodeRecursion::Continue
+                    })
+                })?;
+                if !nested {
+                    let keys = match w.window_expr.first().map(unalias) {
+                        Some(Expr::WindowFunction(f)) => f.params.partition_by.clone(),
+                        _ => Vec::new(),
+                    };
+                    cuts.push((Arc::clone(&w.input), keys));
+                }
+            }
+            LogicalPlan::Aggregate(a) if kind == StateKind::Grouped => {
+                cuts.push((Arc::clone(&a.input), a.group_expr.clone()));
+            }
+            _ => {}
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let [(input, key_exprs)] = cuts.as_slice() else {
+        return Ok(Err(match kind {
+            StateKind::Sliding => {
+                "windows in several branches of one query (a UNION of windowed \
+                                       queries) are not supported; write one detector per window"
+            }
+            StateKind::Grouped => {
+                "a grouped window may have one GROUP BY; write one detector per \
+                                       grouping"
+            }
+        }
+        .into()));
+    };
+    Ok(Ok(Cut {
+        input: Arc::clone(input),
+        keys: key_exprs.clone(),
+    }))
+}
+
+/// `logical` with the input of its stateful node replaced by `replacement` (the slot the kept
+/// rows are read from): the plan above the window.
+fn plan_above(
+    logical: &LogicalPlan,
+    input: &Arc<LogicalPlan>,
+    replacement: Arc<LogicalPlan>,
+) -> datafusion::common::Result<LogicalPlan> {
+    let is_cut = |child: &Arc<LogicalPlan>| Arc::ptr_eq(child, input) || child.as_ref() == input.as_ref();
+    Ok(logical
+        .clone()
+        .transform_up(|node| match node {
+            LogicalPlan::Window(w) if is_cut(&w.input) => Ok(Transformed::yes(LogicalPlan::Window(
+                Window::try_new(w.window_expr, Arc::clone(&replacement))?,
+            ))),
+            LogicalPlan::Aggregate(a) if is_cut(&a.input) => Ok(Transformed::yes(LogicalPlan::Aggregate(
+                Aggregate::try_new(Arc::clone(&replacement), a.group_expr, a.aggr_expr)?,
+            ))),
+            other => Ok(Transformed::yes(other.recompute_schema()?)),
+        })?
+        .data)
 }

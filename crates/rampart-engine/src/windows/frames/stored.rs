@@ -11,6 +11,10 @@ use rampart_state::codec::{FIRED_CHUNK, FRAME_CHUNK, PENDING_CHUNK};
 
 use super::{KeyAgg, KeyChunks, MAX_FRAME_CHUNKS, Val, Waiting, push_frame_entry, reserve_small, take};
 
+/// A stored frame row: time, chunk id, order in its chunk, where its arguments start. Chunks in
+/// id order are in arrival order, so sorted, this is the order rows were held in.
+type FrameRow = (i64, u64, u64, usize);
+
 impl KeyAgg {
     /// Adds to `out` the chunk writes that bring the key on disk up to date: a frame chunk and
     /// a pending chunk of the rows that arrived since the last save (or, past
@@ -27,22 +31,54 @@ impl KeyAgg {
         lateness: i64,
         out: &mut Commit<'_>,
     ) {
-        let stride = self.stride();
         if self.is_empty() {
-            for (id, _) in self.frame_chunks.drain(..) {
-                out.chunk(&chunk_key(FRAME_CHUNK, id), None);
-            }
-            for (id, _) in self.pending_chunks.drain(..) {
-                out.chunk(&chunk_key(PENDING_CHUNK, id), None);
-            }
-            for (id, _) in self.fired_chunks.drain(..) {
-                out.chunk(&chunk_key(FIRED_CHUNK, id), None);
-            }
-            self.fresh = Vec::new();
-            self.fired_log = Vec::new();
+            self.delete_chunks(&chunk_key, out);
             return;
         }
         self.fresh.sort_unstable();
+        self.save_frame_chunk(&chunk_key, horizon, out);
+        self.save_pending_chunk(&chunk_key, lateness, out);
+        self.save_fired_chunk(&chunk_key, lateness, out);
+        // Chunks whose rows are all decided.
+        for (kind, chunks) in [
+            (PENDING_CHUNK, &mut self.pending_chunks),
+            (FIRED_CHUNK, &mut self.fired_chunks),
+        ] {
+            chunks.retain(|(id, newest)| {
+                let keep = *newest >= decided_until;
+                if !keep {
+                    out.chunk(&chunk_key(kind, *id), None);
+                }
+                keep
+            });
+        }
+    }
+
+    /// Deletes every chunk of a key that holds nothing.
+    fn delete_chunks(&mut self, chunk_key: &impl Fn(u8, u64) -> Vec<u8>, out: &mut Commit<'_>) {
+        for (id, _) in self.frame_chunks.drain(..) {
+            out.chunk(&chunk_key(FRAME_CHUNK, id), None);
+        }
+        for (id, _) in self.pending_chunks.drain(..) {
+            out.chunk(&chunk_key(PENDING_CHUNK, id), None);
+        }
+        for (id, _) in self.fired_chunks.drain(..) {
+            out.chunk(&chunk_key(FIRED_CHUNK, id), None);
+        }
+        self.fresh = Vec::new();
+        self.fired_log = Vec::new();
+    }
+
+    /// The frame chunk of the rows that arrived since the last save (past
+    /// [`MAX_FRAME_CHUNKS`]: of every row held, replacing the others), and deletes of the
+    /// chunks whose rows every frame has left.
+    fn save_frame_chunk(
+        &mut self,
+        chunk_key: &impl Fn(u8, u64) -> Vec<u8>,
+        horizon: i64,
+        out: &mut Commit<'_>,
+    ) {
+        let stride = self.stride();
         if !self.fresh.is_empty() {
             let id = self.next_chunk;
             self.next_chunk += 1;
@@ -82,6 +118,15 @@ impl KeyAgg {
             }
             keep
         });
+    }
+
+    /// The pending chunk of the fresh rows still waiting to be decided (`fresh` is emptied).
+    fn save_pending_chunk(
+        &mut self,
+        chunk_key: &impl Fn(u8, u64) -> Vec<u8>,
+        lateness: i64,
+        out: &mut Commit<'_>,
+    ) {
         if !self.fresh.is_empty() {
             let mut value = Vec::new();
             let mut newest = i64::MIN;
@@ -108,8 +153,16 @@ impl KeyAgg {
                 self.pending_chunks.push((id, newest));
             }
         }
+    }
+
+    /// The chunk of rows fired at once since the last save: time, row id, the detector's tag.
+    fn save_fired_chunk(
+        &mut self,
+        chunk_key: &impl Fn(u8, u64) -> Vec<u8>,
+        lateness: i64,
+        out: &mut Commit<'_>,
+    ) {
         if !self.fired_log.is_empty() {
-            // Each entry: time, row id, the detector's tag.
             let newest = self.fired_log.iter().map(|f| f.0).max().unwrap_or(i64::MIN);
             let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
             for (time, row, tag) in std::mem::take(&mut self.fired_log) {
@@ -122,19 +175,6 @@ impl KeyAgg {
             out.chunk(&chunk_key(FIRED_CHUNK, id), Some(&chunk));
             reserve_small(&mut self.fired_chunks);
             self.fired_chunks.push((id, newest));
-        }
-        // Chunks whose rows are all decided.
-        for (kind, chunks) in [
-            (PENDING_CHUNK, &mut self.pending_chunks),
-            (FIRED_CHUNK, &mut self.fired_chunks),
-        ] {
-            chunks.retain(|(id, newest)| {
-                let keep = *newest >= decided_until;
-                if !keep {
-                    out.chunk(&chunk_key(kind, *id), None);
-                }
-                keep
-            });
         }
     }
 
@@ -192,12 +232,17 @@ impl KeyAgg {
         tags: &[u64],
         decided_until: i64,
     ) -> Option<Self> {
-        let (frame, pending) = (&chunks.frame, &chunks.pending);
-        let n = aggregates.len();
         let mut agg = Self::new(aggregates);
-        // (time, chunk id, order in chunk, where its arguments start in `values`): chunks in
-        // id order are in arrival order, so this is the order rows were held in.
-        let mut rows: Vec<(i64, u64, u64, usize)> = Vec::new();
+        let (mut rows, mut values) = agg.load_frame_chunks(&chunks.frame, aggregates.len())?;
+        agg.enter_decided(aggregates, &mut rows, &mut values, decided_until);
+        agg.load_pending_chunks(&chunks.pending, decided_until)?;
+        agg.load_fired_chunks(&chunks.fired, tags)?;
+        Some(agg)
+    }
+
+    /// The rows of the frame chunks ([`FrameRow`]), and their arguments, `n` per row.
+    fn load_frame_chunks(&mut self, frame: &[(u64, Vec<u8>)], n: usize) -> Option<(Vec<FrameRow>, Vec<Val>)> {
+        let mut rows: Vec<FrameRow> = Vec::new();
         let mut values: Vec<Val> = Vec::new();
         let mut texts = FxHashSet::default();
         for (id, value) in frame {
@@ -213,11 +258,25 @@ impl KeyAgg {
                 }
                 newest = newest.max(time);
             }
-            agg.frame_chunks.push((*id, newest));
-            agg.next_chunk = agg.next_chunk.max(id + 1);
+            self.frame_chunks.push((*id, newest));
+            self.next_chunk = self.next_chunk.max(id + 1);
         }
+        Some((rows, values))
+    }
+
+    /// Holds the frame rows (`rows` from [`Self::load_frame_chunks`]) given that every row
+    /// older than `decided_until` entered the accumulators and no other: the frames end at the
+    /// newest of those rows, and rows older than every frame are dropped.
+    fn enter_decided(
+        &mut self,
+        aggregates: &[WindowAggregate],
+        rows: &mut [FrameRow],
+        values: &mut [Val],
+        decided_until: i64,
+    ) {
+        let n = aggregates.len();
         rows.sort_unstable_by_key(|(t, id, ord, _)| (*t, *id, *ord));
-        for (k, kind) in agg.kinds.iter_mut().enumerate() {
+        for (k, kind) in self.kinds.iter_mut().enumerate() {
             if let Some(v) = values.iter().skip(k).step_by(n.max(1)).find(|v| **v != Val::Null) {
                 *kind = v.clone();
             }
@@ -226,8 +285,8 @@ impl KeyAgg {
         let first = match entered.checked_sub(1).map(|last| rows[last].0) {
             // The frames end at the newest decided row: rows older than every frame are gone.
             Some(end) => {
-                agg.frame_end = end;
-                agg.evaluated_to = end;
+                self.frame_end = end;
+                self.evaluated_to = end;
                 let oldest_start = aggregates
                     .iter()
                     .map(|a| end.saturating_sub(a.length))
@@ -236,30 +295,35 @@ impl KeyAgg {
                 let first = rows[..entered].partition_point(|r| r.0 < oldest_start);
                 for (k, a) in aggregates.iter().enumerate() {
                     let from = end.saturating_sub(a.length);
-                    agg.starts[k] = (rows[first..entered].partition_point(|r| r.0 < from)) as u64;
+                    self.starts[k] = (rows[first..entered].partition_point(|r| r.0 < from)) as u64;
                 }
                 first
             }
             None => 0,
         };
-        agg.added = (entered - first) as u64;
-        agg.times.reserve(rows.len() - first);
-        agg.args.reserve((rows.len() - first) * n);
+        self.added = (entered - first) as u64;
+        self.times.reserve(rows.len() - first);
+        self.args.reserve((rows.len() - first) * n);
         for &(time, _, _, at) in &rows[first..] {
-            agg.times.push_back(time);
-            agg.args.extend(values[at..at + n].iter_mut().map(std::mem::take));
+            self.times.push_back(time);
+            self.args
+                .extend(values[at..at + n].iter_mut().map(std::mem::take));
         }
-        for (k, acc) in agg.accs.iter_mut().enumerate() {
-            for seq in agg.starts[k]..agg.added {
-                acc.add(&agg.args[seq as usize * n + k], seq);
+        for (k, acc) in self.accs.iter_mut().enumerate() {
+            for seq in self.starts[k]..self.added {
+                acc.add(&self.args[seq as usize * n + k], seq);
             }
         }
+    }
+
+    /// The pending rows of the pending chunks not older than `decided_until`.
+    fn load_pending_chunks(&mut self, pending: &[(u64, Vec<u8>)], decided_until: i64) -> Option<()> {
         for (id, value) in pending {
             let mut newest = i64::MIN;
             for (time, row, bytes) in Self::pending_rows(value)? {
                 newest = newest.max(time);
                 if time >= decided_until {
-                    agg.pending.push(Waiting {
+                    self.pending.push(Waiting {
                         time,
                         row,
                         bytes: bytes.into(),
@@ -270,11 +334,17 @@ impl KeyAgg {
                     });
                 }
             }
-            agg.pending_chunks.push((*id, newest));
-            agg.next_chunk = agg.next_chunk.max(id + 1);
+            self.pending_chunks.push((*id, newest));
+            self.next_chunk = self.next_chunk.max(id + 1);
         }
-        agg.pending.sort_unstable_by_key(|w| (w.time, w.row));
-        for (id, value) in &chunks.fired {
+        self.pending.sort_unstable_by_key(|w| (w.time, w.row));
+        Some(())
+    }
+
+    /// Marks the pending rows the fired chunks say fired at once, for the detectors (`tags`)
+    /// reading the state now.
+    fn load_fired_chunks(&mut self, fired: &[(u64, Vec<u8>)], tags: &[u64]) -> Option<()> {
+        for (id, value) in fired {
             let mut input = value.get(8..)?;
             let input = &mut input;
             let mut newest = i64::MIN;
@@ -287,15 +357,19 @@ impl KeyAgg {
                 let Some(bit) = tags.iter().position(|t| *t == tag) else {
                     continue;
                 };
-                let at = agg.pending.partition_point(|w| (w.time, w.row) < (time, row));
-                if let Some(w) = agg.pending.get_mut(at).filter(|w| (w.time, w.row) == (time, row)) {
+                let at = self.pending.partition_point(|w| (w.time, w.row) < (time, row));
+                if let Some(w) = self
+                    .pending
+                    .get_mut(at)
+                    .filter(|w| (w.time, w.row) == (time, row))
+                {
                     w.fired |= 1 << bit;
                     w.settled |= 1 << bit;
                 }
             }
-            agg.fired_chunks.push((*id, newest));
-            agg.next_chunk = agg.next_chunk.max(id + 1);
+            self.fired_chunks.push((*id, newest));
+            self.next_chunk = self.next_chunk.max(id + 1);
         }
-        Some(agg)
+        Some(())
     }
 }
