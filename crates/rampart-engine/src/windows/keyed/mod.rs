@@ -26,6 +26,8 @@ mod cache;
 mod grouped;
 mod incremental;
 mod rerun;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
