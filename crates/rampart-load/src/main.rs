@@ -472,26 +472,19 @@ fn measure(
     duration: u64,
     warmup: u64,
 ) -> Result<Measured> {
-    let total = (rate * duration as f64) as u64;
     let receiver = consumer(brokers, "rampart-load-latency")?;
     assign_from_end(&receiver, output)?;
     let producer = producer(brokers)?;
     let done = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let probe_every = load.probe_every;
-    let warmup_events = (rate * warmup as f64) as u64;
-    let expected = (warmup_events.div_ceil(probe_every)..total.div_ceil(probe_every)).count() as u64;
+    let schedule = Schedule::new(rate, first_probe, load.probe_every, duration, warmup);
+    let Schedule {
+        started,
+        total,
+        expected,
+        ..
+    } = schedule;
 
     let measured = std::thread::scope(|scope| -> Result<Measured> {
-        let schedule = Schedule {
-            started,
-            rate,
-            first_probe,
-            probe_every,
-            warmup_events,
-            total,
-            expected,
-        };
         let done_r = Arc::clone(&done);
         let receiving = scope.spawn(move || receive_probes(&receiver, &schedule, &done_r));
 
@@ -539,6 +532,24 @@ struct Schedule {
     total: u64,
     /// Probes timed (after the warm-up).
     expected: u64,
+}
+
+impl Schedule {
+    /// `duration` seconds at `rate` events per second, starting now; the first `warmup`
+    /// seconds are not timed.
+    fn new(rate: f64, first_probe: u64, probe_every: u64, duration: u64, warmup: u64) -> Self {
+        let total = (rate * duration as f64) as u64;
+        let warmup_events = (rate * warmup as f64) as u64;
+        Self {
+            started: Instant::now(),
+            rate,
+            first_probe,
+            probe_every,
+            warmup_events,
+            total,
+            expected: (warmup_events.div_ceil(probe_every)..total.div_ceil(probe_every)).count() as u64,
+        }
+    }
 }
 
 /// Receives the decisions on the probes until every timed one arrived, or 10 s after `done`

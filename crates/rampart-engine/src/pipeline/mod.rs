@@ -489,6 +489,19 @@ mod tests {
         dst
     }
 
+    /// How many of `decisions` per-event detectors made.
+    fn per_event(pipeline: &Pipeline, decisions: &[Decision]) -> usize {
+        decisions
+            .iter()
+            .filter(|d| {
+                pipeline
+                    .detectors
+                    .iter()
+                    .any(|p| p.meta.id == d.detector.id && p.split().is_none())
+            })
+            .count()
+    }
+
     /// The detonation logs' records in event-time order, one per line, in `dir`.
     fn sorted_detonations(dir: &Path) -> PathBuf {
         let pipeline = Pipeline::load(&repo().join("pipelines/cloudtrail")).expect("loads");
@@ -532,17 +545,11 @@ mod tests {
                 pipeline.detectors.len(),
                 "no plan is built per batch"
             );
-            let per_event = out
-                .decisions
-                .iter()
-                .filter(|d| {
-                    pipeline
-                        .detectors
-                        .iter()
-                        .any(|p| p.meta.id == d.detector.id && p.split().is_none())
-                })
-                .count();
-            assert_eq!(per_event, 23, "every detonation caught once");
+            assert_eq!(
+                per_event(&pipeline, &out.decisions),
+                23,
+                "every detonation caught once"
+            );
             let mut ids: Vec<String> = out.decisions.iter().map(|d| d.decision_id.clone()).collect();
             ids.sort();
             ids_by_batch_size.push(ids);
@@ -624,16 +631,10 @@ mod tests {
                 failure.error
             );
         }
-        let per_event = out
-            .decisions
-            .iter()
-            .filter(|d| {
-                pipeline
-                    .detectors
-                    .iter()
-                    .any(|p| p.meta.id == d.detector.id && p.split().is_none())
-            })
-            .count();
-        assert_eq!(per_event, 23, "the other detectors caught every detonation");
+        assert_eq!(
+            per_event(&pipeline, &out.decisions),
+            23,
+            "the other detectors caught every detonation"
+        );
     }
 }
