@@ -5,7 +5,7 @@
 # `rampart run pipelines/cloudtrail` and the example enforcement gateway, feeds the 35 real
 # Stratus Red Team detonations mixed into ~24k benign CloudTrail events (timeline ending now),
 # shows the decisions arriving on the decisions topic, asks the gateway about a blocked and an
-# innocent actor, compares a candidate rule running in shadow with what was enforced, adds a
+# innocent actor (the gateway enforces only decisions signed by the service's key), compares a candidate rule running in shadow with what was enforced, adds a
 # broken detector to the running pipeline (hot reload) and shows the blast-radius fail-safe put
 # it in shadow and lift its blocks, verifies the audit log, shows health and metrics, and stops
 # everything cleanly (SIGTERM: the service checkpoints and exits 0).
@@ -55,6 +55,21 @@ SELECT actor, n FROM (
 WHERE n >= 5
 SQL
 
+# Decisions are signed (the gateway enforces only those), and admin commands need a token.
+echo "== a signing key for decisions, and an operator's admin token" >&2
+"$RAMPART" keys generate --id demo-1 --dir "$out/keys"
+ADMIN_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
+printf 'demo %s\n' "$ADMIN_TOKEN" > "$out/admin-tokens"
+chmod 600 "$out/admin-tokens"
+python3 - "$pipeline/pipeline.toml" "$out" <<'PY'
+import sys
+path, out = sys.argv[1], sys.argv[2]
+text = open(path).read()
+assert "\n[service]\n" in text
+text = text.replace("\n[service]\n", f'\n[service]\nadmin_tokens = "{out}/admin-tokens"\nsigning_key = "{out}/keys/demo-1.key.pem"\n', 1)
+open(path, "w").write(text)
+PY
+
 echo "== rampart run $pipeline (metrics on http://127.0.0.1:$HTTP_PORT/metrics)" >&2
 RAMPART_LOG=info "$RAMPART" run "$pipeline" --brokers "$BROKERS" \
   --listen "127.0.0.1:$HTTP_PORT" --state "$out/state" 2>"$out/rampart.log" &
@@ -67,7 +82,8 @@ done
 echo "readyz: $(curl -s "http://127.0.0.1:$HTTP_PORT/readyz")" >&2
 
 echo "== the example gateway (an enforcement point using rampart-enforce) on 127.0.0.1:$GATEWAY_PORT" >&2
-"$GATEWAY" --brokers "$BROKERS" --topic rampart.decisions --listen "127.0.0.1:$GATEWAY_PORT" 2>"$out/gateway.log" &
+"$GATEWAY" --brokers "$BROKERS" --topic rampart.decisions --listen "127.0.0.1:$GATEWAY_PORT" \
+  --trust "demo-1=$out/keys/demo-1.pub.pem" 2>"$out/gateway.log" &
 pids+=($!)
 
 echo "== feeding 35 real detonations mixed into benign traffic (20 minutes of event time, ending now)" >&2
@@ -136,8 +152,10 @@ print(f"describe-blocked: {count('block', 'enforce')} blocks enforced before the
       f"{count('revoke', 'enforce')} of them revoked, {count('block', 'shadow')} more decided in shadow only")
 PY
 echo "readyz: $(curl -s "http://127.0.0.1:$HTTP_PORT/readyz" | tr '\n' ' ')" >&2
-echo "\$ curl -X POST 'http://127.0.0.1:$HTTP_PORT/admin/rearm?detector=describe-blocked&by=demo'  (after fixing it; here we remove it)" >&2
-curl -s -X POST "http://127.0.0.1:$HTTP_PORT/admin/rearm?detector=describe-blocked&by=demo"
+echo "\$ curl -X POST 'http://127.0.0.1:$HTTP_PORT/admin/rearm?detector=describe-blocked'  (no token)" >&2
+curl -s -w '  (HTTP %{http_code})\n' -X POST "http://127.0.0.1:$HTTP_PORT/admin/rearm?detector=describe-blocked"
+echo "\$ curl -X POST -H 'Authorization: Bearer ...' 'http://127.0.0.1:$HTTP_PORT/admin/rearm?detector=describe-blocked'  (after fixing it; here we remove it)" >&2
+curl -s -X POST -H "Authorization: Bearer $ADMIN_TOKEN" "http://127.0.0.1:$HTTP_PORT/admin/rearm?detector=describe-blocked"
 rm "$pipeline/detectors/describe-blocked.sql"
 
 echo >&2

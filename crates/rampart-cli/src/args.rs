@@ -103,6 +103,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Signing keys for decisions.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Run a pipeline as a service on Kafka (its `[kafka]` section).
     ///
     /// Consumes the input topics as a consumer group, decides on micro-batches, publishes
@@ -141,6 +146,23 @@ pub(crate) enum Command {
         /// Append the audit log here, instead of `[audit] path` (e.g. on a persistent volume).
         #[arg(long, value_name = "FILE")]
         audit: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Make a new Ed25519 key pair: `ID.key.pem` (the private key, PKCS#8, readable by its
+    /// owner only) for `[service] signing_key`, and `ID.pub.pem` (the public key, SPKI) for
+    /// the enforcement points. Refuses to overwrite a key.
+    #[command(after_help = "Example:
+  rampart keys generate --id decisions-2026-12 --dir /etc/rampart/keys")]
+    Generate {
+        /// The key's id, published with each signature (letters, digits, `.`, `_`, `-`).
+        #[arg(long)]
+        id: String,
+        /// Where to write the two files.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
 }
 

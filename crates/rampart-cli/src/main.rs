@@ -3,11 +3,11 @@
 mod args;
 mod replay;
 
-use args::{AuditCommand, Cli, Command};
+use args::{AuditCommand, Cli, Command, KeysCommand};
 use replay::{Outputs, replay};
 
 use std::fs::File;
-use std::io::{self, BufRead};
+use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -50,6 +50,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("RAMPART_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(io::stderr)
+        // Colour codes only on a terminal: a log file or a pipe gets plain text.
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()) && std::env::var_os("NO_COLOR").is_none())
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -108,6 +110,9 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => audit_verify(&file),
+        Command::Keys {
+            command: KeysCommand::Generate { id, dir },
+        } => generate_key(&id, &dir),
     };
     match result {
         Ok(code) => code,
@@ -164,7 +169,15 @@ fn run(
             }
         })?;
     let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("RAMPART_KAFKA_"))
+        .filter(|(k, _)| {
+            k.starts_with("RAMPART_KAFKA_")
+                || [
+                    "RAMPART_ADMIN_TOKEN",
+                    "RAMPART_SIGNING_KEY",
+                    "RAMPART_SIGNING_KEY_ID",
+                ]
+                .contains(&k.as_str())
+        })
         .collect();
     if let Some(b) = brokers {
         env.retain(|(k, _)| k != "RAMPART_KAFKA_BROKERS");
@@ -326,6 +339,32 @@ fn compare(files: &[PathBuf]) -> Result<ExitCode> {
         }
     }
     print!("{}", comparison.report());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn generate_key(id: &str, dir: &Path) -> Result<ExitCode> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    let signer = rampart_enforce::signing::Signer::from_seed(id, &seed)?;
+    seed.fill(0);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let private = dir.join(format!("{id}.key.pem"));
+    let public = dir.join(format!("{id}.pub.pem"));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&private)
+        .with_context(|| format!("cannot create {} (it is never overwritten)", private.display()))?;
+    file.write_all(signer.private_pem()?.as_bytes())?;
+    std::fs::write(&public, signer.public_pem()?)
+        .with_context(|| format!("cannot write {}", public.display()))?;
+    println!(
+        "private key: {} (for [service] signing_key, signing_key_id = \"{id}\")",
+        private.display()
+    );
+    println!("public key:  {} (for the enforcement points)", public.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -157,6 +157,35 @@ fn produce(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, pay
     produce_to(producer, topic, None, payload);
 }
 
+/// Produces one message with headers to `topic` and waits until the broker has it.
+fn produce_with_headers(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    payload: &[u8],
+    headers: &[(&str, &str)],
+) {
+    let mut owned = rdkafka::message::OwnedHeaders::new();
+    for (key, value) in headers {
+        owned = owned.insert(rdkafka::message::Header {
+            key,
+            value: Some(*value),
+        });
+    }
+    let record = BaseRecord::<(), [u8]>::to(topic).payload(payload).headers(owned);
+    producer.send(record).map_err(|(e, _)| e).expect("send");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+}
+
+/// Makes a signing key pair `ID.key.pem` / `ID.pub.pem` in `dir` with `rampart keys generate`.
+fn generate_key(dir: &Path, id: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["keys", "generate", "--id", id, "--dir"])
+        .arg(dir)
+        .output()
+        .expect("rampart runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Produces to `partition` of `topic` (`None`: the partitioner chooses).
 fn produce_to(
     producer: &ThreadedProducer<DefaultProducerContext>,
@@ -251,6 +280,17 @@ struct Service {
 
 impl Service {
     fn start(pipeline: &Path, broker: &Broker, state: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(pipeline, broker, state, extra, &[])
+    }
+
+    /// [`Self::start`] with these environment variables set.
+    fn start_with_env(
+        pipeline: &Path,
+        broker: &Broker,
+        state: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let listen = format!("127.0.0.1:{}", free_port());
         let log = state.with_extension("log");
         let stderr = std::fs::File::create(&log).expect("the service's log file");
@@ -261,6 +301,7 @@ impl Service {
             .arg(state)
             .args(extra)
             .env("RAMPART_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -279,13 +320,15 @@ impl Service {
         Some((status, body))
     }
 
-    /// POSTs to `path` (an admin command); the status and body.
-    fn post(&self, path: &str) -> Option<(u16, String)> {
+    /// POSTs to `path` (an admin command) with `token` as its bearer token, if any; the
+    /// status and body.
+    fn post(&self, path: &str, token: Option<&str>) -> Option<(u16, String)> {
         let mut stream = TcpStream::connect(&self.listen).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(40))).ok()?;
+        let authorization = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
         write!(
             stream,
-            "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+            "POST {path} HTTP/1.0\r\nHost: x\r\n{authorization}Content-Length: 0\r\n\r\n"
         )
         .ok()?;
         let mut text = String::new();
@@ -504,6 +547,19 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
     });
     assert_eq!(service.get("/healthz").map(|r| r.0), Some(200));
     assert_eq!(service.metric("rampart_bad_records_total"), Some(2.0));
+    // No admin token is configured: admin commands are off, as the log said at start, where
+    // it also said that decisions are not signed.
+    let (code, body) = service.post("/admin/reload", Some(ALICE)).expect("answers");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("no admin token is configured"), "{body}");
+    assert_eq!(
+        service.metric(r#"rampart_admin_refused_total{reason="disabled"}"#),
+        Some(1.0)
+    );
+    let log = std::fs::read_to_string(&service.log).expect("the log");
+    assert!(log.contains("admin commands are off"), "{log}");
+    assert!(log.contains("decisions are not signed"), "{log}");
+    assert!(!log.contains('\u{1b}'), "no colour codes in a log file");
     for name in [
         "rampart_decisions_total{detector=\"trail-logging-disabled\",verdict=\"block\",mode=\"enforce\"}",
         "rampart_end_to_end_latency_seconds{quantile=\"0.99\"}",
@@ -971,18 +1027,47 @@ fn waits_for_decision(broker: &Broker, what: &str, ok: impl Fn(&Value) -> bool) 
         .unwrap_or_else(|| panic!("no decision on the topic: {what}"))
 }
 
+/// Operators' admin tokens in the tests.
+const ALICE: &str = "alice-7f3c9a2e51d84b06";
+const BOB: &str = "bob-0c81e4d29a7b3f65e";
+const CAROL: &str = "carol-5d2a8e07c4b19f3a";
+
 #[test]
 fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_topic() {
     let broker = Broker::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = common::pipeline_copy("saas-usage", tmp.path());
+    // Operators' tokens, and the key that signs decisions (k1); the enforcer trusts k1 and k2
+    // (a rotation under way), not k3.
+    let tokens = tmp.path().join("admin-tokens");
+    std::fs::write(&tokens, format!("alice {ALICE}\nbob {BOB}\n")).expect("write");
+    let keys = tmp.path().join("keys");
+    for id in ["k1", "k2", "k3"] {
+        generate_key(&keys, id);
+    }
+    edit(
+        &dir.join("pipeline.toml"),
+        "[service]\n",
+        &format!(
+            "[service]\nadmin_tokens = \"{}\"\nsigning_key = \"{}\"\n",
+            tokens.display(),
+            keys.join("k1.key.pem").display()
+        ),
+    );
     let service = Service::start(&dir, &broker, &tmp.path().join("state"), &[]);
     service.wait_for("ready", Duration::from_secs(60), |s| {
         s.get("/readyz").is_some_and(|(code, _)| code == 200)
     });
+    let mut verifier = rampart_enforce::signing::Verifier::new();
+    for id in ["k1", "k2"] {
+        verifier
+            .trust_file(id, &keys.join(format!("{id}.pub.pem")))
+            .expect("a public key");
+    }
     let enforcer = rampart_enforce::Enforcer::start(rampart_enforce::Config {
         brokers: broker.address(),
         topic: "rampart.decisions".into(),
+        verify: Some(verifier),
         ..Default::default()
     })
     .expect("the enforcer starts");
@@ -1011,8 +1096,30 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
     service.wait_for("the enforcer to see the block", Duration::from_secs(30), |_| {
         enforcer.is_blocked("key_globex_1", "/v1/search").is_some()
     });
+    // Without a valid token nothing is done: 401 with no detail, counted.
+    let revoke =
+        "/admin/revoke?actor=key_globex_1&detector=usage-hard-limit&by=support-desk&reason=support+ticket+42";
+    for (token, reason) in [(None, "missing"), (Some("not-a-token-of-anyone-0000"), "wrong")] {
+        let (code, body) = service.post(revoke, token).expect("the admin endpoint answers");
+        assert_eq!((code, body.as_str()), (401, "unauthorized\n"));
+        assert_eq!(
+            service.metric(&format!(r#"rampart_admin_refused_total{{reason="{reason}"}}"#)),
+            Some(1.0)
+        );
+    }
+    assert!(
+        enforcer.is_blocked("key_globex_1", "/v1/search").is_some(),
+        "still blocked"
+    );
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        let (_, body) = service.get(path).expect("answers");
+        assert!(
+            !body.contains(ALICE) && !body.contains(BOB),
+            "{path} shows a token"
+        );
+    }
     let (code, body) = service
-        .post("/admin/revoke?actor=key_globex_1&detector=usage-hard-limit&by=alice&reason=support+ticket+42")
+        .post(revoke, Some(ALICE))
         .expect("the admin endpoint answers");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(r#""verdict":"revoke""#), "{body}");
@@ -1025,9 +1132,87 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
         enforcer.is_blocked("key_globex_1", "/v1/search").is_none()
     });
     let (code, _) = service
-        .post("/admin/revoke?actor=x&detector=nope")
+        .post("/admin/revoke?actor=x&detector=nope", Some(BOB))
         .expect("answers");
     assert_eq!(code, 404, "an unknown detector is refused");
+
+    // Decisions forged onto the topic are ignored and counted: unsigned, signed by a key the
+    // enforcer does not trust, and the real block altered after signing (same headers). One
+    // signed by k2, the next key of the rotation, is enforced; an unsigned revocation of it
+    // is not.
+    let forged = |id: &str, actor: &str, verdict: &str| {
+        serde_json::json!({
+            "schema_version": 1, "decision_id": id, "pipeline": "saas-usage",
+            "detector": {"id": "usage-hard-limit", "version": "x"}, "verdict": verdict,
+            "mode": "enforce", "severity": "high", "actor": actor, "key": actor,
+            "actions": ["*"], "reason": "forged", "evidence": {},
+            "event_time": chrono::Utc::now().to_rfc3339(),
+            "processed_at": chrono::Utc::now().to_rfc3339(),
+            "expires_at": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
+            "source": {"topic": "gateway.requests", "partition": 0, "offset": 1},
+            "guidance": null, "tags": []
+        })
+        .to_string()
+    };
+    let signer = |id: &str| {
+        rampart_enforce::signing::Signer::read(id, &keys.join(format!("{id}.key.pem"))).expect("a key")
+    };
+    let unsigned = forged("forged-1", "key_victim_1", "block");
+    produce_with_headers(&producer, "rampart.decisions", unsigned.as_bytes(), &[]);
+    let untrusted = forged("forged-2", "key_victim_2", "block");
+    let k3 = signer("k3").sign(untrusted.as_bytes());
+    produce_with_headers(
+        &producer,
+        "rampart.decisions",
+        untrusted.as_bytes(),
+        &[("rampart.key_id", "k3"), ("rampart.signature", &k3)],
+    );
+    let real = consume_until(&broker, "rampart.decisions", Duration::from_secs(30), |m| {
+        m.iter()
+            .any(|c| String::from_utf8_lossy(&c.payload).contains("usage-hard-limit"))
+    })
+    .into_iter()
+    .find(|c| String::from_utf8_lossy(&c.payload).contains(r#""verdict":"block""#))
+    .expect("the real block");
+    assert_eq!(real.headers["rampart.key_id"], "k1", "the service signs with k1");
+    let altered = String::from_utf8_lossy(&real.payload).replace("key_globex_1", "key_victim_3");
+    produce_with_headers(
+        &producer,
+        "rampart.decisions",
+        altered.as_bytes(),
+        &[
+            ("rampart.key_id", "k1"),
+            ("rampart.signature", &real.headers["rampart.signature"]),
+        ],
+    );
+    let rotated = forged("rotated-1", "key_rotated", "block");
+    let k2 = signer("k2").sign(rotated.as_bytes());
+    produce_with_headers(
+        &producer,
+        "rampart.decisions",
+        rotated.as_bytes(),
+        &[("rampart.key_id", "k2"), ("rampart.signature", &k2)],
+    );
+    let lift = forged("forged-4", "key_rotated", "revoke");
+    produce_with_headers(&producer, "rampart.decisions", lift.as_bytes(), &[]);
+    service.wait_for(
+        "the enforcer to sort the forged decisions out",
+        Duration::from_secs(30),
+        |_| {
+            let stats = enforcer.stats();
+            stats.unsigned == 2 && stats.bad_signatures == 2
+        },
+    );
+    assert!(
+        enforcer.is_blocked("key_rotated", "/v1/search").is_some(),
+        "k2 is trusted"
+    );
+    for victim in ["key_victim_1", "key_victim_2", "key_victim_3"] {
+        assert!(
+            enforcer.is_blocked(victim, "/v1/search").is_none(),
+            "{victim} is not blocked"
+        );
+    }
 
     // Live platform state from a compacted topic: a deploy freeze holds deploys for review.
     let state_record = BaseRecord::to("platform.state")
@@ -1100,12 +1285,20 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
                 .is_some_and(|(code, body)| code == 200 && !body.contains("refused"))
         },
     );
-    let (code, body) = service.post("/admin/reload?by=carol").expect("answers");
+    let (code, body) = service
+        .post("/admin/reload?by=carol", Some(ALICE))
+        .expect("answers");
     assert_eq!(code, 200, "{body}");
     assert!(body.starts_with("reloaded: 4 detector(s)"), "{body}");
     assert!(audit_has(
-        r#""action":"reload","changes":0,"via":"reload (admin)","who":"carol from"#
+        r#""action":"reload","changes":0,"via":"reload (admin)","who":"alice from 127.0.0.1:"#
     ));
+    // Rotation of the operators' tokens: alice's is withdrawn from the file, carol's added.
+    std::fs::write(&tokens, format!("bob {BOB}\ncarol {CAROL}\n")).expect("write");
+    let (code, _) = service.post("/admin/reload", Some(ALICE)).expect("answers");
+    assert_eq!(code, 401, "a withdrawn token");
+    let (code, body) = service.post("/admin/reload", Some(CAROL)).expect("answers");
+    assert_eq!(code, 200, "{body}");
     service.signal("-HUP");
     service.wait_for(
         "the SIGHUP reload in the audit log",
@@ -1160,14 +1353,16 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
         },
     );
     let (code, body) = service
-        .post("/admin/rearm?detector=everyone&by=bob")
+        .post("/admin/rearm?detector=everyone", Some(BOB))
         .expect("answers");
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         service.metric(r#"rampart_fail_safe_tripped{detector="everyone"}"#),
         Some(0.0)
     );
-    let (code, _) = service.post("/admin/rearm?detector=everyone").expect("answers");
+    let (code, _) = service
+        .post("/admin/rearm?detector=everyone", Some(BOB))
+        .expect("answers");
     assert_eq!(code, 409, "nothing left to re-arm");
 
     service.signal("-TERM");
@@ -1185,15 +1380,18 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
     );
     assert!(
         audit_has(
-            r#""action":"revoke","actor":"key_globex_1","detector":"usage-hard-limit","reason":"support ticket 42","who":"alice from 127.0.0.1:"#
-        ),
-        "who revoked what"
+            r#""action":"revoke","actor":"key_globex_1","detector":"usage-hard-limit","from":"127.0.0.1:"#
+        ) && audit_has(r#""note":"support-desk","reason":"support ticket 42","who":"alice"}"#),
+        "who revoked what: the token's name, the address, their note"
     );
     assert!(
-        audit_has(r#""action":"rearm","detector":"everyone","#),
+        audit_has(r#""action":"rearm","detector":"everyone","from":"127.0.0.1:"#),
         "re-armed"
     );
-    assert!(audit_has(r#""who":"bob from 127.0.0.1:"#), "who re-armed");
+    assert!(
+        audit_has(r#""note":null,"#) && audit_has(r#""who":"bob"}"#),
+        "who re-armed"
+    );
 }
 
 /// Produces `events` ((partition or `None`, payload)) to `topic` as fast as a lingering
@@ -1474,10 +1672,33 @@ fn a_live_burst_is_decided_at_once_and_one_followed_by_silence_after_the_quiet_p
     broker.create_topic("events");
     let tmp = tempfile::tempdir().expect("tempdir");
     let pipeline = synthetic_pipeline_on(tmp.path(), "live", "decisions", "events", "quiet_after = \"6s\"");
-    let service = Service::start(&pipeline, &broker, &tmp.path().join("state"), &[]);
+    // The admin token and the signing key from the environment.
+    let keys = tmp.path().join("keys");
+    generate_key(&keys, "live-1");
+    let pem = std::fs::read_to_string(keys.join("live-1.key.pem")).expect("the key");
+    let env_token = "env-token-2c9e71b04f3a8d65";
+    let service = Service::start_with_env(
+        &pipeline,
+        &broker,
+        &tmp.path().join("state"),
+        &[],
+        &[
+            ("RAMPART_ADMIN_TOKEN", env_token),
+            ("RAMPART_SIGNING_KEY", &pem),
+            ("RAMPART_SIGNING_KEY_ID", "live-1"),
+        ],
+    );
     service.wait_for("ready", Duration::from_secs(30), |s| {
         s.get("/readyz").is_some_and(|(status, _)| status == 200)
     });
+    let (code, _) = service
+        .post("/admin/rearm?detector=nope", Some(ALICE))
+        .expect("answers");
+    assert_eq!(code, 401, "only the environment's token is valid");
+    let (code, body) = service
+        .post("/admin/rearm?detector=nope", Some(env_token))
+        .expect("answers");
+    assert_eq!(code, 404, "let in, and no such detector: {body}");
     // 250 calls of one user at the same millisecond: their rows have all their peers only
     // once a later time arrives, or the stream goes quiet.
     let burst = |user: &str, at_ms: i64| -> Vec<String> {
@@ -1526,6 +1747,19 @@ fn a_live_burst_is_decided_at_once_and_one_followed_by_silence_after_the_quiet_p
         first["evidence"]["n"], 250,
         "every peer of its millisecond counts"
     );
+    let mut verifier = rampart_enforce::signing::Verifier::new();
+    verifier
+        .trust_file("live-1", &keys.join("live-1.pub.pem"))
+        .expect("the public key");
+    for message in &got {
+        assert_eq!(message.headers["rampart.key_id"], "live-1");
+        let signature = message.headers["rampart.signature"].as_bytes();
+        assert_eq!(
+            verifier.verify(&message.payload, Some(b"live-1"), Some(signature)),
+            Ok(()),
+            "signed with the environment's key"
+        );
+    }
 
     for e in burst("burst-then-silence", 60_000) {
         produce(&kafka, "events", e.as_bytes());

@@ -1,7 +1,8 @@
 //! A tiny enforcement point: an HTTP gateway that refuses blocked actors.
 //!
 //! ```text
-//! cargo run --release --example gateway -- --brokers 127.0.0.1:9092 --topic rampart.decisions --listen 127.0.0.1:8080
+//! cargo run --release --example gateway -- --brokers 127.0.0.1:9092 --topic rampart.decisions --listen 127.0.0.1:8080 \
+//!     --trust k1=keys/k1.pub.pem
 //! curl -H 'X-Actor: arn:aws:iam::123456789012:user/mallory' http://127.0.0.1:8080/CreateAccessKey
 //! ```
 //!
@@ -9,10 +10,15 @@
 //! path. A blocked actor gets `403` with the decision's reason, guidance and expiry as JSON; an
 //! action held for review gets `202` ("accepted, pending approval") with who approves in the
 //! guidance; everyone else `200`. `/blocked` lists the actors blocked now.
+//!
+//! With `--trust ID=PUBLIC_KEY.pem` (repeat it during a key rotation), only decisions signed by
+//! those keys are enforced: a block or revocation someone else wrote onto the topic is ignored
+//! and counted (`/blocked` shows how many).
 
 use std::time::Duration;
 
 use clap::Parser;
+use rampart_enforce::signing::Verifier;
 use rampart_enforce::{Check, Config, Enforcer};
 use tiny_http::{Header, Response, Server};
 
@@ -27,15 +33,33 @@ struct Args {
     /// Address to serve on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Enforce only decisions signed by this key: `ID=PATH` of its public key (SPKI PEM), as
+    /// `rampart keys generate` writes it. Repeat it to trust several keys during a rotation.
+    #[arg(long = "trust", value_name = "ID=PATH")]
+    trust: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let verify = if args.trust.is_empty() {
+        eprintln!("gateway: no --trust key: every decision on the topic is believed");
+        None
+    } else {
+        let mut verifier = Verifier::new();
+        for trust in &args.trust {
+            let (id, path) = trust
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--trust {trust}: write ID=PATH"))?;
+            verifier.trust_file(id, path.as_ref())?;
+        }
+        Some(verifier)
+    };
     let enforcer = Enforcer::start(Config {
         brokers: args.brokers,
         topic: args.topic,
         properties: Vec::new(),
         topic_timeout: Duration::from_secs(60),
+        verify,
     })?;
     let server =
         Server::http(&args.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
@@ -45,7 +69,15 @@ fn main() -> anyhow::Result<()> {
         let url = request.url().to_string();
         let path = url.split('?').next().unwrap_or_default();
         let (status, body) = if path == "/blocked" {
-            (200, serde_json::json!({ "blocked": enforcer.blocked_actors() }))
+            let stats = enforcer.stats();
+            (
+                200,
+                serde_json::json!({
+                    "blocked": enforcer.blocked_actors(),
+                    "ignored_unsigned": stats.unsigned,
+                    "ignored_bad_signatures": stats.bad_signatures,
+                }),
+            )
         } else {
             let action = path.trim_start_matches('/');
             let actor = request

@@ -5,7 +5,8 @@
 //!
 //! What it follows is the decision contract (docs/decisions.md): a `block` refuses every action
 //! of its actor until `expires_at`; `shadow` decisions are never enforced; a decision seen
-//! twice (same `decision_id`, e.g. re-sent after a restart) is applied once.
+//! twice (same `decision_id`, e.g. re-sent after a restart) is applied once. With
+//! [`Config::verify`] set, only decisions signed by a trusted key are applied ([`signing`]).
 //!
 //! ```no_run
 //! let enforcer = rampart_enforce::Enforcer::start(rampart_enforce::Config {
@@ -19,6 +20,8 @@
 //! # Ok::<(), rampart_enforce::Error>(())
 //! ```
 
+pub mod signing;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -29,8 +32,11 @@ use chrono::{DateTime, Utc};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Deserialize;
+
+use signing::{KEY_ID_HEADER, SIGNATURE_HEADER, Unverified, Verifier};
 
 /// Why the enforcer could not start.
 #[derive(Debug)]
@@ -69,6 +75,10 @@ pub struct Config {
     pub properties: Vec<(String, String)>,
     /// How long to wait for the topic to exist at start.
     pub topic_timeout: Duration,
+    /// Verify decisions against these public keys: unsigned or badly signed ones (revocations
+    /// included) are ignored and counted. `None`: every decision on the topic is believed, so
+    /// anyone who can write to it can block or free anyone.
+    pub verify: Option<Verifier>,
 }
 
 impl Default for Config {
@@ -78,6 +88,7 @@ impl Default for Config {
             topic: "rampart.decisions".into(),
             properties: Vec::new(),
             topic_timeout: Duration::from_secs(30),
+            verify: None,
         }
     }
 }
@@ -140,6 +151,11 @@ pub struct Stats {
     pub revocations: u64,
     /// Messages that are not decisions.
     pub unreadable: u64,
+    /// Messages without a signature, ignored (verification on).
+    pub unsigned: u64,
+    /// Messages signed by a key not trusted, or whose signature does not match their bytes,
+    /// ignored (verification on).
+    pub bad_signatures: u64,
 }
 
 /// The fields of a decision the enforcer needs.
@@ -168,9 +184,34 @@ struct Blocks {
     /// Applied decision ids with their expiry (forgotten once expired).
     seen: HashMap<String, DateTime<Utc>>,
     stats: Stats,
+    /// The keys decisions must be signed with, when verification is on.
+    verify: Option<Verifier>,
 }
 
 impl Blocks {
+    /// Takes a message from the topic: its value and its signature headers' values. With
+    /// verification on, a message not signed by a trusted key is counted and ignored.
+    fn receive(
+        &mut self,
+        payload: &[u8],
+        key_id: Option<&[u8]>,
+        signature: Option<&[u8]>,
+        now: DateTime<Utc>,
+    ) {
+        if let Some(verifier) = &self.verify
+            && let Err(why) = verifier.verify(payload, key_id, signature)
+        {
+            self.stats.decisions += 1;
+            match why {
+                Unverified::Unsigned => self.stats.unsigned += 1,
+                Unverified::UnknownKey(_) | Unverified::BadSignature => self.stats.bad_signatures += 1,
+            }
+            tracing::warn!(reason = %why, "ignored a message on the decisions topic: {why}");
+            return;
+        }
+        self.apply(payload, now);
+    }
+
     fn apply(&mut self, payload: &[u8], now: DateTime<Utc>) {
         self.stats.decisions += 1;
         let Ok(d) = serde_json::from_slice::<DecisionView>(payload) else {
@@ -292,7 +333,10 @@ impl Enforcer {
             tpl.add_partition_offset(&config.topic, *p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
-        let blocks = Arc::new(RwLock::new(Blocks::default()));
+        let blocks = Arc::new(RwLock::new(Blocks {
+            verify: config.verify,
+            ..Blocks::default()
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let caught_up = Arc::new(AtomicU64::new(0));
         let thread = {
@@ -395,10 +439,17 @@ fn follow(consumer: &BaseConsumer, blocks: &RwLock<Blocks>, stop: &AtomicBool, c
             Some(Err(e)) => tracing::warn!(error = %e, "reading decisions"),
             Some(Ok(m)) => {
                 let payload = m.payload().unwrap_or_default();
-                blocks
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .apply(payload, Utc::now());
+                let header = |name: &str| {
+                    m.headers()
+                        .and_then(|h| h.iter().find(|h| h.key == name))
+                        .and_then(|h| h.value)
+                };
+                blocks.write().unwrap_or_else(|p| p.into_inner()).receive(
+                    payload,
+                    header(KEY_ID_HEADER),
+                    header(SIGNATURE_HEADER),
+                    Utc::now(),
+                );
             }
         }
         if last_prune.elapsed() > Duration::from_secs(10) {
@@ -516,5 +567,49 @@ mod tests {
         assert_eq!(b.stats.revocations, 2);
         assert_eq!(b.stats.duplicates, 1);
         assert_eq!(b.stats.reviews, 1);
+    }
+
+    #[test]
+    fn with_verification_on_only_decisions_signed_by_a_trusted_key_are_applied() {
+        use signing::Signer;
+        let now = DateTime::parse_from_rfc3339("2026-06-01T00:00:00Z")
+            .expect("valid")
+            .with_timezone(&Utc);
+        let (k1, k2) = (
+            Signer::from_seed("k1", &[1; 32]).expect("key"),
+            Signer::from_seed("k2", &[2; 32]).expect("key"),
+        );
+        let mut verifier = Verifier::new();
+        verifier
+            .trust_pem("k1", &k1.public_pem().expect("pem"))
+            .expect("trusted");
+        let mut b = Blocks {
+            verify: Some(verifier),
+            ..Blocks::default()
+        };
+        let block = decision("b", "block", "enforce", "2026-06-01T01:00:00Z");
+        // Unsigned, signed by an untrusted key, altered after signing: ignored.
+        b.receive(&block, None, None, now);
+        let by_k2 = k2.sign(&block);
+        b.receive(&block, Some(b"k2"), Some(by_k2.as_bytes()), now);
+        let by_k1 = k1.sign(&block);
+        let mut altered = block.clone();
+        let at = altered.len() - 3;
+        altered[at] = b'X';
+        b.receive(&altered, Some(b"k1"), Some(by_k1.as_bytes()), now);
+        let revoke = decision("v", "revoke", "enforce", "2026-06-01T01:00:00Z");
+        b.receive(&revoke, None, None, now);
+        assert_eq!(b.check("mallory", "X", now), Check::Allow);
+        assert_eq!((b.stats.unsigned, b.stats.bad_signatures), (2, 2));
+        assert_eq!(b.stats.decisions, 4);
+        // Signed by k1: applied; an unsigned revocation does not lift it.
+        b.receive(&block, Some(b"k1"), Some(by_k1.as_bytes()), now);
+        b.receive(&revoke, None, None, now);
+        assert!(matches!(b.check("mallory", "X", now), Check::Block(_)));
+        assert_eq!(b.stats.unsigned, 3);
+        // A signed revocation lifts it.
+        let signed = k1.sign(&revoke);
+        b.receive(&revoke, Some(b"k1"), Some(signed.as_bytes()), now);
+        assert_eq!(b.check("mallory", "X", now), Check::Allow);
     }
 }

@@ -1,7 +1,8 @@
 //! The service's HTTP endpoint: `/metrics` (Prometheus / OpenMetrics text), `/healthz` (the
 //! processing loop is alive), `/readyz` (consuming, and the broker acknowledges decisions),
 //! and the operator's `POST /admin/revoke`, `/admin/rearm` and `/admin/reload`, which the
-//! processing loop carries out between two micro-batches.
+//! processing loop carries out between two micro-batches. Admin commands need a bearer token
+//! ([`crate::auth`]); the other paths are open and show nothing secret.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +13,8 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tiny_http::{Header, Response, Server};
 
-use crate::metrics::{Health, Metrics, now_ms};
+use crate::auth::{Access, Tokens};
+use crate::metrics::{Health, Metrics, RefusalLabels, now_ms};
 
 /// The processing loop counts as dead when it has not gone round for this long.
 const STALL_MS: i64 = 30_000;
@@ -38,13 +40,34 @@ pub enum AdminCommand {
     Reload,
 }
 
+/// Who sent an admin command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    /// The name of the token they presented.
+    pub name: String,
+    /// The client's address.
+    pub from: String,
+    /// What they wrote in `by=` (their own words: a note, not an identity).
+    pub note: Option<String>,
+}
+
+impl std::fmt::Display for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} from {}", self.name, self.from)?;
+        match &self.note {
+            Some(note) => write!(f, " (by={note})"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A command with who sent it and where the answer goes.
 #[derive(Debug)]
 pub struct AdminRequest {
     /// The command.
     pub command: AdminCommand,
-    /// Who: the `by` parameter (default `admin`) and the client's address.
-    pub who: String,
+    /// Who sent it.
+    pub operator: Operator,
     /// The HTTP status and body to answer with.
     pub reply: mpsc::Sender<(u16, String)>,
 }
@@ -58,12 +81,14 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Serves `metrics` and `health` on `listen` (e.g. `127.0.0.1:9464`).
+    /// Serves `metrics` and `health` on `listen` (e.g. `127.0.0.1:9464`), and admin commands
+    /// to the holders of `tokens`.
     pub fn start(
         listen: &str,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         admin: mpsc::Sender<AdminRequest>,
+        tokens: Tokens,
     ) -> Result<Self, String> {
         let server = Server::http(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let address = server
@@ -75,7 +100,7 @@ impl Endpoint {
         let serving = Arc::clone(&server);
         let thread = std::thread::Builder::new()
             .name("rampart-http".into())
-            .spawn(move || serve(&serving, &registry, &metrics, &health, &admin))
+            .spawn(move || serve(&serving, &registry, &metrics, &health, &admin, &tokens))
             .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
         Ok(Self {
             server,
@@ -100,6 +125,7 @@ fn serve(
     metrics: &Metrics,
     health: &Health,
     admin: &mpsc::Sender<AdminRequest>,
+    tokens: &Tokens,
 ) {
     const PLAIN: &str = "text/plain; charset=utf-8";
     for request in server.incoming_requests() {
@@ -109,13 +135,20 @@ fn serve(
         };
         let (status, content_type, body) = match path.as_str() {
             p if p.starts_with("/admin/") => {
-                let (status, body) = if *request.method() == tiny_http::Method::Post {
-                    let from = request
-                        .remote_addr()
-                        .map_or_else(|| "unknown".to_string(), ToString::to_string);
-                    handle_admin(p, &query, &from, admin)
-                } else {
-                    (405, "admin commands are POST requests\n".to_string())
+                let from = request
+                    .remote_addr()
+                    .map_or_else(|| "unknown".to_string(), ToString::to_string);
+                let authorization = request
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv("Authorization"))
+                    .map(|h| h.value.as_str());
+                let (status, body) = match tokens.check(authorization) {
+                    Access::Granted(name) if *request.method() == tiny_http::Method::Post => {
+                        handle_admin(p, &query, name, from, admin)
+                    }
+                    Access::Granted(_) => (405, "admin commands are POST requests\n".to_string()),
+                    refused => refuse(&refused, p, &from, metrics),
                 };
                 (status, PLAIN, body)
             }
@@ -154,17 +187,49 @@ fn serve(
             ),
         };
         let header = Header::from_bytes("Content-Type", content_type).expect("a valid header");
-        let response = Response::from_string(body)
+        let mut response = Response::from_string(body)
             .with_status_code(status)
             .with_header(header);
+        if status == 401 {
+            response.add_header(
+                Header::from_bytes("WWW-Authenticate", "Bearer realm=\"rampart\"").expect("a valid header"),
+            );
+        }
         if let Err(e) = request.respond(response) {
             tracing::debug!(error = %e, "HTTP client went away");
         }
     }
 }
 
+/// The answer to an admin request without a valid token: 403 when admin commands are off, 401
+/// with no detail otherwise. Counted and logged with the client's address.
+fn refuse(access: &Access, path: &str, from: &str, metrics: &Metrics) -> (u16, String) {
+    metrics
+        .admin_refused
+        .get_or_create(&RefusalLabels {
+            reason: access.reason(),
+        })
+        .inc();
+    tracing::warn!(%from, %path, reason = access.reason(), "admin request refused");
+    match access {
+        Access::Disabled => (
+            403,
+            "admin commands are off: no admin token is configured (RAMPART_ADMIN_TOKEN, or \
+             [service] admin_tokens in pipeline.toml)\n"
+                .into(),
+        ),
+        _ => (401, "unauthorized\n".into()),
+    }
+}
+
 /// Parses an admin command, hands it to the processing loop and waits for its answer.
-fn handle_admin(path: &str, query: &str, from: &str, admin: &mpsc::Sender<AdminRequest>) -> (u16, String) {
+fn handle_admin(
+    path: &str,
+    query: &str,
+    name: String,
+    from: String,
+    admin: &mpsc::Sender<AdminRequest>,
+) -> (u16, String) {
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     let param = |name: &str| {
         params
@@ -199,9 +264,20 @@ fn handle_admin(path: &str, query: &str, from: &str, admin: &mpsc::Sender<AdminR
             );
         }
     };
-    let who = format!("{} from {from}", param("by").unwrap_or_else(|| "admin".into()));
+    let operator = Operator {
+        name,
+        from,
+        note: param("by"),
+    };
     let (reply, answer) = mpsc::channel();
-    if admin.send(AdminRequest { command, who, reply }).is_err() {
+    if admin
+        .send(AdminRequest {
+            command,
+            operator,
+            reply,
+        })
+        .is_err()
+    {
         return (503, "the processing loop has stopped\n".into());
     }
     answer

@@ -7,6 +7,7 @@
 //! checkpoint every `[service] checkpoint_interval` on a thread of its own. The HTTP endpoint
 //! ([`http`]: metrics, health, operators' commands) and librdkafka's threads are the others.
 
+pub mod auth;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
@@ -85,7 +86,8 @@ impl ServiceError {
 pub struct RunOptions {
     /// The HTTP endpoint's address, instead of `[service] listen`.
     pub listen: Option<String>,
-    /// Environment variables (`RAMPART_KAFKA_*` are read).
+    /// Environment variables (`RAMPART_KAFKA_*`, `RAMPART_ADMIN_TOKEN`, `RAMPART_SIGNING_KEY`
+    /// and `RAMPART_SIGNING_KEY_ID` are read).
     pub env: Vec<(String, String)>,
     /// Signals received: 1 = finish the batch in flight, checkpoint and stop; 2 = stop even
     /// while waiting for the broker.

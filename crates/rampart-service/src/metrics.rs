@@ -51,6 +51,14 @@ pub struct FailureLabels {
     pub fault: &'static str,
 }
 
+/// Labels of refused admin requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `missing` (no bearer token), `wrong` (not a valid one) or `disabled` (no token is
+    /// configured).
+    pub reason: &'static str,
+}
+
 /// The quantiles exported for each latency histogram.
 const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
 
@@ -112,6 +120,8 @@ pub struct Metrics {
     pub fail_safe: Family<DetectorLabels, Gauge>,
     /// Entries in the audit log.
     pub audit_entries: Gauge,
+    /// Admin requests refused for want of a valid token.
+    pub admin_refused: Family<RefusalLabels, Counter>,
     /// Events per micro-batch.
     pub batch_events: Buckets,
     /// Checkpoints written (window state and offsets together).
@@ -162,6 +172,7 @@ impl Default for Metrics {
             suppressed: Family::default(),
             fail_safe: Family::default(),
             audit_entries: Gauge::default(),
+            admin_refused: Family::default(),
             batch_events: Buckets::new(exponential_buckets(1.0, 4.0, 8)),
             checkpoints: Counter::default(),
             consumer_lag: Family::default(),
@@ -232,6 +243,11 @@ impl Metrics {
             "audit_entries",
             "Entries in the hash-chained audit log",
             self.audit_entries.clone(),
+        );
+        r.register(
+            "admin_refused",
+            "Admin requests refused: no bearer token (missing), not a valid one (wrong), or no token configured (disabled)",
+            self.admin_refused.clone(),
         );
     }
 

@@ -31,7 +31,12 @@ impl Service<'_> {
     pub(super) fn take_admin(&mut self) -> Result<Option<Reload>, ServiceError> {
         let mut reload = None;
         while let Ok(request) = self.admin.try_recv() {
-            let AdminRequest { command, who, reply } = request;
+            let AdminRequest {
+                command,
+                operator,
+                reply,
+            } = request;
+            let who = operator.to_string();
             let answer = match command {
                 AdminCommand::Revoke {
                     actor,
@@ -45,8 +50,9 @@ impl Service<'_> {
                         self.audit_entry(
                             audit::Kind::Admin,
                             &serde_json::json!({
-                                "action": "revoke", "who": who, "actor": actor,
-                                "detector": detector, "reason": reason,
+                                "action": "revoke", "who": operator.name, "from": operator.from,
+                                "note": operator.note, "actor": actor, "detector": detector,
+                                "reason": reason,
                             }),
                         )?;
                         self.publish_decision(&decision)?;
@@ -60,7 +66,8 @@ impl Service<'_> {
                         self.audit_entry(
                             audit::Kind::Admin,
                             &serde_json::json!({
-                                "action": "rearm", "who": who, "detector": detector,
+                                "action": "rearm", "who": operator.name, "from": operator.from,
+                                "note": operator.note, "detector": detector,
                                 "tripped_at": trip.at, "trip_reason": trip.reason,
                             }),
                         )?;

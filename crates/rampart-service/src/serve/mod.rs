@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use std::sync::Mutex;
 
 use rampart_core::parse_kafka_source;
+use rampart_enforce::signing::Signer;
 use rampart_engine::guardrails::audit::{self, AuditLog};
 use rampart_engine::pipeline::config::KafkaConfig;
 use rampart_engine::pipeline::tables::TableSource;
@@ -25,6 +26,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{Producer, ThreadedProducer};
 
+use crate::auth::Tokens;
 use crate::http::{self, AdminRequest};
 use crate::kafka::{self, ConsumerCallbacks, ProducerCallbacks, StoredOffsets};
 use crate::metrics::{Health, Metrics};
@@ -57,9 +59,38 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         .listen
         .as_deref()
         .unwrap_or(&pipeline.config.service.listen);
+    let env = |name: &str| {
+        options
+            .env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let tokens = Tokens::load(
+        env("RAMPART_ADMIN_TOKEN"),
+        pipeline.config.service.admin_tokens.as_deref(),
+    )
+    .map_err(ServiceError::Config)?;
+    if !tokens.configured() {
+        tracing::warn!(
+            "admin commands are off: no admin token is configured (RAMPART_ADMIN_TOKEN, or [service] \
+             admin_tokens in pipeline.toml); /admin/* answers 403"
+        );
+    }
+    let signer = signer(
+        &pipeline,
+        env("RAMPART_SIGNING_KEY"),
+        env("RAMPART_SIGNING_KEY_ID"),
+    )?;
     let (admin_sender, admin) = mpsc::channel();
-    let endpoint = http::Endpoint::start(listen, Arc::clone(&metrics), Arc::clone(&health), admin_sender)
-        .map_err(ServiceError::Http)?;
+    let endpoint = http::Endpoint::start(
+        listen,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+        admin_sender,
+        tokens,
+    )
+    .map_err(ServiceError::Http)?;
     tracing::info!(address = %endpoint.address, "serving /metrics, /healthz and /readyz");
 
     let (consumer_config, producer_config) = kafka::client_configs(&kafka, &options.env);
@@ -117,6 +148,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         topics: BTreeMap::new(),
         decoder,
         warned_detectors: Vec::new(),
+        signer,
         tripped: false,
         admin,
         audit,
@@ -183,6 +215,37 @@ fn stored_offsets(stored: &BTreeMap<String, i64>) -> StoredOffsets {
     Arc::new(Mutex::new(offsets))
 }
 
+/// The key that signs published decisions: `RAMPART_SIGNING_KEY` (PKCS#8 PEM text, with
+/// `RAMPART_SIGNING_KEY_ID`), else `[service] signing_key`; `None` (with a warning) if neither.
+fn signer(pipeline: &Pipeline, pem: Option<&str>, id: Option<&str>) -> Result<Option<Signer>, ServiceError> {
+    let signer = match (
+        pem.filter(|p| !p.trim().is_empty()),
+        &pipeline.config.service.signing_key,
+    ) {
+        (Some(pem), _) => {
+            let id = id.ok_or_else(|| {
+                ServiceError::Config(
+                    "RAMPART_SIGNING_KEY needs RAMPART_SIGNING_KEY_ID: the id published with each signature"
+                        .into(),
+                )
+            })?;
+            Signer::from_pem(id, pem)
+                .map_err(|e| ServiceError::Config(format!("RAMPART_SIGNING_KEY: {e}")))?
+        }
+        (None, Some((id, path))) => Signer::read(id, path)
+            .map_err(|e| ServiceError::Config(format!("[service] signing_key in pipeline.toml: {e}")))?,
+        (None, None) => {
+            tracing::warn!(
+                "decisions are not signed: enforcement points cannot tell them from decisions anyone \
+                 with write access to the topic forges (set [service] signing_key or RAMPART_SIGNING_KEY)"
+            );
+            return Ok(None);
+        }
+    };
+    tracing::info!(key_id = signer.id(), "signing decisions");
+    Ok(Some(signer))
+}
+
 /// The audit log, if the pipeline has one, with a start entry recording the rules.
 fn open_audit(pipeline: &Pipeline, metrics: &Metrics) -> Result<Option<AuditLog>, ServiceError> {
     let Some(path) = &pipeline.config.audit_path else {
@@ -224,6 +287,8 @@ struct Service<'a> {
     admin: mpsc::Receiver<AdminRequest>,
     /// The hash-chained audit log, if configured.
     audit: Option<AuditLog>,
+    /// Signs every decision published, if a key is configured.
+    signer: Option<Signer>,
     /// Raised to reload the pipeline (SIGHUP).
     reload: Arc<AtomicBool>,
     /// The pipeline directory as last loaded, and when it was last looked at (`None`: no

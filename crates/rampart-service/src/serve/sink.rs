@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rampart_core::{Decision, Mode};
+use rampart_enforce::signing::{KEY_ID_HEADER, SIGNATURE_HEADER};
 use rampart_engine::guardrails::audit;
 use rampart_engine::pipeline::{DetectorFailure, Output};
 use rampart_engine::{DeadLetter, DeadLetterKind};
@@ -26,10 +27,22 @@ impl Service<'_> {
             Mode::Enforce => &self.kafka.decisions_topic,
             Mode::Shadow => &self.kafka.shadow_topic,
         };
-        let headers = OwnedHeaders::new().insert(Header {
+        let mut headers = OwnedHeaders::new().insert(Header {
             key: "rampart.mode",
             value: Some(decision.mode.to_string().as_str()),
         });
+        if let Some(signer) = &self.signer {
+            // The exact bytes published are signed (see rampart_enforce::signing).
+            headers = headers
+                .insert(Header {
+                    key: KEY_ID_HEADER,
+                    value: Some(signer.id()),
+                })
+                .insert(Header {
+                    key: SIGNATURE_HEADER,
+                    value: Some(signer.sign(&payload).as_str()),
+                });
+        }
         let record = BaseRecord::with_opaque_to(topic, 0)
             .key(decision.actor.as_bytes())
             .payload(payload.as_slice())

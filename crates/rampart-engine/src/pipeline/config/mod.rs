@@ -124,6 +124,11 @@ pub struct ServiceConfig {
     pub quiet_after: Duration,
     /// A partition ahead of the watermark by more than this (event time) is paused.
     pub max_partition_skew: Duration,
+    /// The file of operators' admin tokens, if any (`RAMPART_ADMIN_TOKEN` adds one).
+    pub admin_tokens: Option<PathBuf>,
+    /// The key that signs published decisions, with its id, if any (`RAMPART_SIGNING_KEY`
+    /// overrides it).
+    pub signing_key: Option<(String, PathBuf)>,
 }
 
 /// A validated pipeline configuration.
@@ -191,7 +196,7 @@ impl PipelineConfig {
         let (format, max_record_bytes, batch_size) = sections::source(&mut c, &raw.source);
         let (default_block_for, dedup_for, blast_radius) = sections::decisions(&mut c, &raw.decisions);
         let (state_dir, allowed_lateness, state_cache_bytes) = sections::state(&mut c, &raw.state, base);
-        let service = sections::service(&mut c, &raw.service);
+        let service = sections::service(&mut c, &raw.service, base);
         let kafka = raw.kafka.map(|k| sections::kafka(&mut c, k, &raw.name));
         let topic_tables = sections::topic_tables(&mut c, &raw.tables);
         let audit_path = sections::audit(&raw.audit, base);

@@ -164,6 +164,14 @@ pub(super) struct RawService {
     /// An input partition whose event time runs ahead of the watermark by more than this is
     /// paused until the others catch up.
     pub max_partition_skew: Option<Text>,
+    /// A file of operators' admin tokens, one `NAME TOKEN` per line (relative to the pipeline
+    /// directory); re-read when it changes.
+    pub admin_tokens: Option<Spanned<PathBuf>>,
+    /// The private key (PKCS#8 PEM) that signs published decisions (relative to the pipeline
+    /// directory).
+    pub signing_key: Option<Spanned<PathBuf>>,
+    /// The id published with each signature; by default the key file's name up to its first dot.
+    pub signing_key_id: Option<Spanned<String>>,
 }
 
 /// `[audit]`.

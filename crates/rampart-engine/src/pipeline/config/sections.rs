@@ -268,7 +268,25 @@ pub(super) fn state(c: &mut Checker<'_>, s: &RawState, base: &Path) -> (PathBuf,
 }
 
 /// `[service]`.
-pub(super) fn service(c: &mut Checker<'_>, s: &RawService) -> ServiceConfig {
+pub(super) fn service(c: &mut Checker<'_>, s: &RawService, base: &Path) -> ServiceConfig {
+    let signing_key = s.signing_key.as_ref().map(|key| {
+        let path = key.get_ref();
+        let id = match &s.signing_key_id {
+            Some(id) => id.get_ref().clone(),
+            None => path
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .and_then(|n| n.split('.').next().map(str::to_string))
+                .unwrap_or_default(),
+        };
+        (id, base.join(path))
+    });
+    if let (None, Some(id)) = (&s.signing_key, &s.signing_key_id) {
+        c.problem(
+            id.span(),
+            "`service.signing_key_id` without `service.signing_key`",
+        );
+    }
     ServiceConfig {
         listen: s.listen.clone().unwrap_or_else(|| defaults::LISTEN.into()),
         checkpoint_interval: c.duration(
@@ -287,6 +305,8 @@ pub(super) fn service(c: &mut Checker<'_>, s: &RawService) -> ServiceConfig {
             s.max_partition_skew.as_ref(),
             defaults::MAX_PARTITION_SKEW,
         ),
+        admin_tokens: s.admin_tokens.as_ref().map(|p| base.join(p.get_ref())),
+        signing_key,
     }
 }
 
