@@ -102,6 +102,11 @@ fn arrow_fault(error: &ArrowError) -> Fault {
 /// Whose a DataFusion error met while running an accepted plan is. Planning errors at run
 /// time are Rampart's: the plan was checked when the detector loaded.
 fn datafusion_fault(error: &DataFusionError) -> Fault {
+    // DataFusion reports a pattern that does not compile (one read from the events or a
+    // table: literal ones are refused at load) as an internal error, by its text only.
+    if error.to_string().contains("Regular expression did not compile") {
+        return Fault::Input;
+    }
     match error.find_root() {
         DataFusionError::ArrowError(arrow, _) => arrow_fault(arrow),
         DataFusionError::Execution(_) | DataFusionError::SQL(..) => Fault::Input,
@@ -170,6 +175,16 @@ mod tests {
         );
         let internal: Error = DataFusionError::Internal("unexpected plan".into()).into();
         assert_eq!(internal.fault(), Fault::Bug);
+        let pattern: Error = DataFusionError::Internal(
+            "failed to call 'regex_match_dyn' Compute error: Regular expression did not compile: CompiledTooBig(10485760)"
+                .into(),
+        )
+        .into();
+        assert_eq!(
+            pattern.fault(),
+            Fault::Input,
+            "a pattern from the data is the user's"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The detector sandbox: a detector is exactly one read-only query. Everything else (DDL, DML,
 //! COPY, external tables, SET, several statements, table functions) is refused with the line
-//! and the reason, before anything is planned.
+//! and the reason, before anything is planned. Once planned, the regular expressions it writes
+//! must compile ([`regexes_compile`]).
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -9,6 +10,9 @@ use std::path::Path;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{Spanned, Statement, TableFactor, Visit, Visitor};
 
+use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::logical_expr::{Expr, LogicalPlan, Operator};
 use rampart_core::Problem;
 
 /// Checks the parsed statements of a detector file and returns the single query.
@@ -147,5 +151,80 @@ impl Visitor for Forbidden {
             return ControlFlow::Break("SELECT ... INTO (creating a table)".into());
         }
         ControlFlow::Continue(())
+    }
+}
+
+/// The regular expressions a detector writes as literals compile as the query engine will
+/// compile them: Rust's `regex`, whose matching takes linear time (no backtracking) and which
+/// refuses patterns whose compiled form exceeds its size limit (10 MiB). Checked at load, so a
+/// pattern that cannot run is refused with its reason instead of failing on every batch.
+pub fn regexes_compile(plan: &LogicalPlan) -> Result<(), String> {
+    let mut refused = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let Some((pattern, flags)) = literal_regex(e)
+                    && let Err(why) = compile_like_the_engine(pattern, flags)
+                {
+                    refused = Some(why);
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    refused.map_or(Ok(()), Err)
+}
+
+fn compile_like_the_engine(pattern: &str, flags: Option<&str>) -> Result<(), String> {
+    let full = match flags {
+        Some(flags) if !flags.is_empty() => format!("(?{flags}){pattern}"),
+        _ => pattern.to_string(),
+    };
+    regex::Regex::new(&full).map(|_| ()).map_err(|e| {
+        let shown: String = pattern.chars().take(80).collect();
+        let more = if pattern.chars().count() > 80 { "…" } else { "" };
+        match e {
+            regex::Error::CompiledTooBig(limit) => format!(
+                "the regular expression `{shown}{more}` compiles to more than {limit} bytes; \
+                 write a smaller pattern (repetition counts multiply)"
+            ),
+            other => format!("the regular expression `{shown}{more}` does not compile: {other}"),
+        }
+    })
+}
+
+/// The text of a string literal.
+fn text(e: Option<&Expr>) -> Option<&str> {
+    match e? {
+        Expr::Literal(
+            ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)),
+            _,
+        ) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// A regex-taking call with a literal pattern: the pattern and its literal flags, if any.
+fn literal_regex(e: &Expr) -> Option<(&str, Option<&str>)> {
+    match e {
+        Expr::ScalarFunction(f) => {
+            // regexp_like/match(s, pattern, flags), regexp_replace(s, pattern, replacement,
+            // flags), regexp_count(s, pattern, start, flags), regexp_instr(s, pattern, start,
+            // n, flags, ...).
+            let flags_at = match f.name() {
+                "regexp_like" | "regexp_match" => 2,
+                "regexp_replace" | "regexp_count" => 3,
+                "regexp_instr" => 4,
+                _ => return None,
+            };
+            Some((text(f.args.get(1))?, text(f.args.get(flags_at))))
+        }
+        Expr::BinaryExpr(b) => match b.op {
+            Operator::RegexMatch | Operator::RegexNotMatch => Some((text(Some(&b.right))?, None)),
+            Operator::RegexIMatch | Operator::RegexNotIMatch => Some((text(Some(&b.right))?, Some("i"))),
+            _ => None,
+        },
+        _ => None,
     }
 }

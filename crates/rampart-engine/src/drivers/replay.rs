@@ -212,7 +212,7 @@ pub fn replay_with(
             scope,
             "rampart-frame".into(),
             move || -> Result<(), ReplayError> {
-                let mut decoder = pipeline.decoder().chunking(pipeline.config.batch_size);
+                let mut decoder = pipeline.decoder().chunking(pipeline.config.input.batch_size);
                 let mut seq = 0;
                 let mut send = |d: Framed| {
                     // Receivers only hang up when output failed; that error is reported there.

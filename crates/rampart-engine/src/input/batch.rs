@@ -183,6 +183,11 @@ impl BatchBuilder {
         self.positions.len()
     }
 
+    /// Bytes of raw records held (most of a batch's memory).
+    pub(crate) fn bytes(&self) -> usize {
+        self.raw.values_slice().len()
+    }
+
     pub(crate) fn push(&mut self, event: MappedEvent, raw: &str, position: SourcePosition) {
         self.time.append_value(event.event_time);
         self.actor.append_value(&event.actor);

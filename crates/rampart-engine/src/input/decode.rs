@@ -2,9 +2,11 @@
 //! CloudTrail files (`{"Records": [...]}`), each optionally gzip-compressed. A record that
 //! cannot be decoded or mapped becomes a [`DeadLetter`] with its position; decoding carries on.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use flate2::read::MultiGzDecoder;
@@ -16,10 +18,14 @@ use rampart_core::{EventSchema, SourcePosition};
 use crate::input::batch::BatchBuilder;
 pub use crate::input::batch::{DeadLetter, DeadLetterKind, EventBatch};
 use crate::input::mapping::{Extractor, Mapping};
-use crate::pipeline::config::InputFormat;
+use crate::pipeline::config::{InputFormat, InputLimits};
 
 /// The input name that means standard input.
 pub const STDIN: &str = "-";
+
+/// Gzip input is checked against `source.max_gzip_ratio` once it has expanded to this many
+/// bytes (small files may compress very well and harmlessly).
+pub const GZIP_RATIO_FROM: u64 = 64 << 20;
 
 /// Raw JSON lines cut from an input, for decoding on another thread
 /// ([`Decoder::decode_chunk`]).
@@ -61,33 +67,32 @@ pub struct Decoder {
     chunk_lines: Option<usize>,
     extractor: Extractor,
     format: InputFormat,
-    max_record_bytes: usize,
-    batch_size: usize,
+    limits: InputLimits,
     builder: BatchBuilder,
 }
 
 impl Decoder {
-    /// A decoder for a pipeline's mapping and schema.
-    pub fn new(
-        mapping: Mapping,
-        schema: EventSchema,
-        format: InputFormat,
-        max_record_bytes: usize,
-        batch_size: usize,
-    ) -> Self {
+    /// A decoder for a pipeline's mapping and schema, within `limits`.
+    pub fn new(mapping: Mapping, schema: EventSchema, format: InputFormat, limits: InputLimits) -> Self {
         Self {
             chunk_lines: None,
-            builder: BatchBuilder::new(schema, batch_size),
+            builder: BatchBuilder::new(schema, limits.batch_size),
             extractor: Extractor::new(mapping),
             format,
-            max_record_bytes,
-            batch_size,
+            limits,
         }
     }
 
-    /// Makes this decoder frame JSON lines into [`Framed::Lines`] chunks of `lines` lines
-    /// (other formats still decode here), so that several threads can decode them. With
-    /// `lines` = the batch size, each chunk decodes into one full batch.
+    /// The longest line kept whole: a record at the size limit and its line ending. Longer
+    /// lines are refused without being held.
+    fn line_cap(&self) -> usize {
+        self.limits.max_record_bytes.saturating_add(2)
+    }
+
+    /// Makes this decoder frame JSON lines into [`Framed::Lines`] chunks of `lines` lines, or
+    /// fewer once they take `source.max_batch_bytes` (other formats still decode here), so that
+    /// several threads can decode them. With `lines` = the batch size, each chunk decodes into
+    /// one batch.
     pub fn chunking(mut self, lines: usize) -> Self {
         self.chunk_lines = Some(lines.max(1));
         self
@@ -154,12 +159,30 @@ impl Decoder {
         emit: &mut dyn FnMut(Framed),
     ) -> io::Result<()> {
         let gzip = input.fill_buf()?.starts_with(&[0x1f, 0x8b]);
-        let reader: Box<dyn BufRead> = if gzip {
-            Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(input)))
-        } else {
-            Box::new(input)
-        };
-        self.decode_reader(name, reader, emit)
+        if !gzip {
+            return self.decode_reader(Arc::clone(&name), Box::new(input), emit);
+        }
+        let refused = Rc::new(Cell::new(None));
+        let guard = GzipGuard::new(input, self.limits.max_gzip_ratio, Rc::clone(&refused));
+        self.decode_reader(
+            Arc::clone(&name),
+            Box::new(BufReader::with_capacity(1 << 16, guard)),
+            emit,
+        )?;
+        if let Some(bomb) = refused.get() {
+            let Bomb {
+                expanded,
+                compressed,
+                line,
+            } = bomb;
+            let error = format!(
+                "gzip input expanded {expanded} bytes from {compressed} compressed, more than {} times \
+                 (source.max_gzip_ratio): refused as a decompression bomb from here on",
+                self.limits.max_gzip_ratio
+            );
+            self.dead(&mut |d| emit(Framed::Decoded(d)), &name, line, error, "");
+        }
+        Ok(())
     }
 
     /// [`Self::frame_file`] of text held in memory, named `name` in positions.
@@ -182,10 +205,12 @@ impl Decoder {
     ) -> io::Result<()> {
         let mut first = Vec::new();
         let mut line_no = 1;
-        // Skip leading blank lines, keeping count, to look at the first real line.
+        // Skip leading blank lines, keeping count, to look at the first real line (which may
+        // be a whole document: CloudTrail files are one line).
+        let document_cap = self.limits.max_document_bytes.saturating_add(1);
         loop {
             first.clear();
-            if reader.read_until(b'\n', &mut first)? == 0 {
+            if read_line_capped(&mut reader, &mut first, document_cap)?.bytes == 0 {
                 return Ok(());
             }
             if first.iter().any(|b| !b.is_ascii_whitespace()) {
@@ -207,8 +232,25 @@ impl Decoder {
             return self.decode_lines(&name, first, line_no, reader, emit);
         }
         let mut bytes = first;
-        reader.read_to_end(&mut bytes)?;
+        let room = document_cap.saturating_sub(bytes.len()) as u64;
+        reader.take(room).read_to_end(&mut bytes)?;
         emit(Framed::Progress(bytes.len() as u64));
+        if bytes.len() > self.limits.max_document_bytes {
+            let error = format!(
+                "the file is one JSON document of more than {} bytes (source.max_document_bytes): \
+                 refused; split it, or write it as JSON lines",
+                self.limits.max_document_bytes
+            );
+            let start = &bytes[..bytes.len().min(self.limits.max_record_bytes)];
+            self.dead(
+                &mut |d| emit(Framed::Decoded(d)),
+                &name,
+                line_no,
+                error,
+                &String::from_utf8_lossy(start),
+            );
+            return Ok(());
+        }
         let Ok(text) = std::str::from_utf8(&bytes) else {
             self.dead(
                 &mut |d| emit(Framed::Decoded(d)),
@@ -268,65 +310,139 @@ impl Decoder {
         &mut self,
         name: &Arc<str>,
         first: Vec<u8>,
+        line_no: u64,
+        reader: Box<dyn BufRead + '_>,
+        emit: &mut dyn FnMut(Framed),
+    ) -> io::Result<()> {
+        match self.chunk_lines {
+            Some(lines) => self.chunk_lines_of(name, first, line_no, reader, lines, emit),
+            None => self.decode_lines_here(name, first, line_no, reader, emit),
+        }
+    }
+
+    /// Copies the input block-wise (not line by line) and cuts it after every `lines`-th
+    /// newline, or sooner once a chunk takes `source.max_batch_bytes`; the decoding threads
+    /// split the lines. A line longer than any record may be is refused here, without being
+    /// held whole.
+    fn chunk_lines_of(
+        &mut self,
+        name: &Arc<str>,
+        first: Vec<u8>,
+        line_no: u64,
+        mut reader: Box<dyn BufRead + '_>,
+        lines: usize,
+        emit: &mut dyn FnMut(Framed),
+    ) -> io::Result<()> {
+        let (cap, max_chunk) = (self.line_cap(), self.limits.max_batch_bytes);
+        let mut data = first;
+        let mut first_line = line_no;
+        // Where scanning for newlines resumes, newlines counted since the last cut, where the
+        // current (unfinished) line starts.
+        let (mut scanned, mut newlines, mut line_start) = (0, 0, 0);
+        loop {
+            let mut cut = None;
+            for at in memchr::memchr_iter(b'\n', &data[scanned..]) {
+                newlines += 1;
+                line_start = scanned + at + 1;
+                if newlines == lines || line_start >= max_chunk {
+                    cut = Some(line_start);
+                    break;
+                }
+            }
+            if let Some(cut) = cut {
+                let rest = data.split_off(cut);
+                let chunk = std::mem::replace(&mut data, rest);
+                self.emit_chunk(emit, name, first_line, chunk);
+                first_line += newlines as u64;
+                (scanned, newlines, line_start) = (0, 0, 0);
+                continue;
+            }
+            scanned = data.len();
+            if data.len() - line_start > cap {
+                // The complete lines before it go on; the long line becomes a dead letter.
+                let long = data.split_off(line_start);
+                if !data.is_empty() {
+                    self.emit_chunk(emit, name, first_line, std::mem::take(&mut data));
+                    first_line += newlines as u64;
+                }
+                let (kept, taken) = skip_line(long, cap, &mut reader)?;
+                emit(Framed::Progress(taken.bytes as u64));
+                let length = taken.record_length(&kept);
+                self.refuse_long_line(&mut |d| emit(Framed::Decoded(d)), name, first_line, &kept, length);
+                first_line += 1;
+                (scanned, newlines, line_start) = (0, 0, 0);
+                continue;
+            }
+            let read = {
+                let buf = reader.fill_buf()?;
+                data.extend_from_slice(buf);
+                buf.len()
+            };
+            reader.consume(read);
+            if read == 0 {
+                if !data.is_empty() {
+                    self.emit_chunk(emit, name, first_line, data);
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Decodes JSON lines here, one at a time; a line longer than any record may be is
+    /// refused without being held whole.
+    fn decode_lines_here(
+        &mut self,
+        name: &Arc<str>,
+        first: Vec<u8>,
         mut line_no: u64,
         mut reader: Box<dyn BufRead + '_>,
         emit: &mut dyn FnMut(Framed),
     ) -> io::Result<()> {
-        if let Some(lines) = self.chunk_lines {
-            // Copy the input block-wise (not line by line) and cut after every `lines`-th
-            // newline; the decoding threads split the lines.
-            let mut data = first;
-            let mut first_line = line_no;
-            let (mut scanned, mut newlines) = (0, 0);
-            loop {
-                let mut cut = None;
-                for at in memchr::memchr_iter(b'\n', &data[scanned..]) {
-                    newlines += 1;
-                    if newlines == lines {
-                        cut = Some(scanned + at + 1);
-                        break;
-                    }
-                }
-                if let Some(cut) = cut {
-                    let rest = data.split_off(cut);
-                    let chunk = std::mem::replace(&mut data, rest);
-                    self.emit_chunk(emit, name, first_line, chunk);
-                    first_line += lines as u64;
-                    (scanned, newlines) = (0, 0);
-                    continue;
-                }
-                scanned = data.len();
-                let read = {
-                    let buf = reader.fill_buf()?;
-                    data.extend_from_slice(buf);
-                    buf.len()
-                };
-                reader.consume(read);
-                if read == 0 {
-                    if !data.is_empty() {
-                        self.emit_chunk(emit, name, first_line, data);
-                    }
-                    return Ok(());
-                }
-            }
-        }
+        let cap = self.line_cap();
         let mut buf = first;
+        let mut taken = Taken {
+            bytes: buf.len(),
+            ended: buf.ends_with(b"\n"),
+        };
         let mut pending = 0u64;
         loop {
-            pending += buf.len() as u64;
-            self.line(&mut |d| emit(Framed::Decoded(d)), name, line_no, &buf);
+            pending += taken.bytes as u64;
+            if taken.bytes > buf.len() || buf.len() > cap {
+                let record = taken.record_length(&buf);
+                self.refuse_long_line(&mut |d| emit(Framed::Decoded(d)), name, line_no, &buf, record);
+            } else {
+                self.line(&mut |d| emit(Framed::Decoded(d)), name, line_no, &buf);
+            }
             if pending >= 1 << 20 {
                 emit(Framed::Progress(pending));
                 pending = 0;
             }
             buf.clear();
-            if reader.read_until(b'\n', &mut buf)? == 0 {
+            taken = read_line_capped(&mut reader, &mut buf, cap)?;
+            if taken.bytes == 0 {
                 break;
             }
             line_no += 1;
         }
         emit(Framed::Progress(pending));
         Ok(())
+    }
+
+    /// The dead letter of a record of `length` bytes (its line ending left out) of which
+    /// `kept` were kept: over `source.max_record_bytes`.
+    fn refuse_long_line(
+        &self,
+        emit: &mut dyn FnMut(Decoded),
+        name: &Arc<str>,
+        line: u64,
+        kept: &[u8],
+        length: usize,
+    ) {
+        let error = format!(
+            "the record is {length} bytes, over the limit of {} (source.max_record_bytes)",
+            self.limits.max_record_bytes
+        );
+        self.dead(emit, name, line, error, &String::from_utf8_lossy(trim_line(kept)));
     }
 
     fn emit_chunk(&self, emit: &mut dyn FnMut(Framed), name: &Arc<str>, first_line: u64, data: Vec<u8>) {
@@ -390,18 +506,19 @@ impl Decoder {
     }
 
     fn record_at(&mut self, emit: &mut dyn FnMut(Decoded), position: SourcePosition, text: &str) {
-        if text.len() > self.max_record_bytes {
+        if text.len() > self.limits.max_record_bytes {
             let error = format!(
                 "the record is {} bytes, over the limit of {} (source.max_record_bytes)",
                 text.len(),
-                self.max_record_bytes
+                self.limits.max_record_bytes
             );
             return self.dead_at(emit, position, error, text);
         }
         match self.extractor.map(text) {
             Ok(event) => {
                 self.builder.push(event, text, position);
-                if self.builder.len() >= self.batch_size
+                if (self.builder.len() >= self.limits.batch_size
+                    || self.builder.bytes() >= self.limits.max_batch_bytes)
                     && let Some(batch) = self.builder.finish()
                 {
                     emit(Decoded::Batch(batch));
@@ -420,8 +537,8 @@ impl Decoder {
     }
 
     fn dead_at(&self, emit: &mut dyn FnMut(Decoded), source: SourcePosition, error: String, text: &str) {
-        let truncated = text.len() > self.max_record_bytes;
-        let mut end = text.len().min(self.max_record_bytes);
+        let truncated = text.len() > self.limits.max_record_bytes;
+        let mut end = text.len().min(self.limits.max_record_bytes);
         while !text.is_char_boundary(end) {
             end -= 1;
         }
@@ -432,6 +549,139 @@ impl Decoder {
             record: text[..end].to_string(),
             truncated,
         }));
+    }
+}
+
+/// What a line took of the input: its bytes, its `\n` included (0 at the end of the input),
+/// and whether a `\n` ended it (else the input did).
+#[derive(Debug, Clone, Copy)]
+struct Taken {
+    bytes: usize,
+    ended: bool,
+}
+
+impl Taken {
+    /// The length of its record, of which `kept` bytes were kept: without the line ending
+    /// (`\n`, and a `\r` before it).
+    fn record_length(self, kept: &[u8]) -> usize {
+        if kept.len() == self.bytes {
+            return trim_line(kept).len();
+        }
+        // Cut short: the ending is past what was kept.
+        self.bytes - usize::from(self.ended)
+    }
+}
+
+/// Reads one line (through its `\n`) into `buf`, keeping at most `cap` bytes of it in all.
+fn read_line_capped(reader: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> io::Result<Taken> {
+    let mut taken = Taken {
+        bytes: 0,
+        ended: false,
+    };
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok(taken);
+        }
+        let (used, done) = match memchr::memchr(b'\n', available) {
+            Some(at) => (at + 1, true),
+            None => (available.len(), false),
+        };
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&available[..used.min(room)]);
+        reader.consume(used);
+        taken.bytes += used;
+        if done {
+            taken.ended = true;
+            return Ok(taken);
+        }
+    }
+}
+
+/// The rest of a line begun with `start` (no newline in it yet), read and dropped through its
+/// `\n`: its first `cap` bytes, and the bytes it took in the input (its `\n` included).
+fn skip_line(mut start: Vec<u8>, cap: usize, reader: &mut dyn BufRead) -> io::Result<(Vec<u8>, Taken)> {
+    let before = start.len();
+    start.truncate(cap);
+    let mut taken = read_line_capped(reader, &mut start, cap)?;
+    taken.bytes += before;
+    Ok((start, taken))
+}
+
+/// Where a gzip input was refused as a decompression bomb.
+#[derive(Debug, Clone, Copy)]
+struct Bomb {
+    /// Bytes it had expanded to.
+    expanded: u64,
+    /// From this many compressed bytes.
+    compressed: u64,
+    /// The line it was cut in.
+    line: u64,
+}
+
+/// A reader of compressed bytes that counts them.
+struct Counted<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// Decompresses gzip input, and ends it (recording a [`Bomb`]) once it has expanded past
+/// [`GZIP_RATIO_FROM`] bytes and more than `ratio` times the compressed bytes read.
+struct GzipGuard<R: Read> {
+    inner: MultiGzDecoder<Counted<R>>,
+    compressed: Rc<Cell<u64>>,
+    expanded: u64,
+    newlines: u64,
+    ratio: u64,
+    refused: Rc<Cell<Option<Bomb>>>,
+}
+
+impl<R: Read> GzipGuard<R> {
+    fn new(input: R, ratio: u64, refused: Rc<Cell<Option<Bomb>>>) -> Self {
+        let compressed = Rc::new(Cell::new(0));
+        Self {
+            inner: MultiGzDecoder::new(Counted {
+                inner: input,
+                count: Rc::clone(&compressed),
+            }),
+            compressed,
+            expanded: 0,
+            newlines: 0,
+            ratio,
+            refused,
+        }
+    }
+}
+
+impl<R: Read> Read for GzipGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.refused.get().is_some() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        self.expanded += n as u64;
+        self.newlines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+        let compressed = self.compressed.get();
+        if self.ratio > 0
+            && self.expanded > GZIP_RATIO_FROM
+            && self.expanded > compressed.saturating_mul(self.ratio)
+        {
+            self.refused.set(Some(Bomb {
+                expanded: self.expanded,
+                compressed,
+                line: self.newlines + 1,
+            }));
+            return Ok(0);
+        }
+        Ok(n)
     }
 }
 
@@ -511,6 +761,18 @@ mod tests {
     use crate::input::mapping::{FieldSpec, JsonPath};
 
     fn decoder(format: InputFormat, max: usize) -> Decoder {
+        limited(
+            format,
+            InputLimits {
+                max_record_bytes: max,
+                batch_size: 2,
+                ..InputLimits::default()
+            },
+        )
+    }
+
+    /// A decoder of the `t`, `a`, `x` records within `limits`.
+    fn limited(format: InputFormat, limits: InputLimits) -> Decoder {
         let spec = |p: &str| FieldSpec {
             paths: vec![JsonPath::parse(p).expect("path")],
             default: None,
@@ -522,7 +784,7 @@ mod tests {
             optional: Default::default(),
             extras: vec![],
         };
-        Decoder::new(mapping, EventSchema::new(vec![]), format, max, 2)
+        Decoder::new(mapping, EventSchema::new(vec![]), format, limits)
     }
 
     /// (actor, line) of each event and (line, error) of each dead letter.
@@ -652,5 +914,172 @@ mod tests {
         assert_eq!(dead[0].0, 1);
         assert!(dead[0].1.contains("over the limit of 200"), "{dead:?}");
         assert_eq!(dead[1], (2, "the record is not a JSON object".to_string()));
+    }
+
+    #[test]
+    fn a_line_longer_than_any_record_is_refused_without_being_held_and_the_rest_decoded() {
+        let long = format!(
+            r#"{{"t": "2024-01-01T00:00:00Z", "a": "mallory", "x": "{}"}}"#,
+            "z".repeat(3 << 20)
+        );
+        for text in [format!("{A}\n{long}\n{B}\n"), format!("{A}\n{B}\n{long}")] {
+            let sequential = run(InputFormat::Auto, &text);
+            assert_eq!(sequential.0.len(), 2, "{:?}", sequential.0);
+            assert_eq!(sequential.1.len(), 1);
+            let (line, error) = &sequential.1[0];
+            assert_eq!(*line, if text.ends_with('\n') { 2 } else { 3 });
+            assert_eq!(
+                *error,
+                format!(
+                    "the record is {} bytes, over the limit of 200 (source.max_record_bytes)",
+                    long.len()
+                )
+            );
+            for lines in [1, 2, 100] {
+                assert_eq!(
+                    run_chunked(InputFormat::Auto, &text, lines),
+                    sequential,
+                    "chunks of {lines} lines"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_micro_batch_closes_at_its_byte_bound_before_its_record_count() {
+        let limits = InputLimits {
+            max_record_bytes: 10_000,
+            batch_size: 1000,
+            max_batch_bytes: 2_000,
+            ..InputLimits::default()
+        };
+        let line = |i: usize| {
+            format!(
+                r#"{{"t": "2024-01-01T00:00:00Z", "a": "user-{i}", "x": "{}"}}"#,
+                "p".repeat(550)
+            )
+        };
+        let text: String = (0..10).map(|i| format!("{}\n", line(i))).collect();
+        let sizes = |items: Vec<Decoded>| -> Vec<usize> {
+            items
+                .into_iter()
+                .map(|d| match d {
+                    Decoded::Batch(b) => b.batch.num_rows(),
+                    Decoded::DeadLetter(l) => panic!("{}", l.error),
+                })
+                .collect()
+        };
+        let mut here = Vec::new();
+        let mut d = limited(InputFormat::Auto, limits);
+        d.decode_text("input", &text, &mut |o| here.push(o))
+            .expect("in memory");
+        d.flush(&mut |o| here.push(o));
+        assert_eq!(
+            sizes(here),
+            [4, 4, 2],
+            "each batch stops at the record crossing 2,000 bytes"
+        );
+        // Replay's framing cuts its chunks at the same bound.
+        let mut framed = Vec::new();
+        limited(InputFormat::Auto, limits)
+            .chunking(1000)
+            .frame_text("input", &text, &mut |f| framed.push(f))
+            .expect("in memory");
+        let chunks: Vec<usize> = framed
+            .iter()
+            .filter_map(|f| match f {
+                Framed::Lines(c) => Some(c.data.iter().filter(|b| **b == b'\n').count()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(chunks, [4, 4, 2]);
+    }
+
+    #[test]
+    fn a_document_over_its_limit_and_a_deeply_nested_record_are_refused_with_the_reason() {
+        let limits = InputLimits {
+            max_document_bytes: 1_000,
+            ..InputLimits::default()
+        };
+        let records: Vec<&str> = (0..20).map(|i| if i % 2 == 0 { A } else { B }).collect();
+        let big = format!("[{}]", records.join(",\n"));
+        let (events, dead) = run_with(limited(InputFormat::Auto, limits), &big);
+        assert!(events.is_empty());
+        assert_eq!(dead.len(), 1);
+        assert!(
+            dead[0]
+                .1
+                .starts_with("the file is one JSON document of more than 1000 bytes"),
+            "{dead:?}"
+        );
+        let small = format!("[{A},\n{B}]");
+        assert_eq!(run_with(limited(InputFormat::Auto, limits), &small).0.len(), 2);
+        // 10,000 levels of nesting: one clear dead letter, the next line decoded.
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let (events, dead) = run_with(
+            limited(InputFormat::JsonLines, InputLimits::default()),
+            &format!("{deep}\n{B}\n"),
+        );
+        assert_eq!(events, [("bob".into(), 2)]);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0, 1);
+        assert!(dead[0].1.contains("recursion limit"), "{dead:?}");
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_cut_with_the_reason_and_the_next_input_is_decoded() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tmp");
+        let gz = |name: &str, lines: usize, line: &str| {
+            let path = dir.path().join(name);
+            let mut out = flate2::write::GzEncoder::new(
+                File::create(&path).expect("create"),
+                flate2::Compression::best(),
+            );
+            for _ in 0..lines {
+                out.write_all(line.as_bytes()).expect("write");
+                out.write_all(b"\n").expect("write");
+            }
+            out.finish().expect("gzip");
+            path
+        };
+        // 1 KiB records, 96 MiB of them: some 100 KB compressed, a ratio near 1,000.
+        let record = format!(
+            r#"{{"t": "2024-01-01T00:00:00Z", "a": "bomb", "x": "{}"}}"#,
+            "b".repeat(970)
+        );
+        let bomb = gz("bomb.json.gz", 96 << 10, &record);
+        let fine = gz("fine.json.gz", 1000, A);
+        let limits = InputLimits {
+            max_record_bytes: 4096,
+            ..InputLimits::default()
+        };
+        let mut out = Vec::new();
+        let mut d = limited(InputFormat::Auto, limits);
+        for path in [&bomb, &fine] {
+            d.decode_file(path, &mut |o| out.push(o)).expect("read");
+        }
+        d.flush(&mut |o| out.push(o));
+        let (events, dead) = collect(out);
+        let bombs = events.iter().filter(|(a, _)| a == "bomb").count();
+        let lines = (GZIP_RATIO_FROM / 1024) as usize;
+        assert!(
+            (lines - 100..lines + 100).contains(&bombs),
+            "cut near 64 MiB: {bombs} records"
+        );
+        assert_eq!(
+            events.iter().filter(|(a, _)| a == "alice").count(),
+            1000,
+            "the next file is decoded"
+        );
+        let reason = &dead.last().expect("the refusal").1;
+        assert!(
+            reason.contains("refused as a decompression bomb") && reason.contains("more than 200 times"),
+            "{reason}"
+        );
+        assert!(
+            dead.len() <= 2,
+            "at most the record cut in the middle, and the refusal: {dead:?}"
+        );
     }
 }

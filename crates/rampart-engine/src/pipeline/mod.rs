@@ -202,8 +202,7 @@ impl Pipeline {
             self.config.mapping.clone(),
             self.schema.clone(),
             self.config.format,
-            self.config.max_record_bytes,
-            self.config.batch_size,
+            self.config.input,
         )
     }
 

@@ -277,6 +277,8 @@ impl DetectorEngine {
             .block_on(state.statement_to_plan(statement))
             .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
         let shape = classify(&logical).map_err(|reason| Problem::at(path, first_sql_line, reason))?;
+        crate::sandbox::regexes_compile(&logical)
+            .map_err(|reason| Problem::at(path, first_sql_line, reason))?;
         let logical = propagate_row_id(logical)
             .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
         let physical = self
@@ -616,6 +618,22 @@ mod tests {
     #[case::self_join(
         "SELECT a.actor FROM events a JOIN events b ON a.actor = b.actor",
         "a join of `events` with itself"
+    )]
+    #[case::recursive(
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT actor FROM events, r",
+        "recursive"
+    )]
+    #[case::regex_too_big(
+        "SELECT actor FROM events WHERE regexp_like(action, '((a{100}){100}){100}')",
+        "compiles to more than 10485760 bytes"
+    )]
+    #[case::regex_operator_too_big(
+        "SELECT actor FROM events WHERE action ~* '((b{100}){100}){100}'",
+        "compiles to more than"
+    )]
+    #[case::regex_broken(
+        "SELECT actor, regexp_replace(action, '(unclosed', 'x') AS a FROM events",
+        "does not compile: regex parse error"
     )]
     #[case::distinct("SELECT DISTINCT actor FROM events", "DISTINCT over a stream")]
     #[case::limit("SELECT actor FROM events LIMIT 3", "LIMIT has no meaning")]

@@ -22,6 +22,14 @@ pub mod defaults {
     pub const MAX_RECORD_BYTES: usize = 1 << 20;
     /// `[source] batch_size`: events per micro-batch.
     pub const BATCH_SIZE: usize = 4096;
+    /// `[source] max_batch_bytes`: a micro-batch closes once its records take this many bytes.
+    pub const MAX_BATCH_BYTES: usize = 32 << 20;
+    /// `[source] max_document_bytes`: a larger whole-document file (JSON array, CloudTrail) is
+    /// refused.
+    pub const MAX_DOCUMENT_BYTES: usize = 1 << 30;
+    /// `[source] max_gzip_ratio`: gzip input that expands more than this many times (once past
+    /// [`crate::input::decode::GZIP_RATIO_FROM`] bytes) is refused as a bomb.
+    pub const MAX_GZIP_RATIO: u64 = 200;
     /// `[decisions] default_block_for`: a block's duration when the detector gives none.
     pub const BLOCK_FOR: Duration = Duration::from_secs(3600);
     /// `[decisions] dedup_for`: how long a repeat alert or review is suppressed.
@@ -131,6 +139,33 @@ pub struct ServiceConfig {
     pub signing_key: Option<(String, PathBuf)>,
 }
 
+/// How much input one record, micro-batch, document or compressed file may take (`[source]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputLimits {
+    /// Larger records go to the dead letters.
+    pub max_record_bytes: usize,
+    /// Events per micro-batch.
+    pub batch_size: usize,
+    /// A micro-batch closes once its records take this many bytes (even short of `batch_size`).
+    pub max_batch_bytes: usize,
+    /// A whole-document file (JSON array, CloudTrail) larger than this is refused.
+    pub max_document_bytes: usize,
+    /// Gzip input expanding more than this many times is refused as a bomb (0: no limit).
+    pub max_gzip_ratio: u64,
+}
+
+impl Default for InputLimits {
+    fn default() -> Self {
+        Self {
+            max_record_bytes: defaults::MAX_RECORD_BYTES,
+            batch_size: defaults::BATCH_SIZE,
+            max_batch_bytes: defaults::MAX_BATCH_BYTES,
+            max_document_bytes: defaults::MAX_DOCUMENT_BYTES,
+            max_gzip_ratio: defaults::MAX_GZIP_RATIO,
+        }
+    }
+}
+
 /// A validated pipeline configuration.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -140,10 +175,8 @@ pub struct PipelineConfig {
     pub description: Option<String>,
     /// Framing of file inputs.
     pub format: InputFormat,
-    /// Record size limit in bytes.
-    pub max_record_bytes: usize,
-    /// Events per micro-batch.
-    pub batch_size: usize,
+    /// How much a record, a micro-batch, a document, a compressed file may take.
+    pub input: InputLimits,
     /// Raw JSON to canonical columns.
     pub mapping: Mapping,
     /// Default block duration.
@@ -193,7 +226,7 @@ impl PipelineConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         let mut c = Checker::new(path, text);
         let mapping = sections::mapping(&mut c, &raw.mapping, &raw.columns);
-        let (format, max_record_bytes, batch_size) = sections::source(&mut c, &raw.source);
+        let (format, input) = sections::source(&mut c, &raw.source);
         let (default_block_for, dedup_for, blast_radius) = sections::decisions(&mut c, &raw.decisions);
         let (state_dir, allowed_lateness, state_cache_bytes) = sections::state(&mut c, &raw.state, base);
         let service = sections::service(&mut c, &raw.service, base);
@@ -205,8 +238,7 @@ impl PipelineConfig {
                 name: raw.name,
                 description: raw.description,
                 format,
-                max_record_bytes,
-                batch_size,
+                input,
                 mapping,
                 default_block_for,
                 dedup_for,
@@ -251,7 +283,7 @@ region = "awsRegion"
         assert_eq!(c.mapping.extras[0].0, "from_port");
         assert_eq!(c.mapping.extras[0].2, ColumnType::Int);
         assert_eq!(c.state_dir, Path::new("p/state"));
-        assert_eq!(c.batch_size, 4096);
+        assert_eq!(c.input.batch_size, 4096);
     }
 
     #[test]
@@ -351,7 +383,7 @@ region = "awsRegion"
     #[test]
     fn defaults_apply_when_sections_are_left_out() {
         let c = PipelineConfig::parse(Path::new("p/pipeline.toml"), GOOD).expect("valid");
-        assert_eq!(c.max_record_bytes, defaults::MAX_RECORD_BYTES);
+        assert_eq!(c.input, InputLimits::default());
         assert_eq!(c.default_block_for, defaults::BLOCK_FOR);
         assert_eq!(c.dedup_for, defaults::DEDUP_FOR);
         assert_eq!(c.allowed_lateness, defaults::ALLOWED_LATENESS);

@@ -60,6 +60,12 @@ pub(super) struct RawSource {
     pub max_record_bytes: Option<usize>,
     /// Events per micro-batch.
     pub batch_size: Option<Spanned<usize>>,
+    /// A micro-batch closes once its records take this many bytes.
+    pub max_batch_bytes: Option<Spanned<usize>>,
+    /// Whole-document files (JSON array, CloudTrail) larger than this are refused.
+    pub max_document_bytes: Option<Spanned<usize>>,
+    /// Gzip input expanding more than this many times is refused as a bomb (0: no limit).
+    pub max_gzip_ratio: Option<u64>,
 }
 
 /// `[mapping]`: the canonical columns.

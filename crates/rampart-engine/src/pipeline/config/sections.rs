@@ -17,7 +17,7 @@ use super::raw::{
     RawAudit, RawDecisions, RawField, RawKafka, RawMapping, RawService, RawSource, RawState, RawTopicTable,
     Text,
 };
-use super::{InputFormat, KafkaConfig, ServiceConfig, TopicTable, defaults};
+use super::{InputFormat, InputLimits, KafkaConfig, ServiceConfig, TopicTable, defaults};
 use crate::input::mapping::{FieldSpec, JsonPath, Mapping};
 
 /// The file being validated and the problems found so far.
@@ -187,7 +187,7 @@ fn extra_columns(
 }
 
 /// `[source]`: the framing, the record size limit and the batch size.
-pub(super) fn source(c: &mut Checker<'_>, s: &RawSource) -> (Option<InputFormat>, usize, usize) {
+pub(super) fn source(c: &mut Checker<'_>, s: &RawSource) -> (Option<InputFormat>, InputLimits) {
     let format = match s.format.as_ref().map(|f| (f.span(), f.get_ref().as_str())) {
         None | Some((_, "auto")) => Some(InputFormat::Auto),
         Some((_, "json-lines")) => Some(InputFormat::JsonLines),
@@ -203,19 +203,26 @@ pub(super) fn source(c: &mut Checker<'_>, s: &RawSource) -> (Option<InputFormat>
             None
         }
     };
-    let batch_size = match &s.batch_size {
-        Some(b) if *b.get_ref() == 0 => {
-            c.problem(b.span(), "`batch_size` must be at least 1");
-            defaults::BATCH_SIZE
+    let mut at_least_one = |key: &str, value: &Option<Spanned<usize>>, default: usize| match value {
+        Some(v) if *v.get_ref() == 0 => {
+            c.problem(v.span(), format!("`{key}` must be at least 1"));
+            default
         }
-        Some(b) => *b.get_ref(),
-        None => defaults::BATCH_SIZE,
+        Some(v) => *v.get_ref(),
+        None => default,
     };
-    (
-        format,
-        s.max_record_bytes.unwrap_or(defaults::MAX_RECORD_BYTES),
-        batch_size,
-    )
+    let limits = InputLimits {
+        max_record_bytes: s.max_record_bytes.unwrap_or(defaults::MAX_RECORD_BYTES),
+        batch_size: at_least_one("batch_size", &s.batch_size, defaults::BATCH_SIZE),
+        max_batch_bytes: at_least_one("max_batch_bytes", &s.max_batch_bytes, defaults::MAX_BATCH_BYTES),
+        max_document_bytes: at_least_one(
+            "max_document_bytes",
+            &s.max_document_bytes,
+            defaults::MAX_DOCUMENT_BYTES,
+        ),
+        max_gzip_ratio: s.max_gzip_ratio.unwrap_or(defaults::MAX_GZIP_RATIO),
+    };
+    (format, limits)
 }
 
 /// `[decisions]`: the default block duration, the repeat suppression period, the fail-safe.
