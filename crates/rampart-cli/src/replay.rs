@@ -208,10 +208,14 @@ fn print_summary(pipeline: &Pipeline, files: usize, s: &Summary) {
             }
         }
         for (detector, at, reason) in &s.fail_safe {
-            writeln!(
-                err,
-                "fail-safe:   `{detector}` fell back to shadow at {at}: {reason}"
-            )?;
+            // (The reason says which: the blast radius puts it in shadow, the time budget
+            // disables it.)
+            let what = if reason.starts_with("time budget") {
+                "was disabled"
+            } else {
+                "fell back to shadow"
+            };
+            writeln!(err, "fail-safe:   `{detector}` {what} at {at}: {reason}")?;
         }
         for (detector, n) in &s.detector_errors {
             writeln!(

@@ -260,6 +260,14 @@ fn hostile_detectors_are_refused_with_file_and_reason_and_the_rest_still_run() {
         ("insert", "INSERT INTO events SELECT * FROM events"),
         ("set", "SET datafusion.execution.target_partitions = 8"),
         ("url", "SELECT * FROM '/etc/passwd'"),
+        (
+            "regex",
+            "SELECT actor FROM events WHERE regexp_like(action, '((a{100}){100}){100}')",
+        ),
+        (
+            "recursive",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT actor FROM events, r",
+        ),
     ];
     for (name, sql) in hostile {
         let text = format!("{}{sql}\n", header.replace("ID", name));
@@ -286,6 +294,11 @@ fn hostile_detectors_are_refused_with_file_and_reason_and_the_rest_still_run() {
             "SET (`SET datafusion.execution.target_partitions`) is not allowed",
         ),
         ("zz-url.sql:5:", "the query does not plan"),
+        (
+            "zz-regex.sql:5:",
+            "the regular expression `((a{100}){100}){100}` compiles to more than 10485760 bytes",
+        ),
+        ("zz-recursive.sql:5:", "recursive"),
     ];
     for (location, reason) in expect {
         let line = stdout
@@ -295,7 +308,7 @@ fn hostile_detectors_are_refused_with_file_and_reason_and_the_rest_still_run() {
         assert!(line.contains(reason), "{line}");
     }
     assert!(
-        stdout.contains("7 problem(s); 23 detector(s) loaded, 7 refused"),
+        stdout.contains("9 problem(s); 23 detector(s) loaded, 9 refused"),
         "{stdout}"
     );
 
@@ -412,6 +425,78 @@ fn malformed_lines_become_dead_letters_with_their_line_and_good_lines_still_deci
                 .ends_with("mixed.jsonl")
     }));
     assert_eq!(letters[1]["record"], "not json at all");
+}
+
+/// A gzip bomb, a 10,000-deep JSON array and a line of 5 MB, beside the real detonation logs:
+/// each refused with its reason, everything else decided.
+#[test]
+fn hostile_input_is_refused_with_its_reason_and_the_rest_is_decided() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let inputs = tmp.path().join("inputs");
+    std::fs::create_dir_all(&inputs).expect("mkdir");
+    for entry in std::fs::read_dir(root().join(STRATUS)).expect("ls") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, inputs.join(path.file_name().expect("name"))).expect("copy");
+    }
+    // 96 MiB of one 1 KiB record, gzip: about 100 KB.
+    let record = format!(
+        r#"{{"eventTime":"2024-08-01T12:00:00Z","userIdentity":{{"arn":"arn:aws:iam::1:user/bomb"}},"eventName":"GetObject","eventSource":"s3.amazonaws.com","pad":"{}"}}"#,
+        "b".repeat(850)
+    );
+    let mut bomb = flate2::write::GzEncoder::new(
+        std::fs::File::create(inputs.join("zz-bomb.json.gz")).expect("create"),
+        flate2::Compression::best(),
+    );
+    for _ in 0..96 << 10 {
+        writeln!(bomb, "{record}").expect("write");
+    }
+    bomb.finish().expect("gzip");
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let long = format!(r#"{{"pad":"{}"}}"#, "z".repeat(5 << 20));
+    std::fs::write(inputs.join("zz-deep.jsonl"), format!("{deep}\n{long}\n")).expect("write");
+
+    let (decisions, dead) = (tmp.path().join("d.jsonl"), tmp.path().join("dead.jsonl"));
+    let run = rampart(&[
+        "replay",
+        "pipelines/cloudtrail",
+        "--input",
+        inputs.to_str().expect("utf8"),
+        "--output",
+        decisions.to_str().expect("utf8"),
+        "--dead-letters",
+        dead.to_str().expect("utf8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let per_event = lines(&decisions)
+        .iter()
+        .filter(|d| !THRESHOLDS.contains(&d["detector"]["id"].as_str().expect("id")))
+        .count();
+    assert_eq!(per_event, 23, "every detonation is still caught");
+    let letters = lines(&dead);
+    let reason = |file: &str, needle: &str| {
+        letters.iter().any(|l| {
+            l["source"]["file"].as_str().is_some_and(|f| f.ends_with(file))
+                && l["error"].as_str().is_some_and(|e| e.contains(needle))
+        })
+    };
+    assert!(
+        reason("zz-bomb.json.gz", "refused as a decompression bomb"),
+        "{letters:#?}"
+    );
+    assert!(reason("zz-deep.jsonl", "recursion limit"), "{letters:#?}");
+    assert!(
+        reason(
+            "zz-deep.jsonl",
+            "over the limit of 262144 (source.max_record_bytes)"
+        ),
+        "{letters:#?}"
+    );
+    let malformed: Vec<&Value> = letters.iter().filter(|l| l["kind"] != "late").collect();
+    assert!(
+        malformed.len() <= 4,
+        "one letter each, and the record the bomb was cut in: {malformed:#?}"
+    );
 }
 
 #[test]

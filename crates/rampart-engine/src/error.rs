@@ -13,9 +13,10 @@ use rampart_state::StateError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Fault {
     /// The user's input: a detector's SQL failed on these events (a cast, a division by zero,
-    /// an overflow, a function's argument), or a value they gave.
+    /// an overflow, a function's argument, more memory than `[detectors] memory_mb`), or a
+    /// value they gave.
     Input,
-    /// A system outside Rampart: the disk or RocksDB under the window state, memory, a file.
+    /// A system outside Rampart: the disk or RocksDB under the window state, a file.
     Outside,
     /// Rampart itself: one of its own invariants broke. It is a bug to report.
     Bug,
@@ -109,9 +110,11 @@ fn datafusion_fault(error: &DataFusionError) -> Fault {
     }
     match error.find_root() {
         DataFusionError::ArrowError(arrow, _) => arrow_fault(arrow),
-        DataFusionError::Execution(_) | DataFusionError::SQL(..) => Fault::Input,
-        DataFusionError::ResourcesExhausted(_)
-        | DataFusionError::IoError(_)
+        // (A run's memory is the detector's own pool: exhausting it is the detector's doing.)
+        DataFusionError::Execution(_) | DataFusionError::SQL(..) | DataFusionError::ResourcesExhausted(_) => {
+            Fault::Input
+        }
+        DataFusionError::IoError(_)
         | DataFusionError::ObjectStore(_)
         | DataFusionError::ParquetError(_)
         | DataFusionError::ExecutionJoin(_)
@@ -188,9 +191,9 @@ mod tests {
     }
 
     #[test]
-    fn memory_and_the_disk_are_outside() {
+    fn the_disk_is_outside_and_a_detector_over_its_memory_is_its_own() {
         let memory: Error = DataFusionError::ResourcesExhausted("memory pool".into()).into();
-        assert_eq!(memory.fault(), Fault::Outside);
+        assert_eq!(memory.fault(), Fault::Input);
         let disk: Error = StateError::Temp(std::io::Error::other("disk full")).into();
         assert_eq!(disk.fault(), Fault::Outside);
         assert_eq!(disk.fault().as_str(), "outside");

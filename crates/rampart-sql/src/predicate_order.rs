@@ -93,10 +93,10 @@ mod tests {
 
     #[test]
     fn json_and_function_predicates_run_after_cheap_ones() {
-        let engine = DetectorEngine::new(&EventSchema::new(vec![(
-            "event_source".into(),
-            ColumnType::String,
-        )]))
+        let engine = DetectorEngine::new(
+            &EventSchema::new(vec![("event_source".into(), ColumnType::String)]),
+            64 << 20,
+        )
         .expect("engine");
         let sql = "-- id: t\n-- verdict: alert\n-- severity: low\n-- reason: {{actor}}\n\
             SELECT actor, target FROM (\n\

@@ -236,8 +236,9 @@ mod tests {
         let detector = trail_logging_disabled(&pipeline);
         let results = pipeline
             .engine()
-            .run(std::slice::from_ref(detector), events.batch.clone())
+            .run(&[detector], events.batch.clone())
             .remove(0)
+            .0
             .expect("runs");
         (pipeline, events, results)
     }

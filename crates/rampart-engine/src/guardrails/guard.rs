@@ -42,14 +42,21 @@ struct Policy {
     blast: BlastRadius,
 }
 
-/// Why a detector fell back to shadow.
+/// Why a detector fell back to shadow, or was disabled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trip {
-    /// Event time of the block that went past the limit.
+    /// Event time of the block that went past the limit (of the batch, when disabled).
     pub at: String,
     /// The alert's reason.
     pub reason: String,
+    /// Disabled (not run at all) for taking longer than `[detectors] max_batch_time` on a
+    /// batch, rather than put in shadow by the blast radius.
+    #[serde(default)]
+    pub disabled: bool,
 }
+
+/// The tag on the alert of a detector disabled for its time (with [`FAIL_SAFE_TAG`]).
+pub const DISABLED_TAG: &str = "disabled";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RecentBlock {
@@ -144,6 +151,7 @@ impl DetectorGuard {
         self.tripped = Some(Trip {
             at: d.event_time.clone(),
             reason: reason.clone(),
+            disabled: false,
         });
         tracing::warn!(detector = %d.detector.id, blocked, active, "{reason}");
         let mut evidence = Map::new();
@@ -359,7 +367,7 @@ impl Guard {
                 Verdict::Revoke => None,
             };
             let enforcing = d.mode == Mode::Enforce && matches!(d.verdict, Verdict::Block | Verdict::Review);
-            if enforcing && g.tripped.is_some() {
+            if enforcing && g.tripped.as_ref().is_some_and(|t| !t.disabled) {
                 d.mode = Mode::Shadow;
                 d.tags.push(FAIL_SAFE_TAG.into());
             } else if enforcing && let BlastRadius::Limit { .. } = policy.blast {
@@ -411,12 +419,90 @@ impl Guard {
         )
     }
 
-    /// Re-arms a detector the fail-safe put in shadow. Returns the trip it clears, or `None`
-    /// when the detector was not tripped.
+    /// Re-arms a detector the fail-safe put in shadow or disabled. Returns the trip it clears,
+    /// or `None` when the detector was neither.
     pub fn rearm(&mut self, detector: &str) -> Option<Trip> {
         let g = self.stored.detectors.get_mut(detector)?;
         g.recent.clear();
         g.tripped.take()
+    }
+
+    /// Disables `detector` (it is not run until re-armed) for taking `took` on a batch, over
+    /// `limit`; `batch_time` is the batch's newest event time (µs). Returns the alert to
+    /// publish, or `None` if it was disabled already.
+    pub fn disable(
+        &mut self,
+        detector: &CompiledDetector,
+        took: std::time::Duration,
+        limit: std::time::Duration,
+        batch_time: i64,
+        processed_at: &str,
+    ) -> Option<Decision> {
+        let g = self.stored.detectors.entry(detector.meta.id.clone()).or_default();
+        if g.tripped.as_ref().is_some_and(|t| t.disabled) {
+            return None;
+        }
+        let id = &detector.meta.id;
+        let reason = format!(
+            "time budget: detector `{id}` took {:.1} s on one batch (limit: {}, [detectors] \
+             max_batch_time); it is disabled, not run on later batches, until an operator re-arms it",
+            took.as_secs_f64(),
+            humantime::format_duration(limit)
+        );
+        tracing::error!(detector = %id, took_ms = took.as_millis() as u64, "{reason}");
+        let at = format_micros(batch_time);
+        g.tripped = Some(Trip {
+            at: at.clone(),
+            reason: reason.clone(),
+            disabled: true,
+        });
+        let mut evidence = Map::new();
+        evidence.insert("took_ms".into(), (took.as_millis() as u64).into());
+        evidence.insert("limit_ms".into(), (limit.as_millis() as u64).into());
+        Some(Decision {
+            schema_version: DECISION_SCHEMA_VERSION,
+            decision_id: DecisionId::new()
+                .part(&self.pipeline)
+                .part("disabled")
+                .part(id)
+                .part(&detector.version)
+                .part(batch_time.to_le_bytes())
+                .finish(),
+            pipeline: self.pipeline.clone(),
+            detector: DetectorRef {
+                id: id.clone(),
+                version: detector.version.clone(),
+            },
+            verdict: Verdict::Alert,
+            mode: Mode::Enforce,
+            severity: Severity::High,
+            actor: "*".into(),
+            key: id.clone(),
+            actions: vec!["*".into()],
+            reason,
+            evidence,
+            event_time: at,
+            processed_at: processed_at.to_string(),
+            expires_at: None,
+            source: SourcePosition::File {
+                file: "rampart".into(),
+                line: 1,
+            },
+            guidance: Some(format!(
+                "Make the detector cheaper (`rampart check --explain` shows its plan), then re-arm it: \
+                 POST /admin/rearm?detector={id}"
+            )),
+            tags: vec![FAIL_SAFE_TAG.into(), DISABLED_TAG.into()],
+        })
+    }
+
+    /// Whether `detector` is disabled for its time (not run).
+    pub fn is_disabled(&self, detector: &str) -> bool {
+        self.stored
+            .detectors
+            .get(detector)
+            .and_then(|g| g.tripped.as_ref())
+            .is_some_and(|t| t.disabled)
     }
 
     /// Detectors the fail-safe put in shadow, with why.

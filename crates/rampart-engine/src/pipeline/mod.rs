@@ -130,7 +130,7 @@ impl Pipeline {
             .map(|(n, _, t)| (n.clone(), *t))
             .collect();
         let schema = EventSchema::new(extras);
-        let engine = DetectorEngine::new(&schema)?;
+        let engine = DetectorEngine::new(&schema, config.detector_limits.memory_bytes)?;
         let mut detectors: Vec<CompiledDetector> = Vec::new();
         let mut problems = Vec::new();
         let tables = crate::pipeline::tables::register(&engine, dir, &config, &mut problems);
@@ -384,15 +384,54 @@ impl Pipeline {
         let processed_at = rampart_core::time::now();
         let mut out = Evaluation::default();
         let decided = decide(&processed_at, &mut out);
-        out.decisions = self.guarded(in_input_order(decided), &mut out.suppressed);
+        self.conclude(decided, &processed_at, &mut out);
         out
     }
 
-    fn guarded(&self, decisions: Vec<Decision>, suppressed: &mut BTreeMap<String, u64>) -> Vec<Decision> {
-        if self.guarded.load(std::sync::atomic::Ordering::Relaxed) {
-            self.guard().apply(decisions, suppressed)
-        } else {
-            decisions
+    /// Ends an evaluation: its decisions in input order through the guard, then the alerts of
+    /// detectors disabled for their time on it.
+    pub(super) fn conclude(&self, decided: Vec<(u64, Decision)>, processed_at: &str, out: &mut Evaluation) {
+        if !self.is_guarded() {
+            out.decisions = in_input_order(decided);
+            return;
+        }
+        let mut guard = self.guard();
+        out.decisions = guard.apply(in_input_order(decided), &mut out.suppressed);
+        let limit = self.config.detector_limits.max_batch_time;
+        for slow in std::mem::take(&mut out.slow) {
+            let Some(detector) = self.detectors.iter().find(|d| d.meta.id == slow.detector) else {
+                continue;
+            };
+            out.decisions
+                .extend(guard.disable(detector, slow.took, limit, slow.at, processed_at));
+        }
+    }
+
+    /// Whether decisions pass through the guard (and slow detectors are disabled).
+    fn is_guarded(&self) -> bool {
+        self.guarded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `detector` is disabled for its time (only when guarded).
+    pub(super) fn is_disabled(&self, detector: &str) -> bool {
+        self.is_guarded() && self.guard().is_disabled(detector)
+    }
+
+    /// Notes `detector` as slow on this batch if `took` is over its time budget (only when
+    /// guarded: detector tests and the equivalence harness judge the detectors themselves).
+    pub(super) fn time_check(
+        &self,
+        detector: &str,
+        took: std::time::Duration,
+        at: i64,
+        out: &mut Evaluation,
+    ) {
+        if self.is_guarded() && took > self.config.detector_limits.max_batch_time {
+            out.slow.push(output::Slow {
+                detector: detector.to_string(),
+                took,
+                at,
+            });
         }
     }
 
@@ -402,11 +441,19 @@ impl Pipeline {
         processed_at: &str,
         out: &mut Evaluation,
     ) -> Vec<(u64, Decision)> {
-        let per_event = &self.detectors[..self.per_event];
         self.guard().observe(events);
-        let results = self.engine.run(per_event, events.batch.clone());
+        let per_event: Vec<&CompiledDetector> = self.detectors[..self.per_event]
+            .iter()
+            .filter(|d| !self.is_disabled(&d.meta.id))
+            .collect();
+        let results = self.engine.run(&per_event, events.batch.clone());
+        let newest = (0..events.batch.num_rows())
+            .map(|i| events.event_time(i))
+            .max()
+            .unwrap_or(i64::MIN);
         let mut decided = Vec::new();
-        for (detector, result) in per_event.iter().zip(results) {
+        for (detector, (result, took)) in per_event.iter().zip(results) {
+            self.time_check(&detector.meta.id, took, newest, out);
             match result {
                 Ok(batches) => {
                     for b in &batches {
@@ -486,6 +533,49 @@ mod tests {
             std::fs::copy(&p, dst.join("detectors").join(p.file_name().expect("name"))).expect("copy");
         }
         dst
+    }
+
+    /// What the batch loop hands over, kept.
+    #[derive(Default)]
+    struct Kept {
+        decisions: Vec<Decision>,
+        failures: Vec<DetectorFailure>,
+        batches: usize,
+    }
+    impl Output for Kept {
+        type Error = std::convert::Infallible;
+        fn decision(&mut self, decision: &Decision) -> Result<(), Self::Error> {
+            self.decisions.push(decision.clone());
+            Ok(())
+        }
+        fn dead_letter(&mut self, _: &DeadLetter) -> Result<(), Self::Error> {
+            Ok(())
+        }
+        fn detector_failed(&mut self, failure: &DetectorFailure) -> Result<(), Self::Error> {
+            self.failures.push(failure.clone());
+            Ok(())
+        }
+        fn end_of_batch(&mut self, _: usize) -> Result<(), Self::Error> {
+            self.batches += 1;
+            Ok(())
+        }
+    }
+
+    /// The detonation logs through `pipeline`'s batch loop.
+    fn ingest_detonations(pipeline: &Pipeline) -> Kept {
+        let mut decoder = pipeline.decoder();
+        let mut out = Kept::default();
+        let mut emit = |d: crate::input::decode::Decoded| {
+            if let crate::input::decode::Decoded::Batch(b) = d {
+                let Ok(()) = pipeline.ingest(b, &mut out);
+            }
+        };
+        let logs = repo().join("data/cloudtrail/stratus-detonation-logs");
+        for file in crate::drivers::replay::expand_inputs(&[logs]).expect("inputs") {
+            decoder.decode_file(&file, &mut emit).expect("decodes");
+        }
+        decoder.flush(&mut emit);
+        out
     }
 
     /// How many of `decisions` per-event detectors made.
@@ -578,43 +668,7 @@ mod tests {
         .expect("write");
         let pipeline = Pipeline::load(&dir).expect("loads");
         assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
-        /// What the batch loop hands over, kept.
-        #[derive(Default)]
-        struct Kept {
-            decisions: Vec<Decision>,
-            failures: Vec<DetectorFailure>,
-            batches: usize,
-        }
-        impl Output for Kept {
-            type Error = std::convert::Infallible;
-            fn decision(&mut self, decision: &Decision) -> Result<(), Self::Error> {
-                self.decisions.push(decision.clone());
-                Ok(())
-            }
-            fn dead_letter(&mut self, _: &DeadLetter) -> Result<(), Self::Error> {
-                Ok(())
-            }
-            fn detector_failed(&mut self, failure: &DetectorFailure) -> Result<(), Self::Error> {
-                self.failures.push(failure.clone());
-                Ok(())
-            }
-            fn end_of_batch(&mut self, _: usize) -> Result<(), Self::Error> {
-                self.batches += 1;
-                Ok(())
-            }
-        }
-        let mut decoder = pipeline.decoder();
-        let mut out = Kept::default();
-        let mut emit = |d: crate::input::decode::Decoded| {
-            if let crate::input::decode::Decoded::Batch(b) = d {
-                let Ok(()) = pipeline.ingest(b, &mut out);
-            }
-        };
-        let logs = repo().join("data/cloudtrail/stratus-detonation-logs");
-        for file in crate::drivers::replay::expand_inputs(&[logs]).expect("inputs") {
-            decoder.decode_file(&file, &mut emit).expect("decodes");
-        }
-        decoder.flush(&mut emit);
+        let out = ingest_detonations(&pipeline);
         assert!(out.batches > 1, "{} batches", out.batches);
         assert_eq!(
             out.failures.len(),
@@ -635,5 +689,95 @@ mod tests {
             23,
             "the other detectors caught every detonation"
         );
+    }
+
+    /// A detector over its memory fails alone, batch after batch; one over its time on a batch
+    /// is disabled (an alert says so) and not run again until re-armed; the others decide as
+    /// before.
+    #[test]
+    fn a_detector_over_its_memory_fails_alone_and_one_over_its_time_is_disabled() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = with_batch_size(tmp.path(), 64);
+        let toml = std::fs::read_to_string(dir.join("pipeline.toml")).expect("read");
+        std::fs::write(
+            dir.join("pipeline.toml"),
+            toml.replace(
+                "[source]",
+                "[detectors]\nmemory_mb = 1\nmax_batch_time = \"300ms\"\n\n[source]",
+            ),
+        )
+        .expect("write");
+        std::fs::create_dir_all(dir.join("tables")).expect("mkdir");
+        let words = |n: usize| -> String {
+            std::iter::once("word".to_string())
+                .chain((0..n).map(|i| format!("word-{i}-x")))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        std::fs::write(dir.join("tables/many.csv"), words(200_000)).expect("write");
+        std::fs::write(dir.join("tables/some.csv"), words(20_000)).expect("write");
+        let detector = |id: &str, sql: &str| {
+            std::fs::write(
+                dir.join(format!("detectors/{id}.sql")),
+                format!(
+                    "-- id: {id}\n-- verdict: alert\n-- severity: low\n-- reason: {{{{actor}}}}\n{sql}\n"
+                ),
+            )
+            .expect("write")
+        };
+        // A hash join building its table from 200,000 rows: more than 1 MiB.
+        detector(
+            "zz-memory",
+            "SELECT e.actor, w.word FROM many w JOIN events e ON e.action = w.word",
+        );
+        // Every event against 20,000 words by substring: over a second per batch of 64.
+        detector(
+            "zz-slow",
+            "SELECT e.actor, w.word FROM events e JOIN some w ON strpos(e.raw, w.word) > 0",
+        );
+        let pipeline = Pipeline::load(&dir).expect("loads");
+        assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
+        let out = ingest_detonations(&pipeline);
+        assert!(out.batches > 2, "{} batches", out.batches);
+        assert_eq!(out.failures.len(), out.batches, "{:?}", out.failures);
+        for failure in &out.failures {
+            assert_eq!(failure.detector, "zz-memory");
+            assert_eq!(failure.error.fault(), crate::Fault::Input);
+            assert!(
+                failure.error.to_string().contains("Resources exhausted"),
+                "{}",
+                failure.error
+            );
+        }
+        let alerts: Vec<&Decision> = out
+            .decisions
+            .iter()
+            .filter(|d| d.detector.id == "zz-slow" && d.tags.iter().any(|t| t == "disabled"))
+            .collect();
+        assert_eq!(alerts.len(), 1, "disabled once");
+        assert!(
+            alerts[0]
+                .reason
+                .starts_with("time budget: detector `zz-slow` took"),
+            "{}",
+            alerts[0].reason
+        );
+        assert_eq!(
+            per_event(&pipeline, &out.decisions)
+                - out
+                    .decisions
+                    .iter()
+                    .filter(|d| d.detector.id.starts_with("zz-"))
+                    .count(),
+            23,
+            "the other detectors caught every detonation"
+        );
+        let tripped = pipeline.tripped();
+        assert!(
+            tripped.iter().any(|(id, t)| id == "zz-slow" && t.disabled),
+            "{tripped:?}"
+        );
+        assert!(pipeline.rearm("zz-slow").is_some_and(|t| t.disabled));
+        assert!(!pipeline.is_disabled("zz-slow"), "re-armed, it runs again");
     }
 }

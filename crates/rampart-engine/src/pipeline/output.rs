@@ -53,6 +53,20 @@ pub struct Evaluation {
     /// made (µs): to the watermark that decided it, or to the newest event time that made its
     /// second complete when it fired at once.
     pub decision_delays: Vec<i64>,
+    /// Detectors that took longer than `[detectors] max_batch_time` on this batch (they are
+    /// disabled as the evaluation ends).
+    pub(crate) slow: Vec<Slow>,
+}
+
+/// A detector over its time budget on a batch.
+#[derive(Debug)]
+pub(crate) struct Slow {
+    /// The detector's id.
+    pub detector: String,
+    /// How long it took (for a shared window state: the state's work).
+    pub took: std::time::Duration,
+    /// The batch's newest event time (µs).
+    pub at: i64,
 }
 
 impl Evaluation {

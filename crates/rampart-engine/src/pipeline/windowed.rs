@@ -4,6 +4,7 @@
 //! window on the batch, then each state's work on two threads.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::BooleanArray;
 use datafusion::arrow::compute::filter_record_batch;
@@ -15,7 +16,7 @@ use rampart_state::StateStore;
 use super::checkpoint::StoredClock;
 use super::event_time::bounds_of;
 use super::intake::Intake;
-use super::{Evaluation, Evaluator, Input, LoadError, Pipeline, StateChoice, in_input_order};
+use super::{Evaluation, Evaluator, Input, LoadError, Pipeline, StateChoice};
 use crate::decide::triggers::TriggerStore;
 use crate::error::{Error, Result};
 use crate::input::decode::{DeadLetter, DeadLetterKind, EventBatch};
@@ -222,7 +223,8 @@ impl Pipeline {
             let mut decided = Vec::new();
             let mut windows = self.lock();
             self.evaluate_windows(&mut windows, Step::End, &processed_at, &mut decided, &mut out);
-            out.decisions = self.guarded(in_input_order(decided), &mut out.suppressed);
+            drop(windows);
+            self.conclude(decided, &processed_at, &mut out);
         }
         out
     }
@@ -294,20 +296,48 @@ impl Pipeline {
             store,
         };
         // The part below each window runs here, once per shared state (it reads the shared
-        // events slot); then the states' work runs on two threads (each state is its own).
-        let pres: Vec<Result<Vec<datafusion::arrow::record_batch::RecordBatch>>> = keyed
+        // events slot); then the states' work runs on two threads (each state is its own). A
+        // state whose detectors are all disabled for their time is skipped; each state's time
+        // (both parts) is checked against the budget.
+        let skip: Vec<bool> = keyed
             .iter()
-            .map(|shared| match &on_time {
-                Advanced::Batch(batch) => {
-                    let split = windowed[shared.members[0]].split;
-                    self.engine.run_pre(split, batch.clone()).map_err(Error::from)
-                }
-                Advanced::Time => Ok(Vec::new()),
+            .map(|shared| {
+                shared
+                    .members
+                    .iter()
+                    .all(|&i| self.is_disabled(&windowed[i].detector.meta.id))
             })
             .collect();
+        let pres: Vec<(
+            Result<Vec<datafusion::arrow::record_batch::RecordBatch>>,
+            Duration,
+        )> = keyed
+            .iter()
+            .zip(&skip)
+            .map(|(shared, skip)| {
+                let started = Instant::now();
+                let pre = match &on_time {
+                    Advanced::Batch(batch) if !skip => {
+                        let split = windowed[shared.members[0]].split;
+                        self.engine.run_pre(split, batch.clone()).map_err(Error::from)
+                    }
+                    Advanced::Batch(_) | Advanced::Time => Ok(Vec::new()),
+                };
+                (pre, started.elapsed())
+            })
+            .collect();
+        type Ran = (usize, Decided, Duration);
         let work = |shared: &mut SharedState,
-                    pre: Result<Vec<datafusion::arrow::record_batch::RecordBatch>>|
-         -> Vec<(usize, Decided)> {
+                    (pre, pre_took): (
+            Result<Vec<datafusion::arrow::record_batch::RecordBatch>>,
+            Duration,
+        ),
+                    skip: bool|
+         -> Vec<Ran> {
+            if skip {
+                return Vec::new();
+            }
+            let started = Instant::now();
             let members: Vec<WindowedDetector<'_>> = shared.members.iter().map(|&i| windowed[i]).collect();
             let first = members[0];
             let results = match pre.and_then(|pre| shared.state.add(first.split, store, before, &pre)) {
@@ -317,10 +347,26 @@ impl Pipeline {
                     StateKind::Grouped => vec![shared.state.decide_grouped(first, &ctx, touched)],
                 },
             };
-            shared.members.iter().copied().zip(results).collect()
+            let took = pre_took + started.elapsed();
+            shared
+                .members
+                .iter()
+                .copied()
+                .zip(results)
+                .map(|(i, result)| (i, result, took))
+                .collect()
         };
-        let jobs: Vec<_> = keyed.iter_mut().zip(pres).collect();
-        let results = on_two_threads(jobs, |(shared, pre)| work(shared, pre));
+        let jobs: Vec<_> = keyed.iter_mut().zip(pres).zip(skip).collect();
+        let ran = on_two_threads(jobs, |((shared, pre), skip)| work(shared, pre, skip));
+        let mut results = Vec::with_capacity(ran.len());
+        for (i, result, took) in ran {
+            let id = &windowed[i].detector.meta.id;
+            self.time_check(id, took, clock_newest, out);
+            // (A disabled member of a state others still run decides nothing.)
+            if !self.is_disabled(id) {
+                results.push((i, result));
+            }
+        }
         Self::take_results(
             &windowed,
             results,

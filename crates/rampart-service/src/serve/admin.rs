@@ -234,8 +234,13 @@ impl Service<'_> {
         let mut notes: Vec<String> = tripped
             .iter()
             .map(|(id, t)| {
+                let what = if t.disabled {
+                    "is disabled (over its time budget)"
+                } else {
+                    "runs in shadow"
+                };
                 format!(
-                    "fail-safe: `{id}` runs in shadow since {} (POST /admin/rearm?detector={id})",
+                    "fail-safe: `{id}` {what} since {} (POST /admin/rearm?detector={id})",
                     t.at
                 )
             })

@@ -17,6 +17,9 @@ use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::execution::SessionStateDefaults;
 use datafusion::execution::TaskContext;
 use datafusion::execution::context::SessionContext;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, Projection, Window};
 use datafusion::physical_plan::execution_plan::reset_plan_states;
@@ -55,6 +58,8 @@ struct Planned {
 pub struct DetectorEngine {
     ctx: SessionContext,
     task_ctx: Arc<TaskContext>,
+    /// Bytes one run of a plan may reserve (each run gets a memory pool of its own).
+    run_memory: usize,
     slot: BatchSlot,
     runtime: tokio::runtime::Runtime,
     plans_built: AtomicUsize,
@@ -64,14 +69,20 @@ impl DetectorEngine {
     /// A sandboxed SQL context whose only table is `events` with `schema`, and whose functions
     /// are DataFusion's built-in scalar, aggregate and window functions plus the JSON functions
     /// of `datafusion-functions-json`. No table functions, no file or URL tables, no catalog.
-    pub fn new(schema: &EventSchema) -> Result<Self> {
+    /// One run of a plan may reserve `run_memory` bytes (sorts, joins, windows); past it the
+    /// run fails: nothing spills to disk.
+    pub fn new(schema: &EventSchema, run_memory: usize) -> Result<Self> {
         let mut config = SessionConfig::new()
             .with_target_partitions(1)
             .with_information_schema(false)
             .with_batch_size(8192);
         config.options_mut().sql_parser.collect_spans = true;
+        let runtime_env = RuntimeEnvBuilder::new()
+            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+            .build_arc()?;
         let mut state = SessionStateBuilder::new()
             .with_config(config)
+            .with_runtime_env(runtime_env)
             .with_scalar_functions(SessionStateDefaults::default_scalar_functions())
             .with_aggregate_functions(SessionStateDefaults::default_aggregate_functions())
             .with_window_functions(SessionStateDefaults::default_window_functions())
@@ -101,6 +112,7 @@ impl DetectorEngine {
             .map_err(Error::Runtime)?;
         Ok(Self {
             task_ctx: ctx.task_ctx(),
+            run_memory,
             ctx,
             slot,
             runtime,
@@ -312,11 +324,22 @@ impl DetectorEngine {
         self.execute_over(&plan.above_slot, vec![rows], &plan.above, has_join(&plan.above))
     }
 
-    /// Runs every detector on `batch`; one result per detector, in order. A detector that
-    /// fails at run time (a cast of bad data, say) fails alone.
-    pub fn run(&self, detectors: &[CompiledDetector], batch: RecordBatch) -> Vec<Result<Vec<RecordBatch>>> {
+    /// Runs every detector on `batch`; one result per detector, in order, with the time it
+    /// took. A detector that fails at run time (a cast of bad data, say) fails alone.
+    pub fn run(
+        &self,
+        detectors: &[&CompiledDetector],
+        batch: RecordBatch,
+    ) -> Vec<(Result<Vec<RecordBatch>>, std::time::Duration)> {
         self.slot.set(batch);
-        let results = detectors.iter().map(|d| self.execute(d)).collect();
+        let results = detectors
+            .iter()
+            .map(|d| {
+                let started = std::time::Instant::now();
+                let result = self.execute(d);
+                (result, started.elapsed())
+            })
+            .collect();
         self.slot.clear();
         results
     }
@@ -372,9 +395,29 @@ impl DetectorEngine {
         } else {
             Arc::clone(plan)
         };
-        let stream = plan.execute(0, Arc::clone(&self.task_ctx))?;
+        let stream = plan.execute(0, self.task_for_one_run()?)?;
         let batches = self.runtime.block_on(collect(stream))?;
         Ok(batches.into_iter().filter(|b| b.num_rows() > 0).collect())
+    }
+
+    /// A task context whose memory pool is this run's alone: one detector's run cannot take
+    /// memory from another's (windows run on two threads).
+    fn task_for_one_run(&self) -> Result<Arc<TaskContext>> {
+        let base = &self.task_ctx;
+        let runtime = RuntimeEnvBuilder::from_runtime_env(base.runtime_env().as_ref())
+            .with_memory_pool(Arc::new(GreedyMemoryPool::new(self.run_memory)))
+            .build_arc()?;
+        // (Plans hold their functions already: the run needs no registry of them.)
+        Ok(Arc::new(TaskContext::new(
+            None,
+            base.session_id(),
+            base.session_config().clone(),
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            runtime,
+        )))
     }
 }
 
@@ -452,7 +495,7 @@ mod tests {
     const HEADER: &str = "-- id: t\n-- verdict: alert\n-- severity: low\n-- reason: {{actor}} did it\n";
 
     fn engine() -> DetectorEngine {
-        DetectorEngine::new(&EventSchema::new(vec![])).expect("engine")
+        DetectorEngine::new(&EventSchema::new(vec![]), 64 << 20).expect("engine")
     }
 
     fn compile(sql: &str) -> std::result::Result<CompiledDetector, Vec<String>> {
@@ -695,8 +738,8 @@ mod tests {
             (&["Get", "DeleteBucket", "Put"][..], 0, vec![1]),
             (&["DeleteTrail", "DeleteUser"][..], 3, vec![3, 4]),
         ] {
-            let result = engine.run(std::slice::from_ref(&detector), batch(actions, first));
-            let batches = result.into_iter().next().expect("one result").expect("runs");
+            let result = engine.run(&[&detector], batch(actions, first));
+            let batches = result.into_iter().next().expect("one result").0.expect("runs");
             let rows: Vec<u64> = batches
                 .iter()
                 .flat_map(|b| {

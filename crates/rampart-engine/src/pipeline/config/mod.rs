@@ -40,6 +40,10 @@ pub mod defaults {
     pub const BLAST_RADIUS_SHARE: f64 = 0.1;
     /// `[decisions.blast_radius] min_keys`: blocked keys below which the share does not apply.
     pub const BLAST_RADIUS_MIN_KEYS: usize = 10;
+    /// `[detectors] memory_mb`: MiB one run of a detector's query may reserve.
+    pub const DETECTOR_MEMORY_MB: usize = 512;
+    /// `[detectors] max_batch_time`: a detector slower than this on one batch is disabled.
+    pub const MAX_BATCH_TIME: Duration = Duration::from_secs(5);
     /// `[state] dir`, relative to the pipeline directory.
     pub const STATE_DIR: &str = "state";
     /// `[state] allowed_lateness` in event time.
@@ -166,6 +170,25 @@ impl Default for InputLimits {
     }
 }
 
+/// What one detector may cost (`[detectors]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DetectorLimits {
+    /// Bytes one run of a detector's query may reserve (sorts, joins, windows): past it the
+    /// run fails and the detector is reported; nothing spills to disk.
+    pub memory_bytes: usize,
+    /// A detector that takes longer than this on one batch is disabled until re-armed.
+    pub max_batch_time: Duration,
+}
+
+impl Default for DetectorLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: defaults::DETECTOR_MEMORY_MB << 20,
+            max_batch_time: defaults::MAX_BATCH_TIME,
+        }
+    }
+}
+
 /// A validated pipeline configuration.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -177,6 +200,8 @@ pub struct PipelineConfig {
     pub format: InputFormat,
     /// How much a record, a micro-batch, a document, a compressed file may take.
     pub input: InputLimits,
+    /// What one detector may cost.
+    pub detector_limits: DetectorLimits,
     /// Raw JSON to canonical columns.
     pub mapping: Mapping,
     /// Default block duration.
@@ -227,6 +252,7 @@ impl PipelineConfig {
         let mut c = Checker::new(path, text);
         let mapping = sections::mapping(&mut c, &raw.mapping, &raw.columns);
         let (format, input) = sections::source(&mut c, &raw.source);
+        let detector_limits = sections::detectors(&mut c, &raw.detectors);
         let (default_block_for, dedup_for, blast_radius) = sections::decisions(&mut c, &raw.decisions);
         let (state_dir, allowed_lateness, state_cache_bytes) = sections::state(&mut c, &raw.state, base);
         let service = sections::service(&mut c, &raw.service, base);
@@ -239,6 +265,7 @@ impl PipelineConfig {
                 description: raw.description,
                 format,
                 input,
+                detector_limits,
                 mapping,
                 default_block_for,
                 dedup_for,
@@ -384,6 +411,7 @@ region = "awsRegion"
     fn defaults_apply_when_sections_are_left_out() {
         let c = PipelineConfig::parse(Path::new("p/pipeline.toml"), GOOD).expect("valid");
         assert_eq!(c.input, InputLimits::default());
+        assert_eq!(c.detector_limits, DetectorLimits::default());
         assert_eq!(c.default_block_for, defaults::BLOCK_FOR);
         assert_eq!(c.dedup_for, defaults::DEDUP_FOR);
         assert_eq!(c.allowed_lateness, defaults::ALLOWED_LATENESS);

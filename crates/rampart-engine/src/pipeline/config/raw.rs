@@ -36,6 +36,9 @@ pub(super) struct RawPipeline {
     /// Window state settings.
     #[serde(default)]
     pub state: RawState,
+    /// What one detector may cost.
+    #[serde(default)]
+    pub detectors: RawDetectors,
     /// Service mode: where events come from and decisions go (`rampart run`).
     #[serde(default)]
     pub kafka: Option<RawKafka>,
@@ -48,6 +51,16 @@ pub(super) struct RawPipeline {
     /// Reference tables from compacted Kafka topics (files in `tables/` need no entry).
     #[serde(default)]
     pub tables: BTreeMap<Text, RawTopicTable>,
+}
+
+/// `[detectors]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDetectors {
+    /// MiB of memory one run of a detector's query may reserve (sorts, joins, windows).
+    pub memory_mb: Option<Spanned<usize>>,
+    /// A detector that takes longer than this on one batch is disabled.
+    pub max_batch_time: Option<Text>,
 }
 
 /// `[source]`.

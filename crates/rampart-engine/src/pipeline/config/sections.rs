@@ -14,10 +14,10 @@ use rampart_core::{ColumnType, Problem};
 use rampart_sql::BlastRadius;
 
 use super::raw::{
-    RawAudit, RawDecisions, RawField, RawKafka, RawMapping, RawService, RawSource, RawState, RawTopicTable,
-    Text,
+    RawAudit, RawDecisions, RawDetectors, RawField, RawKafka, RawMapping, RawService, RawSource, RawState,
+    RawTopicTable, Text,
 };
-use super::{InputFormat, InputLimits, KafkaConfig, ServiceConfig, TopicTable, defaults};
+use super::{DetectorLimits, InputFormat, InputLimits, KafkaConfig, ServiceConfig, TopicTable, defaults};
 use crate::input::mapping::{FieldSpec, JsonPath, Mapping};
 
 /// The file being validated and the problems found so far.
@@ -256,6 +256,26 @@ pub(super) fn decisions(c: &mut Checker<'_>, d: &RawDecisions) -> (Duration, Dur
         }
     };
     (block_for, dedup_for, blast_radius)
+}
+
+/// `[detectors]`: what one detector may cost.
+pub(super) fn detectors(c: &mut Checker<'_>, d: &RawDetectors) -> DetectorLimits {
+    let memory_mb = match &d.memory_mb {
+        Some(mb) if *mb.get_ref() == 0 => {
+            c.problem(mb.span(), "`detectors.memory_mb` must be at least 1");
+            defaults::DETECTOR_MEMORY_MB
+        }
+        Some(mb) => *mb.get_ref(),
+        None => defaults::DETECTOR_MEMORY_MB,
+    };
+    DetectorLimits {
+        memory_bytes: memory_mb << 20,
+        max_batch_time: c.duration(
+            "max_batch_time",
+            d.max_batch_time.as_ref(),
+            defaults::MAX_BATCH_TIME,
+        ),
+    }
 }
 
 /// `[state]`: the directory (relative to the pipeline's), the allowed lateness, the cache size
