@@ -304,6 +304,53 @@ impl Blocks {
     }
 }
 
+/// The enforcer's handling of one message from the topic, without Kafka: for the fuzz targets.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{Blocks, Check, Stats, Verifier};
+    use chrono::{DateTime, Utc};
+
+    /// Blocks fed by hand.
+    #[derive(Default)]
+    pub struct Receiver(Blocks);
+
+    impl Receiver {
+        /// Verifying against `verify`, if given.
+        pub fn new(verify: Option<Verifier>) -> Self {
+            Self(Blocks {
+                verify,
+                ..Blocks::default()
+            })
+        }
+
+        /// Takes one message: its value and signature headers.
+        pub fn receive(
+            &mut self,
+            payload: &[u8],
+            key_id: Option<&[u8]>,
+            signature: Option<&[u8]>,
+            now: DateTime<Utc>,
+        ) {
+            self.0.receive(payload, key_id, signature, now);
+        }
+
+        /// What `actor` doing `action` meets at `now`.
+        pub fn check(&self, actor: &str, action: &str, now: DateTime<Utc>) -> Check {
+            self.0.check(actor, action, now)
+        }
+
+        /// Forgets what expired by `now`.
+        pub fn prune(&mut self, now: DateTime<Utc>) {
+            self.0.prune(now);
+        }
+
+        /// The counters.
+        pub fn stats(&self) -> Stats {
+            self.0.stats
+        }
+    }
+}
+
 /// Follows the decisions topic and answers whether an actor is blocked.
 pub struct Enforcer {
     blocks: Arc<RwLock<Blocks>>,

@@ -112,23 +112,27 @@ pub fn run_tests(pipeline: &Pipeline) -> (Vec<CaseResult>, Vec<Problem>) {
                 continue;
             }
         };
-        let parsed: TestFile = match toml::from_str(&text) {
-            Ok(p) => p,
-            Err(e) => {
-                let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
-                problems.push(Problem {
-                    file: file.clone(),
-                    line,
-                    message: e.message().to_string(),
-                });
-                continue;
-            }
-        };
-        for case in parsed.case {
-            results.push(run_case(pipeline, &file, case));
+        match run_test_file(pipeline, &file, &text) {
+            Ok(ran) => results.extend(ran),
+            Err(problem) => problems.push(problem),
         }
     }
     (results, problems)
+}
+
+/// Runs the cases of one test file, `text` read from `file` (input paths are relative to its
+/// directory); a file that does not parse is one problem, with its line.
+pub fn run_test_file(pipeline: &Pipeline, file: &Path, text: &str) -> Result<Vec<CaseResult>, Problem> {
+    let parsed: TestFile = toml::from_str(text).map_err(|e| Problem {
+        file: file.to_path_buf(),
+        line: e.span().map(|s| text[..s.start].matches('\n').count() + 1),
+        message: e.message().to_string(),
+    })?;
+    Ok(parsed
+        .case
+        .into_iter()
+        .map(|case| run_case(pipeline, file, case))
+        .collect())
 }
 
 fn run_case(pipeline: &Pipeline, file: &Path, case: RawCase) -> CaseResult {

@@ -124,6 +124,21 @@ impl Decoder {
         self.decoding_here(|d, framed| d.frame_text(name, text, framed), emit)
     }
 
+    /// Decodes the bytes of a file held in memory (gzip or not), named `name` in positions.
+    pub fn decode_bytes(
+        &mut self,
+        name: &str,
+        bytes: &[u8],
+        emit: &mut dyn FnMut(Decoded),
+    ) -> io::Result<()> {
+        self.decoding_here(|d, framed| d.frame_bytes(name, bytes, framed), emit)
+    }
+
+    /// [`Self::frame_file`] of a file's bytes held in memory, named `name` in positions.
+    pub fn frame_bytes(&mut self, name: &str, bytes: &[u8], emit: &mut dyn FnMut(Framed)) -> io::Result<()> {
+        self.decode_stream(Arc::from(name), bytes, emit)
+    }
+
     /// Runs `read` with chunking off, handing on only the decoded records.
     fn decoding_here(
         &mut self,
@@ -152,7 +167,7 @@ impl Decoder {
         self.decode_stream(Arc::from(path.display().to_string()), file, emit)
     }
 
-    fn decode_stream<R: BufRead + 'static>(
+    fn decode_stream<R: BufRead>(
         &mut self,
         name: Arc<str>,
         mut input: R,
