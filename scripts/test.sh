@@ -25,3 +25,5 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --release --lib --bins --tests 2>&1 | tee "$log"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "cargo test: %d passed, %d failed\n", p, f }' "$log"
+echo "== fuzz targets, briefly (scripts/fuzz.sh: their committed corpus, then 10 s of new inputs each)" >&2
+./scripts/fuzz.sh --check "${RAMPART_FUZZ_SECONDS:-10}"

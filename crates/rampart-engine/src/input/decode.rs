@@ -2,7 +2,7 @@
 //! CloudTrail files (`{"Records": [...]}`), each optionally gzip-compressed. A record that
 //! cannot be decoded or mapped becomes a [`DeadLetter`] with its position; decoding carries on.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
@@ -177,25 +177,15 @@ impl Decoder {
         if !gzip {
             return self.decode_reader(Arc::clone(&name), Box::new(input), emit);
         }
-        let refused = Rc::new(Cell::new(None));
+        let refused = Rc::new(RefCell::new(None));
         let guard = GzipGuard::new(input, self.limits.max_gzip_ratio, Rc::clone(&refused));
         self.decode_reader(
             Arc::clone(&name),
             Box::new(BufReader::with_capacity(1 << 16, guard)),
             emit,
         )?;
-        if let Some(bomb) = refused.get() {
-            let Bomb {
-                expanded,
-                compressed,
-                line,
-            } = bomb;
-            let error = format!(
-                "gzip input expanded {expanded} bytes from {compressed} compressed, more than {} times \
-                 (source.max_gzip_ratio): refused as a decompression bomb from here on",
-                self.limits.max_gzip_ratio
-            );
-            self.dead(&mut |d| emit(Framed::Decoded(d)), &name, line, error, "");
+        if let Some(Cut { line, reason }) = refused.take() {
+            self.dead(&mut |d| emit(Framed::Decoded(d)), &name, line, reason, "");
         }
         Ok(())
     }
@@ -474,6 +464,11 @@ impl Decoder {
         if trimmed.is_empty() {
             return;
         }
+        // The size first, as when the line is read through without being held: a line over
+        // the limit is refused for its size whatever it holds.
+        if trimmed.len() > self.limits.max_record_bytes {
+            return self.refuse_long_line(emit, name, line_no, trimmed, trimmed.len());
+        }
         match std::str::from_utf8(trimmed) {
             Ok(text) => self.record(emit, name, line_no, text),
             Err(_) => self.dead(
@@ -623,21 +618,19 @@ fn skip_line(mut start: Vec<u8>, cap: usize, reader: &mut dyn BufRead) -> io::Re
     Ok((start, taken))
 }
 
-/// Where a gzip input was refused as a decompression bomb.
-#[derive(Debug, Clone, Copy)]
-struct Bomb {
-    /// Bytes it had expanded to.
-    expanded: u64,
-    /// From this many compressed bytes.
-    compressed: u64,
+/// Where gzip input was cut, and why: a decompression bomb, or corrupt compressed data.
+#[derive(Debug)]
+struct Cut {
     /// The line it was cut in.
     line: u64,
+    /// Why, for the dead letter.
+    reason: String,
 }
 
 /// A reader of compressed bytes that counts them.
 struct Counted<R> {
     inner: R,
-    count: Rc<Cell<u64>>,
+    count: Rc<std::cell::Cell<u64>>,
 }
 
 impl<R: Read> Read for Counted<R> {
@@ -648,20 +641,21 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// Decompresses gzip input, and ends it (recording a [`Bomb`]) once it has expanded past
-/// [`GZIP_RATIO_FROM`] bytes and more than `ratio` times the compressed bytes read.
+/// Decompresses gzip input, and ends it (recording a [`Cut`]) once it has expanded past
+/// [`GZIP_RATIO_FROM`] bytes and more than `ratio` times the compressed bytes read, or where
+/// the compressed data is corrupt (what was decompressed before is decoded).
 struct GzipGuard<R: Read> {
     inner: MultiGzDecoder<Counted<R>>,
-    compressed: Rc<Cell<u64>>,
+    compressed: Rc<std::cell::Cell<u64>>,
     expanded: u64,
     newlines: u64,
     ratio: u64,
-    refused: Rc<Cell<Option<Bomb>>>,
+    refused: Rc<RefCell<Option<Cut>>>,
 }
 
 impl<R: Read> GzipGuard<R> {
-    fn new(input: R, ratio: u64, refused: Rc<Cell<Option<Bomb>>>) -> Self {
-        let compressed = Rc::new(Cell::new(0));
+    fn new(input: R, ratio: u64, refused: Rc<RefCell<Option<Cut>>>) -> Self {
+        let compressed = Rc::new(std::cell::Cell::new(0));
         Self {
             inner: MultiGzDecoder::new(Counted {
                 inner: input,
@@ -674,14 +668,37 @@ impl<R: Read> GzipGuard<R> {
             refused,
         }
     }
+
+    fn cut(&self, reason: String) {
+        *self.refused.borrow_mut() = Some(Cut {
+            line: self.newlines + 1,
+            reason,
+        });
+    }
 }
 
 impl<R: Read> Read for GzipGuard<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.refused.get().is_some() {
+        if self.refused.borrow().is_some() {
             return Ok(0);
         }
-        let n = self.inner.read(buf)?;
+        let n = match self.inner.read(buf) {
+            Ok(n) => n,
+            // The data, not the device: what came before is decoded, the rest is refused.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                self.cut(format!(
+                    "the gzip data is corrupt after {} decompressed bytes ({e}): the rest of the file is not read",
+                    self.expanded
+                ));
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
         self.expanded += n as u64;
         self.newlines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
         let compressed = self.compressed.get();
@@ -689,11 +706,11 @@ impl<R: Read> Read for GzipGuard<R> {
             && self.expanded > GZIP_RATIO_FROM
             && self.expanded > compressed.saturating_mul(self.ratio)
         {
-            self.refused.set(Some(Bomb {
-                expanded: self.expanded,
-                compressed,
-                line: self.newlines + 1,
-            }));
+            self.cut(format!(
+                "gzip input expanded {} bytes from {compressed} compressed, more than {} times \
+                 (source.max_gzip_ratio): refused as a decompression bomb from here on",
+                self.expanded, self.ratio
+            ));
             return Ok(0);
         }
         Ok(n)
@@ -1096,5 +1113,82 @@ mod tests {
             dead.len() <= 2,
             "at most the record cut in the middle, and the refusal: {dead:?}"
         );
+    }
+
+    /// Found by the `decode` fuzz target: a line over the size limit that was also not UTF-8
+    /// was refused for its size when read line by line, for its encoding when read in chunks.
+    #[test]
+    fn a_long_line_that_is_not_utf8_is_refused_for_its_size_either_way() {
+        let mut bytes = format!("{A}\n{{\"x\": \"{}", "z".repeat(300)).into_bytes();
+        bytes.push(0xff);
+        bytes.extend_from_slice(b"\"}\n");
+        bytes.extend_from_slice(format!("{B}\n").as_bytes());
+        let mut here = Vec::new();
+        let mut d = decoder(InputFormat::Auto, 200);
+        d.decode_bytes("input", &bytes, &mut |o| here.push(o))
+            .expect("in memory");
+        d.flush(&mut |o| here.push(o));
+        let (events, dead) = collect(here);
+        assert_eq!(events.len(), 2);
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].1.contains("over the limit of 200"), "{dead:?}");
+        let mut framed = Vec::new();
+        decoder(InputFormat::Auto, 200)
+            .chunking(10)
+            .frame_bytes("input", &bytes, &mut |f| framed.push(f))
+            .expect("in memory");
+        let mut worker = decoder(InputFormat::Auto, 200);
+        let mut chunked = Vec::new();
+        for item in framed {
+            match item {
+                Framed::Lines(chunk) => worker.decode_chunk(&chunk, &mut |o| chunked.push(o)),
+                Framed::Decoded(o) => chunked.push(o),
+                Framed::Progress(_) => {}
+            }
+        }
+        assert_eq!(collect(chunked), (events, dead));
+    }
+
+    /// Found by the `decode` fuzz target: a gzip stream whose data or checksum is corrupt made
+    /// the whole replay fail. Now what decompressed before is decoded, one dead letter says
+    /// why the rest is not, and the next input is read.
+    #[test]
+    fn corrupt_gzip_data_is_a_dead_letter_and_the_next_input_is_decoded() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        for _ in 0..3 {
+            writeln!(gz, "{A}").expect("write");
+        }
+        let mut bytes = gz.finish().expect("gzip");
+        // The CRC-32 in the trailer: the data decompresses, the check fails at the end.
+        let crc = bytes.len() - 8;
+        bytes[crc] ^= 0xff;
+        let mut broken = bytes.clone();
+        // And a stream cut in the middle.
+        broken.truncate(bytes.len() / 2);
+        for (input, events_before) in [(&bytes, 3), (&broken, 0)] {
+            let mut out = Vec::new();
+            let mut d = decoder(InputFormat::Auto, 200);
+            d.decode_bytes("bad.json.gz", input, &mut |o| out.push(o))
+                .expect("no error: a dead letter");
+            d.decode_text("next", B, &mut |o| out.push(o)).expect("in memory");
+            d.flush(&mut |o| out.push(o));
+            let (events, dead) = collect(out);
+            assert_eq!(
+                events.iter().filter(|(a, _)| a == "alice").count(),
+                events_before,
+                "{events:?}"
+            );
+            assert_eq!(
+                events.iter().filter(|(a, _)| a == "bob").count(),
+                1,
+                "the next input"
+            );
+            assert!(
+                dead.iter()
+                    .any(|(_, e)| e.starts_with("the gzip data is corrupt")),
+                "{dead:?}"
+            );
+        }
     }
 }
