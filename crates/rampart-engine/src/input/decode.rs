@@ -405,10 +405,8 @@ impl Decoder {
     ) -> io::Result<()> {
         let cap = self.line_cap();
         let mut buf = first;
-        let mut taken = Taken {
-            bytes: buf.len(),
-            ended: buf.ends_with(b"\n"),
-        };
+        let mut taken = Taken::default();
+        taken.add(&buf);
         let mut pending = 0u64;
         loop {
             pending += taken.bytes as u64;
@@ -563,31 +561,39 @@ impl Decoder {
 }
 
 /// What a line took of the input: its bytes, its `\n` included (0 at the end of the input),
-/// and whether a `\n` ended it (else the input did).
-#[derive(Debug, Clone, Copy)]
+/// and how many of them at its end are line-ending bytes (`\r`, `\n`: what [`trim_line`]
+/// takes off).
+#[derive(Debug, Clone, Copy, Default)]
 struct Taken {
     bytes: usize,
-    ended: bool,
+    trailing: usize,
 }
 
 impl Taken {
-    /// The length of its record, of which `kept` bytes were kept: without the line ending
-    /// (`\n`, and a `\r` before it).
+    /// The length of its record, of which `kept` bytes were kept: without the line ending.
     fn record_length(self, kept: &[u8]) -> usize {
         if kept.len() == self.bytes {
             return trim_line(kept).len();
         }
         // Cut short: the ending is past what was kept.
-        self.bytes - usize::from(self.ended)
+        self.bytes - self.trailing
+    }
+
+    /// Counts `taken`, read after what was taken so far.
+    fn add(&mut self, taken: &[u8]) {
+        let run = taken.len() - trim_line(taken).len();
+        self.trailing = if run == taken.len() {
+            self.trailing + run
+        } else {
+            run
+        };
+        self.bytes += taken.len();
     }
 }
 
 /// Reads one line (through its `\n`) into `buf`, keeping at most `cap` bytes of it in all.
 fn read_line_capped(reader: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> io::Result<Taken> {
-    let mut taken = Taken {
-        bytes: 0,
-        ended: false,
-    };
+    let mut taken = Taken::default();
     loop {
         let available = reader.fill_buf()?;
         if available.is_empty() {
@@ -599,10 +605,9 @@ fn read_line_capped(reader: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> 
         };
         let room = cap.saturating_sub(buf.len());
         buf.extend_from_slice(&available[..used.min(room)]);
+        taken.add(&available[..used]);
         reader.consume(used);
-        taken.bytes += used;
         if done {
-            taken.ended = true;
             return Ok(taken);
         }
     }
@@ -611,10 +616,18 @@ fn read_line_capped(reader: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> 
 /// The rest of a line begun with `start` (no newline in it yet), read and dropped through its
 /// `\n`: its first `cap` bytes, and the bytes it took in the input (its `\n` included).
 fn skip_line(mut start: Vec<u8>, cap: usize, reader: &mut dyn BufRead) -> io::Result<(Vec<u8>, Taken)> {
-    let before = start.len();
+    let mut taken = Taken::default();
+    taken.add(&start);
     start.truncate(cap);
-    let mut taken = read_line_capped(reader, &mut start, cap)?;
-    taken.bytes += before;
+    let rest = read_line_capped(reader, &mut start, cap)?;
+    if rest.bytes > 0 {
+        taken.trailing = if rest.trailing == rest.bytes {
+            taken.trailing + rest.trailing
+        } else {
+            rest.trailing
+        };
+        taken.bytes += rest.bytes;
+    }
     Ok((start, taken))
 }
 
@@ -1147,6 +1160,32 @@ mod tests {
             }
         }
         assert_eq!(collect(chunked), (events, dead));
+    }
+
+    /// Found by the `decode` fuzz target: the size of a line over the limit ending in `\r\n`
+    /// counted its `\r` when read line by line, not when read in chunks.
+    #[test]
+    fn a_long_line_ending_in_cr_lf_has_the_same_size_either_way() {
+        let long = format!(
+            r#"{{"t": "2024-01-01T00:00:00Z", "a": "x", "x": "{}"}}"#,
+            "z".repeat(300)
+        );
+        for ending in ["\r\n", "\r\r\n", "\r"] {
+            let text = format!("{A}\n{long}{ending}");
+            let here = run(InputFormat::Auto, &text);
+            assert_eq!(
+                here.1,
+                [(
+                    2,
+                    format!(
+                        "the record is {} bytes, over the limit of 200 (source.max_record_bytes)",
+                        long.len()
+                    )
+                )],
+                "{ending:?}"
+            );
+            assert_eq!(run_chunked(InputFormat::Auto, &text, 5), here, "{ending:?}");
+        }
     }
 
     /// Found by the `decode` fuzz target: a gzip stream whose data or checksum is corrupt made
