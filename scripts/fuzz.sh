@@ -26,8 +26,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 # libFuzzer's instrumentation works with the stable compiler when no sanitizer is asked for;
 # `fuzzing` is a cfg of cargo fuzz's own that needs no nightly feature.
-FUZZ=(cargo fuzz --fuzz-dir fuzz)
-BUILD=(--sanitizer none --release --debug-assertions)
+FUZZ=(cargo fuzz)
+BUILD=(--fuzz-dir fuzz --sanitizer none --release --debug-assertions)
 
 if [[ "${1:-}" == "--reproduce" ]]; then
   target=$2 file=$3
