@@ -35,12 +35,7 @@ pub fn config() -> &'static (PipelineConfig, EventSchema) {
     CONFIG.get_or_init(|| {
         let config = PipelineConfig::parse(std::path::Path::new("fuzz/pipeline.toml"), PIPELINE_TOML)
             .expect("the fuzz pipeline is valid");
-        let extras = config
-            .mapping
-            .extras
-            .iter()
-            .map(|(n, _, t)| (n.clone(), *t))
-            .collect();
-        (config, EventSchema::new(extras))
+        let schema = config.event_schema();
+        (config, schema)
     })
 }

@@ -841,10 +841,15 @@ mod tests {
 
     /// Frames with a chunking decoder, decodes the chunks with another, like replay does.
     fn run_chunked(format: InputFormat, text: &str, lines: usize) -> Outcome {
+        run_chunked_bytes(format, text.as_bytes(), lines)
+    }
+
+    /// [`run_chunked`] of a file's bytes (gzip or not).
+    fn run_chunked_bytes(format: InputFormat, bytes: &[u8], lines: usize) -> Outcome {
         let mut framed = Vec::new();
         let mut framer = decoder(format, 200).chunking(lines);
         framer
-            .frame_text("input", text, &mut |f| framed.push(f))
+            .frame_bytes("input", bytes, &mut |f| framed.push(f))
             .expect("in memory");
         framer.flush(&mut |d| framed.push(Framed::Decoded(d)));
         let mut worker = decoder(format, 200);
@@ -1145,21 +1150,7 @@ mod tests {
         assert_eq!(events.len(), 2);
         assert_eq!(dead.len(), 1);
         assert!(dead[0].1.contains("over the limit of 200"), "{dead:?}");
-        let mut framed = Vec::new();
-        decoder(InputFormat::Auto, 200)
-            .chunking(10)
-            .frame_bytes("input", &bytes, &mut |f| framed.push(f))
-            .expect("in memory");
-        let mut worker = decoder(InputFormat::Auto, 200);
-        let mut chunked = Vec::new();
-        for item in framed {
-            match item {
-                Framed::Lines(chunk) => worker.decode_chunk(&chunk, &mut |o| chunked.push(o)),
-                Framed::Decoded(o) => chunked.push(o),
-                Framed::Progress(_) => {}
-            }
-        }
-        assert_eq!(collect(chunked), (events, dead));
+        assert_eq!(run_chunked_bytes(InputFormat::Auto, &bytes, 10), (events, dead));
     }
 
     /// Found by the `decode` fuzz target: the size of a line over the limit ending in `\r\n`

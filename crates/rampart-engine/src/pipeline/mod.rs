@@ -123,13 +123,7 @@ impl Pipeline {
             )]));
         }
         let config = PipelineConfig::load(&config_path).map_err(LoadError::Config)?;
-        let extras = config
-            .mapping
-            .extras
-            .iter()
-            .map(|(n, _, t)| (n.clone(), *t))
-            .collect();
-        let schema = EventSchema::new(extras);
+        let schema = config.event_schema();
         let engine = DetectorEngine::new(&schema, config.detector_limits.memory_bytes)?;
         let mut detectors: Vec<CompiledDetector> = Vec::new();
         let mut problems = Vec::new();

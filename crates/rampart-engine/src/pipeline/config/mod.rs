@@ -227,6 +227,17 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
+    /// The `events` table's schema: the canonical columns and the `[columns]` extras.
+    pub fn event_schema(&self) -> rampart_core::EventSchema {
+        let extras = self
+            .mapping
+            .extras
+            .iter()
+            .map(|(name, _, ty)| (name.clone(), *ty))
+            .collect();
+        rampart_core::EventSchema::new(extras)
+    }
+
     /// Reads and validates `pipeline.toml` at `path`.
     pub fn load(path: &Path) -> Result<Self, Vec<Problem>> {
         let text = std::fs::read_to_string(path).map_err(|e| {
