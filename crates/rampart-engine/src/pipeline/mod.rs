@@ -413,18 +413,19 @@ impl Pipeline {
 
     /// Notes `detector` as slow on this batch if `took` is over its time budget (only when
     /// guarded: detector tests and the equivalence harness judge the detectors themselves).
+    /// `at` gives the batch's newest event time, asked for only then.
     pub(super) fn time_check(
         &self,
         detector: &str,
         took: std::time::Duration,
-        at: i64,
+        at: impl FnOnce() -> i64,
         out: &mut Evaluation,
     ) {
         if self.is_guarded() && took > self.config.detector_limits.max_batch_time {
             out.slow.push(output::Slow {
                 detector: detector.to_string(),
                 took,
-                at,
+                at: at(),
             });
         }
     }
@@ -441,10 +442,12 @@ impl Pipeline {
             .filter(|d| !self.is_disabled(&d.meta.id))
             .collect();
         let results = self.engine.run(&per_event, events.batch.clone());
-        let newest = (0..events.batch.num_rows())
-            .map(|i| events.event_time(i))
-            .max()
-            .unwrap_or(i64::MIN);
+        let newest = || {
+            (0..events.batch.num_rows())
+                .map(|i| events.event_time(i))
+                .max()
+                .unwrap_or(i64::MIN)
+        };
         let mut decided = Vec::new();
         for (detector, (result, took)) in per_event.iter().zip(results) {
             self.time_check(&detector.meta.id, took, newest, out);

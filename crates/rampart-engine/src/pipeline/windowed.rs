@@ -361,7 +361,7 @@ impl Pipeline {
         let mut results = Vec::with_capacity(ran.len());
         for (i, result, took) in ran {
             let id = &windowed[i].detector.meta.id;
-            self.time_check(id, took, clock_newest, out);
+            self.time_check(id, took, || clock_newest, out);
             // (A disabled member of a state others still run decides nothing.)
             if !self.is_disabled(id) {
                 results.push((i, result));
