@@ -213,16 +213,17 @@ impl Decoder {
         // Skip leading blank lines, keeping count, to look at the first real line (which may
         // be a whole document: CloudTrail files are one line).
         let document_cap = self.limits.max_document_bytes.saturating_add(1);
-        loop {
+        let first_taken = loop {
             first.clear();
-            if read_line_capped(&mut reader, &mut first, document_cap)?.bytes == 0 {
+            let taken = read_line_capped(&mut reader, &mut first, document_cap, Taken::default())?;
+            if taken.bytes == 0 {
                 return Ok(());
             }
             if first.iter().any(|b| !b.is_ascii_whitespace()) {
-                break;
+                break taken;
             }
             line_no += 1;
-        }
+        };
         let starts_array = first.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
         let first_is_records =
             serde_json::from_slice::<RecordsProbe>(&first).is_ok_and(|p| p.records.is_some());
@@ -234,7 +235,7 @@ impl Decoder {
             InputFormat::Auto => starts_array || first_is_records || !first_is_object,
         };
         if !whole_document {
-            return self.decode_lines(&name, first, line_no, reader, emit);
+            return self.decode_lines(&name, (first, first_taken), line_no, reader, emit);
         }
         let mut bytes = first;
         let room = document_cap.saturating_sub(bytes.len()) as u64;
@@ -311,10 +312,12 @@ impl Decoder {
         Ok(())
     }
 
+    /// Decodes JSON lines from the first line, `first` (what was kept of it, and what it took),
+    /// on.
     fn decode_lines(
         &mut self,
         name: &Arc<str>,
-        first: Vec<u8>,
+        first: (Vec<u8>, Taken),
         line_no: u64,
         reader: Box<dyn BufRead + '_>,
         emit: &mut dyn FnMut(Framed),
@@ -332,15 +335,28 @@ impl Decoder {
     fn chunk_lines_of(
         &mut self,
         name: &Arc<str>,
-        first: Vec<u8>,
+        first: (Vec<u8>, Taken),
         line_no: u64,
         mut reader: Box<dyn BufRead + '_>,
         lines: usize,
         emit: &mut dyn FnMut(Framed),
     ) -> io::Result<()> {
         let (cap, max_chunk) = (self.line_cap(), self.limits.max_batch_bytes);
-        let mut data = first;
+        let (mut data, taken) = first;
         let mut first_line = line_no;
+        if taken.bytes > data.len() {
+            // Longer than a whole document, and read through already.
+            emit(Framed::Progress(taken.bytes as u64));
+            self.refuse_long_line(
+                &mut |d| emit(Framed::Decoded(d)),
+                name,
+                first_line,
+                &data,
+                taken.record_length(),
+            );
+            data.clear();
+            first_line += 1;
+        }
         // Where scanning for newlines resumes, newlines counted since the last cut, where the
         // current (unfinished) line starts.
         let (mut scanned, mut newlines, mut line_start) = (0, 0, 0);
@@ -372,8 +388,13 @@ impl Decoder {
                 }
                 let (kept, taken) = skip_line(long, cap, &mut reader)?;
                 emit(Framed::Progress(taken.bytes as u64));
-                let length = taken.record_length(&kept);
-                self.refuse_long_line(&mut |d| emit(Framed::Decoded(d)), name, first_line, &kept, length);
+                self.refuse_long_line(
+                    &mut |d| emit(Framed::Decoded(d)),
+                    name,
+                    first_line,
+                    &kept,
+                    taken.record_length(),
+                );
                 first_line += 1;
                 (scanned, newlines, line_start) = (0, 0, 0);
                 continue;
@@ -398,21 +419,24 @@ impl Decoder {
     fn decode_lines_here(
         &mut self,
         name: &Arc<str>,
-        first: Vec<u8>,
+        first: (Vec<u8>, Taken),
         mut line_no: u64,
         mut reader: Box<dyn BufRead + '_>,
         emit: &mut dyn FnMut(Framed),
     ) -> io::Result<()> {
         let cap = self.line_cap();
-        let mut buf = first;
-        let mut taken = Taken::default();
-        taken.add(&buf);
+        let (mut buf, mut taken) = first;
         let mut pending = 0u64;
         loop {
             pending += taken.bytes as u64;
             if taken.bytes > buf.len() || buf.len() > cap {
-                let record = taken.record_length(&buf);
-                self.refuse_long_line(&mut |d| emit(Framed::Decoded(d)), name, line_no, &buf, record);
+                self.refuse_long_line(
+                    &mut |d| emit(Framed::Decoded(d)),
+                    name,
+                    line_no,
+                    &buf,
+                    taken.record_length(),
+                );
             } else {
                 self.line(&mut |d| emit(Framed::Decoded(d)), name, line_no, &buf);
             }
@@ -421,7 +445,7 @@ impl Decoder {
                 pending = 0;
             }
             buf.clear();
-            taken = read_line_capped(&mut reader, &mut buf, cap)?;
+            taken = read_line_capped(&mut reader, &mut buf, cap, Taken::default())?;
             if taken.bytes == 0 {
                 break;
             }
@@ -431,8 +455,9 @@ impl Decoder {
         Ok(())
     }
 
-    /// The dead letter of a record of `length` bytes (its line ending left out) of which
-    /// `kept` were kept: over `source.max_record_bytes`.
+    /// The dead letter of a record of `length` bytes (without the whitespace before it and its
+    /// line ending) of which `kept` were kept: over `source.max_record_bytes`. A blank line
+    /// (`length` 0), however long, is skipped like any blank line.
     fn refuse_long_line(
         &self,
         emit: &mut dyn FnMut(Decoded),
@@ -441,6 +466,9 @@ impl Decoder {
         kept: &[u8],
         length: usize,
     ) {
+        if length == 0 {
+            return;
+        }
         let error = format!(
             "the record is {length} bytes, over the limit of {} (source.max_record_bytes)",
             self.limits.max_record_bytes
@@ -561,39 +589,68 @@ impl Decoder {
 }
 
 /// What a line took of the input: its bytes, its `\n` included (0 at the end of the input),
-/// and how many of them at its end are line-ending bytes (`\r`, `\n`: what [`trim_line`]
-/// takes off).
-#[derive(Debug, Clone, Copy, Default)]
+/// the whitespace it begins with and the line-ending bytes (`\r`, `\n`) it ends with: what
+/// [`trim_line`] takes off. Counted piece by piece, so that a line read through without being
+/// held has the same record length as one held whole, wherever the pieces were cut.
+#[derive(Debug, Clone, Copy)]
 struct Taken {
     bytes: usize,
+    leading: usize,
     trailing: usize,
+    /// Whether every byte so far is whitespace.
+    blank: bool,
+}
+
+impl Default for Taken {
+    fn default() -> Self {
+        Self {
+            bytes: 0,
+            leading: 0,
+            trailing: 0,
+            blank: true,
+        }
+    }
 }
 
 impl Taken {
-    /// The length of its record, of which `kept` bytes were kept: without the line ending.
-    fn record_length(self, kept: &[u8]) -> usize {
-        if kept.len() == self.bytes {
-            return trim_line(kept).len();
+    /// The length of its record: without the whitespace before it and the line ending after
+    /// it (0 for a blank line), as [`trim_line`] counts a line held whole.
+    fn record_length(self) -> usize {
+        if self.blank {
+            return 0;
         }
-        // Cut short: the ending is past what was kept.
-        self.bytes - self.trailing
+        self.bytes - self.leading - self.trailing
     }
 
-    /// Counts `taken`, read after what was taken so far.
-    fn add(&mut self, taken: &[u8]) {
-        let run = taken.len() - trim_line(taken).len();
-        self.trailing = if run == taken.len() {
-            self.trailing + run
+    /// Counts `piece`, read after what was taken so far.
+    fn add(&mut self, piece: &[u8]) {
+        if self.blank {
+            let spaces = piece.iter().take_while(|b| b.is_ascii_whitespace()).count();
+            self.leading += spaces;
+            self.blank = spaces == piece.len();
+        }
+        let ending = piece
+            .iter()
+            .rev()
+            .take_while(|b| matches!(b, b'\n' | b'\r'))
+            .count();
+        self.trailing = if ending == piece.len() {
+            self.trailing + ending
         } else {
-            run
+            ending
         };
-        self.bytes += taken.len();
+        self.bytes += piece.len();
     }
 }
 
-/// Reads one line (through its `\n`) into `buf`, keeping at most `cap` bytes of it in all.
-fn read_line_capped(reader: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> io::Result<Taken> {
-    let mut taken = Taken::default();
+/// Reads the rest of a line (through its `\n`) into `buf`, keeping at most `cap` bytes of it
+/// in all; `taken` is what the line took before.
+fn read_line_capped(
+    reader: &mut dyn BufRead,
+    buf: &mut Vec<u8>,
+    cap: usize,
+    mut taken: Taken,
+) -> io::Result<Taken> {
     loop {
         let available = reader.fill_buf()?;
         if available.is_empty() {
@@ -614,20 +671,12 @@ fn read_line_capped(reader: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> 
 }
 
 /// The rest of a line begun with `start` (no newline in it yet), read and dropped through its
-/// `\n`: its first `cap` bytes, and the bytes it took in the input (its `\n` included).
+/// `\n`: its first `cap` bytes, and what it took in the input (its `\n` included).
 fn skip_line(mut start: Vec<u8>, cap: usize, reader: &mut dyn BufRead) -> io::Result<(Vec<u8>, Taken)> {
     let mut taken = Taken::default();
     taken.add(&start);
     start.truncate(cap);
-    let rest = read_line_capped(reader, &mut start, cap)?;
-    if rest.bytes > 0 {
-        taken.trailing = if rest.trailing == rest.bytes {
-            taken.trailing + rest.trailing
-        } else {
-            rest.trailing
-        };
-        taken.bytes += rest.bytes;
-    }
+    let taken = read_line_capped(reader, &mut start, cap, taken)?;
     Ok((start, taken))
 }
 
@@ -1155,6 +1204,34 @@ mod tests {
 
     /// Found by the `decode` fuzz target: the size of a line over the limit ending in `\r\n`
     /// counted its `\r` when read line by line, not when read in chunks.
+    #[test]
+    fn a_line_read_in_pieces_has_its_record_length_wherever_the_pieces_are_cut() {
+        // Found by the decode fuzz target: a piece of a long line that began with a space was
+        // counted as if the space ended the line, so the size in the dead letter depended on
+        // where the gzip reader's buffer happened to cut the line.
+        for line in [
+            &b"{\"a\": \"x y\", \"b\": \" \"}\n"[..],
+            b"   {\"a\": 1}  \r\r\n",
+            b"\t{\"a\": \"\r\"}\r",
+            b" \t \r\n",
+            b"{\"a\": 1}",
+        ] {
+            let expected = trim_line(line).len();
+            for capacity in 1..=line.len() {
+                let mut reader = io::BufReader::with_capacity(capacity, line);
+                let mut kept = Vec::new();
+                let taken = read_line_capped(&mut reader, &mut kept, 4, Taken::default()).unwrap();
+                let shown = String::from_utf8_lossy(line);
+                assert_eq!(taken.bytes, line.len(), "{shown:?} in pieces of {capacity}");
+                assert_eq!(
+                    taken.record_length(),
+                    expected,
+                    "{shown:?} in pieces of {capacity}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_long_line_ending_in_cr_lf_has_the_same_size_either_way() {
         let long = format!(
