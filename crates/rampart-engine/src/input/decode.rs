@@ -352,7 +352,7 @@ impl Decoder {
                 name,
                 first_line,
                 &data,
-                taken.record_length(),
+                taken.record_size(),
             );
             data.clear();
             first_line += 1;
@@ -386,15 +386,22 @@ impl Decoder {
                     self.emit_chunk(emit, name, first_line, std::mem::take(&mut data));
                     first_line += newlines as u64;
                 }
-                let (kept, taken) = skip_line(long, cap, &mut reader)?;
-                emit(Framed::Progress(taken.bytes as u64));
-                self.refuse_long_line(
-                    &mut |d| emit(Framed::Decoded(d)),
-                    name,
-                    first_line,
-                    &kept,
-                    taken.record_length(),
-                );
+                let (mut kept, taken) = skip_line(long, cap, &mut reader)?;
+                if taken.record_size() > self.limits.max_record_bytes {
+                    emit(Framed::Progress(taken.bytes as u64));
+                    self.refuse_long_line(
+                        &mut |d| emit(Framed::Decoded(d)),
+                        name,
+                        first_line,
+                        &kept,
+                        taken.record_size(),
+                    );
+                } else {
+                    // Long only for its line ending: the record is all in what was kept.
+                    emit(Framed::Progress((taken.bytes - kept.len()) as u64));
+                    kept.push(b'\n');
+                    self.emit_chunk(emit, name, first_line, kept);
+                }
                 first_line += 1;
                 (scanned, newlines, line_start) = (0, 0, 0);
                 continue;
@@ -429,13 +436,15 @@ impl Decoder {
         let mut pending = 0u64;
         loop {
             pending += taken.bytes as u64;
-            if taken.bytes > buf.len() || buf.len() > cap {
+            // A line cut short holds its whole record when the record fits (the rest was line
+            // ending).
+            if taken.record_size() > self.limits.max_record_bytes {
                 self.refuse_long_line(
                     &mut |d| emit(Framed::Decoded(d)),
                     name,
                     line_no,
                     &buf,
-                    taken.record_length(),
+                    taken.record_size(),
                 );
             } else {
                 self.line(&mut |d| emit(Framed::Decoded(d)), name, line_no, &buf);
@@ -455,9 +464,8 @@ impl Decoder {
         Ok(())
     }
 
-    /// The dead letter of a record of `length` bytes (without the whitespace before it and its
-    /// line ending) of which `kept` were kept: over `source.max_record_bytes`. A blank line
-    /// (`length` 0), however long, is skipped like any blank line.
+    /// The dead letter of a line whose record is `length` bytes (see [`record_size`]), of which
+    /// `kept` were kept: over `source.max_record_bytes`.
     fn refuse_long_line(
         &self,
         emit: &mut dyn FnMut(Decoded),
@@ -466,9 +474,6 @@ impl Decoder {
         kept: &[u8],
         length: usize,
     ) {
-        if length == 0 {
-            return;
-        }
         let error = format!(
             "the record is {length} bytes, over the limit of {} (source.max_record_bytes)",
             self.limits.max_record_bytes
@@ -492,8 +497,9 @@ impl Decoder {
         }
         // The size first, as when the line is read through without being held: a line over
         // the limit is refused for its size whatever it holds.
-        if trimmed.len() > self.limits.max_record_bytes {
-            return self.refuse_long_line(emit, name, line_no, trimmed, trimmed.len());
+        let size = record_size(raw);
+        if size > self.limits.max_record_bytes {
+            return self.refuse_long_line(emit, name, line_no, trimmed, size);
         }
         match std::str::from_utf8(trimmed) {
             Ok(text) => self.record(emit, name, line_no, text),
@@ -589,13 +595,12 @@ impl Decoder {
 }
 
 /// What a line took of the input: its bytes, its `\n` included (0 at the end of the input),
-/// the whitespace it begins with and the line-ending bytes (`\r`, `\n`) it ends with: what
-/// [`trim_line`] takes off. Counted piece by piece, so that a line read through without being
-/// held has the same record length as one held whole, wherever the pieces were cut.
+/// the line-ending bytes (`\r`, `\n`) it ends with, and whether it is blank. Counted piece by
+/// piece, so that a line read through without being held has the size of one held whole,
+/// wherever the pieces were cut.
 #[derive(Debug, Clone, Copy)]
 struct Taken {
     bytes: usize,
-    leading: usize,
     trailing: usize,
     /// Whether every byte so far is whitespace.
     blank: bool,
@@ -605,7 +610,6 @@ impl Default for Taken {
     fn default() -> Self {
         Self {
             bytes: 0,
-            leading: 0,
             trailing: 0,
             blank: true,
         }
@@ -613,27 +617,18 @@ impl Default for Taken {
 }
 
 impl Taken {
-    /// The length of its record: without the whitespace before it and the line ending after
-    /// it (0 for a blank line), as [`trim_line`] counts a line held whole.
-    fn record_length(self) -> usize {
+    /// The size of its record, as [`record_size`] counts a line held whole: 0 for a blank line.
+    fn record_size(self) -> usize {
         if self.blank {
             return 0;
         }
-        self.bytes - self.leading - self.trailing
+        self.bytes - self.trailing
     }
 
     /// Counts `piece`, read after what was taken so far.
     fn add(&mut self, piece: &[u8]) {
-        if self.blank {
-            let spaces = piece.iter().take_while(|b| b.is_ascii_whitespace()).count();
-            self.leading += spaces;
-            self.blank = spaces == piece.len();
-        }
-        let ending = piece
-            .iter()
-            .rev()
-            .take_while(|b| matches!(b, b'\n' | b'\r'))
-            .count();
+        self.blank &= piece.iter().all(u8::is_ascii_whitespace);
+        let ending = piece.len() - without_ending(piece).len();
         self.trailing = if ending == piece.len() {
             self.trailing + ending
         } else {
@@ -779,6 +774,28 @@ impl<R: Read> Read for GzipGuard<R> {
     }
 }
 
+/// `buf` without the line-ending bytes (`\r`, `\n`) it ends with.
+fn without_ending(buf: &[u8]) -> &[u8] {
+    let end = buf.len()
+        - buf
+            .iter()
+            .rev()
+            .take_while(|b| matches!(b, b'\n' | b'\r'))
+            .count();
+    &buf[..end]
+}
+
+/// The size a line's record counts against `source.max_record_bytes`: the line without its
+/// line ending (whitespace before the record included, so that a line's size is known from
+/// its bytes, before the record in it is found), 0 for a blank line.
+fn record_size(line: &[u8]) -> usize {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return 0;
+    }
+    without_ending(line).len()
+}
+
+/// The record in a line: without the whitespace before it and the line ending after it.
 fn trim_line(buf: &[u8]) -> &[u8] {
     let mut end = buf.len();
     while end > 0 && matches!(buf[end - 1], b'\n' | b'\r') {
@@ -1202,13 +1219,11 @@ mod tests {
         assert_eq!(run_chunked_bytes(InputFormat::Auto, &bytes, 10), (events, dead));
     }
 
-    /// Found by the `decode` fuzz target: the size of a line over the limit ending in `\r\n`
-    /// counted its `\r` when read line by line, not when read in chunks.
+    /// Found by the `decode` fuzz target: a piece of a long line that began with a space was
+    /// counted as if the space ended the line, so the size in the dead letter depended on where
+    /// the gzip reader's buffer happened to cut the line.
     #[test]
-    fn a_line_read_in_pieces_has_its_record_length_wherever_the_pieces_are_cut() {
-        // Found by the decode fuzz target: a piece of a long line that began with a space was
-        // counted as if the space ended the line, so the size in the dead letter depended on
-        // where the gzip reader's buffer happened to cut the line.
+    fn a_line_read_in_pieces_has_its_record_size_wherever_the_pieces_are_cut() {
         for line in [
             &b"{\"a\": \"x y\", \"b\": \" \"}\n"[..],
             b"   {\"a\": 1}  \r\r\n",
@@ -1216,22 +1231,59 @@ mod tests {
             b" \t \r\n",
             b"{\"a\": 1}",
         ] {
-            let expected = trim_line(line).len();
+            let expected = record_size(line);
             for capacity in 1..=line.len() {
                 let mut reader = io::BufReader::with_capacity(capacity, line);
                 let mut kept = Vec::new();
                 let taken = read_line_capped(&mut reader, &mut kept, 4, Taken::default()).unwrap();
                 let shown = String::from_utf8_lossy(line);
                 assert_eq!(taken.bytes, line.len(), "{shown:?} in pieces of {capacity}");
-                assert_eq!(
-                    taken.record_length(),
-                    expected,
-                    "{shown:?} in pieces of {capacity}"
-                );
+                assert_eq!(taken.record_size(), expected, "{shown:?} in pieces of {capacity}");
             }
         }
     }
 
+    /// Found by the `decode` fuzz target: a line longer than the longest line kept only for
+    /// whitespace around its record was refused read line by line, for a size within the limit.
+    #[test]
+    fn whitespace_counts_in_a_line_s_size_and_a_long_line_ending_is_not_part_of_it() {
+        let fits = format!(
+            r#"{{"t": "2024-01-01T00:00:00Z", "a": "bob", "x": "{}"}}"#,
+            "z".repeat(140)
+        );
+        let pad = " ".repeat(200 - fits.len());
+        let text = format!(
+            "{A}\n{pad}{fits}\n{pad} {fits}\n{fits}{}\n{}\n{A}\n",
+            "\r".repeat(300),
+            " ".repeat(500)
+        );
+        let here = run(InputFormat::JsonLines, &text);
+        assert_eq!(
+            here,
+            (
+                vec![
+                    ("alice".into(), 1),
+                    ("bob".into(), 2),
+                    ("bob".into(), 4),
+                    ("alice".into(), 6)
+                ],
+                vec![(
+                    3,
+                    "the record is 201 bytes, over the limit of 200 (source.max_record_bytes)".into()
+                )]
+            )
+        );
+        for lines in [1, 2, 5] {
+            assert_eq!(
+                run_chunked(InputFormat::JsonLines, &text, lines),
+                here,
+                "chunks of {lines}"
+            );
+        }
+    }
+
+    /// Found by the `decode` fuzz target: the size of a line over the limit ending in `\r\n`
+    /// counted its `\r` when read line by line, not when read in chunks.
     #[test]
     fn a_long_line_ending_in_cr_lf_has_the_same_size_either_way() {
         let long = format!(
