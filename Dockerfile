@@ -14,6 +14,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends libssl3 ca-cert
 COPY --from=build /usr/local/bin/rampart /usr/local/bin/gateway /usr/local/bin/
 COPY pipelines /pipelines
 VOLUME /var/lib/rampart
+# Plain HTTP unless the pipeline sets [service] tls_certificate and tls_key (docs/operations.md):
+# publish it beyond the host only with TLS on.
 EXPOSE 9464
 ENTRYPOINT ["rampart"]
 CMD ["run", "/pipelines/cloudtrail", "--state", "/var/lib/rampart/cloudtrail", "--audit", "/var/lib/rampart/cloudtrail-audit.log", "--listen", "0.0.0.0:9464"]

@@ -573,6 +573,66 @@ fn run_without_a_kafka_section_says_what_is_missing() {
     );
 }
 
+#[test]
+fn tls_files_that_do_not_fit_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = pipeline_copy(dir.path());
+    let toml = pipeline.join("pipeline.toml");
+    let original = std::fs::read_to_string(&toml).expect("read");
+    let tls = root().join("crates/rampart-service/testdata/tls");
+    let with = |service: &str| {
+        std::fs::write(
+            &toml,
+            original.replace("[service]\n", &format!("[service]\n{service}\n")),
+        )
+        .expect("write");
+    };
+    let path = pipeline.to_str().expect("utf-8");
+    let state = dir.path().join("state");
+    let run = || {
+        rampart(&[
+            "run",
+            path,
+            "--state",
+            state.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+    };
+
+    // One file without the other: `rampart check` names the line.
+    with(&format!(
+        "tls_certificate = \"{}\"",
+        tls.join("server1.pem").display()
+    ));
+    let out = rampart(&["check", path]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("pipeline.toml:49"), "{err}");
+    assert!(
+        err.contains("`service.tls_certificate` and `service.tls_key` go together"),
+        "{err}"
+    );
+
+    // A key that is not the certificate's, or a file that is not there, stops the start
+    // before anything is consumed.
+    for (certificate, key, reason) in [
+        ("server1.pem", "server2.key", "does not belong to the certificate"),
+        ("missing.pem", "server1.key", "cannot read the TLS certificate"),
+        ("server1.pem", "ca.pem", "cannot read the TLS private key"),
+    ] {
+        with(&format!(
+            "tls_certificate = \"{}\"\ntls_key = \"{}\"",
+            tls.join(certificate).display(),
+            tls.join(key).display()
+        ));
+        let out = run();
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{certificate} {key}: {err}");
+        assert!(err.contains(reason), "{certificate} {key}: {err}");
+    }
+}
+
 /// A copy of the saas-usage pipeline, with its tables.
 fn saas_copy(dir: &Path) -> PathBuf {
     common::pipeline_copy("saas-usage", dir)

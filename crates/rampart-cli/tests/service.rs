@@ -1396,6 +1396,125 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
 
 /// Produces `events` ((partition or `None`, payload)) to `topic` as fast as a lingering
 /// producer batches them, and waits until the broker has them all.
+/// The test TLS material (`crates/rampart-service/testdata/tls`).
+fn tls_file(name: &str) -> PathBuf {
+    root().join("crates/rampart-service/testdata/tls").join(name)
+}
+
+/// An HTTP/1.0 `request` over TLS to `listen`, trusting only the test CA: the status, the
+/// body and the certificate the server presented.
+fn https(listen: &str, request: &str) -> Option<(u16, String, Vec<u8>)> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(tls_file("ca.pem")).expect("the test CA") {
+        roots.add(cert.expect("a certificate")).expect("a CA certificate");
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+    let connection = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let socket = TcpStream::connect(listen).ok()?;
+    socket.set_read_timeout(Some(Duration::from_secs(40))).ok()?;
+    let mut tls = rustls::StreamOwned::new(connection, socket);
+    tls.write_all(request.as_bytes()).ok()?;
+    let mut bytes = Vec::new();
+    // A peer that closes without close_notify ends the read with an error after the answer.
+    let _ = tls.read_to_end(&mut bytes);
+    let presented = tls.conn.peer_certificates()?.first()?.to_vec();
+    let text = String::from_utf8(bytes).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Some((status, body, presented))
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(tls_file(pem))
+        .expect("a test certificate")
+        .to_vec()
+}
+
+#[test]
+fn the_endpoint_serves_https_only_and_a_renewed_certificate_without_a_restart() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = common::pipeline_copy("saas-usage", tmp.path());
+    let (cert, key) = (tmp.path().join("tls.pem"), tmp.path().join("tls.key"));
+    std::fs::copy(tls_file("server1.pem"), &cert).expect("copy");
+    std::fs::copy(tls_file("server1.key"), &key).expect("copy");
+    edit(
+        &dir.join("pipeline.toml"),
+        "[service]\n",
+        &format!(
+            "[service]\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let service = Service::start_with_env(
+        &dir,
+        &broker,
+        &tmp.path().join("state"),
+        &[],
+        &[("RAMPART_ADMIN_TOKEN", ALICE)],
+    );
+    let get = |path: &str| {
+        https(
+            &service.listen,
+            &format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n"),
+        )
+    };
+    service.wait_for("ready over HTTPS", Duration::from_secs(60), |_| {
+        get("/readyz").is_some_and(|(code, _, _)| code == 200)
+    });
+    let (_, metrics, presented) = get("/metrics").expect("metrics over HTTPS");
+    assert!(metrics.contains("rampart_events_total"), "{metrics}");
+    assert_eq!(presented, der("server1.pem"));
+    // Plain HTTP gets no answer: the port speaks TLS only.
+    assert_eq!(service.get("/healthz").map(|(code, _)| code), None);
+
+    // Admin commands over TLS, with and without the token.
+    let post = |token: &str| {
+        https(
+            &service.listen,
+            &format!(
+                "POST /admin/reload HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+            ),
+        )
+    };
+    assert_eq!(
+        post("not-a-token-of-anyone-0000").map(|(code, ..)| code),
+        Some(401)
+    );
+    let (code, body, _) = post(ALICE).expect("the admin endpoint answers");
+    assert_eq!(code, 200, "{body}");
+
+    // A renewal that does not go with its key is not served; the old certificate stays.
+    std::fs::copy(tls_file("server2.pem"), &cert).expect("copy");
+    assert_eq!(
+        get("/healthz").map(|(code, _, p)| (code, p)),
+        Some((200, der("server1.pem")))
+    );
+    // With its key, the renewed certificate is served from the next connection on.
+    std::fs::copy(tls_file("server2.key"), &key).expect("copy");
+    assert_eq!(
+        get("/healthz").map(|(code, _, p)| (code, p)),
+        Some((200, der("server2.pem")))
+    );
+    service.signal("-TERM");
+    let (status, log) = service.wait(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("cannot be used: the previous one is still served"),
+        "{log}"
+    );
+    assert!(log.contains("TLS certificate re-read"), "{log}");
+}
+
 fn produce_all(broker: &Broker, topic: &str, events: impl Iterator<Item = (Option<i32>, String)>) {
     let kafka = lingering_producer(broker, 50);
     for (partition, payload) in events {

@@ -2,22 +2,46 @@
 //! processing loop is alive), `/readyz` (consuming, and the broker acknowledges decisions),
 //! and the operator's `POST /admin/revoke`, `/admin/rearm` and `/admin/reload`, which the
 //! processing loop carries out between two micro-batches. Admin commands need a bearer token
-//! ([`crate::auth`]); the other paths are open and show nothing secret.
+//! ([`crate::auth`]); the other paths are open and show nothing secret. With `[service]
+//! tls_certificate` and `tls_key` it serves HTTPS only ([`crate::tls`]).
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::future;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tiny_http::{Header, Response, Server};
+use rampart_engine::pipeline::config::TlsFiles;
+use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{Access, Tokens};
 use crate::metrics::{Health, Metrics, RefusalLabels, now_ms};
+use crate::tls;
 
 /// The processing loop counts as dead when it has not gone round for this long.
 const STALL_MS: i64 = 30_000;
+/// Connections served at once; more are closed as they come.
+const MAX_CONNECTIONS: usize = 256;
+/// A TLS handshake that takes longer is given up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request whose headers take longer to arrive is given up.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection (kept alive across requests) is closed after this long.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+
+const PLAIN: &str = "text/plain; charset=utf-8";
 
 /// An operator's command, for the processing loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,130 +98,243 @@ pub struct AdminRequest {
 
 /// A running HTTP endpoint; stops when dropped.
 pub struct Endpoint {
-    server: Arc<Server>,
+    stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     /// The address it listens on (the port resolved when `:0` was asked for).
     pub address: String,
+    /// `https` when it serves TLS, `http` otherwise.
+    pub scheme: &'static str,
+}
+
+/// What every request may need, shared by the connections.
+struct Shared {
+    registry: Registry,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    admin: mpsc::Sender<AdminRequest>,
+    tokens: Tokens,
 }
 
 impl Endpoint {
-    /// Serves `metrics` and `health` on `listen` (e.g. `127.0.0.1:9464`), and admin commands
-    /// to the holders of `tokens`.
+    /// Serves `metrics` and `health` on `listen` (e.g. `127.0.0.1:9464`), over TLS with the
+    /// certificate and key files of `tls` if given, and admin commands to the holders of
+    /// `tokens`.
     pub fn start(
         listen: &str,
+        tls: Option<&TlsFiles>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         admin: mpsc::Sender<AdminRequest>,
         tokens: Tokens,
     ) -> Result<Self, String> {
-        let server = Server::http(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let address = server
-            .server_addr()
-            .to_ip()
-            .map_or_else(|| listen.to_string(), |a| a.to_string());
-        let server = Arc::new(server);
-        let registry = metrics.registry();
-        let serving = Arc::clone(&server);
+        let listener =
+            std::net::TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let address = listener
+            .local_addr()
+            .map_or_else(|_| listen.to_string(), |a| a.to_string());
+        let acceptor = tls.map(tls::acceptor).transpose()?;
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
+        let shared = Arc::new(Shared {
+            registry: metrics.registry(),
+            metrics,
+            health,
+            admin,
+            tokens,
+        });
+        let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("rampart-http".into())
-            .spawn(move || serve(&serving, &registry, &metrics, &health, &admin, &tokens))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let serving = std::pin::pin!(accept(listener, acceptor, shared));
+                    future::select(serving, stopped).await;
+                });
+                // An admin command still waiting for the processing loop is not waited for.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
             .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
         Ok(Self {
-            server,
+            stop: Some(stop),
             thread: Some(thread),
             address,
+            scheme,
         })
     }
 }
 
 impl Drop for Endpoint {
     fn drop(&mut self) {
-        self.server.unblock();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn serve(
-    server: &Server,
-    registry: &Registry,
-    metrics: &Metrics,
-    health: &Health,
-    admin: &mpsc::Sender<AdminRequest>,
-    tokens: &Tokens,
-) {
-    const PLAIN: &str = "text/plain; charset=utf-8";
-    for request in server.incoming_requests() {
-        let (path, query) = match request.url().split_once('?') {
-            Some((p, q)) => (p.to_string(), q.to_string()),
-            None => (request.url().to_string(), String::new()),
+/// Accepts connections (at most [`MAX_CONNECTIONS`] at a time) and serves each on its own
+/// task, after a TLS handshake if `acceptor` is given.
+async fn accept(listener: std::net::TcpListener, acceptor: Option<TlsAcceptor>, shared: Arc<Shared>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!(error = %e, "the HTTP endpoint cannot accept connections"),
+    };
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::warn!(error = %e, "the HTTP endpoint cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        let (status, content_type, body) = match path.as_str() {
-            p if p.starts_with("/admin/") => {
-                let from = request
-                    .remote_addr()
-                    .map_or_else(|| "unknown".to_string(), ToString::to_string);
-                let authorization = request
-                    .headers()
-                    .iter()
-                    .find(|h| h.field.equiv("Authorization"))
-                    .map(|h| h.value.as_str());
-                let (status, body) = match tokens.check(authorization) {
-                    Access::Granted(name) if *request.method() == tiny_http::Method::Post => {
-                        handle_admin(p, &query, name, from, admin)
+        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            tracing::warn!(%from, "HTTP connection refused: {MAX_CONNECTIONS} are open");
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        let (acceptor, shared, open) = (acceptor.clone(), Arc::clone(&shared), Arc::clone(&open));
+        tokio::spawn(async move {
+            let served = async {
+                match acceptor {
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => serve_connection(tls, from, shared).await,
+                            Ok(Err(e)) => tracing::debug!(%from, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%from, "TLS handshake timed out"),
+                        }
                     }
-                    Access::Granted(_) => (405, "admin commands are POST requests\n".to_string()),
-                    refused => refuse(&refused, p, &from, metrics),
-                };
-                (status, PLAIN, body)
-            }
-            "/metrics" => {
-                metrics.ready.set(i64::from(ready(health).is_ok()));
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, registry) {
-                    Ok(()) => (
-                        200,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        body,
-                    ),
-                    Err(e) => (500, PLAIN, format!("cannot encode metrics: {e}\n")),
+                    None => serve_connection(stream, from, shared).await,
                 }
+            };
+            if tokio::time::timeout(CONNECTION_LIFETIME, served).await.is_err() {
+                tracing::debug!(%from, "HTTP connection closed after {CONNECTION_LIFETIME:?}");
             }
-            "/healthz" => {
-                let age = now_ms() - health.heartbeat_ms.load(Ordering::Relaxed);
-                if age <= STALL_MS {
-                    (200, PLAIN, "ok\n".to_string())
-                } else {
-                    let why = format!("the processing loop has not run for {} s\n", age / 1000);
-                    (503, PLAIN, why)
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Serves HTTP/1.1 (and 1.0) requests on one connection.
+async fn serve_connection<S>(io: S, from: SocketAddr, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| respond(request, from, Arc::clone(&shared)));
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = connection.await {
+        tracing::debug!(%from, error = %e, "HTTP connection ended");
+    }
+}
+
+/// One request's answer, worked out on a blocking thread: an admin command waits for the
+/// processing loop.
+async fn respond(
+    request: hyper::Request<Incoming>,
+    from: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let asked = Asked {
+        post: request.method() == Method::POST,
+        path: request.uri().path().to_string(),
+        query: request.uri().query().unwrap_or_default().to_string(),
+        authorization: request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        from: from.to_string(),
+    };
+    let (status, content_type, body) = tokio::task::spawn_blocking(move || answer(&shared, &asked))
+        .await
+        .unwrap_or_else(|e| (500, PLAIN, format!("the request failed: {e}\n")));
+    let mut response = hyper::Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type);
+    if status == 401 {
+        response = response.header(header::WWW_AUTHENTICATE, "Bearer realm=\"rampart\"");
+    }
+    Ok(response
+        .body(Full::new(Bytes::from(body)))
+        .expect("a status and headers that are valid"))
+}
+
+/// What an answer depends on in a request.
+struct Asked {
+    post: bool,
+    path: String,
+    query: String,
+    authorization: Option<String>,
+    from: String,
+}
+
+/// The status, content type and body answering `asked`.
+fn answer(shared: &Shared, asked: &Asked) -> (u16, &'static str, String) {
+    let Shared {
+        registry,
+        metrics,
+        health,
+        admin,
+        tokens,
+    } = shared;
+    match asked.path.as_str() {
+        p if p.starts_with("/admin/") => {
+            let (status, body) = match tokens.check(asked.authorization.as_deref()) {
+                Access::Granted(name) if asked.post => {
+                    handle_admin(p, &asked.query, name, asked.from.clone(), admin)
                 }
-            }
-            "/readyz" => {
-                let notes: String = health.notes().iter().map(|n| format!("{n}\n")).collect();
-                match ready(health) {
-                    Ok(()) => (200, PLAIN, format!("ready\n{notes}")),
-                    Err(why) => (503, PLAIN, format!("not ready: {why}\n{notes}")),
-                }
-            }
-            _ => (
-                404,
-                PLAIN,
-                "not found: try /metrics, /healthz or /readyz\n".to_string(),
-            ),
-        };
-        let header = Header::from_bytes("Content-Type", content_type).expect("a valid header");
-        let mut response = Response::from_string(body)
-            .with_status_code(status)
-            .with_header(header);
-        if status == 401 {
-            response.add_header(
-                Header::from_bytes("WWW-Authenticate", "Bearer realm=\"rampart\"").expect("a valid header"),
-            );
+                Access::Granted(_) => (405, "admin commands are POST requests\n".to_string()),
+                refused => refuse(&refused, p, &asked.from, metrics),
+            };
+            (status, PLAIN, body)
         }
-        if let Err(e) = request.respond(response) {
-            tracing::debug!(error = %e, "HTTP client went away");
+        "/metrics" => {
+            metrics.ready.set(i64::from(ready(health).is_ok()));
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, registry) {
+                Ok(()) => (
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(e) => (500, PLAIN, format!("cannot encode metrics: {e}\n")),
+            }
         }
+        "/healthz" => {
+            let age = now_ms() - health.heartbeat_ms.load(Ordering::Relaxed);
+            if age <= STALL_MS {
+                (200, PLAIN, "ok\n".to_string())
+            } else {
+                let why = format!("the processing loop has not run for {} s\n", age / 1000);
+                (503, PLAIN, why)
+            }
+        }
+        "/readyz" => {
+            let notes: String = health.notes().iter().map(|n| format!("{n}\n")).collect();
+            match ready(health) {
+                Ok(()) => (200, PLAIN, format!("ready\n{notes}")),
+                Err(why) => (503, PLAIN, format!("not ready: {why}\n{notes}")),
+            }
+        }
+        _ => (
+            404,
+            PLAIN,
+            "not found: try /metrics, /healthz or /readyz\n".to_string(),
+        ),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod metrics;
 mod serve;
 pub mod tables;
+pub mod tls;
 pub mod watch;
 
 use std::sync::Arc;

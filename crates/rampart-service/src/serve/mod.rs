@@ -85,13 +85,18 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
     let (admin_sender, admin) = mpsc::channel();
     let endpoint = http::Endpoint::start(
         listen,
+        pipeline.config.service.tls.as_ref(),
         Arc::clone(&metrics),
         Arc::clone(&health),
         admin_sender,
         tokens,
     )
     .map_err(ServiceError::Http)?;
-    tracing::info!(address = %endpoint.address, "serving /metrics, /healthz and /readyz");
+    tracing::info!(
+        address = %endpoint.address,
+        scheme = endpoint.scheme,
+        "serving /metrics, /healthz and /readyz"
+    );
 
     let (consumer_config, producer_config) = kafka::client_configs(&kafka, &options.env);
     let tables = follow_tables(&pipeline, &kafka, &consumer_config, &producer_config)?;

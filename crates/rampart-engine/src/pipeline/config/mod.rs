@@ -141,6 +141,17 @@ pub struct ServiceConfig {
     /// The key that signs published decisions, with its id, if any (`RAMPART_SIGNING_KEY`
     /// overrides it).
     pub signing_key: Option<(String, PathBuf)>,
+    /// The HTTP endpoint's TLS certificate and key, if it serves HTTPS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files the HTTP endpoint serves TLS with (`[service] tls_certificate`, `tls_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, the server's certificate first.
+    pub certificate: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// How much input one record, micro-batch, document or compressed file may take (`[source]`).

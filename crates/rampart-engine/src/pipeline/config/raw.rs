@@ -191,6 +191,11 @@ pub(super) struct RawService {
     pub signing_key: Option<Spanned<PathBuf>>,
     /// The id published with each signature; by default the key file's name up to its first dot.
     pub signing_key_id: Option<Spanned<String>>,
+    /// The HTTP endpoint's certificate chain (PEM, relative to the pipeline directory): with
+    /// `tls_key`, the endpoint serves HTTPS only.
+    pub tls_certificate: Option<Spanned<PathBuf>>,
+    /// The private key of `tls_certificate` (PEM).
+    pub tls_key: Option<Spanned<PathBuf>>,
 }
 
 /// `[audit]`.

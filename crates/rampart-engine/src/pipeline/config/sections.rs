@@ -17,7 +17,9 @@ use super::raw::{
     RawAudit, RawDecisions, RawDetectors, RawField, RawKafka, RawMapping, RawService, RawSource, RawState,
     RawTopicTable, Text,
 };
-use super::{DetectorLimits, InputFormat, InputLimits, KafkaConfig, ServiceConfig, TopicTable, defaults};
+use super::{
+    DetectorLimits, InputFormat, InputLimits, KafkaConfig, ServiceConfig, TlsFiles, TopicTable, defaults,
+};
 use crate::input::mapping::{FieldSpec, JsonPath, Mapping};
 
 /// The file being validated and the problems found so far.
@@ -314,6 +316,20 @@ pub(super) fn service(c: &mut Checker<'_>, s: &RawService, base: &Path) -> Servi
             "`service.signing_key_id` without `service.signing_key`",
         );
     }
+    let tls = match (&s.tls_certificate, &s.tls_key) {
+        (Some(certificate), Some(key)) => Some(TlsFiles {
+            certificate: base.join(certificate.get_ref()),
+            key: base.join(key.get_ref()),
+        }),
+        (Some(one), None) | (None, Some(one)) => {
+            c.problem(
+                one.span(),
+                "`service.tls_certificate` and `service.tls_key` go together: give both, or neither",
+            );
+            None
+        }
+        (None, None) => None,
+    };
     ServiceConfig {
         listen: s.listen.clone().unwrap_or_else(|| defaults::LISTEN.into()),
         checkpoint_interval: c.duration(
@@ -334,6 +350,7 @@ pub(super) fn service(c: &mut Checker<'_>, s: &RawService, base: &Path) -> Servi
         ),
         admin_tokens: s.admin_tokens.as_ref().map(|p| base.join(p.get_ref())),
         signing_key,
+        tls,
     }
 }
 
