@@ -4,12 +4,12 @@
 //! restart. Only SHA-256 digests of the tokens are kept; a presented token is compared with
 //! every one of them in constant time.
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use crate::watch::Reread;
 
 /// The name of the token read from `RAMPART_ADMIN_TOKEN`.
 pub const ENV_TOKEN_NAME: &str = "admin";
@@ -49,12 +49,10 @@ struct Token {
 /// The valid tokens, kept up to date with their file.
 pub struct Tokens {
     env: Option<Token>,
-    file: Option<PathBuf>,
-    loaded: Mutex<Loaded>,
+    /// The file's tokens, re-read when it changes; a file that became unreadable or invalid
+    /// keeps the tokens it had (a rotation half written does not lock operators out).
+    file: Option<Reread<Vec<Token>>>,
 }
-
-/// The file's tokens and what the file looked like when read (modified time, length).
-type Loaded = (Vec<Token>, Option<(SystemTime, u64)>);
 
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -89,11 +87,6 @@ fn parse(text: &str, path: &Path) -> Result<Vec<Token>, String> {
     Ok(tokens)
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
 fn read(path: &Path) -> Result<Vec<Token>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the admin tokens {}: {e}", path.display()))?;
@@ -116,18 +109,17 @@ impl Tokens {
             }),
             None => None,
         };
-        let loaded = match file {
+        let file = match file {
             Some(path) => {
                 warn_if_others_can_read(path);
-                (read(path)?, stamp(path))
+                let path = path.to_path_buf();
+                Some(Reread::load("admin tokens", vec![path.clone()], move || {
+                    read(&path)
+                })?)
             }
-            None => (Vec::new(), None),
+            None => None,
         };
-        Ok(Self {
-            env,
-            file: file.map(Path::to_path_buf),
-            loaded: Mutex::new(loaded),
-        })
+        Ok(Self { env, file })
     }
 
     /// Whether any token is configured (else admin commands are off).
@@ -135,35 +127,9 @@ impl Tokens {
         self.env.is_some() || self.file.is_some()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
-        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Re-reads the file if it changed since it was read. A file that became unreadable or
-    /// invalid keeps the tokens it had (and says why): a rotation half written does not lock
-    /// operators out.
-    fn refresh(&self) {
-        let Some(path) = &self.file else { return };
-        let now = stamp(path);
-        let mut loaded = self.lock();
-        if now == loaded.1 {
-            return;
-        }
-        match read(path) {
-            Ok(tokens) => {
-                tracing::info!(file = %path.display(), tokens = tokens.len(), "admin tokens re-read");
-                *loaded = (tokens, now);
-            }
-            Err(why) => {
-                tracing::error!(reason = %why, "admin tokens not re-read; the previous ones stay valid");
-                loaded.1 = now;
-            }
-        }
-    }
-
     /// What the `Authorization` header's value (if any) earns.
     pub fn check(&self, authorization: Option<&str>) -> Access {
-        self.refresh();
+        let from_file = self.file.as_ref().map(Reread::get);
         if !self.configured() {
             return Access::Disabled;
         }
@@ -171,11 +137,10 @@ impl Tokens {
             return Access::Missing;
         };
         let presented = digest(presented);
-        let loaded = self.lock();
         // Every token is compared, each in constant time: the time taken says nothing of
         // which one, if any, matched.
         let mut granted = None;
-        for token in self.env.iter().chain(loaded.0.iter()) {
+        for token in self.env.iter().chain(from_file.iter().flat_map(|t| t.iter())) {
             if bool::from(token.digest.ct_eq(&presented)) && granted.is_none() {
                 granted = Some(token.name.clone());
             }

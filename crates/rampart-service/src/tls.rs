@@ -4,9 +4,7 @@
 //! changes, so that a renewed certificate is served without a restart; a renewal that cannot be
 //! read is logged and the certificate before it kept.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use rampart_engine::pipeline::config::TlsFiles;
 use rustls::ServerConfig;
@@ -17,11 +15,20 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
+use crate::watch::Reread;
+
 /// Accepts TLS connections with the certificate and key of `files`: TLS 1.2 and 1.3 with
 /// rustls' safe defaults, HTTP/1.1 offered by ALPN.
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certificate = CertificateFiles::load(files.clone(), Arc::clone(&provider))?;
+    let certificate = CertificateFiles(Reread::load(
+        "TLS certificate",
+        vec![files.certificate.clone(), files.key.clone()],
+        {
+            let (files, provider) = (files.clone(), Arc::clone(&provider));
+            move || read(&files, &provider)
+        },
+    )?);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot set up TLS: {e}"))?
@@ -33,61 +40,11 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
 
 /// The certificate served, kept up to date with its files.
 #[derive(Debug)]
-struct CertificateFiles {
-    files: TlsFiles,
-    provider: Arc<CryptoProvider>,
-    current: Mutex<Current>,
-}
-
-/// The certificate read last, and what its files looked like then.
-#[derive(Debug)]
-struct Current {
-    seen: [Option<Stamp>; 2],
-    key: Arc<CertifiedKey>,
-}
-
-/// A file's modification time and length: a change to either is a new file.
-type Stamp = (SystemTime, u64);
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
-impl CertificateFiles {
-    fn load(files: TlsFiles, provider: Arc<CryptoProvider>) -> Result<Self, String> {
-        let seen = [stamp(&files.certificate), stamp(&files.key)];
-        let key = Arc::new(read(&files, &provider)?);
-        Ok(Self {
-            files,
-            provider,
-            current: Mutex::new(Current { seen, key }),
-        })
-    }
-}
+struct CertificateFiles(Reread<CertifiedKey>);
 
 impl ResolvesServerCert for CertificateFiles {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let seen = [stamp(&self.files.certificate), stamp(&self.files.key)];
-        let mut current = self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seen != current.seen {
-            // Looked at once per change, good or bad, not at every handshake.
-            current.seen = seen;
-            match read(&self.files, &self.provider) {
-                Ok(key) => {
-                    current.key = Arc::new(key);
-                    tracing::info!(certificate = %self.files.certificate.display(), "TLS certificate re-read");
-                }
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "the TLS certificate or key changed and cannot be used: the previous one is still served"
-                ),
-            }
-        }
-        Some(Arc::clone(&current.key))
+        Some(self.0.get())
     }
 }
 
