@@ -2,7 +2,7 @@
 //! CloudTrail files (`{"Records": [...]}`), each optionally gzip-compressed. A record that
 //! cannot be decoded or mapped becomes a [`DeadLetter`] with its position; decoding carries on.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
@@ -346,15 +346,7 @@ impl Decoder {
         let mut first_line = line_no;
         if taken.bytes > data.len() {
             // Longer than a whole document, and read through already.
-            emit(Framed::Progress(taken.bytes as u64));
-            self.refuse_long_line(
-                &mut |d| emit(Framed::Decoded(d)),
-                name,
-                first_line,
-                &data,
-                taken.record_size(),
-            );
-            data.clear();
+            self.frame_cut_short(emit, name, first_line, std::mem::take(&mut data), taken);
             first_line += 1;
         }
         // Where scanning for newlines resumes, newlines counted since the last cut, where the
@@ -386,22 +378,8 @@ impl Decoder {
                     self.emit_chunk(emit, name, first_line, std::mem::take(&mut data));
                     first_line += newlines as u64;
                 }
-                let (mut kept, taken) = skip_line(long, cap, &mut reader)?;
-                if taken.record_size() > self.limits.max_record_bytes {
-                    emit(Framed::Progress(taken.bytes as u64));
-                    self.refuse_long_line(
-                        &mut |d| emit(Framed::Decoded(d)),
-                        name,
-                        first_line,
-                        &kept,
-                        taken.record_size(),
-                    );
-                } else {
-                    // Long only for its line ending: the record is all in what was kept.
-                    emit(Framed::Progress((taken.bytes - kept.len()) as u64));
-                    kept.push(b'\n');
-                    self.emit_chunk(emit, name, first_line, kept);
-                }
+                let (kept, taken) = skip_line(long, cap, &mut reader)?;
+                self.frame_cut_short(emit, name, first_line, kept, taken);
                 first_line += 1;
                 (scanned, newlines, line_start) = (0, 0, 0);
                 continue;
@@ -479,6 +457,29 @@ impl Decoder {
             self.limits.max_record_bytes
         );
         self.dead(emit, name, line, error, &String::from_utf8_lossy(trim_line(kept)));
+    }
+
+    /// A line read through past what was kept of it, `kept`: refused when its record is over
+    /// the limit, else (long only for its line ending, the record all in `kept`) a chunk of its
+    /// own.
+    fn frame_cut_short(
+        &self,
+        emit: &mut dyn FnMut(Framed),
+        name: &Arc<str>,
+        line: u64,
+        mut kept: Vec<u8>,
+        taken: Taken,
+    ) {
+        let size = taken.record_size();
+        if size > self.limits.max_record_bytes {
+            emit(Framed::Progress(taken.bytes as u64));
+            self.refuse_long_line(&mut |d| emit(Framed::Decoded(d)), name, line, &kept, size);
+        } else {
+            kept.push(b'\n');
+            // The chunk counts its own bytes as progress; the rest of the line's bytes here.
+            emit(Framed::Progress(taken.bytes.saturating_sub(kept.len()) as u64));
+            self.emit_chunk(emit, name, line, kept);
+        }
     }
 
     fn emit_chunk(&self, emit: &mut dyn FnMut(Framed), name: &Arc<str>, first_line: u64, data: Vec<u8>) {
@@ -687,7 +688,7 @@ struct Cut {
 /// A reader of compressed bytes that counts them.
 struct Counted<R> {
     inner: R,
-    count: Rc<std::cell::Cell<u64>>,
+    count: Rc<Cell<u64>>,
 }
 
 impl<R: Read> Read for Counted<R> {
@@ -703,7 +704,7 @@ impl<R: Read> Read for Counted<R> {
 /// the compressed data is corrupt (what was decompressed before is decoded).
 struct GzipGuard<R: Read> {
     inner: MultiGzDecoder<Counted<R>>,
-    compressed: Rc<std::cell::Cell<u64>>,
+    compressed: Rc<Cell<u64>>,
     expanded: u64,
     newlines: u64,
     ratio: u64,
@@ -712,7 +713,7 @@ struct GzipGuard<R: Read> {
 
 impl<R: Read> GzipGuard<R> {
     fn new(input: R, ratio: u64, refused: Rc<RefCell<Option<Cut>>>) -> Self {
-        let compressed = Rc::new(std::cell::Cell::new(0));
+        let compressed = Rc::new(Cell::new(0));
         Self {
             inner: MultiGzDecoder::new(Counted {
                 inner: input,
@@ -797,15 +798,12 @@ fn record_size(line: &[u8]) -> usize {
 
 /// The record in a line: without the whitespace before it and the line ending after it.
 fn trim_line(buf: &[u8]) -> &[u8] {
-    let mut end = buf.len();
-    while end > 0 && matches!(buf[end - 1], b'\n' | b'\r') {
-        end -= 1;
-    }
-    let start = buf[..end]
+    let line = without_ending(buf);
+    let start = line
         .iter()
         .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(end);
-    &buf[start..end]
+        .unwrap_or(line.len());
+    &line[start..]
 }
 
 #[derive(Deserialize)]
