@@ -861,6 +861,18 @@ fn feed_partitions(broker: &Broker, total: u64, rate: u64, partitions: u64) -> s
 
 #[test]
 fn a_service_killed_mid_stream_resumes_without_losing_or_double_counting() {
+    killed_mid_stream_and_restarted(false);
+}
+
+#[test]
+fn a_service_killed_mid_stream_is_replaced_on_an_empty_disk_from_the_changelog() {
+    killed_mid_stream_and_restarted(true);
+}
+
+/// Kills a service a third of the way into a stream (SIGKILL: no last checkpoint), restarts
+/// it on the same state directory or, with `new_disk`, on an empty one (the window state then
+/// comes from the changelog topic alone), and compares the decisions with an uninterrupted run.
+fn killed_mid_stream_and_restarted(new_disk: bool) {
     let broker = Broker::start();
     // Four partitions, events round robin: each partition's watermark and the rows that
     // fired at once are in the checkpoint.
@@ -883,14 +895,42 @@ fn a_service_killed_mid_stream_resumes_without_losing_or_double_counting() {
     assert!(!status.success());
     // Restarted once the whole stream is on the broker, so that `--until-end` stops at its end.
     feeding.join().expect("feeding");
+    let state = if new_disk {
+        // As if the victim died writing a checkpoint to the changelog: an entry, no marker.
+        let kafka = producer(&broker);
+        kafka
+            .send(
+                BaseRecord::to("victim-changelog")
+                    .key(&b"rnot-a-window-key"[..])
+                    .payload(&b"torn"[..]),
+            )
+            .map_err(|(e, _)| e)
+            .expect("queued");
+        kafka.flush(Duration::from_secs(10)).expect("flush");
+        tmp.path().join("replacement-state")
+    } else {
+        state
+    };
     let restarted = Service::start(&victim, &broker, &state, &["--until-end"]);
     let (status, stderr) = restarted.wait(Duration::from_secs(120));
     assert!(status.success(), "{stderr}");
+    if new_disk {
+        let restored = stderr
+            .lines()
+            .find(|l| l.contains("window state restored from its changelog"))
+            .unwrap_or_else(|| panic!("the replacement restored the state from the changelog: {stderr}"));
+        eprintln!("{restored}");
+        assert!(!restored.contains("records=0 "), "{restored}");
+        assert!(
+            stderr.contains("the changelog ended with an unfinished checkpoint"),
+            "the torn checkpoint was sealed: {stderr}"
+        );
+    }
 
     let reference = reference_run(&broker, tmp.path(), total);
     let (run, repeats) = by_id(&drain(&broker, "decisions", Duration::from_secs(2)));
     eprintln!(
-        "kill/restart: {} decisions, {} re-sent after the restart (at-least-once)",
+        "kill/restart (new disk: {new_disk}): {} decisions, {} re-sent after the restart (at-least-once)",
         run.len(),
         repeats
     );

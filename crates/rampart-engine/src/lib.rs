@@ -26,4 +26,4 @@ pub use input::decode::{DeadLetter, DeadLetterKind, EventBatch};
 pub use pipeline::config::PipelineConfig;
 pub use pipeline::{Evaluator, LoadError, Pipeline, Progress, SourceProgress, StateChoice};
 pub use rampart_sql::{StateKind, Timing};
-pub use rampart_state::{StateError, StateStore};
+pub use rampart_state::{StateError, StateStore, changelog};

@@ -32,13 +32,14 @@ pub type StoredOffsets = Arc<Mutex<BTreeMap<(String, i32), i64>>>;
 /// The `[kafka]` settings a reload cannot change (the clients and subscriptions use them).
 pub fn identity(kafka: &KafkaConfig) -> String {
     format!(
-        "{} {} {:?} {} {} {} {:?} {:?}",
+        "{} {} {:?} {} {} {} {:?} {:?} {:?}",
         kafka.brokers,
         kafka.group,
         kafka.input_topics,
         kafka.decisions_topic,
         kafka.shadow_topic,
         kafka.dead_letter_topic,
+        kafka.changelog_topic,
         kafka.consumer,
         kafka.producer
     )
@@ -137,6 +138,62 @@ pub fn ensure_topics(
             Err((topic, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
                 tracing::debug!(%topic, "topic created meanwhile");
             }
+            Err((topic, code)) => {
+                return Err(ServiceError::Broker(format!(
+                    "cannot create topic {topic}: {code}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Topic settings of the window state's changelog: compacted (the last value per state key);
+/// records younger than a day are never compacted away, so that a checkpoint left unfinished
+/// by a killed instance cannot make compaction drop the values it was replacing before
+/// another instance restores the state and seals it; records as large as the producer sends.
+pub fn changelog_topic_settings() -> Vec<(&'static str, String)> {
+    vec![
+        ("cleanup.policy", "compact".into()),
+        ("min.compaction.lag.ms", "86400000".into()),
+        (
+            "max.message.bytes",
+            crate::changelog::MAX_RECORD_BYTES.to_string(),
+        ),
+    ]
+}
+
+/// Makes sure a topic Rampart keeps for itself exists, creating it with `partitions` and
+/// `settings` (whatever `create_topics` says: nobody else creates it).
+pub fn ensure_internal_topic(
+    config: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+    settings: &[(&str, String)],
+) -> Result<(), ServiceError> {
+    let admin: AdminClient<_> = config.create().map_err(ServiceError::client("admin"))?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(15))
+        .map_err(|e| ServiceError::Broker(format!("cannot read the broker's metadata: {e}")))?;
+    if metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+    {
+        return Ok(());
+    }
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (name, value) in settings {
+        new = new.set(name, value);
+    }
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
+    let results = futures::executor::block_on(admin.create_topics([&new], &options))
+        .map_err(|e| ServiceError::Broker(format!("cannot create topic {topic}: {e}")))?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(%topic, partitions, "created internal topic"),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(ServiceError::Broker(format!(
                     "cannot create topic {topic}: {code}"
@@ -319,7 +376,7 @@ impl ProducerContext for ProducerCallbacks {
 
 /// librdkafka's own log lines, as `tracing` events with the target `librdkafka` (its
 /// informational lines, such as each disconnection, at debug level).
-fn client_log(client: &str, level: RDKafkaLogLevel, facility: &str, message: &str) {
+pub(crate) fn client_log(client: &str, level: RDKafkaLogLevel, facility: &str, message: &str) {
     use RDKafkaLogLevel as L;
     match level {
         L::Emerg | L::Alert | L::Critical | L::Error => {

@@ -4,10 +4,12 @@
 //! after the broker has acknowledged every decision before it.
 //!
 //! The processing loop ([`serve`]) is one thread: poll → decode → evaluate → produce, with a
-//! checkpoint every `[service] checkpoint_interval` on a thread of its own. The HTTP endpoint
+//! checkpoint every `[service] checkpoint_interval` on a thread of its own, written to the
+//! state's [`changelog`] topic before the local RocksDB. The HTTP endpoint
 //! ([`http`]: metrics, health, operators' commands) and librdkafka's threads are the others.
 
 pub mod auth;
+pub mod changelog;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

@@ -126,6 +126,12 @@ pub struct Metrics {
     pub batch_events: Buckets,
     /// Checkpoints written (window state and offsets together).
     pub checkpoints: Counter,
+    /// Records written to the changelog topic (entries and markers).
+    pub changelog_records: Counter,
+    /// Changelog records read back to rebuild the window state at start.
+    pub restored_records: Counter,
+    /// Bytes of those records (keys and values).
+    pub restored_bytes: Counter,
     /// Consumer lag per partition, as librdkafka last reported it.
     pub consumer_lag: Family<PartitionLabels, Gauge>,
     /// Window state on disk, bytes.
@@ -175,6 +181,9 @@ impl Default for Metrics {
             admin_refused: Family::default(),
             batch_events: Buckets::new(exponential_buckets(1.0, 4.0, 8)),
             checkpoints: Counter::default(),
+            changelog_records: Counter::default(),
+            restored_records: Counter::default(),
+            restored_bytes: Counter::default(),
             consumer_lag: Family::default(),
             state_disk_bytes: Gauge::default(),
             state_cached_bytes: Gauge::default(),
@@ -262,6 +271,21 @@ impl Metrics {
             "checkpoints",
             "Checkpoints written (window state and source offsets in one write)",
             self.checkpoints.clone(),
+        );
+        r.register(
+            "changelog_records",
+            "Records written to the window state's changelog topic (entries and checkpoint markers)",
+            self.changelog_records.clone(),
+        );
+        r.register(
+            "restored_records",
+            "Changelog records read back to rebuild the window state",
+            self.restored_records.clone(),
+        );
+        r.register(
+            "restored_bytes",
+            "Bytes of the changelog records read back to rebuild the window state",
+            self.restored_bytes.clone(),
         );
         r.register(
             "consumer_lag_messages",

@@ -8,16 +8,19 @@
 //! are never seen again do not stay on disk.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rocksdb::compaction_filter::Decision as Keep;
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions,
-    SliceTransform, WriteBatch, WriteOptions,
+    SliceTransform, WriteBatch, WriteBatchIteratorCf, WriteOptions,
 };
 use serde::de::DeserializeOwned;
 
+use crate::changelog::{
+    CHUNKS_TAG, ChangelogWriter, LOGGED_META, Logged, META_TAG, Marker, ROWS_TAG, Restore,
+};
 use crate::codec::{CHUNK_ID_LEN, chunk_key_prefix, expires_at, is_chunk_key};
 
 /// Column family of per-detector, per-key values.
@@ -51,6 +54,9 @@ pub enum StateError {
     /// A temporary directory for throwaway state could not be made.
     #[error("cannot create a temporary state directory: {0}")]
     Temp(std::io::Error),
+    /// The changelog could not take a checkpoint.
+    #[error("window state changelog: {0}")]
+    Changelog(String),
     /// A stored value did not decode (written by another version?).
     #[error("window state at {path}: unreadable {what}: {reason}")]
     Corrupt {
@@ -69,6 +75,12 @@ pub struct StateStore {
     path: PathBuf,
     /// Values that expire before this event time are dropped by compactions.
     clock: Arc<AtomicI64>,
+    /// Column family ids (rows, chunks, meta), as a write batch names them.
+    ids: [u32; 3],
+    /// Whether compactions tell the keys they drop (for the changelog's tombstones).
+    log_expired: Arc<AtomicBool>,
+    /// Tagged keys compactions dropped as expired, not yet told.
+    expired: Arc<Mutex<Vec<Vec<u8>>>>,
     /// Kept alive for throwaway stores: dropping it deletes the directory.
     _temp: Option<tempfile::TempDir>,
 }
@@ -98,6 +110,8 @@ impl StateStore {
 
     fn open_in(dir: &Path, temp: Option<tempfile::TempDir>) -> Result<Self, StateError> {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
+        let log_expired = Arc::new(AtomicBool::new(false));
+        let expired: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let mut db_options = small_memtables();
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
@@ -106,7 +120,7 @@ impl StateStore {
         db_options.set_keep_log_file_num(2);
 
         let cache = rocksdb::Cache::new_lru_cache(16 << 20);
-        let expiring = |by_prefix: bool| {
+        let expiring = |by_prefix: bool, tag: u8| {
             let mut options = small_memtables();
             options.set_compression_type(rocksdb::DBCompressionType::Lz4);
             let mut table = BlockBasedOptions::default();
@@ -126,21 +140,29 @@ impl StateStore {
             table.set_block_cache(&cache);
             options.set_block_based_table_factory(&table);
             let filter_clock = Arc::clone(&clock);
-            options.set_compaction_filter("rampart-expired-windows", move |_level, _key, value: &[u8]| {
-                if expires_at(value) < filter_clock.load(Ordering::Relaxed) {
-                    Keep::Remove
-                } else {
-                    Keep::Keep
-                }
-            });
+            let (telling, told) = (Arc::clone(&log_expired), Arc::clone(&expired));
+            options.set_compaction_filter(
+                "rampart-expired-windows",
+                move |_level, key: &[u8], value: &[u8]| {
+                    if expires_at(value) < filter_clock.load(Ordering::Relaxed) {
+                        if telling.load(Ordering::Relaxed) {
+                            let tagged = [&[tag][..], key].concat();
+                            told.lock().unwrap_or_else(|p| p.into_inner()).push(tagged);
+                        }
+                        Keep::Remove
+                    } else {
+                        Keep::Keep
+                    }
+                },
+            );
             options
         };
         let db = DB::open_cf_descriptors(
             &db_options,
             dir,
             [
-                ColumnFamilyDescriptor::new(ROWS, expiring(false)),
-                ColumnFamilyDescriptor::new(CHUNKS, expiring(true)),
+                ColumnFamilyDescriptor::new(ROWS, expiring(false, ROWS_TAG)),
+                ColumnFamilyDescriptor::new(CHUNKS, expiring(true, CHUNKS_TAG)),
                 ColumnFamilyDescriptor::new(META, small_memtables()),
             ],
         )
@@ -148,10 +170,14 @@ impl StateStore {
             path: dir.to_path_buf(),
             source,
         })?;
+        let ids = column_family_ids(&db);
         Ok(Self {
             db,
             path: dir.to_path_buf(),
             clock,
+            ids,
+            log_expired,
+            expired,
             _temp: temp,
         })
     }
@@ -276,8 +302,115 @@ impl StateStore {
             rows: cf(ROWS),
             chunks: cf(CHUNKS),
             meta: cf(META),
+            ids: self.ids,
             batch: WriteBatch::with_capacity_bytes(bytes),
         }
+    }
+
+    /// Writes `commit` to `log` first (the keys compactions dropped as expired since the last
+    /// time as deletes, then the commit's entries, then a marker with `expired_before`, the
+    /// bound below which window values are of no use), and once the log holds it, to the
+    /// store, with where the store now stands in the log. Returns that.
+    pub fn write_logged(
+        &self,
+        mut commit: Commit<'_>,
+        log: &mut dyn ChangelogWriter,
+        expired_before: i64,
+    ) -> Result<Logged, StateError> {
+        self.log_expired(true);
+        let mut entries = 0u64;
+        for key in self.take_expired()? {
+            log.entry(&key, None).map_err(StateError::Changelog)?;
+            entries += 1;
+        }
+        let mut failed = None;
+        commit.for_each_entry(|key, value| {
+            if failed.is_none()
+                && let Err(e) = log.entry(key, value)
+            {
+                failed = Some(e);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(StateError::Changelog(e));
+        }
+        entries += commit.len() as u64;
+        let before: Option<Logged> = self.meta_json(LOGGED_META)?;
+        let marker = Marker {
+            checkpoint: before.map_or(0, |l| l.checkpoint) + 1,
+            entries,
+            expired_before,
+        };
+        let logged = log.commit(&marker).map_err(StateError::Changelog)?;
+        commit.meta(
+            LOGGED_META,
+            Some(&serde_json::to_vec(&logged).expect("serialises")),
+        );
+        self.write(commit)?;
+        Ok(logged)
+    }
+
+    /// Rebuilds this store from a changelog read in order (see [`Restore`]).
+    pub fn restore(&self) -> Restore<'_> {
+        Restore::new(self)
+    }
+
+    /// From now on (`on`), compactions tell the keys they drop as expired
+    /// ([`Self::take_expired`]), so that the changelog deletes them too.
+    pub fn log_expired(&self, on: bool) {
+        self.log_expired.store(on, Ordering::Relaxed);
+    }
+
+    /// The tagged keys compactions dropped as expired since the last call, that the store does
+    /// not hold any more (a newer value put since is kept), each once.
+    pub fn take_expired(&self) -> Result<Vec<Vec<u8>>, StateError> {
+        let mut keys = std::mem::take(&mut *self.expired.lock().unwrap_or_else(|p| p.into_inner()));
+        keys.sort_unstable();
+        keys.dedup();
+        let mut gone = Vec::with_capacity(keys.len());
+        for key in keys {
+            if self.get_tagged(&key)?.is_none() {
+                gone.push(key);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// The value of a tagged key ([`crate::changelog`]), expired or not.
+    pub fn get_tagged(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        let Some((cf, key)) = split_tag(key) else {
+            return Err(self.corrupt("changelog key", "unknown tag"));
+        };
+        let cf = self.db.cf_handle(cf).expect("opened with this column family");
+        self.db.get_cf(cf, key).map_err(|e| self.error(e))
+    }
+
+    /// Every entry the store holds, as tagged keys and values, except window values expired
+    /// for the store's clock and the store's own place in its changelog.
+    pub fn for_each_entry(
+        &self,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
+    ) -> Result<(), StateError> {
+        let now = self.clock.load(Ordering::Relaxed);
+        for (name, tag) in [(ROWS, ROWS_TAG), (CHUNKS, CHUNKS_TAG), (META, META_TAG)] {
+            let cf = self.db.cf_handle(name).expect("opened with this column family");
+            let mut options = ReadOptions::default();
+            options.set_total_order_seek(true);
+            let mut tagged = Vec::new();
+            for item in self.db.iterator_cf_opt(cf, options, IteratorMode::Start) {
+                let (key, value) = item.map_err(|e| self.error(e))?;
+                if (tag != META_TAG && expires_at(&value) < now)
+                    || (tag == META_TAG && *key == *LOGGED_META.as_bytes())
+                {
+                    continue;
+                }
+                tagged.clear();
+                tagged.push(tag);
+                tagged.extend_from_slice(&key);
+                f(&tagged, &value).map_err(StateError::Changelog)?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes `commit` atomically (not synced to disk: a crash may lose the last checkpoints,
@@ -334,6 +467,39 @@ fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The column family of a tagged key, and the key.
+fn split_tag(key: &[u8]) -> Option<(&'static str, &[u8])> {
+    let (tag, rest) = key.split_first()?;
+    let cf = match *tag {
+        ROWS_TAG => ROWS,
+        CHUNKS_TAG => CHUNKS,
+        META_TAG => META,
+        _ => return None,
+    };
+    Some((cf, rest))
+}
+
+/// The ids RocksDB gave the column families (rows, chunks, meta): a write batch names them
+/// by id. Learnt from a batch never written.
+fn column_family_ids(db: &DB) -> [u32; 3] {
+    struct Ids(Vec<u32>);
+    impl WriteBatchIteratorCf for Ids {
+        fn put_cf(&mut self, cf_id: u32, _: &[u8], _: &[u8]) {
+            self.0.push(cf_id);
+        }
+        fn delete_cf(&mut self, _: u32, _: &[u8]) {}
+        fn merge_cf(&mut self, _: u32, _: &[u8], _: &[u8]) {}
+    }
+    let mut probe = WriteBatch::default();
+    for name in [ROWS, CHUNKS, META] {
+        let cf = db.cf_handle(name).expect("opened with this column family");
+        probe.put_cf(cf, b"", b"");
+    }
+    let mut ids = Ids(Vec::new());
+    probe.iterate_cf(&mut ids);
+    [ids.0[0], ids.0[1], ids.0[2]]
+}
+
 /// Stored entries: (key, value) in key order.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -344,6 +510,8 @@ pub struct Commit<'a> {
     rows: &'a rocksdb::ColumnFamily,
     chunks: &'a rocksdb::ColumnFamily,
     meta: &'a rocksdb::ColumnFamily,
+    /// Column family ids (rows, chunks, meta).
+    ids: [u32; 3],
     batch: WriteBatch,
 }
 
@@ -368,6 +536,55 @@ impl Commit<'_> {
     /// Puts or deletes a metadata entry.
     pub fn meta(&mut self, key: &str, value: Option<&[u8]>) {
         Self::add(&mut self.batch, self.meta, key.as_bytes(), value);
+    }
+
+    /// Puts or deletes the entry of a changelog's tagged key (`tag` and the key apart).
+    pub(crate) fn tagged(&mut self, tag: u8, key: &[u8], value: Option<&[u8]>) {
+        let cf = match tag {
+            ROWS_TAG => self.rows,
+            CHUNKS_TAG => self.chunks,
+            _ => self.meta,
+        };
+        Self::add(&mut self.batch, cf, key, value);
+    }
+
+    /// Calls `f` with each entry, in the order added, as a changelog's tagged key and value
+    /// (`None`: deleted).
+    pub fn for_each_entry(&self, f: impl FnMut(&[u8], Option<&[u8]>)) {
+        struct Tagging<F> {
+            ids: [u32; 3],
+            key: Vec<u8>,
+            f: F,
+        }
+        impl<F: FnMut(&[u8], Option<&[u8]>)> Tagging<F> {
+            fn call(&mut self, cf_id: u32, key: &[u8], value: Option<&[u8]>) {
+                let tag = match self.ids.iter().position(|&id| id == cf_id) {
+                    Some(0) => ROWS_TAG,
+                    Some(1) => CHUNKS_TAG,
+                    _ => META_TAG,
+                };
+                self.key.clear();
+                self.key.push(tag);
+                self.key.extend_from_slice(key);
+                (self.f)(&self.key, value);
+            }
+        }
+        impl<F: FnMut(&[u8], Option<&[u8]>)> WriteBatchIteratorCf for Tagging<F> {
+            fn put_cf(&mut self, cf_id: u32, key: &[u8], value: &[u8]) {
+                self.call(cf_id, key, Some(value));
+            }
+            fn delete_cf(&mut self, cf_id: u32, key: &[u8]) {
+                self.call(cf_id, key, None);
+            }
+            fn merge_cf(&mut self, cf_id: u32, key: &[u8], value: &[u8]) {
+                self.call(cf_id, key, Some(value));
+            }
+        }
+        self.batch.iterate_cf(&mut Tagging {
+            ids: self.ids,
+            key: Vec::new(),
+            f,
+        });
     }
 
     /// Entries put or deleted.

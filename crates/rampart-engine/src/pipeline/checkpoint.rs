@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use rampart_state::changelog::ChangelogWriter;
 use rampart_state::{StateError, StateStore};
 
 use super::event_time::bounds_of;
@@ -71,6 +72,26 @@ impl Pipeline {
     /// [`Self::checkpoint`] of `input` ([`Self::input_for_checkpoint`]) with the guard state
     /// taken earlier by [`Self::guard_snapshot`], both from when the checkpoint began.
     pub fn checkpoint_with(&self, input: &Input, guard: Vec<u8>) -> Result<(), StateError> {
+        self.checkpoint_to(input, guard, None)
+    }
+
+    /// [`Self::checkpoint_with`], the checkpoint written to `log` first, then to the local
+    /// store once the log holds it (see [`rampart_state::changelog`]).
+    pub fn checkpoint_logged(
+        &self,
+        input: &Input,
+        guard: Vec<u8>,
+        log: &mut dyn ChangelogWriter,
+    ) -> Result<(), StateError> {
+        self.checkpoint_to(input, guard, Some(log))
+    }
+
+    fn checkpoint_to(
+        &self,
+        input: &Input,
+        guard: Vec<u8>,
+        log: Option<&mut dyn ChangelogWriter>,
+    ) -> Result<(), StateError> {
         let mut windows = self.lock();
         let windows = &mut *windows;
         windows.since_checkpoint = 0;
@@ -117,7 +138,12 @@ impl Pipeline {
         let bytes = commit.bytes();
         windows.meta_bytes = bytes - window_bytes;
         let before_write = started.elapsed();
-        store.write(commit)?;
+        match log {
+            Some(log) => {
+                store.write_logged(commit, log, bounds.expiry_now())?;
+            }
+            None => store.write(commit)?,
+        }
         tracing::debug!(
             rows,
             bytes,

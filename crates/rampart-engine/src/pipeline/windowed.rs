@@ -238,18 +238,23 @@ impl Pipeline {
     /// [`Self::reset`], and from now on decisions pass through the guard or not (see
     /// [`Self::set_guarded`]): a `rampart test` case starts so, as the case says.
     pub fn reset_guarded(&self, guarded: bool) {
-        let mut windows = self.lock();
         self.set_guarded(guarded);
+        if let Err(e) = self.reopen_state() {
+            tracing::error!(error = %e, "cannot reopen the window state");
+        }
+    }
+
+    /// Forgets the window state in memory and the guard's, and reads them again from what a
+    /// persistent state holds on disk (or starts from nothing).
+    pub fn reopen_state(&self) -> Result<(), LoadError> {
+        let mut windows = self.lock();
         self.guard().clear();
         // Close the store before reopening it.
         windows.store = None;
-        match self.open_windows() {
-            Ok((w, input)) => {
-                *windows = w;
-                *self.intake() = Intake::resuming(input);
-            }
-            Err(e) => tracing::error!(error = %e, "cannot reopen the window state"),
-        }
+        let (w, input) = self.open_windows()?;
+        *windows = w;
+        *self.intake() = Intake::resuming(input);
+        Ok(())
     }
 
     /// Late events (beyond the allowed lateness) become dead letters; the others go through the

@@ -3,6 +3,7 @@
 //! then writes the window state with the input (offsets) it reflects, on its own thread.
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::Service;
 use crate::ServiceError;
+use crate::changelog::KafkaChangelog;
 use crate::kafka::ProducerCallbacks;
 use crate::metrics::Health;
 
@@ -42,7 +44,17 @@ impl Service<'_> {
         let (input, tpl) = self.input_for_checkpoint();
         let guard = self.pipeline.guard_snapshot();
         self.sync_audit()?;
-        let result = write(&self.pipeline, acks, self.last_seq(), &input, guard, stop, health);
+        let changelog = self.changelog.clone();
+        let result = write(
+            &self.pipeline,
+            changelog.as_deref(),
+            acks,
+            self.last_seq(),
+            &input,
+            guard,
+            stop,
+            health,
+        );
         self.checkpointed(result, &tpl)
     }
 
@@ -109,10 +121,13 @@ impl Service<'_> {
 
 /// A checkpoint: waits until the broker acknowledged every message numbered `through` or
 /// lower (every decision and dead letter of the batches the window state holds), then writes
-/// the window state with `input` (the offsets it reflects) in one RocksDB write. Gives up
-/// waiting only on a second stop signal. Returns how long it took.
+/// the window state with `input` (the offsets it reflects) to the changelog, if any, and then
+/// in one RocksDB write. Gives up waiting only on a second stop signal. Returns how long it
+/// took.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn write(
     pipeline: &Pipeline,
+    changelog: Option<&Mutex<KafkaChangelog>>,
     acks: &ProducerCallbacks,
     through: Option<usize>,
     input: &Input,
@@ -145,6 +160,12 @@ pub(super) fn write(
             .unwrap_or_default();
         return Err(ServiceError::Delivery(error));
     }
-    pipeline.checkpoint_with(input, guard)?;
+    match changelog {
+        Some(log) => {
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            pipeline.checkpoint_logged(input, guard, &mut *log)?;
+        }
+        None => pipeline.checkpoint_with(input, guard)?,
+    }
     Ok(started.elapsed())
 }

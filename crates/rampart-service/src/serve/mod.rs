@@ -21,12 +21,13 @@ use rampart_enforce::signing::Signer;
 use rampart_engine::guardrails::audit::{self, AuditLog};
 use rampart_engine::pipeline::config::KafkaConfig;
 use rampart_engine::pipeline::tables::TableSource;
-use rampart_engine::{EventBatch, Pipeline};
+use rampart_engine::{EventBatch, Pipeline, StateChoice};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{Producer, ThreadedProducer};
 
 use crate::auth::Tokens;
+use crate::changelog::KafkaChangelog;
 use crate::http::{self, AdminRequest};
 use crate::kafka::{self, ConsumerCallbacks, ProducerCallbacks, StoredOffsets};
 use crate::metrics::{Health, Metrics};
@@ -100,6 +101,13 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
 
     let (consumer_config, producer_config) = kafka::client_configs(&kafka, &options.env);
     let tables = follow_tables(&pipeline, &kafka, &consumer_config, &producer_config)?;
+    let changelog = restore_state(
+        &pipeline,
+        &kafka,
+        &consumer_config,
+        &producer_config,
+        (&options.stop, &health, &metrics),
+    )?;
     // Each input partition's next offset, as stored with the window state.
     let committed: BTreeMap<String, i64> = pipeline
         .progress()
@@ -167,6 +175,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         behind_told: BTreeMap::new(),
         last_tick: Instant::now(),
         last_event_time_note: None,
+        changelog,
     };
     service.refresh_notes();
     let result = service.serve();
@@ -202,6 +211,37 @@ fn follow_tables(
         .iter()
         .map(|(name, topic)| tables::TableFollower::start(name, topic, consumer_config))
         .collect()
+}
+
+/// With a changelog: brings the state directory up to date with it (see [`crate::changelog`])
+/// and reopens the pipeline's state on it; returns the writer checkpoints go through.
+fn restore_state(
+    pipeline: &Pipeline,
+    kafka: &KafkaConfig,
+    consumer_config: &rdkafka::ClientConfig,
+    producer_config: &rdkafka::ClientConfig,
+    (stop, health, metrics): (&Arc<AtomicUsize>, &Arc<Health>, &Arc<Metrics>),
+) -> Result<Option<Arc<Mutex<KafkaChangelog>>>, ServiceError> {
+    let (Some(topic), StateChoice::Persistent(dir)) = (&kafka.changelog_topic, pipeline.state_choice())
+    else {
+        return Ok(None);
+    };
+    kafka::ensure_internal_topic(producer_config, topic, 1, &kafka::changelog_topic_settings())?;
+    let mut log = KafkaChangelog::new(
+        producer_config,
+        topic,
+        0,
+        Arc::clone(stop),
+        Arc::clone(health),
+        Arc::clone(metrics),
+    )?;
+    health.set_not_ready(Some(format!("restoring the window state from {topic}")));
+    pipeline.close_state();
+    crate::changelog::restore(dir, consumer_config, &mut log, health, metrics)?;
+    pipeline.reopen_state().map_err(|e| {
+        ServiceError::Config(format!("cannot reopen the window state after restoring it: {e}"))
+    })?;
+    Ok(Some(Arc::new(Mutex::new(log))))
 }
 
 /// The next offset of each input partition, as stored with the window state: where the
@@ -313,6 +353,8 @@ struct Service<'a> {
     behind_told: BTreeMap<String, bool>,
     /// When processing time last moved the windows.
     last_tick: Instant,
+    /// Where checkpoints go before the local state, if the pipeline has a changelog.
+    changelog: Option<Arc<Mutex<KafkaChangelog>>>,
     /// What /readyz says about event time (a partition holding the watermark back).
     last_event_time_note: Option<String>,
 }
@@ -424,9 +466,19 @@ impl Service<'_> {
                         let guard = self.pipeline.guard_snapshot();
                         self.sync_audit()?;
                         let pipeline = Arc::clone(&self.pipeline);
+                        let changelog = self.changelog.clone();
                         let (acks, stop, health) = (&acks, &stop, &health);
                         let handle = scope.spawn(move || {
-                            checkpoint::write(&pipeline, acks, through, &input, guard, stop, health)
+                            checkpoint::write(
+                                &pipeline,
+                                changelog.as_deref(),
+                                acks,
+                                through,
+                                &input,
+                                guard,
+                                stop,
+                                health,
+                            )
                         });
                         running = Some((handle, tpl));
                         timers.last_checkpoint = Instant::now();

@@ -103,6 +103,8 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     /// Partitions of created topics.
     pub partitions: i32,
+    /// The compacted topic checkpoints of the window state also go to (`None`: off).
+    pub changelog_topic: Option<String>,
     /// Longest wait to fill a micro-batch.
     pub batch_max_wait: Duration,
     /// librdkafka properties for the consumer (shared ones included).

@@ -154,6 +154,11 @@ pub(super) struct RawKafka {
     pub create_topics: bool,
     /// Partitions of topics created by `create_topics`.
     pub partitions: Option<Spanned<i32>>,
+    /// Whether checkpoints of the window state also go to a compacted changelog topic, from
+    /// which a new instance with an empty disk restores it (default true).
+    pub changelog: Option<bool>,
+    /// The changelog topic (default `<group>-changelog`), created compacted by Rampart.
+    pub changelog_topic: Option<String>,
     /// Longest wait to fill a micro-batch (its size bound is `source.batch_size`).
     pub batch_max_wait: Option<Text>,
     /// librdkafka properties for both the consumer and the producer.

@@ -377,9 +377,14 @@ pub(super) fn kafka(c: &mut Checker<'_>, k: RawKafka, pipeline: &str) -> KafkaCo
         defaults::BATCH_MAX_WAIT,
     );
     let shared = k.properties.iter().map(|(a, b)| (a.clone(), b.clone()));
+    let group = k.group.unwrap_or_else(|| format!("rampart-{pipeline}"));
     KafkaConfig {
         brokers: k.brokers.unwrap_or_else(|| defaults::BROKERS.into()),
-        group: k.group.unwrap_or_else(|| format!("rampart-{pipeline}")),
+        changelog_topic: k
+            .changelog
+            .unwrap_or(true)
+            .then(|| k.changelog_topic.unwrap_or_else(|| format!("{group}-changelog"))),
+        group,
         shadow_topic: k.shadow_topic.unwrap_or_else(|| k.decisions_topic.clone()),
         input_topics: k.input_topics.into_inner(),
         decisions_topic: k.decisions_topic,
