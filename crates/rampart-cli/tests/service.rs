@@ -1938,3 +1938,166 @@ fn a_live_burst_is_decided_at_once_and_one_followed_by_silence_after_the_quiet_p
         "decided once the stream was quiet for 6 s: {after_quiet:?}"
     );
 }
+
+/// The synthetic pipeline `name` with its window state in four partitions spread over the
+/// group's instances (`[kafka] state_partitions`); partitions go idle only after 5 minutes, so
+/// that stopping the instances a few seconds after the stream's end decides what an
+/// uninterrupted run does at its end.
+fn scale_out_pipeline(dir: &Path, name: &str) -> PathBuf {
+    let p = synthetic_pipeline_on(dir, name, "decisions", "events", "partition_idle_after = \"5m\"");
+    edit(
+        &p.join("pipeline.toml"),
+        "create_topics = true",
+        "create_topics = true\nstate_partitions = 4",
+    );
+    p
+}
+
+/// Waits until `topic` holds at least `want` distinct decisions and two reads 3 s apart find
+/// the same number.
+fn wait_for_decisions(
+    broker: &Broker,
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+) -> (BTreeMap<String, Value>, usize) {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let (got, repeats) = by_id(&drain(broker, topic, Duration::from_secs(3)));
+        if (got.len() >= want && last == Some(got.len())) || Instant::now() >= deadline {
+            return (got, repeats);
+        }
+        last = Some(got.len());
+    }
+}
+
+/// Runs three instances of a scale-out pipeline over the `total` events of a four-partition
+/// input keyed by event id, until they decided what the `reference` run did; with `kill`, one
+/// of them is killed with SIGKILL a third of the way into the stream and replaced by a fresh
+/// instance on an empty state directory. Returns the decisions.
+fn scale_out_run(
+    tmp: &Path,
+    broker: &Broker,
+    total: u64,
+    reference: usize,
+    kill: bool,
+) -> BTreeMap<String, Value> {
+    let pipeline = scale_out_pipeline(tmp, "group");
+    let mut instances: Vec<Service> = (0..3)
+        .map(|i| Service::start(&pipeline, broker, &tmp.join(format!("instance-{i}")), &[]))
+        .collect();
+    for s in &instances {
+        s.wait_for("ready", Duration::from_secs(60), |s| {
+            s.get("/readyz").is_some_and(|(status, _)| status == 200)
+        });
+    }
+    if kill {
+        let victim = instances.remove(1);
+        let events = |s: &Service| s.metric("rampart_events_total").unwrap_or(0.0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while events(&victim) + instances.iter().map(events).sum::<f64>() < total as f64 / 3.0 {
+            assert!(
+                Instant::now() < deadline,
+                "a third of the stream: {}",
+                victim.diagnosis()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        victim.signal("-KILL");
+        let (status, _) = victim.wait(Duration::from_secs(10));
+        assert!(!status.success());
+        instances.push(Service::start(&pipeline, broker, &tmp.join("replacement"), &[]));
+    }
+    let (decided, repeats) = wait_for_decisions(broker, "decisions", reference, Duration::from_secs(180));
+    let mut logs = Vec::new();
+    for s in instances {
+        s.signal("-TERM");
+        let (status, stderr) = s.wait(Duration::from_secs(60));
+        assert!(status.success(), "{stderr}");
+        logs.push(stderr);
+    }
+    let dead = drain(broker, "decisions.dead", Duration::from_secs(1));
+    let mut late: BTreeMap<String, (i64, i64, usize)> = BTreeMap::new();
+    for d in &dead {
+        let p = d.headers.get("rampart.partition").cloned().unwrap_or_default();
+        let o: i64 = d
+            .headers
+            .get("rampart.offset")
+            .and_then(|o| o.parse().ok())
+            .unwrap_or(-1);
+        let e = late.entry(p).or_insert((i64::MAX, i64::MIN, 0));
+        *e = (e.0.min(o), e.1.max(o), e.2 + 1);
+    }
+    eprintln!("late dead letters by input partition (first offset, last, count): {late:?}");
+    if let Some(d) = dead.first() {
+        eprintln!("first: {:?}", d.headers.get("rampart.error"));
+    }
+    if let Ok(dir) = std::env::var("RAMPART_TEST_LOGS") {
+        for (i, l) in logs.iter().enumerate() {
+            std::fs::write(Path::new(&dir).join(format!("instance-{i}.log")), l).expect("log");
+        }
+    }
+    for l in &logs {
+        if let Some(stopped) = l.lines().find(|l| l.starts_with("stopped:")) {
+            eprintln!("{stopped}");
+        }
+    }
+    let running: Vec<usize> = logs
+        .iter()
+        .map(|l| l.matches("state partition running").count())
+        .collect();
+    assert!(
+        running.iter().filter(|n| **n > 0).count() >= 2,
+        "the state partitions were spread over the instances: {running:?}"
+    );
+    let restored: Vec<&str> = logs
+        .iter()
+        .flat_map(|l| l.lines())
+        .filter(|l| l.contains("window state restored from its changelog"))
+        .collect();
+    eprintln!(
+        "scale-out (kill: {kill}): {} decisions, {repeats} re-sent; state partition loops started per instance: \
+         {running:?}; {} restored from the changelog",
+        decided.len(),
+        restored.len()
+    );
+    if kill {
+        assert!(
+            !restored.is_empty(),
+            "the killed instance's state partitions were restored elsewhere: {}",
+            logs.join("\n---\n")
+        );
+    }
+    decided
+}
+
+#[test]
+fn three_instances_in_one_group_decide_exactly_what_one_instance_does() {
+    let broker = Broker::start();
+    broker.create_topic_with("events", 4);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let total = 60_000;
+    // The events are all on the broker before the reference run starts.
+    feed_partitions(&broker, total, 1_000_000, 4)
+        .join()
+        .expect("feeding");
+    let reference = reference_run(&broker, tmp.path(), total);
+    // The group's run reads the same topic again, from the start.
+    let decided = scale_out_run(tmp.path(), &broker, total, reference.len(), false);
+    assert_same_decisions(&decided, &reference);
+}
+
+#[test]
+fn a_group_member_killed_mid_stream_is_replaced_without_losing_or_double_counting() {
+    let broker = Broker::start();
+    broker.create_topic_with("events", 4);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let total = 90_000;
+    feed_partitions(&broker, total, 1_000_000, 4)
+        .join()
+        .expect("feeding");
+    let reference = reference_run(&broker, tmp.path(), total);
+    let decided = scale_out_run(tmp.path(), &broker, total, reference.len(), true);
+    assert_same_decisions(&decided, &reference);
+}

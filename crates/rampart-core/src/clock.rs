@@ -193,6 +193,20 @@ impl EventClock {
         }
     }
 
+    /// What a source reached, told by whoever reads it (a scale-out instance forwarding its
+    /// partition's records: most of them go to other instances): its newest event time, and
+    /// whether it gave records since it last told (which counts as a record for idleness).
+    /// Unlike [`Self::observe`], nothing is late.
+    pub fn note(&mut self, name: &str, newest: i64, gave_records: bool) {
+        let now = self.now;
+        let i = self.index_of(name);
+        let s = &mut self.sources[i];
+        s.newest = s.newest.max(newest);
+        if gave_records && now.is_some() {
+            s.last_record = now;
+        }
+    }
+
     /// Restores the watermark and the sources' newest times of a checkpoint.
     pub fn restore(&mut self, watermark: i64, sources: impl IntoIterator<Item = (String, i64)>) {
         self.watermark = self.watermark.max(watermark);

@@ -64,6 +64,7 @@ fn read(path: &Path) -> Result<String, KeyError> {
 }
 
 /// A private signing key with its id.
+#[derive(Clone)]
 pub struct Signer {
     id: String,
     key: SigningKey,

@@ -164,24 +164,26 @@ pub fn changelog_topic_settings() -> Vec<(&'static str, String)> {
 }
 
 /// Makes sure a topic Rampart keeps for itself exists, creating it with `partitions` and
-/// `settings` (whatever `create_topics` says: nobody else creates it).
+/// `settings` (whatever `create_topics` says: nobody else creates it). Returns its partition
+/// count.
 pub fn ensure_internal_topic(
     config: &ClientConfig,
     topic: &str,
     partitions: i32,
     settings: &[(&str, String)],
-) -> Result<(), ServiceError> {
+) -> Result<usize, ServiceError> {
     let admin: AdminClient<_> = config.create().map_err(ServiceError::client("admin"))?;
     let metadata = admin
         .inner()
-        .fetch_metadata(Some(topic), Duration::from_secs(15))
+        // (All topics: asking for one may create it with the broker's defaults.)
+        .fetch_metadata(None, Duration::from_secs(15))
         .map_err(|e| ServiceError::Broker(format!("cannot read the broker's metadata: {e}")))?;
-    if metadata
+    if let Some(existing) = metadata
         .topics()
         .iter()
-        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
     {
-        return Ok(());
+        return Ok(existing.partitions().len());
     }
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     for (name, value) in settings {
@@ -201,7 +203,30 @@ pub fn ensure_internal_topic(
             }
         }
     }
-    Ok(())
+    Ok(partitions as usize)
+}
+
+/// The partitions of `topics` as event-time sources (`kafka:TOPIC/PARTITION`).
+pub fn partitions_of(config: &ClientConfig, topics: &[String]) -> Result<Vec<String>, ServiceError> {
+    let admin: AdminClient<_> = config.create().map_err(ServiceError::client("admin"))?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(15))
+        .map_err(|e| ServiceError::Broker(format!("cannot read the broker's metadata: {e}")))?;
+    let mut out = Vec::new();
+    for topic in topics {
+        let t = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && !t.partitions().is_empty())
+            .ok_or_else(|| ServiceError::Broker(format!("topic {topic} has no partitions")))?;
+        out.extend(
+            t.partitions()
+                .iter()
+                .map(|p| rampart_core::kafka_source(topic, p.id())),
+        );
+    }
+    Ok(out)
 }
 
 /// The consumer's callbacks.
@@ -227,36 +252,42 @@ impl ClientContext for ConsumerCallbacks {
     }
 
     fn stats(&self, statistics: Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                if *partition < 0 || !p.desired {
-                    continue;
-                }
-                let labels = PartitionLabels {
-                    topic: topic.clone(),
-                    partition: partition.to_string(),
-                };
-                self.metrics
-                    .consumer_lag
-                    .get_or_create(&labels)
-                    .set(p.consumer_lag.max(0));
-                // The next offset the application takes, else where fetching stands.
-                let position = if p.app_offset >= 0 {
-                    p.app_offset
-                } else {
-                    p.next_offset.max(p.lo_offset)
-                };
-                let end = if p.ls_offset >= 0 {
-                    p.ls_offset
-                } else {
-                    p.hi_offset
-                };
-                if end >= 0 && position >= 0 {
-                    self.behind
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(rampart_core::kafka_source(topic, *partition), end > position);
-                }
+        note_statistics(&statistics, &self.metrics, &self.behind);
+    }
+}
+
+/// A consumer's statistics: each partition's lag to the metrics, and (per
+/// `kafka:TOPIC/PARTITION`) whether it has records not yet handed to the application.
+pub fn note_statistics(statistics: &Statistics, metrics: &Metrics, behind: &Mutex<BTreeMap<String, bool>>) {
+    for (topic, t) in &statistics.topics {
+        for (partition, p) in &t.partitions {
+            if *partition < 0 || !p.desired {
+                continue;
+            }
+            let labels = PartitionLabels {
+                topic: topic.clone(),
+                partition: partition.to_string(),
+            };
+            metrics
+                .consumer_lag
+                .get_or_create(&labels)
+                .set(p.consumer_lag.max(0));
+            // The next offset the application takes, else where fetching stands.
+            let position = if p.app_offset >= 0 {
+                p.app_offset
+            } else {
+                p.next_offset.max(p.lo_offset)
+            };
+            let end = if p.ls_offset >= 0 {
+                p.ls_offset
+            } else {
+                p.hi_offset
+            };
+            if end >= 0 && position >= 0 {
+                behind
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(rampart_core::kafka_source(topic, *partition), end > position);
             }
         }
     }

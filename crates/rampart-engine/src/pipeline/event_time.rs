@@ -12,6 +12,7 @@ use crate::windows::keyed::Bounds;
 pub(super) enum ClockChange {
     Track(Vec<String>),
     Flags(String, Option<bool>, Option<bool>),
+    Note(String, i64, bool),
 }
 
 /// Where event time stands (see [`rampart_core::clock`]).
@@ -55,6 +56,13 @@ impl Pipeline {
         self.post(ClockChange::Flags(name.to_string(), paused, behind));
     }
 
+    /// What a source reached, told by the instance that reads it (see
+    /// [`rampart_core::EventClock::note`]). Takes effect at the next evaluation: tell it after
+    /// the windows evaluated the rows of the source that came before it.
+    pub fn note_source(&self, name: &str, newest: i64, gave_records: bool) {
+        self.post(ClockChange::Note(name.to_string(), newest, gave_records));
+    }
+
     pub(super) fn post(&self, change: ClockChange) {
         self.clock_inbox
             .lock()
@@ -71,6 +79,7 @@ impl Pipeline {
             match change {
                 ClockChange::Track(names) => clock.track(&names),
                 ClockChange::Flags(name, paused, behind) => clock.set_flags(&name, paused, behind),
+                ClockChange::Note(name, newest, gave) => clock.note(&name, newest, gave),
             }
         }
     }

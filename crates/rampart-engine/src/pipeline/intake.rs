@@ -142,7 +142,10 @@ fn take(
 ) -> bool {
     match position {
         SourcePosition::Kafka { offset, .. } => {
-            if resume_at.is_some_and(|at| *offset < at) {
+            // Below what an earlier run took, or what this one did: a record read again (a
+            // scale-out instance's records come again when the instance forwarding them
+            // changes).
+            if resume_at.max(progress.next_offset).is_some_and(|at| *offset < at) {
                 return false;
             }
             progress.next_offset = Some(progress.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));

@@ -535,6 +535,32 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// The windowed detectors whose window key (PARTITION BY, or GROUP BY) does not include
+    /// the column `column` of the `events` table, with what it is keyed by: what cannot run
+    /// where events are partitioned by that column alone.
+    pub fn windows_not_keyed_by(&self, column: &str) -> Vec<(String, String)> {
+        use datafusion::physical_expr::expressions::Column;
+        self.windowed()
+            .into_iter()
+            .filter_map(|w| {
+                let schema = &w.split.pre_schema;
+                let names: Vec<String> = w
+                    .split
+                    .keys
+                    .iter()
+                    .map(|k| match k.downcast_ref::<Column>() {
+                        Some(c) => schema.field(c.index()).name().clone(),
+                        None => k.to_string(),
+                    })
+                    .collect();
+                let keyed = names
+                    .iter()
+                    .any(|n| n == column || n.ends_with(&format!(".{column}")));
+                (!keyed).then(|| (w.detector.meta.id.clone(), names.join(", ")))
+            })
+            .collect()
+    }
+
     /// The windowed detectors with their windows, in order (the indices window states name
     /// their members by).
     pub(super) fn windowed(&self) -> Vec<WindowedDetector<'_>> {

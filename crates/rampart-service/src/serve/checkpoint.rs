@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rampart_core::parse_kafka_source;
+use rampart_engine::Pipeline;
 use rampart_engine::pipeline::Input;
-use rampart_engine::{EventBatch, Pipeline};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::Service;
+use super::{Service, Work};
 use crate::ServiceError;
 use crate::changelog::KafkaChangelog;
 use crate::kafka::ProducerCallbacks;
@@ -24,11 +24,23 @@ impl Service<'_> {
     /// publishes what they decide.
     pub(super) fn work_windows(
         &mut self,
-        backlog: &mut VecDeque<EventBatch>,
+        backlog: &mut VecDeque<Work>,
         n: usize,
     ) -> Result<(), ServiceError> {
-        for batch in backlog.drain(..n.min(backlog.len())) {
-            self.pipeline.evaluate_windowed(&batch).emit(self)?;
+        for work in backlog.drain(..n.min(backlog.len())) {
+            match work {
+                Work::Batch(batch) => self.pipeline.evaluate_windowed(&batch).emit(self)?,
+                Work::Marks(marks) => {
+                    // After the windows saw the rows before them.
+                    let task = self.task.as_mut().expect("marks come to a task");
+                    for mark in marks {
+                        self.pipeline
+                            .note_source(&mark.source, mark.newest, mark.gave_records);
+                        task.marked_behind
+                            .insert(mark.source, (mark.behind, Instant::now()));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -64,6 +76,23 @@ impl Service<'_> {
     pub(super) fn input_for_checkpoint(&mut self) -> (Input, TopicPartitionList) {
         let input = self.pipeline.input_for_checkpoint();
         let mut tpl = TopicPartitionList::new();
+        if let Some(task) = &self.task {
+            // Scale-out: the state holds the forwarded records consumed so far (the input's
+            // own offsets are the forwarding instances' to commit).
+            let key = (task.topic.clone(), task.partition);
+            let next = self
+                .offsets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .copied();
+            if let Some(next) = next
+                && let Err(e) = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(next))
+            {
+                tracing::debug!(error = %e, "offset list");
+            }
+            return (input, tpl);
+        }
         for (source, progress) in &input.progress {
             let Some(next) = progress.next_offset else {
                 continue;
@@ -100,7 +129,12 @@ impl Service<'_> {
         tpl: &TopicPartitionList,
     ) -> Result<(), ServiceError> {
         let took = result?;
-        if tpl.count() > 0
+        if let Some(task) = &self.task {
+            // The group member owning the partition commits (this consumer is not one).
+            if tpl.count() > 0 {
+                let _ = task.commits.send(tpl.clone());
+            }
+        } else if tpl.count() > 0
             && let Err(e) = self.consumer.commit(tpl, CommitMode::Async)
         {
             tracing::debug!(error = %e, "group offset commit (informational)");

@@ -5,6 +5,7 @@
 
 mod admin;
 mod checkpoint;
+mod group;
 mod sink;
 mod source;
 
@@ -22,6 +23,15 @@ use rampart_engine::guardrails::audit::{self, AuditLog};
 use rampart_engine::pipeline::config::KafkaConfig;
 use rampart_engine::pipeline::tables::TableSource;
 use rampart_engine::{EventBatch, Pipeline, StateChoice};
+
+/// Window work waiting its turn, in the order consumed.
+pub(super) enum Work {
+    /// A batch the windows have not seen.
+    Batch(EventBatch),
+    /// What the scale-out instances forwarding the input told of their partitions, after the
+    /// batches before it (see [`group`]).
+    Marks(Vec<group::Mark>),
+}
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{Producer, ThreadedProducer};
@@ -52,53 +62,17 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
             "service mode needs a persistent window state (it stores the source offsets with it)".into(),
         ));
     }
-    let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(Health::default());
-    health.beat();
-    health.set_not_ready(Some("starting".into()));
-    let listen = options
-        .listen
-        .as_deref()
-        .unwrap_or(&pipeline.config.service.listen);
-    let env = |name: &str| {
-        options
-            .env
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let tokens = Tokens::load(
-        env("RAMPART_ADMIN_TOKEN"),
-        pipeline.config.service.admin_tokens.as_deref(),
-    )
-    .map_err(ServiceError::Config)?;
-    if !tokens.configured() {
-        tracing::warn!(
-            "admin commands are off: no admin token is configured (RAMPART_ADMIN_TOKEN, or [service] \
-             admin_tokens in pipeline.toml); /admin/* answers 403"
-        );
+    let instance = Instance::start(&pipeline, &options)?;
+    if let Some(partitions) = kafka.state_partitions {
+        return group::run(pipeline, options, &kafka, partitions, instance);
     }
-    let signer = signer(
-        &pipeline,
-        env("RAMPART_SIGNING_KEY"),
-        env("RAMPART_SIGNING_KEY_ID"),
-    )?;
-    let (admin_sender, admin) = mpsc::channel();
-    let endpoint = http::Endpoint::start(
-        listen,
-        pipeline.config.service.tls.as_ref(),
-        Arc::clone(&metrics),
-        Arc::clone(&health),
-        admin_sender,
-        tokens,
-    )
-    .map_err(ServiceError::Http)?;
-    tracing::info!(
-        address = %endpoint.address,
-        scheme = endpoint.scheme,
-        "serving /metrics, /healthz and /readyz"
-    );
-
+    let Instance {
+        metrics,
+        health,
+        endpoint,
+        admin,
+        signer,
+    } = instance;
     let (consumer_config, producer_config) = kafka::client_configs(&kafka, &options.env);
     let tables = follow_tables(&pipeline, &kafka, &consumer_config, &producer_config)?;
     let changelog = restore_state(
@@ -139,48 +113,177 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         dead_letters = %kafka.dead_letter_topic,
         "running"
     );
-
-    let audit = open_audit(&pipeline, &metrics)?;
-    let decoder = pipeline.decoder();
-    pipeline.set_live(idleness(&pipeline));
-    let watched = watch::Fingerprint::of(&pipeline.dir);
-    let mut service = Service {
-        pipeline: Arc::new(pipeline),
+    let mut service = Service::new(Parts {
+        pipeline,
         kafka: &kafka,
         consumer,
         producer,
+        offsets,
+        behind,
+        committed,
         metrics,
         health,
-        offsets,
-        stop: options.stop,
-        until_idle: options.until_idle,
-        until_end: options.until_end,
-        next_seq: 0,
-        committed,
-        summary: RunSummary::default(),
-        topics: BTreeMap::new(),
-        decoder,
-        warned_detectors: Vec::new(),
         signer,
-        tripped: false,
         admin,
-        audit,
-        reload: options.reload,
-        watch: options.watch.then_some((watched, Instant::now())),
-        reload_note: None,
         tables,
-        behind,
-        assignments_seen: u64::MAX,
-        paused: BTreeSet::new(),
-        behind_told: BTreeMap::new(),
-        last_tick: Instant::now(),
-        last_event_time_note: None,
         changelog,
-    };
+        task: None,
+        options: &options,
+    })?;
     service.refresh_notes();
     let result = service.serve();
     drop(endpoint);
     result.map(|()| service.summary)
+}
+
+/// What one instance runs besides its processing loops: metrics, health, the HTTP endpoint
+/// (operators' commands come out of `admin`), and the key decisions are signed with.
+pub(super) struct Instance {
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) health: Arc<Health>,
+    pub(super) endpoint: http::Endpoint,
+    pub(super) admin: mpsc::Receiver<AdminRequest>,
+    pub(super) signer: Option<Signer>,
+}
+
+impl Instance {
+    /// Reads the admin tokens and the signing key, and starts the endpoint.
+    fn start(pipeline: &Pipeline, options: &RunOptions) -> Result<Self, ServiceError> {
+        let metrics = Arc::new(Metrics::default());
+        let health = Arc::new(Health::default());
+        health.beat();
+        health.set_not_ready(Some("starting".into()));
+        let listen = options
+            .listen
+            .as_deref()
+            .unwrap_or(&pipeline.config.service.listen);
+        let env = |name: &str| {
+            options
+                .env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let tokens = Tokens::load(
+            env("RAMPART_ADMIN_TOKEN"),
+            pipeline.config.service.admin_tokens.as_deref(),
+        )
+        .map_err(ServiceError::Config)?;
+        if !tokens.configured() {
+            tracing::warn!(
+                "admin commands are off: no admin token is configured (RAMPART_ADMIN_TOKEN, or [service] \
+                 admin_tokens in pipeline.toml); /admin/* answers 403"
+            );
+        }
+        let signer = signer(
+            pipeline,
+            env("RAMPART_SIGNING_KEY"),
+            env("RAMPART_SIGNING_KEY_ID"),
+        )?;
+        let (admin_sender, admin) = mpsc::channel();
+        let endpoint = http::Endpoint::start(
+            listen,
+            pipeline.config.service.tls.as_ref(),
+            Arc::clone(&metrics),
+            Arc::clone(&health),
+            admin_sender,
+            tokens,
+        )
+        .map_err(ServiceError::Http)?;
+        tracing::info!(
+            address = %endpoint.address,
+            scheme = endpoint.scheme,
+            "serving /metrics, /healthz and /readyz"
+        );
+        Ok(Self {
+            metrics,
+            health,
+            endpoint,
+            admin,
+            signer,
+        })
+    }
+}
+
+/// What a processing loop is made of.
+pub(super) struct Parts<'a> {
+    pub(super) pipeline: Pipeline,
+    pub(super) kafka: &'a KafkaConfig,
+    pub(super) consumer: BaseConsumer<ConsumerCallbacks>,
+    pub(super) producer: ThreadedProducer<ProducerCallbacks>,
+    pub(super) offsets: StoredOffsets,
+    pub(super) behind: Arc<Mutex<BTreeMap<String, bool>>>,
+    pub(super) committed: BTreeMap<String, i64>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) health: Arc<Health>,
+    pub(super) signer: Option<Signer>,
+    pub(super) admin: mpsc::Receiver<AdminRequest>,
+    pub(super) tables: Vec<tables::TableFollower>,
+    pub(super) changelog: Option<Arc<Mutex<KafkaChangelog>>>,
+    pub(super) task: Option<group::Task>,
+    pub(super) options: &'a RunOptions,
+}
+
+impl<'a> Service<'a> {
+    /// A processing loop over `parts`, with the pipeline's audit log opened and its event time
+    /// made live.
+    pub(super) fn new(parts: Parts<'a>) -> Result<Self, ServiceError> {
+        let Parts {
+            pipeline,
+            kafka,
+            consumer,
+            producer,
+            offsets,
+            behind,
+            committed,
+            metrics,
+            health,
+            signer,
+            admin,
+            tables,
+            changelog,
+            task,
+            options,
+        } = parts;
+        let audit = open_audit(&pipeline, &metrics)?;
+        let decoder = pipeline.decoder();
+        pipeline.set_live(idleness(&pipeline));
+        let watched = watch::Fingerprint::of(&pipeline.dir);
+        Ok(Self {
+            pipeline: Arc::new(pipeline),
+            kafka,
+            consumer,
+            producer,
+            metrics,
+            health,
+            offsets,
+            stop: Arc::clone(&options.stop),
+            until_idle: options.until_idle,
+            until_end: options.until_end,
+            next_seq: 0,
+            committed,
+            summary: RunSummary::default(),
+            topics: BTreeMap::new(),
+            decoder,
+            warned_detectors: Vec::new(),
+            signer,
+            tripped: false,
+            admin,
+            audit,
+            reload: Arc::clone(&options.reload),
+            watch: options.watch.then_some((watched, Instant::now())),
+            reload_note: None,
+            tables,
+            behind,
+            assignments_seen: u64::MAX,
+            paused: BTreeSet::new(),
+            behind_told: BTreeMap::new(),
+            last_tick: Instant::now(),
+            last_event_time_note: None,
+            changelog,
+            task,
+        })
+    }
 }
 
 /// Makes sure every topic the pipeline uses exists (creating them if so configured), and
@@ -220,22 +323,46 @@ fn restore_state(
     kafka: &KafkaConfig,
     consumer_config: &rdkafka::ClientConfig,
     producer_config: &rdkafka::ClientConfig,
-    (stop, health, metrics): (&Arc<AtomicUsize>, &Arc<Health>, &Arc<Metrics>),
+    shared: (&Arc<AtomicUsize>, &Arc<Health>, &Arc<Metrics>),
 ) -> Result<Option<Arc<Mutex<KafkaChangelog>>>, ServiceError> {
-    let (Some(topic), StateChoice::Persistent(dir)) = (&kafka.changelog_topic, pipeline.state_choice())
-    else {
+    let Some(topic) = &kafka.changelog_topic else {
         return Ok(None);
     };
-    kafka::ensure_internal_topic(producer_config, topic, 1, &kafka::changelog_topic_settings())?;
+    let partitions =
+        kafka::ensure_internal_topic(producer_config, topic, 1, &kafka::changelog_topic_settings())?;
+    if partitions != 1 {
+        return Err(ServiceError::Config(format!(
+            "the changelog {topic} has {partitions} partitions: one instance's window state is written to one \
+             (a scale-out changelog has one per state partition: set [kafka] state_partitions, or another changelog_topic)"
+        )));
+    }
+    restore_partition(pipeline, topic, 0, consumer_config, producer_config, shared)
+}
+
+/// Brings the pipeline's state directory up to date with `partition` of the changelog `topic`
+/// and reopens the pipeline's state on it; returns the writer checkpoints go through.
+fn restore_partition(
+    pipeline: &Pipeline,
+    topic: &str,
+    partition: i32,
+    consumer_config: &rdkafka::ClientConfig,
+    producer_config: &rdkafka::ClientConfig,
+    (stop, health, metrics): (&Arc<AtomicUsize>, &Arc<Health>, &Arc<Metrics>),
+) -> Result<Option<Arc<Mutex<KafkaChangelog>>>, ServiceError> {
+    let StateChoice::Persistent(dir) = pipeline.state_choice() else {
+        return Ok(None);
+    };
     let mut log = KafkaChangelog::new(
         producer_config,
         topic,
-        0,
+        partition,
         Arc::clone(stop),
         Arc::clone(health),
         Arc::clone(metrics),
     )?;
-    health.set_not_ready(Some(format!("restoring the window state from {topic}")));
+    health.set_not_ready(Some(format!(
+        "restoring the window state from {topic}/{partition}"
+    )));
     pipeline.close_state();
     crate::changelog::restore(dir, consumer_config, &mut log, health, metrics)?;
     pipeline.reopen_state().map_err(|e| {
@@ -355,6 +482,8 @@ struct Service<'a> {
     last_tick: Instant,
     /// Where checkpoints go before the local state, if the pipeline has a changelog.
     changelog: Option<Arc<Mutex<KafkaChangelog>>>,
+    /// Scale-out: the state partition this loop owns (`None`: the whole input).
+    task: Option<group::Task>,
     /// What /readyz says about event time (a partition holding the watermark back).
     last_event_time_note: Option<String>,
 }
@@ -406,7 +535,7 @@ impl Service<'_> {
     fn serve(&mut self) -> Result<(), ServiceError> {
         let interval = self.pipeline.config.service.checkpoint_interval;
         let mut timers = Timers::now();
-        let mut backlog: VecDeque<EventBatch> = VecDeque::new();
+        let mut backlog: VecDeque<Work> = VecDeque::new();
         let acks = Arc::clone(self.producer.context());
         let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
         std::thread::scope(|scope| -> Result<(), ServiceError> {
@@ -507,7 +636,7 @@ impl Service<'_> {
         &mut self,
         stopping: bool,
         checkpointing: bool,
-        backlog: &mut VecDeque<EventBatch>,
+        backlog: &mut VecDeque<Work>,
         timers: &mut Timers,
     ) -> Result<(), ServiceError> {
         if backlog.len() > MAX_WINDOW_BACKLOG && checkpointing {
@@ -519,16 +648,20 @@ impl Service<'_> {
         if stopping {
             return Ok(());
         }
-        let gathered = self.gather();
+        let mut gathered = self.gather();
         if gathered.messages > 0 || self.health.assigned.load(Ordering::Relaxed) == 0 {
             // (Idle time counts from the assignment: joining the group is not idleness.)
             timers.last_message = Instant::now();
         }
-        if gathered.messages > 0 {
+        if gathered.messages > 0 || !gathered.marks.is_empty() {
             if self.summary.events == 0 && self.summary.bad_records == 0 {
                 tracing::info!("first message consumed");
             }
-            backlog.extend(self.process(gathered)?);
+            let marks = std::mem::take(&mut gathered.marks);
+            backlog.extend(self.process(gathered)?.into_iter().map(Work::Batch));
+            if !marks.is_empty() {
+                backlog.push_back(Work::Marks(marks));
+            }
         }
         Ok(())
     }
@@ -539,7 +672,7 @@ impl Service<'_> {
     /// alone may make rows certain (a quiet stream, an idle partition).
     fn window_round(
         &mut self,
-        backlog: &mut VecDeque<EventBatch>,
+        backlog: &mut VecDeque<Work>,
         timers: &mut Timers,
     ) -> Result<(), ServiceError> {
         if !backlog.is_empty() {

@@ -34,6 +34,8 @@ pub(super) struct Gathered {
     /// Kafka timestamps (ms) of the messages, for the end-to-end latency.
     pub(super) timestamps: Vec<i64>,
     pub(super) messages: usize,
+    /// Scale-out: what the instances forwarding the input told, after these batches.
+    pub(super) marks: Vec<super::group::Mark>,
 }
 
 impl Service<'_> {
@@ -107,10 +109,33 @@ impl Service<'_> {
                 }
                 Some(Ok(m)) => m,
             };
+            // Seen by the rebalance callback: a re-assignment resumes after what the window
+            // state in memory already holds.
+            self.offsets.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                (message.topic().to_string(), message.partition()),
+                message.offset() + 1,
+            );
+            let forwarded = match &self.task {
+                Some(_) => match super::group::Forwarded::of(&message) {
+                    super::group::Forwarded::Mark(mark) => {
+                        out.marks.push(mark);
+                        continue;
+                    }
+                    super::group::Forwarded::Record(at) => Some(at),
+                },
+                None => None,
+            };
             deadline.get_or_insert_with(|| Instant::now() + self.kafka.batch_max_wait);
             out.messages += 1;
-            let topic = intern(&mut self.topics, message.topic());
-            let (partition, offset) = (message.partition(), message.offset());
+            // A forwarded record keeps the position it has in the input.
+            let (topic, partition, offset) = match forwarded {
+                Some((topic, partition, offset)) => (intern(&mut self.topics, &topic), partition, offset),
+                None => (
+                    intern(&mut self.topics, message.topic()),
+                    message.partition(),
+                    message.offset(),
+                ),
+            };
             out.timestamps
                 .push(message.timestamp().to_millis().unwrap_or_else(now_ms));
             let payload = message.payload().unwrap_or_default();
@@ -128,12 +153,6 @@ impl Service<'_> {
                         });
                     }
                 });
-            // Seen by the rebalance callback: a re-assignment resumes after what the window
-            // state in memory already holds.
-            self.offsets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert((topic.to_string(), partition), offset + 1);
             if !out.batches.is_empty() {
                 break;
             }
@@ -214,6 +233,9 @@ impl Service<'_> {
     /// ahead of the slowest one by more than `max_partition_skew` (resumes them at half that,
     /// or when it goes idle); and exports it all.
     pub(super) fn follow_event_time(&mut self) {
+        if self.task.is_some() {
+            return self.follow_forwarded_event_time();
+        }
         self.follow_assignment();
         // What librdkafka says has records waiting, told to the clock when it changes.
         let behind = self.behind.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -228,6 +250,42 @@ impl Service<'_> {
         };
         self.align_partitions(&time);
         self.export_event_time(&time);
+    }
+
+    /// Scale-out: the clock's sources are the input's partitions (whose instances tell their
+    /// progress through marks); a source counts as behind when its instance says so or when
+    /// this loop's own partition has records not consumed yet.
+    fn follow_forwarded_event_time(&mut self) {
+        let behind_here = {
+            let task = self.task.as_ref().expect("a task");
+            let name = rampart_core::kafka_source(&task.topic, task.partition);
+            self.behind
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .copied()
+                .unwrap_or(false)
+        };
+        let task = self.task.as_mut().expect("a task");
+        if !task.tracked {
+            task.tracked = true;
+            self.pipeline.track_sources(&task.sources);
+        }
+        for name in &task.sources {
+            // Unheard of for a while: its forwarding instance may be gone with records left.
+            let b = behind_here
+                || task
+                    .marked_behind
+                    .get(name)
+                    .is_none_or(|(behind, at)| *behind || at.elapsed() > super::group::MARK_STALE);
+            if self.behind_told.get(name) != Some(&b) {
+                self.pipeline.set_source_flags(name, None, Some(b));
+                self.behind_told.insert(name.clone(), b);
+            }
+        }
+        if let Some(time) = self.pipeline.event_time() {
+            self.export_event_time(&time);
+        }
     }
 
     /// After a new assignment, tells the clock which partitions this instance consumes.

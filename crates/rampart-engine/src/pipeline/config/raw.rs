@@ -159,6 +159,9 @@ pub(super) struct RawKafka {
     pub changelog: Option<bool>,
     /// The changelog topic (default `<group>-changelog`), created compacted by Rampart.
     pub changelog_topic: Option<String>,
+    /// Scale-out: the window state is split in this many partitions, spread over the
+    /// instances of the group, each event re-keyed by actor through a repartition topic.
+    pub state_partitions: Option<Spanned<i32>>,
     /// Longest wait to fill a micro-batch (its size bound is `source.batch_size`).
     pub batch_max_wait: Option<Text>,
     /// librdkafka properties for both the consumer and the producer.

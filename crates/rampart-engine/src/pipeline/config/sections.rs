@@ -376,6 +376,21 @@ pub(super) fn kafka(c: &mut Checker<'_>, k: RawKafka, pipeline: &str) -> KafkaCo
         k.batch_max_wait.as_ref(),
         defaults::BATCH_MAX_WAIT,
     );
+    let state_partitions = match &k.state_partitions {
+        Some(p) if !(1..=4096).contains(p.get_ref()) => {
+            c.problem(p.span(), "`kafka.state_partitions` must be between 1 and 4096");
+            None
+        }
+        Some(p) if k.changelog == Some(false) => {
+            c.problem(
+                p.span(),
+                "`kafka.state_partitions` needs the changelog (`changelog = false` is set): a partition's state moves between instances through it",
+            );
+            None
+        }
+        Some(p) => Some(*p.get_ref()),
+        None => None,
+    };
     let shared = k.properties.iter().map(|(a, b)| (a.clone(), b.clone()));
     let group = k.group.unwrap_or_else(|| format!("rampart-{pipeline}"));
     KafkaConfig {
@@ -385,6 +400,7 @@ pub(super) fn kafka(c: &mut Checker<'_>, k: RawKafka, pipeline: &str) -> KafkaCo
             .unwrap_or(true)
             .then(|| k.changelog_topic.unwrap_or_else(|| format!("{group}-changelog"))),
         group,
+        state_partitions,
         shadow_topic: k.shadow_topic.unwrap_or_else(|| k.decisions_topic.clone()),
         input_topics: k.input_topics.into_inner(),
         decisions_topic: k.decisions_topic,
