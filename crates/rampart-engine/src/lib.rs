@@ -24,6 +24,6 @@ pub use drivers::replay::{ReplaySink, Summary, replay};
 pub use error::{Error, Fault};
 pub use input::decode::{DeadLetter, DeadLetterKind, EventBatch};
 pub use pipeline::config::PipelineConfig;
-pub use pipeline::{Evaluator, LoadError, Pipeline, Progress, SourceProgress, StateChoice};
+pub use pipeline::{Evaluator, LoadError, Pipeline, Progress, Route, SourceProgress, StateChoice};
 pub use rampart_sql::{StateKind, Timing};
 pub use rampart_state::{StateError, StateStore, changelog};

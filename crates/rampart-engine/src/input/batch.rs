@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringArray, StringBuilder,
+    Array, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringArray, StringBuilder,
     TimestampMicrosecondArray, TimestampMicrosecondBuilder, UInt64Array, UInt64Builder,
 };
 use datafusion::arrow::record_batch::RecordBatch;
@@ -53,6 +53,18 @@ pub struct EventBatch {
 }
 
 impl EventBatch {
+    /// Column `column`'s value at `row` as text, null as the empty text (routing keys).
+    pub fn text_at(&self, column: usize, row: usize) -> String {
+        let values = self.batch.column(column);
+        if values.is_null(row) {
+            return String::new();
+        }
+        if let Some(strings) = values.as_any().downcast_ref::<StringArray>() {
+            return strings.value(row).to_string();
+        }
+        datafusion::arrow::util::display::array_value_to_string(values, row).unwrap_or_default()
+    }
+
     /// Gives the rows the ids `first_row..`, for batches decoded out of order on other threads.
     pub fn renumber(&mut self, first_row: u64) {
         if self.first_row == first_row {

@@ -48,6 +48,11 @@ pub(crate) struct Intake {
     /// (within a run, records of a partition may be admitted out of offset order: a dead
     /// letter is admitted before the batch holding the events around it).
     skip: Progress,
+    /// Per Kafka partition, the offset after the last event and after the last dead letter
+    /// taken in this run: a record below it is one read again (a scale-out state partition
+    /// gets an input partition's records again when the instance forwarding them changes).
+    /// Apart, because a dead letter is admitted before the batch of the events before it.
+    seen: BTreeMap<String, (Option<i64>, Option<i64>)>,
     /// Whether anything was taken since the last [`Intake::for_checkpoint`].
     changed: bool,
 }
@@ -59,6 +64,7 @@ impl Intake {
         Self {
             input,
             skip,
+            seen: BTreeMap::new(),
             changed: false,
         }
     }
@@ -93,9 +99,10 @@ impl Intake {
             let mut skip = self.skip.get_mut(name.as_ref());
             let resume_at = skip.as_ref().and_then(|s| s.next_offset);
             let mut skip = skip.as_mut().map(|s| &mut s.events);
+            let seen = &mut self.seen.entry(name.to_string()).or_default().0;
             let progress = self.input.progress.entry(name.into_owned()).or_default();
             for (i, position) in (run_start..run_end).zip(&batch.positions[run_start..run_end]) {
-                keep[i] = take(position, progress, skip.as_deref_mut(), resume_at);
+                keep[i] = take(position, progress, skip.as_deref_mut(), resume_at, seen);
                 if keep[i] {
                     progress.events += 1;
                 }
@@ -121,8 +128,9 @@ impl Intake {
         let mut skip = self.skip.get_mut(name.as_ref());
         let resume_at = skip.as_ref().and_then(|s| s.next_offset);
         let skip = skip.as_mut().map(|s| &mut s.dead_letters);
+        let seen = &mut self.seen.entry(name.to_string()).or_default().1;
         let progress = self.input.progress.entry(name.into_owned()).or_default();
-        if !take(&letter.source, progress, skip, resume_at) {
+        if !take(&letter.source, progress, skip, resume_at, seen) {
             return false;
         }
         progress.dead_letters += 1;
@@ -132,22 +140,22 @@ impl Intake {
 }
 
 /// Whether a record at `position` is new: a Kafka record at or past the offset an earlier run
-/// reached (`resume_at`; it moves the partition's next offset), or a file record past the
-/// `skip` count still to skip (which it then lowers).
+/// reached (`resume_at`) and past the last record of its kind this run took (`seen`, which
+/// it moves, as it moves the partition's next offset), or a file record past the `skip` count
+/// still to skip (which it then lowers).
 fn take(
     position: &SourcePosition,
     progress: &mut SourceProgress,
     skip: Option<&mut u64>,
     resume_at: Option<i64>,
+    seen: &mut Option<i64>,
 ) -> bool {
     match position {
         SourcePosition::Kafka { offset, .. } => {
-            // Below what an earlier run took, or what this one did: a record read again (a
-            // scale-out instance's records come again when the instance forwarding them
-            // changes).
-            if resume_at.max(progress.next_offset).is_some_and(|at| *offset < at) {
+            if resume_at.max(*seen).is_some_and(|at| *offset < at) {
                 return false;
             }
+            *seen = Some(offset + 1);
             progress.next_offset = Some(progress.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
             true
         }
@@ -237,6 +245,14 @@ mod tests {
         let around = intake.admit(batch(vec![kafka(2, 9), kafka(2, 11)])).expect("new");
         assert_eq!(around.batch.num_rows(), 2);
         assert_eq!(intake.input().progress["kafka:t/2"].next_offset, Some(12));
+        // Records read again within the run (a scale-out state partition whose input partition
+        // changed forwarder) are skipped, events and dead letters alike.
+        assert!(intake.admit(batch(vec![kafka(2, 9), kafka(2, 11)])).is_none());
+        assert!(!intake.admit_dead_letter(&letter(kafka(2, 10))));
+        let next = intake
+            .admit(batch(vec![kafka(2, 11), kafka(2, 12)]))
+            .expect("one is new");
+        assert_eq!(next.positions, vec![kafka(2, 12)]);
     }
 
     #[test]

@@ -27,6 +27,7 @@ use rampart_state::StateError;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+pub use windowed::Route;
 use windowed::Windows;
 
 /// Errors that stop a pipeline from loading at all.
@@ -105,6 +106,8 @@ pub struct Pipeline {
     clock_inbox: Mutex<Vec<ClockChange>>,
     /// Where event time stood after the last evaluation.
     event_time: Mutex<Option<EventTime>>,
+    /// The part of the pipeline loaded ([`Self::load_part`]).
+    part: Option<Route>,
 }
 
 impl Pipeline {
@@ -115,6 +118,18 @@ impl Pipeline {
 
     /// Loads a pipeline with the given window state and evaluator.
     pub fn load_with(dir: &Path, state_choice: StateChoice, evaluator: Evaluator) -> Result<Self, LoadError> {
+        Self::load_part(dir, state_choice, evaluator, None)
+    }
+
+    /// Loads the part of a pipeline that one scale-out state partition of `route` runs (all
+    /// of it for `None`): the windowed detectors of that route, and the per-event ones with
+    /// the actor's.
+    pub fn load_part(
+        dir: &Path,
+        state_choice: StateChoice,
+        evaluator: Evaluator,
+        part: Option<Route>,
+    ) -> Result<Self, LoadError> {
         let config_path = dir.join("pipeline.toml");
         if !config_path.is_file() {
             return Err(LoadError::Config(vec![Problem::in_file(
@@ -162,6 +177,12 @@ impl Pipeline {
         let decisions = DecisionMaker::new(config.name.clone(), config.default_block_for);
         // Stable: per-event detectors first, each group in file-name order.
         detectors.sort_by_key(|d| d.shape != Shape::PerEvent);
+        if let Some(route) = &part {
+            detectors.retain(|d| match d.windowed() {
+                Some(w) => windowed::route_of(w, &schema) == *route,
+                None => route.is_actor(),
+            });
+        }
         let per_event = detectors.iter().filter(|d| d.shape == Shape::PerEvent).count();
         let guard = Guard::new(&config.name, &detectors, config.dedup_for, config.blast_radius);
         let mut pipeline = Self {
@@ -183,11 +204,17 @@ impl Pipeline {
             live: Mutex::new(None),
             clock_inbox: Mutex::new(Vec::new()),
             event_time: Mutex::new(None),
+            part,
         };
         let (windows, input) = pipeline.open_windows()?;
         *pipeline.windows.get_mut().unwrap_or_else(|p| p.into_inner()) = windows;
         *pipeline.intake.get_mut().unwrap_or_else(|p| p.into_inner()) = Intake::resuming(input);
         Ok(pipeline)
+    }
+
+    /// The part of the pipeline this is (`None`: all of it), see [`Self::load_part`].
+    pub fn part(&self) -> Option<&Route> {
+        self.part.as_ref()
     }
 
     /// A decoder for this pipeline's inputs.
@@ -214,6 +241,17 @@ impl Pipeline {
     pub fn revoke(&self, actor: &str, detector: Option<&str>, reason: &str) -> Decision {
         let now = now_micros();
         self.guard().revoke(actor, detector, reason, now)
+    }
+
+    /// The longest a block or review hold of this pipeline lasts (a detector's `block_for`, or
+    /// `[decisions] default_block_for`).
+    pub fn longest_block_for(&self) -> std::time::Duration {
+        self.detectors
+            .iter()
+            .filter_map(|d| d.meta.block_for)
+            .chain([self.config.default_block_for])
+            .max()
+            .unwrap_or_default()
     }
 
     /// What the audit log tracks as rules, name → version: every loaded detector (by id), and

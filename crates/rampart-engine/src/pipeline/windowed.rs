@@ -535,29 +535,12 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// The windowed detectors whose window key (PARTITION BY, or GROUP BY) does not include
-    /// the column `column` of the `events` table, with what it is keyed by: what cannot run
-    /// where events are partitioned by that column alone.
-    pub fn windows_not_keyed_by(&self, column: &str) -> Vec<(String, String)> {
-        use datafusion::physical_expr::expressions::Column;
+    /// How a scale-out deployment routes each windowed detector's rows (see [`Route`]), in
+    /// order.
+    pub fn window_routes(&self) -> Vec<(String, Route)> {
         self.windowed()
             .into_iter()
-            .filter_map(|w| {
-                let schema = &w.split.pre_schema;
-                let names: Vec<String> = w
-                    .split
-                    .keys
-                    .iter()
-                    .map(|k| match k.downcast_ref::<Column>() {
-                        Some(c) => schema.field(c.index()).name().clone(),
-                        None => k.to_string(),
-                    })
-                    .collect();
-                let keyed = names
-                    .iter()
-                    .any(|n| n == column || n.ends_with(&format!(".{column}")));
-                (!keyed).then(|| (w.detector.meta.id.clone(), names.join(", ")))
-            })
+            .map(|w| (w.detector.meta.id.clone(), route_of(w, &self.schema)))
             .collect()
     }
 
@@ -595,4 +578,61 @@ fn on_two_threads<J: Send, R: Send>(jobs: Vec<J>, work: impl Fn(J) -> Vec<R> + S
         }
         results
     })
+}
+
+/// How a scale-out deployment gets every row a window needs to one place: partitioned by one
+/// column of `events` that the window's key includes (all the rows of a key then meet in one
+/// state partition), or all to a single place when the key includes none (a platform-wide
+/// count, a key computed from columns).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Route {
+    /// By the value of this column of `events`.
+    Column(String),
+    /// Every row to one state partition.
+    Single,
+}
+
+impl Route {
+    /// Where the per-event detectors and the windows keyed by actor run.
+    pub fn actor() -> Self {
+        Self::Column(rampart_core::event::ACTOR.to_string())
+    }
+
+    /// Whether this is [`Route::actor`].
+    pub fn is_actor(&self) -> bool {
+        matches!(self, Self::Column(c) if c == rampart_core::event::ACTOR)
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Column(c) => write!(f, "by {c}"),
+            Self::Single => f.write_str("single"),
+        }
+    }
+}
+
+/// A window's route: by actor when its key includes the actor, else by the first key that is
+/// a column of `events`, else single.
+pub(crate) fn route_of(w: WindowedDetector<'_>, schema: &rampart_core::EventSchema) -> Route {
+    use datafusion::physical_expr::expressions::Column;
+    let pre = &w.split.pre_schema;
+    let names: Vec<&str> = w
+        .split
+        .keys
+        .iter()
+        .filter_map(|k| k.downcast_ref::<Column>())
+        .map(|c| {
+            let name = pre.field(c.index()).name().as_str();
+            name.strip_prefix("events.").unwrap_or(name)
+        })
+        .collect();
+    if names.contains(&rampart_core::event::ACTOR) {
+        return Route::actor();
+    }
+    names
+        .into_iter()
+        .find(|n| schema.arrow().index_of(n).is_ok())
+        .map_or(Route::Single, |n| Route::Column(n.to_string()))
 }

@@ -105,6 +105,9 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// The compacted topic checkpoints of the window state also go to (`None`: off).
     pub changelog_topic: Option<String>,
+    /// The compacted topic of the blocks and holds in force, which enforcement points start
+    /// from (`None`: off).
+    pub enforcement_topic: Option<String>,
     /// Scale-out (`Some`): the window state's partitions, which are the partitions of the
     /// repartition topic events are re-keyed through by actor.
     pub state_partitions: Option<i32>,

@@ -159,6 +159,11 @@ pub(super) struct RawKafka {
     pub changelog: Option<bool>,
     /// The changelog topic (default `<group>-changelog`), created compacted by Rampart.
     pub changelog_topic: Option<String>,
+    /// Whether the blocks and holds in force are also kept in a compacted topic, which
+    /// enforcement points start from (default true).
+    pub enforcement_state: Option<bool>,
+    /// That topic (default `<decisions_topic>.enforcement`), created compacted by Rampart.
+    pub enforcement_topic: Option<String>,
     /// Scale-out: the window state is split in this many partitions, spread over the
     /// instances of the group, each event re-keyed by actor through a repartition topic.
     pub state_partitions: Option<Spanned<i32>>,

@@ -399,6 +399,10 @@ pub(super) fn kafka(c: &mut Checker<'_>, k: RawKafka, pipeline: &str) -> KafkaCo
             .changelog
             .unwrap_or(true)
             .then(|| k.changelog_topic.unwrap_or_else(|| format!("{group}-changelog"))),
+        enforcement_topic: k.enforcement_state.unwrap_or(true).then(|| {
+            k.enforcement_topic
+                .unwrap_or_else(|| format!("{}.enforcement", k.decisions_topic))
+        }),
         group,
         state_partitions,
         shadow_topic: k.shadow_topic.unwrap_or_else(|| k.decisions_topic.clone()),
