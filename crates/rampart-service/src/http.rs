@@ -44,7 +44,7 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
 const PLAIN: &str = "text/plain; charset=utf-8";
 
 /// An operator's command, for the processing loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AdminCommand {
     /// Lift `actor`'s blocks and holds (from `detector`, or all) and publish the revocation.
     Revoke {
@@ -65,7 +65,7 @@ pub enum AdminCommand {
 }
 
 /// Who sent an admin command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Operator {
     /// The name of the token they presented.
     pub name: String,

@@ -6,11 +6,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use rampart_core::Decision;
 use rampart_engine::guardrails::audit;
+use rampart_engine::guardrails::guard::Trip;
 use rampart_engine::{Evaluator, Pipeline};
 
+use super::group::GroupCommand;
 use super::{Service, idleness};
-use crate::http::{AdminCommand, AdminRequest};
+use crate::http::{AdminCommand, AdminRequest, Operator};
 use crate::kafka::{self, ProducerCallbacks};
 use crate::metrics::{DetectorLabels, Health};
 use crate::{ServiceError, watch};
@@ -46,41 +49,19 @@ impl Service<'_> {
                     if let Some(d) = detector.as_deref().filter(|d| !self.knows(d)) {
                         (404, format!("no detector `{d}` in this pipeline\n"))
                     } else {
-                        let decision = self.pipeline.revoke(&actor, detector.as_deref(), &reason);
-                        self.audit_entry(
-                            audit::Kind::Admin,
-                            &serde_json::json!({
-                                "action": "revoke", "who": operator.name, "from": operator.from,
-                                "note": operator.note, "actor": actor, "detector": detector,
-                                "reason": reason,
-                            }),
-                        )?;
-                        self.publish_decision(&decision)?;
-                        tracing::info!(%actor, detector = ?detector, %who, "revoked");
+                        let decision = self.revoke(&actor, detector.as_deref(), &reason, &operator, true)?;
                         let body = serde_json::to_string(&decision).expect("decisions serialise");
                         (200, format!("{body}\n"))
                     }
                 }
-                AdminCommand::Rearm { detector } => match self.pipeline.rearm(&detector) {
-                    Some(trip) => {
-                        self.audit_entry(
-                            audit::Kind::Admin,
-                            &serde_json::json!({
-                                "action": "rearm", "who": operator.name, "from": operator.from,
-                                "note": operator.note, "detector": detector,
-                                "tripped_at": trip.at, "trip_reason": trip.reason,
-                            }),
-                        )?;
-                        self.refresh_notes();
-                        tracing::info!(%detector, %who, "re-armed after the blast-radius fail-safe");
-                        (
-                            200,
-                            format!(
-                                "re-armed `{detector}` (in shadow since {}: {})\n",
-                                trip.at, trip.reason
-                            ),
-                        )
-                    }
+                AdminCommand::Rearm { detector } => match self.rearm(&detector, &operator)? {
+                    Some(trip) => (
+                        200,
+                        format!(
+                            "re-armed `{detector}` (in shadow since {}: {})\n",
+                            trip.at, trip.reason
+                        ),
+                    ),
                     None if self.knows(&detector) => (
                         409,
                         format!("`{detector}` is not in fail-safe shadow; nothing to re-arm\n"),
@@ -123,6 +104,78 @@ impl Service<'_> {
         Ok(reload)
     }
 
+    /// Lifts `actor`'s blocks and holds (from `detector`, or all), and publishes the revoke
+    /// decision when `publish` (a scale-out state partition that only held repeat
+    /// suppression for the actor does not).
+    fn revoke(
+        &mut self,
+        actor: &str,
+        detector: Option<&str>,
+        reason: &str,
+        operator: &Operator,
+        publish: bool,
+    ) -> Result<Decision, ServiceError> {
+        let decision = self.pipeline.revoke(actor, detector, reason);
+        let mut entry = serde_json::json!({
+            "action": "revoke", "who": operator.name, "from": operator.from,
+            "note": operator.note, "actor": actor, "detector": detector, "reason": reason,
+        });
+        if !publish {
+            // (Scale-out: the actor's state partition publishes the revoke decision.)
+            entry["published"] = false.into();
+        }
+        self.audit_entry(audit::Kind::Admin, &entry)?;
+        if publish {
+            self.publish_decision(&decision)?;
+        }
+        tracing::info!(%actor, detector = ?detector, who = %operator, publish, "revoked");
+        Ok(decision)
+    }
+
+    /// Takes `detector` out of the fail-safe's shadow, if it is in it.
+    fn rearm(&mut self, detector: &str, operator: &Operator) -> Result<Option<Trip>, ServiceError> {
+        let Some(trip) = self.pipeline.rearm(detector) else {
+            return Ok(None);
+        };
+        self.audit_entry(
+            audit::Kind::Admin,
+            &serde_json::json!({
+                "action": "rearm", "who": operator.name, "from": operator.from,
+                "note": operator.note, "detector": detector,
+                "tripped_at": trip.at, "trip_reason": trip.reason,
+            }),
+        )?;
+        self.refresh_notes();
+        tracing::info!(%detector, who = %operator, "re-armed after the blast-radius fail-safe");
+        Ok(Some(trip))
+    }
+
+    /// Scale-out: carries out an operator's command that came through the repartition topic
+    /// (sent to any instance of the group, see `group.rs`).
+    pub(super) fn group_command(&mut self, command: GroupCommand) -> Result<(), ServiceError> {
+        let GroupCommand {
+            command,
+            operator,
+            publish,
+        } = command;
+        match command {
+            AdminCommand::Revoke {
+                actor,
+                detector,
+                reason,
+            } => {
+                if detector.as_deref().is_none_or(|d| self.knows(d)) {
+                    self.revoke(&actor, detector.as_deref(), &reason, &operator, publish)?;
+                }
+            }
+            AdminCommand::Rearm { detector } => {
+                self.rearm(&detector, &operator)?;
+            }
+            AdminCommand::Reload => {}
+        }
+        Ok(())
+    }
+
     pub(super) fn knows(&self, detector: &str) -> bool {
         self.pipeline.detectors.iter().any(|d| d.meta.id == detector)
     }
@@ -156,6 +209,7 @@ impl Service<'_> {
             {
                 Some("the [kafka] section changed: brokers, group and topics take effect on a restart".into())
             }
+            Ok(p) if self.new_route(&p).is_some() => self.new_route(&p),
             Ok(_) => None,
         };
         if let Some(why) = refusal {
@@ -174,7 +228,8 @@ impl Service<'_> {
         self.checkpoint_now(acks, stop, health)?;
         let state = self.pipeline.state_choice().clone();
         self.pipeline.close_state();
-        let pipeline = match Pipeline::load_with(&dir, state, Evaluator::Keyed) {
+        let part = self.pipeline.part().cloned();
+        let pipeline = match Pipeline::load_part(&dir, state, Evaluator::Keyed, part) {
             Ok(p) => p,
             Err(e) => {
                 self.pipeline.reset();
@@ -216,6 +271,24 @@ impl Service<'_> {
             ));
         }
         Ok(())
+    }
+
+    /// Scale-out: why a new version of the pipeline cannot run in this group (a window that
+    /// would need a route the group does not have: its repartition topic, made at start).
+    fn new_route(&self, pipeline: &Pipeline) -> Option<String> {
+        let routes = &self.task.as_ref()?.routes;
+        let new: Vec<String> = pipeline
+            .window_routes()
+            .into_iter()
+            .filter(|(_, r)| !routes.contains(r))
+            .map(|(id, r)| format!("`{id}` (routed {r})"))
+            .collect();
+        (!new.is_empty()).then(|| {
+            format!(
+                "the window of {} needs a route this group was not started with: restart the instances to create it",
+                new.join(", ")
+            )
+        })
     }
 
     /// Updates what /readyz notes and the fail-safe gauges: detectors in fail-safe shadow,

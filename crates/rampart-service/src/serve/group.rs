@@ -10,13 +10,24 @@
 //!   **mark**: an empty record with the `rampart.mark` header), so that an instance whose
 //!   state partition gets no record of an input partition for a while still knows where it
 //!   stands (Flink's watermarks across a shuffle).
-//! - **State partitions.** The repartition topic's partitions are the window state's: the
-//!   group gives each to one instance, which runs the whole pipeline on it (per-event and
-//!   windowed detectors, the guard: every event of an actor meets in one place) in a
-//!   processing loop of its own ([`super::Service`] with a [`Task`]): its own state
-//!   directory (`<state dir>/partition-N`), restored from the changelog topic's partition N
-//!   before it starts, its records consumed from the offset committed after its last
-//!   checkpoint (records read again are skipped by their input offsets).
+//! - **Routes.** A window's rows must meet where its key's state is. Windows keyed by actor
+//!   (and the per-event detectors, and the guard) run on `<group>-repartition`, partitioned by
+//!   actor; a window keyed by another column of `events` and not by actor (a source address,
+//!   a tenant) gets `<group>-repartition-by-COLUMN`, partitioned by that column; a window
+//!   keyed by no column of `events` (a platform-wide count) gets `<group>-repartition-single`,
+//!   one partition. Each route has its changelog topic (`<changelog>`, `<changelog>-by-COLUMN`,
+//!   `<changelog>-single`), and every input record goes to each route.
+//! - **State partitions.** The repartition topics' partitions are the window state's: the
+//!   group gives each to one instance, which runs its route's part of the pipeline on it in a
+//!   processing loop of its own ([`super::Service`] with a [`Task`]): its own state directory
+//!   (`<state dir>/partition-N`, `by-COLUMN-partition-N`, `single-partition-0`), restored from
+//!   the changelog topic's partition N before it starts, its records consumed from the offset
+//!   committed after its last checkpoint (records read again are skipped by their input
+//!   offsets). Dead letters and the event counts come from the actor's route only.
+//! - **Operators' commands.** A revocation or a re-arming sent to any instance is written to
+//!   the repartition topics as a command record, to the partitions whose loops hold what it
+//!   changes (the actor's, for a revocation on the actor's route; every partition of the
+//!   other routes): whichever instance owns them carries it out, now or after a rebalance.
 //! - **Rebalancing.** The cooperative-sticky assignor moves partitions one by one. A state
 //!   partition given to this instance is paused on the group's consumer (its loop has a
 //!   consumer of its own) and its loop started; a revoked one is checkpointed and its loop
@@ -33,7 +44,7 @@ use std::time::{Duration, Instant};
 use rampart_core::{SourcePosition, kafka_source};
 use rampart_engine::input::decode::{Decoded, Decoder};
 use rampart_engine::pipeline::config::KafkaConfig;
-use rampart_engine::{Evaluator, Pipeline, StateChoice};
+use rampart_engine::{Evaluator, Pipeline, Route, StateChoice};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -45,13 +56,15 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use super::{Instance, Parts, Service, follow_tables, restore_partition};
-use crate::http::{AdminCommand, AdminRequest};
+use crate::http::{AdminCommand, AdminRequest, Operator};
 use crate::kafka::{self, ConsumerCallbacks, ProducerCallbacks};
 use crate::metrics::{Health, Metrics};
 use crate::{RunOptions, RunSummary, ServiceError};
 
 /// The header that makes a repartition record a mark.
 const MARK_HEADER: &str = "rampart.mark";
+/// The header that makes a repartition record an operator's command.
+const COMMAND_HEADER: &str = "rampart.command";
 /// How often the forwarding side tells its progress (when it changed).
 const MARK_EVERY: Duration = Duration::from_millis(50);
 /// How often the forwarding side tells its progress even when it did not change: a state
@@ -79,9 +92,20 @@ pub(crate) struct Mark {
     pub(crate) behind: bool,
 }
 
+/// An operator's command, carried to the state partitions it concerns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct GroupCommand {
+    pub(crate) command: AdminCommand,
+    pub(crate) operator: Operator,
+    /// Whether this state partition publishes the revoke decision (one of those a
+    /// revocation goes to does; the others lift their repeat suppression only).
+    pub(crate) publish: bool,
+}
+
 /// A record of the repartition topic.
 pub(super) enum Forwarded {
     Mark(Mark),
+    Command(GroupCommand),
     /// An input record, at its input position (topic, partition, offset).
     Record((String, i32, i64)),
 }
@@ -100,6 +124,14 @@ impl Forwarded {
                             .and_then(|p| serde_json::from_slice::<Mark>(p).ok())
                         {
                             return Self::Mark(mark);
+                        }
+                    }
+                    (COMMAND_HEADER, _) => {
+                        if let Some(command) = message
+                            .payload()
+                            .and_then(|p| serde_json::from_slice::<GroupCommand>(p).ok())
+                        {
+                            return Self::Command(command);
                         }
                     }
                     ("rampart.topic", Some(v)) => at.0 = Some(v.into_owned()),
@@ -122,6 +154,11 @@ pub(crate) struct Task {
     pub(super) topic: String,
     /// The state partition.
     pub(super) partition: i32,
+    /// Whether this is the actor's route: the one that sends dead letters and counts events
+    /// (every route reads every record).
+    pub(super) primary: bool,
+    /// The group's routes (a reload may not need another).
+    pub(super) routes: Vec<Route>,
     /// Every input partition (the event-time clock's sources).
     pub(super) sources: Vec<String>,
     /// Whether the clock was told of them.
@@ -169,14 +206,68 @@ pub fn state_partition(actor: &str, partitions: i32) -> i32 {
     (murmur2(actor.as_bytes()) & 0x7fff_ffff) % partitions
 }
 
+/// One route's topics and where its state partitions keep their state.
+#[derive(Debug, Clone)]
+struct Family {
+    route: Route,
+    /// `<group>-repartition[-by-COLUMN | -single]`.
+    repartition: String,
+    /// `<changelog>[-by-COLUMN | -single]`.
+    changelog: String,
+    /// State partitions (1 for [`Route::Single`]).
+    partitions: i32,
+    /// What the route's state directories and audit logs are named with: `partition-N`,
+    /// `by-COLUMN-partition-N`, `single-partition-N`.
+    prefix: String,
+    /// The routing column's index in decoded batches (`None`: single).
+    column: Option<usize>,
+}
+
+impl Family {
+    fn new(route: Route, kafka: &KafkaConfig, changelog: &str, partitions: i32, pipeline: &Pipeline) -> Self {
+        let (suffix, prefix, column) = match &route {
+            Route::Column(c) if route.is_actor() => (String::new(), String::new(), Some(c)),
+            Route::Column(c) => {
+                let safe: String = c
+                    .chars()
+                    .map(|ch| {
+                        if ch.is_ascii_alphanumeric() || ch == '_' {
+                            ch
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                (format!("-by-{safe}"), format!("by-{safe}-"), Some(c))
+            }
+            Route::Single => ("-single".into(), "single-".into(), None),
+        };
+        Self {
+            repartition: format!("{}-repartition{suffix}", kafka.group),
+            changelog: format!("{changelog}{suffix}"),
+            partitions: if route == Route::Single { 1 } else { partitions },
+            prefix,
+            column: column.and_then(|c| pipeline.schema.arrow().index_of(c).ok()),
+            route,
+        }
+    }
+
+    /// The state partition of a routing value.
+    fn partition_of(&self, value: &str) -> i32 {
+        state_partition(value, self.partitions)
+    }
+}
+
 /// What every processing loop of this instance shares.
 struct Shared {
     dir: PathBuf,
     state_dir: PathBuf,
     audit_path: Option<PathBuf>,
     kafka: KafkaConfig,
-    repartition: String,
-    changelog: String,
+    /// The routes, the actor's first.
+    families: Vec<Family>,
+    /// Each detector's route (index in `families`).
+    detector_families: BTreeMap<String, usize>,
     consumer_config: ClientConfig,
     producer_config: ClientConfig,
     metrics: Arc<Metrics>,
@@ -201,7 +292,8 @@ struct Worker {
 /// The group consumer's callbacks: start and stop processing loops, release input partitions.
 struct Group {
     shared: Arc<Shared>,
-    workers: Mutex<BTreeMap<i32, Worker>>,
+    /// Per (route, state partition).
+    workers: Mutex<BTreeMap<(usize, i32), Worker>>,
     front: Arc<Mutex<Front>>,
     /// What stopped loops did, and the first failure.
     done: Mutex<(RunSummary, Option<ServiceError>)>,
@@ -230,8 +322,8 @@ impl ConsumerContext for Group {
         };
         let mut inputs = Vec::new();
         for e in tpl.elements() {
-            if e.topic() == self.shared.repartition {
-                self.stop_worker(e.partition(), 1);
+            if let Some(f) = self.shared.family_of(e.topic()) {
+                self.stop_worker((f, e.partition()), 1);
             } else {
                 inputs.push((e.topic().to_string(), e.partition()));
             }
@@ -256,9 +348,9 @@ impl ConsumerContext for Group {
         let mut names = Vec::new();
         for e in tpl.elements() {
             names.push(format!("{}/{}", e.topic(), e.partition()));
-            if e.topic() == self.shared.repartition {
+            if let Some(f) = self.shared.family_of(e.topic()) {
                 paused.add_partition(e.topic(), e.partition());
-                self.start_worker(e.partition());
+                self.start_worker((f, e.partition()));
             } else {
                 let mut front = self.front.lock().unwrap_or_else(|p| p.into_inner());
                 front.own(e.topic(), e.partition());
@@ -278,16 +370,17 @@ impl ConsumerContext for Group {
 }
 
 impl Group {
-    fn start_worker(&self, partition: i32) {
+    fn start_worker(&self, at: (usize, i32)) {
+        let (family, partition) = at;
         let stop = Arc::new(AtomicUsize::new(0));
         let reload = Arc::new(AtomicBool::new(false));
         let (admin, requests) = mpsc::channel();
         let shared = Arc::clone(&self.shared);
         let (worker_stop, worker_reload) = (Arc::clone(&stop), Arc::clone(&reload));
         let thread = std::thread::Builder::new()
-            .name(format!("rampart-p{partition}"))
+            .name(format!("rampart-{}p{partition}", shared.families[family].prefix))
             .spawn(move || {
-                let result = run_worker(&shared, partition, worker_stop, worker_reload, requests);
+                let result = run_worker(&shared, at, worker_stop, worker_reload, requests);
                 if let Err(e) = &result {
                     tracing::error!(partition, error = %e, "the state partition's loop stopped");
                 }
@@ -295,7 +388,7 @@ impl Group {
             })
             .expect("a thread");
         self.workers.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            partition,
+            at,
             Worker {
                 stop,
                 reload,
@@ -307,16 +400,13 @@ impl Group {
 
     /// Stops a state partition's loop (`signal` as the stop count: 1 checkpoints first) and
     /// waits for it.
-    fn stop_worker(&self, partition: i32, signal: usize) {
-        let worker = self
-            .workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&partition);
+    fn stop_worker(&self, at: (usize, i32), signal: usize) {
+        let worker = self.workers.lock().unwrap_or_else(|p| p.into_inner()).remove(&at);
         if let Some(worker) = worker {
             worker.stop.fetch_max(signal, Ordering::SeqCst);
             self.joined(worker.thread.join());
-            tracing::info!(partition, "state partition released");
+            let topic = &self.shared.families[at.0].repartition;
+            tracing::info!(%topic, partition = at.1, "state partition released");
         }
     }
 
@@ -339,7 +429,7 @@ impl Group {
 
     /// Joins the loops that ended by themselves (a failure).
     fn reap(&self) {
-        let ended: Vec<i32> = self
+        let ended: Vec<(usize, i32)> = self
             .workers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -352,31 +442,32 @@ impl Group {
         }
     }
 
-    /// Hands an operator's command to the loops that can carry it out, and answers with
-    /// theirs: a revocation to the one owning the actor's state partition (if this instance
-    /// owns it), anything else to every loop.
+    /// Carries out an operator's command: a revocation or a re-arming is written to the
+    /// state partitions it concerns, whichever instance owns them (answered once the broker
+    /// has it); a reload is for this instance's loops (each instance reads its own pipeline
+    /// directory), answered with theirs.
     fn dispatch(&self, request: AdminRequest) {
-        let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        let targets: Vec<&Worker> = match &request.command {
-            AdminCommand::Revoke { actor, .. } => {
-                let p = state_partition(actor, self.shared.partitions());
-                match workers.get(&p) {
-                    Some(w) => vec![w],
-                    None => {
-                        let _ = request.reply.send((
-                            409,
-                            format!(
-                                "{actor}'s state partition ({p}) is owned by another instance of the group: \
-                                 send the revocation to that instance\n"
-                            ),
-                        ));
-                        return;
-                    }
-                }
-            }
-            _ => workers.values().collect(),
+        let shared = &self.shared;
+        let detector = match &request.command {
+            AdminCommand::Revoke { detector, .. } => detector.clone(),
+            AdminCommand::Rearm { detector } => Some(detector.clone()),
+            AdminCommand::Reload => None,
         };
-        if targets.is_empty() {
+        if let Some(d) = &detector
+            && !shared.detector_families.contains_key(d)
+        {
+            let _ = request
+                .reply
+                .send((404, format!("no detector `{d}` in this pipeline\n")));
+            return;
+        }
+        if !matches!(request.command, AdminCommand::Reload) {
+            let answer = self.send_command(&request.command, &request.operator, detector.as_deref());
+            let _ = request.reply.send(answer);
+            return;
+        }
+        let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        if workers.is_empty() {
             let _ = request.reply.send((
                 503,
                 "no state partition is assigned to this instance yet\n".into(),
@@ -384,7 +475,7 @@ impl Group {
             return;
         }
         let mut answers = Vec::new();
-        for w in &targets {
+        for w in workers.values() {
             let (reply, answer) = mpsc::channel();
             let sent = w.admin.send(AdminRequest {
                 command: request.command.clone(),
@@ -415,42 +506,135 @@ impl Group {
             let _ = reply.send((status, body));
         });
     }
+
+    /// Writes a revocation or a re-arming to the state partitions whose loops hold what it
+    /// changes: a revocation to the actor's partition of the actor's route and to every
+    /// partition of the other routes that have the detector (their repeat suppression), one
+    /// of them publishing the revoke decision; a re-arming to every partition of the
+    /// detector's route (each keeps its own fail-safe). Returns the answer for the operator.
+    fn send_command(
+        &self,
+        command: &AdminCommand,
+        operator: &Operator,
+        detector: Option<&str>,
+    ) -> (u16, String) {
+        let shared = &self.shared;
+        let families: Vec<usize> = match detector {
+            Some(d) => vec![shared.detector_families[d]],
+            None => (0..shared.families.len()).collect(),
+        };
+        let actor = match command {
+            AdminCommand::Revoke { actor, .. } => Some(actor.as_str()),
+            _ => None,
+        };
+        let mut targets: Vec<(usize, i32, bool)> = Vec::new();
+        for f in families {
+            let family = &shared.families[f];
+            match actor {
+                Some(actor) if family.route.is_actor() => {
+                    targets.push((f, family.partition_of(actor), false))
+                }
+                _ => targets.extend((0..family.partitions).map(|p| (f, p, false))),
+            }
+        }
+        // One of them publishes the revocation: the actor's own partition of the first route.
+        if let (Some(actor), Some(first)) = (actor, targets.first().map(|t| t.0)) {
+            let p = shared.families[first].partition_of(actor);
+            if let Some(t) = targets.iter_mut().find(|t| t.0 == first && t.1 == p) {
+                t.2 = true;
+            }
+        }
+        let mut front = self.front.lock().unwrap_or_else(|p| p.into_inner());
+        for &(f, partition, publish) in &targets {
+            let payload = serde_json::to_vec(&GroupCommand {
+                command: command.clone(),
+                operator: operator.clone(),
+                publish,
+            })
+            .expect("serialises");
+            let record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(&shared.families[f].repartition, 0)
+                .partition(partition)
+                .payload(payload.as_slice())
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: COMMAND_HEADER,
+                    value: Some("1"),
+                }));
+            if let Err(e) = front.send(record) {
+                return (503, format!("cannot send the command to the group: {e}\n"));
+            }
+        }
+        if let Err(e) = front.producer.flush(Duration::from_secs(10)) {
+            return (
+                503,
+                format!(
+                    "the broker did not acknowledge the command within 10 s ({e}); it may still be carried out\n"
+                ),
+            );
+        }
+        let places: Vec<String> = targets
+            .iter()
+            .map(|(f, p, publish)| {
+                let topic = &shared.families[*f].repartition;
+                if *publish {
+                    format!("{topic}/{p} (publishes the revoke decision)")
+                } else {
+                    format!("{topic}/{p}")
+                }
+            })
+            .collect();
+        tracing::info!(%operator, ?command, to = ?places, "operator's command sent to the group");
+        (
+            202,
+            format!(
+                "accepted: sent to the state partitions {}; the instances owning them carry it out (see their audit logs)\n",
+                places.join(", ")
+            ),
+        )
+    }
 }
 
 impl Shared {
-    fn partitions(&self) -> i32 {
-        self.kafka.state_partitions.unwrap_or(1)
+    /// The route whose repartition topic this is.
+    fn family_of(&self, topic: &str) -> Option<usize> {
+        self.families.iter().position(|f| f.repartition == topic)
     }
 }
 
 /// One state partition's processing loop, until its stop count is raised.
 fn run_worker(
     shared: &Shared,
-    partition: i32,
+    (family, partition): (usize, i32),
     stop: Arc<AtomicUsize>,
     reload: Arc<AtomicBool>,
     admin: mpsc::Receiver<AdminRequest>,
 ) -> Result<RunSummary, ServiceError> {
-    let state = shared.state_dir.join(format!("partition-{partition}"));
-    let mut pipeline = Pipeline::load_with(&shared.dir, StateChoice::Persistent(state), Evaluator::Keyed)
-        .map_err(|e| {
-            ServiceError::Config(format!(
-                "cannot load the pipeline for state partition {partition}: {e}"
-            ))
-        })?;
+    let route = &shared.families[family];
+    let name = format!("{}partition-{partition}", route.prefix);
+    let state = shared.state_dir.join(&name);
+    let mut pipeline = Pipeline::load_part(
+        &shared.dir,
+        StateChoice::Persistent(state),
+        Evaluator::Keyed,
+        Some(route.route.clone()),
+    )
+    .map_err(|e| {
+        ServiceError::Config(format!(
+            "cannot load the pipeline for state partition {partition}: {e}"
+        ))
+    })?;
     pipeline.config.audit_path = shared.audit_path.as_ref().map(|path| {
         let stem = path.file_stem().unwrap_or_default().to_string_lossy();
         let ext = path
             .extension()
             .map(|e| format!(".{}", e.to_string_lossy()))
             .unwrap_or_default();
-        path.with_file_name(format!("{stem}.partition-{partition}{ext}"))
+        path.with_file_name(format!("{stem}.{name}{ext}"))
     });
     let (metrics, health) = (&shared.metrics, &shared.health);
     shared.restoring.fetch_add(1, Ordering::SeqCst);
     let changelog = restore_partition(
         &pipeline,
-        &shared.changelog,
+        &route.changelog,
         partition,
         &shared.consumer_config,
         &shared.producer_config,
@@ -460,6 +644,14 @@ fn run_worker(
         health.set_not_ready(None);
     }
     let changelog = changelog?;
+    // The actor's route owns the enforcement state of its actors; the others only write.
+    let enforcement = super::open_enforcement(
+        &pipeline,
+        &shared.kafka,
+        shared.families[0].partitions,
+        (family == 0).then_some(partition),
+        &shared.consumer_config,
+    )?;
     let tables = follow_tables(
         &pipeline,
         &shared.kafka,
@@ -484,10 +676,10 @@ fn run_worker(
     // From the offset committed after the last checkpoint (records before the state's own
     // position are skipped by their input offsets).
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&shared.repartition, partition, Offset::Stored)
+    tpl.add_partition_offset(&route.repartition, partition, Offset::Stored)
         .and_then(|()| consumer.assign(&tpl))
         .map_err(|e| {
-            ServiceError::Broker(format!("cannot consume {}/{partition}: {e}", shared.repartition))
+            ServiceError::Broker(format!("cannot consume {}/{partition}: {e}", route.repartition))
         })?;
     let options = RunOptions {
         listen: None,
@@ -499,14 +691,16 @@ fn run_worker(
         watch: shared.watch,
     };
     let task = super::group::Task {
-        topic: shared.repartition.clone(),
+        topic: route.repartition.clone(),
         partition,
+        primary: family == 0,
+        routes: shared.families.iter().map(|f| f.route.clone()).collect(),
         sources: shared.sources.clone(),
         tracked: false,
         marked_behind: BTreeMap::new(),
         commits: shared.commits.lock().unwrap_or_else(|p| p.into_inner()).clone(),
     };
-    tracing::info!(partition, "state partition running");
+    tracing::info!(topic = %route.repartition, partition, "state partition running");
     let mut service = Service::new(Parts {
         pipeline,
         kafka: &shared.kafka,
@@ -521,6 +715,7 @@ fn run_worker(
         admin,
         tables,
         changelog,
+        enforcement,
         task: Some(task),
         options: &options,
     })?;
@@ -532,8 +727,7 @@ fn run_worker(
 struct Front {
     decoder: Decoder,
     producer: ThreadedProducer<ProducerCallbacks>,
-    repartition: String,
-    partitions: i32,
+    families: Vec<Family>,
     /// Per owned input partition.
     sources: BTreeMap<(String, i32), Forwarding>,
     next_seq: usize,
@@ -566,25 +760,38 @@ impl Front {
             });
     }
 
-    /// Forwards a round of input records: each to its actor's state partition (a record
-    /// that does not decode to its partition's own number modulo the count: its state
-    /// partition sends the dead letter), in input order.
+    /// Forwards a round of input records: each to every route, to the state partition of its
+    /// value of the route's column (a record that does not decode goes to the actor's route
+    /// only, to its input partition's number modulo the count: that state partition sends
+    /// the dead letter), in input order.
     fn forward(&mut self, messages: &[OwnedMessage]) -> Result<(), ServiceError> {
-        let mut routes: BTreeMap<(i32, i64), (i32, String, i64)> = BTreeMap::new();
-        let partitions = self.partitions;
+        // Per input record: its state partition and routing value on each route, its event time.
+        type Routed = (Vec<(i32, String)>, i64);
+        let mut routes: BTreeMap<(Arc<str>, i32, i64), Routed> = BTreeMap::new();
+        let families = &self.families;
         let mut decoded = |d: Decoded| {
             if let Decoded::Batch(batch) = d {
                 for (i, position) in batch.positions.iter().enumerate() {
                     if let SourcePosition::Kafka {
-                        partition, offset, ..
+                        topic,
+                        partition,
+                        offset,
                     } = position
                     {
-                        let actor = batch.actor(i);
-                        routes.entry((*partition, *offset)).or_insert((
-                            state_partition(actor, partitions),
-                            actor.to_string(),
-                            batch.event_time(i),
-                        ));
+                        let places = families
+                            .iter()
+                            .map(|f| {
+                                let value = match f.column {
+                                    Some(1) => batch.actor(i).to_string(),
+                                    Some(c) => batch.text_at(c, i),
+                                    None => String::new(),
+                                };
+                                (f.partition_of(&value), value)
+                            })
+                            .collect();
+                        routes
+                            .entry((Arc::clone(topic), *partition, *offset))
+                            .or_insert((places, batch.event_time(i)));
                     }
                 }
             }
@@ -600,34 +807,41 @@ impl Front {
             );
         }
         self.decoder.flush(&mut decoded);
-        let repartition = self.repartition.clone();
         for m in messages {
-            let route = routes.get(&(m.partition(), m.offset()));
-            let target = route.map_or(m.partition().rem_euclid(self.partitions), |r| r.0);
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "rampart.topic",
-                    value: Some(m.topic()),
-                })
-                .insert(Header {
-                    key: "rampart.partition",
-                    value: Some(m.partition().to_string().as_str()),
-                })
-                .insert(Header {
-                    key: "rampart.offset",
-                    value: Some(m.offset().to_string().as_str()),
-                });
-            let mut record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(&repartition, 0)
-                .partition(target)
-                .payload(m.payload().unwrap_or_default())
-                .headers(headers);
-            if let Some(r) = route {
-                record = record.key(r.1.as_bytes());
+            let topic = intern(&mut self.topics, m.topic());
+            let route = routes.get(&(topic, m.partition(), m.offset()));
+            let mut seq = None;
+            for (f, family) in self.families.iter().enumerate() {
+                let (target, key) = match route {
+                    Some((places, _)) => (places[f].0, Some(places[f].1.as_bytes())),
+                    None if f == 0 => (m.partition().rem_euclid(family.partitions), None),
+                    None => continue,
+                };
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "rampart.topic",
+                        value: Some(m.topic()),
+                    })
+                    .insert(Header {
+                        key: "rampart.partition",
+                        value: Some(m.partition().to_string().as_str()),
+                    })
+                    .insert(Header {
+                        key: "rampart.offset",
+                        value: Some(m.offset().to_string().as_str()),
+                    });
+                let mut record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(&family.repartition, 0)
+                    .partition(target)
+                    .payload(m.payload().unwrap_or_default())
+                    .headers(headers);
+                if let Some(key) = key {
+                    record = record.key(key);
+                }
+                if let Some(t) = m.timestamp().to_millis() {
+                    record = record.timestamp(t);
+                }
+                seq = Some(send(&self.producer, &mut self.next_seq, record)?);
             }
-            if let Some(t) = m.timestamp().to_millis() {
-                record = record.timestamp(t);
-            }
-            let seq = self.send(record)?;
             let source = self
                 .sources
                 .entry((m.topic().to_string(), m.partition()))
@@ -636,36 +850,47 @@ impl Front {
                     ..Forwarding::default()
                 });
             source.next_offset = Some(m.offset() + 1);
-            source.last_seq = Some(seq);
-            if let Some(r) = route {
-                source.newest = source.newest.max(r.2);
+            source.last_seq = seq.or(source.last_seq);
+            if let Some((_, time)) = route {
+                source.newest = source.newest.max(*time);
             }
         }
         Ok(())
     }
 
     fn send(&mut self, record: BaseRecord<'_, [u8], [u8], usize>) -> Result<usize, ServiceError> {
-        self.next_seq += 1;
-        let seq = self.next_seq;
-        let mut record = record.delivery_opaque(seq);
-        self.producer.context().sending(seq);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(seq),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => {
-                    return Err(ServiceError::Broker(format!(
-                        "cannot forward to {}: {e}",
-                        self.repartition
-                    )));
-                }
+        send(&self.producer, &mut self.next_seq, record)
+    }
+}
+
+/// Sends a record to a repartition topic, waiting while the producer's queue is full;
+/// returns its sequence number (acknowledgements are tracked by it).
+fn send(
+    producer: &ThreadedProducer<ProducerCallbacks>,
+    next_seq: &mut usize,
+    record: BaseRecord<'_, [u8], [u8], usize>,
+) -> Result<usize, ServiceError> {
+    *next_seq += 1;
+    let seq = *next_seq;
+    let mut record = record.delivery_opaque(seq);
+    producer.context().sending(seq);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(seq),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => {
+                return Err(ServiceError::Broker(format!(
+                    "cannot forward to a repartition topic: {e}"
+                )));
             }
         }
     }
+}
 
+impl Front {
     /// Every `MARK_EVERY`: tells every state partition how far each owned input partition
     /// went, for those whose progress changed. Every `COMMIT_EVERY`: commits the input
     /// offsets whose forwarded records the broker has.
@@ -695,12 +920,16 @@ impl Front {
                 f.told = Some(now);
                 f.told_at = Some(Instant::now());
             }
-            let repartition = self.repartition.clone();
+            let places: Vec<(String, i32)> = self
+                .families
+                .iter()
+                .flat_map(|f| (0..f.partitions).map(|p| (f.repartition.clone(), p)))
+                .collect();
             for mark in marks {
                 let payload = serde_json::to_vec(&mark).expect("serialises");
-                for p in 0..self.partitions {
-                    let record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(&repartition, 0)
-                        .partition(p)
+                for (topic, p) in &places {
+                    let record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, 0)
+                        .partition(*p)
                         .payload(payload.as_slice())
                         .headers(OwnedHeaders::new().insert(Header {
                             key: MARK_HEADER,
@@ -783,18 +1012,6 @@ pub(super) fn run(
                 .into(),
         ));
     }
-    let keyed_otherwise = pipeline.windows_not_keyed_by(rampart_core::event::ACTOR);
-    if !keyed_otherwise.is_empty() {
-        let list: Vec<String> = keyed_otherwise
-            .iter()
-            .map(|(id, key)| format!("{id} (keyed by {key})"))
-            .collect();
-        return Err(ServiceError::Config(format!(
-            "with [kafka] state_partitions the window state is partitioned by actor, and these windowed \
-             detectors are keyed otherwise: {}. Key them by actor, or run without state_partitions",
-            list.join(", ")
-        )));
-    }
     let StateChoice::Persistent(state_dir) = pipeline.state_choice().clone() else {
         return Err(ServiceError::Config(
             "service mode needs a persistent window state".into(),
@@ -815,22 +1032,54 @@ pub(super) fn run(
         kafka.dead_letter_topic.as_str(),
     ]);
     kafka::ensure_topics(&producer_config, &topics, kafka.create_topics, kafka.partitions)?;
-    let repartition = format!("{}-repartition", kafka.group);
     let changelog = kafka
         .changelog_topic
         .clone()
         .ok_or_else(|| ServiceError::Config("[kafka] state_partitions needs the changelog".into()))?;
-    for (topic, settings) in [
-        (&repartition, Vec::new()),
-        (&changelog, kafka::changelog_topic_settings()),
-    ] {
-        let found = kafka::ensure_internal_topic(&producer_config, topic, partitions, &settings)?;
-        if found != partitions as usize {
-            return Err(ServiceError::Config(format!(
-                "{topic} has {found} partitions and [kafka] state_partitions is {partitions}: the state \
-                 partitions are fixed once chosen (delete the group's internal topics and state to start the \
-                 windows afresh with another count)"
-            )));
+    if let Some(topic) = &kafka.enforcement_topic {
+        super::ensure_enforcement_topic(topic, partitions, &producer_config)?;
+    }
+    let routes = pipeline.window_routes();
+    let mut families = vec![Family::new(
+        Route::actor(),
+        kafka,
+        &changelog,
+        partitions,
+        &pipeline,
+    )];
+    let mut detector_families = BTreeMap::new();
+    for d in &pipeline.detectors {
+        detector_families.insert(d.meta.id.clone(), 0);
+    }
+    for (id, route) in routes {
+        let f = match families.iter().position(|f| f.route == route) {
+            Some(f) => f,
+            None => {
+                families.push(Family::new(route, kafka, &changelog, partitions, &pipeline));
+                families.len() - 1
+            }
+        };
+        detector_families.insert(id, f);
+    }
+    for family in &families {
+        for (topic, settings) in [
+            (&family.repartition, Vec::new()),
+            (&family.changelog, kafka::changelog_topic_settings()),
+        ] {
+            let found = kafka::ensure_internal_topic(&producer_config, topic, family.partitions, &settings)?;
+            if found != family.partitions as usize {
+                return Err(ServiceError::Config(format!(
+                    "{topic} has {found} partitions and [kafka] state_partitions is {partitions}: the state \
+                     partitions are fixed once chosen (delete the group's internal topics and state to start the \
+                     windows afresh with another count)"
+                )));
+            }
+        }
+        if family.route == Route::Single {
+            tracing::warn!(
+                topic = %family.repartition,
+                "windows keyed by no column of `events` see every event: one instance runs them all"
+            );
         }
     }
     let sources = kafka::partitions_of(&producer_config, &kafka.input_topics)?;
@@ -840,8 +1089,8 @@ pub(super) fn run(
         state_dir,
         audit_path: pipeline.config.audit_path.clone(),
         kafka: kafka.clone(),
-        repartition: repartition.clone(),
-        changelog,
+        families: families.clone(),
+        detector_families,
         consumer_config: consumer_config.clone(),
         producer_config: producer_config.clone(),
         metrics: Arc::clone(&metrics),
@@ -864,8 +1113,7 @@ pub(super) fn run(
         producer: forward_config
             .create_with_context(ProducerCallbacks::new(Arc::clone(&health)))
             .map_err(ServiceError::client("forwarding producer"))?,
-        repartition: repartition.clone(),
-        partitions,
+        families: families.clone(),
         sources: BTreeMap::new(),
         next_seq: 0,
         last_marks: Instant::now(),
@@ -892,23 +1140,23 @@ pub(super) fn run(
         .create_with_context(group)
         .map_err(ServiceError::client("group consumer"))?;
     let mut subscription: Vec<&str> = kafka.input_topics.iter().map(String::as_str).collect();
-    subscription.push(&repartition);
+    subscription.extend(families.iter().map(|f| f.repartition.as_str()));
     consumer
         .subscribe(&subscription)
         .map_err(|e| ServiceError::Broker(format!("cannot subscribe to {}: {e}", subscription.join(", "))))?;
     health.set_not_ready(None);
     tracing::info!(
         inputs = %kafka.input_topics.join(", "),
-        %repartition,
+        routes = ?families.iter().map(|f| (f.repartition.as_str(), f.route.to_string())).collect::<Vec<_>>(),
         state_partitions = partitions,
         "running as a member of group {}",
         kafka.group
     );
-    let result = coordinate(&consumer, &options, &admin, &commits, &repartition);
+    let result = coordinate(&consumer, &options, &admin, &commits);
     consumer.context().stopping.store(true, Ordering::SeqCst);
     // Stop the loops (a checkpoint each), then release the input.
     let signal = options.stop.load(Ordering::SeqCst).max(1);
-    let owned: Vec<i32> = consumer
+    let owned: Vec<(usize, i32)> = consumer
         .context()
         .workers
         .lock()
@@ -950,7 +1198,6 @@ fn coordinate(
     options: &RunOptions,
     admin: &mpsc::Receiver<AdminRequest>,
     commits: &mpsc::Receiver<TopicPartitionList>,
-    repartition: &str,
 ) -> Result<(), ServiceError> {
     let group = consumer.context();
     let mut round: Vec<OwnedMessage> = Vec::new();
@@ -974,7 +1221,7 @@ fn coordinate(
                 }
                 // (State partitions are paused here: a record fetched before the pause is
                 // its loop's to consume.)
-                Some(Ok(m)) if m.topic() == repartition => {}
+                Some(Ok(m)) if group.shared.family_of(m.topic()).is_some() => {}
                 Some(Ok(m)) => round.push(m.detach()),
             }
         }

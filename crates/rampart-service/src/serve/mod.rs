@@ -5,6 +5,7 @@
 
 mod admin;
 mod checkpoint;
+mod enforcement;
 mod group;
 mod sink;
 mod source;
@@ -82,6 +83,10 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         &producer_config,
         (&options.stop, &health, &metrics),
     )?;
+    if let Some(topic) = &kafka.enforcement_topic {
+        ensure_enforcement_topic(topic, 1, &producer_config)?;
+    }
+    let enforcement = open_enforcement(&pipeline, &kafka, 1, Some(0), &consumer_config)?;
     // Each input partition's next offset, as stored with the window state.
     let committed: BTreeMap<String, i64> = pipeline
         .progress()
@@ -127,6 +132,7 @@ pub fn run(pipeline: Pipeline, options: RunOptions) -> Result<RunSummary, Servic
         admin,
         tables,
         changelog,
+        enforcement,
         task: None,
         options: &options,
     })?;
@@ -220,6 +226,7 @@ pub(super) struct Parts<'a> {
     pub(super) admin: mpsc::Receiver<AdminRequest>,
     pub(super) tables: Vec<tables::TableFollower>,
     pub(super) changelog: Option<Arc<Mutex<KafkaChangelog>>>,
+    pub(super) enforcement: Option<enforcement::EnforcementState>,
     pub(super) task: Option<group::Task>,
     pub(super) options: &'a RunOptions,
 }
@@ -242,6 +249,7 @@ impl<'a> Service<'a> {
             admin,
             tables,
             changelog,
+            enforcement,
             task,
             options,
         } = parts;
@@ -281,6 +289,7 @@ impl<'a> Service<'a> {
             last_tick: Instant::now(),
             last_event_time_note: None,
             changelog,
+            enforcement,
             task,
         })
     }
@@ -369,6 +378,46 @@ fn restore_partition(
         ServiceError::Config(format!("cannot reopen the window state after restoring it: {e}"))
     })?;
     Ok(Some(Arc::new(Mutex::new(log))))
+}
+
+/// Makes sure the enforcement-state topic exists with `partitions` partitions (one per state
+/// partition), creating it compacted.
+fn ensure_enforcement_topic(
+    topic: &str,
+    partitions: i32,
+    producer_config: &rdkafka::ClientConfig,
+) -> Result<(), ServiceError> {
+    let found =
+        kafka::ensure_internal_topic(producer_config, topic, partitions, &enforcement::topic_settings())?;
+    if found != partitions as usize {
+        return Err(ServiceError::Config(format!(
+            "the enforcement-state topic {topic} has {found} partitions where {partitions} are needed (one per state \
+             partition): delete it to have it written again, or set [kafka] enforcement_topic"
+        )));
+    }
+    Ok(())
+}
+
+/// The enforcement state this loop writes to (and, for `owned`, follows and sweeps), if the
+/// pipeline keeps one.
+fn open_enforcement(
+    pipeline: &Pipeline,
+    kafka: &KafkaConfig,
+    partitions: i32,
+    owned: Option<i32>,
+    consumer_config: &rdkafka::ClientConfig,
+) -> Result<Option<enforcement::EnforcementState>, ServiceError> {
+    let Some(topic) = &kafka.enforcement_topic else {
+        return Ok(None);
+    };
+    enforcement::EnforcementState::open(
+        topic,
+        partitions,
+        owned,
+        pipeline.longest_block_for(),
+        consumer_config,
+    )
+    .map(Some)
 }
 
 /// The next offset of each input partition, as stored with the window state: where the
@@ -482,6 +531,8 @@ struct Service<'a> {
     last_tick: Instant,
     /// Where checkpoints go before the local state, if the pipeline has a changelog.
     changelog: Option<Arc<Mutex<KafkaChangelog>>>,
+    /// The blocks and holds in force, for enforcement points starting up, if kept.
+    enforcement: Option<enforcement::EnforcementState>,
     /// Scale-out: the state partition this loop owns (`None`: the whole input).
     task: Option<group::Task>,
     /// What /readyz says about event time (a partition holding the watermark back).
@@ -653,17 +704,22 @@ impl Service<'_> {
             // (Idle time counts from the assignment: joining the group is not idleness.)
             timers.last_message = Instant::now();
         }
-        if gathered.messages > 0 || !gathered.marks.is_empty() {
+        if gathered.messages > 0 || !gathered.marks.is_empty() || !gathered.commands.is_empty() {
             if self.summary.events == 0 && self.summary.bad_records == 0 {
                 tracing::info!("first message consumed");
             }
             let marks = std::mem::take(&mut gathered.marks);
+            let commands = std::mem::take(&mut gathered.commands);
             backlog.extend(self.process(gathered)?.into_iter().map(Work::Batch));
+            for command in commands {
+                self.group_command(command)?;
+            }
             if !marks.is_empty() {
                 backlog.push_back(Work::Marks(marks));
             }
         }
-        Ok(())
+        // (Blocks expire with nothing consumed too.)
+        self.sweep_enforcement()
     }
 
     /// With no checkpoint running: window work catches up a few batches per round, so that

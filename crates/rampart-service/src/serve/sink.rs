@@ -20,34 +20,60 @@ use crate::metrics::{DecisionLabels, DetectorLabels, FailureLabels, PartitionLab
 
 impl Service<'_> {
     /// Publishes one decision, keyed by actor, to the decisions topic (enforcing) or the shadow
-    /// topic, and appends it to the audit log.
+    /// topic, and appends it to the audit log; a block, hold or revocation also goes to the
+    /// enforcement state.
     pub(super) fn publish_decision(&mut self, decision: &Decision) -> Result<(), ServiceError> {
         let payload = serde_json::to_vec(decision).expect("decisions serialise");
         let topic = match decision.mode {
             Mode::Enforce => &self.kafka.decisions_topic,
             Mode::Shadow => &self.kafka.shadow_topic,
         };
-        let mut headers = OwnedHeaders::new().insert(Header {
-            key: "rampart.mode",
-            value: Some(decision.mode.to_string().as_str()),
-        });
-        if let Some(signer) = &self.signer {
-            // The exact bytes published are signed (see rampart_enforce::signing).
-            headers = headers
-                .insert(Header {
-                    key: KEY_ID_HEADER,
-                    value: Some(signer.id()),
-                })
-                .insert(Header {
-                    key: SIGNATURE_HEADER,
-                    value: Some(signer.sign(&payload).as_str()),
-                });
-        }
+        // The exact bytes published are signed (see rampart_enforce::signing).
+        let signature = self
+            .signer
+            .as_ref()
+            .map(|s| (s.id().to_string(), s.sign(&payload)));
+        let headers = || {
+            let mut headers = OwnedHeaders::new().insert(Header {
+                key: "rampart.mode",
+                value: Some(decision.mode.to_string().as_str()),
+            });
+            if let Some((id, signature)) = &signature {
+                headers = headers
+                    .insert(Header {
+                        key: KEY_ID_HEADER,
+                        value: Some(id.as_str()),
+                    })
+                    .insert(Header {
+                        key: SIGNATURE_HEADER,
+                        value: Some(signature.as_str()),
+                    });
+            }
+            headers
+        };
         let record = BaseRecord::with_opaque_to(topic, 0)
             .key(decision.actor.as_bytes())
             .payload(payload.as_slice())
-            .headers(headers);
+            .headers(headers());
         self.send(record)?;
+        if let Some(entry) = self.enforcement.as_mut().and_then(|e| e.entry(decision)) {
+            let until = entry.until.as_deref().unwrap_or_default();
+            let headers = headers().insert(Header {
+                key: super::enforcement::UNTIL_HEADER,
+                value: Some(until),
+            });
+            let topic = self
+                .enforcement
+                .as_ref()
+                .map(|e| e.topic().to_string())
+                .unwrap_or_default();
+            let record = BaseRecord::with_opaque_to(&topic, 0)
+                .key(entry.key.as_slice())
+                .partition(entry.partition)
+                .payload(payload.as_slice())
+                .headers(headers);
+            self.send(record)?;
+        }
         self.audit_entry(audit::Kind::Decision, decision)?;
         self.metrics
             .decisions
@@ -58,6 +84,26 @@ impl Service<'_> {
             })
             .inc();
         self.summary.decisions += 1;
+        Ok(())
+    }
+
+    /// Writes the tombstones of the enforcement state's records past their time (every few
+    /// seconds; see [`super::enforcement`]).
+    pub(super) fn sweep_enforcement(&mut self) -> Result<(), ServiceError> {
+        let Some(state) = self.enforcement.as_mut() else {
+            return Ok(());
+        };
+        let tombstones = state.sweep();
+        if tombstones.is_empty() {
+            return Ok(());
+        }
+        let topic = state.topic().to_string();
+        for entry in tombstones {
+            let record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(&topic, 0)
+                .key(entry.key.as_slice())
+                .partition(entry.partition);
+            self.send(record)?;
+        }
         Ok(())
     }
 
@@ -105,6 +151,14 @@ impl Service<'_> {
                     key: "rampart.offset",
                     value: Some(offset.to_string().as_str()),
                 });
+        }
+        // Scale-out: each route judges lateness against its own state partition's clock, so
+        // a record can be late on one route (its windows do not count it) and not another.
+        if let Some(route) = self.task.as_ref().and(self.pipeline.part()) {
+            headers = headers.insert(Header {
+                key: "rampart.route",
+                value: Some(route.to_string().as_str()),
+            });
         }
         let mut record = BaseRecord::with_opaque_to(&self.kafka.dead_letter_topic, 0)
             .payload(payload)

@@ -36,6 +36,8 @@ pub(super) struct Gathered {
     pub(super) messages: usize,
     /// Scale-out: what the instances forwarding the input told, after these batches.
     pub(super) marks: Vec<super::group::Mark>,
+    /// Scale-out: operators' commands for this state partition.
+    pub(super) commands: Vec<super::group::GroupCommand>,
 }
 
 impl Service<'_> {
@@ -121,6 +123,10 @@ impl Service<'_> {
                         out.marks.push(mark);
                         continue;
                     }
+                    super::group::Forwarded::Command(command) => {
+                        out.commands.push(command);
+                        continue;
+                    }
                     super::group::Forwarded::Record(at) => Some(at),
                 },
                 None => None,
@@ -173,8 +179,11 @@ impl Service<'_> {
     /// to the producer; returns the batches for the windowed detectors.
     pub(super) fn process(&mut self, gathered: Gathered) -> Result<Vec<EventBatch>, ServiceError> {
         let complete = Instant::now();
+        // (Scale-out: every route reads every record; the actor's sends the dead letters and
+        // counts the events.)
+        let primary = self.task.as_ref().is_none_or(|t| t.primary);
         for letter in gathered.letters {
-            if !self.pipeline.admit_dead_letter(&letter.letter) {
+            if !self.pipeline.admit_dead_letter(&letter.letter) || !primary {
                 continue;
             }
             self.metrics.bad_records.inc();
@@ -187,9 +196,11 @@ impl Service<'_> {
                 continue;
             };
             let n = batch.batch.num_rows();
-            self.metrics.events.inc_by(n as u64);
-            self.metrics.batch_events.observe(n as f64);
-            self.summary.events += n as u64;
+            if primary {
+                self.metrics.events.inc_by(n as u64);
+                self.metrics.batch_events.observe(n as f64);
+                self.summary.events += n as u64;
+            }
             if let Some(newest) = (0..n).map(|i| batch.event_time(i)).max() {
                 let seconds = newest.div_euclid(1_000_000);
                 if seconds > self.metrics.newest_event_time.get() {
