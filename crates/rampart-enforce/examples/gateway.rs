@@ -14,12 +14,17 @@
 //! With `--trust ID=PUBLIC_KEY.pem` (repeat it during a key rotation), only decisions signed by
 //! those keys are enforced: a block or revocation someone else wrote onto the topic is ignored
 //! and counted (`/blocked` shows how many).
+//!
+//! At start it reads what is in force from the service's enforcement-state topic and the last
+//! ten minutes of decisions; until then (`"caught_up": false` in `/blocked`) it lets requests
+//! through as the blocks it knows allow (fail-open), or with `--fail-closed` refuses every
+//! request with `503`.
 
 use std::time::Duration;
 
 use clap::Parser;
 use rampart_enforce::signing::Verifier;
-use rampart_enforce::{Check, Config, Enforcer};
+use rampart_enforce::{Bootstrap, Check, Config, Enforcer};
 use tiny_http::{Header, Response, Server};
 
 #[derive(Parser)]
@@ -37,6 +42,18 @@ struct Args {
     /// `rampart keys generate` writes it. Repeat it to trust several keys during a rotation.
     #[arg(long = "trust", value_name = "ID=PATH")]
     trust: Vec<String>,
+    /// Until the enforcement state and the recent decisions have been read, refuse every
+    /// request (503) instead of letting through actors whose block is not known yet.
+    #[arg(long)]
+    fail_closed: bool,
+    /// Where what is in force comes from at start: `auto` (the enforcement-state topic
+    /// `<topic>.enforcement` and the decisions of the last `--lookback`, or the whole decisions
+    /// topic when there is no state topic) or `decisions` (the whole decisions topic).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "decisions"])]
+    bootstrap: String,
+    /// With the enforcement state: seconds of decisions read back at start.
+    #[arg(long, default_value_t = 600)]
+    lookback: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +77,11 @@ fn main() -> anyhow::Result<()> {
         properties: Vec::new(),
         topic_timeout: Duration::from_secs(60),
         verify,
+        bootstrap: match args.bootstrap.as_str() {
+            "decisions" => Bootstrap::Decisions,
+            _ => Bootstrap::Auto,
+        },
+        lookback: Duration::from_secs(args.lookback),
     })?;
     let server =
         Server::http(&args.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
@@ -74,8 +96,18 @@ fn main() -> anyhow::Result<()> {
                 200,
                 serde_json::json!({
                     "blocked": enforcer.blocked_actors(),
+                    "caught_up": enforcer.caught_up(),
+                    "decisions_read": stats.decisions,
                     "ignored_unsigned": stats.unsigned,
                     "ignored_bad_signatures": stats.bad_signatures,
+                }),
+            )
+        } else if args.fail_closed && !enforcer.caught_up() {
+            (
+                503,
+                serde_json::json!({
+                    "allowed": false,
+                    "reason": "the gateway is still reading which blocks are in force",
                 }),
             )
         } else {

@@ -5,8 +5,16 @@
 //!
 //! What it follows is the decision contract (docs/decisions.md): a `block` refuses every action
 //! of its actor until `expires_at`; `shadow` decisions are never enforced; a decision seen
-//! twice (same `decision_id`, e.g. re-sent after a restart) is applied once. With
+//! twice (same `decision_id`, e.g. re-sent after a restart) is applied once; a `revoke` lifts
+//! the blocks and holds of its actor (from its detector, or `*`: every one) decided at or
+//! before it (`processed_at`), so that decisions may be read in any order. With
 //! [`Config::verify`] set, only decisions signed by a trusted key are applied ([`signing`]).
+//!
+//! At start it reads the **enforcement state** (the compacted topic `<topic>.enforcement`
+//! that the service keeps: every block and hold in force, and the revocations that lift them)
+//! and only the last [`Config::lookback`] of the decisions topic, instead of the whole topic:
+//! a week of decisions is millions of messages, and a block older than the topic's retention
+//! would be lost. [`Enforcer::caught_up`] says when both have been read to their end.
 //!
 //! ```no_run
 //! let enforcer = rampart_enforce::Enforcer::start(rampart_enforce::Config {
@@ -45,6 +53,8 @@ pub enum Error {
     Kafka(KafkaError),
     /// The decisions topic was not found in time.
     NoTopic(String),
+    /// The enforcement-state topic named by [`Bootstrap::State`] does not exist.
+    NoStateTopic(String),
 }
 
 impl std::fmt::Display for Error {
@@ -52,6 +62,11 @@ impl std::fmt::Display for Error {
         match self {
             Self::Kafka(e) => write!(f, "Kafka: {e}"),
             Self::NoTopic(t) => write!(f, "the decisions topic `{t}` does not exist on the broker"),
+            Self::NoStateTopic(t) => write!(
+                f,
+                "the enforcement-state topic `{t}` does not exist on the broker (the service creates it: \
+                 `[kafka] enforcement_topic`)"
+            ),
         }
     }
 }
@@ -79,6 +94,29 @@ pub struct Config {
     /// included) are ignored and counted. `None`: every decision on the topic is believed, so
     /// anyone who can write to it can block or free anyone.
     pub verify: Option<Verifier>,
+    /// Where what is in force at start comes from.
+    pub bootstrap: Bootstrap,
+    /// With an enforcement-state topic: how far back the decisions topic is read at start
+    /// (what the service decided but had not yet written to the state topic).
+    pub lookback: Duration,
+}
+
+/// Where an enforcer learns what is in force when it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// The enforcement-state topic `<topic>.enforcement` if it exists, else the whole
+    /// decisions topic.
+    Auto,
+    /// This enforcement-state topic (it must exist), then the decisions topic's last
+    /// [`Config::lookback`].
+    State(String),
+    /// The whole decisions topic, from its beginning.
+    Decisions,
+}
+
+/// The enforcement-state topic's default name for a decisions topic.
+pub fn state_topic_of(decisions_topic: &str) -> String {
+    format!("{decisions_topic}.enforcement")
 }
 
 impl Default for Config {
@@ -89,6 +127,8 @@ impl Default for Config {
             properties: Vec::new(),
             topic_timeout: Duration::from_secs(30),
             verify: None,
+            bootstrap: Bootstrap::Auto,
+            lookback: Duration::from_secs(600),
         }
     }
 }
@@ -130,6 +170,8 @@ pub struct Block {
     pub guidance: Option<String>,
     /// When the block ends.
     pub expires_at: DateTime<Utc>,
+    /// When it was decided (a revocation lifts what was decided at or before it).
+    pub decided_at: DateTime<Utc>,
 }
 
 /// Counters of what the enforcer has seen.
@@ -149,6 +191,8 @@ pub struct Stats {
     pub reviews: u64,
     /// Revocations applied (each lifts the actor's blocks and holds from one or every detector).
     pub revocations: u64,
+    /// Blocks and holds not applied because a revocation decided after them was read first.
+    pub already_revoked: u64,
     /// Messages that are not decisions.
     pub unreadable: u64,
     /// Messages without a signature, ignored (verification on).
@@ -171,6 +215,7 @@ struct DecisionView {
     reason: String,
     expires_at: Option<String>,
     guidance: Option<String>,
+    processed_at: String,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +228,9 @@ struct Blocks {
     by_actor: HashMap<String, Vec<Block>>,
     /// Applied decision ids with their expiry (forgotten once expired).
     seen: HashMap<String, DateTime<Utc>>,
+    /// Per actor and detector (`*`: every one), the latest revocation read: a block decided
+    /// at or before it is lifted, and not applied when read after it (forgotten after a day).
+    revoked: HashMap<(String, String), DateTime<Utc>>,
     stats: Stats,
     /// The keys decisions must be signed with, when verification is on.
     verify: Option<Verifier>,
@@ -222,6 +270,10 @@ impl Blocks {
             self.stats.shadow += 1;
             return;
         }
+        let Some(decided_at) = time(&d.processed_at) else {
+            self.stats.unreadable += 1;
+            return;
+        };
         if d.verdict == "revoke" {
             if self
                 .seen
@@ -233,8 +285,12 @@ impl Blocks {
             }
             self.stats.revocations += 1;
             if let Some(blocks) = self.by_actor.get_mut(&d.actor) {
-                blocks.retain(|b| d.detector.id != "*" && b.detector != d.detector.id);
+                blocks.retain(|b| {
+                    b.decided_at > decided_at || (d.detector.id != "*" && b.detector != d.detector.id)
+                });
             }
+            let latest = self.revoked.entry((d.actor, d.detector.id)).or_insert(decided_at);
+            *latest = (*latest).max(decided_at);
             return;
         }
         let kind = match d.verdict.as_str() {
@@ -242,12 +298,7 @@ impl Blocks {
             "review" => Kind::Review,
             _ => return,
         };
-        let Some(expires_at) = d
-            .expires_at
-            .as_deref()
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.with_timezone(&Utc))
-        else {
+        let Some(expires_at) = d.expires_at.as_deref().and_then(time) else {
             self.stats.unreadable += 1;
             return;
         };
@@ -260,6 +311,15 @@ impl Blocks {
             return;
         }
         self.seen.insert(d.decision_id.clone(), expires_at);
+        let revoked_after = |detector: &str| {
+            self.revoked
+                .get(&(d.actor.clone(), detector.to_string()))
+                .is_some_and(|at| *at >= decided_at)
+        };
+        if revoked_after(&d.detector.id) || revoked_after("*") {
+            self.stats.already_revoked += 1;
+            return;
+        }
         match kind {
             Kind::Block => self.stats.blocks += 1,
             Kind::Review => self.stats.reviews += 1,
@@ -272,6 +332,7 @@ impl Blocks {
             reason: d.reason,
             guidance: d.guidance,
             expires_at,
+            decided_at,
         });
     }
 
@@ -301,7 +362,15 @@ impl Blocks {
             !blocks.is_empty()
         });
         self.seen.retain(|_, expires_at| *expires_at > now);
+        self.revoked.retain(|_, at| *at + chrono::Duration::days(1) > now);
     }
+}
+
+/// An RFC 3339 time.
+fn time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// The enforcer's handling of one message from the topic, without Kafka: for the fuzz targets.
@@ -360,8 +429,9 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
-    /// Starts following `config.topic` from its beginning (every partition; blocks already
-    /// expired are skipped), on a background thread.
+    /// Starts following `config.topic`, on a background thread: from the enforcement-state
+    /// topic and the decisions topic's last `lookback` (see [`Bootstrap`]), or from the
+    /// decisions topic's beginning (every partition; blocks already expired are skipped).
     pub fn start(config: Config) -> Result<Self, Error> {
         let mut client = ClientConfig::new();
         client
@@ -375,11 +445,42 @@ impl Enforcer {
         }
         let consumer: BaseConsumer = client.create()?;
         let partitions = wait_for_partitions(&consumer, &config.topic, config.topic_timeout)?;
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition_offset(&config.topic, *p, Offset::Beginning)?;
+        let state = match &config.bootstrap {
+            Bootstrap::Decisions => None,
+            Bootstrap::State(topic) => Some((
+                topic.clone(),
+                wait_for_partitions(&consumer, topic, config.topic_timeout)
+                    .map_err(|_| Error::NoStateTopic(topic.clone()))?,
+            )),
+            Bootstrap::Auto => {
+                let topic = state_topic_of(&config.topic);
+                existing_partitions(&consumer, &topic).map(|p| (topic, p))
+            }
+        };
+        let mut starts = Starts::default();
+        match &state {
+            Some((state_topic, state_partitions)) => {
+                for p in state_partitions {
+                    starts.add(&consumer, state_topic, *p, Offset::Beginning)?;
+                }
+                for (p, offset) in offsets_since(&consumer, &config.topic, &partitions, config.lookback) {
+                    starts.add(&consumer, &config.topic, p, offset)?;
+                }
+                tracing::info!(
+                    state = %state_topic,
+                    decisions = %config.topic,
+                    lookback = ?config.lookback,
+                    "bootstrapping from the enforcement state"
+                );
+            }
+            None => {
+                for p in &partitions {
+                    starts.add(&consumer, &config.topic, *p, Offset::Beginning)?;
+                }
+                tracing::info!(decisions = %config.topic, "reading the whole decisions topic");
+            }
         }
-        consumer.assign(&tpl)?;
+        consumer.assign(&starts.assignment()?)?;
         let blocks = Arc::new(RwLock::new(Blocks {
             verify: config.verify,
             ..Blocks::default()
@@ -390,7 +491,7 @@ impl Enforcer {
             let (blocks, stop, caught_up) = (Arc::clone(&blocks), Arc::clone(&stop), Arc::clone(&caught_up));
             std::thread::Builder::new()
                 .name("rampart-enforce".into())
-                .spawn(move || follow(&consumer, &blocks, &stop, &caught_up))
+                .spawn(move || follow(&consumer, &starts, &blocks, &stop, &caught_up))
                 .expect("the OS can start a thread")
         };
         Ok(Self {
@@ -474,16 +575,121 @@ fn wait_for_partitions(consumer: &BaseConsumer, topic: &str, timeout: Duration) 
     }
 }
 
-fn follow(consumer: &BaseConsumer, blocks: &RwLock<Blocks>, stop: &AtomicBool, caught_up: &AtomicU64) {
+/// The partitions of `topic` if it exists (asking for every topic's metadata: asking for one
+/// may create it with the broker's defaults).
+fn existing_partitions(consumer: &BaseConsumer, topic: &str) -> Option<Vec<i32>> {
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).ok()?;
+    let t = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())?;
+    Some(t.partitions().iter().map(|p| p.id()).collect())
+}
+
+/// Per partition of `topic`, the offset of its first message of the last `lookback` (its end
+/// when there is none, or when `lookback` is zero; its beginning when the broker cannot say).
+///
+/// (Some brokers answer offset 0 rather than "none" for a time after the last message:
+/// Tansu 0.6 does. With them a non-zero lookback reads the whole topic.)
+fn offsets_since(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+    lookback: Duration,
+) -> Vec<(i32, Offset)> {
+    if lookback.is_zero() {
+        return partitions.iter().map(|p| (*p, Offset::End)).collect();
+    }
+    let since = chrono::Duration::from_std(lookback)
+        .ok()
+        .and_then(|back| Utc::now().checked_sub_signed(back))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let mut times = TopicPartitionList::new();
+    for p in partitions {
+        let _ = times.add_partition_offset(topic, *p, Offset::Offset(since.timestamp_millis()));
+    }
+    match consumer.offsets_for_times(times, Duration::from_secs(10)) {
+        Ok(found) => found
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) if o >= 0 => (e.partition(), Offset::Offset(o)),
+                _ => (e.partition(), Offset::End),
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the broker cannot find offsets by time: reading the whole decisions topic");
+            partitions.iter().map(|p| (*p, Offset::Beginning)).collect()
+        }
+    }
+}
+
+/// Where the enforcer starts reading each partition, as offsets (so that "read to the end"
+/// is known for a partition nothing was read from).
+#[derive(Default)]
+struct Starts(Vec<(String, i32, i64)>);
+
+impl Starts {
+    /// Starts `partition` of `topic` at `offset` (its beginning, its end, or an offset).
+    fn add(
+        &mut self,
+        consumer: &BaseConsumer,
+        topic: &str,
+        partition: i32,
+        offset: Offset,
+    ) -> Result<(), Error> {
+        let at = match offset {
+            Offset::Offset(o) => o,
+            Offset::End => {
+                consumer
+                    .fetch_watermarks(topic, partition, Duration::from_secs(10))?
+                    .1
+            }
+            _ => {
+                consumer
+                    .fetch_watermarks(topic, partition, Duration::from_secs(10))?
+                    .0
+            }
+        };
+        self.0.push((topic.to_string(), partition, at));
+        Ok(())
+    }
+
+    fn assignment(&self) -> Result<TopicPartitionList, Error> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, at) in &self.0 {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*at))?;
+        }
+        Ok(tpl)
+    }
+
+    fn of(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.0
+            .iter()
+            .find(|(t, p, _)| t == topic && *p == partition)
+            .map(|(_, _, at)| *at)
+    }
+}
+
+fn follow(
+    consumer: &BaseConsumer,
+    starts: &Starts,
+    blocks: &RwLock<Blocks>,
+    stop: &AtomicBool,
+    caught_up: &AtomicU64,
+) {
     let mut last_prune = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
             None => {
-                if caught_up.load(Ordering::Relaxed) == 0 && at_end(consumer) {
+                if caught_up.load(Ordering::Relaxed) == 0 && at_end(consumer, starts) {
                     caught_up.store(1, Ordering::Relaxed);
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "reading decisions"),
+            // (A tombstone on the enforcement-state topic only lets compaction forget an expired
+            // entry: nothing to apply.)
+            Some(Ok(m)) if m.payload().is_none() => {}
             Some(Ok(m)) => {
                 let payload = m.payload().unwrap_or_default();
                 let header = |name: &str| {
@@ -509,8 +715,10 @@ fn follow(consumer: &BaseConsumer, blocks: &RwLock<Blocks>, stop: &AtomicBool, c
     }
 }
 
-/// Whether every assigned partition has been read to its end.
-fn at_end(consumer: &BaseConsumer) -> bool {
+/// Whether every assigned partition has been read to its end (asked when a poll found
+/// nothing waiting: Tansu 0.6 answers "the end" with the start of the partition's last record
+/// batch plus one, which a consumer is past only once it received that whole batch).
+fn at_end(consumer: &BaseConsumer, starts: &Starts) -> bool {
     let Ok(position) = consumer.position() else {
         return false;
     };
@@ -519,9 +727,10 @@ fn at_end(consumer: &BaseConsumer) -> bool {
         else {
             return false;
         };
+        // (Nothing read from a partition yet: where it started.)
         match e.offset() {
             Offset::Offset(o) => o >= high,
-            _ => high == 0,
+            _ => starts.of(e.topic(), e.partition()).is_some_and(|at| at >= high),
         }
     })
 }

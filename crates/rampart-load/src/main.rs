@@ -50,6 +50,10 @@ enum Cmd {
         /// Records per second (default: as fast as the broker takes them).
         #[arg(long)]
         rate: Option<f64>,
+        /// Give each message the time in this top-level field of its record (RFC 3339) as its
+        /// Kafka timestamp, instead of the time it is sent.
+        #[arg(long, value_name = "FIELD")]
+        timestamp: Option<String>,
         /// JSON-lines, JSON-array or CloudTrail ({"Records": [...]}) files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -130,7 +134,12 @@ fn main() -> Result<()> {
     }
     PROPERTIES.set(properties).expect("set once");
     match cli.command {
-        Cmd::Feed { topic, rate, files } => feed(&cli.brokers, &topic, rate, &files),
+        Cmd::Feed {
+            topic,
+            rate,
+            timestamp,
+            files,
+        } => feed(&cli.brokers, &topic, rate, timestamp.as_deref(), &files),
         Cmd::Passthrough { from, to } => passthrough(&cli.brokers, &from, &to),
         Cmd::Tail { topic, idle } => tail(&cli.brokers, &topic, Duration::from_secs_f64(idle)),
         Cmd::Latency {
@@ -195,7 +204,21 @@ fn producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>> {
 
 /// Sends one message, waiting while the producer's queue is full.
 fn send(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, payload: &[u8]) -> Result<()> {
+    send_at(producer, topic, payload, None)
+}
+
+/// Sends one message with this timestamp (milliseconds since the epoch; `None`: now), waiting
+/// while the producer's queue is full.
+fn send_at(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    payload: &[u8],
+    timestamp: Option<i64>,
+) -> Result<()> {
     let mut record = BaseRecord::<(), [u8]>::to(topic).payload(payload);
+    if let Some(t) = timestamp {
+        record = record.timestamp(t);
+    }
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
@@ -233,7 +256,25 @@ fn records(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-fn feed(brokers: &str, topic: &str, rate: Option<f64>, files: &[PathBuf]) -> Result<()> {
+/// The time in `field` of a JSON record, in milliseconds since the epoch.
+fn time_of(record: &str, field: &str) -> Result<i64> {
+    let doc: Value = serde_json::from_str(record).context("a record is not JSON")?;
+    let text = doc
+        .get(field)
+        .and_then(Value::as_str)
+        .with_context(|| format!("a record has no text field {field}"))?;
+    let time = chrono::DateTime::parse_from_rfc3339(text)
+        .with_context(|| format!("{field} = {text:?} is not an RFC 3339 time"))?;
+    Ok(time.timestamp_millis())
+}
+
+fn feed(
+    brokers: &str,
+    topic: &str,
+    rate: Option<f64>,
+    timestamp: Option<&str>,
+    files: &[PathBuf],
+) -> Result<()> {
     let producer = producer(brokers)?;
     let started = Instant::now();
     let mut n = 0u64;
@@ -245,7 +286,8 @@ fn feed(brokers: &str, topic: &str, rate: Option<f64>, files: &[PathBuf]) -> Res
                     std::thread::sleep(wait);
                 }
             }
-            send(&producer, topic, record.as_bytes())?;
+            let at = timestamp.map(|field| time_of(&record, field)).transpose()?;
+            send_at(&producer, topic, record.as_bytes(), at)?;
             n += 1;
         }
     }
