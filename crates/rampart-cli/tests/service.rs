@@ -604,10 +604,12 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
         assert!(!letter.headers["rampart.error"].is_empty());
     }
 
-    // An enforcement point sees the blocks, with their expiry.
+    // An enforcement point reading the decisions topic from its beginning sees the blocks,
+    // with their expiry.
     let enforcer = rampart_enforce::Enforcer::start(rampart_enforce::Config {
         brokers: broker.address(),
         topic: "rampart.decisions".into(),
+        bootstrap: rampart_enforce::Bootstrap::Decisions,
         ..Default::default()
     })
     .expect("the enforcer starts");
@@ -664,6 +666,58 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
         .filter(|d| d["verdict"] == "block" && expiry(d).is_some_and(|t| t <= chrono::Utc::now()))
         .count();
     assert_eq!(stats.expired as usize, expired);
+
+    // A gateway started from the enforcement state, reading no old decision (as if the
+    // decisions topic's retention had dropped them), refuses the same actors until the same
+    // expiry, after reading only what is in force.
+    let later = rampart_enforce::Enforcer::start(rampart_enforce::Config {
+        brokers: broker.address(),
+        topic: "rampart.decisions".into(),
+        bootstrap: rampart_enforce::Bootstrap::State("rampart.decisions.enforcement".into()),
+        lookback: Duration::ZERO,
+        ..Default::default()
+    })
+    .expect("the enforcer starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !later.caught_up() {
+        assert!(Instant::now() < deadline, "the later gateway never caught up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for d in &active {
+        let actor = d["actor"].as_str().expect("actor");
+        let latest = active
+            .iter()
+            .filter(|d| d["actor"] == actor)
+            .filter_map(|d| expiry(d))
+            .max();
+        assert_eq!(
+            later
+                .is_blocked(actor, "AnyAction")
+                .map(|b| b.expires_at.fixed_offset()),
+            latest,
+            "{actor} refused until its latest expiry"
+        );
+    }
+    // What the service wrote to the state: its blocks and holds in force (Tansu does not
+    // compact, so a key's older records are read too).
+    let in_force = got
+        .iter()
+        .filter(|d| {
+            (d["verdict"] == "block" || d["verdict"] == "review")
+                && d["mode"] == "enforce"
+                && expiry(d).is_some_and(|t| t > chrono::Utc::now())
+        })
+        .count();
+    let stats = later.stats();
+    // (Tansu 0.6 answers "the end of the decisions topic" with the start of its last record
+    // batch plus one, so the rest of that batch is read too.)
+    assert!(
+        (stats.blocks + stats.reviews) as usize == in_force
+            && stats.decisions < got.len() as u64
+            && stats.expired == 0,
+        "only blocks and holds in force were read: {stats:?}, {in_force} in force of {} decisions",
+        got.len()
+    );
 
     service.signal("-TERM");
     let (status, stderr) = service.wait(Duration::from_secs(30));
@@ -795,11 +849,25 @@ fn by_id(messages: &[Consumed]) -> (BTreeMap<String, Value>, usize) {
 fn assert_same_decisions(run: &BTreeMap<String, Value>, reference: &BTreeMap<String, Value>) {
     let missing: Vec<_> = reference.keys().filter(|k| !run.contains_key(*k)).collect();
     let extra: Vec<_> = run.keys().filter(|k| !reference.contains_key(*k)).collect();
+    let by_detector = |ids: &[&String], from: &BTreeMap<String, Value>| {
+        let mut counts = BTreeMap::<String, usize>::new();
+        for id in ids {
+            *counts.entry(from[*id]["detector"]["id"].to_string()).or_default() += 1;
+        }
+        counts
+    };
     assert!(
         missing.is_empty(),
-        "{} decisions missing, e.g. {:?}",
+        "{} decisions missing (by detector {:?}; {} extra, by detector {:?}), e.g. {:?}",
         missing.len(),
-        reference.get(missing[0])
+        by_detector(&missing, reference),
+        extra.len(),
+        by_detector(&extra, run),
+        reference.get(missing[0]).map(|m| (
+            m,
+            run.values()
+                .find(|d| d["evidence"] == m["evidence"] && d["detector"] == m["detector"])
+        ))
     );
     assert!(
         extra.is_empty(),
@@ -817,7 +885,18 @@ fn assert_same_decisions(run: &BTreeMap<String, Value>, reference: &BTreeMap<Str
 /// The uninterrupted run over the whole `events` topic (its own group, state and decisions
 /// topic): decision id -> decision.
 fn reference_run(broker: &Broker, dir: &Path, events: u64) -> BTreeMap<String, Value> {
+    reference_run_with(broker, dir, events, |_| {})
+}
+
+/// [`reference_run`] of the synthetic pipeline as `prepare` changes it.
+fn reference_run_with(
+    broker: &Broker,
+    dir: &Path,
+    events: u64,
+    prepare: impl Fn(&Path),
+) -> BTreeMap<String, Value> {
     let reference = synthetic_pipeline(dir, "reference", "decisions-reference");
+    prepare(&reference);
     let (status, stderr) = Service::start(&reference, broker, &dir.join("reference-state"), &["--until-end"])
         .wait(Duration::from_secs(120));
     assert!(status.success(), "{stderr}");
@@ -1107,10 +1186,28 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
     let enforcer = rampart_enforce::Enforcer::start(rampart_enforce::Config {
         brokers: broker.address(),
         topic: "rampart.decisions".into(),
-        verify: Some(verifier),
+        verify: Some(verifier.clone()),
         ..Default::default()
     })
     .expect("the enforcer starts");
+    // A gateway started later, that reads no old decision (no lookback: as if the decisions
+    // topic's retention had dropped every message): what is in force comes from the
+    // enforcement-state topic alone.
+    let later_gateway = || {
+        let gateway = rampart_enforce::Enforcer::start(rampart_enforce::Config {
+            brokers: broker.address(),
+            topic: "rampart.decisions".into(),
+            verify: Some(verifier.clone()),
+            bootstrap: rampart_enforce::Bootstrap::State("rampart.decisions.enforcement".into()),
+            lookback: Duration::ZERO,
+            ..Default::default()
+        })
+        .expect("the enforcer starts");
+        service.wait_for("the later gateway to catch up", Duration::from_secs(30), |_| {
+            gateway.caught_up()
+        });
+        gateway
+    };
     let producer = producer(&broker);
     let start = chrono::Utc::now() - chrono::Duration::seconds(60);
     let at = |ms: i64| start + chrono::Duration::milliseconds(ms);
@@ -1151,6 +1248,21 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
         enforcer.is_blocked("key_globex_1", "/v1/search").is_some(),
         "still blocked"
     );
+    let later = later_gateway();
+    service.wait_for(
+        "a gateway started later to refuse the blocked key",
+        Duration::from_secs(30),
+        |_| later.is_blocked("key_globex_1", "/v1/search").is_some(),
+    );
+    // (Tansu 0.6 answers "the end of the decisions topic" with the start of its last record
+    // batch plus one, so the rest of that batch is read again: repeats, ignored.)
+    let stats = later.stats();
+    assert_eq!(
+        (stats.decisions - stats.duplicates, stats.blocks),
+        (1, 1),
+        "it read the one block in force, and not the decisions topic: {stats:?}"
+    );
+    drop(later);
     for path in ["/metrics", "/readyz", "/healthz"] {
         let (_, body) = service.get(path).expect("answers");
         assert!(
@@ -1171,6 +1283,21 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
     service.wait_for("the enforcer to lift the block", Duration::from_secs(30), |_| {
         enforcer.is_blocked("key_globex_1", "/v1/search").is_none()
     });
+    // The revocation is in the enforcement state too: a gateway started after it lets the key
+    // through, though the block's record is still there (until it expires).
+    let later = later_gateway();
+    service.wait_for(
+        "a gateway started after the revocation to see it",
+        Duration::from_secs(30),
+        |_| later.stats().revocations == 1,
+    );
+    assert_eq!(later.is_blocked("key_globex_1", "/v1/search"), None);
+    assert_eq!(
+        later.stats().unsigned,
+        0,
+        "the state's records carry their signatures"
+    );
+    drop(later);
     let (code, _) = service
         .post("/admin/revoke?actor=x&detector=nope", Some(BOB))
         .expect("answers");
@@ -1950,7 +2077,50 @@ fn scale_out_pipeline(dir: &Path, name: &str) -> PathBuf {
         "create_topics = true",
         "create_topics = true\nstate_partitions = 4",
     );
+    with_routed_windows(&p);
+    let tokens = dir.join("admin-tokens");
+    std::fs::write(&tokens, format!("alice {ALICE}\n")).expect("write");
+    edit(
+        &p.join("pipeline.toml"),
+        "[service]\n",
+        &format!("[service]\nadmin_tokens = \"{}\"\n", tokens.display()),
+    );
     p
+}
+
+/// Adds to a synthetic pipeline two windows not keyed by actor: one per origin (rows routed
+/// by origin in a group) and one over every event (all to one place). Both are sliding
+/// windows: the rows that fire, and so the decision ids, are the batch query's whatever the
+/// order the partitions' events meet in (a grouped window fires at the first event in input
+/// order after which HAVING holds, which is not the same event in every run).
+fn with_routed_windows(pipeline: &Path) {
+    let detectors = [
+        (
+            "busy_origin.sql",
+            "-- id: busy_origin\n-- verdict: alert\n-- severity: low\n-- reason: {{origin}} served {{n}} calls within a second\n\
+             SELECT actor, origin, n FROM (SELECT actor, origin, count(*) OVER (PARTITION BY origin ORDER BY event_time \
+             RANGE BETWEEN INTERVAL '1 second' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n >= 50\n",
+        ),
+        (
+            "platform.sql",
+            "-- id: platform\n-- verdict: alert\n-- severity: low\n-- reason: {{k}} users called within 100 ms\n\
+             SELECT actor, k FROM (SELECT actor, count(DISTINCT actor) OVER (ORDER BY event_time \
+             RANGE BETWEEN INTERVAL '100 milliseconds' PRECEDING AND CURRENT ROW) AS k FROM events) WHERE k >= 36\n",
+        ),
+    ];
+    for (file, sql) in detectors {
+        std::fs::write(pipeline.join("detectors").join(file), sql).expect("write");
+    }
+}
+
+/// How many of `decisions` each detector made.
+fn per_detector(decisions: &BTreeMap<String, Value>) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for d in decisions.values() {
+        *out.entry(d["detector"]["id"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    out
 }
 
 /// Waits until `topic` holds at least `want` distinct decisions and two reads 3 s apart find
@@ -2010,6 +2180,35 @@ fn scale_out_run(
         instances.push(Service::start(&pipeline, broker, &tmp.join("replacement"), &[]));
     }
     let (decided, repeats) = wait_for_decisions(broker, "decisions", reference, Duration::from_secs(180));
+    if !kill {
+        // An operator's revocation sent to one instance reaches the instance owning the actor's
+        // state partition, wherever it is: one revoke decision per actor, from the group.
+        for user in 0..10 {
+            let (status, body) = instances[0]
+                .post(&format!("/admin/revoke?actor=u{user}&reason=test"), Some(ALICE))
+                .expect("an answer");
+            assert_eq!(status, 202, "{body}");
+            assert!(body.contains("publishes the revoke decision"), "{body}");
+        }
+        let (status, body) = instances[0]
+            .post("/admin/revoke?actor=u1&detector=nonesuch", Some(ALICE))
+            .expect("an answer");
+        assert_eq!(status, 404, "{body}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let revoked: Vec<String> = decisions(&drain(broker, "decisions", Duration::from_secs(1)))
+                .into_iter()
+                .filter(|d| d["verdict"] == "revoke")
+                .map(|d| d["actor"].as_str().unwrap_or_default().to_string())
+                .collect();
+            let distinct: BTreeSet<&String> = revoked.iter().collect();
+            if distinct.len() == 10 {
+                assert_eq!(revoked.len(), 10, "one revoke decision per actor: {revoked:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "revoke decisions: {revoked:?}");
+        }
+    }
     let mut logs = Vec::new();
     for s in instances {
         s.signal("-TERM");
@@ -2082,7 +2281,12 @@ fn three_instances_in_one_group_decide_exactly_what_one_instance_does() {
     feed_partitions(&broker, total, 1_000_000, 4)
         .join()
         .expect("feeding");
-    let reference = reference_run(&broker, tmp.path(), total);
+    let reference = reference_run_with(&broker, tmp.path(), total, with_routed_windows);
+    let counts = per_detector(&reference);
+    assert!(
+        counts.get("busy_origin").is_some_and(|n| *n > 10) && counts.get("platform").is_some_and(|n| *n > 10),
+        "the windows routed by origin and to one place fired: {counts:?}"
+    );
     // The group's run reads the same topic again, from the start.
     let decided = scale_out_run(tmp.path(), &broker, total, reference.len(), false);
     assert_same_decisions(&decided, &reference);
@@ -2097,7 +2301,92 @@ fn a_group_member_killed_mid_stream_is_replaced_without_losing_or_double_countin
     feed_partitions(&broker, total, 1_000_000, 4)
         .join()
         .expect("feeding");
-    let reference = reference_run(&broker, tmp.path(), total);
+    let reference = reference_run_with(&broker, tmp.path(), total, with_routed_windows);
     let decided = scale_out_run(tmp.path(), &broker, total, reference.len(), true);
+    assert_same_decisions(&decided, &reference);
+}
+
+/// The events an instance's summary says it consumed (`stopped: N events, ...`).
+fn events_consumed(log: &str) -> u64 {
+    log.lines()
+        .find_map(|l| l.strip_prefix("stopped: ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no summary in the log: {log}"))
+}
+
+#[test]
+fn a_group_member_stopped_cleanly_hands_its_partitions_over_without_reprocessing() {
+    let broker = Broker::start();
+    broker.create_topic_with("events", 4);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let total = 60_000;
+    feed_partitions(&broker, total, 1_000_000, 4)
+        .join()
+        .expect("feeding");
+    let reference = reference_run(&broker, tmp.path(), total);
+    // Windows by actor only, so that the group's instances together consume each event once,
+    // and no periodic checkpoint while they run: what the stopped instance consumed is kept
+    // only if it checkpoints as it hands its state partitions over; else its successor
+    // consumes it again.
+    let pipeline = scale_out_pipeline(tmp.path(), "group");
+    for routed in ["busy_origin.sql", "platform.sql"] {
+        std::fs::remove_file(pipeline.join("detectors").join(routed)).expect("remove");
+    }
+    edit(
+        &pipeline.join("pipeline.toml"),
+        "checkpoint_interval = \"100ms\"",
+        "checkpoint_interval = \"10m\"",
+    );
+    let instances: Vec<Service> = (0..2)
+        .map(|i| Service::start(&pipeline, &broker, &tmp.path().join(format!("instance-{i}")), &[]))
+        .collect();
+    for s in &instances {
+        s.wait_for("ready", Duration::from_secs(60), |s| {
+            s.get("/readyz").is_some_and(|(status, _)| status == 200)
+        });
+    }
+    let events = |s: &Service| s.metric("rampart_events_total").unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while instances.iter().map(events).sum::<f64>() < total as f64 / 3.0 {
+        assert!(
+            Instant::now() < deadline,
+            "a third of the stream: {}",
+            instances[0].diagnosis()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut instances = instances.into_iter();
+    let stopped = instances.next().expect("two instances");
+    let survivor = instances.next().expect("two instances");
+    stopped.signal("-TERM");
+    let (status, stopped_log) = stopped.wait(Duration::from_secs(60));
+    assert!(status.success(), "{stopped_log}");
+    let (decided, repeats) =
+        wait_for_decisions(&broker, "decisions", reference.len(), Duration::from_secs(120));
+    survivor.signal("-TERM");
+    let (status, survivor_log) = survivor.wait(Duration::from_secs(60));
+    assert!(status.success(), "{survivor_log}");
+    let released = stopped_log.matches("state partition released").count();
+    let (before, after) = (events_consumed(&stopped_log), events_consumed(&survivor_log));
+    eprintln!(
+        "clean handover: {released} state partitions released; consumed {before} + {after} of {total} events; \
+         {repeats} decisions re-sent"
+    );
+    assert!(
+        released > 0,
+        "the stopped instance owned state partitions: {stopped_log}"
+    );
+    assert!(
+        before > 0 && before < total,
+        "the instance was stopped mid-stream: {before} events"
+    );
+    assert_eq!(
+        before + after,
+        total,
+        "nothing the stopped instance consumed was consumed again"
+    );
+    assert_eq!(
+        repeats, 0,
+        "nothing decided before the handover was decided again"
+    );
     assert_same_decisions(&decided, &reference);
 }
