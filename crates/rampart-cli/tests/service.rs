@@ -2390,3 +2390,73 @@ fn a_group_member_stopped_cleanly_hands_its_partitions_over_without_reprocessing
     );
     assert_same_decisions(&decided, &reference);
 }
+
+#[test]
+fn a_gateway_reads_the_decisions_of_its_lookback_only_and_the_enforcement_state() {
+    let broker = Broker::start();
+    broker.create_topic_with("looked.decisions", 2);
+    broker.create_topic_with("looked.decisions.enforcement", 1);
+    let kafka = lingering_producer(&broker, 50);
+    let now = chrono::Utc::now();
+    // Three days of decisions, oldest first, each message's timestamp its processed_at (the
+    // broker's own lookup by time is checked: Tansu answers offset 0 for any earlier time).
+    // Every one a block lasting four days: only those read are in force.
+    let total = 6_000;
+    let decided_at = |i: i64| {
+        now - chrono::Duration::seconds(3 * 86_400 * (total - 1 - i) / total) - chrono::Duration::seconds(1)
+    };
+    let block = |i: i64| {
+        let at = decided_at(i);
+        serde_json::json!({
+            "schema_version": 1, "decision_id": format!("d{i}"), "pipeline": "p",
+            "detector": {"id": "d", "version": "v"}, "verdict": "block", "mode": "enforce",
+            "severity": "high", "actor": format!("a{i}"), "key": format!("a{i}"), "actions": ["*"],
+            "reason": "test", "evidence": {}, "event_time": at.to_rfc3339(),
+            "processed_at": at.to_rfc3339(), "expires_at": (at + chrono::Duration::days(4)).to_rfc3339(),
+            "source": {"topic": "t", "partition": 0, "offset": i}, "tags": []
+        })
+        .to_string()
+    };
+    for i in 0..total {
+        let payload = block(i);
+        let record = BaseRecord::<(), [u8]>::to("looked.decisions")
+            .partition((i % 2) as i32)
+            .payload(payload.as_bytes())
+            .timestamp(decided_at(i).timestamp_millis());
+        kafka.send(record).map_err(|(e, _)| e).expect("send");
+    }
+    // One block older than the lookback, kept by the enforcement state.
+    let kept = block(0);
+    kafka
+        .send(BaseRecord::<(), [u8]>::to("looked.decisions.enforcement").payload(kept.as_bytes()))
+        .map_err(|(e, _)| e)
+        .expect("send");
+    kafka.flush(Duration::from_secs(30)).expect("flush");
+    let recent = (0..total)
+        .filter(|i| decided_at(*i) >= now - chrono::Duration::hours(1))
+        .count() as u64;
+    let gateway = rampart_enforce::Enforcer::start(rampart_enforce::Config {
+        brokers: broker.address(),
+        topic: "looked.decisions".into(),
+        lookback: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .expect("the enforcer starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gateway.caught_up() {
+        assert!(Instant::now() < deadline, "the gateway never caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = gateway.stats();
+    assert_eq!(
+        stats.decisions,
+        recent + 1,
+        "the last hour of decisions ({recent}) and the state's record: {stats:?}"
+    );
+    assert!(gateway.is_blocked("a0", "X").is_some(), "the state's block");
+    assert!(gateway.is_blocked(&format!("a{}", total - 1), "X").is_some());
+    assert!(
+        gateway.is_blocked(&format!("a{}", total / 2), "X").is_none(),
+        "a day-and-a-half-old decision was not read"
+    );
+}

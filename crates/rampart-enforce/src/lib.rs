@@ -463,7 +463,9 @@ impl Enforcer {
                 for p in state_partitions {
                     starts.add(&consumer, state_topic, *p, Offset::Beginning)?;
                 }
-                for (p, offset) in offsets_since(&consumer, &config.topic, &partitions, config.lookback) {
+                for (p, offset) in
+                    offsets_since(&client, &consumer, &config.topic, &partitions, config.lookback)
+                {
                     starts.add(&consumer, &config.topic, p, offset)?;
                 }
                 tracing::info!(
@@ -589,9 +591,12 @@ fn existing_partitions(consumer: &BaseConsumer, topic: &str) -> Option<Vec<i32>>
 /// Per partition of `topic`, the offset of its first message of the last `lookback` (its end
 /// when there is none, or when `lookback` is zero; its beginning when the broker cannot say).
 ///
-/// (Some brokers answer offset 0 rather than "none" for a time after the last message:
-/// Tansu 0.6 does. With them a non-zero lookback reads the whole topic.)
+/// The broker's answer (ListOffsets by time) is checked: when the message at the offset it
+/// gives is older than the time asked, the offset is searched for by bisection over the
+/// messages' own timestamps. Tansu 0.6 needs it: it answers offset 0 for any time before its
+/// append time, whatever the messages' timestamps.
 fn offsets_since(
+    client: &ClientConfig,
     consumer: &BaseConsumer,
     topic: &str,
     partitions: &[i32],
@@ -603,25 +608,150 @@ fn offsets_since(
     let since = chrono::Duration::from_std(lookback)
         .ok()
         .and_then(|back| Utc::now().checked_sub_signed(back))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        .timestamp_millis();
     let mut times = TopicPartitionList::new();
     for p in partitions {
-        let _ = times.add_partition_offset(topic, *p, Offset::Offset(since.timestamp_millis()));
+        let _ = times.add_partition_offset(topic, *p, Offset::Offset(since));
     }
-    match consumer.offsets_for_times(times, Duration::from_secs(10)) {
-        Ok(found) => found
-            .elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(o) if o >= 0 => (e.partition(), Offset::Offset(o)),
-                _ => (e.partition(), Offset::End),
-            })
-            .collect(),
+    let answered = match consumer.offsets_for_times(times, Duration::from_secs(10)) {
+        Ok(found) => found,
         Err(e) => {
             tracing::warn!(error = %e, "the broker cannot find offsets by time: reading the whole decisions topic");
-            partitions.iter().map(|p| (*p, Offset::Beginning)).collect()
+            return partitions.iter().map(|p| (*p, Offset::Beginning)).collect();
+        }
+    };
+    // Per partition: where the broker's answer is checked and, if wrong, searched for.
+    let mut searches = Vec::new();
+    let mut offsets = Vec::new();
+    for e in answered.elements() {
+        match (
+            e.offset(),
+            consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10)),
+        ) {
+            (Offset::Offset(o), Ok((low, high))) if o >= 0 => searches.push(Search {
+                partition: e.partition(),
+                low: o.max(low),
+                high,
+                checked: false,
+            }),
+            (Offset::Offset(o), Err(_)) if o >= 0 => offsets.push((e.partition(), Offset::Offset(o))),
+            _ => offsets.push((e.partition(), Offset::End)),
         }
     }
+    // (On a consumer of its own: what it fetched is not read as decisions.)
+    match client.create::<BaseConsumer>() {
+        Ok(probe) => bisect_by_time(&probe, topic, &mut searches, since),
+        Err(e) => tracing::warn!(error = %e, "cannot check the broker's offsets by time"),
+    }
+    offsets.extend(searches.iter().map(|s| (s.partition, Offset::Offset(s.low))));
+    offsets
+}
+
+/// The search for a partition's first message at or after a time: it is in `low..=high`
+/// (`high`: the partition's end, or a message known to be at or after the time).
+struct Search {
+    partition: i32,
+    low: i64,
+    high: i64,
+    /// Whether the message at the broker's answer (the first `low`) was looked at.
+    checked: bool,
+}
+
+/// Narrows each search to its answer (`low == high`): first the message at `low` (the
+/// broker's answer) is looked at, and when it is older than `since` (milliseconds) the rest
+/// is bisected over the messages' timestamps (assumed in time order, as the service's
+/// decisions are). All partitions are probed together, one message each per round; a probe
+/// that gets no message ends its search at `low` (reading more, never less).
+fn bisect_by_time(consumer: &BaseConsumer, topic: &str, searches: &mut [Search], since: i64) {
+    // The end of each partition, from its last record batch: Tansu 0.6 gives that batch's
+    // first offset plus one as the end.
+    let last: Vec<(i32, i64)> = searches
+        .iter()
+        .filter(|s| s.low < s.high)
+        .map(|s| (s.partition, s.low.max(s.high - 1)))
+        .collect();
+    for (partition, messages) in probe(consumer, topic, &last, true) {
+        if let (Some(s), Some((offset, _))) = (
+            searches.iter_mut().find(|s| s.partition == partition),
+            messages.last(),
+        ) {
+            s.high = s.high.max(offset + 1);
+        }
+    }
+    loop {
+        let probes: Vec<(i32, i64)> = searches
+            .iter()
+            .filter(|s| s.low < s.high)
+            .map(|s| {
+                (
+                    s.partition,
+                    if s.checked {
+                        s.low + (s.high - s.low) / 2
+                    } else {
+                        s.low
+                    },
+                )
+            })
+            .collect();
+        if probes.is_empty() {
+            return;
+        }
+        let seen = probe(consumer, topic, &probes, false);
+        for (partition, at) in probes {
+            let Some(s) = searches.iter_mut().find(|s| s.partition == partition) else {
+                continue;
+            };
+            s.checked = true;
+            match seen.get(&partition).and_then(|m| m.first()) {
+                // Older: the first message wanted is after it.
+                Some((offset, Some(time))) if *time < since => s.low = (offset + 1).min(s.high),
+                // The first message from `at` on is recent enough (or has no time): reading
+                // from `at` reads it first.
+                Some(_) => s.high = at,
+                None => s.high = s.low,
+            }
+        }
+    }
+}
+
+/// Per partition, the messages (offset, timestamp) fetched from its offset in `at` on: the
+/// first one, or (`all`) every one that comes before 100 ms pass without any. At most 5 s.
+fn probe(
+    consumer: &BaseConsumer,
+    topic: &str,
+    at: &[(i32, i64)],
+    all: bool,
+) -> HashMap<i32, Vec<(i64, Option<i64>)>> {
+    let mut seen: HashMap<i32, Vec<(i64, Option<i64>)>> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in at {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    if consumer.assign(&tpl).is_err() {
+        return seen;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                // (Only messages from this round's offsets on.)
+                if at.iter().any(|(p, o)| *p == m.partition() && m.offset() >= *o) {
+                    let messages = seen.entry(m.partition()).or_default();
+                    if all || messages.is_empty() {
+                        messages.push((m.offset(), m.timestamp().to_millis()));
+                    }
+                }
+                if !all && seen.len() == at.len() {
+                    break;
+                }
+            }
+            Some(Err(_)) => {}
+            None if all && seen.len() == at.len() => break,
+            None => {}
+        }
+    }
+    seen
 }
 
 /// Where the enforcer starts reading each partition, as offsets (so that "read to the end"
