@@ -589,6 +589,11 @@ impl Service<'_> {
         let mut backlog: VecDeque<Work> = VecDeque::new();
         let acks = Arc::clone(self.producer.context());
         let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
+        if self.task.is_some() {
+            // A state partition's clock knows every input partition before the first mark is
+            // applied: a mark of one input partition must not move the watermark on its own.
+            self.follow_event_time();
+        }
         std::thread::scope(|scope| -> Result<(), ServiceError> {
             let mut running: Option<Running<'_>> = None;
             let mut body = || -> Result<(), ServiceError> {
