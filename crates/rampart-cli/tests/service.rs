@@ -2150,9 +2150,8 @@ fn scale_out_run(
     tmp: &Path,
     broker: &Broker,
     total: u64,
-    reference: usize,
     kill: bool,
-) -> BTreeMap<String, Value> {
+) -> (BTreeMap<String, Value>, BTreeMap<String, Value>) {
     let pipeline = scale_out_pipeline(tmp, "group");
     let mut instances: Vec<Service> = (0..3)
         .map(|i| Service::start(&pipeline, broker, &tmp.join(format!("instance-{i}")), &[]))
@@ -2162,6 +2161,8 @@ fn scale_out_run(
             s.get("/readyz").is_some_and(|(status, _)| status == 200)
         });
     }
+    // The stream comes while the group runs (six seconds of it), in batches (see `feed`).
+    let feeding = feed_partitions(broker, total, total / 6, 4);
     if kill {
         let victim = instances.remove(1);
         let events = |s: &Service| s.metric("rampart_events_total").unwrap_or(0.0);
@@ -2179,7 +2180,11 @@ fn scale_out_run(
         assert!(!status.success());
         instances.push(Service::start(&pipeline, broker, &tmp.join("replacement"), &[]));
     }
-    let (decided, repeats) = wait_for_decisions(broker, "decisions", reference, Duration::from_secs(180));
+    feeding.join().expect("feeding");
+    // One instance's decisions over the same topic, read from its start.
+    let reference = reference_run_with(broker, tmp, total, with_routed_windows);
+    let (decided, repeats) =
+        wait_for_decisions(broker, "decisions", reference.len(), Duration::from_secs(180));
     if !kill {
         // An operator's revocation sent to one instance reaches the instance owning the actor's
         // state partition, wherever it is: one revoke decision per actor, from the group.
@@ -2268,7 +2273,7 @@ fn scale_out_run(
             logs.join("\n---\n")
         );
     }
-    decided
+    (decided, reference)
 }
 
 #[test]
@@ -2276,19 +2281,12 @@ fn three_instances_in_one_group_decide_exactly_what_one_instance_does() {
     let broker = Broker::start();
     broker.create_topic_with("events", 4);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let total = 60_000;
-    // The events are all on the broker before the reference run starts.
-    feed_partitions(&broker, total, 1_000_000, 4)
-        .join()
-        .expect("feeding");
-    let reference = reference_run_with(&broker, tmp.path(), total, with_routed_windows);
+    let (decided, reference) = scale_out_run(tmp.path(), &broker, 60_000, false);
     let counts = per_detector(&reference);
     assert!(
         counts.get("busy_origin").is_some_and(|n| *n > 10) && counts.get("platform").is_some_and(|n| *n > 10),
         "the windows routed by origin and to one place fired: {counts:?}"
     );
-    // The group's run reads the same topic again, from the start.
-    let decided = scale_out_run(tmp.path(), &broker, total, reference.len(), false);
     assert_same_decisions(&decided, &reference);
 }
 
@@ -2297,12 +2295,7 @@ fn a_group_member_killed_mid_stream_is_replaced_without_losing_or_double_countin
     let broker = Broker::start();
     broker.create_topic_with("events", 4);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let total = 90_000;
-    feed_partitions(&broker, total, 1_000_000, 4)
-        .join()
-        .expect("feeding");
-    let reference = reference_run_with(&broker, tmp.path(), total, with_routed_windows);
-    let decided = scale_out_run(tmp.path(), &broker, total, reference.len(), true);
+    let (decided, reference) = scale_out_run(tmp.path(), &broker, 90_000, true);
     assert_same_decisions(&decided, &reference);
 }
 
@@ -2319,10 +2312,6 @@ fn a_group_member_stopped_cleanly_hands_its_partitions_over_without_reprocessing
     broker.create_topic_with("events", 4);
     let tmp = tempfile::tempdir().expect("tempdir");
     let total = 60_000;
-    feed_partitions(&broker, total, 1_000_000, 4)
-        .join()
-        .expect("feeding");
-    let reference = reference_run(&broker, tmp.path(), total);
     // Windows by actor only, so that the group's instances together consume each event once,
     // and no periodic checkpoint while they run: what the stopped instance consumed is kept
     // only if it checkpoints as it hands its state partitions over; else its successor
@@ -2344,6 +2333,8 @@ fn a_group_member_stopped_cleanly_hands_its_partitions_over_without_reprocessing
             s.get("/readyz").is_some_and(|(status, _)| status == 200)
         });
     }
+    // The stream comes while they run (six seconds of it).
+    let feeding = feed_partitions(&broker, total, total / 6, 4);
     let events = |s: &Service| s.metric("rampart_events_total").unwrap_or(0.0);
     let deadline = Instant::now() + Duration::from_secs(60);
     while instances.iter().map(events).sum::<f64>() < total as f64 / 3.0 {
@@ -2360,11 +2351,20 @@ fn a_group_member_stopped_cleanly_hands_its_partitions_over_without_reprocessing
     stopped.signal("-TERM");
     let (status, stopped_log) = stopped.wait(Duration::from_secs(60));
     assert!(status.success(), "{stopped_log}");
+    feeding.join().expect("feeding");
+    let reference = reference_run(&broker, tmp.path(), total);
     let (decided, repeats) =
         wait_for_decisions(&broker, "decisions", reference.len(), Duration::from_secs(120));
     survivor.signal("-TERM");
     let (status, survivor_log) = survivor.wait(Duration::from_secs(60));
     assert!(status.success(), "{survivor_log}");
+    if let Ok(dir) = std::env::var("RAMPART_TEST_LOGS") {
+        let dead = drain(&broker, "decisions.dead", Duration::from_secs(1));
+        let lines: Vec<String> = dead.iter().map(|d| format!("{:?}", d.headers)).collect();
+        std::fs::write(Path::new(&dir).join("dead.txt"), lines.join("\n")).expect("log");
+        std::fs::write(Path::new(&dir).join("stopped.log"), &stopped_log).expect("log");
+        std::fs::write(Path::new(&dir).join("survivor.log"), &survivor_log).expect("log");
+    }
     let released = stopped_log.matches("state partition released").count();
     let (before, after) = (events_consumed(&stopped_log), events_consumed(&survivor_log));
     eprintln!(
