@@ -633,7 +633,6 @@ fn offsets_since(
                 partition: e.partition(),
                 low: o.max(low),
                 high,
-                checked: false,
             }),
             (Offset::Offset(o), Err(_)) if o >= 0 => offsets.push((e.partition(), Offset::Offset(o))),
             _ => offsets.push((e.partition(), Offset::End)),
@@ -654,8 +653,6 @@ struct Search {
     partition: i32,
     low: i64,
     high: i64,
-    /// Whether the message at the broker's answer (the first `low`) was looked at.
-    checked: bool,
 }
 
 /// Narrows each search to its answer (`low == high`): first the message at `low` (the
@@ -664,21 +661,7 @@ struct Search {
 /// decisions are). All partitions are probed together, one message each per round; a probe
 /// that gets no message ends its search at `low` (reading more, never less).
 fn bisect_by_time(consumer: &BaseConsumer, topic: &str, searches: &mut [Search], since: i64) {
-    // The end of each partition, from its last record batch: Tansu 0.6 gives that batch's
-    // first offset plus one as the end.
-    let last: Vec<(i32, i64)> = searches
-        .iter()
-        .filter(|s| s.low < s.high)
-        .map(|s| (s.partition, s.low.max(s.high - 1)))
-        .collect();
-    for (partition, messages) in probe(consumer, topic, &last, true) {
-        if let (Some(s), Some((offset, _))) = (
-            searches.iter_mut().find(|s| s.partition == partition),
-            messages.last(),
-        ) {
-            s.high = s.high.max(offset + 1);
-        }
-    }
+    let mut first = true;
     loop {
         let probes: Vec<(i32, i64)> = searches
             .iter()
@@ -686,10 +669,10 @@ fn bisect_by_time(consumer: &BaseConsumer, topic: &str, searches: &mut [Search],
             .map(|s| {
                 (
                     s.partition,
-                    if s.checked {
-                        s.low + (s.high - s.low) / 2
-                    } else {
+                    if first {
                         s.low
+                    } else {
+                        s.low + (s.high - s.low) / 2
                     },
                 )
             })
@@ -698,18 +681,36 @@ fn bisect_by_time(consumer: &BaseConsumer, topic: &str, searches: &mut [Search],
             return;
         }
         let seen = probe(consumer, topic, &probes, false);
+        // In the first round: the partitions whose broker answer is older than `since`.
+        let mut wrong = Vec::new();
         for (partition, at) in probes {
             let Some(s) = searches.iter_mut().find(|s| s.partition == partition) else {
                 continue;
             };
-            s.checked = true;
             match seen.get(&partition).and_then(|m| m.first()) {
                 // Older: the first message wanted is after it.
-                Some((offset, Some(time))) if *time < since => s.low = (offset + 1).min(s.high),
+                Some((offset, Some(time))) if *time < since => {
+                    s.low = (offset + 1).min(s.high);
+                    if first {
+                        wrong.push((partition, (s.high - 1).max(*offset)));
+                    }
+                }
                 // The first message from `at` on is recent enough (or has no time): reading
                 // from `at` reads it first.
                 Some(_) => s.high = at,
                 None => s.high = s.low,
+            }
+        }
+        if std::mem::take(&mut first) && !wrong.is_empty() {
+            // Where the broker's answer was wrong, its end may be too: the end from the
+            // partition's last record batch (Tansu 0.6 gives that batch's first offset plus one).
+            for (partition, messages) in probe(consumer, topic, &wrong, true) {
+                if let (Some(s), Some((offset, _))) = (
+                    searches.iter_mut().find(|s| s.partition == partition),
+                    messages.last(),
+                ) {
+                    s.high = s.high.max(offset + 1);
+                }
             }
         }
     }
