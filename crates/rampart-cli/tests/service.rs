@@ -417,6 +417,15 @@ impl Drop for Service {
     }
 }
 
+/// Waits until `enforcer` has read what it starts from to its end.
+fn wait_caught_up(enforcer: &rampart_enforce::Enforcer, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !enforcer.caught_up() {
+        assert!(Instant::now() < deadline, "{what} never caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn decisions(messages: &[Consumed]) -> Vec<Value> {
     messages
         .iter()
@@ -649,11 +658,7 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
         enforcer.is_blocked("arn:aws:iam::000000000000:user/nobody", "ListBuckets"),
         None
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !enforcer.caught_up() {
-        assert!(Instant::now() < deadline, "the enforcer never caught up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_caught_up(&enforcer, "the enforcer", Duration::from_secs(20));
     let stats = enforcer.stats();
     assert_eq!(stats.decisions as usize, got.len());
     assert_eq!(
@@ -678,11 +683,7 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
         ..Default::default()
     })
     .expect("the enforcer starts");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !later.caught_up() {
-        assert!(Instant::now() < deadline, "the later gateway never caught up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_caught_up(&later, "the later gateway", Duration::from_secs(20));
     for d in &active {
         let actor = d["actor"].as_str().expect("actor");
         let latest = active
@@ -2442,11 +2443,7 @@ fn a_gateway_reads_the_decisions_of_its_lookback_only_and_the_enforcement_state(
         ..Default::default()
     })
     .expect("the enforcer starts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !gateway.caught_up() {
-        assert!(Instant::now() < deadline, "the gateway never caught up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_caught_up(&gateway, "the gateway", Duration::from_secs(30));
     let stats = gateway.stats();
     assert_eq!(
         stats.decisions,
