@@ -23,6 +23,16 @@ generated() {
   [ -s "$file" ] || python3 benchmarks/generate.py "$@" --out "$file"
 }
 
+# prefix_input N: the path of the first N events of the generated 1M-event CloudTrail log
+# (both made and cached in ~/.cache/rampart/bench on first use).
+prefix_input() {
+  local bench="$HOME/.cache/rampart/bench" input
+  generated "$bench/cloudtrail-1000000.jsonl" --events 1000000
+  input="$bench/cloudtrail-prefix-$1.jsonl"
+  [ -s "$input" ] || head -n "$1" "$bench/cloudtrail-1000000.jsonl" >"$input"
+  echo "$input"
+}
+
 # The cores every system under test runs on (`taskset -c` list; default: all of them). Every
 # system in a comparison (Rampart, the naive evaluator, Quix Streams, the passthrough) is started
 # with `pinned`, so each gets the same cores; the broker and the load generator are not pinned

@@ -24,10 +24,7 @@ source benchmarks/common.sh
 ./scripts/setup.sh
 source scripts/env.sh
 EVENTS="${EVENTS:-200000}"
-BENCH="$HOME/.cache/rampart/bench"
-generated "$BENCH/cloudtrail-1000000.jsonl" --events 1000000
-INPUT="$BENCH/cloudtrail-prefix-$EVENTS.jsonl"
-[ -s "$INPUT" ] || head -n "$EVENTS" "$BENCH/cloudtrail-1000000.jsonl" >"$INPUT"
+INPUT=$(prefix_input "$EVENTS")
 cargo build --release --workspace --all-targets >&2
 LOAD="$CARGO_TARGET_DIR/release/rampart-load"
 work="${TMPDIR:-/tmp}/rampart-scaleout"

@@ -16,10 +16,7 @@ source scripts/env.sh
 source benchmarks/common.sh
 EVENTS="${EVENTS:-200000}"
 RUNS="${RUNS:-3}"
-BENCH="$HOME/.cache/rampart/bench"
-generated "$BENCH/cloudtrail-1000000.jsonl" --events 1000000
-INPUT="$BENCH/cloudtrail-prefix-$EVENTS.jsonl"
-[ -s "$INPUT" ] || head -n "$EVENTS" "$BENCH/cloudtrail-1000000.jsonl" >"$INPUT"
+INPUT=$(prefix_input "$EVENTS")
 cargo build --release --workspace --all-targets >&2
 work="${TMPDIR:-/tmp}/rampart-scaling"
 rm -rf "$work"
