@@ -18,16 +18,14 @@ pub(super) struct StoredClock {
     /// Newest event time of any source.
     pub(super) newest: i64,
     pub(super) next_row: u64,
-    /// Every window row older than this was decided: the watermark.
-    #[serde(default = "no_time")]
-    pub(super) decided_until: i64,
+    /// Every window row older than this was decided: the watermark (`i64::MIN` before any
+    /// source let it move). Absent from checkpoints written before it was kept: theirs was
+    /// the newest time's.
+    #[serde(default)]
+    pub(super) decided_until: Option<i64>,
     /// Each source's newest event time, by name (a Kafka partition's is its progress key).
     #[serde(default)]
     pub(super) sources: BTreeMap<String, i64>,
-}
-
-fn no_time() -> i64 {
-    i64::MIN
 }
 
 /// Window state figures (see [`Pipeline::state_stats`]).
@@ -113,7 +111,7 @@ impl Pipeline {
             newest: windows.clock.newest(),
             next_row: input.next_row,
             // Every batch decides the rows older than the watermark.
-            decided_until: windows.clock.watermark(),
+            decided_until: Some(windows.clock.watermark()),
             sources: windows
                 .clock
                 .sources()
@@ -151,6 +149,9 @@ impl Pipeline {
             encode_ms = encoded.as_millis() as u64,
             meta_ms = (before_write - encoded).as_millis() as u64,
             write_ms = (started.elapsed() - before_write).as_millis() as u64,
+            watermark = clock.decided_until.unwrap_or(i64::MIN),
+            sources = ?clock.sources,
+            progress = ?input.progress.iter().map(|(s, p)| (s, p.next_offset)).collect::<Vec<_>>(),
             "checkpoint"
         );
         // Only now: a key read back for a row decided in this batch must not look expired.

@@ -115,15 +115,15 @@ impl Pipeline {
         let mut decided_until = i64::MIN;
         if let Some(store) = &store {
             if let Some(stored) = store.meta_json::<StoredClock>("clock")? {
-                // (Checkpoints older than `decided_until` had the newest time's watermark.)
-                let watermark = if stored.decided_until > i64::MIN {
-                    stored.decided_until
-                } else {
-                    stored.newest.saturating_sub(lateness)
-                };
+                // A watermark that had not moved yet (a source not heard of) stays where it
+                // was; checkpoints older than `decided_until` had the newest time's.
+                let watermark = stored
+                    .decided_until
+                    .unwrap_or_else(|| stored.newest.saturating_sub(lateness));
+                tracing::debug!(watermark, sources = ?stored.sources, "event-time clock restored");
                 windows.clock.restore(watermark, stored.sources);
                 input.next_row = stored.next_row;
-                decided_until = stored.decided_until;
+                decided_until = stored.decided_until.unwrap_or(i64::MIN);
                 store.advance_clock(watermark.saturating_add(lateness));
             }
             windows.triggers.load(store, windows.clock.watermark())?;
