@@ -2391,6 +2391,20 @@ fn a_group_member_stopped_cleanly_hands_its_partitions_over_without_reprocessing
         "nothing decided before the handover was decided again"
     );
     assert_same_decisions(&decided, &reference);
+    // One audit log per state partition (here both instances write beside the pipeline),
+    // every entry naming the instance that wrote it.
+    let mut entries = 0;
+    for file in std::fs::read_dir(&pipeline).expect("dir").flatten() {
+        let name = file.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("audit.partition-") || name.ends_with(".rules") {
+            continue;
+        }
+        for line in std::fs::read_to_string(file.path()).expect("read").lines() {
+            entries += 1;
+            assert!(line.contains(r#","instance":""#), "{name}: {line}");
+        }
+    }
+    assert!(entries >= decided.len(), "{entries} audit entries");
 }
 
 #[test]

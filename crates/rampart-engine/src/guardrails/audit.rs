@@ -5,8 +5,11 @@
 //! One entry per line:
 //!
 //! ```text
-//! {"seq":7,"time":"2026-11-22T10:00:00Z","kind":"decision","prev":"<hash of entry 6>","entry":{...},"hash":"<hex>"}
+//! {"seq":7,"time":"2026-11-22T10:00:00Z","instance":"rampart-1","kind":"decision","prev":"<hash of entry 6>","entry":{...},"hash":"<hex>"}
 //! ```
+//!
+//! `instance` (the service instance that wrote the entry, absent for a replay) names which of
+//! a group's instances decided what.
 //!
 //! `hash` is the SHA-256 of the line's bytes before `,"hash":` (so of `seq`, `time`, `kind`,
 //! `prev` and `entry` exactly as written). The first entry's `prev` is 64 zeros. Cutting
@@ -59,6 +62,9 @@ pub struct RuleChange {
 struct Body<'a, T: Serialize> {
     seq: u64,
     time: &'a str,
+    /// The service instance that wrote it (absent for a replay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance: Option<&'a str>,
     kind: Kind,
     prev: &'a str,
     entry: &'a T,
@@ -76,6 +82,7 @@ pub struct AuditLog {
     file: BufWriter<File>,
     seq: u64,
     head: String,
+    instance: Option<String>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -121,7 +128,14 @@ impl AuditLog {
             file: BufWriter::new(file),
             seq,
             head,
+            instance: None,
         })
+    }
+
+    /// Names the instance that writes the entries from now on (in each entry's `instance`):
+    /// with many instances in a group, which of them decided what.
+    pub fn set_instance(&mut self, instance: &str) {
+        self.instance = Some(instance.to_string());
     }
 
     /// [`Self::open`], then [`Self::record_rules`]: a log that starts with the changes since
@@ -153,6 +167,7 @@ impl AuditLog {
         let body = serde_json::to_string(&Body {
             seq: self.seq,
             time: &time,
+            instance: self.instance.as_deref(),
             kind,
             prev: &self.head,
             entry,
@@ -242,10 +257,16 @@ pub fn local_user() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/etc/hostname")
+    format!("{user}@{}", host_name())
+}
+
+/// This machine's (or container's, or pod's) name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("{user}@{host}")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A line's body (before `,"hash":"`) and hash.
@@ -374,7 +395,9 @@ mod tests {
         }
         log.sync().expect("sync");
         drop(log);
+        // Continued by another instance (a state partition that moved): its entries name it.
         let mut log = AuditLog::open(&path).expect("reopen");
+        log.set_instance("rampart-1");
         assert_eq!(log.entries(), 3);
         log.append(Kind::Admin, &serde_json::json!({"action": "rearm"}))
             .expect("append");
@@ -383,12 +406,19 @@ mod tests {
         assert_eq!(ok.entries, 4);
 
         let good = lines(&path);
+        assert!(!good[2].contains("\"instance\""), "{}", good[2]);
+        assert!(good[3].contains(",\"instance\":\"rampart-1\","), "{}", good[3]);
         let mut edited = good.clone();
         edited[1] = edited[1].replace("mallory", "alice");
         write(&path, &edited);
         let e = verify(&path).expect("read").unwrap_err();
         assert_eq!(e.line, 2);
         assert!(e.reason.contains("edited"), "{e}");
+        let mut renamed = good.clone();
+        renamed[3] = renamed[3].replace("rampart-1", "rampart-2");
+        write(&path, &renamed);
+        let e = verify(&path).expect("read").unwrap_err();
+        assert_eq!(e.line, 4);
 
         let mut removed = good.clone();
         removed.remove(1);

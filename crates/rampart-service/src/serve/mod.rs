@@ -253,7 +253,7 @@ impl<'a> Service<'a> {
             task,
             options,
         } = parts;
-        let audit = open_audit(&pipeline, &metrics)?;
+        let audit = open_audit(&pipeline, &metrics, &instance_name(&options.env))?;
         let decoder = pipeline.decoder();
         pipeline.set_live(idleness(&pipeline));
         let watched = watch::Fingerprint::of(&pipeline.dir);
@@ -468,14 +468,29 @@ fn signer(pipeline: &Pipeline, pem: Option<&str>, id: Option<&str>) -> Result<Op
 }
 
 /// The audit log, if the pipeline has one, with a start entry recording the rules.
-fn open_audit(pipeline: &Pipeline, metrics: &Metrics) -> Result<Option<AuditLog>, ServiceError> {
+fn open_audit(
+    pipeline: &Pipeline,
+    metrics: &Metrics,
+    instance: &str,
+) -> Result<Option<AuditLog>, ServiceError> {
     let Some(path) = &pipeline.config.audit_path else {
         return Ok(None);
     };
-    let log = AuditLog::open_recording(path, &pipeline.rule_versions(), &audit::local_user(), "start")
+    let mut log = AuditLog::open(path).map_err(ServiceError::audit(path))?;
+    log.set_instance(instance);
+    log.record_rules(&pipeline.rule_versions(), &audit::local_user(), "start")
         .map_err(ServiceError::audit(path))?;
     metrics.audit_entries.set(log.entries() as i64);
     Ok(Some(log))
+}
+
+/// The name this instance gives itself in its audit log: `RAMPART_INSTANCE_ID` (its static
+/// group membership too), else the host's name (a container's or pod's).
+pub(crate) fn instance_name(env: &[(String, String)]) -> String {
+    env.iter()
+        .find(|(k, v)| k == "RAMPART_INSTANCE_ID" && !v.is_empty())
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(audit::host_name)
 }
 
 /// The processing loop's state.
