@@ -2407,6 +2407,108 @@ fn a_group_member_stopped_cleanly_hands_its_partitions_over_without_reprocessing
     assert!(entries >= decided.len(), "{entries} audit entries");
 }
 
+/// A group's blast-radius limit is the deployment's, not each state partition's: 50 actors
+/// over four state partitions (about 12 each, far below the limit of 30 alone) trip a detector
+/// that blocks everyone once for the whole group: one alert, every block it enforced revoked,
+/// its later blocks in shadow on every instance.
+#[test]
+fn a_groups_blast_radius_limit_holds_for_the_whole_group_and_trips_once() {
+    let broker = Broker::start();
+    broker.create_topic_with("events", 4);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let total = 6_000;
+    let pipeline = scale_out_pipeline(tmp.path(), "guarded");
+    for file in std::fs::read_dir(pipeline.join("detectors"))
+        .expect("dir")
+        .flatten()
+    {
+        std::fs::remove_file(file.path()).expect("remove");
+    }
+    std::fs::write(
+        pipeline.join("detectors/everyone.sql"),
+        "-- id: everyone\n-- verdict: block\n-- severity: high\n-- reason: {{actor}} called {{action}}\n\
+         SELECT actor, action FROM events\n",
+    )
+    .expect("write");
+    edit(
+        &pipeline.join("pipeline.toml"),
+        "[decisions.blast_radius]\nenabled = false",
+        "[decisions.blast_radius]\nmax_keys_per_minute = 30\nmax_share = 1.0",
+    );
+    let instances: Vec<Service> = (0..2)
+        .map(|i| Service::start(&pipeline, &broker, &tmp.path().join(format!("instance-{i}")), &[]))
+        .collect();
+    for s in &instances {
+        s.wait_for("ready", Duration::from_secs(60), |s| {
+            s.get("/readyz").is_some_and(|(status, _)| status == 200)
+        });
+    }
+    feed_partitions(&broker, total, total / 2, 4)
+        .join()
+        .expect("feeding");
+    let events = |s: &Service| s.metric("rampart_events_total").unwrap_or(0.0);
+    instances[0].wait_for("every event consumed", Duration::from_secs(120), |_| {
+        instances.iter().map(events).sum::<f64>() >= total as f64
+    });
+    for s in &instances {
+        s.wait_for("the fail-safe on every instance", Duration::from_secs(30), |s| {
+            s.metric(r#"rampart_fail_safe_tripped{detector="everyone"}"#) == Some(1.0)
+        });
+    }
+    let decided: Vec<Value> = drain(&broker, "decisions", Duration::from_secs(3))
+        .iter()
+        .map(|c| serde_json::from_slice(&c.payload).expect("json"))
+        .collect();
+    let everyone: Vec<&Value> = decided
+        .iter()
+        .filter(|d| d["detector"]["id"] == "everyone" || d["key"] == "everyone")
+        .collect();
+    let alerts: Vec<&&Value> = everyone.iter().filter(|d| d["verdict"] == "alert").collect();
+    assert_eq!(alerts.len(), 1, "one alert for the group: {alerts:?}");
+    assert!(
+        alerts[0]["evidence"]["blocked_keys"]
+            .as_u64()
+            .is_some_and(|n| n > 30),
+        "{}",
+        alerts[0]
+    );
+    let actors = |verdict: &str, mode: &str| -> BTreeSet<String> {
+        everyone
+            .iter()
+            .filter(|d| d["verdict"] == verdict && d["mode"] == mode)
+            .map(|d| d["actor"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let enforced = actors("block", "enforce");
+    let revoked = actors("revoke", "enforce");
+    let shadowed = actors("block", "shadow");
+    eprintln!(
+        "group blast radius: {} actors blocked before the trip, {} revoked, {} blocked in shadow after it",
+        enforced.len(),
+        revoked.len(),
+        shadowed.len()
+    );
+    assert!(
+        enforced.len() > 12,
+        "the group blocked more than any one state partition holds: {enforced:?}"
+    );
+    assert!(
+        enforced.is_subset(&revoked),
+        "every block enforced is revoked: {:?} not",
+        enforced.difference(&revoked).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        shadowed.len(),
+        50,
+        "after the trip, every actor's blocks are shadow"
+    );
+    for s in instances {
+        s.signal("-TERM");
+        let (status, log) = s.wait(Duration::from_secs(60));
+        assert!(status.success(), "{log}");
+    }
+}
+
 #[test]
 fn a_gateway_reads_the_decisions_of_its_lookback_only_and_the_enforcement_state() {
     let broker = Broker::start();

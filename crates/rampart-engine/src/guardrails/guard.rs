@@ -15,6 +15,13 @@
 //!   blocks again.
 //!
 //! The guard's state is checkpointed with the window state.
+//!
+//! Scale-out: each state partition has a guard of its own, over its own keys. Joined to its
+//! group ([`Guard::join_group`]), it tells the others of its route what the limit needs to hold
+//! for the whole deployment ([`GuardNote`]: each block counted, its active actors, a trip),
+//! counts theirs with its own, and follows a trip wherever it happened: every state partition
+//! goes to shadow and revokes its own keys' blocks of that minute, and the one that speaks for
+//! the detector publishes the one alert.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -83,6 +90,58 @@ struct DetectorGuard {
     pruned_at: usize,
 }
 
+/// Scale-out: what one state partition's guard tells the other state partitions of its
+/// route, so that a blast-radius limit holds for the whole group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "note", rename_all = "snake_case")]
+pub enum GuardNote {
+    /// An enforcing block (or review hold) counted toward its detector's limit.
+    Blocked {
+        /// The detector's id.
+        detector: String,
+        /// Its event time (µs).
+        time: i64,
+        /// The key blocked.
+        key: String,
+    },
+    /// The detector's fail-safe tripped there.
+    Tripped {
+        /// The detector.
+        detector: DetectorRef,
+        /// Event time (µs) of the block that went past the limit.
+        time: i64,
+        /// Why, as the tripping state partition put it.
+        trip: Trip,
+        /// Where the block that went past the limit came from.
+        source: SourcePosition,
+        /// The fail-safe's alert, for the state partition that speaks for the detector to
+        /// publish (absent when the sender is that one: it published it).
+        alert: Option<Box<Decision>>,
+    },
+    /// The distinct actors active there in a minute of event time.
+    Active {
+        /// The minute (event time, µs / 60 s).
+        minute: i64,
+        /// Distinct actors seen in it so far.
+        count: usize,
+    },
+}
+
+/// Scale-out: what a guard knows of its group.
+#[derive(Debug, Default)]
+struct GroupView {
+    /// Detectors whose fail-safe alert this state partition publishes.
+    speaks_for: HashSet<String>,
+    /// Notes for the others, oldest first.
+    outbox: Vec<GuardNote>,
+    /// Per detector: the other state partitions' blocks (event time, key).
+    remote: HashMap<String, VecDeque<(i64, String)>>,
+    /// Per other state partition: its active actors (minute, count).
+    active: HashMap<String, (i64, usize)>,
+    /// The active actors this one last told (minute, count).
+    told_active: (i64, usize),
+}
+
 /// A block that would pass a detector's blast-radius limit: how many distinct keys, among how
 /// many active actors, against which limit.
 struct OverLimit {
@@ -96,8 +155,16 @@ struct OverLimit {
 
 impl DetectorGuard {
     /// Whether blocking `key` at `t` passes `blast` (distinct keys blocked within the minute of
-    /// event time before it, against a count and a share of the `active` actors).
-    fn over_limit(&mut self, blast: BlastRadius, key: &str, t: i64, active: usize) -> Option<OverLimit> {
+    /// event time before it, here and in `remote` (the rest of a group), against a count and
+    /// a share of the `active` actors).
+    fn over_limit(
+        &mut self,
+        blast: BlastRadius,
+        key: &str,
+        t: i64,
+        active: usize,
+        remote: Option<&mut VecDeque<(i64, String)>>,
+    ) -> Option<OverLimit> {
         let BlastRadius::Limit {
             per_minute,
             share,
@@ -108,6 +175,10 @@ impl DetectorGuard {
         };
         self.recent.retain(|b| b.time > t - MINUTE);
         let mut keys: Vec<&str> = self.recent.iter().map(|b| b.key.as_str()).collect();
+        if let Some(remote) = remote {
+            remote.retain(|(time, _)| *time > t - MINUTE);
+            keys.extend(remote.iter().map(|(_, k)| k.as_str()));
+        }
         keys.push(key);
         keys.sort_unstable();
         keys.dedup();
@@ -279,6 +350,8 @@ pub struct Guard {
     active: ActiveActors,
     /// Suppressed decisions per detector since the process started.
     suppressed: BTreeMap<String, u64>,
+    /// Scale-out: the rest of the group, once joined.
+    group: Option<GroupView>,
 }
 
 impl Guard {
@@ -322,6 +395,109 @@ impl Guard {
             stored: Stored::default(),
             active: ActiveActors::default(),
             suppressed: BTreeMap::new(),
+            group: None,
+        }
+    }
+
+    /// Scale-out: this guard holds one state partition's keys of a group. From now on its
+    /// blast-radius limits count the blocks and active actors the others tell
+    /// ([`Self::note`]), it gathers what to tell them ([`Self::take_notes`]), and of the
+    /// fail-safe alerts it publishes those of `speaks_for` only (each detector's alert comes
+    /// from one state partition of the group).
+    pub fn join_group(&mut self, speaks_for: impl IntoIterator<Item = String>) {
+        self.group = Some(GroupView {
+            speaks_for: speaks_for.into_iter().collect(),
+            ..GroupView::default()
+        });
+    }
+
+    /// Scale-out: what to tell the other state partitions since the last call (the blocks
+    /// counted, a trip, and the active actors when a share limit needs them and they changed).
+    pub fn take_notes(&mut self) -> Vec<GuardNote> {
+        let shares = self
+            .policies
+            .values()
+            .any(|p| matches!(p.blast, BlastRadius::Limit { share: Some(_), .. }));
+        let Some(group) = &mut self.group else {
+            return Vec::new();
+        };
+        let active = (
+            self.active.minute,
+            self.active.current.len().max(self.active.floor),
+        );
+        if shares && active != group.told_active {
+            group.told_active = active;
+            group.outbox.push(GuardNote::Active {
+                minute: active.0,
+                count: active.1,
+            });
+        }
+        std::mem::take(&mut group.outbox)
+    }
+
+    /// Scale-out: what state partition `from` told. A trip there puts the detector in shadow
+    /// here too; returns the revocations of this state partition's blocks of that minute and,
+    /// when this one speaks for the detector, the fail-safe's alert, to publish.
+    pub fn note(&mut self, from: &str, note: GuardNote) -> Vec<Decision> {
+        let Some(group) = &mut self.group else {
+            return Vec::new();
+        };
+        match note {
+            GuardNote::Blocked { detector, time, key } => {
+                if self.policies.contains_key(&detector) {
+                    let remote = group.remote.entry(detector).or_default();
+                    // (Bounded: what no block of this one's can count any more goes.)
+                    remote.retain(|(t, _)| *t > time - 2 * MINUTE);
+                    remote.push_back((time, key));
+                }
+                Vec::new()
+            }
+            GuardNote::Active { minute, count } => {
+                group.active.insert(from.to_string(), (minute, count));
+                Vec::new()
+            }
+            GuardNote::Tripped {
+                detector,
+                time,
+                trip,
+                source,
+                alert,
+            } => {
+                if !self.policies.contains_key(&detector.id) {
+                    return Vec::new();
+                }
+                group.remote.remove(&detector.id);
+                let g = self.stored.detectors.entry(detector.id.clone()).or_default();
+                if g.tripped.is_some() {
+                    // Tripped here too (or told before): its alert and revocations are out.
+                    return Vec::new();
+                }
+                tracing::warn!(detector = %detector.id, from, "blast-radius fail-safe tripped elsewhere in the group: in shadow here too");
+                g.tripped = Some(trip);
+                let mut out: Vec<Decision> = Vec::new();
+                if group.speaks_for.contains(&detector.id)
+                    && let Some(alert) = alert
+                {
+                    out.push(*alert);
+                }
+                let processed_at = rampart_core::time::now();
+                let mut revoked = HashSet::new();
+                for b in std::mem::take(&mut g.recent) {
+                    if b.time > time - MINUTE && revoked.insert(b.key.clone()) {
+                        out.push(revocation(
+                            &self.pipeline,
+                            detector.clone(),
+                            &b.actor,
+                            &b.key,
+                            format!("{} (fail-safe tripped)", detector.id),
+                            time,
+                            source.clone(),
+                            &processed_at,
+                        ));
+                    }
+                }
+                out
+            }
         }
     }
 
@@ -371,17 +547,55 @@ impl Guard {
                 d.mode = Mode::Shadow;
                 d.tags.push(FAIL_SAFE_TAG.into());
             } else if enforcing && let BlastRadius::Limit { .. } = policy.blast {
-                let active = self.active.count();
-                if let Some(over) = g.over_limit(policy.blast, &d.key, t, active) {
-                    out.extend(g.trip(&self.pipeline, &d, t, &over));
+                let mut active = self.active.count();
+                let mut remote = None;
+                if let Some(group) = &mut self.group {
+                    // The others' actors of this minute or the one before (a group's state
+                    // partitions hold distinct actors).
+                    let minute = t.div_euclid(MINUTE);
+                    active += group
+                        .active
+                        .values()
+                        .filter(|(m, _)| *m >= minute - 1)
+                        .map(|(_, c)| c)
+                        .sum::<usize>();
+                    remote = Some(group.remote.entry(d.detector.id.clone()).or_default());
+                }
+                if let Some(over) = g.over_limit(policy.blast, &d.key, t, active, remote) {
+                    let mut decided = g.trip(&self.pipeline, &d, t, &over);
+                    if let Some(group) = &mut self.group {
+                        // The alert comes from the state partition that speaks for the detector.
+                        let alert = decided.remove(0);
+                        let speaks = group.speaks_for.contains(&d.detector.id);
+                        group.outbox.push(GuardNote::Tripped {
+                            detector: d.detector.clone(),
+                            time: t,
+                            trip: g.tripped.clone().expect("just tripped"),
+                            source: d.source.clone(),
+                            alert: (!speaks).then(|| Box::new(alert.clone())),
+                        });
+                        if speaks {
+                            decided.insert(0, alert);
+                        }
+                    }
+                    out.extend(decided);
                     d.mode = Mode::Shadow;
                     d.tags.push(FAIL_SAFE_TAG.into());
                 } else {
+                    // (The others count a key once a minute: told only when new here.)
+                    let new_key = !g.recent.iter().any(|b| b.key == d.key);
                     g.recent.push_back(RecentBlock {
                         time: t,
                         key: d.key.clone(),
                         actor: d.actor.clone(),
                     });
+                    if new_key && let Some(group) = &mut self.group {
+                        group.outbox.push(GuardNote::Blocked {
+                            detector: d.detector.id.clone(),
+                            time: t,
+                            key: d.key.clone(),
+                        });
+                    }
                 }
             }
             if let Some(until) = quiet {
@@ -422,6 +636,9 @@ impl Guard {
     /// Re-arms a detector the fail-safe put in shadow or disabled. Returns the trip it clears,
     /// or `None` when the detector was neither.
     pub fn rearm(&mut self, detector: &str) -> Option<Trip> {
+        if let Some(group) = &mut self.group {
+            group.remote.remove(detector);
+        }
         let g = self.stored.detectors.get_mut(detector)?;
         g.recent.clear();
         g.tripped.take()
@@ -739,5 +956,134 @@ mod tests {
         restored.restore(&snapshot).expect("restores");
         let (out, n) = apply(&mut restored, vec![decision(Verdict::Alert, "a", t + SECOND)]);
         assert_eq!((out.len(), n), (0, 1), "still a repeat after the restart");
+    }
+
+    /// Delivers every note `from` has to `to` (through JSON, as the repartition topic carries
+    /// them); returns what `to` publishes.
+    fn tell(from: &mut Guard, name: &str, to: &mut Guard) -> Vec<Decision> {
+        let mut out = Vec::new();
+        for note in from.take_notes() {
+            let wire: GuardNote =
+                serde_json::from_slice(&serde_json::to_vec(&note).expect("json")).expect("json");
+            out.extend(to.note(name, wire));
+        }
+        out
+    }
+
+    #[test]
+    fn a_groups_state_partitions_hold_one_limit_and_trip_once() {
+        let limit = BlastRadius::Limit {
+            per_minute: 3,
+            share: None,
+            min_keys: 0,
+        };
+        // Two state partitions of one route: `a` speaks for the detector, `b` does not.
+        let (mut a, mut b) = (guard(limit), guard(limit));
+        a.join_group(["d".to_string()]);
+        b.join_group([]);
+        let t = 60_000 * SECOND;
+        let (out, _) = apply(
+            &mut a,
+            vec![
+                decision(Verdict::Block, "k0", t),
+                decision(Verdict::Block, "k1", t + SECOND),
+            ],
+        );
+        assert!(out.iter().all(|d| d.mode == Mode::Enforce));
+        assert!(tell(&mut a, "a", &mut b).is_empty());
+        // `b` blocks the third key of the group's minute, then the fourth passes the limit
+        // there (each alone would allow three).
+        let (out, _) = apply(&mut b, vec![decision(Verdict::Block, "k2", t + 2 * SECOND)]);
+        assert_eq!(out[0].mode, Mode::Enforce);
+        let (out, _) = apply(&mut b, vec![decision(Verdict::Block, "k3", t + 3 * SECOND)]);
+        assert!(
+            out.iter().all(|d| d.verdict != Verdict::Alert),
+            "the alert is the speaking partition's: {out:?}"
+        );
+        let revoked: Vec<&str> = out
+            .iter()
+            .filter(|d| d.verdict == Verdict::Revoke)
+            .map(|d| d.key.as_str())
+            .collect();
+        assert_eq!(revoked, ["k2"], "b revokes its own blocks of the minute");
+        assert_eq!(
+            out.last().map(|d| (d.key.as_str(), d.mode)),
+            Some(("k3", Mode::Shadow))
+        );
+        // `a` hears of the trip: its blocks of the minute are revoked, the one alert comes from
+        // it, and it is in shadow too.
+        let published = tell(&mut b, "b", &mut a);
+        let alerts: Vec<&Decision> = published.iter().filter(|d| d.verdict == Verdict::Alert).collect();
+        assert_eq!(alerts.len(), 1, "{published:?}");
+        assert_eq!(alerts[0].evidence["blocked_keys"], 4);
+        assert_eq!(alerts[0].tags, [FAIL_SAFE_TAG]);
+        let mut revoked: Vec<&str> = published
+            .iter()
+            .filter(|d| d.verdict == Verdict::Revoke)
+            .map(|d| d.key.as_str())
+            .collect();
+        revoked.sort_unstable();
+        assert_eq!(revoked, ["k0", "k1"]);
+        let (out, _) = apply(&mut a, vec![decision(Verdict::Block, "k4", t + 4 * SECOND)]);
+        assert_eq!(out[0].mode, Mode::Shadow, "in shadow across the group");
+        // Told again (a note read twice after a restart): nothing more.
+        assert!(tell(&mut b, "b", &mut a).is_empty());
+        assert!(a.rearm("d").is_some() && b.rearm("d").is_some());
+        let (out, _) = apply(&mut a, vec![decision(Verdict::Block, "k5", t + 200 * SECOND)]);
+        assert_eq!(out[0].mode, Mode::Enforce, "re-armed in every state partition");
+    }
+
+    #[test]
+    fn a_group_shares_its_active_actors_for_a_share_limit() {
+        // At most half the active actors within a minute, from two keys on.
+        let limit = BlastRadius::Limit {
+            per_minute: 1000,
+            share: Some(0.5),
+            min_keys: 2,
+        };
+        let (mut a, mut b) = (guard(limit), guard(limit));
+        a.join_group(["d".to_string()]);
+        b.join_group([]);
+        let t = 60_000 * SECOND;
+        // `b` saw ten actors this minute; `a` two. Alone, `a`'s two blocks would be all of its
+        // actors; with the group's twelve they are a sixth.
+        b.observe(&actors(&(0..10).map(|i| format!("b{i}")).collect::<Vec<_>>(), t));
+        a.observe(&actors(&["k0".to_string(), "k1".to_string()], t));
+        assert!(tell(&mut b, "b", &mut a).is_empty());
+        let (out, _) = apply(
+            &mut a,
+            vec![
+                decision(Verdict::Block, "k0", t),
+                decision(Verdict::Block, "k1", t + SECOND),
+            ],
+        );
+        assert!(
+            out.iter()
+                .all(|d| d.mode == Mode::Enforce && d.verdict == Verdict::Block),
+            "{out:?}"
+        );
+    }
+
+    /// A batch of one event per actor at `t` (the event time and actor columns only).
+    fn actors(names: &[String], t: i64) -> EventBatch {
+        use datafusion::arrow::array::{StringArray, TimestampMicrosecondArray};
+        use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+        use datafusion::arrow::record_batch::RecordBatch;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
+            Field::new("actor", DataType::Utf8, false),
+        ]));
+        let times = TimestampMicrosecondArray::from(vec![t; names.len()]);
+        let actors = StringArray::from_iter_values(names);
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(times), Arc::new(actors)]).expect("batch");
+        EventBatch {
+            batch,
+            positions: Vec::new(),
+            first_row: 0,
+        }
     }
 }

@@ -243,6 +243,26 @@ impl Pipeline {
         self.guard().revoke(actor, detector, reason, now)
     }
 
+    /// Scale-out: this pipeline holds one state partition of a group; its guard speaks for
+    /// `speaks_for`'s fail-safe alerts (see [`crate::guardrails::guard::Guard::join_group`]).
+    pub fn join_guard_group(&self, speaks_for: Vec<String>) {
+        self.guard().join_group(speaks_for);
+    }
+
+    /// Scale-out: what the guard has to tell the group's other state partitions.
+    pub fn take_guard_notes(&self) -> Vec<crate::guardrails::guard::GuardNote> {
+        self.guard().take_notes()
+    }
+
+    /// Scale-out: what another state partition's guard told; returns decisions to publish (a
+    /// trip there: revocations here, and the alert if this one speaks for the detector).
+    pub fn guard_note(&self, from: &str, note: crate::guardrails::guard::GuardNote) -> Vec<Decision> {
+        if !self.is_guarded() {
+            return Vec::new();
+        }
+        self.guard().note(from, note)
+    }
+
     /// The longest a block or review hold of this pipeline lasts (a detector's `block_for`, or
     /// `[decisions] default_block_for`).
     pub fn longest_block_for(&self) -> std::time::Duration {

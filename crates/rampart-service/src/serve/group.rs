@@ -42,6 +42,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rampart_core::{SourcePosition, kafka_source};
+use rampart_engine::guardrails::guard::GuardNote;
 use rampart_engine::input::decode::{Decoded, Decoder};
 use rampart_engine::pipeline::config::KafkaConfig;
 use rampart_engine::{Evaluator, Pipeline, Route, StateChoice};
@@ -65,6 +66,9 @@ use crate::{RunOptions, RunSummary, ServiceError};
 const MARK_HEADER: &str = "rampart.mark";
 /// The header that makes a repartition record an operator's command.
 const COMMAND_HEADER: &str = "rampart.command";
+/// The header that makes a repartition record what a state partition's guard tells the
+/// others of its route (blast-radius counts, a trip).
+const GUARD_HEADER: &str = "rampart.guard";
 /// How often the forwarding side tells its progress (when it changed).
 const MARK_EVERY: Duration = Duration::from_millis(50);
 /// How often the forwarding side tells its progress even when it did not change: a state
@@ -102,10 +106,19 @@ pub(crate) struct GroupCommand {
     pub(crate) publish: bool,
 }
 
+/// What a state partition's guard told the others of its route.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct GuardTold {
+    /// The state partition that told it.
+    pub(crate) from: i32,
+    pub(crate) note: GuardNote,
+}
+
 /// A record of the repartition topic.
 pub(super) enum Forwarded {
     Mark(Mark),
     Command(GroupCommand),
+    Guard(GuardTold),
     /// An input record, at its input position (topic, partition, offset).
     Record((String, i32, i64)),
 }
@@ -124,6 +137,14 @@ impl Forwarded {
                             .and_then(|p| serde_json::from_slice::<Mark>(p).ok())
                         {
                             return Self::Mark(mark);
+                        }
+                    }
+                    (GUARD_HEADER, _) => {
+                        if let Some(told) = message
+                            .payload()
+                            .and_then(|p| serde_json::from_slice::<GuardTold>(p).ok())
+                        {
+                            return Self::Guard(told);
                         }
                     }
                     (COMMAND_HEADER, _) => {
@@ -154,6 +175,11 @@ pub(crate) struct Task {
     pub(super) topic: String,
     /// The state partition.
     pub(super) partition: i32,
+    /// The route's state partitions.
+    pub(super) partitions: i32,
+    /// The detectors whose blast-radius alert this state partition publishes (each
+    /// detector's comes from the state partition of its id in the detector's route).
+    pub(super) speaks_for: Vec<String>,
     /// Whether this is the actor's route: the one that sends dead letters and counts events
     /// (every route reads every record).
     pub(super) primary: bool,
@@ -690,9 +716,17 @@ fn run_worker(
         reload,
         watch: shared.watch,
     };
+    let speaks_for = shared
+        .detector_families
+        .iter()
+        .filter(|(id, f)| **f == family && route.partition_of(id) == partition)
+        .map(|(id, _)| id.clone())
+        .collect();
     let task = super::group::Task {
         topic: route.repartition.clone(),
         partition,
+        partitions: route.partitions,
+        speaks_for,
         primary: family == 0,
         routes: shared.families.iter().map(|f| f.route.clone()).collect(),
         sources: shared.sources.clone(),
@@ -1251,6 +1285,67 @@ fn coordinate(
         if let Some(e) = group.done.lock().unwrap_or_else(|p| p.into_inner()).1.take() {
             return Err(e);
         }
+    }
+}
+
+impl Service<'_> {
+    /// Scale-out: the pipeline's clock follows every input partition and its guard joins the
+    /// group (at start and after a reload).
+    pub(super) fn join_group(&mut self) {
+        let Some(task) = self.task.as_mut() else {
+            return;
+        };
+        task.tracked = false;
+        self.pipeline.join_guard_group(task.speaks_for.clone());
+        self.follow_event_time();
+    }
+
+    /// Scale-out: sends what the guard has to tell to the route's other state partitions.
+    pub(super) fn tell_guard_notes(&mut self) -> Result<(), ServiceError> {
+        let Some(task) = &self.task else {
+            return Ok(());
+        };
+        let (topic, me, partitions) = (task.topic.clone(), task.partition, task.partitions);
+        let notes = self.pipeline.take_guard_notes();
+        if notes.iter().any(|n| matches!(n, GuardNote::Tripped { .. })) {
+            // (Tripped here: /readyz and the metrics say so, whichever publishes the alert.)
+            self.refresh_notes();
+        }
+        for note in notes {
+            let payload = serde_json::to_vec(&GuardTold { from: me, note }).expect("serialises");
+            for p in (0..partitions).filter(|p| *p != me) {
+                let record = BaseRecord::<(), [u8], usize>::with_opaque_to(&topic, 0)
+                    .partition(p)
+                    .payload(payload.as_slice())
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: GUARD_HEADER,
+                        value: Some("1"),
+                    }));
+                self.send(record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Scale-out: what another state partition's guard told: publishes what follows from it
+    /// here (a trip there: this one's revocations, and the alert if it speaks for the detector).
+    pub(super) fn heard_guard(&mut self, told: GuardTold) -> Result<(), ServiceError> {
+        let from = match &self.task {
+            Some(task) => format!("{}/{}", task.topic, told.from),
+            None => return Ok(()),
+        };
+        let decisions = self.pipeline.guard_note(&from, told.note);
+        if decisions.is_empty() {
+            return Ok(());
+        }
+        for decision in &decisions {
+            self.publish_decision(decision)?;
+        }
+        if let Some(log) = &mut self.audit {
+            log.flush().map_err(ServiceError::audit(log.path()))?;
+        }
+        self.refresh_notes();
+        Ok(())
     }
 }
 

@@ -604,11 +604,10 @@ impl Service<'_> {
         let mut backlog: VecDeque<Work> = VecDeque::new();
         let acks = Arc::clone(self.producer.context());
         let (stop, health) = (Arc::clone(&self.stop), Arc::clone(&self.health));
-        if self.task.is_some() {
-            // A state partition's clock knows every input partition before the first mark is
-            // applied: a mark of one input partition must not move the watermark on its own.
-            self.follow_event_time();
-        }
+        // Scale-out: a state partition's clock knows every input partition before the first
+        // mark is applied (a mark of one input partition must not move the watermark on its
+        // own), and its guard counts with the group's.
+        self.join_group();
         std::thread::scope(|scope| -> Result<(), ServiceError> {
             let mut running: Option<Running<'_>> = None;
             let mut body = || -> Result<(), ServiceError> {
@@ -636,6 +635,7 @@ impl Service<'_> {
                     if running.is_none() {
                         self.window_round(&mut backlog, &mut timers)?;
                     }
+                    self.tell_guard_notes()?;
                     let idle = self
                         .until_idle
                         .is_some_and(|idle| timers.last_message.elapsed() >= idle);
@@ -724,12 +724,20 @@ impl Service<'_> {
             // (Idle time counts from the assignment: joining the group is not idleness.)
             timers.last_message = Instant::now();
         }
-        if gathered.messages > 0 || !gathered.marks.is_empty() || !gathered.commands.is_empty() {
+        if gathered.messages > 0
+            || !gathered.marks.is_empty()
+            || !gathered.commands.is_empty()
+            || !gathered.guard_notes.is_empty()
+        {
             if self.summary.events == 0 && self.summary.bad_records == 0 {
                 tracing::info!("first message consumed");
             }
             let marks = std::mem::take(&mut gathered.marks);
             let commands = std::mem::take(&mut gathered.commands);
+            let notes = std::mem::take(&mut gathered.guard_notes);
+            for told in notes {
+                self.heard_guard(told)?;
+            }
             backlog.extend(self.process(gathered)?.into_iter().map(Work::Batch));
             for command in commands {
                 self.group_command(command)?;

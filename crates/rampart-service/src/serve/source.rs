@@ -38,6 +38,8 @@ pub(super) struct Gathered {
     pub(super) marks: Vec<super::group::Mark>,
     /// Scale-out: operators' commands for this state partition.
     pub(super) commands: Vec<super::group::GroupCommand>,
+    /// Scale-out: what the route's other state partitions' guards told.
+    pub(super) guard_notes: Vec<super::group::GuardTold>,
 }
 
 impl Service<'_> {
@@ -125,6 +127,10 @@ impl Service<'_> {
                     }
                     super::group::Forwarded::Command(command) => {
                         out.commands.push(command);
+                        continue;
+                    }
+                    super::group::Forwarded::Guard(told) => {
+                        out.guard_notes.push(told);
                         continue;
                     }
                     super::group::Forwarded::Record(at) => Some(at),
