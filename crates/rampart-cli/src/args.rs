@@ -146,6 +146,11 @@ pub(crate) enum Command {
         /// Append the audit log here, instead of `[audit] path` (e.g. on a persistent volume).
         #[arg(long, value_name = "FILE")]
         audit: Option<PathBuf>,
+        /// Run as one instance of a group sharing the windows' work, the window state split in
+        /// N state partitions, instead of `[kafka] state_partitions` (every instance of the
+        /// group the same N; docs/operations.md, "Scaling out").
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=4096))]
+        state_partitions: Option<i32>,
     },
 }
 

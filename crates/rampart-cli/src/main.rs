@@ -93,6 +93,7 @@ fn main() -> ExitCode {
             until_end,
             no_watch,
             audit,
+            state_partitions,
         } => run(
             &pipeline,
             rampart_service::RunOptions {
@@ -105,6 +106,7 @@ fn main() -> ExitCode {
             brokers,
             state,
             audit,
+            state_partitions,
         ),
         Command::Compare { files } => compare(&files),
         Command::Audit {
@@ -129,6 +131,7 @@ fn run(
     brokers: Option<String>,
     state: Option<PathBuf>,
     audit: Option<PathBuf>,
+    state_partitions: Option<i32>,
 ) -> Result<ExitCode> {
     use std::sync::Arc;
     let config = load_config(dir)?;
@@ -140,6 +143,14 @@ fn run(
     }
     if audit.is_some() {
         pipeline.config.audit_path = audit;
+    }
+    if let (Some(n), Some(kafka)) = (state_partitions, pipeline.config.kafka.as_mut()) {
+        if kafka.changelog_topic.is_none() {
+            anyhow::bail!(
+                "--state-partitions needs the changelog ([kafka] changelog = false is set): a partition's state moves between instances through it"
+            );
+        }
+        kafka.state_partitions = Some(n);
     }
     // First signal: finish the batch in flight, checkpoint, stop. Second: stop waiting for the
     // broker (the last checkpoint stands). Third: exit at once.

@@ -2435,8 +2435,13 @@ fn a_groups_blast_radius_limit_holds_for_the_whole_group_and_trips_once() {
         "[decisions.blast_radius]\nenabled = false",
         "[decisions.blast_radius]\nmax_keys_per_minute = 30\nmax_share = 1.0",
     );
+    // The group's size from the command line (as the container image runs it).
+    edit(&pipeline.join("pipeline.toml"), "state_partitions = 4\n", "");
     let instances: Vec<Service> = (0..2)
-        .map(|i| Service::start(&pipeline, &broker, &tmp.path().join(format!("instance-{i}")), &[]))
+        .map(|i| {
+            let state = tmp.path().join(format!("instance-{i}"));
+            Service::start(&pipeline, &broker, &state, &["--state-partitions", "4"])
+        })
         .collect();
     for s in &instances {
         s.wait_for("ready", Duration::from_secs(60), |s| {
