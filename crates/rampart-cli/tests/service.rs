@@ -2407,6 +2407,87 @@ fn a_group_member_stopped_cleanly_hands_its_partitions_over_without_reprocessing
     assert!(entries >= decided.len(), "{entries} audit entries");
 }
 
+/// Static membership (`RAMPART_INSTANCE_ID`, librdkafka's `group.instance.id`): an instance
+/// killed and restarted at once, on its disk, rejoins under the same identity and the group
+/// then decides what one instance does. (Apache Kafka gives a static member its partitions back
+/// without a rebalance; Tansu 0.6 rebalances, and input partitions may move: the test prints
+/// what moved and checks the outcome.)
+#[test]
+fn a_static_member_killed_and_restarted_at_once_rejoins_and_loses_nothing() {
+    let broker = Broker::start();
+    broker.create_topic_with("events", 4);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let total = 12_000;
+    let pipeline = scale_out_pipeline(tmp.path(), "static");
+    let start = |i: usize| {
+        let id = format!("rampart-{i}");
+        Service::start_with_env(
+            &pipeline,
+            &broker,
+            &tmp.path().join(format!("instance-{i}")),
+            &[],
+            &[("RAMPART_INSTANCE_ID", id.as_str())],
+        )
+    };
+    // Every partition a log says was assigned (an incremental assignment may be empty).
+    let assigned = |log: &str| -> BTreeSet<String> {
+        log.lines()
+            .filter(|l| l.contains("partitions assigned"))
+            .flat_map(|l| {
+                let list = &l[l.find("partitions=[").map_or(l.len(), |i| i + 12)..];
+                list.split(['"', ',', ']', ' '])
+                    .filter(|p| p.contains('/'))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let first = start(0);
+    let second = start(1);
+    for s in [&first, &second] {
+        s.wait_for("ready", Duration::from_secs(60), |s| {
+            s.get("/readyz").is_some_and(|(status, _)| status == 200)
+        });
+    }
+    // Both hold their share (the group has settled).
+    for s in [&first, &second] {
+        s.wait_for("its partitions", Duration::from_secs(30), |s| {
+            s.metric("rampart_state_partitions_owned")
+                .is_some_and(|n| n > 0.0)
+        });
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let before = assigned(&std::fs::read_to_string(&first.log).expect("log"));
+    second.signal("-KILL");
+    let (_, killed_log) = second.wait(Duration::from_secs(30));
+    let held = assigned(&killed_log);
+    assert!(!held.is_empty(), "{killed_log}");
+    let second = start(1);
+    second.wait_for("ready again", Duration::from_secs(60), |s| {
+        s.get("/readyz").is_some_and(|(status, _)| status == 200)
+    });
+    feed_partitions(&broker, total, total / 4, 4)
+        .join()
+        .expect("feeding");
+    let reference = reference_run_with(&broker, tmp.path(), total, with_routed_windows);
+    let (decided, _) = wait_for_decisions(&broker, "decisions", reference.len(), Duration::from_secs(120));
+    assert_same_decisions(&decided, &reference);
+    let after = assigned(&std::fs::read_to_string(&first.log).expect("log"));
+    let again = assigned(&std::fs::read_to_string(&second.log).expect("log"));
+    eprintln!(
+        "static membership: held {held:?}, got back {again:?}; the other instance held {before:?}, then {after:?}"
+    );
+    assert!(
+        again.iter().any(|p| p.starts_with("static-repartition")),
+        "the restarted instance runs state partitions again: {again:?}"
+    );
+    for s in [first, second] {
+        s.signal("-TERM");
+        let (status, log) = s.wait(Duration::from_secs(60));
+        assert!(status.success(), "{log}");
+    }
+}
+
 /// A group's blast-radius limit is the deployment's, not each state partition's: 50 actors
 /// over four state partitions (about 12 each, far below the limit of 30 alone) trip a detector
 /// that blocks everyone once for the whole group: one alert, every block it enforced revoked,

@@ -132,6 +132,10 @@ pub struct Metrics {
     pub restored_records: Counter,
     /// Bytes of those records (keys and values).
     pub restored_bytes: Counter,
+    /// Scale-out: state partitions this instance owns (running or restoring).
+    pub state_partitions_owned: Gauge,
+    /// Scale-out: of those, the ones restoring from their changelog.
+    pub state_partitions_restoring: Gauge,
     /// Consumer lag per partition, as librdkafka last reported it.
     pub consumer_lag: Family<PartitionLabels, Gauge>,
     /// Window state on disk, bytes.
@@ -184,6 +188,8 @@ impl Default for Metrics {
             changelog_records: Counter::default(),
             restored_records: Counter::default(),
             restored_bytes: Counter::default(),
+            state_partitions_owned: Gauge::default(),
+            state_partitions_restoring: Gauge::default(),
             consumer_lag: Family::default(),
             state_disk_bytes: Gauge::default(),
             state_cached_bytes: Gauge::default(),
@@ -286,6 +292,16 @@ impl Metrics {
             "restored_bytes",
             "Bytes of the changelog records read back to rebuild the window state",
             self.restored_bytes.clone(),
+        );
+        r.register(
+            "state_partitions_owned",
+            "Scale-out: state partitions this instance owns (their loops running or restoring)",
+            self.state_partitions_owned.clone(),
+        );
+        r.register(
+            "state_partitions_restoring",
+            "Scale-out: state partitions of this instance restoring their window state from the changelog",
+            self.state_partitions_restoring.clone(),
         );
         r.register(
             "consumer_lag_messages",

@@ -388,10 +388,9 @@ impl ConsumerContext for Group {
             tracing::error!(error = %e, "cannot pause the state partitions on the group consumer");
         }
         tracing::info!(partitions = ?names, "partitions assigned");
-        self.shared.health.assigned.store(
-            self.workers.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
-            Ordering::Relaxed,
-        );
+        let owned = self.workers.lock().unwrap_or_else(|p| p.into_inner()).len();
+        self.shared.health.assigned.store(owned as u64, Ordering::Relaxed);
+        self.shared.metrics.state_partitions_owned.set(owned as i64);
     }
 }
 
@@ -433,6 +432,8 @@ impl Group {
             self.joined(worker.thread.join());
             let topic = &self.shared.families[at.0].repartition;
             tracing::info!(%topic, partition = at.1, "state partition released");
+            let owned = self.workers.lock().unwrap_or_else(|p| p.into_inner()).len();
+            self.shared.metrics.state_partitions_owned.set(owned as i64);
         }
     }
 
@@ -657,7 +658,9 @@ fn run_worker(
         path.with_file_name(format!("{stem}.{name}{ext}"))
     });
     let (metrics, health) = (&shared.metrics, &shared.health);
-    shared.restoring.fetch_add(1, Ordering::SeqCst);
+    metrics
+        .state_partitions_restoring
+        .set(shared.restoring.fetch_add(1, Ordering::SeqCst) as i64 + 1);
     let changelog = restore_partition(
         &pipeline,
         &route.changelog,
@@ -666,7 +669,9 @@ fn run_worker(
         &shared.producer_config,
         (&stop, health, metrics),
     );
-    if shared.restoring.fetch_sub(1, Ordering::SeqCst) == 1 {
+    let left = shared.restoring.fetch_sub(1, Ordering::SeqCst) - 1;
+    metrics.state_partitions_restoring.set(left as i64);
+    if left == 0 {
         health.set_not_ready(None);
     }
     let changelog = changelog?;
