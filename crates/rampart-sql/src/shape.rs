@@ -10,6 +10,7 @@ use datafusion::common::{Column, Result, ScalarValue};
 use datafusion::functions_aggregate::expr_fn::max;
 use datafusion::logical_expr::{
     Aggregate, Expr, LogicalPlan, Projection, WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition,
+    when,
 };
 
 use rampart_core::event::{EVENT_TIME, ROW_ID};
@@ -417,6 +418,42 @@ fn reads_events(plan: &LogicalPlan) -> bool {
         Ok(TreeNodeRecursion::Continue)
     });
     found
+}
+
+/// Rewrites `agg(x) FILTER (WHERE c) OVER (...)` as `agg(CASE WHEN c THEN x END) OVER (...)`,
+/// named as written: the same value for every aggregate a sliding window keeps (each ignores
+/// NULLs; `count(*) FILTER (WHERE c)` counts the rows where `c` holds, as
+/// `count(CASE WHEN c THEN 1 END)` does), in a form both the incremental windows and
+/// DataFusion's batch evaluation take.
+pub fn window_filters_as_case(plan: LogicalPlan) -> Result<LogicalPlan> {
+    plan.transform_up(|node| {
+        let rewritten = node.map_expressions(|expr| {
+            expr.transform_up(|e| match e {
+                Expr::WindowFunction(mut w) if w.params.filter.is_some() => {
+                    let name = Expr::WindowFunction(w.clone()).schema_name().to_string();
+                    let condition = *w.params.filter.take().expect("a filter");
+                    w.params.args = w
+                        .params
+                        .args
+                        .into_iter()
+                        .map(|arg| when(condition.clone(), arg).end())
+                        .collect::<Result<_>>()?;
+                    Ok(Transformed::new(
+                        Expr::WindowFunction(w).alias(name),
+                        true,
+                        TreeNodeRecursion::Jump,
+                    ))
+                }
+                other => Ok(Transformed::no(other)),
+            })
+        })?;
+        if rewritten.transformed {
+            Ok(Transformed::yes(rewritten.data.recompute_schema()?))
+        } else {
+            Ok(rewritten)
+        }
+    })
+    .map(|t| t.data)
 }
 
 /// Threads the hidden row-id column through every projection of a plan, so that each result

@@ -35,7 +35,7 @@ use crate::events_table::{BatchSlot, EventsTable};
 use crate::metadata::parse_header;
 use crate::predicate_order::CheapPredicatesFirst;
 use crate::sandbox::single_query;
-use crate::shape::{Shape, Timing, classify, propagate_row_id, unalias};
+use crate::shape::{Shape, Timing, classify, propagate_row_id, unalias, window_filters_as_case};
 use crate::{Error, Result};
 
 mod detector;
@@ -287,6 +287,8 @@ impl DetectorEngine {
         let logical = self
             .runtime
             .block_on(state.statement_to_plan(statement))
+            .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
+        let logical = window_filters_as_case(logical)
             .map_err(|e| problem_from(path, first_sql_line, "the query does not plan", &e))?;
         let shape = classify(&logical).map_err(|reason| Problem::at(path, first_sql_line, reason))?;
         crate::sandbox::regexes_compile(&logical)

@@ -21,7 +21,8 @@ fn repo() -> PathBuf {
 }
 
 /// The detectors the harness checks, as files (`differential/detectors/*.sql`): sliding windows
-/// of every supported aggregate and key shape, and grouped windows (whose ids start with `g-`:
+/// of every supported aggregate and key shape (`filtered`: aggregates with FILTER (WHERE ...);
+/// `sequence-case`: CASE inside sum and max, the time of the last failure before a delete), and grouped windows (whose ids start with `g-`:
 /// they select only their group key, because a streaming group fires with the values at the
 /// moment HAVING first holds while the batch query reports the bucket's final values).
 ///
@@ -35,7 +36,7 @@ fn detector_files() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "sql"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 11, "the differential detectors in {}", dir.display());
+    assert_eq!(files.len(), 13, "the differential detectors in {}", dir.display());
     files
 }
 
@@ -267,12 +268,14 @@ fn assert_stream_equals_batch_with(
                 "by-json-key",
                 "failures-many",
                 "failures",
+                "filtered",
                 "range",
                 "spread-wide",
                 "spread",
                 "volume"
             ],
-            "every single sliding window is maintained incrementally"
+            "every single sliding window is maintained incrementally (sequence-case's max of a \
+             timestamp is re-run over its key's rows)"
         );
         let want = expected
             .get_or_insert_with(|| batch_rows(&pipeline, input))
@@ -644,11 +647,13 @@ fn threshold_windows_decide_at_once_others_after_the_lateness() {
             ("by-json-key", true),
             ("failures-many", true),
             ("failures", true),
+            ("filtered", false),
             ("g-actors-per-origin", true),
             ("g-approx", true),
             ("g-failures", true),
             ("nested", false),
             ("range", false),
+            ("sequence-case", false),
             ("spread-wide", true),
             ("spread", true),
             ("volume", false),
