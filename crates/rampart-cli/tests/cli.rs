@@ -53,7 +53,7 @@ fn check_and_test_pass_on_the_cloudtrail_pipeline() {
     let out = rampart(&["check", "pipelines/cloudtrail"]);
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("ok: pipeline `cloudtrail`: 23 detectors (17 per-event, "),
+        text(&out.stdout).contains("ok: pipeline `cloudtrail`: 25 detectors (17 per-event, "),
         "{}",
         text(&out.stdout)
     );
@@ -308,7 +308,7 @@ fn hostile_detectors_are_refused_with_file_and_reason_and_the_rest_still_run() {
         assert!(line.contains(reason), "{line}");
     }
     assert!(
-        stdout.contains("9 problem(s); 23 detector(s) loaded, 9 refused"),
+        stdout.contains("9 problem(s); 25 detector(s) loaded, 9 refused"),
         "{stdout}"
     );
 
