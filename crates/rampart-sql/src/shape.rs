@@ -624,8 +624,9 @@ fn column_growth(expr: &Expr, columns: &std::collections::HashMap<String, Growth
 }
 
 /// Whether `predicate`, once true for a row, stays true as more rows enter its frames: window
-/// values that rise compared `>`/`>=` with something else, values that fall `<`/`<=`, joined by
-/// AND and OR, and conditions on the row's own columns.
+/// values that rise compared `>`/`>=` with something else, values that fall `<`/`<=`, either
+/// `IS NOT NULL` (the time of the last A before this B: `max(CASE ... THEN event_time END)`),
+/// joined by AND and OR, and conditions on the row's own columns.
 fn only_becomes_true(
     predicate: &Expr,
     columns: &std::collections::HashMap<String, Growth>,
@@ -656,6 +657,13 @@ fn only_becomes_true(
                 | (Growth::Falls, Operator::Lt | Operator::LtEq) => Ok(()),
                 _ => refuse(e),
             }
+        }
+        // An aggregate that rises or falls (count, max, min, a sum of non-negative values) is
+        // NULL only while no value has entered its frame: once not NULL, it stays so.
+        Expr::IsNotNull(inner)
+            if matches!(column_growth(inner, columns), Some(Growth::Rises | Growth::Falls)) =>
+        {
+            Ok(())
         }
         other if column_growth(other, columns).is_none() => Ok(()),
         other => refuse(other),

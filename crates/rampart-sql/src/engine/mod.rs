@@ -564,6 +564,22 @@ mod tests {
          WHERE 10 < s",
         None
     )]
+    #[case::time_of_the_last_a_is_known(
+        "SELECT actor, last_a FROM (SELECT actor, action, max(CASE WHEN action = 'A' THEN event_time END) OVER \
+         (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) \
+         AS last_a FROM events) WHERE action = 'B' AND last_a IS NOT NULL",
+        None
+    )]
+    #[case::filtered_count(
+        "SELECT actor, n FROM (SELECT actor, count(*) FILTER (WHERE outcome = 'Failure') OVER (PARTITION BY actor \
+         ORDER BY event_time RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n >= 3",
+        None
+    )]
+    #[case::not_null_of_a_computed_value(
+        "SELECT actor, d FROM (SELECT actor, CASE WHEN count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) < 3 THEN 1 END AS d FROM events) WHERE d IS NOT NULL",
+        Some("could stop holding")
+    )]
     #[case::count_below(
         "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
          RANGE BETWEEN INTERVAL '10 minutes' PRECEDING AND CURRENT ROW) AS n FROM events) WHERE n < 3",
