@@ -257,22 +257,37 @@ impl DetectorGuard {
             tags: vec![FAIL_SAFE_TAG.into()],
             ..d.clone()
         }];
+        out.extend(self.revoke_minute(pipeline, &d.detector, t, &d.source, &d.processed_at));
+        out
+    }
+
+    /// The revoke decisions of the keys blocked within the minute of event time before `t`
+    /// (each key once), as a trip lifts them; forgets those blocks.
+    fn revoke_minute(
+        &mut self,
+        pipeline: &str,
+        detector: &DetectorRef,
+        t: i64,
+        source: &SourcePosition,
+        processed_at: &str,
+    ) -> Vec<Decision> {
         let mut revoked = HashSet::new();
-        for b in std::mem::take(&mut self.recent) {
-            if revoked.insert(b.key.clone()) {
-                out.push(revocation(
+        std::mem::take(&mut self.recent)
+            .into_iter()
+            .filter(|b| b.time > t - MINUTE && revoked.insert(b.key.clone()))
+            .map(|b| {
+                revocation(
                     pipeline,
-                    d.detector.clone(),
+                    detector.clone(),
                     &b.actor,
                     &b.key,
-                    format!("{} (fail-safe tripped)", d.detector.id),
+                    format!("{} (fail-safe tripped)", detector.id),
                     t,
-                    d.source.clone(),
-                    &d.processed_at,
-                ));
-            }
-        }
-        out
+                    source.clone(),
+                    processed_at,
+                )
+            })
+            .collect()
     }
 
     /// Suppresses repeats for `key` from `t` until `until`; prunes expired keys when the map
@@ -481,21 +496,7 @@ impl Guard {
                     out.push(*alert);
                 }
                 let processed_at = rampart_core::time::now();
-                let mut revoked = HashSet::new();
-                for b in std::mem::take(&mut g.recent) {
-                    if b.time > time - MINUTE && revoked.insert(b.key.clone()) {
-                        out.push(revocation(
-                            &self.pipeline,
-                            detector.clone(),
-                            &b.actor,
-                            &b.key,
-                            format!("{} (fail-safe tripped)", detector.id),
-                            time,
-                            source.clone(),
-                            &processed_at,
-                        ));
-                    }
-                }
+                out.extend(g.revoke_minute(&self.pipeline, &detector, time, &source, &processed_at));
                 out
             }
         }
