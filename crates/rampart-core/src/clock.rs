@@ -49,7 +49,8 @@ pub struct SourceTime {
     pub late: u64,
     /// Paused by the service (it runs ahead): neither idle nor quiet.
     pub paused: bool,
-    /// Known to have records not yet consumed (consumer lag): neither idle nor quiet.
+    /// Known to have records not yet consumed (consumer lag), or not known yet to have none (a
+    /// live source starts so, until its consumer's lag is first told): neither idle nor quiet.
     pub behind: bool,
     /// Idle as of the last [`EventClock::advance`]: it does not hold the watermark.
     pub idle: bool,
@@ -64,7 +65,8 @@ impl SourceTime {
             newest: i64::MIN,
             late: 0,
             paused: false,
-            behind: false,
+            // A live source's lag is unknown until told: it may have a backlog.
+            behind: now.is_some(),
             idle: false,
             last_record: now,
         }
@@ -409,8 +411,19 @@ mod tests {
         clock.advance();
         assert_eq!(clock.watermark(), i64::MIN, "partition 1 holds it");
         assert_eq!(clock.complete_before(), i64::MIN);
-        // After the quiet period partition 1 (and partition 0) count as complete, not yet idle.
+        // Their lag is not known yet (they may have a backlog): not quiet after the period.
         clock.set_now(start + Duration::from_secs(2));
+        clock.advance();
+        assert_eq!(
+            clock.complete_before(),
+            i64::MIN,
+            "partition 1 may have records before 10 min"
+        );
+        // Once told they have nothing waiting, both count as complete after the quiet
+        // period, not yet idle.
+        for p in 0..2 {
+            clock.set_flags(&kafka_source("events", p), None, Some(false));
+        }
         clock.advance();
         assert_eq!(clock.complete_before(), i64::MAX);
         assert_eq!(clock.watermark(), i64::MIN);

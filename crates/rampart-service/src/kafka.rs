@@ -313,6 +313,14 @@ impl ConsumerContext for ConsumerCallbacks {
                     .map(|e| format!("{}/{}@{:?}", e.topic(), e.partition(), e.offset()))
                     .collect();
                 tracing::info!(partitions = ?assigned, "partitions assigned");
+                // What the statistics said of them under an earlier assignment is stale (the
+                // clock counts a partition as behind until they speak again).
+                {
+                    let mut behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
+                    for e in tpl.elements() {
+                        behind.remove(&rampart_core::kafka_source(e.topic(), e.partition()));
+                    }
+                }
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "cannot take the assignment");
                 }

@@ -378,6 +378,11 @@ impl ConsumerContext for Group {
                 paused.add_partition(e.topic(), e.partition());
                 self.start_worker((f, e.partition()));
             } else {
+                // What the statistics said of it under an earlier assignment is stale.
+                self.behind
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&rampart_core::kafka_source(e.topic(), e.partition()));
                 let mut front = self.front.lock().unwrap_or_else(|p| p.into_inner());
                 front.own(e.topic(), e.partition());
             }
@@ -943,7 +948,8 @@ impl Front {
             let mut marks = Vec::new();
             for ((topic, partition), f) in &mut self.sources {
                 let name = kafka_source(topic, *partition);
-                let b = behind.get(&name).copied().unwrap_or(false);
+                // (Unknown until the consumer's first statistics: it may have a backlog.)
+                let b = behind.get(&name).copied().unwrap_or(true);
                 let now = (f.newest, f.next_offset, b);
                 let fresh = f.told_at.is_some_and(|t| t.elapsed() < KEEPALIVE_EVERY);
                 if f.told == Some(now) && fresh {

@@ -573,6 +573,8 @@ struct Timers {
     last_message: Instant,
     last_end_check: Instant,
     last_end_note: Instant,
+    /// Whether a message was consumed yet (logged once).
+    consumed: bool,
 }
 
 impl Timers {
@@ -583,6 +585,7 @@ impl Timers {
             last_message: now,
             last_end_check: now,
             last_end_note: now,
+            consumed: false,
         }
     }
 }
@@ -729,7 +732,8 @@ impl Service<'_> {
             || !gathered.commands.is_empty()
             || !gathered.guard_notes.is_empty()
         {
-            if self.summary.events == 0 && self.summary.bad_records == 0 {
+            if gathered.messages > 0 && !timers.consumed {
+                timers.consumed = true;
                 tracing::info!("first message consumed");
             }
             let marks = std::mem::take(&mut gathered.marks);

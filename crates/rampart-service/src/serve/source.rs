@@ -281,7 +281,8 @@ impl Service<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&name)
                 .copied()
-                .unwrap_or(false)
+                // (Unknown until the consumer's first statistics: it may have a backlog.)
+                .unwrap_or(true)
         };
         let task = self.task.as_mut().expect("a task");
         if !task.tracked {
@@ -332,6 +333,13 @@ impl Service<'_> {
         }
         self.paused.clear();
         self.behind_told.clear();
+        // A partition whose lag the statistics have not told since the assignment may have a
+        // backlog: behind (neither idle nor quiet) until they do.
+        let known = self.behind.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for name in names.into_iter().filter(|n| !known.contains_key(n)) {
+            self.pipeline.set_source_flags(&name, None, Some(true));
+            self.behind_told.insert(name, true);
+        }
     }
 
     /// Pauses the partitions whose watermark runs more than `max_partition_skew` ahead of the
