@@ -802,11 +802,23 @@ impl Service<'_> {
     /// quiet and its last rows complete; paused partitions are at their end too.
     fn end_of_input(&mut self) -> Result<(), ServiceError> {
         tracing::info!("every assigned partition consumed to its end");
-        let names: Vec<String> = {
+        // Every assigned partition, told or not by the statistics (one never told counts as
+        // behind until then).
+        let mut names: BTreeSet<String> = self
+            .consumer
+            .assignment()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| rampart_core::kafka_source(e.topic(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        {
             let mut behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
             behind.values_mut().for_each(|b| *b = false);
-            behind.keys().cloned().collect()
-        };
+            names.extend(behind.keys().cloned());
+        }
         for name in names {
             self.pipeline.set_source_flags(&name, None, Some(false));
         }
