@@ -2560,8 +2560,8 @@ fn an_instance_added_mid_stream_takes_partitions_over_without_losing_a_decision(
 
 /// A group's blast-radius limit is the deployment's, not each state partition's: 50 actors
 /// over four state partitions (about 12 each, far below the limit of 30 alone) trip a detector
-/// that blocks everyone once for the whole group: one alert, every block it enforced revoked,
-/// its later blocks in shadow on every instance.
+/// that blocks everyone once for the whole group: never more than 30 enforced, one alert,
+/// every block it enforced revoked, its later blocks in shadow on every instance.
 #[test]
 fn a_groups_blast_radius_limit_holds_for_the_whole_group_and_trips_once() {
     let broker = Broker::start();
@@ -2647,6 +2647,11 @@ fn a_groups_blast_radius_limit_holds_for_the_whole_group_and_trips_once() {
     assert!(
         enforced.len() > 12,
         "the group blocked more than any one state partition holds: {enforced:?}"
+    );
+    assert!(
+        enforced.len() <= 30,
+        "the group never enforces more blocks than the limit: {} {enforced:?}",
+        enforced.len()
     );
     assert!(
         enforced.is_subset(&revoked),

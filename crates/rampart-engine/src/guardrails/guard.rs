@@ -22,8 +22,18 @@
 //! counts theirs with its own, and follows a trip wherever it happened: every state partition
 //! goes to shadow and revokes its own keys' blocks of that minute, and the one that speaks for
 //! the detector publishes the one alert.
+//!
+//! A group's count limit holds exactly, not only as fast as notes travel: the limit is dealt
+//! out as shares, one per state partition, that add up to it (an escrow, as in the
+//! demarcation protocol). A state partition blocks at once within its share of distinct keys
+//! per minute; a block past it is held (checkpointed with the rest) and the others are asked
+//! for some of theirs ([`GuardNote::Ask`]). Each answers with what it can spare
+//! ([`GuardNote::Give`]), lowering its own share first, so the shares never add up to more
+//! than the limit. The held blocks go out as the share grows; when a whole round of answers
+//! gives nothing, every other state partition is at its share and the held block would pass
+//! the limit: the fail-safe trips and they go out as shadow.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
@@ -85,9 +95,81 @@ struct DetectorGuard {
     /// Keys blocked within the last minute of event time, oldest first.
     recent: VecDeque<RecentBlock>,
     tripped: Option<Trip>,
+    /// Scale-out: this state partition's share of the group's count limit.
+    #[serde(default)]
+    escrow: Option<Escrow>,
     /// `quiet_until` size after the last prune (prunes when it doubles).
     #[serde(skip)]
     pruned_at: usize,
+}
+
+/// Scale-out: one state partition's share of a detector's count limit (see the module's
+/// documentation).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Escrow {
+    /// The limit the shares divide (a changed limit deals them afresh).
+    limit: usize,
+    /// Distinct keys this state partition may block within a minute without asking.
+    share: usize,
+    /// Blocks past the share, waiting for the others' answers, oldest first.
+    held: VecDeque<Decision>,
+    /// The last round of asking; whether it is under way, who answered it, what they gave.
+    round: u64,
+    asking: bool,
+    answered: BTreeSet<String>,
+    given: usize,
+    /// Per state partition that asked: the last round answered and what it was given.
+    answers: BTreeMap<String, (u64, usize)>,
+    /// When the round's Ask was last sent (never, after a restart).
+    #[serde(skip)]
+    asked_at: Option<std::time::Instant>,
+}
+
+/// A round's Ask unanswered this long is sent again (an answer lost to a crash before it was
+/// sent; the others answer a round again with what they gave).
+const ASK_AGAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Escrow {
+    fn new(limit: usize, share: usize) -> Self {
+        Self {
+            limit,
+            share,
+            ..Self::default()
+        }
+    }
+
+    /// The round's Ask for `need` keys from `time` on (noting when it was sent).
+    fn ask_note(&mut self, detector: &str, need: usize, time: i64) -> GuardNote {
+        self.asked_at = Some(std::time::Instant::now());
+        GuardNote::Ask {
+            detector: detector.to_string(),
+            round: self.round,
+            need,
+            time,
+        }
+    }
+
+    /// The round's Ask again, when it is under way and was not sent since the restart or
+    /// for [`ASK_AGAIN`].
+    fn ask_again(&mut self, detector: &str) -> Option<GuardNote> {
+        let due = self.asked_at.is_none_or(|at| at.elapsed() >= ASK_AGAIN);
+        let first = self.held.front()?;
+        if !self.asking || !due {
+            return None;
+        }
+        let time = parse_rfc3339_micros(&first.event_time).unwrap_or(i64::MIN);
+        let need = self.need();
+        Some(self.ask_note(detector, need, time))
+    }
+
+    /// Distinct keys held.
+    fn need(&self) -> usize {
+        self.held
+            .iter()
+            .map(|d| d.key.as_str())
+            .collect::<HashSet<_>>()
+            .len()
+    }
 }
 
 /// Scale-out: what one state partition's guard tells the other state partitions of its
@@ -118,6 +200,29 @@ pub enum GuardNote {
         /// publish (absent when the sender is that one: it published it).
         alert: Option<Box<Decision>>,
     },
+    /// A block there passes its share of the detector's limit: it asks the others for some of
+    /// theirs.
+    Ask {
+        /// The detector's id.
+        detector: String,
+        /// The round of asking (an Ask read again after a restart gets the same answer).
+        round: u64,
+        /// Distinct keys it holds.
+        need: usize,
+        /// The held block's event time (µs): what the others count their minute back from.
+        time: i64,
+    },
+    /// The answer to an Ask: how much of its share the sender gave up (it lowered its own).
+    Give {
+        /// The detector's id.
+        detector: String,
+        /// The asking state partition.
+        to: String,
+        /// The round answered.
+        round: u64,
+        /// Distinct keys per minute given.
+        amount: usize,
+    },
     /// The distinct actors active there in a minute of event time.
     Active {
         /// The minute (event time, µs / 60 s).
@@ -140,6 +245,20 @@ struct GroupView {
     active: HashMap<String, (i64, usize)>,
     /// The active actors this one last told (minute, count).
     told_active: (i64, usize),
+    /// This state partition's name (as the others' notes name their sender), its index and
+    /// how many state partitions the group has.
+    me: String,
+    index: usize,
+    partitions: usize,
+}
+
+impl GroupView {
+    /// This state partition's first share of a count limit (the limit dealt out evenly, the
+    /// remainder to the first ones).
+    fn share_of(&self, limit: usize) -> usize {
+        let n = self.partitions.max(1);
+        limit / n + usize::from(self.index < limit % n)
+    }
 }
 
 /// A block that would pass a detector's blast-radius limit: how many distinct keys, among how
@@ -156,7 +275,8 @@ struct OverLimit {
 impl DetectorGuard {
     /// Whether blocking `key` at `t` passes `blast` (distinct keys blocked within the minute of
     /// event time before it, here and in `remote` (the rest of a group), against a count and
-    /// a share of the `active` actors).
+    /// a share of the `active` actors; in a group, against the share only: the count limit is
+    /// the escrow's).
     fn over_limit(
         &mut self,
         blast: BlastRadius,
@@ -175,6 +295,8 @@ impl DetectorGuard {
         };
         self.recent.retain(|b| b.time > t - MINUTE);
         let mut keys: Vec<&str> = self.recent.iter().map(|b| b.key.as_str()).collect();
+        // (In a group the count limit is held by the shares: see `Escrow`.)
+        let in_group = remote.is_some();
         if let Some(remote) = remote {
             remote.retain(|(time, _)| *time > t - MINUTE);
             keys.extend(remote.iter().map(|(_, k)| k.as_str()));
@@ -183,7 +305,7 @@ impl DetectorGuard {
         keys.sort_unstable();
         keys.dedup();
         let blocked = keys.len();
-        let over_count = blocked > per_minute;
+        let over_count = blocked > per_minute && !in_group;
         let over_share = share.filter(|s| blocked >= min_keys && blocked as f64 > s * active.max(1) as f64);
         if !over_count && over_share.is_none() {
             return None;
@@ -286,6 +408,143 @@ impl DetectorGuard {
                     source.clone(),
                     processed_at,
                 )
+            })
+            .collect()
+    }
+
+    /// Distinct keys blocked within the minute of event time before `t`.
+    fn blocked_keys(&self, t: i64) -> HashSet<&str> {
+        self.recent
+            .iter()
+            .filter(|b| b.time > t - MINUTE)
+            .map(|b| b.key.as_str())
+            .collect()
+    }
+
+    /// Counts the block `d` (at `t`) toward the minute; returns the note that tells the group,
+    /// when its key is new here (the others count a key once a minute).
+    fn count_block(&mut self, d: &Decision, t: i64) -> Option<GuardNote> {
+        let new_key = !self.recent.iter().any(|b| b.key == d.key);
+        self.recent.push_back(RecentBlock {
+            time: t,
+            key: d.key.clone(),
+            actor: d.actor.clone(),
+        });
+        new_key.then(|| GuardNote::Blocked {
+            detector: d.detector.id.clone(),
+            time: t,
+            key: d.key.clone(),
+        })
+    }
+
+    /// Scale-out: this state partition's share of `limit`, dealt as `share` the first time
+    /// and whenever the limit changed (a reload); what is held stays held.
+    fn deal(&mut self, limit: usize, share: usize) -> &mut Escrow {
+        if self.escrow.as_ref().is_none_or(|e| e.limit != limit) {
+            let held = self.escrow.take().map(|e| e.held).unwrap_or_default();
+            self.escrow = Some(Escrow {
+                held,
+                ..Escrow::new(limit, share)
+            });
+        }
+        self.escrow.as_mut().expect("dealt")
+    }
+
+    /// Scale-out: whether blocking `key` at `t` would pass this state partition's share, or
+    /// must wait behind blocks held already (a key blocked within the minute counts once).
+    fn past_share(&self, key: &str, t: i64) -> bool {
+        let Some(e) = &self.escrow else {
+            return false;
+        };
+        let keys = self.blocked_keys(t);
+        !keys.contains(key) && (!e.held.is_empty() || keys.len() >= e.share)
+    }
+
+    /// Scale-out: the held blocks the share now allows, oldest first, counted as blocks (the
+    /// notes that tell the group go to `outbox`).
+    fn release(&mut self, outbox: &mut Vec<GuardNote>) -> Vec<Decision> {
+        let mut out = Vec::new();
+        while let Some(e) = &self.escrow {
+            let Some(d) = e.held.front() else {
+                break;
+            };
+            let t = parse_rfc3339_micros(&d.event_time).unwrap_or(i64::MIN);
+            let keys = self.blocked_keys(t);
+            if !keys.contains(d.key.as_str()) && keys.len() >= e.share {
+                break;
+            }
+            let d = self
+                .escrow
+                .as_mut()
+                .and_then(|e| e.held.pop_front())
+                .expect("a held block");
+            outbox.extend(self.count_block(&d, t));
+            out.push(d);
+        }
+        out
+    }
+
+    /// Scale-out: asks the group for share for the held blocks, unless a round is under way.
+    fn ask(&mut self, detector: &str, outbox: &mut Vec<GuardNote>) {
+        let Some(e) = &mut self.escrow else {
+            return;
+        };
+        let Some(first) = e.held.front() else {
+            return;
+        };
+        if e.asking {
+            return;
+        }
+        let time = parse_rfc3339_micros(&first.event_time).unwrap_or(i64::MIN);
+        let need = e.need();
+        e.round += 1;
+        e.asking = true;
+        e.answered.clear();
+        e.given = 0;
+        tracing::info!(
+            detector,
+            need,
+            share = e.share,
+            round = e.round,
+            "blocks past this state partition's share of the blast-radius limit held: asking the group"
+        );
+        outbox.push(e.ask_note(detector, need, time));
+    }
+
+    /// Scale-out: the answer to `from`'s Ask (what of the share it can spare, given `need`
+    /// and the minute before `time`); the same answer when the Ask is read again.
+    fn answer(&mut self, from: &str, round: u64, need: usize, time: i64) -> Option<usize> {
+        let now = self.recent.back().map_or(time, |b| b.time.max(time));
+        let used = self.blocked_keys(now).len();
+        let tripped = self.tripped.is_some();
+        let e = self.escrow.as_mut()?;
+        match e.answers.get(from) {
+            Some((r, amount)) if *r == round => return Some(*amount),
+            Some((r, _)) if *r > round => return None,
+            _ => {}
+        }
+        let amount = if tripped || !e.held.is_empty() {
+            0
+        } else {
+            need.min(e.share.saturating_sub(used))
+        };
+        e.share -= amount;
+        e.answers.insert(from.to_string(), (round, amount));
+        Some(amount)
+    }
+
+    /// The held blocks, as shadow: the fail-safe tripped.
+    fn shadow_held(&mut self) -> Vec<Decision> {
+        let Some(e) = &mut self.escrow else {
+            return Vec::new();
+        };
+        e.asking = false;
+        e.held
+            .drain(..)
+            .map(|mut d| {
+                d.mode = Mode::Shadow;
+                d.tags.push(FAIL_SAFE_TAG.into());
+                d
             })
             .collect()
     }
@@ -419,9 +678,21 @@ impl Guard {
     /// ([`Self::note`]), it gathers what to tell them ([`Self::take_notes`]), and of the
     /// fail-safe alerts it publishes those of `speaks_for` only (each detector's alert comes
     /// from one state partition of the group).
-    pub fn join_group(&mut self, speaks_for: impl IntoIterator<Item = String>) {
+    ///
+    /// `me` names this state partition as the others' notes name their sender, `index` is its
+    /// number of the group's `partitions` (each count limit is dealt out as shares among them).
+    pub fn join_group(
+        &mut self,
+        speaks_for: impl IntoIterator<Item = String>,
+        me: &str,
+        index: usize,
+        partitions: usize,
+    ) {
         self.group = Some(GroupView {
             speaks_for: speaks_for.into_iter().collect(),
+            me: me.to_string(),
+            index,
+            partitions,
             ..GroupView::default()
         });
     }
@@ -447,6 +718,11 @@ impl Guard {
                 count: active.1,
             });
         }
+        for (id, g) in &mut self.stored.detectors {
+            if let Some(note) = g.escrow.as_mut().and_then(|e| e.ask_again(id)) {
+                group.outbox.push(note);
+            }
+        }
         std::mem::take(&mut group.outbox)
     }
 
@@ -470,6 +746,57 @@ impl Guard {
             GuardNote::Active { minute, count } => {
                 group.active.insert(from.to_string(), (minute, count));
                 Vec::new()
+            }
+            GuardNote::Ask {
+                detector,
+                round,
+                need,
+                time,
+            } => {
+                // (Every Ask is answered, with nothing when there is nothing to give: the
+                // asking one waits for every answer.)
+                let mut amount = Some(0);
+                if let Some(Policy {
+                    blast: BlastRadius::Limit { per_minute, .. },
+                    ..
+                }) = self.policies.get(&detector)
+                {
+                    let g = self.stored.detectors.entry(detector.clone()).or_default();
+                    g.deal(*per_minute, group.share_of(*per_minute));
+                    amount = g.answer(from, round, need, time);
+                }
+                if let Some(amount) = amount {
+                    group.outbox.push(GuardNote::Give {
+                        detector,
+                        to: from.to_string(),
+                        round,
+                        amount,
+                    });
+                }
+                Vec::new()
+            }
+            GuardNote::Give {
+                detector,
+                to,
+                round,
+                amount,
+            } => {
+                if to != group.me {
+                    return Vec::new();
+                }
+                let Some(g) = self.stored.detectors.get_mut(&detector) else {
+                    return Vec::new();
+                };
+                let Some(e) = &mut g.escrow else {
+                    return Vec::new();
+                };
+                // (An answer read again after a restart counts once.)
+                if round != e.round || !e.answered.insert(from.to_string()) {
+                    return Vec::new();
+                }
+                e.share += amount;
+                e.given += amount;
+                settle(&self.pipeline, &detector, g, group, &self.active)
             }
             GuardNote::Tripped {
                 detector,
@@ -497,6 +824,7 @@ impl Guard {
                 }
                 let processed_at = rampart_core::time::now();
                 out.extend(g.revoke_minute(&self.pipeline, &detector, time, &source, &processed_at));
+                out.extend(g.shadow_held());
                 out
             }
         }
@@ -547,56 +875,35 @@ impl Guard {
             if enforcing && g.tripped.as_ref().is_some_and(|t| !t.disabled) {
                 d.mode = Mode::Shadow;
                 d.tags.push(FAIL_SAFE_TAG.into());
-            } else if enforcing && let BlastRadius::Limit { .. } = policy.blast {
+            } else if enforcing && let BlastRadius::Limit { per_minute, .. } = policy.blast {
                 let mut active = self.active.count();
                 let mut remote = None;
                 if let Some(group) = &mut self.group {
-                    // The others' actors of this minute or the one before (a group's state
-                    // partitions hold distinct actors).
-                    let minute = t.div_euclid(MINUTE);
-                    active += group
-                        .active
-                        .values()
-                        .filter(|(m, _)| *m >= minute - 1)
-                        .map(|(_, c)| c)
-                        .sum::<usize>();
+                    active = group_active(&self.active, group, t);
                     remote = Some(group.remote.entry(d.detector.id.clone()).or_default());
                 }
                 if let Some(over) = g.over_limit(policy.blast, &d.key, t, active, remote) {
-                    let mut decided = g.trip(&self.pipeline, &d, t, &over);
-                    if let Some(group) = &mut self.group {
-                        // The alert comes from the state partition that speaks for the detector.
-                        let alert = decided.remove(0);
-                        let speaks = group.speaks_for.contains(&d.detector.id);
-                        group.outbox.push(GuardNote::Tripped {
-                            detector: d.detector.clone(),
-                            time: t,
-                            trip: g.tripped.clone().expect("just tripped"),
-                            source: d.source.clone(),
-                            alert: (!speaks).then(|| Box::new(alert.clone())),
-                        });
-                        if speaks {
-                            decided.insert(0, alert);
-                        }
-                    }
-                    out.extend(decided);
+                    out.extend(trip_told(&self.pipeline, g, self.group.as_mut(), &d, t, &over));
+                    out.extend(g.shadow_held());
                     d.mode = Mode::Shadow;
                     d.tags.push(FAIL_SAFE_TAG.into());
-                } else {
-                    // (The others count a key once a minute: told only when new here.)
-                    let new_key = !g.recent.iter().any(|b| b.key == d.key);
-                    g.recent.push_back(RecentBlock {
-                        time: t,
-                        key: d.key.clone(),
-                        actor: d.actor.clone(),
-                    });
-                    if new_key && let Some(group) = &mut self.group {
-                        group.outbox.push(GuardNote::Blocked {
-                            detector: d.detector.id.clone(),
-                            time: t,
-                            key: d.key.clone(),
-                        });
+                } else if let Some(group) = &mut self.group {
+                    g.deal(per_minute, group.share_of(per_minute));
+                    out.extend(g.release(&mut group.outbox));
+                    if g.past_share(&d.key, t) {
+                        // Held until the group has share to spare, or the fail-safe trips.
+                        if let Some(until) = quiet {
+                            g.quiet(&d.key, t, until);
+                        }
+                        let detector = d.detector.id.clone();
+                        g.escrow.as_mut().expect("dealt").held.push_back(d);
+                        g.ask(&detector, &mut group.outbox);
+                        out.extend(settle(&self.pipeline, &detector, g, group, &self.active));
+                        continue;
                     }
+                    group.outbox.extend(g.count_block(&d, t));
+                } else {
+                    g.count_block(&d, t);
                 }
             }
             if let Some(until) = quiet {
@@ -614,6 +921,10 @@ impl Guard {
             if detector.is_none_or(|d| d == id) {
                 g.quiet_until.remove(actor);
                 g.quiet_since.remove(actor);
+                // (A block held for the group's share is lifted before it goes out.)
+                if let Some(e) = &mut g.escrow {
+                    e.held.retain(|d| d.actor != actor);
+                }
             }
         }
         revocation(
@@ -772,6 +1083,103 @@ impl Guard {
         self.stored = Stored::default();
         self.active = ActiveActors::default();
     }
+}
+
+/// The actors active in the minute of `t` or the one before, here and (a group's state
+/// partitions hold distinct actors) in the rest of the group.
+fn group_active(active: &ActiveActors, group: &GroupView, t: i64) -> usize {
+    let minute = t.div_euclid(MINUTE);
+    active.count()
+        + group
+            .active
+            .values()
+            .filter(|(m, _)| *m >= minute.saturating_sub(1))
+            .map(|(_, c)| c)
+            .sum::<usize>()
+}
+
+/// Trips `g`'s fail-safe on `d` (at `t`): the alert and the revocations of the minute's blocks;
+/// in a group, the others are told, and the alert comes from the state partition that speaks
+/// for the detector.
+fn trip_told(
+    pipeline: &str,
+    g: &mut DetectorGuard,
+    group: Option<&mut GroupView>,
+    d: &Decision,
+    t: i64,
+    over: &OverLimit,
+) -> Vec<Decision> {
+    let mut decided = g.trip(pipeline, d, t, over);
+    if let Some(group) = group {
+        let alert = decided.remove(0);
+        let speaks = group.speaks_for.contains(&d.detector.id);
+        group.outbox.push(GuardNote::Tripped {
+            detector: d.detector.clone(),
+            time: t,
+            trip: g.tripped.clone().expect("just tripped"),
+            source: d.source.clone(),
+            alert: (!speaks).then(|| Box::new(alert.clone())),
+        });
+        if speaks {
+            decided.insert(0, alert);
+        }
+    }
+    decided
+}
+
+/// Scale-out: after an answer (or an Ask nobody is there to answer), releases what `g`'s share
+/// allows; when the round is over with blocks still held, asks again if it was given some, and
+/// otherwise trips: every other state partition is at its share, so the first held block
+/// passes the group's limit.
+fn settle(
+    pipeline: &str,
+    detector: &str,
+    g: &mut DetectorGuard,
+    group: &mut GroupView,
+    actors: &ActiveActors,
+) -> Vec<Decision> {
+    let mut out = g.release(&mut group.outbox);
+    let peers = group.partitions.saturating_sub(1);
+    let (limit, first, given) = {
+        let Some(e) = &mut g.escrow else {
+            return out;
+        };
+        if !e.asking || e.answered.len() < peers {
+            return out;
+        }
+        e.asking = false;
+        let Some(first) = e.held.front().cloned() else {
+            return out;
+        };
+        (e.limit, first, e.given)
+    };
+    if given > 0 {
+        g.ask(detector, &mut group.outbox);
+        return out;
+    }
+    let t = parse_rfc3339_micros(&first.event_time).unwrap_or(i64::MIN);
+    let mut keys: HashSet<String> = g.blocked_keys(t).into_iter().map(str::to_string).collect();
+    if let Some(e) = &g.escrow {
+        keys.extend(e.held.iter().map(|d| d.key.clone()));
+    }
+    if let Some(remote) = group.remote.get(detector) {
+        keys.extend(
+            remote
+                .iter()
+                .filter(|(time, _)| *time > t - MINUTE)
+                .map(|(_, k)| k.clone()),
+        );
+    }
+    let over = OverLimit {
+        blocked: keys.len(),
+        active: group_active(actors, group, t),
+        per_minute: limit,
+        share: None,
+        limit: format!("{limit} per minute"),
+    };
+    out.extend(trip_told(pipeline, g, Some(group), &first, t, &over));
+    out.extend(g.shadow_held());
+    out
 }
 
 /// A revoke decision lifting `actor`'s blocks from `detector`.
@@ -978,10 +1386,11 @@ mod tests {
             share: None,
             min_keys: 0,
         };
-        // Two state partitions of one route: `a` speaks for the detector, `b` does not.
+        // Two state partitions of one route: `a` speaks for the detector, `b` does not. The
+        // limit of 3 is dealt as shares of 2 and 1.
         let (mut a, mut b) = (guard(limit), guard(limit));
-        a.join_group(["d".to_string()]);
-        b.join_group([]);
+        a.join_group(["d".to_string()], "a", 0, 2);
+        b.join_group([], "b", 1, 2);
         let t = 60_000 * SECOND;
         let (out, _) = apply(
             &mut a,
@@ -992,11 +1401,15 @@ mod tests {
         );
         assert!(out.iter().all(|d| d.mode == Mode::Enforce));
         assert!(tell(&mut a, "a", &mut b).is_empty());
-        // `b` blocks the third key of the group's minute, then the fourth passes the limit
-        // there (each alone would allow three).
+        // `b` blocks the third key of the group's minute; the fourth is past its share: held,
+        // and `a` asked.
         let (out, _) = apply(&mut b, vec![decision(Verdict::Block, "k2", t + 2 * SECOND)]);
         assert_eq!(out[0].mode, Mode::Enforce);
         let (out, _) = apply(&mut b, vec![decision(Verdict::Block, "k3", t + 3 * SECOND)]);
+        assert!(out.is_empty(), "held: {out:?}");
+        assert!(tell(&mut b, "b", &mut a).is_empty());
+        // `a` has nothing to spare: the fourth passes the group's limit, and `b` trips.
+        let out = tell(&mut a, "a", &mut b);
         assert!(
             out.iter().all(|d| d.verdict != Verdict::Alert),
             "the alert is the speaking partition's: {out:?}"
@@ -1035,6 +1448,200 @@ mod tests {
     }
 
     #[test]
+    fn a_block_past_its_share_waits_for_the_groups_spare_share_and_never_passes_the_limit() {
+        let limit = BlastRadius::Limit {
+            per_minute: 4,
+            share: None,
+            min_keys: 0,
+        };
+        // Shares of 2 and 2.
+        let (mut a, mut b) = (guard(limit), guard(limit));
+        a.join_group(["d".to_string()], "a", 0, 2);
+        b.join_group([], "b", 1, 2);
+        let t = 60_000 * SECOND;
+        let keys = |out: &[Decision], verdict: Verdict, mode: Mode| -> Vec<String> {
+            out.iter()
+                .filter(|d| d.verdict == verdict && d.mode == mode)
+                .map(|d| d.key.clone())
+                .collect()
+        };
+        let (out, _) = apply(
+            &mut a,
+            (0..3)
+                .map(|i| decision(Verdict::Block, &format!("k{i}"), t + i * SECOND))
+                .collect(),
+        );
+        assert_eq!(
+            keys(&out, Verdict::Block, Mode::Enforce),
+            ["k0", "k1"],
+            "k2 is held"
+        );
+        // A repeat of a key blocked within the minute does not wait (it is suppressed).
+        let (out, n) = apply(&mut a, vec![decision(Verdict::Block, "k1", t + 3 * SECOND)]);
+        assert_eq!((out.len(), n), (0, 1));
+        for note in a.take_notes() {
+            if matches!(note, GuardNote::Blocked { .. }) {
+                assert!(b.note("a", note).is_empty());
+            }
+        }
+        // The held block survives a checkpoint, and its Ask is sent again.
+        let mut restored = guard(limit);
+        restored.join_group(["d".to_string()], "a", 0, 2);
+        restored.restore(&a.snapshot()).expect("restores");
+        let mut a = restored;
+        // `b` reads the Ask twice (after a restart of its own): it gives once.
+        let asks = a.take_notes();
+        assert!(
+            matches!(asks.as_slice(), [GuardNote::Ask { need: 1, .. }]),
+            "{asks:?}"
+        );
+        for note in asks.iter().chain(&asks) {
+            assert!(b.note("a", note.clone()).is_empty());
+        }
+        let gives = b.take_notes();
+        assert_eq!(gives.len(), 2);
+        let mut released = Vec::new();
+        for note in gives {
+            released.extend(a.note("b", note));
+        }
+        assert_eq!(keys(&released, Verdict::Block, Mode::Enforce), ["k2"]);
+        assert_eq!(released.len(), 1);
+        // `b` gave one of its two: it blocks one key at once, then holds.
+        let (out, _) = apply(
+            &mut b,
+            vec![
+                decision(Verdict::Block, "k3", t + 4 * SECOND),
+                decision(Verdict::Block, "k4", t + 5 * SECOND),
+            ],
+        );
+        assert_eq!(keys(&out, Verdict::Block, Mode::Enforce), ["k3"]);
+        assert_eq!(out.len(), 1, "k4 held: {out:?}");
+        // `a` holds three of its share of three: nothing to give; `b` trips with four blocked,
+        // the limit, never five.
+        assert!(tell(&mut b, "b", &mut a).is_empty());
+        let out = tell(&mut a, "a", &mut b);
+        assert_eq!(keys(&out, Verdict::Revoke, Mode::Enforce), ["k3"]);
+        assert_eq!(keys(&out, Verdict::Block, Mode::Shadow), ["k4"]);
+        let out = tell(&mut b, "b", &mut a);
+        let alert = out.iter().find(|d| d.verdict == Verdict::Alert).expect("alert");
+        assert_eq!(alert.evidence["blocked_keys"], 5);
+        let mut revoked = keys(&out, Verdict::Revoke, Mode::Enforce);
+        revoked.sort_unstable();
+        assert_eq!(revoked, ["k0", "k1", "k2"]);
+        // A minute later the shares are free again, wherever they went.
+        let (out, _) = apply(&mut b, vec![decision(Verdict::Block, "k9", t + 200 * SECOND)]);
+        assert_eq!(out[0].mode, Mode::Shadow, "tripped until re-armed");
+    }
+
+    #[test]
+    fn an_operators_revocation_lifts_a_held_block_before_it_goes_out() {
+        let limit = BlastRadius::Limit {
+            per_minute: 2,
+            share: None,
+            min_keys: 0,
+        };
+        let (mut a, mut b) = (guard(limit), guard(limit));
+        a.join_group(["d".to_string()], "a", 0, 2);
+        b.join_group([], "b", 1, 2);
+        let t = 60_000 * SECOND;
+        let (out, _) = apply(
+            &mut a,
+            vec![
+                decision(Verdict::Block, "k0", t),
+                decision(Verdict::Block, "k1", t + SECOND),
+            ],
+        );
+        assert_eq!(out.len(), 1, "k1 held: {out:?}");
+        a.revoke("k1", Some("d"), "false positive", t + 2 * SECOND);
+        assert!(tell(&mut a, "a", &mut b).is_empty());
+        assert!(
+            tell(&mut b, "b", &mut a).is_empty(),
+            "b gave, but k1 is no longer held"
+        );
+        let (out, _) = apply(&mut a, vec![decision(Verdict::Block, "k1", t + 3 * SECOND)]);
+        assert_eq!(
+            out.iter().map(|d| (d.key.as_str(), d.mode)).collect::<Vec<_>>(),
+            [("k1", Mode::Enforce)],
+            "blocked again after the revocation, within the share given"
+        );
+    }
+
+    /// Delivers every note of every guard to every other, until none has more to tell;
+    /// returns what each published.
+    fn exchange(guards: &mut [Guard]) -> Vec<Vec<Decision>> {
+        let mut out = vec![Vec::new(); guards.len()];
+        loop {
+            let notes: Vec<Vec<GuardNote>> = guards.iter_mut().map(Guard::take_notes).collect();
+            if notes.iter().all(Vec::is_empty) {
+                return out;
+            }
+            for (from, notes) in notes.into_iter().enumerate() {
+                for note in notes {
+                    for (to, g) in guards.iter_mut().enumerate().filter(|(to, _)| *to != from) {
+                        out[to].extend(g.note(&format!("p{from}"), note.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_burst_over_four_state_partitions_blocks_no_more_than_the_limit_and_a_burst_within_it_is_not_held_back()
+     {
+        for (actors, trips) in [(50, true), (30, false), (29, false)] {
+            let limit = BlastRadius::Limit {
+                per_minute: 30,
+                share: None,
+                min_keys: 0,
+            };
+            let mut guards: Vec<Guard> = (0..4)
+                .map(|i| {
+                    let mut g = guard(limit);
+                    let speaks = (i == 2).then(|| "d".to_string());
+                    g.join_group(speaks, &format!("p{i}"), i, 4);
+                    g
+                })
+                .collect();
+            let t = 60_000 * SECOND;
+            // Unevenly: half the actors on one state partition, the rest spread.
+            let mut published: Vec<Decision> = Vec::new();
+            let mut batches = vec![Vec::new(); 4];
+            for k in 0..actors {
+                let at = if k % 2 == 0 { 0 } else { 1 + (k as usize / 2) % 3 };
+                batches[at].push(decision(Verdict::Block, &format!("k{k}"), t + k * 1000));
+            }
+            for (g, batch) in guards.iter_mut().zip(batches) {
+                published.extend(apply(g, batch).0);
+            }
+            published.extend(exchange(&mut guards).into_iter().flatten());
+            let enforced: BTreeSet<&str> = published
+                .iter()
+                .filter(|d| d.verdict == Verdict::Block && d.mode == Mode::Enforce)
+                .map(|d| d.key.as_str())
+                .collect();
+            let alerts = published.iter().filter(|d| d.verdict == Verdict::Alert).count();
+            let shadow = published
+                .iter()
+                .filter(|d| d.verdict == Verdict::Block && d.mode == Mode::Shadow)
+                .count();
+            assert!(enforced.len() <= 30, "{actors}: {} enforced", enforced.len());
+            if trips {
+                assert_eq!(alerts, 1, "{actors}: {published:?}");
+                assert_eq!(
+                    enforced.len() + shadow,
+                    actors as usize,
+                    "{actors}: every block published"
+                );
+                let revoked = published.iter().filter(|d| d.verdict == Verdict::Revoke).count();
+                assert_eq!(revoked, enforced.len(), "{actors}: every enforced block revoked");
+            } else {
+                assert_eq!((alerts, shadow), (0, 0), "{actors}: {published:?}");
+                assert_eq!(enforced.len(), actors as usize, "{actors}: every block enforced");
+            }
+        }
+    }
+
+    #[test]
     fn a_group_shares_its_active_actors_for_a_share_limit() {
         // At most half the active actors within a minute, from two keys on.
         let limit = BlastRadius::Limit {
@@ -1043,8 +1650,8 @@ mod tests {
             min_keys: 2,
         };
         let (mut a, mut b) = (guard(limit), guard(limit));
-        a.join_group(["d".to_string()]);
-        b.join_group([]);
+        a.join_group(["d".to_string()], "a", 0, 2);
+        b.join_group([], "b", 1, 2);
         let t = 60_000 * SECOND;
         // `b` saw ten actors this minute; `a` two. Alone, `a`'s two blocks would be all of its
         // actors; with the group's twelve they are a sixth.

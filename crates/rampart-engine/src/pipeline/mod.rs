@@ -243,10 +243,11 @@ impl Pipeline {
         self.guard().revoke(actor, detector, reason, now)
     }
 
-    /// Scale-out: this pipeline holds one state partition of a group; its guard speaks for
-    /// `speaks_for`'s fail-safe alerts (see [`crate::guardrails::guard::Guard::join_group`]).
-    pub fn join_guard_group(&self, speaks_for: Vec<String>) {
-        self.guard().join_group(speaks_for);
+    /// Scale-out: this pipeline holds state partition `index` (named `me`) of a group of
+    /// `partitions`; its guard speaks for `speaks_for`'s fail-safe alerts (see
+    /// [`crate::guardrails::guard::Guard::join_group`]).
+    pub fn join_guard_group(&self, speaks_for: Vec<String>, me: &str, index: usize, partitions: usize) {
+        self.guard().join_group(speaks_for, me, index, partitions);
     }
 
     /// Scale-out: what the guard has to tell the group's other state partitions.

@@ -1307,7 +1307,11 @@ impl Service<'_> {
             return;
         };
         task.tracked = false;
-        self.pipeline.join_guard_group(task.speaks_for.clone());
+        // (Named as `heard_guard` names the sender of a note.)
+        let me = format!("{}/{}", task.topic, task.partition);
+        let (index, partitions) = (task.partition.max(0) as usize, task.partitions.max(1) as usize);
+        self.pipeline
+            .join_guard_group(task.speaks_for.clone(), &me, index, partitions);
         self.follow_event_time();
     }
 
