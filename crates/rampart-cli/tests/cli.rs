@@ -53,7 +53,7 @@ fn check_and_test_pass_on_the_cloudtrail_pipeline() {
     let out = rampart(&["check", "pipelines/cloudtrail"]);
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("ok: pipeline `cloudtrail`: 25 detectors (17 per-event, "),
+        text(&out.stdout).contains("ok: pipeline `cloudtrail`: 26 detectors (17 per-event, "),
         "{}",
         text(&out.stdout)
     );
@@ -308,7 +308,7 @@ fn hostile_detectors_are_refused_with_file_and_reason_and_the_rest_still_run() {
         assert!(line.contains(reason), "{line}");
     }
     assert!(
-        stdout.contains("9 problem(s); 25 detector(s) loaded, 9 refused"),
+        stdout.contains("9 problem(s); 26 detector(s) loaded, 9 refused"),
         "{stdout}"
     );
 
@@ -608,7 +608,7 @@ fn tls_files_that_do_not_fit_are_refused_with_the_reason() {
     let out = rampart(&["check", path]);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("pipeline.toml:49"), "{err}");
+    assert!(err.contains("pipeline.toml:51"), "{err}");
     assert!(
         err.contains("`service.tls_certificate` and `service.tls_key` go together"),
         "{err}"
@@ -772,7 +772,7 @@ fn a_detector_that_would_block_everyone_falls_back_to_shadow_and_the_audit_log_h
     // The audit log: rules, then every decision; any edit, removal or reordering is found.
     let v = rampart(&["audit", "verify", audit.to_str().expect("utf-8")]);
     assert!(v.status.success(), "{}", text(&v.stdout));
-    let entries = 5 + 1 + decisions.len(); // 4 detectors + broken + pipeline.toml, 3 tables
+    let entries = 7 + 1 + decisions.len(); // 6 detectors + broken + pipeline.toml, 3 tables
     assert!(
         text(&v.stdout).starts_with(&format!("ok: {} entries", entries + 3)),
         "{}",
