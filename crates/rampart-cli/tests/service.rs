@@ -1469,7 +1469,7 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
         .post("/admin/reload?by=carol", Some(ALICE))
         .expect("answers");
     assert_eq!(code, 200, "{body}");
-    assert!(body.starts_with("reloaded: 4 detector(s)"), "{body}");
+    assert!(body.starts_with("reloaded: 6 detector(s)"), "{body}");
     assert!(audit_has(
         r#""action":"reload","changes":0,"via":"reload (admin)","who":"alice from 127.0.0.1:"#
     ));
