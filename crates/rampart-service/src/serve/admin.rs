@@ -194,6 +194,9 @@ impl Service<'_> {
     ) -> Result<(), ServiceError> {
         let Reload { who, via, reply } = reload;
         let dir = self.pipeline.dir.clone();
+        // The files as they are before they are read: one changed while this reload runs is
+        // seen by the next look (taken after loading, the version loaded would own it).
+        let files = watch::Fingerprint::of(&dir);
         let refusal = match Pipeline::load(&dir) {
             Err(e) => Some(e.to_string()),
             Ok(p) if !p.problems.is_empty() => Some(
@@ -257,7 +260,7 @@ impl Service<'_> {
             &serde_json::json!({"action": "reload", "who": who, "via": via, "changes": changes}),
         )?;
         if let Some((seen, _)) = &mut self.watch {
-            *seen = watch::Fingerprint::of(&dir);
+            *seen = files;
         }
         self.reload_note = None;
         self.refresh_notes();
