@@ -138,28 +138,27 @@ impl Escrow {
         }
     }
 
-    /// The round's Ask for `need` keys from `time` on (noting when it was sent).
-    fn ask_note(&mut self, detector: &str, need: usize, time: i64) -> GuardNote {
+    /// The round's Ask for the distinct keys held, from the first held block's time on
+    /// (noting when it was sent); `None` with nothing held.
+    fn ask_note(&mut self, detector: &str) -> Option<GuardNote> {
+        let time = parse_rfc3339_micros(&self.held.front()?.event_time).unwrap_or(i64::MIN);
         self.asked_at = Some(std::time::Instant::now());
-        GuardNote::Ask {
+        Some(GuardNote::Ask {
             detector: detector.to_string(),
             round: self.round,
-            need,
+            need: self.need(),
             time,
-        }
+        })
     }
 
     /// The round's Ask again, when it is under way and was not sent since the restart or
     /// for [`ASK_AGAIN`].
     fn ask_again(&mut self, detector: &str) -> Option<GuardNote> {
         let due = self.asked_at.is_none_or(|at| at.elapsed() >= ASK_AGAIN);
-        let first = self.held.front()?;
         if !self.asking || !due {
             return None;
         }
-        let time = parse_rfc3339_micros(&first.event_time).unwrap_or(i64::MIN);
-        let need = self.need();
-        Some(self.ask_note(detector, need, time))
+        self.ask_note(detector)
     }
 
     /// Distinct keys held.
@@ -489,26 +488,21 @@ impl DetectorGuard {
         let Some(e) = &mut self.escrow else {
             return;
         };
-        let Some(first) = e.held.front() else {
-            return;
-        };
-        if e.asking {
+        if e.held.is_empty() || e.asking {
             return;
         }
-        let time = parse_rfc3339_micros(&first.event_time).unwrap_or(i64::MIN);
-        let need = e.need();
         e.round += 1;
         e.asking = true;
         e.answered.clear();
         e.given = 0;
         tracing::info!(
             detector,
-            need,
+            need = e.need(),
             share = e.share,
             round = e.round,
             "blocks past this state partition's share of the blast-radius limit held: asking the group"
         );
-        outbox.push(e.ask_note(detector, need, time));
+        outbox.extend(e.ask_note(detector));
     }
 
     /// Scale-out: the answer to `from`'s Ask (what of the share it can spare, given `need`
@@ -1379,6 +1373,15 @@ mod tests {
         out
     }
 
+    /// Two state partitions of one route under `limit`: `a` (index 0) speaks for detector
+    /// `d`, `b` (index 1) does not.
+    fn group_of_two(limit: BlastRadius) -> (Guard, Guard) {
+        let (mut a, mut b) = (guard(limit), guard(limit));
+        a.join_group(["d".to_string()], "a", 0, 2);
+        b.join_group([], "b", 1, 2);
+        (a, b)
+    }
+
     #[test]
     fn a_groups_state_partitions_hold_one_limit_and_trip_once() {
         let limit = BlastRadius::Limit {
@@ -1388,9 +1391,7 @@ mod tests {
         };
         // Two state partitions of one route: `a` speaks for the detector, `b` does not. The
         // limit of 3 is dealt as shares of 2 and 1.
-        let (mut a, mut b) = (guard(limit), guard(limit));
-        a.join_group(["d".to_string()], "a", 0, 2);
-        b.join_group([], "b", 1, 2);
+        let (mut a, mut b) = group_of_two(limit);
         let t = 60_000 * SECOND;
         let (out, _) = apply(
             &mut a,
@@ -1455,9 +1456,7 @@ mod tests {
             min_keys: 0,
         };
         // Shares of 2 and 2.
-        let (mut a, mut b) = (guard(limit), guard(limit));
-        a.join_group(["d".to_string()], "a", 0, 2);
-        b.join_group([], "b", 1, 2);
+        let (mut a, mut b) = group_of_two(limit);
         let t = 60_000 * SECOND;
         let keys = |out: &[Decision], verdict: Verdict, mode: Mode| -> Vec<String> {
             out.iter()
@@ -1528,7 +1527,7 @@ mod tests {
         let mut revoked = keys(&out, Verdict::Revoke, Mode::Enforce);
         revoked.sort_unstable();
         assert_eq!(revoked, ["k0", "k1", "k2"]);
-        // A minute later the shares are free again, wherever they went.
+        // Minutes later it is still in shadow: tripped until re-armed.
         let (out, _) = apply(&mut b, vec![decision(Verdict::Block, "k9", t + 200 * SECOND)]);
         assert_eq!(out[0].mode, Mode::Shadow, "tripped until re-armed");
     }
@@ -1540,9 +1539,7 @@ mod tests {
             share: None,
             min_keys: 0,
         };
-        let (mut a, mut b) = (guard(limit), guard(limit));
-        a.join_group(["d".to_string()], "a", 0, 2);
-        b.join_group([], "b", 1, 2);
+        let (mut a, mut b) = group_of_two(limit);
         let t = 60_000 * SECOND;
         let (out, _) = apply(
             &mut a,
@@ -1649,9 +1646,7 @@ mod tests {
             share: Some(0.5),
             min_keys: 2,
         };
-        let (mut a, mut b) = (guard(limit), guard(limit));
-        a.join_group(["d".to_string()], "a", 0, 2);
-        b.join_group([], "b", 1, 2);
+        let (mut a, mut b) = group_of_two(limit);
         let t = 60_000 * SECOND;
         // `b` saw ten actors this minute; `a` two. Alone, `a`'s two blocks would be all of its
         // actors; with the group's twelve they are a sixth.
