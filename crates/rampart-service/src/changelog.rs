@@ -220,6 +220,8 @@ pub fn restore(
         .set("group.id", format!("rampart-restore-{topic}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        // A position past the topic's end is an error here, not a reason to read it all.
+        .set("auto.offset.reset", "error")
         .set("fetch.message.max.bytes", MAX_RECORD_BYTES.to_string())
         .set(
             "receive.message.max.bytes",
@@ -228,23 +230,25 @@ pub fn restore(
     let consumer: BaseConsumer = config
         .create()
         .map_err(ServiceError::client("changelog consumer"))?;
+    // (The end the broker lists is only an estimate for progress messages: some brokers list
+    // the start of the last record batch. The changelog is read until the consumer reaches
+    // its end, as the fetches say.)
     let (low, high) = consumer
         .fetch_watermarks(&topic, partition, Duration::from_secs(15))
         .map_err(|e| ServiceError::Broker(format!("cannot read where the changelog {topic} ends: {e}")))?;
+    let truncated = |at: i64| {
+        ServiceError::Config(format!(
+            "the changelog {topic} ends before the checkpoint the state directory {} holds (offset {at}): \
+             the topic was recreated or truncated. Delete the topic to have it written again from the \
+             directory, or the directory to restore from the topic",
+            dir.display()
+        ))
+    };
     let local: Option<Logged> = store
         .meta_json::<Logged>(LOGGED_META)?
         .filter(|l| l.topic == topic && l.partition == partition);
     let holds_state = store.meta("progress")?.is_some() || store.meta("clock")?.is_some();
     let from = match &local {
-        Some(l) if l.next_offset > high => {
-            return Err(ServiceError::Config(format!(
-                "the changelog {topic} ends at offset {high}, before the checkpoint the state directory {} \
-                 holds (offset {}): the topic was recreated or truncated. Delete the topic to have it \
-                 written again from the directory, or the directory to restore from the topic",
-                dir.display(),
-                l.next_offset
-            )));
-        }
         Some(l) => l.next_offset.max(low),
         None if holds_state && high <= low => {
             let mut restored = seed(&store, log)?;
@@ -260,10 +264,6 @@ pub fn restore(
         }
         None => low,
     };
-    if from >= high {
-        tracing::info!(%topic, "the window state holds the changelog's last checkpoint");
-        return Ok(Restored::default());
-    }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topic, partition, Offset::Offset(from))
         .and_then(|()| consumer.assign(&tpl))
@@ -283,6 +283,9 @@ pub fn restore(
             }
             None => continue,
             Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                return Err(truncated(from));
+            }
             Some(Err(e)) => {
                 return Err(ServiceError::Broker(format!(
                     "cannot read the changelog {topic}: {e}"
@@ -318,9 +321,9 @@ pub fn restore(
                 "restoring the window state from {topic}: offset {offset} of {high}"
             )));
         }
-        if offset + 1 >= high {
-            break;
-        }
+    }
+    if out.records == 0 {
+        tracing::info!(%topic, "the window state holds the changelog's last checkpoint");
     }
     let last = restore.last;
     (out.applied, out.skipped) = (restore.applied, restore.skipped);

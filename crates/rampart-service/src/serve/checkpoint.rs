@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rampart_core::parse_kafka_source;
+use rampart_core::{kafka_source, parse_kafka_source};
 use rampart_engine::Pipeline;
-use rampart_engine::pipeline::Input;
+use rampart_engine::pipeline::{Input, SourceProgress};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -74,11 +74,15 @@ impl Service<'_> {
     /// after it: those of the partitions consumed since the last checkpoint (not every
     /// partition the state ever held: one since assigned to another member keeps its commit).
     pub(super) fn input_for_checkpoint(&mut self) -> (Input, TopicPartitionList) {
-        let input = self.pipeline.input_for_checkpoint();
+        let mut input = self.pipeline.input_for_checkpoint();
         let mut tpl = TopicPartitionList::new();
         if let Some(task) = &self.task {
             // Scale-out: the state holds the forwarded records consumed so far (the input's
-            // own offsets are the forwarding instances' to commit).
+            // own offsets are the forwarding instances' to commit). Their position on the
+            // repartition topic is written with the state, and the state partition's next
+            // owner resumes from it: the group's committed offset may be ahead of the last
+            // checkpoint the changelog holds (a commit that outran a checkpoint the next owner
+            // did not restore, an owner the group had already replaced).
             let key = (task.topic.clone(), task.partition);
             let next = self
                 .offsets
@@ -86,10 +90,17 @@ impl Service<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&key)
                 .copied();
-            if let Some(next) = next
-                && let Err(e) = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(next))
-            {
-                tracing::debug!(error = %e, "offset list");
+            if let Some(next) = next {
+                input.progress.insert(
+                    kafka_source(&key.0, key.1),
+                    SourceProgress {
+                        next_offset: Some(next),
+                        ..SourceProgress::default()
+                    },
+                );
+                if let Err(e) = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(next)) {
+                    tracing::debug!(error = %e, "offset list");
+                }
             }
             return (input, tpl);
         }

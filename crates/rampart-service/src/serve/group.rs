@@ -709,10 +709,38 @@ fn run_worker(
             behind: Arc::clone(&behind),
         })
         .map_err(ServiceError::client("consumer"))?;
-    // From the offset committed after the last checkpoint (records before the state's own
-    // position are skipped by their input offsets).
+    // From the position the restored checkpoint holds, so that state and position always
+    // come from one checkpoint: the group's committed offset may be ahead of it (an owner
+    // the group had replaced went on committing; a commit sent at a revocation lands after
+    // the next owner restored). Records the state already holds are skipped by their input
+    // offsets. A state written before positions were kept: the committed offset.
+    let start = pipeline
+        .progress()
+        .get(&rampart_core::kafka_source(&route.repartition, partition))
+        .and_then(|p| p.next_offset)
+        .map_or(Offset::Stored, Offset::Offset);
+    if let Offset::Offset(at) = start {
+        let mut asked = TopicPartitionList::new();
+        let _ = asked.add_partition(&route.repartition, partition);
+        let committed = consumer
+            .committed_offsets(asked, Duration::from_secs(5))
+            .ok()
+            .and_then(|c| c.elements().first().map(|e| e.offset()));
+        match committed {
+            Some(Offset::Offset(c)) if c > at => tracing::warn!(
+                topic = %route.repartition,
+                partition,
+                committed = c,
+                restored = at,
+                "the group's committed offset is ahead of the restored checkpoint: resuming from the checkpoint"
+            ),
+            _ => {
+                tracing::info!(topic = %route.repartition, partition, restored = at, "state partition resumes")
+            }
+        }
+    }
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&route.repartition, partition, Offset::Stored)
+    tpl.add_partition_offset(&route.repartition, partition, start)
         .and_then(|()| consumer.assign(&tpl))
         .map_err(|e| {
             ServiceError::Broker(format!("cannot consume {}/{partition}: {e}", route.repartition))
@@ -809,6 +837,19 @@ impl Front {
     /// only, to its input partition's number modulo the count: that state partition sends
     /// the dead letter), in input order.
     fn forward(&mut self, messages: &[OwnedMessage]) -> Result<(), ServiceError> {
+        // A round gathers over several polls: records of an input partition revoked in a later
+        // poll are its next owner's to forward (from the offset committed at the release),
+        // not this instance's.
+        let owned: Vec<&OwnedMessage> = messages
+            .iter()
+            .filter(|m| self.sources.contains_key(&(m.topic().to_string(), m.partition())))
+            .collect();
+        if owned.len() < messages.len() {
+            tracing::debug!(
+                dropped = messages.len() - owned.len(),
+                "records of revoked input partitions left to their next owner"
+            );
+        }
         // Per input record: its state partition and routing value on each route, its event time.
         type Routed = (Vec<(i32, String)>, i64);
         let mut routes: BTreeMap<(Arc<str>, i32, i64), Routed> = BTreeMap::new();
@@ -840,7 +881,7 @@ impl Front {
                 }
             }
         };
-        for m in messages {
+        for m in &owned {
             let topic = intern(&mut self.topics, m.topic());
             self.decoder.decode_message(
                 &topic,
@@ -851,7 +892,7 @@ impl Front {
             );
         }
         self.decoder.flush(&mut decoded);
-        for m in messages {
+        for m in &owned {
             let topic = intern(&mut self.topics, m.topic());
             let route = routes.get(&(topic, m.partition(), m.offset()));
             let mut seq = None;
@@ -886,13 +927,9 @@ impl Front {
                 }
                 seq = Some(send(&self.producer, &mut self.next_seq, record)?);
             }
-            let source = self
-                .sources
-                .entry((m.topic().to_string(), m.partition()))
-                .or_insert(Forwarding {
-                    newest: i64::MIN,
-                    ..Forwarding::default()
-                });
+            let Some(source) = self.sources.get_mut(&(m.topic().to_string(), m.partition())) else {
+                continue;
+            };
             source.next_offset = Some(m.offset() + 1);
             source.last_seq = seq.or(source.last_seq);
             if let Some((_, time)) = route {
@@ -984,6 +1021,9 @@ impl Front {
                 }
             }
         }
+        if let Some(e) = self.delivery_failure() {
+            return Err(e);
+        }
         if self.last_commit.elapsed() >= COMMIT_EVERY {
             self.last_commit = Instant::now();
             let tpl = self.settled();
@@ -996,9 +1036,28 @@ impl Front {
         Ok(())
     }
 
-    /// The input offsets whose forwarded records the broker acknowledged, not yet committed.
+    /// A forwarded record the broker refused: its input offset must never be committed (the
+    /// instance stops; its input partitions are forwarded again from the last commit).
+    fn delivery_failure(&self) -> Option<ServiceError> {
+        let acks = self.producer.context();
+        (acks.failed.load(Ordering::Relaxed) > 0).then(|| {
+            let error = acks
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_default();
+            ServiceError::Delivery(format!("a record forwarded to a repartition topic: {error}"))
+        })
+    }
+
+    /// The input offsets whose forwarded records the broker acknowledged, not yet committed
+    /// (none once a forwarded record failed: acknowledged or failed look alike).
     fn settled(&mut self) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
+        if self.delivery_failure().is_some() {
+            return tpl;
+        }
         for ((topic, partition), f) in &mut self.sources {
             if let (Some(next), Some(seq)) = (f.next_offset, f.last_seq)
                 && f.committed != Some(next)

@@ -43,8 +43,9 @@ pub(super) struct Gathered {
 }
 
 impl Service<'_> {
-    /// The assigned partitions not yet consumed up to their high watermark, each as
-    /// `topic/partition position/high` (empty: at the end). The position is the next offset
+    /// The assigned partitions not yet consumed up to their high watermark (as the broker lists
+    /// it and as the consumer's last fetches saw it), each as `topic/partition position/high`
+    /// (empty: at the end). The position is the next offset
     /// after what was consumed (or stored with the state) or the consumer's fetch position,
     /// whichever is further, else the partition's start (`auto.offset.reset = earliest`). An
     /// unreachable broker answers nothing: not at the end.
@@ -84,8 +85,21 @@ impl Service<'_> {
                 .copied()
                 .max(fetched)
                 .unwrap_or(low);
+            // (The end the broker lists may be short: some list the start of the last record
+            // batch. What the consumer's fetches said, in its statistics, is taken too.)
+            let fetches_say_behind = self
+                .behind
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&rampart_core::kafka_source(topic, partition))
+                .copied()
+                == Some(true);
             if position < high {
                 behind.push(format!("{topic}/{partition} {position}/{high}"));
+            } else if fetches_say_behind {
+                behind.push(format!(
+                    "{topic}/{partition} {position}, more per the consumer's fetches"
+                ));
             }
         }
         behind
