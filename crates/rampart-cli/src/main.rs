@@ -267,6 +267,14 @@ fn check(dir: &Path, explain: bool) -> Result<ExitCode> {
                 (rampart_engine::Timing::AfterLateness(why), _) => {
                     format!("decides after the allowed lateness ({lateness}): {why}")
                 }
+                (rampart_engine::Timing::LooksAhead(following), _) => {
+                    let delay = humantime::format_duration(*following + pipeline.config.allowed_lateness);
+                    format!(
+                        "decides {delay} after each event (its frame looks {} ahead, plus the allowed \
+                         lateness, {lateness})",
+                        humantime::format_duration(*following)
+                    )
+                }
             };
             println!("{}: {when}", d.meta.id);
         }

@@ -46,17 +46,35 @@ pub struct SlidingWindow {
     pub partition_by: Vec<String>,
     /// How far back the frame reaches from each event.
     pub length: Duration,
+    /// How far ahead it reaches (`INTERVAL '30 minutes' FOLLOWING`; zero for `CURRENT ROW`):
+    /// an event is decided once the watermark passes its time plus this.
+    pub following: Duration,
 }
 
 impl fmt::Display for SlidingWindow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let distinct = if self.distinct { "DISTINCT " } else { "" };
-        write!(
-            f,
-            "{}({distinct}..) over {}",
-            self.function,
-            humantime::format_duration(self.length)
-        )?;
+        match (self.length.is_zero(), self.following.is_zero()) {
+            (true, false) => write!(
+                f,
+                "{}({distinct}..) over the next {}",
+                self.function,
+                humantime::format_duration(self.following)
+            )?,
+            (false, false) => write!(
+                f,
+                "{}({distinct}..) over {} back and {} ahead",
+                self.function,
+                humantime::format_duration(self.length),
+                humantime::format_duration(self.following)
+            )?,
+            _ => write!(
+                f,
+                "{}({distinct}..) over {}",
+                self.function,
+                humantime::format_duration(self.length)
+            )?,
+        }
         match self.partition_by.as_slice() {
             [] => f.write_str(" over all events"),
             keys => write!(f, " per {}", keys.join(", ")),
@@ -144,13 +162,22 @@ pub fn sliding_window(expr: &Expr) -> Result<SlidingWindow, String> {
             frame.units
         ));
     }
-    if frame.end_bound != WindowFrameBound::CurrentRow {
-        return Err(format!(
-            "the frame of {name}() ends at `{}`; a frame that looks ahead would wait for events not \
-             yet seen: end it at CURRENT ROW",
-            frame.end_bound
-        ));
-    }
+    let following = match &frame.end_bound {
+        WindowFrameBound::CurrentRow => Duration::ZERO,
+        WindowFrameBound::Following(v) if v.is_null() => {
+            return Err(format!(
+                "the frame of {name}() looks ahead without end (UNBOUNDED FOLLOWING): no event \
+                 could be decided before the input ends; bound it, e.g. RANGE BETWEEN CURRENT ROW \
+                 AND INTERVAL '30 minutes' FOLLOWING"
+            ));
+        }
+        WindowFrameBound::Following(v) => interval(v)?,
+        other => {
+            return Err(format!(
+                "the frame of {name}() ends at `{other}`; end it at CURRENT ROW or at INTERVAL '...' FOLLOWING"
+            ));
+        }
+    };
     let length = match &frame.start_bound {
         WindowFrameBound::Preceding(v) if v.is_null() => {
             return Err(format!(
@@ -160,9 +187,11 @@ pub fn sliding_window(expr: &Expr) -> Result<SlidingWindow, String> {
             ));
         }
         WindowFrameBound::Preceding(v) => interval(v)?,
+        WindowFrameBound::CurrentRow if !following.is_zero() => Duration::ZERO,
         other => {
             return Err(format!(
-                "the frame of {name}() starts at `{other}`; start it at INTERVAL '...' PRECEDING"
+                "the frame of {name}() starts at `{other}`; start it at INTERVAL '...' PRECEDING, or \
+                 at CURRENT ROW when it ends at INTERVAL '...' FOLLOWING"
             ));
         }
     };
@@ -171,6 +200,7 @@ pub fn sliding_window(expr: &Expr) -> Result<SlidingWindow, String> {
         distinct: params.distinct,
         partition_by: params.partition_by.iter().map(ToString::to_string).collect(),
         length,
+        following,
     })
 }
 
@@ -503,6 +533,21 @@ pub enum Timing {
     /// When the watermark passes the row (the allowed lateness after it), for the reason given:
     /// the condition could stop holding as more rows enter the frame.
     AfterLateness(String),
+    /// When the watermark passes the row's time plus this: its frame looks ahead (`INTERVAL
+    /// '...' FOLLOWING`), so only then has every row of it arrived. An absence ("no B within
+    /// 30 minutes after A") is decided then.
+    LooksAhead(Duration),
+}
+
+impl Timing {
+    /// How long after a row's event time the watermark must be for the row to be decided for
+    /// good, beyond the allowed lateness (zero unless its frame looks ahead).
+    pub fn following(&self) -> Duration {
+        match self {
+            Self::LooksAhead(d) => *d,
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 impl fmt::Display for Timing {
@@ -510,6 +555,11 @@ impl fmt::Display for Timing {
         match self {
             Self::AtOnce => f.write_str("decides at once"),
             Self::AfterLateness(why) => write!(f, "decides after the allowed lateness: {why}"),
+            Self::LooksAhead(d) => write!(
+                f,
+                "decides {} plus the allowed lateness after each event: its frame looks ahead",
+                humantime::format_duration(*d)
+            ),
         }
     }
 }
@@ -530,6 +580,20 @@ enum Growth {
 /// rule as a grouped window's HAVING), so that a row that fires on the rows arrived so far also
 /// fires over the whole input.
 pub fn sliding_timing(plan: &LogicalPlan) -> Timing {
+    let mut following = Duration::ZERO;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::Window(w) = node {
+            for expr in &w.window_expr {
+                if let Ok(spec) = sliding_window(unalias(expr)) {
+                    following = following.max(spec.following);
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    if !following.is_zero() {
+        return Timing::LooksAhead(following);
+    }
     match window_columns(plan) {
         Ok(_) => Timing::AtOnce,
         Err(why) => Timing::AfterLateness(why),

@@ -126,7 +126,8 @@ impl Pipeline {
                 decided_until = stored.decided_until.unwrap_or(i64::MIN);
                 store.advance_clock(watermark.saturating_add(lateness));
             }
-            windows.triggers.load(store, windows.clock.watermark())?;
+            let decided_until = windows.clock.watermark().saturating_sub(self.longest_following());
+            windows.triggers.load(store, decided_until)?;
             store.meta_with("guard", |bytes| self.guard().restore(bytes))?;
             if let Some(progress) = store.meta_json("progress")? {
                 input.progress = progress;
@@ -383,8 +384,19 @@ impl Pipeline {
             out,
         );
         if events.is_some() || matches!(step, Step::Tick) {
-            triggers.prune(bounds.watermark);
+            // (Rows whose frames look ahead are decided that long after the watermark.)
+            triggers.prune(bounds.watermark.saturating_sub(self.longest_following()));
         }
+    }
+
+    /// How far the windowed detectors' frames look ahead, at most (µs): rows are decided up to
+    /// the watermark less this.
+    fn longest_following(&self) -> i64 {
+        self.detectors[self.per_event..]
+            .iter()
+            .filter_map(|d| d.split().map(|s| s.timing.following()))
+            .max()
+            .map_or(0, rampart_core::time::micros)
     }
 
     /// The naive evaluator (a benchmark baseline): every window re-run over all kept rows.

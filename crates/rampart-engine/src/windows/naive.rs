@@ -62,10 +62,13 @@ impl NaiveWindows {
             if !self.dirty[k] {
                 continue;
             }
-            // Rows at the horizon wait for later events; until then this detector stays due.
+            // Rows at the horizon (less how far the frames look ahead) wait for later events;
+            // until then this detector stays due.
+            let following = rampart_core::time::micros(split.timing.following());
+            let final_before = horizon.saturating_sub(following);
             self.dirty[k] = self.kept[k]
                 .iter()
-                .any(|b| newest_kept(b, split).is_some_and(|t| t >= horizon));
+                .any(|b| newest_kept(b, split).is_some_and(|t| t >= final_before));
             let results = match engine.run_post(split, self.kept[k].make_contiguous()) {
                 Ok(r) => r,
                 Err(err) => {
@@ -85,8 +88,9 @@ impl NaiveWindows {
                     let Some(trigger) = self.triggers.get(&row) else {
                         continue;
                     };
-                    let newly_final = row >= first_new_row || previous.is_none_or(|p| trigger.time >= p);
-                    if trigger.time < horizon && newly_final {
+                    let newly_final = row >= first_new_row
+                        || previous.is_none_or(|p| trigger.time >= p.saturating_sub(following));
+                    if trigger.time < final_before && newly_final {
                         decided.push((
                             row,
                             decisions.decide_row(detector, result, r, trigger, processed_at),

@@ -108,6 +108,8 @@ pub struct WindowAggregate {
     pub argument: Option<Arc<dyn PhysicalExpr>>,
     /// The frame length, in microseconds.
     pub length: i64,
+    /// How far the frame looks ahead, in microseconds (0: it ends at the current row).
+    pub following: i64,
     /// Type of the result column.
     pub output: DataType,
 }
@@ -211,6 +213,10 @@ impl WindowSplit {
                 "aggregate {:?}({argument}) over {} µs: {}",
                 a.function, a.length, a.output
             );
+            if a.following != 0 {
+                // (Only then: the identity of windows ending at the current row is unchanged.)
+                let _ = writeln!(s, "following {} µs", a.following);
+            }
         }
         let _ = writeln!(
             s,

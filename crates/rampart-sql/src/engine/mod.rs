@@ -542,6 +542,37 @@ mod tests {
         );
     }
 
+    #[test]
+    fn frames_that_look_ahead_decide_that_long_after_each_event() {
+        for (frame, ahead) in [
+            ("CURRENT ROW AND INTERVAL '30 minutes' FOLLOWING", 1800),
+            (
+                "INTERVAL '5 minutes' PRECEDING AND INTERVAL '10 seconds' FOLLOWING",
+                10,
+            ),
+        ] {
+            // An absence: no StartLogging within the frame of a StopLogging.
+            let sql = format!(
+                "SELECT actor FROM (SELECT actor, action, count(*) FILTER (WHERE action = 'StartLogging') \
+                 OVER (PARTITION BY actor ORDER BY event_time RANGE BETWEEN {frame}) AS restarts \
+                 FROM events) WHERE action = 'StopLogging' AND restarts = 0"
+            );
+            let detector = compile(&sql).expect("compiles");
+            let split = detector.split().expect("windowed");
+            assert_eq!(
+                split.timing,
+                Timing::LooksAhead(std::time::Duration::from_secs(ahead)),
+                "{frame}"
+            );
+            assert!(split.incremental().is_some(), "{frame}: kept incrementally");
+            assert!(
+                detector.shape.to_string().contains(" ahead"),
+                "{}",
+                detector.shape
+            );
+        }
+    }
+
     #[rstest]
     #[case::count(
         "SELECT actor, n FROM (SELECT actor, count(*) OVER (PARTITION BY actor ORDER BY event_time \
@@ -641,10 +672,22 @@ mod tests {
         "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor ORDER BY event_time) > 3",
         "is unbounded"
     )]
-    #[case::following(
+    #[case::following_without_end(
         "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor ORDER BY event_time \
-         RANGE BETWEEN INTERVAL '1 minute' PRECEDING AND INTERVAL '1 minute' FOLLOWING) > 3",
-        "looks ahead"
+         RANGE BETWEEN INTERVAL '1 minute' PRECEDING AND UNBOUNDED FOLLOWING) > 3",
+        "looks ahead without end"
+    )]
+    #[case::frames_ending_apart(
+        "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '1 minute' PRECEDING AND INTERVAL '1 minute' FOLLOWING) > \
+         count(*) OVER (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '1 minute' \
+         PRECEDING AND CURRENT ROW)",
+        "must look equally far ahead"
+    )]
+    #[case::starting_ahead(
+        "SELECT actor FROM events QUALIFY count(*) OVER (PARTITION BY actor ORDER BY event_time \
+         RANGE BETWEEN INTERVAL '1 minute' FOLLOWING AND INTERVAL '2 minutes' FOLLOWING) > 3",
+        "start it at INTERVAL '...' PRECEDING, or at CURRENT ROW"
     )]
     #[case::ranking(
         "SELECT actor FROM events QUALIFY row_number() OVER (PARTITION BY actor ORDER BY event_time) = 1",

@@ -137,6 +137,7 @@ impl DetectorEngine {
                 function,
                 argument,
                 length: rampart_core::time::micros(spec.length),
+                following: rampart_core::time::micros(spec.following),
                 output,
             });
         }
@@ -175,7 +176,24 @@ fn state_kind(shape: &Shape) -> std::result::Result<(StateKind, std::time::Durat
                         .join(" and ")
                 ));
             }
-            Ok((StateKind::Sliding, windows.iter().map(|w| w.length).sum()))
+            if windows
+                .windows(2)
+                .any(|pair| pair[0].following != pair[1].following)
+            {
+                return Err(
+                    "the windows of one detector must look equally far ahead (the same INTERVAL \
+                     '...' FOLLOWING, or all CURRENT ROW): its rows are decided once the watermark \
+                     passes that far; write one detector per frame end"
+                        .into(),
+                );
+            }
+            // Back through each window, and ahead: a key's rows are kept until the rows whose
+            // frames look ahead at them are decided.
+            let following = windows.first().map(|w| w.following).unwrap_or_default();
+            Ok((
+                StateKind::Sliding,
+                windows.iter().map(|w| w.length).sum::<std::time::Duration>() + following,
+            ))
         }
         Shape::GroupedWindow { bucket, .. } => Ok((StateKind::Grouped, *bucket)),
         Shape::PerEvent => Err("a per-event detector keeps no state".into()),

@@ -22,7 +22,10 @@ fn repo() -> PathBuf {
 
 /// The detectors the harness checks, as files (`differential/detectors/*.sql`): sliding windows
 /// of every supported aggregate and key shape (`filtered`: aggregates with FILTER (WHERE ...);
-/// `sequence-case`: CASE inside sum and max, the time of the last failure before a delete), and grouped windows (whose ids start with `g-`:
+/// `sequence-case`: CASE inside sum and max, the time of the last failure before a delete;
+/// frames that look ahead: `absence`, a delete with no put within 5 minutes after it, `around`,
+/// failures from a minute before to 15 minutes after, `next-delete`, the time of the first
+/// delete within 2 minutes after a failed read), and grouped windows (whose ids start with `g-`:
 /// they select only their group key, because a streaming group fires with the values at the
 /// moment HAVING first holds while the batch query reports the bucket's final values).
 ///
@@ -36,7 +39,7 @@ fn detector_files() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "sql"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 13, "the differential detectors in {}", dir.display());
+    assert_eq!(files.len(), 16, "the differential detectors in {}", dir.display());
     files
 }
 
@@ -265,6 +268,8 @@ fn assert_stream_equals_batch_with(
         assert_eq!(
             incremental,
             [
+                "absence",
+                "around",
                 "by-json-key",
                 "failures-many",
                 "failures",
@@ -274,8 +279,8 @@ fn assert_stream_equals_batch_with(
                 "spread",
                 "volume"
             ],
-            "every single sliding window is maintained incrementally (sequence-case's max of a \
-             timestamp is re-run over its key's rows)"
+            "every single sliding window is maintained incrementally (sequence-case's max and \
+             next-delete's min of a timestamp are re-run over their key's rows)"
         );
         let want = expected
             .get_or_insert_with(|| batch_rows(&pipeline, input))
@@ -644,6 +649,8 @@ fn threshold_windows_decide_at_once_others_after_the_lateness() {
     assert_eq!(
         timing,
         [
+            ("absence", false),
+            ("around", false),
             ("by-json-key", true),
             ("failures-many", true),
             ("failures", true),
@@ -652,6 +659,7 @@ fn threshold_windows_decide_at_once_others_after_the_lateness() {
             ("g-approx", true),
             ("g-failures", true),
             ("nested", false),
+            ("next-delete", false),
             ("range", false),
             ("sequence-case", false),
             ("spread-wide", true),

@@ -129,8 +129,12 @@ pub struct KeyAgg {
     kinds: Vec<Val>,
     /// Rows not decided yet, by (time, row id).
     pub pending: Vec<Waiting>,
-    /// The time the accumulators' frames end at (`i64::MIN`: they hold no row).
+    /// The time the accumulators' frames end at (`i64::MIN`: they hold no row): the newest
+    /// evaluated row's time plus `following`.
     frame_end: i64,
+    /// How far the frames look ahead of their row (µs; 0: they end at it). A row is then
+    /// decided once every row up to its time plus this has arrived.
+    following: i64,
     /// The newest time a row was evaluated at: a row arriving at or before it may be in the
     /// frames of rows already evaluated (even after the accumulators were emptied).
     evaluated_to: i64,
@@ -159,6 +163,7 @@ impl KeyAgg {
             kinds: vec![Val::Null; aggregates.len()],
             pending: Vec::new(),
             frame_end: i64::MIN,
+            following: aggregates.iter().map(|a| a.following).max().unwrap_or(0),
             evaluated_to: i64::MIN,
             fired_log: Vec::new(),
             fired_chunks: Vec::new(),
@@ -224,10 +229,12 @@ impl KeyAgg {
     /// Adds a row that arrived: into the frame rows (after every row already in the
     /// accumulators, so never before a decided row) and into the pending rows. A row at or
     /// before the accumulators' frame end (a straggler) first empties them, and the pending
-    /// rows it may count for are to be evaluated again (except for what fired on them).
+    /// rows it may count for (from its time less `following` on) are to be evaluated again
+    /// (except for what fired on them).
     pub fn insert(&mut self, time: i64, row: u64, mut args: Vec<Val>, bytes: Box<[u8]>) {
-        if time <= self.evaluated_to {
-            for p in self.pending.iter_mut().filter(|p| p.time >= time) {
+        let reaches_back_to = time.saturating_sub(self.following);
+        if reaches_back_to <= self.evaluated_to {
+            for p in self.pending.iter_mut().filter(|p| p.time >= reaches_back_to) {
                 p.evaluated = false;
                 p.values = None;
                 p.settled = p.fired;
@@ -369,7 +376,7 @@ impl KeyAgg {
                 Some(v) if self.pending[i].evaluated => Some(v.into_vec()),
                 _ if self.pending[i].evaluated && wanted == 0 => None,
                 _ => {
-                    if time < self.frame_end {
+                    if time.saturating_add(self.following) < self.frame_end {
                         // (Only if a row was left unevaluated behind the frames.)
                         self.rewind();
                     }
@@ -421,16 +428,18 @@ impl KeyAgg {
             .collect()
     }
 
-    /// Moves every frame to end at `time` (not before the current end) and returns the
-    /// aggregates' values. Rows every frame has left and older than `keep_from` are dropped
-    /// (rows from `keep_from` on may still be in the frames of a row evaluated again).
+    /// Moves every frame to end at `time` plus `following` (not before the current end) and
+    /// returns the aggregates' values for the row at `time`. Rows every frame has left and
+    /// older than `keep_from` are dropped (rows from `keep_from` on may still be in the frames
+    /// of a row evaluated again).
     fn values_at(&mut self, aggregates: &[WindowAggregate], time: i64, keep_from: i64) -> Vec<Val> {
-        self.frame_end = time;
+        let end = time.saturating_add(self.following);
+        self.frame_end = end;
         self.evaluated_to = self.evaluated_to.max(time);
         let stride = self.stride();
-        // Rows at or before `time` enter every frame...
+        // Rows at or before the frames' end enter every frame...
         while ((self.added - self.front) as usize) < self.times.len()
-            && self.times[(self.added - self.front) as usize] <= time
+            && self.times[(self.added - self.front) as usize] <= end
         {
             let i = (self.added - self.front) as usize;
             for (k, acc) in self.accs.iter_mut().enumerate() {
@@ -514,6 +523,7 @@ mod tests {
             function: AggregateKind::CountDistinct,
             argument: Some(Arc::new(Column::new("action", 0))),
             length: 60_000_000,
+            following: 0,
             output: DataType::Int64,
         }];
         let mut key = KeyAgg::new(&aggregates);

@@ -21,7 +21,8 @@ impl KeyAgg {
     /// [`MAX_FRAME_CHUNKS`], one frame chunk of every row held instead of the others), and
     /// deletes of chunks no frame or pending row needs any more. `chunk_key` names a chunk by
     /// kind and id; rows older than `decided_until` are decided; a frame chunk is of no use
-    /// `horizon` µs after its newest row, a pending chunk `lateness` µs after. A key that
+    /// `horizon` µs after its newest row, a pending chunk `lateness` µs (and how far the
+    /// frames look ahead) after. A key that
     /// holds nothing deletes every chunk.
     pub fn save(
         &mut self,
@@ -146,7 +147,10 @@ impl KeyAgg {
             if !value.is_empty() {
                 let id = self.next_chunk;
                 self.next_chunk += 1;
-                let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
+                // (Its rows wait for the watermark to pass them by how far the frames look
+                // ahead.)
+                let expires = newest.saturating_add(self.following).saturating_add(lateness);
+                let mut chunk = expires.to_le_bytes().to_vec();
                 chunk.extend_from_slice(&value);
                 out.chunk(&chunk_key(PENDING_CHUNK, id), Some(&chunk));
                 reserve_small(&mut self.pending_chunks);
@@ -281,6 +285,15 @@ impl KeyAgg {
                 *kind = v.clone();
             }
         }
+        if self.following > 0 {
+            // Frames that look ahead held rows past the decided ones: rebuilt empty, they take
+            // their rows again when the next row is decided. Rows older than every frame of an
+            // undecided row are gone.
+            let longest = aggregates.iter().map(|a| a.length).max().unwrap_or(0);
+            let first = rows.partition_point(|r| r.0 < decided_until.saturating_sub(longest));
+            self.keep_rows(rows, values, first, n);
+            return;
+        }
         let entered = rows.partition_point(|r| r.0 < decided_until);
         let first = match entered.checked_sub(1).map(|last| rows[last].0) {
             // The frames end at the newest decided row: rows older than every frame are gone.
@@ -302,17 +315,22 @@ impl KeyAgg {
             None => 0,
         };
         self.added = (entered - first) as u64;
+        self.keep_rows(rows, values, first, n);
+        for (k, acc) in self.accs.iter_mut().enumerate() {
+            for seq in self.starts[k]..self.added {
+                acc.add(&self.args[seq as usize * n + k], seq);
+            }
+        }
+    }
+
+    /// Holds the frame rows from `first` on (sorted [`FrameRow`]s), `n` arguments each.
+    fn keep_rows(&mut self, rows: &[FrameRow], values: &mut [Val], first: usize, n: usize) {
         self.times.reserve(rows.len() - first);
         self.args.reserve((rows.len() - first) * n);
         for &(time, _, _, at) in &rows[first..] {
             self.times.push_back(time);
             self.args
                 .extend(values[at..at + n].iter_mut().map(std::mem::take));
-        }
-        for (k, acc) in self.accs.iter_mut().enumerate() {
-            for seq in self.starts[k]..self.added {
-                acc.add(&self.args[seq as usize * n + k], seq);
-            }
         }
     }
 

@@ -54,9 +54,11 @@ impl KeyedState {
     }
 
     /// Restores the rows that were waiting when the state was last written (for incremental
-    /// windows: the keys with pending rows not older than `decided_until`).
-    pub fn restore(&mut self, store: &StateStore, decided_until: i64) -> Result<(), StateError> {
+    /// windows: the keys with pending rows not older than `watermark`, less how far the frames
+    /// look ahead).
+    pub fn restore(&mut self, store: &StateStore, watermark: i64) -> Result<(), StateError> {
         if matches!(self.kept, Kept::Frames(_)) {
+            let decided_until = watermark.saturating_sub(self.following);
             self.decided_until = decided_until;
             let mut prefix = self.tag.clone();
             prefix.push(PENDING_CHUNK);

@@ -111,7 +111,8 @@ impl KeyedState {
         ctx: &DecideContext<'_>,
         all: bool,
     ) -> Vec<Decided> {
-        let watermark = (!all).then_some(ctx.bounds.watermark);
+        // (Frames that look ahead: rows up to the watermark less that far have all theirs.)
+        let watermark = (!all).then_some(ctx.bounds.watermark.saturating_sub(self.following));
         let first = members.first().and_then(|m| m.split.incremental());
         let aggregates = first.map_or(&[][..], |plan| &plan.aggregates);
         let decided = match self.decide_due(aggregates, ctx, watermark) {

@@ -98,6 +98,9 @@ pub struct KeyedState {
     decided_until: i64,
     /// The windows' reach (µs).
     reach: i64,
+    /// How far the frames look ahead (µs): a row is decided once the watermark passes its
+    /// time plus this.
+    following: i64,
     /// The pipeline's allowed lateness (µs).
     lateness: i64,
     /// Counts batches, to know which cached keys were used recently.
@@ -182,6 +185,7 @@ impl KeyedState {
             },
             decided_until: i64::MIN,
             reach: rampart_core::time::micros(split.reach),
+            following: rampart_core::time::micros(split.timing.following()),
             lateness,
             tick: 0,
             unsaved_bytes: 0,

@@ -169,7 +169,9 @@ impl KeyedState {
         let mut due = if all {
             std::mem::take(&mut self.pending)
         } else {
-            let later = self.pending.split_off(&(ctx.bounds.watermark, 0));
+            // (Frames that look ahead: rows up to the watermark less that far have all theirs.)
+            let limit = ctx.bounds.watermark.saturating_sub(self.following);
+            let later = self.pending.split_off(&(limit, 0));
             std::mem::replace(&mut self.pending, later)
         };
         // What fired at once is decided; at once, a settled row's answer is known.
@@ -211,7 +213,9 @@ impl KeyedState {
             let entry = self.cache.get(key).expect("loaded above");
             input.extend(
                 rows_of(&entry.value)
-                    .filter(|r| r.time >= from.saturating_sub(reach) && r.time <= *to)
+                    .filter(|r| {
+                        r.time >= from.saturating_sub(reach) && r.time <= to.saturating_add(self.following)
+                    })
                     .map(|r| parser.parse(r.bytes)),
             );
         }
