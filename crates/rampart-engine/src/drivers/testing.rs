@@ -17,7 +17,7 @@ use serde::Deserialize;
 use rampart_core::{Decision, Problem, Verdict};
 
 use crate::input::decode::{DeadLetter, Decoded};
-use crate::pipeline::{DetectorFailure, Output, Pipeline};
+use crate::pipeline::{DetectorFailure, Evaluator, Output, Pipeline, StateChoice};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +46,11 @@ struct RawCase {
     published: bool,
     /// The decisions expected; an empty list means "nothing fires".
     expect: Vec<Expected>,
+    /// Inline events only: after this many of them the window state is checkpointed to disk
+    /// and the rest go to a pipeline loaded afresh on it, as to a restarted service (rows
+    /// waiting for later events, such as a pending absence, must survive).
+    #[serde(default)]
+    restart_after: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +222,9 @@ fn run_case(pipeline: &Pipeline, file: &Path, case: RawCase) -> CaseResult {
 }
 
 fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec<Decision>, String> {
+    if let Some(n) = case.restart_after {
+        return evaluate_with_restart(pipeline, case, n);
+    }
     let mut decoder = pipeline.decoder();
     let mut batches = Vec::new();
     let mut dead = Vec::new();
@@ -263,6 +271,68 @@ fn evaluate_case(pipeline: &Pipeline, base: &Path, case: &RawCase) -> Result<Vec
             "detector `{}` failed: {}",
             failure.detector, failure.error
         ));
+    }
+    Ok(out.decisions)
+}
+
+/// A case with `restart_after = n`: its first `n` events into a pipeline whose window state is
+/// on disk, a checkpoint, then a pipeline loaded afresh on that state for the rest.
+fn evaluate_with_restart(pipeline: &Pipeline, case: &RawCase, n: usize) -> Result<Vec<Decision>, String> {
+    let Some(events) = &case.events else {
+        return Err("`restart_after` needs the events inline (`events`)".into());
+    };
+    let lines: Vec<&str> = events.lines().filter(|l| !l.trim().is_empty()).collect();
+    if n > lines.len() {
+        return Err(format!(
+            "restart_after = {n}, but the case has {} events",
+            lines.len()
+        ));
+    }
+    let state = tempfile::tempdir().map_err(|e| format!("cannot make a state directory: {e}"))?;
+    let mut out = Collector::default();
+    // (The second part is another source: a resumed replay skips what it took of the first.)
+    let parts = [
+        (case.name.clone(), lines[..n].join("\n")),
+        (
+            format!("{} (after the restart)", case.name),
+            lines[n..].join("\n"),
+        ),
+    ];
+    for (i, (source, text)) in parts.iter().enumerate() {
+        let run = Pipeline::load_with(
+            &pipeline.dir,
+            StateChoice::Persistent(state.path().join("state")),
+            Evaluator::Keyed,
+        )
+        .map_err(|e| format!("cannot load the pipeline again: {e}"))?;
+        run.set_guarded(case.published);
+        let mut batches = Vec::new();
+        let mut decoder = run.decoder();
+        let mut emit = |d: Decoded| {
+            if let Decoded::Batch(b) = d {
+                batches.push(b);
+            }
+        };
+        decoder
+            .decode_text(source, text, &mut emit)
+            .map_err(|e| e.to_string())?;
+        decoder.flush(&mut emit);
+        let ran = batches.into_iter().try_for_each(|b| run.ingest(b, &mut out));
+        let ended = match i {
+            0 => ran.and_then(|()| {
+                run.checkpoint().map_err(|e| DetectorFailure {
+                    detector: "(checkpoint)".into(),
+                    error: e.into(),
+                })
+            }),
+            _ => ran.and_then(|()| run.finish().emit(&mut out)),
+        };
+        if let Err(failure) = ended {
+            return Err(format!(
+                "detector `{}` failed: {}",
+                failure.detector, failure.error
+            ));
+        }
     }
     Ok(out.decisions)
 }
