@@ -71,12 +71,17 @@ const COMMAND_HEADER: &str = "rampart.command";
 const GUARD_HEADER: &str = "rampart.guard";
 /// How often the forwarding side tells its progress (when it changed).
 const MARK_EVERY: Duration = Duration::from_millis(50);
-/// How often the forwarding side tells its progress even when it did not change: a state
-/// partition that hears nothing of an input partition for [`MARK_STALE`] counts it as behind
-/// (its forwarding instance may be gone, with records left), so never quiet.
-const KEEPALIVE_EVERY: Duration = Duration::from_millis(500);
-/// See [`KEEPALIVE_EVERY`].
-pub(super) const MARK_STALE: Duration = Duration::from_secs(2);
+/// How often the forwarding side tells its progress even when it did not change, and how
+/// long a state partition that heard nothing of an input partition since counts it as behind
+/// (its forwarding instance may be stopped, in a rebalance or gone, with records left), for a
+/// pipeline whose stream counts as quiet after `quiet_after`: well within it, so that an input
+/// partition whose forwarder stopped counts as behind before its silence could make the stream
+/// quiet (rows would then be decided at once without the records still to come).
+pub(super) fn mark_timing(quiet_after: Duration) -> (Duration, Duration) {
+    let keepalive = (quiet_after / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let stale = (quiet_after * 3 / 4).clamp(2 * keepalive, Duration::from_secs(2));
+    (keepalive, stale)
+}
 /// How often the forwarding side commits what the broker acknowledged.
 const COMMIT_EVERY: Duration = Duration::from_millis(500);
 
@@ -806,6 +811,8 @@ struct Front {
     last_marks: Instant,
     last_commit: Instant,
     topics: BTreeMap<String, Arc<str>>,
+    /// See [`mark_timing`].
+    keepalive: Duration,
 }
 
 /// Where forwarding one input partition stands.
@@ -988,7 +995,7 @@ impl Front {
                 // (Unknown until the consumer's first statistics: it may have a backlog.)
                 let b = behind.get(&name).copied().unwrap_or(true);
                 let now = (f.newest, f.next_offset, b);
-                let fresh = f.told_at.is_some_and(|t| t.elapsed() < KEEPALIVE_EVERY);
+                let fresh = f.told_at.is_some_and(|t| t.elapsed() < self.keepalive);
                 if f.told == Some(now) && fresh {
                     continue;
                 }
@@ -1223,6 +1230,7 @@ pub(super) fn run(
         last_marks: Instant::now(),
         last_commit: Instant::now(),
         topics: BTreeMap::new(),
+        keepalive: mark_timing(pipeline.config.service.quiet_after).0,
     };
     // The loops load their own pipelines.
     drop(pipeline);

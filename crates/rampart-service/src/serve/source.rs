@@ -298,6 +298,7 @@ impl Service<'_> {
                 // (Unknown until the consumer's first statistics: it may have a backlog.)
                 .unwrap_or(true)
         };
+        let (_, stale) = super::group::mark_timing(self.pipeline.config.service.quiet_after);
         let task = self.task.as_mut().expect("a task");
         if !task.tracked {
             task.tracked = true;
@@ -309,7 +310,7 @@ impl Service<'_> {
                 || task
                     .marked_behind
                     .get(name)
-                    .is_none_or(|(behind, at)| *behind || at.elapsed() > super::group::MARK_STALE);
+                    .is_none_or(|(behind, at)| *behind || at.elapsed() > stale);
             if self.behind_told.get(name) != Some(&b) {
                 self.pipeline.set_source_flags(name, None, Some(b));
                 self.behind_told.insert(name.clone(), b);
