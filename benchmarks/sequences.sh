@@ -9,12 +9,16 @@
 #
 #   benchmarks/sequences.sh
 #   EVENTS=300000 RUNS=5 benchmarks/sequences.sh   # the default
+#   ADDED="trail-logging-not-restarted iam-user-without-mfa" KIND=absences benchmarks/sequences.sh
+#                                                   # the two absences instead (frames that look ahead)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 source benchmarks/common.sh
 EVENTS="${EVENTS:-300000}"
 RUNS="${RUNS:-5}"
+ADDED="${ADDED:-iam-change-after-login-without-mfa denied-then-allowed}"
+KIND="${KIND:-sequences}"
 INPUT=$(prefix_input "$EVENTS")
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --all-targets >&2
 work="${TMPDIR:-/tmp}/rampart-sequences"
@@ -23,7 +27,7 @@ mkdir -p "$work/w2-seq/detectors"
 cp benchmarks/pipelines/w2/pipeline.toml "$work/w2-seq/"
 sed -i 's/^name = "w2"/name = "w2-seq"/' "$work/w2-seq/pipeline.toml"
 cp -L benchmarks/pipelines/w2/detectors/*.sql "$work/w2-seq/detectors/"
-for d in iam-change-after-login-without-mfa denied-then-allowed; do
+for d in $ADDED; do
   cp "pipelines/cloudtrail/detectors/$d.sql" "$work/w2-seq/detectors/"
 done
 "$RAMPART" check benchmarks/pipelines/w2 >/dev/null
@@ -42,21 +46,21 @@ for i in $(seq "$RUNS"); do
   read -r b db <<<"$(run "$work/w2-seq")"
   w2+=("$a") seq+=("$b")
   ratios+=("$(python3 -c "print(f'{$b / $a:.3f}')")")
-  echo "run $i: W2 $a events/s ($da decisions), W2+2 sequences $b events/s ($db decisions)" >&2
+  echo "run $i: W2 $a events/s ($da decisions), W2+2 $KIND $b events/s ($db decisions)" >&2
 done
 ratio=$(median "${ratios[@]}")
-out="benchmarks/results/sequences-$(date +%F).md"
+out="benchmarks/results/$KIND-$(date +%F).md"
 {
-  echo "# Sequences: W2 replay with two sequence detectors added ($(date +%F))"
+  echo "# W2 replay with two detectors added ($KIND, $(date +%F))"
   echo
   machine_line
   pinning_line
-  echo "Input: the first $EVENTS events of \`benchmarks/generate.py --events 1000000\` (10k Zipf actors). $RUNS alternating runs each. Command: \`EVENTS=$EVENTS RUNS=$RUNS benchmarks/sequences.sh\`."
+  echo "Input: the first $EVENTS events of \`benchmarks/generate.py --events 1000000\` (10k Zipf actors). $RUNS alternating runs each. Command: \`EVENTS=$EVENTS RUNS=$RUNS ADDED=\"$ADDED\" KIND=$KIND benchmarks/sequences.sh\`."
   echo
   echo "| pipeline | detectors | events/s (median) | decisions |"
   echo "| --- | --- | --- | --- |"
   echo "| W2 | 3 per-event + 5 windows | $(median "${w2[@]}") | $da |"
-  echo "| W2 + 2 sequences | + iam-change-after-login-without-mfa, denied-then-allowed | $(median "${seq[@]}") | $db |"
+  echo "| W2 + 2 $KIND | + ${ADDED// /, } | $(median "${seq[@]}") | $db |"
   echo
   echo "W2+2 / W2, pairwise (min / median / max): $(printf '%s\n' "${ratios[@]}" | sort -n | head -1) / $ratio / $(printf '%s\n' "${ratios[@]}" | sort -n | tail -1) (target: at least 0.80)."
 } >"$out"
