@@ -207,12 +207,14 @@ pub fn replay_with(
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Read)>(DECODE_THREADS);
 
+    let mut framing = pipeline.decoder().chunking(pipeline.config.input.batch_size);
+    let pool = framing.chunk_pool();
     std::thread::scope(|scope| {
         let framer = named(
             scope,
             "rampart-frame".into(),
             move || -> Result<(), ReplayError> {
-                let mut decoder = pipeline.decoder().chunking(pipeline.config.input.batch_size);
+                let decoder = &mut framing;
                 let mut seq = 0;
                 let mut send = |d: Framed| {
                     // Receivers only hang up when output failed; that error is reported there.
@@ -234,6 +236,7 @@ pub fn replay_with(
         for i in 0..DECODE_THREADS {
             let done_tx = done_tx.clone();
             let work_rx = &work_rx;
+            let pool = pool.clone();
             named(scope, format!("rampart-decode-{i}"), move || {
                 let mut decoder = pipeline.decoder();
                 loop {
@@ -243,6 +246,7 @@ pub fn replay_with(
                         Framed::Lines(chunk) => {
                             let mut decoded = Vec::new();
                             decoder.decode_chunk(&chunk, &mut |d| decoded.push(d));
+                            pool.give(chunk.data);
                             Read::Decoded(decoded)
                         }
                         Framed::Decoded(d) => Read::Decoded(vec![d]),

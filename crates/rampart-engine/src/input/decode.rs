@@ -61,10 +61,39 @@ pub enum Framed {
     Progress(u64),
 }
 
+/// Chunk buffers given back by the threads that decoded them, for the framer to cut the next
+/// chunks into (at most [`ChunkPool::KEPT`]; the others are freed).
+#[derive(Debug, Clone, Default)]
+pub struct ChunkPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl ChunkPool {
+    /// Buffers kept: about the chunks in flight between the framer and the decoding threads.
+    const KEPT: usize = 8;
+
+    /// Gives a decoded chunk's buffer back.
+    pub fn give(&self, mut buffer: Vec<u8>) {
+        buffer.clear();
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < Self::KEPT {
+            kept.push(buffer);
+        }
+    }
+
+    /// An empty buffer of at least `capacity` bytes.
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        let given = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut buffer = given.unwrap_or_default();
+        buffer.reserve(capacity);
+        buffer
+    }
+}
+
 /// Turns input files and texts into batches and dead letters.
 pub struct Decoder {
     /// When set, JSON lines are not decoded here but handed on in chunks of this many lines.
     chunk_lines: Option<usize>,
+    /// The buffers chunks are cut into, given back once decoded (see [`ChunkPool`]).
+    pool: ChunkPool,
     extractor: Extractor,
     format: InputFormat,
     limits: InputLimits,
@@ -76,11 +105,18 @@ impl Decoder {
     pub fn new(mapping: Mapping, schema: EventSchema, format: InputFormat, limits: InputLimits) -> Self {
         Self {
             chunk_lines: None,
+            pool: ChunkPool::default(),
             builder: BatchBuilder::new(schema, limits.batch_size),
             extractor: Extractor::new(mapping),
             format,
             limits,
         }
+    }
+
+    /// Where the decoding threads give back the chunk buffers of this (chunking) decoder once
+    /// decoded, for it to cut the next chunks into.
+    pub fn chunk_pool(&self) -> ChunkPool {
+        self.pool.clone()
     }
 
     /// The longest line kept whole: a record at the size limit and its line ending. Longer
@@ -363,7 +399,12 @@ impl Decoder {
                 }
             }
             if let Some(cut) = cut {
-                let rest = data.split_off(cut);
+                // The rest goes on in a buffer as large as a chunk, one given back if any: a
+                // chunk is megabytes, and a fresh one grows by copies into pages the kernel
+                // zeroes first.
+                let mut rest = self.pool.take(data.capacity());
+                rest.extend_from_slice(&data[cut..]);
+                data.truncate(cut);
                 let chunk = std::mem::replace(&mut data, rest);
                 self.emit_chunk(emit, name, first_line, chunk);
                 first_line += newlines as u64;
