@@ -95,7 +95,10 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log at `path`, continuing the chain from its last entry.
+    /// Opens (or creates) the log at `path`, continuing the chain from its last entry. A last
+    /// line without its line end (a process killed while appending) is cut off first: entries
+    /// are on disk for good only once synced, before a checkpoint, and what came after that
+    /// checkpoint is decided and recorded again.
     pub fn open(path: &Path) -> io::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
@@ -105,6 +108,7 @@ impl AuditLog {
             .read(true)
             .append(true)
             .open(path)?;
+        cut_torn_tail(&mut file, path)?;
         let (seq, head) = match last_line(&mut file)? {
             None => (0, GENESIS.to_string()),
             Some(line) => {
@@ -276,6 +280,42 @@ fn split(line: &str) -> Option<(&str, &str)> {
     Some((&line[..at], hash))
 }
 
+/// Cuts a last line left without its line end off the log (see [`AuditLog::open`]).
+fn cut_torn_tail(file: &mut File, path: &Path) -> io::Result<()> {
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::Start(len - 1))?;
+    io::Read::read_exact(file, &mut last)?;
+    if last[0] == b'\n' {
+        return Ok(());
+    }
+    // Back to the end of the last whole line (entries are small).
+    let mut window = 64 * 1024u64;
+    let keep = loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        io::Read::read_to_end(file, &mut tail)?;
+        if let Some(nl) = tail.iter().rposition(|b| *b == b'\n') {
+            break start + nl as u64 + 1;
+        }
+        if start == 0 {
+            break 0;
+        }
+        window *= 4;
+    };
+    file.set_len(keep)?;
+    tracing::warn!(
+        path = %path.display(),
+        bytes = len - keep,
+        "the audit log ended with an unfinished entry (a process stopped while writing it): cut off"
+    );
+    Ok(())
+}
+
 fn last_line(file: &mut File) -> io::Result<Option<String>> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
@@ -382,6 +422,34 @@ mod tests {
 
     fn write(path: &Path, lines: &[String]) {
         std::fs::write(path, lines.join("\n") + "\n").expect("write");
+    }
+
+    #[test]
+    fn an_entry_cut_short_by_a_crash_is_dropped_and_the_chain_goes_on() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("audit.log");
+        let mut log = AuditLog::open(&path).expect("open");
+        for i in 0..2 {
+            log.append(Kind::Decision, &serde_json::json!({"n": i}))
+                .expect("append");
+        }
+        log.sync().expect("sync");
+        drop(log);
+        let whole = std::fs::read_to_string(&path).expect("read");
+        // Killed while appending the third: half of it reached the file.
+        let mut torn = whole.clone();
+        torn.push_str(&lines(&path)[1][..40]);
+        std::fs::write(&path, &torn).expect("write");
+        let mut log = AuditLog::open(&path).expect("reopens");
+        assert_eq!(log.entries(), 2);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), whole);
+        log.append(Kind::Decision, &serde_json::json!({"n": 2}))
+            .expect("append");
+        log.sync().expect("sync");
+        assert_eq!(verify(&path).expect("read").expect("valid").entries, 3);
+        // A whole last line that is not an entry is still refused.
+        std::fs::write(&path, whole + "not an entry\n").expect("write");
+        assert!(AuditLog::open(&path).is_err());
     }
 
     #[test]
