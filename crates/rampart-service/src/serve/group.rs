@@ -1288,6 +1288,14 @@ pub(super) fn run(
         let _ = consumer.commit(&tpl, CommitMode::Sync);
     }
     consumer.unsubscribe();
+    // The revocation that follows is served here, not while the consumer closes: a cooperative
+    // consumer closed with a revocation or an assignment pending can wait on the group
+    // coordinator far past the stop (an instance stopped right after a rebalance once did not
+    // exit within a minute).
+    let leaving = Instant::now();
+    while consumer.assignment().is_ok_and(|a| a.count() > 0) && leaving.elapsed() < Duration::from_secs(10) {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
     drop(endpoint);
     let (summary, failed) =
         std::mem::take(&mut *consumer.context().done.lock().unwrap_or_else(|p| p.into_inner()));
