@@ -388,6 +388,17 @@ impl ProducerCallbacks {
             .insert(seq);
     }
 
+    /// The last delivery failure, once any delivery failed for good (`None` before).
+    pub fn failure(&self) -> Option<String> {
+        (self.failed.load(Ordering::Relaxed) > 0).then(|| {
+            self.last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_default()
+        })
+    }
+
     /// Whether every message numbered `seq` or lower has been acknowledged (or has failed).
     pub fn settled_through(&self, seq: usize) -> bool {
         let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());

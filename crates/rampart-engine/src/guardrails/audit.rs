@@ -283,30 +283,10 @@ fn split(line: &str) -> Option<(&str, &str)> {
 /// Cuts a last line left without its line end off the log (see [`AuditLog::open`]).
 fn cut_torn_tail(file: &mut File, path: &Path) -> io::Result<()> {
     let len = file.seek(SeekFrom::End(0))?;
-    if len == 0 {
+    if len == 0 || byte_at(file, len - 1)? == b'\n' {
         return Ok(());
     }
-    let mut last = [0u8; 1];
-    file.seek(SeekFrom::Start(len - 1))?;
-    io::Read::read_exact(file, &mut last)?;
-    if last[0] == b'\n' {
-        return Ok(());
-    }
-    // Back to the end of the last whole line (entries are small).
-    let mut window = 64 * 1024u64;
-    let keep = loop {
-        let start = len.saturating_sub(window);
-        file.seek(SeekFrom::Start(start))?;
-        let mut tail = Vec::new();
-        io::Read::read_to_end(file, &mut tail)?;
-        if let Some(nl) = tail.iter().rposition(|b| *b == b'\n') {
-            break start + nl as u64 + 1;
-        }
-        if start == 0 {
-            break 0;
-        }
-        window *= 4;
-    };
+    let keep = line_start(file, len)?;
     file.set_len(keep)?;
     tracing::warn!(
         path = %path.display(),
@@ -321,19 +301,41 @@ fn last_line(file: &mut File) -> io::Result<Option<String>> {
     if len == 0 {
         return Ok(None);
     }
-    // Entries are small; read back far enough to hold the last one whole.
+    // Without the line ends it finishes with.
+    let mut end = len;
+    while end > 0 && byte_at(file, end - 1)? == b'\n' {
+        end -= 1;
+    }
+    let start = line_start(file, end)?;
+    let mut line = vec![0; (end - start) as usize];
+    file.seek(SeekFrom::Start(start))?;
+    io::Read::read_exact(file, &mut line)?;
+    String::from_utf8(line)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn byte_at(file: &mut File, at: u64) -> io::Result<u8> {
+    let mut byte = [0u8; 1];
+    file.seek(SeekFrom::Start(at))?;
+    io::Read::read_exact(file, &mut byte)?;
+    Ok(byte[0])
+}
+
+/// Where the line holding the byte before `end` starts: just past the last line end before
+/// `end`, else 0. Read back in growing windows (entries are small).
+fn line_start(file: &mut File, end: u64) -> io::Result<u64> {
     let mut window = 64 * 1024u64;
     loop {
-        let start = len.saturating_sub(window);
+        let start = end.saturating_sub(window);
+        let mut tail = vec![0; (end - start) as usize];
         file.seek(SeekFrom::Start(start))?;
-        let mut text = String::new();
-        io::Read::read_to_string(file, &mut text)?;
-        let trimmed = text.trim_end_matches('\n');
-        if let Some(nl) = trimmed.rfind('\n') {
-            return Ok(Some(trimmed[nl + 1..].to_string()));
+        io::Read::read_exact(file, &mut tail)?;
+        if let Some(nl) = tail.iter().rposition(|b| *b == b'\n') {
+            return Ok(start + nl as u64 + 1);
         }
         if start == 0 {
-            return Ok(Some(trimmed.to_string()));
+            return Ok(0);
         }
         window *= 4;
     }

@@ -196,13 +196,7 @@ pub(super) fn write(
         health.beat();
         std::thread::sleep(Duration::from_millis(1));
     }
-    if acks.failed.load(Ordering::Relaxed) > 0 {
-        let error = acks
-            .last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_default();
+    if let Some(error) = acks.failure() {
         return Err(ServiceError::Delivery(error));
     }
     match changelog {

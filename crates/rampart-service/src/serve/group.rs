@@ -1046,16 +1046,10 @@ impl Front {
     /// A forwarded record the broker refused: its input offset must never be committed (the
     /// instance stops; its input partitions are forwarded again from the last commit).
     fn delivery_failure(&self) -> Option<ServiceError> {
-        let acks = self.producer.context();
-        (acks.failed.load(Ordering::Relaxed) > 0).then(|| {
-            let error = acks
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_default();
-            ServiceError::Delivery(format!("a record forwarded to a repartition topic: {error}"))
-        })
+        let error = self.producer.context().failure()?;
+        Some(ServiceError::Delivery(format!(
+            "a record forwarded to a repartition topic: {error}"
+        )))
     }
 
     /// The input offsets whose forwarded records the broker acknowledged, not yet committed
