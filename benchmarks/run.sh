@@ -16,11 +16,11 @@ parts=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=true ;;
-    replay | windows | scaling | state | latency | peers | profile) parts+=("$arg") ;;
-    *) echo "usage: benchmarks/run.sh [--quick] [replay|windows|scaling|state|latency|peers|profile]..." >&2; exit 2 ;;
+    replay | windows | scaling | state | latency | drain | peers | profile) parts+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--quick] [replay|windows|scaling|state|latency|drain|peers|profile]..." >&2; exit 2 ;;
   esac
 done
-[ ${#parts[@]} -gt 0 ] || parts=(replay windows scaling state latency peers profile)
+[ ${#parts[@]} -gt 0 ] || parts=(replay windows scaling state latency drain peers profile)
 ./scripts/setup.sh
 source scripts/env.sh
 started=$(date -u +%FT%TZ)
@@ -38,6 +38,7 @@ for part in "${parts[@]}"; do
       scaling) run EVENTS=100000 RUNS=3 benchmarks/scaling.sh ;;
       state) run ACTORS=1000000 benchmarks/state.sh ;;
       latency) run RATES=10000,50000 DURATION=10 benchmarks/latency.sh ;;
+      drain) run EVENTS=200000 RUNS=2 benchmarks/drain.sh ;;
       peers) run EVENTS=10000 benchmarks/peers.sh ;;
       profile) run SECONDS_EACH=8 benchmarks/profile.sh ;;
     esac
@@ -48,6 +49,7 @@ for part in "${parts[@]}"; do
       scaling) run EVENTS=200000 RUNS=5 benchmarks/scaling.sh ;;
       state) run "ACTORS=1000000 5000000 10000000" benchmarks/state.sh ;;
       latency) run benchmarks/latency.sh ;;
+      drain) run EVENTS=500000 RUNS=3 benchmarks/drain.sh ;;
       peers) run EVENTS=20000 benchmarks/peers.sh ;;
       profile) run benchmarks/profile.sh ;;
     esac

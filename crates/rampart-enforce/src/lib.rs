@@ -439,7 +439,9 @@ impl Enforcer {
             // Every enforcement point reads every decision: no group membership, no commits.
             .set("group.id", "rampart-enforce")
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10");
+            .set("fetch.wait.max.ms", "10")
+            // (Not librdkafka's 1 s pause once its queue is full: catching up would idle.)
+            .set("fetch.queue.backoff.ms", "10");
         for (k, v) in &config.properties {
             client.set(k, v);
         }

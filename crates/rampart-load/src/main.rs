@@ -307,7 +307,9 @@ fn consumer(brokers: &str, group: &str) -> Result<BaseConsumer> {
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5");
+        .set("fetch.wait.max.ms", "5")
+        // (Not librdkafka's 1 s pause once its queue is full: draining would idle.)
+        .set("fetch.queue.backoff.ms", "10");
     configure(config).create().context("cannot create a consumer")
 }
 

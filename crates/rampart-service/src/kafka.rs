@@ -72,6 +72,11 @@ pub fn client_configs(kafka: &KafkaConfig, env: &[(String, String)]) -> (ClientC
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "5")
+        // Once its queue is full (`queued.max.messages.kbytes`), librdkafka waits this long
+        // before fetching again (1 s by default): a loop draining a backlog faster than that
+        // found the queue empty and waited idle for most of each second (measured:
+        // benchmarks/README.md, "Throughput per core").
+        .set("fetch.queue.backoff.ms", "10")
         // (Each partition's lag tells the event-time clock whether a silent partition is idle
         // or still has records to give.)
         .set("statistics.interval.ms", "1000");

@@ -56,6 +56,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use super::source::intern;
 use super::{Instance, Parts, Service, follow_tables, restore_partition};
 use crate::http::{AdminCommand, AdminRequest, Operator};
 use crate::kafka::{self, ConsumerCallbacks, ProducerCallbacks};
@@ -1089,16 +1090,6 @@ impl Front {
             self.sources.remove(key);
         }
     }
-}
-
-/// The shared name of a topic.
-fn intern(topics: &mut BTreeMap<String, Arc<str>>, name: &str) -> Arc<str> {
-    if let Some(t) = topics.get(name) {
-        return Arc::clone(t);
-    }
-    let t: Arc<str> = Arc::from(name);
-    topics.insert(name.to_string(), Arc::clone(&t));
-    t
 }
 
 /// Runs this instance as one member of the group (see the module documentation) until

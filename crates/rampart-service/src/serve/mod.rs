@@ -5,6 +5,7 @@
 
 mod admin;
 mod checkpoint;
+mod decoding;
 mod enforcement;
 mod group;
 mod sink;
@@ -254,7 +255,7 @@ impl<'a> Service<'a> {
             options,
         } = parts;
         let audit = open_audit(&pipeline, &metrics, &instance_name(&options.env))?;
-        let decoder = pipeline.decoder();
+        let decoding = decoding::Decoding::start(pipeline.decoder());
         pipeline.set_live(idleness(&pipeline));
         let watched = watch::Fingerprint::of(&pipeline.dir);
         Ok(Self {
@@ -272,7 +273,7 @@ impl<'a> Service<'a> {
             committed,
             summary: RunSummary::default(),
             topics: BTreeMap::new(),
-            decoder,
+            decoding,
             warned_detectors: Vec::new(),
             signer,
             tripped: false,
@@ -513,8 +514,8 @@ struct Service<'a> {
     summary: RunSummary,
     /// Interned topic names (positions share them).
     topics: BTreeMap<String, Arc<str>>,
-    /// Maps messages into event batches (emptied at the end of every round).
-    decoder: rampart_engine::input::decode::Decoder,
+    /// Maps messages into event batches, on a thread of its own.
+    decoding: decoding::Decoding,
     /// Detectors whose run-time failure was already logged.
     warned_detectors: Vec<String>,
     /// Whether the batch being published tripped the blast-radius fail-safe.
@@ -623,6 +624,7 @@ impl Service<'_> {
                     }
                     if let Some(reload) = self.take_admin()? {
                         // A reload starts from a state that holds everything consumed.
+                        self.take_decoded(&mut backlog, &mut timers, 0)?;
                         self.finish_checkpoint(running.take())?;
                         self.work_windows(&mut backlog, usize::MAX)?;
                         self.reload_pipeline(reload, &acks, &stop, &health)?;
@@ -630,7 +632,14 @@ impl Service<'_> {
                         timers.last_message = Instant::now();
                         continue;
                     }
-                    self.consume_round(stopping, running.is_some(), &mut backlog, &mut timers)?;
+                    let checkpoint_due = running.is_none() && timers.last_checkpoint.elapsed() >= interval;
+                    self.consume_round(
+                        stopping,
+                        running.is_some(),
+                        checkpoint_due,
+                        &mut backlog,
+                        &mut timers,
+                    )?;
                     if running.as_ref().is_some_and(|(h, _)| h.is_finished()) {
                         self.finish_checkpoint(running.take())?;
                     }
@@ -642,8 +651,11 @@ impl Service<'_> {
                     let idle = self
                         .until_idle
                         .is_some_and(|idle| timers.last_message.elapsed() >= idle);
-                    let ended =
-                        self.until_end && backlog.is_empty() && running.is_none() && self.at_end(&mut timers);
+                    let ended = self.until_end
+                        && backlog.is_empty()
+                        && self.decoding.in_flight() == 0
+                        && running.is_none()
+                        && self.at_end(&mut timers);
                     if stopping || idle || ended {
                         if idle && !stopping {
                             tracing::info!("no message for the idle period");
@@ -652,14 +664,17 @@ impl Service<'_> {
                             self.end_of_input()?;
                         }
                         tracing::info!("stopping: checkpointing what was consumed");
+                        self.take_decoded(&mut backlog, &mut timers, 0)?;
                         self.finish_checkpoint(running.take())?;
                         self.work_windows(&mut backlog, usize::MAX)?;
                         self.checkpoint_now(&acks, &stop, &health)?;
                         return Ok(());
                     }
-                    // The state must hold every consumed batch: start only with no window work left.
+                    // The state must hold every consumed batch: start only with no window work
+                    // left and nothing being decoded.
                     if running.is_none()
                         && backlog.is_empty()
+                        && self.decoding.in_flight() == 0
                         && self.pipeline.has_new_input()
                         && timers.last_checkpoint.elapsed() >= interval
                     {
@@ -705,11 +720,16 @@ impl Service<'_> {
     }
 
     /// Consumes a micro-batch, unless stopping, or unless the window backlog is past its bound
-    /// while a checkpoint holds the windows up (backpressure: consume no more).
+    /// while a checkpoint holds the windows up (backpressure: consume no more). Its messages
+    /// are decoded on the decoding thread: while draining a backlog (the round ended full and
+    /// no checkpoint is due) the round before is taken, so that decoding runs a round ahead of
+    /// the detectors; otherwise this round is taken at once (a live stream's latency does not
+    /// wait for the next round, and a checkpoint due finds nothing in flight).
     fn consume_round(
         &mut self,
         stopping: bool,
         checkpointing: bool,
+        checkpoint_due: bool,
         backlog: &mut VecDeque<Work>,
         timers: &mut Timers,
     ) -> Result<(), ServiceError> {
@@ -722,16 +742,33 @@ impl Service<'_> {
         if stopping {
             return Ok(());
         }
-        let mut gathered = self.gather();
-        if gathered.messages > 0 || self.health.assigned.load(Ordering::Relaxed) == 0 {
+        let (polled, full) = self.poll_round();
+        if polled.gathered.messages > 0 || self.health.assigned.load(Ordering::Relaxed) == 0 {
             // (Idle time counts from the assignment: joining the group is not idleness.)
             timers.last_message = Instant::now();
         }
-        if gathered.messages > 0
-            || !gathered.marks.is_empty()
-            || !gathered.commands.is_empty()
-            || !gathered.guard_notes.is_empty()
-        {
+        if !polled.is_empty() {
+            self.decoding.send(polled);
+        }
+        let ahead = usize::from(full && !checkpoint_due);
+        self.take_decoded(backlog, timers, ahead)?;
+        // (Blocks expire with nothing consumed too.)
+        self.sweep_enforcement()
+    }
+
+    /// Takes decoded rounds, oldest first, until at most `ahead` are in flight: admits their
+    /// batches and runs the per-event detectors (windows get them through `backlog`), and
+    /// applies what came with them.
+    fn take_decoded(
+        &mut self,
+        backlog: &mut VecDeque<Work>,
+        timers: &mut Timers,
+        ahead: usize,
+    ) -> Result<(), ServiceError> {
+        while self.decoding.in_flight() > ahead {
+            let Some(mut gathered) = self.decoding.take() else {
+                break;
+            };
             if gathered.messages > 0 && !timers.consumed {
                 timers.consumed = true;
                 tracing::info!("first message consumed");
@@ -750,8 +787,7 @@ impl Service<'_> {
                 backlog.push_back(Work::Marks(marks));
             }
         }
-        // (Blocks expire with nothing consumed too.)
-        self.sweep_enforcement()
+        Ok(())
     }
 
     /// With no checkpoint running: window work catches up a few batches per round, so that

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rampart_core::parse_kafka_source;
-use rampart_engine::input::decode::Decoded;
 use rampart_engine::pipeline::EventTime;
 use rampart_engine::{DeadLetter, EventBatch};
 use rdkafka::consumer::Consumer;
@@ -16,6 +15,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::Service;
+use super::decoding::Polled;
 use crate::ServiceError;
 use crate::metrics::{PartitionLabels, now_ms};
 
@@ -105,11 +105,16 @@ impl Service<'_> {
         behind
     }
 
-    /// Polls until a micro-batch is full (`source.batch_size` events) or `batch_max_wait` has
-    /// passed since its first message; returns at once (empty) when nothing comes for 100 ms.
-    pub(super) fn gather(&mut self) -> Gathered {
-        let mut out = Gathered::default();
+    /// Polls until a micro-batch is full (`source.batch_size` messages or
+    /// `source.max_batch_bytes`) or `batch_max_wait` has passed since its first message;
+    /// returns at once (empty) when nothing comes for 100 ms. The messages are copied out for
+    /// the decoding thread (see [`super::decoding`]); the second value says whether the round
+    /// ended full (more is likely waiting in the consumer).
+    pub(super) fn poll_round(&mut self) -> (Polled, bool) {
+        let mut out = self.decoding.round();
         let mut deadline: Option<Instant> = None;
+        let limits = self.pipeline.config.input;
+        let mut full = false;
         loop {
             let timeout = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
@@ -128,23 +133,24 @@ impl Service<'_> {
                 Some(Ok(m)) => m,
             };
             // Seen by the rebalance callback: a re-assignment resumes after what the window
-            // state in memory already holds.
+            // state in memory already holds (or what is being decoded for it).
             self.offsets.lock().unwrap_or_else(|p| p.into_inner()).insert(
                 (message.topic().to_string(), message.partition()),
                 message.offset() + 1,
             );
+            let gathered = &mut out.gathered;
             let forwarded = match &self.task {
                 Some(_) => match super::group::Forwarded::of(&message) {
                     super::group::Forwarded::Mark(mark) => {
-                        out.marks.push(mark);
+                        gathered.marks.push(mark);
                         continue;
                     }
                     super::group::Forwarded::Command(command) => {
-                        out.commands.push(command);
+                        gathered.commands.push(command);
                         continue;
                     }
                     super::group::Forwarded::Guard(told) => {
-                        out.guard_notes.push(told);
+                        gathered.guard_notes.push(told);
                         continue;
                     }
                     super::group::Forwarded::Record(at) => Some(at),
@@ -152,7 +158,10 @@ impl Service<'_> {
                 None => None,
             };
             deadline.get_or_insert_with(|| Instant::now() + self.kafka.batch_max_wait);
-            out.messages += 1;
+            gathered.messages += 1;
+            gathered
+                .timestamps
+                .push(message.timestamp().to_millis().unwrap_or_else(now_ms));
             // A forwarded record keeps the position it has in the input.
             let (topic, partition, offset) = match forwarded {
                 Some((topic, partition, offset)) => (intern(&mut self.topics, &topic), partition, offset),
@@ -162,36 +171,22 @@ impl Service<'_> {
                     message.offset(),
                 ),
             };
-            out.timestamps
-                .push(message.timestamp().to_millis().unwrap_or_else(now_ms));
-            let payload = message.payload().unwrap_or_default();
-            let key = message.key();
-            self.decoder
-                .decode_message(&topic, partition, offset, payload, &mut |d| match d {
-                    Decoded::Batch(b) => {
-                        out.batches.push(b);
-                    }
-                    Decoded::DeadLetter(letter) => {
-                        out.letters.push(Letter {
-                            letter,
-                            payload: payload.to_vec(),
-                            key: key.map(<[u8]>::to_vec),
-                        });
-                    }
-                });
-            if !out.batches.is_empty() {
+            out.push(
+                topic,
+                partition,
+                offset,
+                message.payload().unwrap_or_default(),
+                message.key(),
+            );
+            if out.len() >= limits.batch_size || out.bytes() >= limits.max_batch_bytes {
+                full = true;
                 break;
             }
         }
-        self.decoder.flush(&mut |d| {
-            if let Decoded::Batch(b) = d {
-                out.batches.push(b);
-            }
-        });
-        if out.messages > 0 && self.health.not_ready().is_some_and(|r| r.contains("unreachable")) {
+        if out.gathered.messages > 0 && self.health.not_ready().is_some_and(|r| r.contains("unreachable")) {
             self.health.set_not_ready(None);
         }
-        out
+        (out, full)
     }
 
     /// Admits a gathered micro-batch into the pipeline (numbering its rows, counting its
@@ -443,7 +438,7 @@ impl Service<'_> {
 }
 
 /// The shared name of a topic (positions of its events share it).
-fn intern(topics: &mut BTreeMap<String, Arc<str>>, name: &str) -> Arc<str> {
+pub(super) fn intern(topics: &mut BTreeMap<String, Arc<str>>, name: &str) -> Arc<str> {
     if let Some(t) = topics.get(name) {
         return Arc::clone(t);
     }
