@@ -82,15 +82,15 @@ impl Polled {
     }
 
     /// Whether the round brought nothing at all (no message, no mark, command or note).
-    pub(super) fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         let g = &self.gathered;
         self.messages.is_empty() && g.marks.is_empty() && g.commands.is_empty() && g.guard_notes.is_empty()
     }
 
-    /// Decodes the messages into batches and dead letters; gives back the emptied buffer.
+    /// Decodes the messages into batches and dead letters; gives back the payload buffer.
     fn decode(self, decoder: &mut Decoder) -> (Gathered, Vec<u8>) {
         let Self {
-            mut data,
+            data,
             messages,
             mut gathered,
         } = self;
@@ -111,7 +111,6 @@ impl Polled {
                 gathered.batches.push(b);
             }
         });
-        data.clear();
         (gathered, data)
     }
 }
@@ -177,13 +176,13 @@ impl Decoding {
         self.in_flight
     }
 
-    /// Sends a round to be decoded.
+    /// Sends a round to be decoded; a round that brought nothing only gives its buffer back.
     pub(super) fn send(&mut self, polled: Polled) {
-        self.jobs
-            .as_ref()
-            .expect("the decoding thread runs until dropped")
-            .send(Job::Decode(polled))
-            .unwrap_or_else(|_| self.thread_died());
+        if polled.is_empty() {
+            self.keep(polled.data);
+            return;
+        }
+        self.post(Job::Decode(polled));
         self.in_flight += 1;
     }
 
@@ -194,21 +193,34 @@ impl Decoding {
         }
         let (gathered, buffer) = self.done.recv().unwrap_or_else(|_| self.thread_died());
         self.in_flight -= 1;
+        self.keep(buffer);
+        Some(gathered)
+    }
+
+    /// Keeps an emptied payload buffer for a next round (up to [`Self::SPARE`]).
+    fn keep(&mut self, mut buffer: Vec<u8>) {
         if self.spare.len() < Self::SPARE {
+            buffer.clear();
             self.spare.push(buffer);
         }
-        Some(gathered)
     }
 
     /// Decodes the next rounds with `decoder` (after a reload; take the rounds in flight
     /// first, which the old pipeline's mapping decoded).
     pub(super) fn replace(&mut self, decoder: Decoder) {
         debug_assert_eq!(self.in_flight, 0, "rounds in flight belong to the old pipeline");
-        self.jobs
+        self.post(Job::Replace(Box::new(decoder)));
+    }
+
+    fn post(&mut self, job: Job) {
+        let sent = self
+            .jobs
             .as_ref()
             .expect("the decoding thread runs until dropped")
-            .send(Job::Replace(Box::new(decoder)))
-            .unwrap_or_else(|_| self.thread_died());
+            .send(job);
+        if sent.is_err() {
+            self.thread_died();
+        }
     }
 
     /// The decoding thread ended early: only a panic does that; it is this thread's panic.

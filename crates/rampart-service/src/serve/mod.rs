@@ -747,9 +747,7 @@ impl Service<'_> {
             // (Idle time counts from the assignment: joining the group is not idleness.)
             timers.last_message = Instant::now();
         }
-        if !polled.is_empty() {
-            self.decoding.send(polled);
-        }
+        self.decoding.send(polled);
         let ahead = usize::from(full && !checkpoint_due);
         self.take_decoded(backlog, timers, ahead)?;
         // (Blocks expire with nothing consumed too.)
