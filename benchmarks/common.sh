@@ -86,3 +86,16 @@ w3_pipeline() {
   done
   echo "$dir"
 }
+
+# w2_in_group DIR GROUP [SETTINGS]: makes DIR a copy of W2 that consumes in group GROUP and
+# publishes to its own decisions topic (bench.decisions.GROUP), with SETTINGS (lines) added to
+# its [kafka] section; prints DIR.
+w2_in_group() {
+  local dir=$1 group=$2
+  rm -rf "$dir"
+  cp -rL benchmarks/pipelines/w2 "$dir"
+  sed -i -e "s/^\[kafka\]\$/[kafka]\ngroup = \"$group\"\n${3:-}/" \
+    -e "s/^decisions_topic = \"bench.decisions\"/decisions_topic = \"bench.decisions.$group\"/" "$dir/pipeline.toml"
+  grep -q "^decisions_topic = \"bench.decisions.$group\"" "$dir/pipeline.toml"
+  echo "$dir"
+}

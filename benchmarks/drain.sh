@@ -56,12 +56,9 @@ replay_rate() {
 
 # drain BINARY NAME: drains the topic with BINARY in a new group; prints "whole drain" seconds.
 drain() {
-  local dir="$work/$2"
-  rm -rf "$dir" "$work/$2.state"
-  cp -rL benchmarks/pipelines/w2 "$dir"
-  sed -i -e "s/^\[kafka\]\$/[kafka]\ngroup = \"$2\"/" \
-    -e "s/^decisions_topic = \"bench.decisions\"/decisions_topic = \"bench.decisions.$2\"/" "$dir/pipeline.toml"
-  local t0 t1
+  local dir t0 t1
+  dir=$(w2_in_group "$work/$2" "$2")
+  rm -rf "$work/$2.state"
   t0=$(date +%s.%N)
   RAMPART_LOG=info pinned "$1" run "$dir" --brokers "$BROKERS" --listen "127.0.0.1:$(free_port)" \
     --state "$work/$2.state" --until-end 2>"$work/$2.log"

@@ -39,14 +39,7 @@ start_tansu "$port" "$work/broker.log"
 "$LOAD" --brokers "$BROKERS" --set linger.ms=50 --set batch.num.messages=10000 feed --topic bench.events "$INPUT"
 
 # pipeline NAME [SETTINGS]: W2 reading bench.events in group NAME, with more [kafka] settings.
-pipeline() {
-  local dir="$work/$1"
-  cp -rL benchmarks/pipelines/w2 "$dir"
-  sed -i -e "s/^\[kafka\]\$/[kafka]\ngroup = \"$1\"\n${2:-}/" \
-    -e "s/^decisions_topic = \"bench.decisions\"/decisions_topic = \"bench.decisions.$1\"/" "$dir/pipeline.toml"
-  grep -q "^decisions_topic = \"bench.decisions.$1\"" "$dir/pipeline.toml"
-  echo "$dir"
-}
+pipeline() { w2_in_group "$work/$1" "$1" "${2:-}"; }
 now() { date +%s.%N; }
 seconds() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 metric() { curl -s "http://$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'; }
