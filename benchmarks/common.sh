@@ -87,6 +87,18 @@ w3_pipeline() {
   echo "$dir"
 }
 
+# rules_pipeline DIR N INPUT: makes DIR a copy of W1 with N per-event detectors, the 17 shipped
+# ones and variants of them naming other API calls of INPUT (benchmarks/rules.py); prints DIR.
+rules_pipeline() {
+  local dir=$1 n=$2 input=$3
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  cp benchmarks/pipelines/w1/pipeline.toml "$dir/"
+  python3 benchmarks/rules.py --detectors benchmarks/pipelines/w1/detectors --input "$input" \
+    --count "$n" --out "$dir/detectors"
+  echo "$dir"
+}
+
 # w2_in_group DIR GROUP [SETTINGS]: makes DIR a copy of W2 that consumes in group GROUP and
 # publishes to its own decisions topic (bench.decisions.GROUP), with SETTINGS (lines) added to
 # its [kafka] section; prints DIR.
