@@ -71,7 +71,9 @@ pub enum StateError {
 
 /// An open state directory.
 pub struct StateStore {
-    db: DB,
+    db: Arc<DB>,
+    /// A checkpoint being written on a thread of its own ([`Self::write_behind`]).
+    behind: Mutex<Option<std::thread::JoinHandle<Result<(), rocksdb::Error>>>>,
     path: PathBuf,
     /// Values that expire before this event time are dropped by compactions.
     clock: Arc<AtomicI64>,
@@ -172,7 +174,8 @@ impl StateStore {
         })?;
         let ids = column_family_ids(&db);
         Ok(Self {
-            db,
+            db: Arc::new(db),
+            behind: Mutex::new(None),
             path: dir.to_path_buf(),
             clock,
             ids,
@@ -235,12 +238,14 @@ impl StateStore {
 
     /// A metadata entry.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        self.settle()?;
         let cf = self.db.cf_handle(META).expect("opened with this column family");
         self.db.get_cf(cf, key).map_err(|e| self.error(e))
     }
 
     /// The metadata entries whose keys start with `prefix`, in key order.
     pub fn meta_with_prefix(&self, prefix: &str) -> Result<Entries, StateError> {
+        self.settle()?;
         let prefix = prefix.as_bytes();
         self.scan(META, prefix, prefix, ReadOptions::default(), false)
     }
@@ -381,6 +386,7 @@ impl StateStore {
         let Some((cf, key)) = split_tag(key) else {
             return Err(self.corrupt("changelog key", "unknown tag"));
         };
+        self.settle()?;
         let cf = self.db.cf_handle(cf).expect("opened with this column family");
         self.db.get_cf(cf, key).map_err(|e| self.error(e))
     }
@@ -391,6 +397,7 @@ impl StateStore {
         &self,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
     ) -> Result<(), StateError> {
+        self.settle()?;
         let now = self.clock.load(Ordering::Relaxed);
         for (name, tag) in [(ROWS, ROWS_TAG), (CHUNKS, CHUNKS_TAG), (META, META_TAG)] {
             let cf = self.db.cf_handle(name).expect("opened with this column family");
@@ -416,11 +423,46 @@ impl StateStore {
     /// Writes `commit` atomically (not synced to disk: a crash may lose the last checkpoints,
     /// never half of one).
     pub fn write(&self, commit: Commit<'_>) -> Result<(), StateError> {
-        let mut options = WriteOptions::default();
-        options.set_sync(false);
-        self.db
-            .write_opt(commit.batch, &options)
-            .map_err(|e| self.error(e))
+        self.settle()?;
+        write_unsynced(&self.db, commit.batch).map_err(|e| self.error(e))
+    }
+
+    /// [`Self::write`] on a thread of its own, after the one before it is written; the clock
+    /// then advances to `expired_before` ([`Self::advance_clock`]). Reads of keys it holds see
+    /// either the store before or after it, so the caller reads back only keys it did not
+    /// change or delete in `commit` until [`Self::settle`] says it is written (a window's
+    /// cache: it keeps the keys it changed, and waits before evicting them or reading back a
+    /// key it deleted). Whatever the store is asked next (metadata, another write, a
+    /// compaction) waits for it, and so does dropping the store.
+    pub fn write_behind(&self, commit: Commit<'_>, expired_before: i64) -> Result<(), StateError> {
+        self.settle()?;
+        let (db, clock, batch) = (Arc::clone(&self.db), Arc::clone(&self.clock), commit.batch);
+        let writing = std::thread::Builder::new()
+            .name("rampart-state-write".into())
+            .spawn(move || {
+                write_unsynced(&db, batch)?;
+                clock.fetch_max(expired_before, Ordering::Relaxed);
+                Ok(())
+            })
+            .expect("the OS can start a thread");
+        *self.behind.lock().unwrap_or_else(|p| p.into_inner()) = Some(writing);
+        Ok(())
+    }
+
+    /// Whether a write started by [`Self::write_behind`] is still running.
+    pub fn writing(&self) -> bool {
+        let behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
+        behind.as_ref().is_some_and(|w| !w.is_finished())
+    }
+
+    /// Waits until the write started by [`Self::write_behind`], if any, is done, and returns
+    /// its error.
+    pub fn settle(&self) -> Result<(), StateError> {
+        let writing = self.behind.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match writing.map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))) {
+            Some(Err(e)) => Err(self.error(e)),
+            _ => Ok(()),
+        }
     }
 
     /// Bytes the state takes on disk (SST files, memtables not yet flushed, logs).
@@ -431,6 +473,7 @@ impl StateStore {
     /// Flushes memtables to SST files and compacts, so that [`Self::size_on_disk`] shows the
     /// steady-state size (benchmarks; not needed for correctness).
     pub fn compact(&self) -> Result<(), StateError> {
+        self.settle()?;
         for name in [ROWS, CHUNKS, META] {
             let cf = self.db.cf_handle(name).expect("opened with this column family");
             self.db.flush_cf(cf).map_err(|e| self.error(e))?;
@@ -438,6 +481,23 @@ impl StateStore {
         }
         Ok(())
     }
+}
+
+impl Drop for StateStore {
+    fn drop(&mut self) {
+        // A throwaway store's directory goes with it: the write behind must be done first.
+        if let Err(e) = self.settle() {
+            tracing::warn!(error = %e, "the last window state checkpoint was not written");
+        }
+    }
+}
+
+/// Writes `batch` atomically, not synced to disk (a crash may lose the last checkpoints, never
+/// half of one).
+fn write_unsynced(db: &DB, batch: WriteBatch) -> Result<(), rocksdb::Error> {
+    let mut options = WriteOptions::default();
+    options.set_sync(false);
+    db.write_opt(batch, &options)
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -613,6 +673,26 @@ mod tests {
         set_header(&mut v, expires, 0);
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn a_write_behind_is_waited_for_by_whatever_reads_the_store_next() {
+        let store = StateStore::temporary().expect("store");
+        let mut commit = store.commit(0);
+        commit.meta("m", Some(b"1"));
+        store.write(commit).expect("written");
+        let mut commit = store.commit(0);
+        commit.meta("m", Some(b"2"));
+        store.write_behind(commit, 7).expect("started");
+        assert_eq!(store.meta("m").expect("read").as_deref(), Some(&b"2"[..]));
+        assert!(!store.writing(), "reading metadata waited for the write");
+        assert_eq!(store.clock.load(Ordering::Relaxed), 7, "and it moved the clock");
+        let mut commit = store.commit(0);
+        commit.meta("m", None);
+        store.write_behind(commit, 8).expect("started");
+        store.settle().expect("written");
+        assert_eq!(store.meta("m").expect("read"), None);
+        store.settle().expect("nothing to wait for");
     }
 
     #[test]

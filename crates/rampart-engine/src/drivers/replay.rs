@@ -355,7 +355,7 @@ fn consume(pipeline: &Pipeline, item: Decoded, out: &mut Recorder<'_>) -> Result
             }
             pipeline.evaluate(&events).emit(out)?;
             if pipeline.wants_checkpoint() {
-                pipeline.checkpoint().map_err(ReplayError::State)?;
+                pipeline.checkpoint_behind().map_err(ReplayError::State)?;
             }
         }
     }

@@ -28,6 +28,16 @@ pub(super) struct StoredClock {
     pub(super) sources: BTreeMap<String, i64>,
 }
 
+/// How a checkpoint reaches the store.
+enum Write<'a> {
+    /// Written before the checkpoint returns.
+    Now,
+    /// Written on a thread of its own ([`StateStore::write_behind`]).
+    Behind,
+    /// To the changelog first, then the store ([`StateStore::write_logged`]).
+    Logged(&'a mut dyn ChangelogWriter),
+}
+
 /// Window state figures (see [`Pipeline::state_stats`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StateStats {
@@ -70,7 +80,17 @@ impl Pipeline {
     /// [`Self::checkpoint`] of `input` ([`Self::input_for_checkpoint`]) with the guard state
     /// taken earlier by [`Self::guard_snapshot`], both from when the checkpoint began.
     pub fn checkpoint_with(&self, input: &Input, guard: Vec<u8>) -> Result<(), StateError> {
-        self.checkpoint_to(input, guard, None)
+        self.checkpoint_to(input, guard, Write::Now)
+    }
+
+    /// [`Self::checkpoint`], its write to the store on a thread of its own while evaluation
+    /// goes on (replay: the write is about half of a checkpoint's time on the thread that runs
+    /// the detectors). The next checkpoint, and anything that reads the store's metadata, waits
+    /// for it; a key the checkpoint deleted is read back, and keys are evicted, only after it.
+    /// A write that failed is this call's error next time, or the next checkpoint's.
+    pub fn checkpoint_behind(&self) -> Result<(), StateError> {
+        let guard = self.guard_snapshot();
+        self.checkpoint_to(&self.input_for_checkpoint(), guard, Write::Behind)
     }
 
     /// [`Self::checkpoint_with`], the checkpoint written to `log` first, then to the local
@@ -81,15 +101,10 @@ impl Pipeline {
         guard: Vec<u8>,
         log: &mut dyn ChangelogWriter,
     ) -> Result<(), StateError> {
-        self.checkpoint_to(input, guard, Some(log))
+        self.checkpoint_to(input, guard, Write::Logged(log))
     }
 
-    fn checkpoint_to(
-        &self,
-        input: &Input,
-        guard: Vec<u8>,
-        log: Option<&mut dyn ChangelogWriter>,
-    ) -> Result<(), StateError> {
+    fn checkpoint_to(&self, input: &Input, guard: Vec<u8>, write: Write<'_>) -> Result<(), StateError> {
         let mut windows = self.lock();
         let windows = &mut *windows;
         windows.since_checkpoint = 0;
@@ -97,6 +112,9 @@ impl Pipeline {
             return Ok(());
         };
         let started = std::time::Instant::now();
+        // The checkpoint before, if still being written, first (the windows forget which keys
+        // it deleted).
+        store.settle()?;
         // The windows' estimate, an eighth more for what it leaves out (deletions, expired
         // keys), and the metadata as large as last time.
         let unsaved: usize = windows.keyed.iter().map(|w| w.state.unsaved_bytes()).sum();
@@ -136,11 +154,13 @@ impl Pipeline {
         let bytes = commit.bytes();
         windows.meta_bytes = bytes - window_bytes;
         let before_write = started.elapsed();
-        match log {
-            Some(log) => {
+        let behind = matches!(write, Write::Behind);
+        match write {
+            Write::Logged(log) => {
                 store.write_logged(commit, log, bounds.expiry_now())?;
             }
-            None => store.write(commit)?,
+            Write::Now => store.write(commit)?,
+            Write::Behind => store.write_behind(commit, bounds.expiry_now())?,
         }
         tracing::debug!(
             rows,
@@ -149,19 +169,25 @@ impl Pipeline {
             encode_ms = encoded.as_millis() as u64,
             meta_ms = (before_write - encoded).as_millis() as u64,
             write_ms = (started.elapsed() - before_write).as_millis() as u64,
+            behind,
             watermark = clock.decided_until.unwrap_or(i64::MIN),
             sources = ?clock.sources,
             progress = ?input.progress.iter().map(|(s, p)| (s, p.next_offset)).collect::<Vec<_>>(),
             "checkpoint"
         );
-        // Only now: a key read back for a row decided in this batch must not look expired.
-        store.advance_clock(bounds.expiry_now());
+        // Only now: a key read back for a row decided in this batch must not look expired (a
+        // write behind advances it once written).
+        if !behind {
+            store.advance_clock(bounds.expiry_now());
+        }
         // One budget for all window states: nothing is evicted while the total fits, and past
         // it each state gives up its share of the excess (busy states keep more).
         let budget = self.config.state_cache_bytes;
         let total: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
         windows.in_use = 0;
         if total > budget {
+            // An evicted key is read back from the store: its latest changes must be there.
+            store.settle()?;
             for keyed in &mut windows.keyed {
                 let share = (keyed.state.cache_bytes() as u128 * budget as u128 / total as u128) as usize;
                 keyed.state.evict(share);

@@ -7,7 +7,7 @@ use rampart_state::codec::{
     set_header, split_chunk_key,
 };
 use rampart_state::{Commit, StateError, StateStore};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::rerun::{PendingRow, Rerun};
 use super::{Bounds, Kept, KeyedState};
@@ -103,6 +103,11 @@ impl KeyedState {
 
     pub(super) fn entry(&mut self, store: &StateStore, key: &[u8]) -> Result<&mut Entry, StateError> {
         if !self.cache.contains_key(key) {
+            if !self.deleted.is_empty() && (self.deleted.contains(key) || !store.writing()) {
+                // Deleted by a write that may still be running: read the store after it.
+                store.settle()?;
+                self.deleted = FxHashSet::default();
+            }
             let (value, agg) = match &self.kept {
                 Kept::Frames(aggregates) => {
                     let chunks = |kind| -> Result<Vec<(u64, Vec<u8>)>, StateError> {
@@ -196,8 +201,10 @@ impl KeyedState {
                 bytes += entry.bytes(key);
             }
         }
+        self.deleted.clear();
         for key in expired {
             self.cache.remove(&key);
+            self.deleted.insert(key);
         }
         self.cache_bytes = bytes;
         if matches!(self.kept, Kept::Frames(_)) {

@@ -37,7 +37,7 @@ use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, WindowAggregate, WindowSplit, WindowedDetector};
 use rampart_state::StateStore;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::decide::DecisionMaker;
 use crate::decide::triggers::TriggerStore;
@@ -107,6 +107,9 @@ pub struct KeyedState {
     tick: u64,
     /// About how many bytes the next checkpoint writes (see [`Self::unsaved_bytes`]).
     unsaved_bytes: usize,
+    /// The keys the latest checkpoint deleted (expired, or left with nothing), while its write
+    /// may still be running ([`StateStore::write_behind`]): reading one back waits for it.
+    deleted: FxHashSet<Box<[u8]>>,
 }
 
 /// What a window state keeps per key.
@@ -189,6 +192,7 @@ impl KeyedState {
             lateness,
             tick: 0,
             unsaved_bytes: 0,
+            deleted: FxHashSet::default(),
         })
     }
 

@@ -323,3 +323,41 @@ fn a_key_past_its_windows_and_the_lateness_leaves_the_cache_and_the_store() {
         assert_eq!(stored(&w), 0, "{name}: and the store");
     }
 }
+
+#[test]
+fn a_key_deleted_by_a_checkpoint_written_behind_is_read_back_after_the_write() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut w = Window::new(tmp.path(), EXACTLY_THREE);
+    w.step(&[("alice", 0, "Failure"), ("alice", 1, "Failure")], -1, 2, 2);
+    let mut commit = w.store.commit(0);
+    w.state.checkpoint(Window::bounds(2, 2), &mut commit);
+    w.store.write(commit).expect("written");
+    // Past alice's window and the lateness: the next checkpoint deletes her key, behind.
+    w.tick(12);
+    let bounds = Window::bounds(12, 12);
+    let mut commit = w.store.commit(0);
+    w.state.checkpoint(bounds, &mut commit);
+    assert_eq!(w.state.cached_keys(), 0, "alice left the cache");
+    assert_eq!(w.state.deleted.len(), 1, "her key is remembered as deleted");
+    w.store
+        .write_behind(commit, bounds.expiry_now())
+        .expect("started");
+    // She comes back at once: her key is read from the store once the delete is written, not
+    // from the chunks it removes.
+    let got = w.step(
+        &[
+            ("alice", 13, "Failure"),
+            ("alice", 14, "Failure"),
+            ("alice", 15, "Failure"),
+        ],
+        12,
+        30,
+        30,
+    );
+    assert!(
+        w.state.deleted.is_empty() && !w.store.writing(),
+        "the write was waited for"
+    );
+    assert_eq!(evidence(&got).len(), 1, "{got:?}");
+    assert_eq!(got[0].evidence["n"], 3);
+}
