@@ -8,11 +8,13 @@ use datafusion::arrow::array::{
     Array, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringArray, StringBuilder,
     TimestampMicrosecondArray, TimestampMicrosecondBuilder, UInt64Array, UInt64Builder,
 };
+use datafusion::arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 use rampart_core::{ColumnType, EventSchema, SourcePosition};
 
+use crate::input::decode::ChunkPool;
 use crate::input::mapping::{ExtraValue, MappedEvent};
 
 /// Why a record went to the dead letters.
@@ -135,6 +137,17 @@ impl EventBatch {
     pub fn raw(&self, i: usize) -> &str {
         self.strings(self.batch.num_columns() - 2).value(i)
     }
+
+    /// The buffer that held the raw texts, for the next batch to be built in (see
+    /// [`BatchBuilder`]), when nothing else holds it any more (no clone of the batch or of its
+    /// raw column is alive, and the batch was not filtered).
+    pub fn into_raw_buffer(self) -> Option<Vec<u8>> {
+        let raw = self.batch.column(self.batch.num_columns() - 2).to_data();
+        drop(self);
+        let values = raw.buffers().get(1)?.clone();
+        drop(raw);
+        values.into_vec::<u8>().ok()
+    }
 }
 
 /// Accumulates mapped events into Arrow column builders.
@@ -146,7 +159,13 @@ pub(crate) struct BatchBuilder {
     action: StringBuilder,
     optional: [StringBuilder; 4],
     extras: Vec<ExtraBuilder>,
-    raw: StringBuilder,
+    /// The raw texts and where each ends, built into buffers that come back from dropped
+    /// batches ([`EventBatch::into_raw_buffer`]) when the driver gives them to `raw_pool`: a
+    /// fresh buffer of a batch's size (most of its bytes) costs the kernel's zeroing of every
+    /// page, then copies as it grows.
+    raw: Vec<u8>,
+    raw_ends: Vec<i32>,
+    raw_pool: ChunkPool,
     row: UInt64Builder,
     positions: Vec<SourcePosition>,
     /// The row id the next event gets (the decoder numbers rows in input order).
@@ -184,7 +203,9 @@ impl BatchBuilder {
             action: StringBuilder::new(),
             optional: Default::default(),
             extras,
-            raw: StringBuilder::new(),
+            raw: Vec::new(),
+            raw_ends: vec![0],
+            raw_pool: ChunkPool::default(),
             row: UInt64Builder::new(),
             positions: Vec::with_capacity(capacity),
             next_row: 0,
@@ -195,9 +216,14 @@ impl BatchBuilder {
         self.positions.len()
     }
 
+    /// Builds the raw texts in buffers taken from `pool` (see [`Self::raw`]).
+    pub(crate) fn recycling_raw(&mut self, pool: ChunkPool) {
+        self.raw_pool = pool;
+    }
+
     /// Bytes of raw records held (most of a batch's memory).
     pub(crate) fn bytes(&self) -> usize {
-        self.raw.values_slice().len()
+        self.raw.len()
     }
 
     pub(crate) fn push(&mut self, event: MappedEvent, raw: &str, position: SourcePosition) {
@@ -221,7 +247,10 @@ impl BatchBuilder {
                 (ExtraBuilder::Timestamp(b), _) => b.append_null(),
             }
         }
-        self.raw.append_value(raw);
+        self.raw.extend_from_slice(raw.as_bytes());
+        let end =
+            i32::try_from(self.raw.len()).expect("a batch's raw texts stay under 2 GiB (max_batch_bytes)");
+        self.raw_ends.push(end);
         self.row.append_value(self.next_row + self.positions.len() as u64);
         self.positions.push(position);
     }
@@ -245,10 +274,14 @@ impl BatchBuilder {
                 ExtraBuilder::Timestamp(b) => Arc::new(b.finish()),
             }
         }));
-        let raw = self.raw.finish();
-        // The raw text is most of a batch's bytes: size the next builder like this batch so it
-        // never grows by copying.
-        self.raw = StringBuilder::with_capacity(self.capacity, raw.value_data().len());
+        // The raw text is most of a batch's bytes: the next one starts in a buffer at least as
+        // large as this one, so it does not grow by copying.
+        let next = self.raw_pool.take(self.raw.len());
+        let values = Buffer::from_vec(std::mem::replace(&mut self.raw, next));
+        let ends = std::mem::replace(&mut self.raw_ends, Vec::with_capacity(self.capacity + 1));
+        self.raw_ends.push(0);
+        let raw = StringArray::try_new(OffsetBuffer::new(ScalarBuffer::from(ends)), values, None)
+            .expect("raw texts are pushed as text");
         columns.push(Arc::new(raw));
         columns.push(Arc::new(self.row.finish()));
         let batch = RecordBatch::try_new(Arc::clone(self.schema.arrow()), columns)

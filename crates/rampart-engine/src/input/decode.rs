@@ -80,7 +80,7 @@ impl ChunkPool {
     }
 
     /// An empty buffer of at least `capacity` bytes.
-    fn take(&self, capacity: usize) -> Vec<u8> {
+    pub(crate) fn take(&self, capacity: usize) -> Vec<u8> {
         let given = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut buffer = given.unwrap_or_default();
         buffer.reserve(capacity);
@@ -111,6 +111,13 @@ impl Decoder {
             format,
             limits,
         }
+    }
+
+    /// Builds batches' raw texts in buffers taken from `pool`, where the driver gives back
+    /// those of dropped batches ([`EventBatch::into_raw_buffer`]).
+    pub fn recycling_raw(mut self, pool: ChunkPool) -> Self {
+        self.builder.recycling_raw(pool);
+        self
     }
 
     /// Where the decoding threads give back the chunk buffers of this (chunking) decoder once
@@ -967,6 +974,58 @@ mod tests {
             }
         }
         collect(decoded)
+    }
+
+    #[test]
+    fn a_dropped_batchs_raw_buffer_comes_back_for_the_next_batches() {
+        let pool = ChunkPool::default();
+        let mut d = decoder(InputFormat::JsonLines, 200).recycling_raw(pool.clone());
+        let record = |i: usize| format!(r#"{{"t": "2024-07-31T13:06:2{i}Z", "a": "actor-{i}", "x": "X"}}"#);
+        let text: String = (0..6).map(|i| record(i) + "\n").collect();
+        let mut batches = Vec::new();
+        d.decode_text("input", &text, &mut |o| {
+            if let Decoded::Batch(b) = o {
+                batches.push(b);
+            }
+        })
+        .expect("in memory");
+        d.flush(&mut |o| {
+            if let Decoded::Batch(b) = o {
+                batches.push(b);
+            }
+        });
+        assert_eq!(batches.len(), 3, "two records a batch");
+        let raws: Vec<String> = batches
+            .iter()
+            .flat_map(|b| (0..2).map(|i| b.raw(i).to_string()))
+            .collect();
+        assert_eq!(raws, (0..6).map(record).collect::<Vec<_>>());
+        let held = batches[0].batch.clone();
+        let first = batches.remove(0);
+        let same_data = first.clone();
+        assert!(
+            first.into_raw_buffer().is_none(),
+            "a clone of the batch still holds it"
+        );
+        drop(same_data);
+        drop(held);
+        let second = batches.remove(0);
+        let buffer = second.into_raw_buffer().expect("nothing else holds it");
+        assert_eq!(buffer, (record(2) + &record(3)).into_bytes());
+        let at = buffer.as_ptr();
+        pool.give(buffer);
+        let mut next = Vec::new();
+        d.decode_text("more", &text, &mut |o| {
+            if let Decoded::Batch(b) = o {
+                next.push(b);
+            }
+        })
+        .expect("in memory");
+        let built_in = next.iter().any(|b| {
+            let raw = b.batch.column(b.batch.num_columns() - 2).to_data();
+            raw.buffers()[1].as_ptr() == at
+        });
+        assert!(built_in, "a later batch is built in the buffer given back");
     }
 
     fn run_with(mut d: Decoder, text: &str) -> Outcome {
