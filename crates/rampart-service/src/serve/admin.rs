@@ -241,8 +241,7 @@ impl Service<'_> {
         };
         pipeline.set_live(idleness(&pipeline));
         self.pipeline = Arc::new(pipeline);
-        self.decoding
-            .replace(self.pipeline.decoder().recycling_raw(self.raw_buffers.clone()));
+        self.decoding.replace(self.pipeline.decoder());
         self.join_group();
         // (The new pipeline's clock learns the assignment and the lagging partitions again.)
         self.assignments_seen = u64::MAX;

@@ -29,12 +29,7 @@ impl Service<'_> {
     ) -> Result<(), ServiceError> {
         for work in backlog.drain(..n.min(backlog.len())) {
             match work {
-                Work::Batch(batch) => {
-                    self.pipeline.evaluate_windowed(&batch).emit(self)?;
-                    if let Some(buffer) = batch.into_raw_buffer() {
-                        self.raw_buffers.give(buffer);
-                    }
-                }
+                Work::Batch(batch) => self.pipeline.evaluate_windowed(&batch).emit(self)?,
                 Work::Marks(marks) => {
                     // After the windows saw the rows before them.
                     let task = self.task.as_mut().expect("marks come to a task");

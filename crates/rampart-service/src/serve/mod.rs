@@ -22,7 +22,6 @@ use std::sync::Mutex;
 use rampart_core::parse_kafka_source;
 use rampart_enforce::signing::Signer;
 use rampart_engine::guardrails::audit::{self, AuditLog};
-use rampart_engine::input::decode::ChunkPool;
 use rampart_engine::pipeline::config::KafkaConfig;
 use rampart_engine::pipeline::tables::TableSource;
 use rampart_engine::{EventBatch, Pipeline, StateChoice};
@@ -256,8 +255,7 @@ impl<'a> Service<'a> {
             options,
         } = parts;
         let audit = open_audit(&pipeline, &metrics, &instance_name(&options.env))?;
-        let raw_buffers = ChunkPool::default();
-        let decoding = decoding::Decoding::start(pipeline.decoder().recycling_raw(raw_buffers.clone()));
+        let decoding = decoding::Decoding::start(pipeline.decoder());
         pipeline.set_live(idleness(&pipeline));
         let watched = watch::Fingerprint::of(&pipeline.dir);
         Ok(Self {
@@ -276,7 +274,6 @@ impl<'a> Service<'a> {
             summary: RunSummary::default(),
             topics: BTreeMap::new(),
             decoding,
-            raw_buffers,
             warned_detectors: Vec::new(),
             signer,
             tripped: false,
@@ -519,9 +516,6 @@ struct Service<'a> {
     topics: BTreeMap<String, Arc<str>>,
     /// Maps messages into event batches, on a thread of its own.
     decoding: decoding::Decoding,
-    /// The raw-text buffers of batches the windows are done with, for the decoding thread to
-    /// build the next batches in (see [`rampart_engine::EventBatch::into_raw_buffer`]).
-    raw_buffers: ChunkPool,
     /// Detectors whose run-time failure was already logged.
     warned_detectors: Vec<String>,
     /// Whether the batch being published tripped the blast-radius fail-safe.
