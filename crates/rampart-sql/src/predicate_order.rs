@@ -56,12 +56,11 @@ impl PhysicalOptimizerRule for CheapPredicatesFirst {
             };
             let conjuncts = split_conjunction(filter.predicate());
             let mut ordered: Vec<(u64, Arc<dyn PhysicalExpr>)> =
-                conjuncts.into_iter().map(|e| (cost(e), Arc::clone(e))).collect();
+                conjuncts.iter().map(|e| (cost(e), Arc::clone(e))).collect();
             ordered.sort_by_key(|(c, _)| *c);
             let schema = filter.input().schema();
             let last = ordered.len().saturating_sub(1);
-            let mut changed = false;
-            let mut ordered: Vec<Arc<dyn PhysicalExpr>> = ordered
+            let ordered: Vec<Arc<dyn PhysicalExpr>> = ordered
                 .into_iter()
                 .enumerate()
                 .map(|(i, (_, e))| {
@@ -74,13 +73,14 @@ impl PhysicalOptimizerRule for CheapPredicatesFirst {
                     Ok(e)
                 })
                 .collect::<Result<_>>()?;
-            for (new, old) in ordered.iter().zip(split_conjunction(filter.predicate())) {
-                changed |= !Arc::ptr_eq(new, old);
-            }
-            if !changed {
+            let unchanged = ordered
+                .iter()
+                .zip(&conjuncts)
+                .all(|(new, old)| Arc::ptr_eq(new, old));
+            if unchanged {
                 return Ok(Transformed::no(node));
             }
-            let predicate = conjunction(ordered.drain(..));
+            let predicate = conjunction(ordered);
             let rebuilt = FilterExecBuilder::from(filter)
                 .with_predicate(predicate)
                 .build()?;
