@@ -16,6 +16,7 @@ events each detector keeps. Deterministic for a given input.
 
 import argparse
 import collections
+import itertools
 import json
 import re
 from pathlib import Path
@@ -44,7 +45,7 @@ def rare_calls(input_path, sample):
 
 def variant(text, base_id, number, calls):
     """Detector `text` as variant `number`: each service/API constant names the next call."""
-    turn = iter(range(number, number + 1000))
+    turn = itertools.count(number)
 
     def call():
         return calls[next(turn) % len(calls)]
@@ -81,7 +82,7 @@ def main():
     for name, text in shipped[: args.count]:
         (args.out / name).write_text(text)
     for i in range(args.count - len(shipped)):
-        name, text = shipped[i % len(shipped)]
+        _, text = shipped[i % len(shipped)]
         base_id = ID.search(text).group(1)
         number = i + 1
         (args.out / f"{base_id}-v{number}.sql").write_text(variant(text, base_id, number, calls))
