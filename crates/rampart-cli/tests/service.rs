@@ -2279,6 +2279,37 @@ fn scale_out_run(
         decided.len(),
         restored.len()
     );
+    if reference.keys().any(|id| !decided.contains_key(id)) {
+        // Decisions missing: were the forwarded records on the broker? (What each state
+        // partition's loop took is in the logs: `events=N` before `state partition released`.)
+        for topic in [
+            "group-repartition",
+            "group-repartition-by-origin",
+            "group-repartition-single",
+        ] {
+            let positions: BTreeSet<(String, String)> = drain(broker, topic, Duration::from_secs(3))
+                .into_iter()
+                .filter_map(|c| {
+                    Some((
+                        c.headers.get("rampart.partition")?.clone(),
+                        c.headers.get("rampart.offset")?.clone(),
+                    ))
+                })
+                .collect();
+            eprintln!("{topic}/0 holds {} distinct forwarded records", positions.len());
+        }
+        for (i, l) in logs.iter().enumerate() {
+            let taken: Vec<&str> = l
+                .lines()
+                .filter(|l| {
+                    l.contains("stopped cleanly events=")
+                        || l.contains("state partition released")
+                        || l.contains("from the gap")
+                })
+                .collect();
+            eprintln!("instance {i}: {}", taken.join("\n"));
+        }
+    }
     if kill {
         assert!(
             !restored.is_empty(),

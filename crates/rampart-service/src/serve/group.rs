@@ -200,6 +200,79 @@ pub(crate) struct Task {
     pub(super) marked_behind: BTreeMap<String, (bool, Instant)>,
     /// Offsets of the repartition topic to commit, for the group member owning it.
     pub(super) commits: mpsc::Sender<TopicPartitionList>,
+    /// Whether the repartition partition's records come without a gap.
+    pub(super) continuity: Continuity,
+}
+
+/// How long a state partition's loop reads a gap of its repartition partition again before
+/// it takes the records after it (the ones in the gap are then lost: deleted by retention).
+const GAP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The offsets of a state partition's repartition partition, as its loop reads them. They
+/// follow one another: the topic is written by idempotent producers without transactions and
+/// never compacted, so there is no control record and no compacted-away offset between two
+/// records. A record past the next offset means the broker showed a later batch before an
+/// earlier one, and a consumer that took it would never see the earlier one. (Tansu 0.6, the
+/// local broker, moves a partition's high watermark before it has stored the batch, so with
+/// several instances writing to one partition a fetch may find the batch written second while
+/// the first is still being stored.) The loop reads from the gap again instead, until the
+/// records come or, after [`GAP_PATIENCE`], takes them as deleted.
+#[derive(Debug, Default)]
+pub(crate) struct Continuity {
+    /// The offset the next record must have (`None`: not known yet).
+    next: Option<i64>,
+    /// A gap being read again: its first offset, since when.
+    gap: Option<(i64, Instant)>,
+}
+
+/// What to do with a record of the repartition partition (see [`Continuity::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// The next record: take it.
+    Take,
+    /// A record taken already (the consumer went back to a gap): skip it.
+    Again,
+    /// A record past a gap: read again from `from`.
+    Gap { from: i64 },
+    /// A record past a gap that did not fill in time: take it; the records from `from` to
+    /// before it are lost.
+    Lost { from: i64 },
+}
+
+impl Continuity {
+    /// Reading from `start` (`None`: the group's committed offset, not known here).
+    pub(crate) fn from(start: Option<i64>) -> Self {
+        Self {
+            next: start,
+            gap: None,
+        }
+    }
+
+    /// Checks the record at `offset`, read at `now`.
+    pub(crate) fn check(&mut self, offset: i64, now: Instant) -> Step {
+        match self.next {
+            Some(next) if offset < next => return Step::Again,
+            Some(next) if offset > next => {
+                let since = match self.gap {
+                    Some((from, since)) if from == next => since,
+                    _ => {
+                        self.gap = Some((next, now));
+                        now
+                    }
+                };
+                if now.duration_since(since) < GAP_PATIENCE {
+                    return Step::Gap { from: next };
+                }
+                self.gap = None;
+                self.next = Some(offset + 1);
+                return Step::Lost { from: next };
+            }
+            _ => {}
+        }
+        self.gap = None;
+        self.next = Some(offset + 1);
+        Step::Take
+    }
 }
 
 /// Kafka's default partitioner's hash (murmur2 as in `org.apache.kafka.common.utils.Utils`):
@@ -777,6 +850,10 @@ fn run_worker(
         tracked: false,
         marked_behind: BTreeMap::new(),
         commits: shared.commits.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        continuity: Continuity::from(match start {
+            Offset::Offset(at) => Some(at),
+            _ => None,
+        }),
     };
     tracing::info!(topic = %route.repartition, partition, "state partition running");
     let mut service = Service::new(Parts {
@@ -1427,6 +1504,36 @@ impl Service<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gap_in_the_repartition_partition_is_read_again_until_it_fills_or_expires() {
+        let t0 = Instant::now();
+        let mut c = Continuity::from(Some(10));
+        assert_eq!(c.check(10, t0), Step::Take);
+        assert_eq!(c.check(11, t0), Step::Take);
+        // The broker showed 15 before 12-14 were stored: read from 12 again.
+        assert_eq!(c.check(15, t0), Step::Gap { from: 12 });
+        assert_eq!(c.check(16, t0 + Duration::from_millis(5)), Step::Gap { from: 12 });
+        // Once they come, reading goes on; what was read before the gap is skipped.
+        assert_eq!(c.check(11, t0 + Duration::from_millis(10)), Step::Again);
+        for o in 12..=16 {
+            assert_eq!(c.check(o, t0 + Duration::from_millis(10)), Step::Take);
+        }
+        // A gap that never fills (deleted by retention) is taken as lost after the patience,
+        // counted from when it was first found.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(c.check(20, t1), Step::Gap { from: 17 });
+        assert_eq!(c.check(20, t1 + GAP_PATIENCE / 2), Step::Gap { from: 17 });
+        assert_eq!(c.check(20, t1 + GAP_PATIENCE), Step::Lost { from: 17 });
+        assert_eq!(c.check(21, t1 + GAP_PATIENCE), Step::Take);
+        // Another gap starts its own patience.
+        let t2 = t1 + GAP_PATIENCE * 2;
+        assert_eq!(c.check(30, t2), Step::Gap { from: 22 });
+        // Not knowing where reading starts, the first record sets it.
+        let mut c = Continuity::from(None);
+        assert_eq!(c.check(7, t0), Step::Take);
+        assert_eq!(c.check(9, t0), Step::Gap { from: 8 });
+    }
 
     #[test]
     fn murmur2_is_the_java_clients_hash() {

@@ -16,6 +16,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::Service;
 use super::decoding::Polled;
+use super::group::Step;
 use crate::ServiceError;
 use crate::metrics::{PartitionLabels, now_ms};
 
@@ -132,6 +133,39 @@ impl Service<'_> {
                 }
                 Some(Ok(m)) => m,
             };
+            if let Some(task) = self.task.as_mut() {
+                // Scale-out: the repartition partition's records one after another, with no gap.
+                match task.continuity.check(message.offset(), Instant::now()) {
+                    Step::Take => {}
+                    Step::Again => continue,
+                    Step::Gap { from } => {
+                        tracing::info!(
+                            topic = %task.topic,
+                            partition = task.partition,
+                            from,
+                            shown = message.offset(),
+                            "the broker showed a later record before earlier ones: reading again from the gap"
+                        );
+                        if let Err(e) = self.consumer.seek(
+                            &task.topic,
+                            task.partition,
+                            Offset::Offset(from),
+                            Duration::from_secs(5),
+                        ) {
+                            tracing::warn!(topic = %task.topic, partition = task.partition, error = %e, "seek");
+                        }
+                        // (The round ends here; the next one reads from the gap.)
+                        break;
+                    }
+                    Step::Lost { from } => tracing::error!(
+                        topic = %task.topic,
+                        partition = task.partition,
+                        from,
+                        to = message.offset() - 1,
+                        "records of the repartition partition never came (deleted by retention?): lost"
+                    ),
+                }
+            }
             // Seen by the rebalance callback: a re-assignment resumes after what the window
             // state in memory already holds (or what is being decoded for it).
             self.offsets.lock().unwrap_or_else(|p| p.into_inner()).insert(
