@@ -100,6 +100,8 @@ pub struct EventClock {
     now: Option<Instant>,
     /// The last Kafka source looked up: (topic, partition, index).
     last_lookup: Option<(std::sync::Arc<str>, i32, usize)>,
+    /// The live input ended (see [`Self::end_input`]), and no record came since.
+    ended: bool,
 }
 
 /// Why a record is late.
@@ -122,6 +124,7 @@ impl EventClock {
             complete: i64::MIN,
             now: None,
             last_lookup: None,
+            ended: false,
         }
     }
 
@@ -209,6 +212,14 @@ impl EventClock {
         }
     }
 
+    /// The live input ended: a service stopping at the end of its partitions (`--until-end`)
+    /// knows from the broker that no record is left, so the stream counts as quiet at once, as
+    /// it would after `quiet_after` without a record (the watermark does not move). A record
+    /// observed afterwards undoes it.
+    pub fn end_input(&mut self) {
+        self.ended = true;
+    }
+
     /// Restores the watermark and the sources' newest times of a checkpoint.
     pub fn restore(&mut self, watermark: i64, sources: impl IntoIterator<Item = (String, i64)>) {
         self.watermark = self.watermark.max(watermark);
@@ -250,6 +261,7 @@ impl EventClock {
     /// A record of source `source` at event time `time`: `Err` when it is late (older than its
     /// source's newest time by more than the allowed lateness, or older than the watermark).
     pub fn observe(&mut self, source: usize, time: i64) -> Result<(), Late> {
+        self.ended = false;
         let (lateness, watermark, now) = (self.lateness, self.watermark, self.now);
         let s = &mut self.sources[source];
         if now.is_some() {
@@ -283,7 +295,7 @@ impl EventClock {
         let watermark = self.watermark.max(candidate.unwrap_or(i64::MIN));
         // A stream gone quiet (no source has given a record for a moment, none known to
         // have more) has all its rows' peers; otherwise the slowest active source's newest.
-        let all_quiet = !self.sources.is_empty() && self.sources.iter().all(quiet);
+        let all_quiet = !self.sources.is_empty() && (self.ended || self.sources.iter().all(quiet));
         let complete = if all_quiet {
             i64::MAX
         } else {
@@ -391,6 +403,39 @@ mod tests {
         assert!(clock.observe(s, 8 * MIN).is_err());
         clock.advance();
         assert_eq!((clock.watermark(), clock.complete_before()), (9 * MIN, 10 * MIN));
+    }
+
+    #[test]
+    fn an_ended_input_counts_as_quiet_at_once_until_a_record_comes() {
+        let topic: Arc<str> = "events".into();
+        let start = Instant::now();
+        let mut clock = EventClock::new(MIN);
+        clock.set_idleness(
+            Idleness {
+                idle_after: Duration::from_secs(30),
+                quiet_after: Duration::from_secs(1),
+            },
+            start,
+        );
+        clock.track(&[kafka_source("events", 0), kafka_source("events", 1)]);
+        let p0 = clock.source_of(&at(&topic, 0));
+        clock.observe(p0, 10 * MIN).expect("first");
+        clock.advance();
+        assert_eq!(clock.complete_before(), i64::MIN, "partition 1 may have records");
+        // The service found both partitions at their end: complete now, without waiting for
+        // the quiet period; the watermark does not move.
+        clock.end_input();
+        clock.advance();
+        assert_eq!(clock.complete_before(), i64::MAX);
+        assert_eq!(clock.watermark(), i64::MIN);
+        // A record after it: the input had not ended.
+        clock.observe(p0, 11 * MIN).expect("later");
+        clock.advance();
+        assert_eq!(
+            clock.complete_before(),
+            i64::MIN,
+            "partition 1 may have records again"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub(super) enum ClockChange {
     Track(Vec<String>),
     Flags(String, Option<bool>, Option<bool>),
     Note(String, i64, bool),
+    Ended,
 }
 
 /// Where event time stands (see [`rampart_core::clock`]).
@@ -63,6 +64,12 @@ impl Pipeline {
         self.post(ClockChange::Note(name.to_string(), newest, gave_records));
     }
 
+    /// The live input ended: no record is left on any source (see
+    /// [`rampart_core::EventClock::end_input`]). Takes effect at the next evaluation.
+    pub fn input_ended(&self) {
+        self.post(ClockChange::Ended);
+    }
+
     pub(super) fn post(&self, change: ClockChange) {
         self.clock_inbox
             .lock()
@@ -80,6 +87,7 @@ impl Pipeline {
                 ClockChange::Track(names) => clock.track(&names),
                 ClockChange::Flags(name, paused, behind) => clock.set_flags(&name, paused, behind),
                 ClockChange::Note(name, newest, gave) => clock.note(&name, newest, gave),
+                ClockChange::Ended => clock.end_input(),
             }
         }
     }

@@ -813,12 +813,12 @@ impl Service<'_> {
         Ok(())
     }
 
-    /// Whether every assigned partition is consumed to its end: nothing came for a moment (at
-    /// least the quiet period: the stream's last rows count as complete), and the broker's
-    /// high watermarks say nothing is left (asked at most twice a second).
+    /// Whether every assigned partition is consumed to its end: nothing came for a moment
+    /// (200 ms), and the broker's high watermarks say nothing is left (asked at most twice a
+    /// second). (It need not wait for the quiet period: [`Self::end_of_input`] makes the
+    /// stream quiet.)
     fn at_end(&mut self, timers: &mut Timers) -> bool {
-        let quiet = self.pipeline.config.service.quiet_after + 2 * TICK_EVERY;
-        if timers.last_message.elapsed() < quiet.max(Duration::from_millis(200))
+        if timers.last_message.elapsed() < Duration::from_millis(200)
             || timers.last_end_check.elapsed() < Duration::from_millis(500)
         {
             return false;
@@ -833,7 +833,8 @@ impl Service<'_> {
     }
 
     /// At the end of the input (`--until-end`): nothing is left behind, so the stream is
-    /// quiet and its last rows complete; paused partitions are at their end too.
+    /// quiet and its last rows complete now, as they would be after the quiet period with no
+    /// record; paused partitions are at their end too.
     fn end_of_input(&mut self) -> Result<(), ServiceError> {
         tracing::info!("every assigned partition consumed to its end");
         // Every assigned partition, told or not by the statistics (one never told counts as
@@ -861,6 +862,7 @@ impl Service<'_> {
                 tracing::debug!(partition = %topic, error = %e, "resume at the end");
             }
         }
+        self.pipeline.input_ended();
         self.pipeline.tick().emit(self)
     }
 }
