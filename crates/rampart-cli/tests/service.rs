@@ -2198,6 +2198,23 @@ fn scale_out_run(
     let reference = reference_run_with(broker, tmp, total, with_routed_windows);
     let (decided, repeats) =
         wait_for_decisions(broker, "decisions", reference.len(), Duration::from_secs(180));
+    if reference.keys().any(|id| !decided.contains_key(id)) {
+        // Decisions missing: suppressed as repeats by a guard, or made and not on the topic?
+        for (i, s) in instances.iter().enumerate() {
+            let counts: Vec<String> = s
+                .get("/metrics")
+                .map(|(_, body)| {
+                    body.lines()
+                        .filter(|l| {
+                            l.starts_with("rampart_suppressed") || l.starts_with("rampart_decisions_total")
+                        })
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            eprintln!("instance {i}, its metrics: {}", counts.join("; "));
+        }
+    }
     if !kill {
         // An operator's revocation sent to one instance reaches the instance owning the actor's
         // state partition, wherever it is: one revoke decision per actor, from the group.
