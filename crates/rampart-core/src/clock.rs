@@ -405,8 +405,9 @@ mod tests {
         assert_eq!((clock.watermark(), clock.complete_before()), (9 * MIN, 10 * MIN));
     }
 
-    #[test]
-    fn an_ended_input_counts_as_quiet_at_once_until_a_record_comes() {
+    /// A clock over partitions 0 and 1 of `events` (idle after 30 s, quiet after 1 s) that saw
+    /// one record, at 10 minutes, on partition 0: the clock, partition 0's source, its start.
+    fn two_partitions_one_at_ten_minutes() -> (EventClock, usize, Instant) {
         let topic: Arc<str> = "events".into();
         let start = Instant::now();
         let mut clock = EventClock::new(MIN);
@@ -421,6 +422,12 @@ mod tests {
         let p0 = clock.source_of(&at(&topic, 0));
         clock.observe(p0, 10 * MIN).expect("first");
         clock.advance();
+        (clock, p0, start)
+    }
+
+    #[test]
+    fn an_ended_input_counts_as_quiet_at_once_until_a_record_comes() {
+        let (mut clock, p0, _) = two_partitions_one_at_ten_minutes();
         assert_eq!(clock.complete_before(), i64::MIN, "partition 1 may have records");
         // The service found both partitions at their end: complete now, without waiting for
         // the quiet period; the watermark does not move.
@@ -440,20 +447,7 @@ mod tests {
 
     #[test]
     fn idle_partitions_stop_holding_the_watermark_and_quiet_ones_count_as_complete() {
-        let topic: Arc<str> = "events".into();
-        let start = Instant::now();
-        let mut clock = EventClock::new(MIN);
-        clock.set_idleness(
-            Idleness {
-                idle_after: Duration::from_secs(30),
-                quiet_after: Duration::from_secs(1),
-            },
-            start,
-        );
-        clock.track(&[kafka_source("events", 0), kafka_source("events", 1)]);
-        let p0 = clock.source_of(&at(&topic, 0));
-        clock.observe(p0, 10 * MIN).expect("first");
-        clock.advance();
+        let (mut clock, _, start) = two_partitions_one_at_ten_minutes();
         assert_eq!(clock.watermark(), i64::MIN, "partition 1 holds it");
         assert_eq!(clock.complete_before(), i64::MIN);
         // Their lag is not known yet (they may have a backlog): not quiet after the period.
@@ -483,7 +477,7 @@ mod tests {
         clock.advance();
         assert_eq!(clock.watermark(), 9 * MIN);
         // Partition 1 wakes up behind the watermark: its old records are late now.
-        let p1 = clock.source_of(&at(&topic, 1));
+        let p1 = clock.source_of(&at(&"events".into(), 1));
         assert!(clock.observe(p1, 5 * MIN).is_err());
         clock.observe(p1, 9 * MIN).expect("at the watermark");
         clock.advance();
