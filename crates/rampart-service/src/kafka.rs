@@ -78,8 +78,8 @@ pub fn client_configs(kafka: &KafkaConfig, env: &[(String, String)]) -> (ClientC
         // benchmarks/README.md, "Throughput per core").
         .set("fetch.queue.backoff.ms", "10")
         // (Each partition's lag tells the event-time clock whether a silent partition is idle
-        // or still has records to give.)
-        .set("statistics.interval.ms", "1000");
+        // or still has records to give, and `--until-end` when the input is consumed.)
+        .set("statistics.interval.ms", "250");
     let mut producer = ClientConfig::new();
     producer
         .set("bootstrap.servers", brokers)
@@ -258,6 +258,9 @@ impl ClientContext for ConsumerCallbacks {
 
     fn stats(&self, statistics: Statistics) {
         note_statistics(&statistics, &self.metrics, &self.behind);
+        self.health
+            .statistics
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 }
 

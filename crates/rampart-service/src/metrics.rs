@@ -427,6 +427,9 @@ pub struct Health {
     pub assigned: AtomicU64,
     /// Counts assignments and revocations (the loop re-reads the assignment when it changes).
     pub assignments: AtomicU64,
+    /// Counts the consumer's statistics reports (`--until-end` trusts an end only once a
+    /// report came after the last message: see `Service::at_end`).
+    pub statistics: AtomicU64,
     /// Notes shown by /readyz whether ready or not (detectors in fail-safe shadow, a refused
     /// reload).
     notes: Mutex<Vec<String>>,

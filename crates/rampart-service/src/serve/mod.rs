@@ -574,6 +574,9 @@ struct Timers {
     last_message: Instant,
     last_end_check: Instant,
     last_end_note: Instant,
+    /// The consumer's statistics reports counted when a check first found every partition at
+    /// its end, and the last message then (see [`Service::at_end`]).
+    end_seen: Option<(u64, Instant)>,
     /// Whether a message was consumed yet (logged once).
     consumed: bool,
 }
@@ -586,6 +589,7 @@ impl Timers {
             last_message: now,
             last_end_check: now,
             last_end_note: now,
+            end_seen: None,
             consumed: false,
         }
     }
@@ -814,22 +818,38 @@ impl Service<'_> {
     }
 
     /// Whether every assigned partition is consumed to its end: nothing came for a moment
-    /// (200 ms), and the broker's high watermarks say nothing is left (asked at most twice a
-    /// second). (It need not wait for the quiet period: [`Self::end_of_input`] makes the
-    /// stream quiet.)
+    /// (200 ms), the broker's high watermarks say nothing is left (asked at most twice a
+    /// second), and so does a report of the consumer's fetches made since. (It need not wait
+    /// for the quiet period: [`Self::end_of_input`] makes the stream quiet.)
     fn at_end(&mut self, timers: &mut Timers) -> bool {
-        if timers.last_message.elapsed() < Duration::from_millis(200)
-            || timers.last_end_check.elapsed() < Duration::from_millis(500)
-        {
+        if timers.last_message.elapsed() < Duration::from_millis(200) {
+            return false;
+        }
+        // The end the broker lists may be short (the start of its last record batch), and the
+        // consumer's fetches, which say more, are reported a few times a second: an end counts
+        // only when a report that came after the watermarks agreed, with no message since,
+        // agrees too.
+        let reports = self.health.statistics.load(Ordering::Acquire);
+        let confirming = matches!(timers.end_seen,
+            Some((seen, last)) if last == timers.last_message && reports > seen);
+        if !confirming && timers.last_end_check.elapsed() < Duration::from_millis(500) {
             return false;
         }
         timers.last_end_check = Instant::now();
         let behind = self.partitions_behind();
-        if !behind.is_empty() && timers.last_end_note.elapsed() >= Duration::from_secs(10) {
-            tracing::info!(events = self.summary.events, ?behind, "not yet at the end");
-            timers.last_end_note = Instant::now();
+        if !behind.is_empty() {
+            if timers.last_end_note.elapsed() >= Duration::from_secs(10) {
+                tracing::info!(events = self.summary.events, ?behind, "not yet at the end");
+                timers.last_end_note = Instant::now();
+            }
+            timers.end_seen = None;
+            return false;
         }
-        behind.is_empty()
+        if confirming {
+            return true;
+        }
+        timers.end_seen = Some((reports, timers.last_message));
+        false
     }
 
     /// At the end of the input (`--until-end`): nothing is left behind, so the stream is
