@@ -152,6 +152,8 @@ impl<'a> Restore<'a> {
 mod tests {
     use super::*;
     use crate::codec::{FRAME_CHUNK, chunk_key, row_key, set_header};
+    use crate::store::Commit;
+    use std::sync::{Arc, Mutex};
 
     fn value(expires: i64, body: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
@@ -263,6 +265,65 @@ mod tests {
         let mut want = entries(&original);
         want.retain(|(k, _)| k != &[&[ROWS_TAG][..], &bob].concat());
         assert_eq!(entries(&rebuilt), want);
+    }
+
+    /// Checkpoint `n` of a key's row and chunk (the chunk deleted after the first).
+    fn checkpoint_n<'s>(store: &'s StateStore, n: u8) -> Commit<'s> {
+        let mut commit = store.commit(0);
+        commit.row(&row_key(b"d\0", b"alice"), Some(&value(100, &[b'a', n])));
+        let chunk = chunk_key(b"d\0", FRAME_CHUNK, b"alice", 1);
+        commit.chunk(&chunk, (n == 1).then(|| value(100, b"c")).as_deref());
+        commit.meta("progress", Some(&[n]));
+        commit
+    }
+
+    #[test]
+    fn a_checkpoint_logged_behind_logs_and_stores_what_one_logged_at_once_does() {
+        let alice = row_key(b"d\0", b"alice");
+        let chunk = chunk_key(b"d\0", FRAME_CHUNK, b"alice", 1);
+        let at_once = StateStore::temporary().expect("opens");
+        let mut log = Log::default();
+        for n in 1..=2 {
+            at_once
+                .write_logged(checkpoint_n(&at_once, n), &mut log, 10 * i64::from(n))
+                .expect("writes");
+        }
+        let behind = StateStore::temporary().expect("opens");
+        let shared = Arc::new(Mutex::new(Log::default()));
+        for n in 1..=2 {
+            // (The second waits for the first.)
+            behind
+                .write_logged_behind(checkpoint_n(&behind, n), shared.clone(), 10 * i64::from(n))
+                .expect("starts");
+        }
+        behind.settle().expect("written");
+        assert_eq!(shared.lock().expect("log").0, log.0);
+        for key in [&alice, &chunk] {
+            assert_eq!(behind.get(key).expect("reads"), at_once.get(key).expect("reads"));
+        }
+        assert_eq!(behind.meta("progress").expect("reads"), Some(vec![2]));
+        let logged =
+            |store: &StateStore| -> Logged { store.meta_json(LOGGED_META).expect("reads").expect("present") };
+        assert_eq!(logged(&behind).checkpoint, 2);
+        assert_eq!(logged(&behind).next_offset, logged(&at_once).next_offset);
+
+        // A log that refuses: the store keeps the checkpoint before, and the error is the
+        // next one's (or settling's).
+        struct Refusing;
+        impl ChangelogWriter for Refusing {
+            fn entry(&mut self, _: &[u8], _: Option<&[u8]>) -> Result<(), String> {
+                Err("the broker is gone".into())
+            }
+            fn commit(&mut self, _: &Marker) -> Result<Logged, String> {
+                unreachable!("no entry was written")
+            }
+        }
+        behind
+            .write_logged_behind(checkpoint_n(&behind, 3), Arc::new(Mutex::new(Refusing)), 30)
+            .expect("starts");
+        let error = behind.settle().expect_err("the write failed");
+        assert!(error.to_string().contains("the broker is gone"), "{error}");
+        assert_eq!(behind.meta("progress").expect("reads"), Some(vec![2]));
     }
 
     #[test]

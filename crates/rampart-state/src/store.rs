@@ -73,7 +73,7 @@ pub enum StateError {
 pub struct StateStore {
     db: Arc<DB>,
     /// A checkpoint being written on a thread of its own ([`Self::write_behind`]).
-    behind: Mutex<Option<std::thread::JoinHandle<Result<(), rocksdb::Error>>>>,
+    behind: Mutex<Option<std::thread::JoinHandle<Result<(), StateError>>>>,
     path: PathBuf,
     /// Values that expire before this event time are dropped by compactions.
     clock: Arc<AtomicI64>,
@@ -323,30 +323,17 @@ impl StateStore {
         expired_before: i64,
     ) -> Result<Logged, StateError> {
         self.log_expired(true);
-        let mut entries = 0u64;
-        for key in self.take_expired()? {
-            log.entry(&key, None).map_err(StateError::Changelog)?;
-            entries += 1;
-        }
-        let mut failed = None;
-        commit.for_each_entry(|key, value| {
-            if failed.is_none()
-                && let Err(e) = log.entry(key, value)
-            {
-                failed = Some(e);
-            }
-        });
-        if let Some(e) = failed {
-            return Err(StateError::Changelog(e));
-        }
-        entries += commit.len() as u64;
+        let expired = self.take_expired()?;
         let before: Option<Logged> = self.meta_json(LOGGED_META)?;
-        let marker = Marker {
-            checkpoint: before.map_or(0, |l| l.checkpoint) + 1,
-            entries,
+        let checkpoint = before.map_or(0, |l| l.checkpoint) + 1;
+        let logged = log_entries(
+            log,
+            &expired,
+            &commit.batch,
+            commit.ids,
+            checkpoint,
             expired_before,
-        };
-        let logged = log.commit(&marker).map_err(StateError::Changelog)?;
+        )?;
         commit.meta(
             LOGGED_META,
             Some(&serde_json::to_vec(&logged).expect("serialises")),
@@ -437,16 +424,60 @@ impl StateStore {
     pub fn write_behind(&self, commit: Commit<'_>, expired_before: i64) -> Result<(), StateError> {
         self.settle()?;
         let (db, clock, batch) = (Arc::clone(&self.db), Arc::clone(&self.clock), commit.batch);
+        let path = self.path.clone();
+        self.spawn_behind(move || {
+            write_unsynced(&db, batch).map_err(|source| StateError::Db { path, source })?;
+            clock.fetch_max(expired_before, Ordering::Relaxed);
+            Ok(())
+        });
+        Ok(())
+    }
+
+    /// [`Self::write_logged`] on a thread of its own, as [`Self::write_behind`] writes: the
+    /// entries go to `log` first, then, once it holds them, the commit to the store. What the
+    /// marker needs from the store (the keys compactions dropped, the checkpoint number) is
+    /// taken before this returns.
+    pub fn write_logged_behind(
+        &self,
+        commit: Commit<'_>,
+        log: Arc<Mutex<dyn ChangelogWriter + Send>>,
+        expired_before: i64,
+    ) -> Result<(), StateError> {
+        self.settle()?;
+        self.log_expired(true);
+        let expired = self.take_expired()?;
+        let before: Option<Logged> = self.meta_json(LOGGED_META)?;
+        let checkpoint = before.map_or(0, |l| l.checkpoint) + 1;
+        let (db, clock, ids, path) = (
+            Arc::clone(&self.db),
+            Arc::clone(&self.clock),
+            self.ids,
+            self.path.clone(),
+        );
+        let mut batch = commit.batch;
+        self.spawn_behind(move || {
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            let logged = log_entries(&mut *log, &expired, &batch, ids, checkpoint, expired_before)?;
+            drop(log);
+            let meta = db.cf_handle(META).expect("opened with this column family");
+            batch.put_cf(
+                meta,
+                LOGGED_META,
+                serde_json::to_vec(&logged).expect("serialises"),
+            );
+            write_unsynced(&db, batch).map_err(|source| StateError::Db { path, source })?;
+            clock.fetch_max(expired_before, Ordering::Relaxed);
+            Ok(())
+        });
+        Ok(())
+    }
+
+    fn spawn_behind(&self, write: impl FnOnce() -> Result<(), StateError> + Send + 'static) {
         let writing = std::thread::Builder::new()
             .name("rampart-state-write".into())
-            .spawn(move || {
-                write_unsynced(&db, batch)?;
-                clock.fetch_max(expired_before, Ordering::Relaxed);
-                Ok(())
-            })
+            .spawn(write)
             .expect("the OS can start a thread");
         *self.behind.lock().unwrap_or_else(|p| p.into_inner()) = Some(writing);
-        Ok(())
     }
 
     /// Whether a write started by [`Self::write_behind`] is still running.
@@ -460,7 +491,7 @@ impl StateStore {
     pub fn settle(&self) -> Result<(), StateError> {
         let writing = self.behind.lock().unwrap_or_else(|p| p.into_inner()).take();
         match writing.map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))) {
-            Some(Err(e)) => Err(self.error(e)),
+            Some(Err(e)) => Err(e),
             _ => Ok(()),
         }
     }
@@ -611,6 +642,62 @@ impl Commit<'_> {
     /// Calls `f` with each entry, in the order added, as a changelog's tagged key and value
     /// (`None`: deleted).
     pub fn for_each_entry(&self, f: impl FnMut(&[u8], Option<&[u8]>)) {
+        tagged_entries(&self.batch, self.ids, f);
+    }
+
+    /// Entries put or deleted.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Bytes of the write batch (keys, values and their framing).
+    pub fn bytes(&self) -> usize {
+        self.batch.size_in_bytes()
+    }
+}
+
+/// Writes a checkpoint to a changelog: the keys compactions dropped as expired (`expired`) as
+/// deletes, then `batch`'s entries, then the marker of checkpoint number `checkpoint`; returns
+/// where the log stands after it.
+fn log_entries(
+    log: &mut dyn ChangelogWriter,
+    expired: &[Vec<u8>],
+    batch: &WriteBatch,
+    ids: [u32; 3],
+    checkpoint: u64,
+    expired_before: i64,
+) -> Result<Logged, StateError> {
+    for key in expired {
+        log.entry(key, None).map_err(StateError::Changelog)?;
+    }
+    let mut failed = None;
+    tagged_entries(batch, ids, |key, value| {
+        if failed.is_none()
+            && let Err(e) = log.entry(key, value)
+        {
+            failed = Some(e);
+        }
+    });
+    if let Some(e) = failed {
+        return Err(StateError::Changelog(e));
+    }
+    let marker = Marker {
+        checkpoint,
+        entries: expired.len() as u64 + batch.len() as u64,
+        expired_before,
+    };
+    log.commit(&marker).map_err(StateError::Changelog)
+}
+
+/// Calls `f` with each entry of `batch`, in the order added, as a changelog's tagged key and
+/// value (`None`: deleted); `ids` are the column families' (rows, chunks, meta).
+fn tagged_entries(batch: &WriteBatch, ids: [u32; 3], f: impl FnMut(&[u8], Option<&[u8]>)) {
+    {
         struct Tagging<F> {
             ids: [u32; 3],
             key: Vec<u8>,
@@ -640,26 +727,11 @@ impl Commit<'_> {
                 self.call(cf_id, key, Some(value));
             }
         }
-        self.batch.iterate_cf(&mut Tagging {
-            ids: self.ids,
+        batch.iterate_cf(&mut Tagging {
+            ids,
             key: Vec::new(),
             f,
         });
-    }
-
-    /// Entries put or deleted.
-    pub fn len(&self) -> usize {
-        self.batch.len()
-    }
-
-    /// Whether nothing was added.
-    pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
-    }
-
-    /// Bytes of the write batch (keys, values and their framing).
-    pub fn bytes(&self) -> usize {
-        self.batch.size_in_bytes()
     }
 }
 

@@ -3,6 +3,7 @@
 //! write to the state store.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +37,8 @@ enum Write<'a> {
     Behind,
     /// To the changelog first, then the store ([`StateStore::write_logged`]).
     Logged(&'a mut dyn ChangelogWriter),
+    /// The same on a thread of its own ([`StateStore::write_logged_behind`]).
+    LoggedBehind(Arc<Mutex<dyn ChangelogWriter + Send>>),
 }
 
 /// Window state figures (see [`Pipeline::state_stats`]).
@@ -104,6 +107,38 @@ impl Pipeline {
         self.checkpoint_to(input, guard, Write::Logged(log))
     }
 
+    /// [`Self::checkpoint_with`], its write on a thread of its own (see
+    /// [`Self::checkpoint_logged_behind`]).
+    pub fn checkpoint_with_behind(&self, input: &Input, guard: Vec<u8>) -> Result<(), StateError> {
+        self.checkpoint_to(input, guard, Write::Behind)
+    }
+
+    /// Whether a checkpoint written behind is still being written.
+    pub fn checkpoint_writing(&self) -> bool {
+        self.lock().store.as_ref().is_some_and(StateStore::writing)
+    }
+
+    /// Waits until the checkpoint written behind, if any, is written; returns its error.
+    pub fn settle_checkpoint(&self) -> Result<(), StateError> {
+        match &self.lock().store {
+            Some(store) => store.settle(),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::checkpoint_logged`], its writes (the changelog, then the local store) on a
+    /// thread of its own while evaluation goes on, as [`Self::checkpoint_behind`] writes: the
+    /// windows wait only while the checkpoint is encoded. The next checkpoint waits for it; a
+    /// write that failed is that checkpoint's error.
+    pub fn checkpoint_logged_behind(
+        &self,
+        input: &Input,
+        guard: Vec<u8>,
+        log: Arc<Mutex<dyn ChangelogWriter + Send>>,
+    ) -> Result<(), StateError> {
+        self.checkpoint_to(input, guard, Write::LoggedBehind(log))
+    }
+
     fn checkpoint_to(&self, input: &Input, guard: Vec<u8>, write: Write<'_>) -> Result<(), StateError> {
         let mut windows = self.lock();
         let windows = &mut *windows;
@@ -154,11 +189,12 @@ impl Pipeline {
         let bytes = commit.bytes();
         windows.meta_bytes = bytes - window_bytes;
         let before_write = started.elapsed();
-        let behind = matches!(write, Write::Behind);
+        let behind = matches!(write, Write::Behind | Write::LoggedBehind(_));
         match write {
             Write::Logged(log) => {
                 store.write_logged(commit, log, bounds.expiry_now())?;
             }
+            Write::LoggedBehind(log) => store.write_logged_behind(commit, log, bounds.expiry_now())?,
             Write::Now => store.write(commit)?,
             Write::Behind => store.write_behind(commit, bounds.expiry_now())?,
         }

@@ -3,8 +3,8 @@
 //! then writes the window state with the input (offsets) it reflects, on its own thread.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rampart_core::{kafka_source, parse_kafka_source};
@@ -18,6 +18,7 @@ use crate::ServiceError;
 use crate::changelog::KafkaChangelog;
 use crate::kafka::ProducerCallbacks;
 use crate::metrics::Health;
+use rampart_engine::changelog::ChangelogWriter;
 
 impl Service<'_> {
     /// Runs the windowed detectors on up to `n` batches of `backlog`, oldest first, and
@@ -59,7 +60,8 @@ impl Service<'_> {
         let changelog = self.changelog.clone();
         let result = write(
             &self.pipeline,
-            changelog.as_deref(),
+            changelog.as_ref(),
+            false,
             acks,
             self.last_seq(),
             &input,
@@ -133,22 +135,21 @@ impl Service<'_> {
     }
 
     /// After a checkpoint: commits its offsets to the group (for lag tools; the state store
-    /// stays the source of truth) and updates the metrics.
+    /// stays the source of truth) once it is written, and updates the metrics. (A checkpoint
+    /// starts only once the one before it is written: that one's offsets are committed first.)
     pub(super) fn checkpointed(
         &mut self,
         result: Result<Duration, ServiceError>,
         tpl: &TopicPartitionList,
     ) -> Result<(), ServiceError> {
         let took = result?;
-        if let Some(task) = &self.task {
-            // The group member owning the partition commits (this consumer is not one).
-            if tpl.count() > 0 {
-                let _ = task.commits.send(tpl.clone());
-            }
-        } else if tpl.count() > 0
-            && let Err(e) = self.consumer.commit(tpl, CommitMode::Async)
-        {
-            tracing::debug!(error = %e, "group offset commit (informational)");
+        if let Some(before) = self.uncommitted.take() {
+            self.commit_offsets(&before);
+        }
+        if self.pipeline.checkpoint_writing() {
+            self.uncommitted = Some(tpl.clone());
+        } else {
+            self.commit_offsets(tpl);
         }
         self.metrics.checkpoints.inc();
         self.summary.checkpoints += 1;
@@ -162,17 +163,46 @@ impl Service<'_> {
         }
         Ok(())
     }
+
+    /// Commits the offsets of the checkpoint written behind once it is written (a failed write
+    /// is the loop's error).
+    pub(super) fn commit_written(&mut self) -> Result<(), ServiceError> {
+        if self.uncommitted.is_none() || self.pipeline.checkpoint_writing() {
+            return Ok(());
+        }
+        self.pipeline.settle_checkpoint()?;
+        if let Some(tpl) = self.uncommitted.take() {
+            self.commit_offsets(&tpl);
+        }
+        Ok(())
+    }
+
+    /// Commits `tpl` to the group: the input's offsets, or, in scale-out, the repartition
+    /// topic's through the group member owning the partition (this consumer is not one).
+    fn commit_offsets(&self, tpl: &TopicPartitionList) {
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Some(task) = &self.task {
+            let _ = task.commits.send(tpl.clone());
+        } else if let Err(e) = self.consumer.commit(tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "group offset commit (informational)");
+        }
+    }
 }
 
 /// A checkpoint: waits until the broker acknowledged every message numbered `through` or
 /// lower (every decision and dead letter of the batches the window state holds), then writes
 /// the window state with `input` (the offsets it reflects) to the changelog, if any, and then
-/// in one RocksDB write. Gives up waiting only on a second stop signal. Returns how long it
-/// took.
+/// in one RocksDB write. Gives up waiting only on a second stop signal. With `behind`, the
+/// writes run on a thread of their own once the state is encoded, while the windows go on
+/// (the next checkpoint, or stopping, waits for them; a failed write is that one's error).
+/// Returns how long it took (with `behind`: until encoded).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn write(
     pipeline: &Pipeline,
-    changelog: Option<&Mutex<KafkaChangelog>>,
+    changelog: Option<&Arc<Mutex<KafkaChangelog>>>,
+    behind: bool,
     acks: &ProducerCallbacks,
     through: Option<usize>,
     input: &Input,
@@ -199,12 +229,19 @@ pub(super) fn write(
     if let Some(error) = acks.failure() {
         return Err(ServiceError::Delivery(error));
     }
-    match changelog {
-        Some(log) => {
+    match (changelog, behind) {
+        (Some(log), true) => {
+            let log: Arc<Mutex<dyn ChangelogWriter + Send>> = log.clone();
+            pipeline.checkpoint_logged_behind(input, guard, log)?;
+        }
+        (Some(log), false) => {
+            // (A write behind holds the log until it is done.)
+            pipeline.settle_checkpoint()?;
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
             pipeline.checkpoint_logged(input, guard, &mut *log)?;
         }
-        None => pipeline.checkpoint_with(input, guard)?,
+        (None, true) => pipeline.checkpoint_with_behind(input, guard)?,
+        (None, false) => pipeline.checkpoint_with(input, guard)?,
     }
     Ok(started.elapsed())
 }

@@ -289,6 +289,7 @@ impl<'a> Service<'a> {
             behind_told: BTreeMap::new(),
             last_tick: Instant::now(),
             last_event_time_note: None,
+            uncommitted: None,
             changelog,
             enforcement,
             task,
@@ -553,6 +554,9 @@ struct Service<'a> {
     task: Option<group::Task>,
     /// What /readyz says about event time (a partition holding the watermark back).
     last_event_time_note: Option<String>,
+    /// The offsets of the checkpoint being written behind, committed to the group once it is
+    /// written (see [`Self::checkpointed`]).
+    uncommitted: Option<TopicPartitionList>,
 }
 
 /// How often, with nothing else to do, processing time moves the windows (idle and quiet
@@ -647,6 +651,9 @@ impl Service<'_> {
                     if running.as_ref().is_some_and(|(h, _)| h.is_finished()) {
                         self.finish_checkpoint(running.take())?;
                     }
+                    if running.is_none() {
+                        self.commit_written()?;
+                    }
                     self.follow_event_time();
                     if running.is_none() {
                         self.window_round(&mut backlog, &mut timers)?;
@@ -693,7 +700,8 @@ impl Service<'_> {
                         let handle = scope.spawn(move || {
                             checkpoint::write(
                                 &pipeline,
-                                changelog.as_deref(),
+                                changelog.as_ref(),
+                                true,
                                 acks,
                                 through,
                                 &input,
