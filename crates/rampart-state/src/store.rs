@@ -322,10 +322,7 @@ impl StateStore {
         log: &mut dyn ChangelogWriter,
         expired_before: i64,
     ) -> Result<Logged, StateError> {
-        self.log_expired(true);
-        let expired = self.take_expired()?;
-        let before: Option<Logged> = self.meta_json(LOGGED_META)?;
-        let checkpoint = before.map_or(0, |l| l.checkpoint) + 1;
+        let (expired, checkpoint) = self.next_logged()?;
         let logged = log_entries(
             log,
             &expired,
@@ -340,6 +337,15 @@ impl StateStore {
         );
         self.write(commit)?;
         Ok(logged)
+    }
+
+    /// What a checkpoint written to the changelog takes from the store before it writes: the
+    /// keys compactions dropped as expired since the last one, and its number.
+    fn next_logged(&self) -> Result<(Vec<Vec<u8>>, u64), StateError> {
+        self.log_expired(true);
+        let expired = self.take_expired()?;
+        let before: Option<Logged> = self.meta_json(LOGGED_META)?;
+        Ok((expired, before.map_or(0, |l| l.checkpoint) + 1))
     }
 
     /// Rebuilds this store from a changelog read in order (see [`Restore`]).
@@ -423,13 +429,8 @@ impl StateStore {
     /// compaction) waits for it, and so does dropping the store.
     pub fn write_behind(&self, commit: Commit<'_>, expired_before: i64) -> Result<(), StateError> {
         self.settle()?;
-        let (db, clock, batch) = (Arc::clone(&self.db), Arc::clone(&self.clock), commit.batch);
-        let path = self.path.clone();
-        self.spawn_behind(move || {
-            write_unsynced(&db, batch).map_err(|source| StateError::Db { path, source })?;
-            clock.fetch_max(expired_before, Ordering::Relaxed);
-            Ok(())
-        });
+        let batch = commit.batch;
+        self.spawn_behind(expired_before, move |_| Ok(batch));
         Ok(())
     }
 
@@ -444,18 +445,9 @@ impl StateStore {
         expired_before: i64,
     ) -> Result<(), StateError> {
         self.settle()?;
-        self.log_expired(true);
-        let expired = self.take_expired()?;
-        let before: Option<Logged> = self.meta_json(LOGGED_META)?;
-        let checkpoint = before.map_or(0, |l| l.checkpoint) + 1;
-        let (db, clock, ids, path) = (
-            Arc::clone(&self.db),
-            Arc::clone(&self.clock),
-            self.ids,
-            self.path.clone(),
-        );
-        let mut batch = commit.batch;
-        self.spawn_behind(move || {
+        let (expired, checkpoint) = self.next_logged()?;
+        let (ids, mut batch) = (self.ids, commit.batch);
+        self.spawn_behind(expired_before, move |db| {
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
             let logged = log_entries(&mut *log, &expired, &batch, ids, checkpoint, expired_before)?;
             drop(log);
@@ -465,17 +457,27 @@ impl StateStore {
                 LOGGED_META,
                 serde_json::to_vec(&logged).expect("serialises"),
             );
-            write_unsynced(&db, batch).map_err(|source| StateError::Db { path, source })?;
-            clock.fetch_max(expired_before, Ordering::Relaxed);
-            Ok(())
+            Ok(batch)
         });
         Ok(())
     }
 
-    fn spawn_behind(&self, write: impl FnOnce() -> Result<(), StateError> + Send + 'static) {
+    /// Starts a write behind: on a thread of its own, `prepare` gives the batch, which is
+    /// written to the store, and the expiry bound moves to `expired_before`.
+    fn spawn_behind(
+        &self,
+        expired_before: i64,
+        prepare: impl FnOnce(&DB) -> Result<WriteBatch, StateError> + Send + 'static,
+    ) {
+        let (db, clock, path) = (Arc::clone(&self.db), Arc::clone(&self.clock), self.path.clone());
         let writing = std::thread::Builder::new()
             .name("rampart-state-write".into())
-            .spawn(write)
+            .spawn(move || {
+                let batch = prepare(&db)?;
+                write_unsynced(&db, batch).map_err(|source| StateError::Db { path, source })?;
+                clock.fetch_max(expired_before, Ordering::Relaxed);
+                Ok(())
+            })
             .expect("the OS can start a thread");
         *self.behind.lock().unwrap_or_else(|p| p.into_inner()) = Some(writing);
     }
@@ -697,42 +699,40 @@ fn log_entries(
 /// Calls `f` with each entry of `batch`, in the order added, as a changelog's tagged key and
 /// value (`None`: deleted); `ids` are the column families' (rows, chunks, meta).
 fn tagged_entries(batch: &WriteBatch, ids: [u32; 3], f: impl FnMut(&[u8], Option<&[u8]>)) {
-    {
-        struct Tagging<F> {
-            ids: [u32; 3],
-            key: Vec<u8>,
-            f: F,
-        }
-        impl<F: FnMut(&[u8], Option<&[u8]>)> Tagging<F> {
-            fn call(&mut self, cf_id: u32, key: &[u8], value: Option<&[u8]>) {
-                let tag = match self.ids.iter().position(|&id| id == cf_id) {
-                    Some(0) => ROWS_TAG,
-                    Some(1) => CHUNKS_TAG,
-                    _ => META_TAG,
-                };
-                self.key.clear();
-                self.key.push(tag);
-                self.key.extend_from_slice(key);
-                (self.f)(&self.key, value);
-            }
-        }
-        impl<F: FnMut(&[u8], Option<&[u8]>)> WriteBatchIteratorCf for Tagging<F> {
-            fn put_cf(&mut self, cf_id: u32, key: &[u8], value: &[u8]) {
-                self.call(cf_id, key, Some(value));
-            }
-            fn delete_cf(&mut self, cf_id: u32, key: &[u8]) {
-                self.call(cf_id, key, None);
-            }
-            fn merge_cf(&mut self, cf_id: u32, key: &[u8], value: &[u8]) {
-                self.call(cf_id, key, Some(value));
-            }
-        }
-        batch.iterate_cf(&mut Tagging {
-            ids,
-            key: Vec::new(),
-            f,
-        });
+    struct Tagging<F> {
+        ids: [u32; 3],
+        key: Vec<u8>,
+        f: F,
     }
+    impl<F: FnMut(&[u8], Option<&[u8]>)> Tagging<F> {
+        fn call(&mut self, cf_id: u32, key: &[u8], value: Option<&[u8]>) {
+            let tag = match self.ids.iter().position(|&id| id == cf_id) {
+                Some(0) => ROWS_TAG,
+                Some(1) => CHUNKS_TAG,
+                _ => META_TAG,
+            };
+            self.key.clear();
+            self.key.push(tag);
+            self.key.extend_from_slice(key);
+            (self.f)(&self.key, value);
+        }
+    }
+    impl<F: FnMut(&[u8], Option<&[u8]>)> WriteBatchIteratorCf for Tagging<F> {
+        fn put_cf(&mut self, cf_id: u32, key: &[u8], value: &[u8]) {
+            self.call(cf_id, key, Some(value));
+        }
+        fn delete_cf(&mut self, cf_id: u32, key: &[u8]) {
+            self.call(cf_id, key, None);
+        }
+        fn merge_cf(&mut self, cf_id: u32, key: &[u8], value: &[u8]) {
+            self.call(cf_id, key, Some(value));
+        }
+    }
+    batch.iterate_cf(&mut Tagging {
+        ids,
+        key: Vec::new(),
+        f,
+    });
 }
 
 #[cfg(test)]

@@ -235,7 +235,8 @@ pub(super) fn write(
             pipeline.checkpoint_logged_behind(input, guard, log)?;
         }
         (Some(log), false) => {
-            // (A write behind holds the log until it is done.)
+            // (A write behind takes the log on its own thread: it must be done before the log
+            // is taken here, or the checkpoint waiting for it would wait on this lock.)
             pipeline.settle_checkpoint()?;
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
             pipeline.checkpoint_logged(input, guard, &mut *log)?;
