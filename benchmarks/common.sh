@@ -57,7 +57,10 @@ pin_helpers() {
 # window alone; 32 and 64 add variants of W2's five windows); prints DIR. MODE `shared` (the
 # default): a variant has its base's key and window with a different final condition, as an
 # analyst's candidate thresholds would be (they share the base's window state). MODE `distinct`:
-# each variant's frame is also i seconds longer, so every detector keeps its own window state.
+# each variant's frame is also i seconds longer, so every detector has its own window (its own
+# frame and accumulators; the rows, the same as its base's, are kept once: one state per base).
+# MODE `unshared`: as `distinct`, and each variant also reads events through a filter of its own
+# that every event passes (a time bound i seconds after 2000-01-01), so no two keep the same rows.
 w3_pipeline() {
   local dir=$1 n=$2 mode=${3:-shared}
   mkdir -p "$dir/detectors"
@@ -71,7 +74,7 @@ w3_pipeline() {
   local windows=(actions-per-origin api-rate-per-actor failure-volume-per-actor recon-denied-calls secrets-mass-read)
   for ((i = 1; i <= n - 8; i++)); do
     local base=${windows[$(((i - 1) % 5))]} frame=()
-    if [ "$mode" = distinct ]; then
+    if [ "$mode" != shared ]; then
       local length seconds
       length=$(grep -o "INTERVAL '[^']*' PRECEDING" "$dir/detectors/$base.sql" | cut -d"'" -f2)
       case "$length" in
@@ -80,6 +83,9 @@ w3_pipeline() {
         *) echo "w3_pipeline: unknown frame length '$length' in $base" >&2; return 1 ;;
       esac
       frame=(-e "s/INTERVAL '$length' PRECEDING/INTERVAL '$((seconds + i)) seconds' PRECEDING/")
+    fi
+    if [ "$mode" = unshared ]; then
+      frame+=(-e "s/FROM events\b/FROM (SELECT * FROM events WHERE event_time > TIMESTAMP '2000-01-01T00:00:00Z' + INTERVAL '$i seconds')/")
     fi
     sed -e "s/^-- id: $base\$/-- id: $base-v$i/" -e "\$s/\$/ AND $i > 0/" "${frame[@]}" \
       "$dir/detectors/$base.sql" >"$dir/detectors/$base-v$i.sql"

@@ -249,7 +249,7 @@ fn check(dir: &Path, explain: bool) -> Result<ExitCode> {
         );
         for shared in pipeline.shared_window_states() {
             println!(
-                "one window state for {} (same rows, key and frame; they differ above the window)",
+                "one window state for {} (same rows and key; each its own frame length and condition)",
                 shared.join(", ")
             );
         }

@@ -269,6 +269,31 @@ impl StateStore {
         self.scan(CHUNKS, prefix, prefix, options, true)
     }
 
+    /// Whether a chunk whose key starts with `prefix` has not expired (stops at the first).
+    pub fn holds_chunks(&self, prefix: &[u8]) -> Result<bool, StateError> {
+        self.settle()?;
+        let mut options = ReadOptions::default();
+        options.set_total_order_seek(true);
+        if let Some(end) = successor(prefix) {
+            options.set_iterate_upper_bound(end);
+        }
+        let cf = self.db.cf_handle(CHUNKS).expect("opened with this column family");
+        let now = self.clock.load(Ordering::Relaxed);
+        for item in self
+            .db
+            .iterator_cf_opt(cf, options, IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|e| self.error(e))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if expires_at(&value) >= now {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn scan(
         &self,
         cf: &str,

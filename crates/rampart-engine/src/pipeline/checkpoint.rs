@@ -243,8 +243,9 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The windowed detectors that share one window state (same rows, key, aggregates and
-    /// frames; they differ above the window), by id, one list per shared state.
+    /// The windowed detectors that share one window state (same rows, key and aggregates'
+    /// arguments; their frames' lengths and what is above the window may differ), by id, one
+    /// list per shared state.
     pub fn shared_window_states(&self) -> Vec<Vec<String>> {
         let windowed = &self.detectors[self.per_event..];
         self.lock()

@@ -20,7 +20,7 @@ use super::{Evaluation, Evaluator, Input, LoadError, Pipeline, StateChoice};
 use crate::decide::triggers::TriggerStore;
 use crate::error::{Error, Result};
 use crate::input::decode::{DeadLetter, DeadLetterKind, EventBatch};
-use crate::windows::keyed::{Bounds, DecideContext, Decided, KeyedState};
+use crate::windows::keyed::{Bounds, DecideContext, Decided, KeyedState, SharedTag};
 use crate::windows::naive::NaiveWindows;
 
 /// The window state of all windowed detectors, and the clock they share.
@@ -43,7 +43,7 @@ pub(super) struct Windows {
 }
 
 /// The state of one window and the windowed detectors that read it: one detector, or several
-/// whose windows keep the same rows and values ([`rampart_sql::WindowSplit::state_identity`]).
+/// whose windows keep the same rows ([`rampart_sql::WindowSplit::rows_identity`]).
 pub(super) struct SharedState {
     /// Indices of the detectors among the windowed ones, in order.
     pub(super) members: Vec<usize>,
@@ -66,6 +66,10 @@ impl Windows {
         }
     }
 }
+
+/// The windowed detectors (indices, in order) of one window state, and for a state shared by
+/// windows keeping the same rows, their rows identity and which state of it this is.
+type StateGroup = (Option<(String, usize)>, Vec<usize>);
 
 /// What moves the windows: a batch, processing time alone, or the end of the input.
 #[derive(Clone, Copy)]
@@ -133,33 +137,42 @@ impl Pipeline {
                 input.progress = progress;
             }
         }
-        // Detectors with the same window identity share one state (at most 32 per state).
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut by_identity: HashMap<String, usize> = HashMap::new();
+        // Detectors whose windows keep the same rows share one state (at most 32 per state).
+        let mut groups: Vec<StateGroup> = Vec::new();
+        // Per rows identity: its latest state's group, and how many states it has before it.
+        let mut by_identity: HashMap<String, (usize, usize)> = HashMap::new();
         for (i, w) in windowed.iter().enumerate() {
-            match w.split.state_identity() {
-                Some(identity) => match by_identity.get(&identity) {
-                    Some(&g) if groups[g].len() < 32 => groups[g].push(i),
-                    _ => {
-                        by_identity.insert(identity, groups.len());
-                        groups.push(vec![i]);
-                    }
-                },
-                None => groups.push(vec![i]),
+            let Some(identity) = w.split.rows_identity() else {
+                groups.push((None, vec![i]));
+                continue;
+            };
+            match by_identity.get_mut(&identity) {
+                Some((g, _)) if groups[*g].1.len() < 32 => groups[*g].1.push(i),
+                Some((g, n)) => {
+                    *n += 1;
+                    *g = groups.len();
+                    groups.push((Some((identity, *n)), vec![i]));
+                }
+                None => {
+                    by_identity.insert(identity.clone(), (groups.len(), 0));
+                    groups.push((Some((identity, 0)), vec![i]));
+                }
             }
         }
-        for members in groups {
-            let first = windowed[members[0]];
-            let identity = first.split.state_identity();
-            let mut keyed = KeyedState::new(first, identity.as_deref(), lateness).map_err(|e| {
+        for (identity, members) in groups {
+            let readers: Vec<WindowedDetector<'_>> = members.iter().map(|&i| windowed[i]).collect();
+            let shared = match &identity {
+                Some((identity, n)) => Some(SharedTag::choose(store.as_ref(), identity, *n, &readers)?),
+                None => None,
+            };
+            let first = readers[0];
+            let mut keyed = KeyedState::new(&readers, shared.as_ref(), lateness).map_err(|e| {
                 LoadError::Config(vec![Problem::at(
                     &first.detector.path,
                     1,
                     format!("cannot keep state for this detector: {e}"),
                 )])
             })?;
-            let readers: Vec<WindowedDetector<'_>> = members.iter().map(|&i| windowed[i]).collect();
-            keyed.set_members(&readers);
             if let Some(store) = &store {
                 keyed.restore(store, decided_until)?;
             }

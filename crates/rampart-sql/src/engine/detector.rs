@@ -179,13 +179,27 @@ impl WindowSplit {
         }
     }
 
-    /// For an incremental sliding window: what its state is made of, as text. That is the plan
-    /// below the window (the rows kept, with their columns), the key, the aggregates with their
-    /// frames, and the reach. Two detectors with the same identity keep the same rows and
-    /// aggregate values; they differ only above the window, in their thresholds or outputs. So
-    /// they can share one state. `None` for state that is a detector's own: grouped windows,
-    /// and windows re-run over their rows.
+    /// For an incremental sliding window: what its state was made of before windows with other
+    /// frames shared rows, as text: [`Self::rows_identity`] with each aggregate's frame length
+    /// and the reach. States were stored under a hash of it; a state with no store tag of its
+    /// own yet takes over the one its members kept then.
     pub fn state_identity(&self) -> Option<String> {
+        self.identity(true)
+    }
+
+    /// For an incremental sliding window: the rows its state keeps and how, as text. That is
+    /// the plan below the window (the rows kept, with their columns), the key, the aggregates'
+    /// functions, arguments and how far they look ahead, but not how far back their frames
+    /// reach. Detectors with the same rows identity keep the same rows and arguments; they
+    /// differ only in their frame lengths and above the window (their thresholds or outputs).
+    /// So they can share one state: one row per event and key, one accumulator per aggregate
+    /// and frame length. `None` for state that is a detector's own: grouped windows, and
+    /// windows re-run over their rows.
+    pub fn rows_identity(&self) -> Option<String> {
+        self.identity(false)
+    }
+
+    fn identity(&self, frames: bool) -> Option<String> {
         use std::fmt::Write;
         let plan = self.incremental()?;
         let mut s = datafusion::physical_plan::displayable(self.pre.as_ref())
@@ -208,21 +222,33 @@ impl WindowSplit {
                 .argument
                 .as_ref()
                 .map_or_else(|| "*".to_string(), |e| e.to_string());
-            let _ = writeln!(
-                s,
-                "aggregate {:?}({argument}) over {} µs: {}",
-                a.function, a.length, a.output
-            );
+            if frames {
+                let _ = writeln!(
+                    s,
+                    "aggregate {:?}({argument}) over {} µs: {}",
+                    a.function, a.length, a.output
+                );
+            } else {
+                let _ = writeln!(s, "aggregate {:?}({argument}): {}", a.function, a.output);
+            }
             if a.following != 0 {
                 // (Only then: the identity of windows ending at the current row is unchanged.)
                 let _ = writeln!(s, "following {} µs", a.following);
             }
         }
-        let _ = writeln!(
-            s,
-            "reach {:?}, time column {}, row id column {}",
-            self.reach, self.time_index, self.row_index
-        );
+        if frames {
+            let _ = writeln!(
+                s,
+                "reach {:?}, time column {}, row id column {}",
+                self.reach, self.time_index, self.row_index
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "time column {}, row id column {}",
+                self.time_index, self.row_index
+            );
+        }
         Some(s)
     }
 }

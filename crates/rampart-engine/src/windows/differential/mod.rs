@@ -30,7 +30,8 @@ fn repo() -> PathBuf {
 /// moment HAVING first holds while the batch query reports the bucket's final values).
 ///
 /// `failures-many` and `spread-wide` have the same windows as `failures` and `spread` with other
-/// thresholds and names: each pair shares one window state.
+/// thresholds and names; `failures-longer` and `spread-short` keep the same rows with longer
+/// and shorter frames: each three share one window state.
 fn detector_files() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/windows/differential/detectors");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -39,7 +40,7 @@ fn detector_files() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "sql"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 16, "the differential detectors in {}", dir.display());
+    assert_eq!(files.len(), 18, "the differential detectors in {}", dir.display());
     files
 }
 
@@ -271,10 +272,12 @@ fn assert_stream_equals_batch_with(
                 "absence",
                 "around",
                 "by-json-key",
+                "failures-longer",
                 "failures-many",
                 "failures",
                 "filtered",
                 "range",
+                "spread-short",
                 "spread-wide",
                 "spread",
                 "volume"
@@ -321,18 +324,27 @@ fn windows_stream_to_the_same_rows_as_one_batch_query() {
     assert_stream_equals_batch(tmp.path(), &input, &[4096, 500, 37, 3], 5);
 }
 
-/// Detectors with the same window (rows, key, aggregates, frame) keep one state between them;
-/// the differential tests above check that each still decides its own rows.
+/// Detectors whose windows keep the same rows (rows, key, aggregates' functions and
+/// arguments; frames of any length) keep one state between them; the differential tests above
+/// check that each still decides its own rows, with its own frame.
 #[test]
-fn detectors_with_the_same_window_share_its_state() {
+fn detectors_whose_windows_keep_the_same_rows_share_a_state() {
     let tmp = tempfile::tempdir().expect("tmp");
     let pipeline = Pipeline::load(&window_pipeline(tmp.path(), 4096, "0s")).expect("loads");
     assert_eq!(
         pipeline.shared_window_states(),
         vec![
             // (In file name order: `-` sorts before `.`.)
-            vec!["failures-many".to_string(), "failures".to_string()],
-            vec!["spread-wide".to_string(), "spread".to_string()],
+            vec![
+                "failures-longer".to_string(),
+                "failures-many".to_string(),
+                "failures".to_string()
+            ],
+            vec![
+                "spread-short".to_string(),
+                "spread-wide".to_string(),
+                "spread".to_string()
+            ],
         ]
     );
 }
@@ -524,6 +536,84 @@ fn a_replay_stopped_and_resumed_decides_what_an_uninterrupted_one_does() {
     assert_eq!(content(&split, false), content(&uninterrupted.decisions, false));
 }
 
+/// A detector whose window keeps the rows another's keeps, with a longer frame, added when a
+/// replay resumes: it joins that state. The detector already there keeps its rows (it decides
+/// what an uninterrupted run decides), and the new one counts the rows the state kept before
+/// it came (those of the old frame and the lateness).
+#[test]
+fn a_detector_with_another_frame_added_on_resuming_joins_the_state_of_its_rows() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = window_pipeline(tmp.path(), 97, "30s");
+    let detectors = dir.join("detectors");
+    let longer = std::fs::read(detectors.join("failures-longer.sql")).expect("read");
+    for entry in std::fs::read_dir(&detectors).expect("dir") {
+        let path = entry.expect("entry").path();
+        if path.file_name().is_some_and(|n| n != "failures.sql") {
+            std::fs::remove_file(path).expect("remove");
+        }
+    }
+    let run = |state: &str, events: &[(&str, i64)]| {
+        let input = tmp.path().join(format!("{state}-{}.jsonl", events.len()));
+        let text: String = events
+            .iter()
+            .map(|(actor, minute)| {
+                let time = rampart_core::time::format_micros((1_767_225_600 + minute * 60) * 1_000_000);
+                format!("{{\"t\":\"{time}\",\"a\":\"{actor}\",\"x\":\"Get\",\"ip\":\"10.0.0.1\",\"o\":\"Failure\"}}\n")
+            })
+            .collect();
+        std::fs::write(&input, text).expect("write");
+        let pipeline = Pipeline::load_with(
+            &dir,
+            StateChoice::Persistent(tmp.path().join(state)),
+            Evaluator::Keyed,
+        )
+        .expect("loads");
+        pipeline.set_guarded(false);
+        let decisions = replay_collect(&pipeline, &[input.as_path()])
+            .expect("replays")
+            .0
+            .decisions;
+        decisions
+            .iter()
+            .map(|d| {
+                (
+                    d.detector.id.clone(),
+                    d.event_time.clone(),
+                    d.evidence["n"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // Alice fails at minutes 0 to 4; the pipeline restarts with `failures-longer` (20 minutes,
+    // at least 6) added; she fails again at minute 16. (Bob's failures complete minutes 4 and
+    // 16: input that may grow is decided as far as a later time has come.)
+    let before = [
+        ("alice", 0),
+        ("alice", 1),
+        ("alice", 2),
+        ("alice", 3),
+        ("alice", 4),
+        ("bob", 5),
+    ];
+    let after = [("alice", 16), ("bob", 17)];
+    let first = run("state", &before);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!((first[0].0.as_str(), first[0].2.clone()), ("failures", 5.into()));
+    std::fs::write(detectors.join("failures-longer.sql"), &longer).expect("write");
+    let mut second = run("state", &after);
+    second.sort_by(|a, b| a.0.cmp(&b.0));
+    let at_16 = rampart_core::time::format_micros((1_767_225_600 + 16 * 60) * 1_000_000);
+    assert_eq!(
+        second,
+        [
+            // Minutes 1 to 4 and 16: the state kept its rows.
+            ("failures".to_string(), at_16.clone(), 5.into()),
+            // Minutes 0 to 4 and 16: it counts the rows kept before it came.
+            ("failures-longer".to_string(), at_16, 6.into()),
+        ]
+    );
+}
+
 #[test]
 fn late_events_are_dead_letters_that_windows_do_not_count() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -652,6 +742,7 @@ fn threshold_windows_decide_at_once_others_after_the_lateness() {
             ("absence", false),
             ("around", false),
             ("by-json-key", true),
+            ("failures-longer", true),
             ("failures-many", true),
             ("failures", true),
             ("filtered", false),
@@ -662,6 +753,7 @@ fn threshold_windows_decide_at_once_others_after_the_lateness() {
             ("next-delete", false),
             ("range", false),
             ("sequence-case", false),
+            ("spread-short", true),
             ("spread-wide", true),
             ("spread", true),
             ("volume", false),

@@ -1,6 +1,7 @@
 //! Incremental sliding-window aggregates of one key: the rows of its frames (event time and
-//! the aggregates' arguments only), and one accumulator per aggregate that rows enter (when a
-//! decided row's time reaches them) and leave (when they fall out of its frame), in time order.
+//! the aggregates' arguments only), and one accumulator per aggregate and frame length
+//! ([`Layout`]) that rows enter (when a decided row's time reaches them) and leave (when they
+//! fall out of its frame), in time order.
 //!
 //! The accumulators follow DataFusion's sliding window accumulators, so the values equal the
 //! batch query's: counts and distinct counts exactly, integer sums with the same wrapping,
@@ -57,7 +58,68 @@ pub(super) fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
 /// coming back from disk, and each row is rewritten about once per this many saves).
 pub(super) const MAX_FRAME_CHUNKS: usize = 32;
 
+/// What a window state's keys keep and count: per row, one argument per aggregate of the
+/// window (its `slots`, the same for every detector reading the state); per key, one
+/// accumulator per aggregate and frame length (detectors whose windows differ only in their
+/// frames' lengths share the rows and arguments, each reading its own accumulators).
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// One per accumulator: its aggregate, with its frame.
+    pub aggregates: Vec<WindowAggregate>,
+    /// For each accumulator, the argument (slot) it reads.
+    slot: Vec<usize>,
+    /// Arguments per row.
+    stride: usize,
+}
+
+impl Layout {
+    /// The accumulators of one window's aggregates, each reading its own argument.
+    pub fn new(aggregates: &[WindowAggregate]) -> Self {
+        Self {
+            aggregates: aggregates.to_vec(),
+            slot: (0..aggregates.len()).collect(),
+            stride: aggregates.len(),
+        }
+    }
+
+    /// Adds another window's aggregates (the same functions of the same arguments, in the same
+    /// order, as the first's; frames of any length): an accumulator for each frame not kept
+    /// yet. Returns the accumulator each of its aggregates reads, in order.
+    pub fn add(&mut self, aggregates: &[WindowAggregate]) -> Vec<usize> {
+        debug_assert_eq!(aggregates.len(), self.stride, "a window with other arguments");
+        aggregates
+            .iter()
+            .enumerate()
+            .map(|(slot, a)| {
+                let same = |k: &usize| {
+                    let b = &self.aggregates[*k];
+                    self.slot[*k] == slot && b.length == a.length && b.following == a.following
+                };
+                match (0..self.aggregates.len()).find(same) {
+                    Some(k) => k,
+                    None => {
+                        self.aggregates.push(a.clone());
+                        self.slot.push(slot);
+                        self.aggregates.len() - 1
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Arguments per row: one per aggregate of the window.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// The longest frame (µs).
+    fn longest(&self) -> i64 {
+        self.aggregates.iter().map(|a| a.length).max().unwrap_or(0)
+    }
+}
+
 /// A key's chunks as read from the store: (id, value) of each kind, in id order.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct KeyChunks {
     /// Frame chunks.
@@ -95,7 +157,7 @@ pub struct Due {
     pub time: i64,
     /// Row id.
     pub row: u64,
-    /// Its window values.
+    /// Its window values: one per accumulator of the [`Layout`].
     pub values: Vec<Val>,
     /// Its `pre` columns.
     pub bytes: Box<[u8]>,
@@ -119,13 +181,13 @@ pub struct Due {
 #[derive(Debug, Clone)]
 pub struct KeyAgg {
     times: VecDeque<i64>,
-    /// One value per row and aggregate (row-major).
+    /// One value per row and argument (row-major; see [`Layout`]).
     args: VecDeque<Val>,
     front: u64,
     added: u64,
     starts: Vec<u64>,
     accs: Vec<Acc>,
-    /// The type each aggregate's argument had (Null for count(*)); decides the result kind.
+    /// The type each argument had (Null for count(*)); decides the result kind.
     kinds: Vec<Val>,
     /// Rows not decided yet, by (time, row id).
     pub pending: Vec<Waiting>,
@@ -152,7 +214,8 @@ pub struct KeyAgg {
 
 impl KeyAgg {
     /// An empty key.
-    pub fn new(aggregates: &[WindowAggregate]) -> Self {
+    pub fn new(layout: &Layout) -> Self {
+        let aggregates = &layout.aggregates;
         Self {
             times: VecDeque::new(),
             args: VecDeque::new(),
@@ -160,7 +223,7 @@ impl KeyAgg {
             added: 0,
             starts: vec![0; aggregates.len()],
             accs: aggregates.iter().map(Acc::new).collect(),
-            kinds: vec![Val::Null; aggregates.len()],
+            kinds: vec![Val::Null; layout.stride],
             pending: Vec::new(),
             frame_end: i64::MIN,
             following: aggregates.iter().map(|a| a.following).max().unwrap_or(0),
@@ -174,8 +237,9 @@ impl KeyAgg {
         }
     }
 
+    /// Arguments per row.
     fn stride(&self) -> usize {
-        self.accs.len()
+        self.kinds.len()
     }
 
     /// The newest event time held.
@@ -231,7 +295,7 @@ impl KeyAgg {
     /// before the accumulators' frame end (a straggler) first empties them, and the pending
     /// rows it may count for (from its time less `following` on) are to be evaluated again
     /// (except for what fired on them).
-    pub fn insert(&mut self, time: i64, row: u64, mut args: Vec<Val>, bytes: Box<[u8]>) {
+    pub fn insert(&mut self, layout: &Layout, time: i64, row: u64, mut args: Vec<Val>, bytes: Box<[u8]>) {
         let reaches_back_to = time.saturating_sub(self.following);
         if reaches_back_to <= self.evaluated_to {
             for p in self.pending.iter_mut().filter(|p| p.time >= reaches_back_to) {
@@ -249,7 +313,8 @@ impl KeyAgg {
             }
         }
         // A text a distinct count already holds: the row shares its allocation.
-        for (acc, v) in self.accs.iter().zip(args.iter_mut()) {
+        for (acc, &slot) in self.accs.iter().zip(&layout.slot) {
+            let v = &mut args[slot];
             if let (Acc::Distinct(values), Val::Str(_)) = (acc, &*v)
                 && let Some((held, _)) = values.get_key_value(v)
             {
@@ -343,7 +408,7 @@ impl KeyAgg {
     /// Rows no frame of a row at or after `watermark` reaches are forgotten.
     pub fn decide(
         &mut self,
-        aggregates: &[WindowAggregate],
+        layout: &Layout,
         watermark: Option<i64>,
         complete: i64,
         members: u32,
@@ -356,8 +421,7 @@ impl KeyAgg {
             Some(w) if at_once == 0 => w,
             Some(w) => complete.max(w),
         };
-        let longest = aggregates.iter().map(|a| a.length).max().unwrap_or(0);
-        let keep_from = watermark.map_or(i64::MIN, |w| w.saturating_sub(longest));
+        let keep_from = watermark.map_or(i64::MIN, |w| w.saturating_sub(layout.longest()));
         let mut out = Vec::new();
         // The rows decided for good, then those with work for the detectors deciding at once
         // (the settled ones between need nothing), in time order.
@@ -381,7 +445,7 @@ impl KeyAgg {
                         self.rewind();
                     }
                     self.pending[i].evaluated = true;
-                    Some(self.values_at(aggregates, time, keep_from))
+                    Some(self.values_at(layout, time, keep_from))
                 }
             };
             let p = &mut self.pending[i];
@@ -417,12 +481,8 @@ impl KeyAgg {
     /// Decides the pending rows older than `limit` (all with `None`), in time order, for one
     /// detector deciding at the watermark: their row ids, window values and `pre` columns.
     #[cfg(test)]
-    pub fn decide_until(
-        &mut self,
-        aggregates: &[WindowAggregate],
-        limit: Option<i64>,
-    ) -> Vec<(u64, Vec<Val>, Box<[u8]>)> {
-        self.decide(aggregates, limit, i64::MIN, 1, 0, false)
+    pub fn decide_until(&mut self, layout: &Layout, limit: Option<i64>) -> Vec<(u64, Vec<Val>, Box<[u8]>)> {
+        self.decide(layout, limit, i64::MIN, 1, 0, false)
             .into_iter()
             .map(|d| (d.row, d.values, d.bytes))
             .collect()
@@ -432,7 +492,7 @@ impl KeyAgg {
     /// returns the aggregates' values for the row at `time`. Rows every frame has left and
     /// older than `keep_from` are dropped (rows from `keep_from` on may still be in the frames
     /// of a row evaluated again).
-    fn values_at(&mut self, aggregates: &[WindowAggregate], time: i64, keep_from: i64) -> Vec<Val> {
+    fn values_at(&mut self, layout: &Layout, time: i64, keep_from: i64) -> Vec<Val> {
         let end = time.saturating_add(self.following);
         self.frame_end = end;
         self.evaluated_to = self.evaluated_to.max(time);
@@ -442,17 +502,18 @@ impl KeyAgg {
             && self.times[(self.added - self.front) as usize] <= end
         {
             let i = (self.added - self.front) as usize;
-            for (k, acc) in self.accs.iter_mut().enumerate() {
-                acc.add(&self.args[i * stride + k], self.added);
+            for (acc, &slot) in self.accs.iter_mut().zip(&layout.slot) {
+                acc.add(&self.args[i * stride + slot], self.added);
             }
             self.added += 1;
         }
         // ...then rows older than each frame leave it.
         for (k, acc) in self.accs.iter_mut().enumerate() {
-            let from = time.saturating_sub(aggregates[k].length);
+            let from = time.saturating_sub(layout.aggregates[k].length);
+            let slot = layout.slot[k];
             while self.starts[k] < self.added && self.times[(self.starts[k] - self.front) as usize] < from {
                 let i = (self.starts[k] - self.front) as usize;
-                acc.retract(&self.args[i * stride + k], self.starts[k]);
+                acc.retract(&self.args[i * stride + slot], self.starts[k]);
                 self.starts[k] += 1;
             }
         }
@@ -466,8 +527,8 @@ impl KeyAgg {
         }
         self.accs
             .iter()
-            .zip(&self.kinds)
-            .map(|(a, k)| a.value(k))
+            .zip(&layout.slot)
+            .map(|(a, &slot)| a.value(&self.kinds[slot]))
             .collect()
     }
 
@@ -526,15 +587,16 @@ mod tests {
             following: 0,
             output: DataType::Int64,
         }];
-        let mut key = KeyAgg::new(&aggregates);
-        key.insert(1, 0, vec![Val::Str("ListUsers".into())], Box::new([]));
-        let decided = key.decide_until(&aggregates, Some(2));
+        let layout = Layout::new(&aggregates);
+        let mut key = KeyAgg::new(&layout);
+        key.insert(&layout, 1, 0, vec![Val::Str("ListUsers".into())], Box::new([]));
+        let decided = key.decide_until(&layout, Some(2));
         assert_eq!(decided[0].1, vec![Val::Int(1)]);
-        key.insert(3, 1, vec![Val::Str("ListUsers".into())], Box::new([]));
-        key.insert(4, 2, vec![Val::Str("GetUser".into())], Box::new([]));
+        key.insert(&layout, 3, 1, vec![Val::Str("ListUsers".into())], Box::new([]));
+        key.insert(&layout, 4, 2, vec![Val::Str("GetUser".into())], Box::new([]));
         assert!(Arc::ptr_eq(text(&key.args[0]), text(&key.args[1])));
         assert!(!Arc::ptr_eq(text(&key.args[0]), text(&key.args[2])));
-        let decided = key.decide_until(&aggregates, None);
+        let decided = key.decide_until(&layout, None);
         let counts: Vec<_> = decided.into_iter().map(|(_, v, _)| v).collect();
         assert_eq!(counts, vec![vec![Val::Int(1)], vec![Val::Int(2)]]);
 
@@ -546,7 +608,7 @@ mod tests {
             frame: vec![(0, chunk)],
             ..KeyChunks::default()
         };
-        let loaded = KeyAgg::load(&aggregates, &chunks, &[], 3).unwrap();
+        let loaded = KeyAgg::load(&layout, &chunks, &[], 3).unwrap();
         assert_eq!(loaded.args.len(), 2);
         assert!(Arc::ptr_eq(text(&loaded.args[0]), text(&loaded.args[1])));
     }

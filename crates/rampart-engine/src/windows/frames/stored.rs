@@ -3,13 +3,14 @@
 //! [`MAX_FRAME_CHUNKS`], one chunk of every row held) and rebuilt from them
 //! ([`KeyAgg::load`]), so that a checkpoint's size follows the input, not the windows.
 
-use rampart_sql::WindowAggregate;
 use rustc_hash::FxHashSet;
 
 use rampart_state::Commit;
 use rampart_state::codec::{FIRED_CHUNK, FRAME_CHUNK, PENDING_CHUNK};
 
-use super::{KeyAgg, KeyChunks, MAX_FRAME_CHUNKS, Val, Waiting, push_frame_entry, reserve_small, take};
+#[cfg(test)]
+use super::KeyChunks;
+use super::{KeyAgg, Layout, MAX_FRAME_CHUNKS, Val, Waiting, push_frame_entry, reserve_small, take};
 
 /// A stored frame row: time, chunk id, order in its chunk, where its arguments start. Chunks in
 /// id order are in arrival order, so sorted, this is the order rows were held in.
@@ -225,23 +226,51 @@ impl KeyAgg {
         Some(out)
     }
 
-    /// Rebuilds a key from its chunks ((id, value) of its frame and pending chunks), given that
-    /// every row older than `decided_until` was decided (and so entered the accumulators) and
-    /// no other: the frames end at the newest of those rows, rows older than every frame are
-    /// dropped, and the pending rows are those not older than `decided_until`. `None` when a
-    /// chunk does not decode.
-    pub fn load(
-        aggregates: &[WindowAggregate],
-        chunks: &KeyChunks,
+    /// Rebuilds a key from its chunks: [`Self::load_frames`], then [`Self::load_undecided`].
+    #[cfg(test)]
+    pub fn load(layout: &Layout, chunks: &KeyChunks, tags: &[u64], decided_until: i64) -> Option<Self> {
+        let mut agg = Self::load_frames(layout, &chunks.frame, decided_until)?;
+        agg.load_undecided(&chunks.pending, &chunks.fired, tags, decided_until)?;
+        Some(agg)
+    }
+
+    /// Rebuilds a key's frames from its frame chunks ((id, value)), given that every row older
+    /// than `decided_until` was decided (and so entered the accumulators) and no other: the
+    /// frames end at the newest of those rows, and rows older than every frame are dropped.
+    /// Its rows not decided yet are read by [`Self::load_undecided`]; there are none unless
+    /// [`Self::newest_stored`] is at or after `decided_until`. `None` when a chunk does not
+    /// decode.
+    pub fn load_frames(layout: &Layout, frame: &[(u64, Vec<u8>)], decided_until: i64) -> Option<Self> {
+        let mut agg = Self::new(layout);
+        let (mut rows, mut values) = agg.load_frame_chunks(frame, layout.stride)?;
+        agg.enter_decided(layout, &mut rows, &mut values, decided_until);
+        Some(agg)
+    }
+
+    /// The newest row time of the frame chunks read (`None`: none held a row). Pending rows are
+    /// frame rows too: with none as new as the time up to which rows are decided, a key has no
+    /// pending chunk to read. (Read from the rows themselves, not from the chunks' expiry: that
+    /// depends on the windows' reach and the lateness when they were written.)
+    pub fn newest_stored(&self) -> Option<i64> {
+        self.frame_chunks
+            .iter()
+            .map(|(_, newest)| *newest)
+            .max()
+            .filter(|t| *t > i64::MIN)
+    }
+
+    /// Reads a rebuilt key's pending rows (those of its pending chunks not older than
+    /// `decided_until`), and marks those its fired chunks say fired at once, for the detectors
+    /// (`tags`) reading the state now. `None` when a chunk does not decode.
+    pub fn load_undecided(
+        &mut self,
+        pending: &[(u64, Vec<u8>)],
+        fired: &[(u64, Vec<u8>)],
         tags: &[u64],
         decided_until: i64,
-    ) -> Option<Self> {
-        let mut agg = Self::new(aggregates);
-        let (mut rows, mut values) = agg.load_frame_chunks(&chunks.frame, aggregates.len())?;
-        agg.enter_decided(aggregates, &mut rows, &mut values, decided_until);
-        agg.load_pending_chunks(&chunks.pending, decided_until)?;
-        agg.load_fired_chunks(&chunks.fired, tags)?;
-        Some(agg)
+    ) -> Option<()> {
+        self.load_pending_chunks(pending, decided_until)?;
+        self.load_fired_chunks(fired, tags)
     }
 
     /// The rows of the frame chunks ([`FrameRow`]), and their arguments, `n` per row.
@@ -273,12 +302,13 @@ impl KeyAgg {
     /// newest of those rows, and rows older than every frame are dropped.
     fn enter_decided(
         &mut self,
-        aggregates: &[WindowAggregate],
+        layout: &Layout,
         rows: &mut [FrameRow],
         values: &mut [Val],
         decided_until: i64,
     ) {
-        let n = aggregates.len();
+        let aggregates = &layout.aggregates;
+        let n = layout.stride;
         rows.sort_unstable_by_key(|(t, id, ord, _)| (*t, *id, *ord));
         for (k, kind) in self.kinds.iter_mut().enumerate() {
             if let Some(v) = values.iter().skip(k).step_by(n.max(1)).find(|v| **v != Val::Null) {
@@ -289,8 +319,7 @@ impl KeyAgg {
             // Frames that look ahead held rows past the decided ones: rebuilt empty, they take
             // their rows again when the next row is decided. Rows older than every frame of an
             // undecided row are gone.
-            let longest = aggregates.iter().map(|a| a.length).max().unwrap_or(0);
-            let first = rows.partition_point(|r| r.0 < decided_until.saturating_sub(longest));
+            let first = rows.partition_point(|r| r.0 < decided_until.saturating_sub(layout.longest()));
             self.keep_rows(rows, values, first, n);
             return;
         }
@@ -318,7 +347,7 @@ impl KeyAgg {
         self.keep_rows(rows, values, first, n);
         for (k, acc) in self.accs.iter_mut().enumerate() {
             for seq in self.starts[k]..self.added {
-                acc.add(&self.args[seq as usize * n + k], seq);
+                acc.add(&self.args[seq as usize * n + layout.slot[k]], seq);
             }
         }
     }

@@ -11,7 +11,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::rerun::{PendingRow, Rerun};
 use super::{Bounds, Kept, KeyedState};
-use crate::windows::frames::{KeyAgg, KeyChunks, heap};
+use crate::windows::frames::{KeyAgg, heap};
 
 pub(super) struct Entry {
     /// The stored value (rows, or a fired group's header); for incremental detectors only
@@ -109,7 +109,7 @@ impl KeyedState {
                 self.deleted = FxHashSet::default();
             }
             let (value, agg) = match &self.kept {
-                Kept::Frames(aggregates) => {
+                Kept::Frames(layout) => {
                     let chunks = |kind| -> Result<Vec<(u64, Vec<u8>)>, StateError> {
                         Ok(store
                             .key_chunks(&chunk_prefix(&self.tag, kind, key))?
@@ -117,35 +117,23 @@ impl KeyedState {
                             .filter_map(|(k, v)| Some((split_chunk_key(&self.tag, kind, &k)?.1, v)))
                             .collect())
                     };
-                    let frame = chunks(FRAME_CHUNK)?;
-                    // Pending rows are frame rows too: with none as new as `decided_until`,
-                    // there are none to read.
-                    let newest = frame.iter().map(|(_, v)| expires_at(v)).max().unwrap_or(i64::MIN);
-                    let undecided = newest.saturating_sub(self.horizon()) >= self.decided_until;
-                    let stored = if undecided {
-                        KeyChunks {
-                            frame,
-                            pending: chunks(PENDING_CHUNK)?,
-                            fired: if self.at_once != 0 {
-                                chunks(FIRED_CHUNK)?
-                            } else {
-                                Vec::new()
-                            },
-                        }
-                    } else {
-                        KeyChunks {
-                            frame,
-                            ..KeyChunks::default()
-                        }
+                    let corrupt = || {
+                        store.corrupt(
+                            format_args!("window state of key {}", hex::encode(key)),
+                            "does not decode",
+                        )
                     };
-                    let agg = KeyAgg::load(aggregates, &stored, &self.tags, self.decided_until).ok_or_else(
-                        || {
-                            store.corrupt(
-                                format_args!("window state of key {}", hex::encode(key)),
-                                "does not decode",
-                            )
-                        },
-                    )?;
+                    let mut agg = KeyAgg::load_frames(layout, &chunks(FRAME_CHUNK)?, self.decided_until)
+                        .ok_or_else(corrupt)?;
+                    if agg.newest_stored().is_some_and(|t| t >= self.decided_until) {
+                        let fired = if self.at_once != 0 {
+                            chunks(FIRED_CHUNK)?
+                        } else {
+                            Vec::new()
+                        };
+                        agg.load_undecided(&chunks(PENDING_CHUNK)?, &fired, &self.tags, self.decided_until)
+                            .ok_or_else(corrupt)?;
+                    }
                     let mut value = Vec::new();
                     let expires = agg
                         .newest()
@@ -208,6 +196,9 @@ impl KeyedState {
         }
         self.cache_bytes = bytes;
         if matches!(self.kept, Kept::Frames(_)) {
+            if let Some(registry) = &self.registry {
+                commit.meta(registry, Some(&self.tag[..self.tag.len() - 1]));
+            }
             // (Their pending rows are in their keys' chunks.)
             return;
         }

@@ -9,21 +9,21 @@ use std::sync::Arc;
 use datafusion::arrow::array::Array;
 use datafusion::arrow::record_batch::RecordBatch;
 use rampart_core::Decision;
-use rampart_sql::{CompiledDetector, IncrementalPlan, WindowAggregate, WindowSplit, WindowedDetector};
+use rampart_sql::{CompiledDetector, IncrementalPlan, WindowSplit, WindowedDetector};
 use rampart_state::StateStore;
 use rampart_state::codec::{INCREMENTAL, set_header};
 use rustc_hash::FxHashMap;
 
-use super::{DecideContext, Decided, JudgedRows, KeyedState};
+use super::{DecideContext, Decided, JudgedRows, Kept, KeyedState};
 use crate::decide::DecisionMaker;
 use crate::error::{Error, Result};
-use crate::windows::frames::{Due, Val, heap};
+use crate::windows::frames::{Due, Layout, Val, heap};
 
 impl KeyedState {
     /// Incremental sliding windows: adds a batch's rows to their keys' frames.
     pub(super) fn add_incremental(
         &mut self,
-        aggregates: &[WindowAggregate],
+        layout: &Layout,
         split: &WindowSplit,
         store: &StateStore,
         pre: &[RecordBatch],
@@ -37,7 +37,8 @@ impl KeyedState {
                 continue;
             }
             let keys = self.keys_of(split, batch)?;
-            let mut args = aggregates
+            // One argument per slot: the first member's aggregates (every member has the same).
+            let mut args = layout.aggregates[..layout.stride()]
                 .iter()
                 .map(|a| match &a.argument {
                     Some(arg) => arg
@@ -57,7 +58,7 @@ impl KeyedState {
             }
             // A row's share of its key's buffers (time, values, pending entry, fresh entry),
             // with the slack of their growth.
-            let row_bytes = (8 + aggregates.len() * std::mem::size_of::<Val>() + 32 + 16) * 3 / 2;
+            let row_bytes = (8 + layout.stride() * std::mem::size_of::<Val>() + 32 + 16) * 3 / 2;
             for (key, indices) in by_key {
                 // Counted as rows arrive; checkpoints recount exactly.
                 let mut added = 0;
@@ -83,8 +84,8 @@ impl KeyedState {
                         + values.iter().map(Val::heap_bytes).sum::<usize>();
                     // ...and per row its time, order and arguments in the one, its time, id
                     // and `pre` columns in the other.
-                    unsaved += 16 + aggregates.len() * 9 + 20 + row.as_ref().len();
-                    agg.insert(times.value(i), ids.value(i), values, row.as_ref().into());
+                    unsaved += 16 + layout.stride() * 9 + 20 + row.as_ref().len();
+                    agg.insert(layout, times.value(i), ids.value(i), values, row.as_ref().into());
                 }
                 let oldest = agg.oldest_pending();
                 let early = (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten();
@@ -113,14 +114,19 @@ impl KeyedState {
     ) -> Vec<Decided> {
         // (Frames that look ahead: rows up to the watermark less that far have all theirs.)
         let watermark = (!all).then_some(ctx.bounds.watermark.saturating_sub(self.following));
-        let first = members.first().and_then(|m| m.split.incremental());
-        let aggregates = first.map_or(&[][..], |plan| &plan.aggregates);
-        let decided = match self.decide_due(aggregates, ctx, watermark) {
+        let Kept::Frames(layout) = &self.kept else {
+            return members
+                .iter()
+                .map(|_| Err(Error::bug("an incremental window without frames")))
+                .collect();
+        };
+        let layout = layout.clone();
+        let decided = match self.decide_due(&layout, ctx, watermark) {
             Ok(Some(judged)) => members
                 .iter()
                 .enumerate()
                 .map(|(bit, m)| match m.split.incremental() {
-                    Some(plan) => self.run_member(m.detector, plan, 1 << bit, &judged, ctx),
+                    Some(plan) => self.run_member(m.detector, plan, bit, &judged, ctx),
                     None => Err(Error::bug(format!(
                         "`{}` reads an incremental window's state without an incremental plan",
                         m.detector.meta.id
@@ -140,22 +146,32 @@ impl KeyedState {
         decided
     }
 
-    /// One member's part above the window over the rows it has to judge (`bit` set in their
-    /// `members`); rows it fires on before the watermark are marked fired in their keys.
+    /// Member `member`'s part above the window over the rows it has to judge (its bit set in
+    /// their `members`), with its own window values; rows it fires on before the watermark
+    /// are marked fired in their keys.
     pub(super) fn run_member(
         &mut self,
         detector: &CompiledDetector,
         plan: &IncrementalPlan,
-        bit: u32,
+        member: usize,
         (keys, due, columns): &JudgedRows,
         ctx: &DecideContext<'_>,
     ) -> Decided {
+        let bit: u32 = 1 << member;
         let wanted: Vec<bool> = due.iter().map(|(_, d)| d.members & bit != 0).collect();
         if !wanted.contains(&true) {
             return Ok(Vec::new());
         }
-        // (The members' window columns may be named differently.)
-        let mut rows = RecordBatch::try_new(Arc::clone(&plan.above_input), columns.to_vec())?;
+        // `pre`'s columns, then the values of the member's accumulators. (The members' window
+        // columns may be named differently.)
+        let accumulators = &self.readers[member];
+        let pre = plan.above_input.fields().len() - accumulators.len();
+        let columns: Vec<_> = columns[..pre]
+            .iter()
+            .chain(accumulators.iter().map(|k| &columns[pre + k]))
+            .cloned()
+            .collect();
+        let mut rows = RecordBatch::try_new(Arc::clone(&plan.above_input), columns)?;
         if wanted.contains(&false) {
             let mask = datafusion::arrow::array::BooleanArray::from(wanted);
             rows = datafusion::arrow::compute::filter_record_batch(&rows, &mask)?;
@@ -192,11 +208,11 @@ impl KeyedState {
 
     /// [`Self::decide_incremental`] for the keys with rows older than the watermark or, for the
     /// members that decide at once, older than the completeness bound: the rows to judge (with
-    /// their key's index in `due_keys`), and their columns (`pre`'s, then the window values);
-    /// `None`: no row to judge. `aggregates` are the window's (every member has the same).
+    /// their key's index in `due_keys`), and their columns (`pre`'s, then the values of every
+    /// accumulator of `layout`); `None`: no row to judge.
     pub(super) fn decide_due(
         &mut self,
-        aggregates: &[WindowAggregate],
+        layout: &Layout,
         ctx: &DecideContext<'_>,
         watermark: Option<i64>,
     ) -> Result<Option<JudgedRows>> {
@@ -234,7 +250,7 @@ impl KeyedState {
             let entry = self.entry(ctx.store, &key)?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
             let before = (agg.oldest_pending(), agg.oldest_unsettled(at_once));
-            let rows = agg.decide(aggregates, watermark, complete, members, at_once, hold);
+            let rows = agg.decide(layout, watermark, complete, members, at_once, hold);
             let after = (
                 agg.oldest_pending(),
                 (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten(),
@@ -263,7 +279,7 @@ impl KeyedState {
         let mut columns = self
             .row_converter
             .convert_rows(due.iter().map(|(_, d)| parser.parse(&d.bytes)))?;
-        for (i, a) in aggregates.iter().enumerate() {
+        for (i, a) in layout.aggregates.iter().enumerate() {
             let values: Vec<Val> = due
                 .iter()
                 .map(|(_, d)| d.values.get(i).cloned().unwrap_or_default())

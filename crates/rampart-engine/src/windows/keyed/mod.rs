@@ -35,14 +35,14 @@ use datafusion::arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt6
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use rampart_core::Decision;
-use rampart_sql::{CompiledDetector, DetectorEngine, WindowAggregate, WindowSplit, WindowedDetector};
+use rampart_sql::{CompiledDetector, DetectorEngine, WindowSplit, WindowedDetector};
 use rampart_state::StateStore;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::decide::DecisionMaker;
 use crate::decide::triggers::TriggerStore;
 use crate::error::{Error, Result};
-use crate::windows::frames::Due;
+use crate::windows::frames::{Due, Layout};
 use cache::Entry;
 use rerun::Rerun;
 use sha2::{Digest, Sha256};
@@ -67,13 +67,16 @@ impl Bounds {
     }
 }
 
-/// The state of one window: one windowed detector's, or that of several with the same window
-/// (see [`WindowSplit::state_identity`]).
+/// The state of one window: one windowed detector's, or that of several whose windows keep the
+/// same rows (see [`WindowSplit::rows_identity`]).
 pub struct KeyedState {
-    /// Store key prefix: for an incremental sliding window, a hash of its state's identity (so
-    /// detectors with the same window share it, and a detector whose window changed starts
-    /// afresh); otherwise the detector's id and version (so a changed detector starts afresh).
+    /// Store key prefix: for an incremental sliding window, its rows identity's (see
+    /// [`Self::shared_tag`]; detectors keeping the same rows share it, and a detector whose
+    /// rows changed starts afresh); otherwise the detector's id and version (so a changed
+    /// detector starts afresh).
     tag: Vec<u8>,
+    /// A shared state's entry in the store's metadata that names its tag.
+    registry: Option<String>,
     key_converter: Option<RowConverter>,
     row_converter: RowConverter,
     cache: FxHashMap<Box<[u8]>, Entry>,
@@ -94,6 +97,9 @@ pub struct KeyedState {
     at_once: u32,
     /// What the state keeps per key.
     kept: Kept,
+    /// Incremental sliding windows: for each member, the accumulators its aggregates read
+    /// (see [`Layout`]), in its window's column order.
+    readers: Vec<Vec<usize>>,
     /// Incremental sliding windows: every row older than this was decided.
     decided_until: i64,
     /// The windows' reach (µs).
@@ -112,11 +118,68 @@ pub struct KeyedState {
     deleted: FxHashSet<Box<[u8]>>,
 }
 
+/// Where a window state shared by detectors whose windows keep the same rows
+/// ([`WindowSplit::rows_identity`]) is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedTag {
+    /// The prefix of its keys in the store.
+    pub tag: String,
+    /// The metadata entry that names `tag` for its rows identity (written at checkpoints).
+    pub registry: String,
+}
+
+impl SharedTag {
+    /// The tag of the `n`-th state (more than 32 detectors keep more than one) of the windows of
+    /// `members`, whose rows identity is `identity`: the one `store`'s metadata names for it.
+    /// A state the metadata does not name yet takes over the tag one of its members' window
+    /// was stored under before windows with other frames shared rows (a hash of its
+    /// [`WindowSplit::state_identity`]; of those holding chunks, the one reaching furthest
+    /// back), so that its rows survive the upgrade; else a new one.
+    pub fn choose(
+        store: Option<&StateStore>,
+        identity: &str,
+        n: usize,
+        members: &[WindowedDetector<'_>],
+    ) -> std::result::Result<Self, rampart_state::StateError> {
+        let hash = &hex::encode(Sha256::digest(identity.as_bytes()))[..32];
+        let suffix = if n == 0 { String::new() } else { format!("-{n}") };
+        let fresh = Self {
+            tag: format!("window/{hash}{suffix}"),
+            registry: format!("window-tag/{hash}{suffix}"),
+        };
+        let Some(store) = store else {
+            return Ok(fresh);
+        };
+        if let Some(tag) = store.meta(&fresh.registry)? {
+            return Ok(Self {
+                tag: String::from_utf8_lossy(&tag).into_owned(),
+                ..fresh
+            });
+        }
+        let mut before: Vec<_> = members
+            .iter()
+            .filter(|_| n == 0)
+            .filter_map(|m| Some((m.split.reach, m.split.state_identity()?)))
+            .collect();
+        before.sort_by_key(|(reach, _)| std::cmp::Reverse(*reach));
+        for (_, identity) in before {
+            let tag = format!(
+                "window/{}",
+                &hex::encode(Sha256::digest(identity.as_bytes()))[..32]
+            );
+            if store.holds_chunks(format!("{tag}\0").as_bytes())? {
+                return Ok(Self { tag, ..fresh });
+            }
+        }
+        Ok(fresh)
+    }
+}
+
 /// What a window state keeps per key.
 enum Kept {
     /// Incremental sliding windows: frames and accumulators of these aggregates
     /// ([`crate::windows::frames`]), stored as chunks.
-    Frames(Vec<WindowAggregate>),
+    Frames(Layout),
     /// Sliding windows re-run over their rows, and grouped windows: the rows, one stored value
     /// per key.
     Rows,
@@ -136,10 +199,15 @@ pub type Decided = Result<Vec<(u64, Decision)>>;
 pub type Touched = Vec<(Box<[u8]>, usize)>;
 
 impl KeyedState {
-    /// Empty state for `detector` (windowed); `identity` is its split's
-    /// [`WindowSplit::state_identity`], computed once by the caller.
-    pub fn new(window: WindowedDetector<'_>, identity: Option<&str>, lateness: i64) -> Result<Self> {
-        let WindowedDetector { detector, split } = window;
+    /// Empty state for the windowed detectors `members` (at most 32): one detector, or
+    /// several with the same [`WindowSplit::rows_identity`] (incremental sliding windows whose
+    /// rows, key and aggregates' arguments are the same; their frames may differ). `tag` names
+    /// a shared state in the store (see the pipeline's window states); `None`: the state is its
+    /// detector's own, stored under its id and version (so a changed detector starts afresh).
+    pub fn new(members: &[WindowedDetector<'_>], shared: Option<&SharedTag>, lateness: i64) -> Result<Self> {
+        let Some(&WindowedDetector { detector, split }) = members.first() else {
+            return Err(Error::bug("a window state without detectors"));
+        };
         let fields = |types: Vec<datafusion::arrow::datatypes::DataType>| {
             types.into_iter().map(SortField::new).collect::<Vec<_>>()
         };
@@ -160,18 +228,34 @@ impl KeyedState {
             .map(|f| f.data_type().clone())
             .collect();
         let row_converter = RowConverter::new(fields(row_types))?;
-        let mut tag = match identity {
-            // Shared by detectors with the same window (see `state_identity`).
-            Some(identity) => format!(
-                "window/{}",
-                &hex::encode(Sha256::digest(identity.as_bytes()))[..32]
-            ),
+        let mut tag = match shared {
+            Some(shared) => shared.tag.clone(),
             None => format!("{}@{}", detector.meta.id, detector.version),
         }
         .into_bytes();
         tag.push(0);
+        // An accumulator per aggregate and frame of the members; each member reads its own.
+        let (kept, readers) = match split.incremental() {
+            Some(plan) => {
+                let mut layout = Layout::new(&plan.aggregates);
+                let readers = members
+                    .iter()
+                    .map(|m| match m.split.incremental() {
+                        Some(plan) => Ok(layout.add(&plan.aggregates)),
+                        None => Err(Error::bug(format!(
+                            "`{}` shares an incremental window's state without an incremental plan",
+                            m.detector.meta.id
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (Kept::Frames(layout), readers)
+            }
+            None => (Kept::Rows, Vec::new()),
+        };
+        let reach = members.iter().map(|m| m.split.reach).max().unwrap_or_default();
         Ok(Self {
             tag,
+            registry: shared.map(|s| s.registry.clone()),
             key_converter,
             row_converter,
             cache: FxHashMap::default(),
@@ -180,31 +264,22 @@ impl KeyedState {
             looked_at: FxHashMap::default(),
             due: BTreeSet::new(),
             early: BTreeSet::new(),
-            tags: Vec::new(),
-            at_once: 0,
-            kept: match split.incremental() {
-                Some(plan) => Kept::Frames(plan.aggregates.clone()),
-                None => Kept::Rows,
-            },
+            tags: members.iter().map(|m| detector_tag(m.detector)).collect(),
+            at_once: members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.split.timing == rampart_sql::Timing::AtOnce)
+                .fold(0, |bits, (i, _)| bits | 1 << i),
+            kept,
+            readers,
             decided_until: i64::MIN,
-            reach: rampart_core::time::micros(split.reach),
+            reach: rampart_core::time::micros(reach),
             following: rampart_core::time::micros(split.timing.following()),
             lateness,
             tick: 0,
             unsaved_bytes: 0,
             deleted: FxHashSet::default(),
         })
-    }
-
-    /// The detectors reading this state, in order: their stable tags (see [`detector_tag`]) and
-    /// whether each decides at once. At most 32.
-    pub fn set_members(&mut self, members: &[WindowedDetector<'_>]) {
-        self.tags = members.iter().map(|m| detector_tag(m.detector)).collect();
-        self.at_once = members
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.split.timing == rampart_sql::Timing::AtOnce)
-            .fold(0, |bits, (i, _)| bits | 1 << i);
     }
 
     fn all_members(&self) -> u32 {
@@ -260,9 +335,9 @@ impl KeyedState {
     ) -> Result<Touched> {
         self.tick += 1;
         match &self.kept {
-            Kept::Frames(aggregates) => {
-                let aggregates = aggregates.clone();
-                self.add_incremental(&aggregates, split, store, pre)?;
+            Kept::Frames(layout) => {
+                let layout = layout.clone();
+                self.add_incremental(&layout, split, store, pre)?;
                 Ok(Vec::new())
             }
             Kept::Rows => self.add_rows(split, store, before, pre),

@@ -8,7 +8,7 @@ use rampart_sql::{StateKind, Timing, WindowedDetector};
 use rampart_state::StateStore;
 use rampart_state::codec::row_key;
 
-use super::{Bounds, DecideContext, KeyedState};
+use super::{Bounds, DecideContext, KeyedState, SharedTag};
 use crate::decide::triggers::TriggerStore;
 use crate::input::decode::{Decoded, EventBatch};
 use crate::pipeline::Pipeline;
@@ -59,9 +59,9 @@ impl Window {
         let pipeline = Pipeline::load(dir).expect("loads");
         assert!(pipeline.problems.is_empty(), "{:?}", pipeline.problems);
         let window = pipeline.detectors[0].windowed().expect("a windowed detector");
-        let identity = window.split.state_identity();
-        let mut state = KeyedState::new(window, identity.as_deref(), LATENESS).expect("state");
-        state.set_members(&[window]);
+        let identity = window.split.rows_identity();
+        let shared = identity.map(|i| SharedTag::choose(None, &i, 0, &[window]).expect("a tag"));
+        let state = KeyedState::new(&[window], shared.as_ref(), LATENESS).expect("state");
         Self {
             pipeline,
             store: StateStore::temporary().expect("store"),
@@ -360,4 +360,47 @@ fn a_key_deleted_by_a_checkpoint_written_behind_is_read_back_after_the_write() {
     );
     assert_eq!(evidence(&got).len(), 1, "{got:?}");
     assert_eq!(got[0].evidence["n"], 3);
+}
+
+/// A shared state's tag is the one the store's metadata names for its rows identity; one the
+/// metadata does not name yet takes over the tag its window had before windows with other
+/// frames shared rows, when rows are stored under it (an upgrade keeps them); else a new one.
+#[test]
+fn a_shared_state_keeps_the_tag_its_rows_are_stored_under() {
+    use rampart_state::codec::{FRAME_CHUNK, INCREMENTAL, chunk_key, set_header};
+    use sha2::{Digest, Sha256};
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let w = Window::new(tmp.path(), AT_LEAST_THREE);
+    let detector = w.detector();
+    let rows = detector.split.rows_identity().expect("incremental");
+    let choose = |n| SharedTag::choose(Some(&w.store), &rows, n, &[detector]).expect("a tag");
+    let fresh = choose(0);
+    assert_eq!(
+        fresh,
+        SharedTag::choose(None, &rows, 0, &[detector]).expect("a tag")
+    );
+    assert!(fresh.tag.starts_with("window/"), "{fresh:?}");
+
+    let before = detector.split.state_identity().expect("incremental");
+    let old = format!("window/{}", &hex::encode(Sha256::digest(before.as_bytes()))[..32]);
+    assert_ne!(old, fresh.tag);
+    let mut commit = w.store.commit(0);
+    let mut value = Vec::new();
+    set_header(&mut value, i64::MAX, INCREMENTAL);
+    let key = chunk_key(format!("{old}\0").as_bytes(), FRAME_CHUNK, b"alice", 0);
+    commit.chunk(&key, Some(&value));
+    w.store.write(commit).expect("written");
+    let taken = choose(0);
+    assert_eq!(taken.tag, old, "rows stored before the upgrade are kept");
+    assert_eq!(taken.registry, fresh.registry);
+    // The second state of the same rows (past 32 detectors) is another.
+    let second = choose(1);
+    assert!(second.tag != old && second.tag != fresh.tag && second.registry != fresh.registry);
+
+    // Once the metadata names a tag, it is that one.
+    let mut commit = w.store.commit(0);
+    commit.meta(&fresh.registry, Some(b"window/named"));
+    w.store.write(commit).expect("written");
+    assert_eq!(choose(0).tag, "window/named");
 }
