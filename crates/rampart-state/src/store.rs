@@ -274,24 +274,12 @@ impl StateStore {
         self.settle()?;
         let mut options = ReadOptions::default();
         options.set_total_order_seek(true);
-        if let Some(end) = successor(prefix) {
-            options.set_iterate_upper_bound(end);
-        }
-        let cf = self.db.cf_handle(CHUNKS).expect("opened with this column family");
-        let now = self.clock.load(Ordering::Relaxed);
-        for item in self
-            .db
-            .iterator_cf_opt(cf, options, IteratorMode::From(prefix, Direction::Forward))
-        {
-            let (key, value) = item.map_err(|e| self.error(e))?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            if expires_at(&value) >= now {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let mut found = false;
+        self.visit(CHUNKS, prefix, prefix, options, true, |_, _| {
+            found = true;
+            false
+        })?;
+        Ok(found)
     }
 
     fn scan(
@@ -299,15 +287,33 @@ impl StateStore {
         cf: &str,
         start: &[u8],
         prefix: &[u8],
-        mut options: ReadOptions,
+        options: ReadOptions,
         expiring: bool,
     ) -> Result<Entries, StateError> {
+        let mut out = Vec::new();
+        self.visit(cf, start, prefix, options, expiring, |key, value| {
+            out.push((key.into_vec(), value.into_vec()));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with the entries of `cf` from `start` on whose keys start with `prefix` (with
+    /// `expiring`, only those that have not expired), in key order, while it returns true.
+    fn visit(
+        &self,
+        cf: &str,
+        start: &[u8],
+        prefix: &[u8],
+        mut options: ReadOptions,
+        expiring: bool,
+        mut f: impl FnMut(Box<[u8]>, Box<[u8]>) -> bool,
+    ) -> Result<(), StateError> {
         let cf = self.db.cf_handle(cf).expect("opened with this column family");
         if let Some(end) = successor(prefix) {
             options.set_iterate_upper_bound(end);
         }
         let now = self.clock.load(Ordering::Relaxed);
-        let mut out = Vec::new();
         for item in self
             .db
             .iterator_cf_opt(cf, options, IteratorMode::From(start, Direction::Forward))
@@ -316,11 +322,11 @@ impl StateStore {
             if !key.starts_with(prefix) {
                 break;
             }
-            if !expiring || expires_at(&value) >= now {
-                out.push((key.into_vec(), value.into_vec()));
+            if (!expiring || expires_at(&value) >= now) && !f(key, value) {
+                break;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// An empty checkpoint to fill and then [`Self::write`], its buffer sized for `bytes`
