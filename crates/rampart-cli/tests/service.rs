@@ -2583,7 +2583,12 @@ fn an_instance_added_mid_stream_takes_partitions_over_without_losing_a_decision(
     let second = start(1);
     feeding.join().expect("feeding");
     let reference = reference_run_with(&broker, tmp.path(), total, with_routed_windows);
-    let (decided, _) = wait_for_decisions(&broker, "decisions", reference.len(), Duration::from_secs(120));
+    // A state partition taken over at the stream's end has been seen to stay behind the end of
+    // its repartition partition for 47 s (its clock's sources behind, its last rows waiting,
+    // while the forwarder had sent the last records and marks) before it read them, on one
+    // core; once, under the whole suite, for more than 120 s. Why is not known yet. The
+    // decisions must all come: waiting longer for them costs nothing when they come at once.
+    let (decided, _) = wait_for_decisions(&broker, "decisions", reference.len(), Duration::from_secs(300));
     let late = drain(&broker, "decisions.dead", Duration::from_secs(1)).len();
     assert_same_decisions(&decided, &reference);
     assert_eq!(late, 0, "no event went to the dead letters");
