@@ -544,7 +544,7 @@ struct Service<'a> {
     paused: BTreeSet<(String, i32)>,
     /// What the clock was last told of each partition's records waiting (`behind`).
     behind_told: BTreeMap<String, bool>,
-    /// When processing time last moved the windows.
+    /// When the windows last evaluated (a batch or processing time alone).
     last_tick: Instant,
     /// Where checkpoints go before the local state, if the pipeline has a changelog.
     changelog: Option<Arc<Mutex<KafkaChangelog>>>,
@@ -802,8 +802,8 @@ impl Service<'_> {
 
     /// With no checkpoint running: window work catches up a few batches per round, so that
     /// consuming and per-event decisions do not wait for the whole backlog (a backlog past its
-    /// bound is worked off whole: consuming waits); with nothing consumed, processing time
-    /// alone may make rows certain (a quiet stream, an idle partition).
+    /// bound is worked off whole: consuming waits); with no batch left, processing time alone
+    /// may make rows certain (a quiet stream, an idle partition).
     fn window_round(
         &mut self,
         backlog: &mut VecDeque<Work>,
@@ -818,7 +818,10 @@ impl Service<'_> {
             self.work_windows(backlog, take)?;
             // (Idle time is time with nothing to do.)
             timers.last_message = Instant::now();
-        } else if self.last_tick.elapsed() >= TICK_EVERY {
+        }
+        // Marks alone evaluate nothing: once the backlog is worked off, processing time moves
+        // the clock when nothing did for `TICK_EVERY`, however often marks come.
+        if backlog.is_empty() && self.last_tick.elapsed() >= TICK_EVERY {
             self.last_tick = Instant::now();
             self.pipeline.tick().emit(self)?;
         }

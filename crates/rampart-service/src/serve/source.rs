@@ -107,8 +107,9 @@ impl Service<'_> {
     }
 
     /// Polls until a micro-batch is full (`source.batch_size` messages or
-    /// `source.max_batch_bytes`) or `batch_max_wait` has passed since its first message;
-    /// returns at once (empty) when nothing comes for 100 ms. The messages are copied out for
+    /// `source.max_batch_bytes`) or `batch_max_wait` has passed since its first message (a
+    /// record, or in a group a mark, command or guard note); returns at once (empty) when
+    /// nothing comes for 100 ms. The messages are copied out for
     /// the decoding thread (see [`super::decoding`]); the second value says whether the round
     /// ended full (more is likely waiting in the consumer).
     pub(super) fn poll_round(&mut self) -> (Polled, bool) {
@@ -172,6 +173,9 @@ impl Service<'_> {
                 (message.topic().to_string(), message.partition()),
                 message.offset() + 1,
             );
+            // (Any message starts the round's deadline: marks alone may come more often than
+            // the 100 ms a round waits for the next message, and the round must still end.)
+            deadline.get_or_insert_with(|| Instant::now() + self.kafka.batch_max_wait);
             let gathered = &mut out.gathered;
             let forwarded = match &self.task {
                 Some(_) => match super::group::Forwarded::of(&message) {
@@ -191,7 +195,6 @@ impl Service<'_> {
                 },
                 None => None,
             };
-            deadline.get_or_insert_with(|| Instant::now() + self.kafka.batch_max_wait);
             gathered.messages += 1;
             gathered
                 .timestamps
