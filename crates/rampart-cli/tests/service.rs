@@ -2611,7 +2611,8 @@ fn an_instance_added_mid_stream_takes_partitions_over_without_losing_a_decision(
 /// stream's last rows back: the loop once polled on while marks alone came, and worked them off
 /// without letting processing time move the clock, so the rows waiting for the stream to go
 /// quiet waited as long as the marks kept their rhythm (a state partition taken over at the
-/// end of a stream waited minutes when two forwarders' marks fell out of phase).
+/// end of a stream waited minutes when its forwarder's keepalive marks for input partitions
+/// 0-1 and 2-3 fell out of phase: a pair every ~140 ms).
 #[test]
 fn marks_coming_faster_than_a_polling_round_do_not_hold_the_last_rows_back() {
     let broker = Broker::start();

@@ -30,10 +30,7 @@ impl Service<'_> {
     ) -> Result<(), ServiceError> {
         for work in backlog.drain(..n.min(backlog.len())) {
             match work {
-                Work::Batch(batch) => {
-                    self.pipeline.evaluate_windowed(&batch).emit(self)?;
-                    self.last_tick = Instant::now();
-                }
+                Work::Batch(batch) => self.pipeline.evaluate_windowed(&batch).emit(self)?,
                 Work::Marks(marks) => {
                     // After the windows saw the rows before them.
                     let task = self.task.as_mut().expect("marks come to a task");

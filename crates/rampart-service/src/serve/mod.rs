@@ -544,7 +544,7 @@ struct Service<'a> {
     paused: BTreeSet<(String, i32)>,
     /// What the clock was last told of each partition's records waiting (`behind`).
     behind_told: BTreeMap<String, bool>,
-    /// When the windows last evaluated (a batch or processing time alone).
+    /// When processing time last moved the windows.
     last_tick: Instant,
     /// Where checkpoints go before the local state, if the pipeline has a changelog.
     changelog: Option<Arc<Mutex<KafkaChangelog>>>,
@@ -819,8 +819,9 @@ impl Service<'_> {
             // (Idle time is time with nothing to do.)
             timers.last_message = Instant::now();
         }
-        // Marks alone evaluate nothing: once the backlog is worked off, processing time moves
-        // the clock when nothing did for `TICK_EVERY`, however often marks come.
+        // Once the backlog is worked off, in the same round: marks alone evaluate nothing, and
+        // a group's marks may come in every round (the clock took neither them nor its
+        // processing time while they did).
         if backlog.is_empty() && self.last_tick.elapsed() >= TICK_EVERY {
             self.last_tick = Instant::now();
             self.pipeline.tick().emit(self)?;
