@@ -809,7 +809,8 @@ impl Service<'_> {
         backlog: &mut VecDeque<Work>,
         timers: &mut Timers,
     ) -> Result<(), ServiceError> {
-        if !backlog.is_empty() {
+        let had_work = !backlog.is_empty();
+        if had_work {
             let take = if backlog.len() > MAX_WINDOW_BACKLOG {
                 usize::MAX
             } else {
@@ -819,10 +820,12 @@ impl Service<'_> {
             // (Idle time is time with nothing to do.)
             timers.last_message = Instant::now();
         }
-        // Once the backlog is worked off, in the same round: marks alone evaluate nothing, and
-        // a group's marks may come in every round (the clock took neither them nor its
-        // processing time while they did).
-        if backlog.is_empty() && self.last_tick.elapsed() >= TICK_EVERY {
+        // A state partition's loop ticks also once its backlog is worked off in the same round:
+        // marks alone evaluate nothing, and they may come in every round (the clock then took
+        // neither them nor its processing time). One instance ticks only in a round with no
+        // window work (ticking after it too measured slower: results/latency-2026-12-06-marks-tick.md).
+        let after_work = had_work && self.task.is_some();
+        if backlog.is_empty() && (!had_work || after_work) && self.last_tick.elapsed() >= TICK_EVERY {
             self.last_tick = Instant::now();
             self.pipeline.tick().emit(self)?;
         }
