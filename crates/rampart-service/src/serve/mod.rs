@@ -824,8 +824,8 @@ impl Service<'_> {
         // marks alone evaluate nothing, and they may come in every round (the clock then took
         // neither them nor its processing time). One instance ticks only in a round with no
         // window work (ticking after it too measured slower: results/latency-2026-12-06-marks-tick.md).
-        let after_work = had_work && self.task.is_some();
-        if backlog.is_empty() && (!had_work || after_work) && self.last_tick.elapsed() >= TICK_EVERY {
+        if backlog.is_empty() && (!had_work || self.task.is_some()) && self.last_tick.elapsed() >= TICK_EVERY
+        {
             self.last_tick = Instant::now();
             self.pipeline.tick().emit(self)?;
         }
