@@ -21,7 +21,8 @@ use rampart_engine::{Evaluator, Pipeline, StateChoice};
 
 /// Window state is millions of small allocations made and freed on several threads; glibc's
 /// allocator fragments under it (resident memory) and spent about a third of a large-state
-/// replay in malloc and free.
+/// replay in malloc and free. (The C and C++ libraries linked in allocate through mimalloc too:
+/// `libmimalloc-sys`'s `override` feature, see the workspace's Cargo.toml.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
