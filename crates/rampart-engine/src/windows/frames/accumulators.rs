@@ -229,6 +229,99 @@ impl Val {
     }
 }
 
+/// A distinct count's values in its frame, each with how many rows hold it: a short list
+/// while there are few (most keys see one or two values: a list of one takes a sixth of the
+/// memory of the smallest hash table), a hash table past [`Distinct::FEW`].
+#[derive(Debug, Clone)]
+pub(super) enum Distinct {
+    Few(Vec<(Val, u32)>),
+    Many(HashMap<Val, u32>),
+}
+
+impl Default for Distinct {
+    fn default() -> Self {
+        Distinct::Few(Vec::new())
+    }
+}
+
+impl Distinct {
+    /// Values kept in a list at most.
+    const FEW: usize = 8;
+
+    /// How many distinct values.
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Distinct::Few(list) => list.len(),
+            Distinct::Many(map) => map.len(),
+        }
+    }
+
+    /// The value held equal to `v`, if any (a text shares its allocation).
+    pub(super) fn get(&self, v: &Val) -> Option<&Val> {
+        match self {
+            Distinct::Few(list) => list.iter().find(|(held, _)| held == v).map(|(held, _)| held),
+            Distinct::Many(map) => map.get_key_value(v).map(|(held, _)| held),
+        }
+    }
+
+    fn add(&mut self, v: &Val) {
+        match self {
+            Distinct::Few(list) => match list.iter().position(|(held, _)| held == v) {
+                Some(at) => list[at].1 += 1,
+                None if list.len() < Self::FEW => {
+                    super::reserve_small(list);
+                    list.push((v.clone(), 1));
+                }
+                None => {
+                    let mut map: HashMap<Val, u32> = std::mem::take(list).into_iter().collect();
+                    map.insert(v.clone(), 1);
+                    *self = Distinct::Many(map);
+                }
+            },
+            Distinct::Many(map) => *map.entry(v.clone()).or_default() += 1,
+        }
+    }
+
+    fn retract(&mut self, v: &Val) {
+        match self {
+            Distinct::Few(list) => {
+                if let Some(at) = list.iter().position(|(held, _)| held == v) {
+                    list[at].1 -= 1;
+                    if list[at].1 == 0 {
+                        list.swap_remove(at);
+                    }
+                }
+            }
+            Distinct::Many(map) => {
+                if let Some(c) = map.get_mut(v) {
+                    *c -= 1;
+                    if *c == 0 {
+                        map.remove(v);
+                    }
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Distinct::default();
+    }
+
+    /// Heap bytes (with the allocator's rounding).
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Distinct::Few(list) => heap(list.capacity() * std::mem::size_of::<(Val, u32)>()),
+            // hashbrown: buckets (a power of two, 8/7 of the capacity) of entries and one
+            // control byte each.
+            Distinct::Many(map) if map.capacity() > 0 => {
+                let buckets = (map.capacity() * 8 / 7).next_power_of_two();
+                heap(buckets * (std::mem::size_of::<(Val, u32)>() + 1) + 16)
+            }
+            Distinct::Many(_) => 0,
+        }
+    }
+}
+
 /// One aggregate's running state over its current frame.
 #[derive(Debug, Clone)]
 pub(super) enum Acc {
@@ -237,7 +330,7 @@ pub(super) enum Acc {
         star: bool,
         n: i64,
     },
-    Distinct(HashMap<Val, u32>),
+    Distinct(Distinct),
     Sum {
         int: i64,
         uint: u64,
@@ -263,7 +356,7 @@ impl Acc {
                 star: a.argument.is_none(),
                 n: 0,
             },
-            AggregateKind::CountDistinct => Acc::Distinct(HashMap::new()),
+            AggregateKind::CountDistinct => Acc::Distinct(Distinct::default()),
             AggregateKind::Sum => Acc::Sum {
                 int: 0,
                 uint: 0,
@@ -301,7 +394,7 @@ impl Acc {
         match self {
             Acc::Distinct(values) => {
                 if *v != Val::Null {
-                    *values.entry(v.clone()).or_default() += 1;
+                    values.add(v);
                 }
             }
             Acc::Extreme { max, queue } => {
@@ -322,14 +415,7 @@ impl Acc {
 
     pub(super) fn retract(&mut self, v: &Val, seq: u64) {
         match self {
-            Acc::Distinct(values) => {
-                if let Some(c) = values.get_mut(v) {
-                    *c -= 1;
-                    if *c == 0 {
-                        values.remove(v);
-                    }
-                }
-            }
+            Acc::Distinct(values) => values.retract(v),
             Acc::Extreme { queue, .. } => {
                 if queue.front().is_some_and(|(s, _)| *s == seq) {
                     queue.pop_front();
@@ -384,5 +470,59 @@ impl Acc {
             },
             Acc::Extreme { queue, .. } => queue.front().map_or(Val::Null, |(_, v)| v.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A distinct count as a list and past [`Distinct::FEW`] values as a hash table counts
+    /// what a plain map of value to rows counts, through both forms and back.
+    #[test]
+    fn a_distinct_count_matches_a_map_through_its_list_and_table_forms() {
+        let mut distinct = Distinct::default();
+        let mut reference: HashMap<Val, u32> = HashMap::new();
+        // A frame of values entering and leaving (a pseudo-random walk over 20 texts and
+        // integers, so that the count rises past the list's bound and falls back under it).
+        let value = |i: u64| match i % 3 {
+            0 => Val::Int((i % 20) as i64),
+            _ => Val::Str(format!("action-{}", i % 20).into()),
+        };
+        let mut frame = std::collections::VecDeque::new();
+        let mut state = 7u64;
+        let mut most = 0;
+        for step in 0..5_000u64 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Three adds to a retract for 500 steps, then the other way round.
+            let grow = (step / 500) % 2 == 0;
+            let mostly = !(state >> 33).is_multiple_of(4);
+            if frame.is_empty() || mostly == grow {
+                let v = value(state >> 40);
+                distinct.add(&v);
+                *reference.entry(v.clone()).or_default() += 1;
+                frame.push_back(v);
+            } else {
+                let v = frame.pop_front().expect("not empty");
+                distinct.retract(&v);
+                let n = reference.get_mut(&v).expect("held");
+                *n -= 1;
+                if *n == 0 {
+                    reference.remove(&v);
+                }
+            }
+            assert_eq!(distinct.len(), reference.len(), "step {step}");
+            most = most.max(distinct.len());
+            if let Some(v) = frame.back() {
+                assert_eq!(distinct.get(v), Some(v));
+            }
+        }
+        assert!(most > Distinct::FEW, "the table form was not reached");
+        assert!(matches!(distinct, Distinct::Many(_)));
+        distinct.clear();
+        assert_eq!(distinct.len(), 0);
+        assert!(matches!(distinct, Distinct::Few(_)));
     }
 }

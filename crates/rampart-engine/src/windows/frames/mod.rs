@@ -167,6 +167,24 @@ pub struct Due {
     pub last: bool,
 }
 
+/// A key's rows that fired at once, for the checkpoints.
+#[derive(Debug, Clone, Default)]
+struct Fired {
+    /// Fired since the last save: (time, row id, detector tag).
+    log: Vec<(i64, u64, u64)>,
+    /// Saved chunks of fired rows: (id, newest event time in it).
+    chunks: Vec<(u64, i64)>,
+}
+
+impl Fired {
+    /// Heap bytes: the box and its lists.
+    fn bytes(&self) -> usize {
+        heap(std::mem::size_of::<Self>())
+            + heap(self.log.capacity() * std::mem::size_of::<(i64, u64, u64)>())
+            + heap(self.chunks.capacity() * std::mem::size_of::<(u64, i64)>())
+    }
+}
+
 /// A key's frame rows and accumulators. Rows are in event-time order and numbered by a
 /// sequence (`front` is the number of `times[0]`); rows numbered below `added` are in the
 /// accumulators, whose frames end at `frame_end`, and aggregate `i`'s frame starts at row
@@ -185,10 +203,10 @@ pub struct KeyAgg {
     args: VecDeque<Val>,
     front: u64,
     added: u64,
-    starts: Vec<u64>,
-    accs: Vec<Acc>,
+    starts: Box<[u64]>,
+    accs: Box<[Acc]>,
     /// The type each argument had (Null for count(*)); decides the result kind.
-    kinds: Vec<Val>,
+    kinds: Box<[Val]>,
     /// Rows not decided yet, by (time, row id).
     pub pending: Vec<Waiting>,
     /// The time the accumulators' frames end at (`i64::MIN`: they hold no row): the newest
@@ -200,10 +218,8 @@ pub struct KeyAgg {
     /// The newest time a row was evaluated at: a row arriving at or before it may be in the
     /// frames of rows already evaluated (even after the accumulators were emptied).
     evaluated_to: i64,
-    /// Fired at once since the last save: (time, row id, detector tag).
-    fired_log: Vec<(i64, u64, u64)>,
-    /// Saved chunks of fired rows: (id, newest event time in it).
-    fired_chunks: Vec<(u64, i64)>,
+    /// Rows that fired at once, kept for the checkpoints (boxed: most keys have none).
+    fired: Option<Box<Fired>>,
     /// Rows that arrived since the last save: (time, row id).
     fresh: Vec<(i64, u64)>,
     /// Saved chunks: (id, newest event time in it).
@@ -221,15 +237,14 @@ impl KeyAgg {
             args: VecDeque::new(),
             front: 0,
             added: 0,
-            starts: vec![0; aggregates.len()],
+            starts: vec![0; aggregates.len()].into(),
             accs: aggregates.iter().map(Acc::new).collect(),
-            kinds: vec![Val::Null; layout.stride],
+            kinds: vec![Val::Null; layout.stride].into(),
             pending: Vec::new(),
             frame_end: i64::MIN,
             following: aggregates.iter().map(|a| a.following).max().unwrap_or(0),
             evaluated_to: i64::MIN,
-            fired_log: Vec::new(),
-            fired_chunks: Vec::new(),
+            fired: None,
             fresh: Vec::new(),
             frame_chunks: Vec::new(),
             pending_chunks: Vec::new(),
@@ -259,12 +274,7 @@ impl KeyAgg {
             .accs
             .iter()
             .map(|a| match a {
-                // hashbrown: buckets (a power of two, 8/7 of the capacity) of entries and
-                // one control byte each.
-                Acc::Distinct(m) if m.capacity() > 0 => {
-                    let buckets = (m.capacity() * 8 / 7).next_power_of_two();
-                    heap(buckets * (std::mem::size_of::<(Val, u32)>() + 1) + 16)
-                }
+                Acc::Distinct(values) => values.bytes(),
                 Acc::Extreme { queue, .. } => buffer::<(u64, Val)>(queue.capacity()),
                 _ => 0,
             })
@@ -274,18 +284,17 @@ impl KeyAgg {
             + buffer::<i64>(self.times.capacity())
             + buffer::<Val>(self.args.capacity())
             + text
-            + buffer::<u64>(self.starts.capacity())
-            + buffer::<Acc>(self.accs.capacity())
+            + buffer::<u64>(self.starts.len())
+            + buffer::<Acc>(self.accs.len())
             + accs
-            + buffer::<Val>(self.kinds.capacity())
+            + buffer::<Val>(self.kinds.len())
             + buffer::<Waiting>(self.pending.capacity())
             + self
                 .pending
                 .iter()
                 .map(|p| heap(p.bytes.len()) + p.values.as_ref().map_or(0, |v| buffer::<Val>(v.len())))
                 .sum::<usize>()
-            + buffer::<(i64, u64, u64)>(self.fired_log.capacity())
-            + buffer::<(u64, i64)>(self.fired_chunks.capacity())
+            + self.fired.as_ref().map_or(0, |f| f.bytes())
             + buffer::<(i64, u64)>(self.fresh.capacity())
             + buffer::<(u64, i64)>(self.frame_chunks.capacity() + self.pending_chunks.capacity())
     }
@@ -316,7 +325,7 @@ impl KeyAgg {
         for (acc, &slot) in self.accs.iter().zip(&layout.slot) {
             let v = &mut args[slot];
             if let (Acc::Distinct(values), Val::Str(_)) = (acc, &*v)
-                && let Some((held, _)) = values.get_key_value(v)
+                && let Some(held) = values.get(v)
             {
                 *v = held.clone();
             }
@@ -356,7 +365,7 @@ impl KeyAgg {
 
     /// Empties the accumulators: no row has entered them.
     fn rewind(&mut self) {
-        for acc in &mut self.accs {
+        for acc in &mut *self.accs {
             acc.reset();
         }
         self.added = self.front;
@@ -394,8 +403,9 @@ impl KeyAgg {
         {
             w.fired |= bit;
             w.settled |= bit;
-            reserve_small(&mut self.fired_log);
-            self.fired_log.push((time, row, tag));
+            let fired = self.fired.get_or_insert_with(Box::default);
+            reserve_small(&mut fired.log);
+            fired.log.push((time, row, tag));
         }
     }
 
@@ -542,7 +552,9 @@ impl KeyAgg {
         self.times.clear();
         self.args.clear();
         self.pending.clear();
-        self.fired_log.clear();
+        if let Some(fired) = &mut self.fired {
+            fired.log.clear();
+        }
     }
 }
 

@@ -42,10 +42,12 @@ impl KeyAgg {
         self.save_pending_chunk(&chunk_key, lateness, out);
         self.save_fired_chunk(&chunk_key, lateness, out);
         // Chunks whose rows are all decided.
+        let fired = self.fired.as_deref_mut().map(|f| &mut f.chunks);
         for (kind, chunks) in [
-            (PENDING_CHUNK, &mut self.pending_chunks),
-            (FIRED_CHUNK, &mut self.fired_chunks),
+            (PENDING_CHUNK, Some(&mut self.pending_chunks)),
+            (FIRED_CHUNK, fired),
         ] {
+            let Some(chunks) = chunks else { continue };
             chunks.retain(|(id, newest)| {
                 let keep = *newest >= decided_until;
                 if !keep {
@@ -53,6 +55,13 @@ impl KeyAgg {
                 }
                 keep
             });
+        }
+        if self
+            .fired
+            .as_ref()
+            .is_some_and(|f| f.log.is_empty() && f.chunks.is_empty())
+        {
+            self.fired = None;
         }
     }
 
@@ -64,11 +73,10 @@ impl KeyAgg {
         for (id, _) in self.pending_chunks.drain(..) {
             out.chunk(&chunk_key(PENDING_CHUNK, id), None);
         }
-        for (id, _) in self.fired_chunks.drain(..) {
+        for (id, _) in self.fired.take().map(|f| f.chunks).unwrap_or_default() {
             out.chunk(&chunk_key(FIRED_CHUNK, id), None);
         }
         self.fresh = Vec::new();
-        self.fired_log = Vec::new();
     }
 
     /// The frame chunk of the rows that arrived since the last save (past
@@ -167,10 +175,13 @@ impl KeyAgg {
         lateness: i64,
         out: &mut Commit<'_>,
     ) {
-        if !self.fired_log.is_empty() {
-            let newest = self.fired_log.iter().map(|f| f.0).max().unwrap_or(i64::MIN);
+        let Some(fired) = self.fired.as_deref_mut() else {
+            return;
+        };
+        if !fired.log.is_empty() {
+            let newest = fired.log.iter().map(|f| f.0).max().unwrap_or(i64::MIN);
             let mut chunk = newest.saturating_add(lateness).to_le_bytes().to_vec();
-            for (time, row, tag) in std::mem::take(&mut self.fired_log) {
+            for (time, row, tag) in std::mem::take(&mut fired.log) {
                 chunk.extend_from_slice(&time.to_le_bytes());
                 chunk.extend_from_slice(&row.to_le_bytes());
                 chunk.extend_from_slice(&tag.to_le_bytes());
@@ -178,8 +189,8 @@ impl KeyAgg {
             let id = self.next_chunk;
             self.next_chunk += 1;
             out.chunk(&chunk_key(FIRED_CHUNK, id), Some(&chunk));
-            reserve_small(&mut self.fired_chunks);
-            self.fired_chunks.push((id, newest));
+            reserve_small(&mut fired.chunks);
+            fired.chunks.push((id, newest));
         }
     }
 
@@ -414,7 +425,10 @@ impl KeyAgg {
                     w.settled |= 1 << bit;
                 }
             }
-            self.fired_chunks.push((*id, newest));
+            self.fired
+                .get_or_insert_with(Box::default)
+                .chunks
+                .push((*id, newest));
             self.next_chunk = self.next_chunk.max(id + 1);
         }
         Some(())
