@@ -15,6 +15,7 @@ use datafusion::arrow::datatypes::DataType;
 use rampart_sql::{AggregateKind, WindowAggregate};
 use rustc_hash::FxHashSet;
 
+use super::args::Kind;
 use super::take;
 use crate::error::{Error, Result};
 
@@ -454,19 +455,20 @@ impl Acc {
         }
     }
 
-    pub(super) fn value(&self, kind: &Val) -> Val {
+    /// The aggregate's value; `kind` is its argument's type (a sum of integers is an integer).
+    pub(super) fn value(&self, kind: Kind) -> Val {
         match self {
             Acc::Count { n, .. } => Val::Int(*n),
             Acc::Distinct(values) => Val::Int(values.len() as i64),
             Acc::Sum { n: 0, .. } | Acc::Avg { n: 0, .. } => Val::Null,
             Acc::Sum { int, uint, float, .. } => match kind {
-                Val::UInt(_) => Val::UInt(*uint),
-                Val::Float(_) => Val::Float(*float),
-                _ => Val::Int(*int),
+                Kind::UInt => Val::UInt(*uint),
+                Kind::Float => Val::Float(*float),
+                Kind::Null | Kind::Int | Kind::Text => Val::Int(*int),
             },
             Acc::Avg { int, float, n } => match kind {
-                Val::Float(_) => Val::Float(*float / *n as f64),
-                _ => Val::Float(*int as f64 / *n as f64),
+                Kind::Float => Val::Float(*float / *n as f64),
+                Kind::Null | Kind::Int | Kind::UInt | Kind::Text => Val::Float(*int as f64 / *n as f64),
             },
             Acc::Extreme { queue, .. } => queue.front().map_or(Val::Null, |(_, v)| v.clone()),
         }

@@ -13,6 +13,7 @@
 //! written to and read from the state store.
 
 mod accumulators;
+mod args;
 mod stored;
 
 use std::collections::VecDeque;
@@ -21,19 +22,20 @@ use rampart_sql::WindowAggregate;
 
 use accumulators::Acc;
 pub use accumulators::{Val, heap};
+use args::Args;
 
 /// One frame chunk entry: the row's time, its order among rows of equal time in the chunk, and
 /// its arguments ([`KeyAgg::load`] reads them back).
-pub(super) fn push_frame_entry<'a>(
+pub(super) fn push_frame_entry(
     out: &mut Vec<u8>,
     time: i64,
     ord: u64,
-    args: impl Iterator<Item = &'a Val>,
+    args: impl IntoIterator<Item = impl std::borrow::Borrow<Val>>,
 ) {
     out.extend_from_slice(&time.to_le_bytes());
     out.extend_from_slice(&ord.to_le_bytes());
     for v in args {
-        v.encode(out);
+        v.borrow().encode(out);
     }
 }
 
@@ -199,14 +201,12 @@ impl Fired {
 #[derive(Debug, Clone)]
 pub struct KeyAgg {
     times: VecDeque<i64>,
-    /// One value per row and argument (row-major; see [`Layout`]).
-    args: VecDeque<Val>,
+    /// The rows' arguments, one typed column per argument (see [`Layout`]).
+    args: Args,
     front: u64,
     added: u64,
     starts: Box<[u64]>,
     accs: Box<[Acc]>,
-    /// The type each argument had (Null for count(*)); decides the result kind.
-    kinds: Box<[Val]>,
     /// Rows not decided yet, by (time, row id).
     pub pending: Vec<Waiting>,
     /// The time the accumulators' frames end at (`i64::MIN`: they hold no row): the newest
@@ -234,12 +234,11 @@ impl KeyAgg {
         let aggregates = &layout.aggregates;
         Self {
             times: VecDeque::new(),
-            args: VecDeque::new(),
+            args: Args::new(layout.stride),
             front: 0,
             added: 0,
             starts: vec![0; aggregates.len()].into(),
             accs: aggregates.iter().map(Acc::new).collect(),
-            kinds: vec![Val::Null; layout.stride].into(),
             pending: Vec::new(),
             frame_end: i64::MIN,
             following: aggregates.iter().map(|a| a.following).max().unwrap_or(0),
@@ -254,7 +253,7 @@ impl KeyAgg {
 
     /// Arguments per row.
     fn stride(&self) -> usize {
-        self.kinds.len()
+        self.args.stride()
     }
 
     /// The newest event time held.
@@ -279,15 +278,12 @@ impl KeyAgg {
                 _ => 0,
             })
             .sum();
-        let text: usize = self.args.iter().map(Val::heap_bytes).sum();
         heap(std::mem::size_of::<Self>())
             + buffer::<i64>(self.times.capacity())
-            + buffer::<Val>(self.args.capacity())
-            + text
+            + self.args.bytes()
             + buffer::<u64>(self.starts.len())
             + buffer::<Acc>(self.accs.len())
             + accs
-            + buffer::<Val>(self.kinds.len())
             + buffer::<Waiting>(self.pending.capacity())
             + self
                 .pending
@@ -316,11 +312,6 @@ impl KeyAgg {
         if time <= self.frame_end {
             self.rewind();
         }
-        for (kind, v) in self.kinds.iter_mut().zip(&args) {
-            if *kind == Val::Null && *v != Val::Null {
-                *kind = v.clone();
-            }
-        }
         // A text a distinct count already holds: the row shares its allocation.
         for (acc, &slot) in self.accs.iter().zip(&layout.slot) {
             let v = &mut args[slot];
@@ -331,9 +322,8 @@ impl KeyAgg {
             }
         }
         if self.times.is_empty() {
-            // As `reserve_small`, for the frame rows: one row's time and arguments.
+            // As `reserve_small`, for the frame rows (the arguments' columns do so too).
             self.times.reserve_exact(1);
-            self.args.reserve_exact(self.stride());
         }
         reserve_small(&mut self.pending);
         reserve_small(&mut self.fresh);
@@ -344,10 +334,7 @@ impl KeyAgg {
             at -= 1;
         }
         self.times.insert(at, time);
-        let stride = self.stride();
-        for (k, v) in args.into_iter().enumerate() {
-            self.args.insert(at * stride + k, v);
-        }
+        self.args.insert(at, args);
         let p = self.pending.partition_point(|w| (w.time, w.row) <= (time, row));
         self.pending.insert(
             p,
@@ -506,14 +493,13 @@ impl KeyAgg {
         let end = time.saturating_add(self.following);
         self.frame_end = end;
         self.evaluated_to = self.evaluated_to.max(time);
-        let stride = self.stride();
         // Rows at or before the frames' end enter every frame...
         while ((self.added - self.front) as usize) < self.times.len()
             && self.times[(self.added - self.front) as usize] <= end
         {
             let i = (self.added - self.front) as usize;
             for (acc, &slot) in self.accs.iter_mut().zip(&layout.slot) {
-                acc.add(&self.args[i * stride + slot], self.added);
+                acc.add(&self.args.get(i, slot), self.added);
             }
             self.added += 1;
         }
@@ -523,22 +509,20 @@ impl KeyAgg {
             let slot = layout.slot[k];
             while self.starts[k] < self.added && self.times[(self.starts[k] - self.front) as usize] < from {
                 let i = (self.starts[k] - self.front) as usize;
-                acc.retract(&self.args[i * stride + slot], self.starts[k]);
+                acc.retract(&self.args.get(i, slot), self.starts[k]);
                 self.starts[k] += 1;
             }
         }
         let oldest = self.starts.iter().copied().min().unwrap_or(self.added);
         while self.front < oldest && self.times.front().is_some_and(|t| *t < keep_from) {
             self.times.pop_front();
-            for _ in 0..stride {
-                self.args.pop_front();
-            }
+            self.args.pop_front();
             self.front += 1;
         }
         self.accs
             .iter()
             .zip(&layout.slot)
-            .map(|(a, &slot)| a.value(&self.kinds[slot]))
+            .map(|(a, &slot)| a.value(self.args.kind(slot)))
             .collect()
     }
 
@@ -606,8 +590,9 @@ mod tests {
         assert_eq!(decided[0].1, vec![Val::Int(1)]);
         key.insert(&layout, 3, 1, vec![Val::Str("ListUsers".into())], Box::new([]));
         key.insert(&layout, 4, 2, vec![Val::Str("GetUser".into())], Box::new([]));
-        assert!(Arc::ptr_eq(text(&key.args[0]), text(&key.args[1])));
-        assert!(!Arc::ptr_eq(text(&key.args[0]), text(&key.args[2])));
+        let held = |key: &KeyAgg, row: usize| key.args.get(row, 0);
+        assert!(Arc::ptr_eq(text(&held(&key, 0)), text(&held(&key, 1))));
+        assert!(!Arc::ptr_eq(text(&held(&key, 0)), text(&held(&key, 2))));
         let decided = key.decide_until(&layout, None);
         let counts: Vec<_> = decided.into_iter().map(|(_, v, _)| v).collect();
         assert_eq!(counts, vec![vec![Val::Int(1)], vec![Val::Int(2)]]);
@@ -621,7 +606,7 @@ mod tests {
             ..KeyChunks::default()
         };
         let loaded = KeyAgg::load(&layout, &chunks, &[], 3).unwrap();
-        assert_eq!(loaded.args.len(), 2);
-        assert!(Arc::ptr_eq(text(&loaded.args[0]), text(&loaded.args[1])));
+        assert_eq!(loaded.times.len(), 2);
+        assert!(Arc::ptr_eq(text(&held(&loaded, 0)), text(&held(&loaded, 1))));
     }
 }

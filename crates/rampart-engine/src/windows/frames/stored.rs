@@ -88,7 +88,6 @@ impl KeyAgg {
         horizon: i64,
         out: &mut Commit<'_>,
     ) {
-        let stride = self.stride();
         if !self.fresh.is_empty() {
             let id = self.next_chunk;
             self.next_chunk += 1;
@@ -101,12 +100,7 @@ impl KeyAgg {
                 }
                 let mut entries = Vec::new();
                 for (i, time) in self.times.iter().enumerate() {
-                    push_frame_entry(
-                        &mut entries,
-                        *time,
-                        i as u64,
-                        self.args.range(i * stride..(i + 1) * stride),
-                    );
+                    push_frame_entry(&mut entries, *time, i as u64, self.args.row(i));
                 }
                 (entries, self.times.back().copied().unwrap_or(i64::MIN))
             };
@@ -211,12 +205,7 @@ impl KeyAgg {
                 .max(end.saturating_sub(same.len()));
             let held = &same[same.len() - (end - start)..];
             for (&(_, row), at) in held.iter().zip(start..end) {
-                push_frame_entry(
-                    &mut entries,
-                    time,
-                    row,
-                    self.args.range(at * stride..(at + 1) * stride),
-                );
+                push_frame_entry(&mut entries, time, row, self.args.row(at));
                 newest = time;
             }
         }
@@ -321,11 +310,6 @@ impl KeyAgg {
         let aggregates = &layout.aggregates;
         let n = layout.stride;
         rows.sort_unstable_by_key(|(t, id, ord, _)| (*t, *id, *ord));
-        for (k, kind) in self.kinds.iter_mut().enumerate() {
-            if let Some(v) = values.iter().skip(k).step_by(n.max(1)).find(|v| **v != Val::Null) {
-                *kind = v.clone();
-            }
-        }
         if self.following > 0 {
             // Frames that look ahead held rows past the decided ones: rebuilt empty, they take
             // their rows again when the next row is decided. Rows older than every frame of an
@@ -358,7 +342,7 @@ impl KeyAgg {
         self.keep_rows(rows, values, first, n);
         for (k, acc) in self.accs.iter_mut().enumerate() {
             for seq in self.starts[k]..self.added {
-                acc.add(&self.args[seq as usize * n + layout.slot[k]], seq);
+                acc.add(&self.args.get(seq as usize, layout.slot[k]), seq);
             }
         }
     }
@@ -366,11 +350,10 @@ impl KeyAgg {
     /// Holds the frame rows from `first` on (sorted [`FrameRow`]s), `n` arguments each.
     fn keep_rows(&mut self, rows: &[FrameRow], values: &mut [Val], first: usize, n: usize) {
         self.times.reserve(rows.len() - first);
-        self.args.reserve((rows.len() - first) * n);
+        self.args.reserve(rows.len() - first);
         for &(time, _, _, at) in &rows[first..] {
             self.times.push_back(time);
-            self.args
-                .extend(values[at..at + n].iter_mut().map(std::mem::take));
+            self.args.push(values[at..at + n].iter_mut().map(std::mem::take));
         }
     }
 

@@ -56,9 +56,9 @@ impl KeyedState {
                 let key: &[u8] = keys.as_ref().map_or(&[], |k| k.row(i).data());
                 by_key.entry(key).or_default().push(i);
             }
-            // A row's share of its key's buffers (time, values, pending entry, fresh entry),
-            // with the slack of their growth.
-            let row_bytes = (8 + layout.stride() * std::mem::size_of::<Val>() + 32 + 16) * 3 / 2;
+            // A row's share of its key's buffers (time, arguments: at most 16 bytes each in
+            // their typed columns, pending entry, fresh entry), with the slack of their growth.
+            let row_bytes = (8 + layout.stride() * 16 + 32 + 16) * 3 / 2;
             for (key, indices) in by_key {
                 // Counted as rows arrive; checkpoints recount exactly.
                 let mut added = 0;
