@@ -261,8 +261,9 @@ pub(super) struct Args {
 }
 
 impl Args {
-    /// No row, `stride` arguments.
+    /// No row, `stride` arguments (at least one: an incremental window has an aggregate).
     pub(super) fn new(stride: usize) -> Self {
+        assert!(stride > 0, "a window state without an aggregate");
         Self {
             first: Column::Null(0),
             rest: vec![Column::Null(0); stride.saturating_sub(1)].into(),
