@@ -348,6 +348,13 @@ impl Service {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
+    /// Waits until `/readyz` answers 200.
+    fn wait_ready(&self, timeout: Duration) {
+        self.wait_for("ready", timeout, |s| {
+            s.get("/readyz").is_some_and(|(status, _)| status == 200)
+        });
+    }
+
     fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut(&Self) -> bool) {
         let deadline = Instant::now() + timeout;
         while !ok(self) {
@@ -563,9 +570,7 @@ fn events_in_decisions_and_dead_letters_out_and_enforcement_sees_the_blocks() {
     service.wait_for("every event consumed", Duration::from_secs(60), |s| {
         s.metric("rampart_events_total") == Some(n)
     });
-    service.wait_for("ready", Duration::from_secs(10), |s| {
-        s.get("/readyz").is_some_and(|(status, _)| status == 200)
-    });
+    service.wait_ready(Duration::from_secs(10));
     assert_eq!(service.get("/healthz").map(|r| r.0), Some(200));
     assert_eq!(service.metric("rampart_bad_records_total"), Some(2.0));
     // No admin token is configured: admin commands are off, as the log said at start, where
@@ -974,9 +979,7 @@ fn killed_mid_stream_and_restarted(new_disk: bool) {
     let victim = synthetic_pipeline(tmp.path(), "victim", "decisions");
     let state = tmp.path().join("victim-state");
     let service = Service::start(&victim, &broker, &state, &[]);
-    service.wait_for("ready", Duration::from_secs(30), |s| {
-        s.get("/readyz").is_some_and(|(status, _)| status == 200)
-    });
+    service.wait_ready(Duration::from_secs(30));
     let feeding = feed_partitions(&broker, total, 15_000, 4);
     service.wait_for("a third of the stream", Duration::from_secs(60), |s| {
         s.metric("rampart_events_total")
@@ -1037,9 +1040,7 @@ fn the_service_rides_out_a_broker_that_stops_answering_for_30_seconds() {
     let total = 120_000;
     let victim = synthetic_pipeline(tmp.path(), "victim", "decisions");
     let service = Service::start(&victim, &broker, &tmp.path().join("victim-state"), &[]);
-    service.wait_for("ready", Duration::from_secs(30), |s| {
-        s.get("/readyz").is_some_and(|(status, _)| status == 200)
-    });
+    service.wait_ready(Duration::from_secs(30));
     let feeding = feed(&broker, total, 2_000);
     std::thread::sleep(Duration::from_secs(5));
 
@@ -1187,9 +1188,7 @@ fn operators_revoke_rearm_and_reload_a_live_service_whose_tables_follow_their_to
         ),
     );
     let service = Service::start(&dir, &broker, &tmp.path().join("state"), &[]);
-    service.wait_for("ready", Duration::from_secs(60), |s| {
-        s.get("/readyz").is_some_and(|(code, _)| code == 200)
-    });
+    service.wait_ready(Duration::from_secs(60));
     let mut verifier = rampart_enforce::signing::Verifier::new();
     for id in ["k1", "k2"] {
         verifier
@@ -1854,9 +1853,7 @@ fn a_stopped_or_empty_partition_stops_holding_the_windows_after_the_idle_timeout
         "partition_idle_after = \"2s\"\nquiet_after = \"60s\"",
     );
     let service = Service::start(&pipeline, &broker, &tmp.path().join("state"), &[]);
-    service.wait_for("ready", Duration::from_secs(30), |s| {
-        s.get("/readyz").is_some_and(|(status, _)| status == 200)
-    });
+    service.wait_ready(Duration::from_secs(30));
     // 12 s of events at 4,000 per second (24 s of event time): partition 3 gets its share of
     // the first 3 s only, partition 4 none.
     let total = 48_000u64;
@@ -1987,9 +1984,7 @@ fn a_live_burst_is_decided_at_once_and_one_followed_by_silence_after_the_quiet_p
             ("RAMPART_SIGNING_KEY_ID", "live-1"),
         ],
     );
-    service.wait_for("ready", Duration::from_secs(30), |s| {
-        s.get("/readyz").is_some_and(|(status, _)| status == 200)
-    });
+    service.wait_ready(Duration::from_secs(30));
     let (code, _) = service
         .post("/admin/rearm?detector=nope", Some(ALICE))
         .expect("answers");
@@ -2170,9 +2165,7 @@ fn scale_out_run(
         .map(|i| Service::start(&pipeline, broker, &tmp.join(format!("instance-{i}")), &[]))
         .collect();
     for s in &instances {
-        s.wait_for("ready", Duration::from_secs(60), |s| {
-            s.get("/readyz").is_some_and(|(status, _)| status == 200)
-        });
+        s.wait_ready(Duration::from_secs(60));
     }
     // The stream comes while the group runs (six seconds of it), in batches (see `feed`).
     let feeding = feed_partitions(broker, total, total / 6, 4);
@@ -2505,9 +2498,7 @@ fn a_static_member_killed_and_restarted_at_once_rejoins_and_loses_nothing() {
     let first = start(0);
     let second = start(1);
     for s in [&first, &second] {
-        s.wait_for("ready", Duration::from_secs(60), |s| {
-            s.get("/readyz").is_some_and(|(status, _)| status == 200)
-        });
+        s.wait_ready(Duration::from_secs(60));
     }
     // Both hold their share (the group has settled).
     for s in [&first, &second] {
@@ -2566,9 +2557,7 @@ fn an_instance_added_mid_stream_takes_partitions_over_without_losing_a_decision(
     let pipeline = scale_out_pipeline(tmp.path(), "added");
     let start = |i: usize| Service::start(&pipeline, &broker, &tmp.path().join(format!("instance-{i}")), &[]);
     let first = start(0);
-    first.wait_for("ready", Duration::from_secs(60), |s| {
-        s.get("/readyz").is_some_and(|(status, _)| status == 200)
-    });
+    first.wait_ready(Duration::from_secs(60));
     // Eight seconds of stream; the second instance joins a quarter of the way in.
     let feeding = feed_partitions(&broker, total, total / 8, 4);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -2621,9 +2610,7 @@ fn marks_coming_faster_than_a_polling_round_do_not_hold_the_last_rows_back() {
     let total = 6_000;
     let pipeline = scale_out_pipeline(tmp.path(), "chatty");
     let service = Service::start(&pipeline, &broker, &tmp.path().join("instance-0"), &[]);
-    service.wait_for("ready", Duration::from_secs(60), |s| {
-        s.get("/readyz").is_some_and(|(status, _)| status == 200)
-    });
+    service.wait_ready(Duration::from_secs(60));
     // A forwarder that tells every state partition, every 40 ms, that the input partitions
     // have nothing waiting (no newer time than the instance's own marks: only the rhythm counts).
     let stop = Arc::new(AtomicBool::new(false));
@@ -2717,9 +2704,7 @@ fn a_groups_blast_radius_limit_holds_for_the_whole_group_and_trips_once() {
         })
         .collect();
     for s in &instances {
-        s.wait_for("ready", Duration::from_secs(60), |s| {
-            s.get("/readyz").is_some_and(|(status, _)| status == 200)
-        });
+        s.wait_ready(Duration::from_secs(60));
     }
     feed_partitions(&broker, total, total / 2, 4)
         .join()
