@@ -42,7 +42,7 @@ impl Val {
     /// of the same text).
     pub fn heap_bytes(&self) -> usize {
         match self {
-            Val::Str(s) => heap(16 + s.len()) / Arc::strong_count(s),
+            Val::Str(s) => text_bytes(s),
             _ => 0,
         }
     }
@@ -60,6 +60,11 @@ impl Val {
             }
         })
     }
+}
+
+/// A text's share of the allocation it shares with the other values of the same text.
+pub(super) fn text_bytes(s: &Arc<str>) -> usize {
+    heap(16 + s.len()) / Arc::strong_count(s)
 }
 
 /// The bytes an allocation of `size` bytes takes: allocators round up to size classes (about

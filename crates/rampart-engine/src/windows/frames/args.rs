@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::Val;
-use super::accumulators::heap;
+use super::accumulators::{heap, text_bytes};
 
 /// The type a column's values have, which decides the result type of a sum or an average.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,10 +240,7 @@ impl Column {
             Column::Float(t) => t.bytes(),
             Column::Text(t) => {
                 heap(t.capacity() * std::mem::size_of::<Option<Arc<str>>>())
-                    + t.iter()
-                        .flatten()
-                        .map(|s| heap(16 + s.len()) / Arc::strong_count(s))
-                        .sum::<usize>()
+                    + t.iter().flatten().map(text_bytes).sum::<usize>()
             }
             Column::Mixed(t, _) => {
                 heap(t.capacity() * std::mem::size_of::<Val>()) + t.iter().map(Val::heap_bytes).sum::<usize>()
