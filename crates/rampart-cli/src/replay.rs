@@ -151,9 +151,10 @@ pub(crate) fn replay(
             pipeline.compact_state()?;
             let stats = pipeline.state_stats();
             eprintln!(
-                "window state: {} keys in memory ({:.1} MiB), {} rows waiting, {:.1} MB on disk",
+                "window state: {} keys in memory ({:.1} MiB, and {:.1} MiB in the store), {} rows waiting, {:.1} MB on disk",
                 stats.cached_keys,
                 stats.cached_bytes as f64 / (1 << 20) as f64,
+                stats.store_memory_bytes as f64 / (1 << 20) as f64,
                 stats.waiting_rows,
                 stats.disk_bytes as f64 / 1e6
             );

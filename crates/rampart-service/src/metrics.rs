@@ -142,6 +142,8 @@ pub struct Metrics {
     pub state_disk_bytes: Gauge,
     /// Window state in memory (cache), bytes.
     pub state_cached_bytes: Gauge,
+    /// Memory the state store (RocksDB) holds beside the cache, bytes.
+    pub state_store_memory_bytes: Gauge,
     /// Window rows waiting for the watermark.
     pub state_waiting_rows: Gauge,
     /// Newest event time seen, Unix seconds.
@@ -193,6 +195,7 @@ impl Default for Metrics {
             consumer_lag: Family::default(),
             state_disk_bytes: Gauge::default(),
             state_cached_bytes: Gauge::default(),
+            state_store_memory_bytes: Gauge::default(),
             state_waiting_rows: Gauge::default(),
             newest_event_time: Gauge::default(),
             watermark: Gauge::default(),
@@ -317,6 +320,11 @@ impl Metrics {
             "state_cached_bytes",
             "Window state held in memory",
             self.state_cached_bytes.clone(),
+        );
+        r.register(
+            "state_store_memory_bytes",
+            "Memory the window state store holds beside the cache (memtables, SST readers, block cache)",
+            self.state_store_memory_bytes.clone(),
         );
         r.register(
             "state_waiting_rows",

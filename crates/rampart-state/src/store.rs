@@ -534,6 +534,26 @@ impl StateStore {
         dir_size(&self.path)
     }
 
+    /// Bytes of memory RocksDB holds for the store (memtables, including those waiting to
+    /// be flushed, the SST files' open readers (indexes and filters), the block cache): the
+    /// resident memory the state takes beside its windows' own cache.
+    pub fn memory_bytes(&self) -> u64 {
+        let families: u64 = [ROWS, CHUNKS, META]
+            .into_iter()
+            .filter_map(|name| self.db.cf_handle(name))
+            .flat_map(|cf| {
+                [
+                    "rocksdb.size-all-mem-tables",
+                    "rocksdb.estimate-table-readers-mem",
+                ]
+                .map(|property| self.db.property_int_value_cf(cf, property))
+            })
+            .map(|value| value.ok().flatten().unwrap_or(0))
+            .sum();
+        let cache = self.db.property_int_value("rocksdb.block-cache-usage");
+        families + cache.ok().flatten().unwrap_or(0)
+    }
+
     /// Flushes memtables to SST files and compacts, so that [`Self::size_on_disk`] shows the
     /// steady-state size (benchmarks; not needed for correctness).
     pub fn compact(&self) -> Result<(), StateError> {
@@ -796,6 +816,17 @@ mod tests {
         store.settle().expect("written");
         assert_eq!(store.meta("m").expect("read"), None);
         store.settle().expect("nothing to wait for");
+    }
+
+    #[test]
+    fn the_store_counts_the_memory_a_write_takes_in_its_memtables() {
+        let store = StateStore::temporary().expect("store");
+        let before = store.memory_bytes();
+        let mut commit = store.commit(0);
+        commit.meta("m", Some(&[7; 1 << 20]));
+        store.write(commit).expect("written");
+        let after = store.memory_bytes();
+        assert!(after >= before + (1 << 20), "{before} -> {after}");
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct StateStats {
     pub waiting_rows: usize,
     /// Bytes of the state directory on disk.
     pub disk_bytes: u64,
+    /// Bytes of memory the state store holds beside the cached keys (memtables, SST readers,
+    /// block cache).
+    pub store_memory_bytes: u64,
 }
 
 impl Pipeline {
@@ -206,6 +209,8 @@ impl Pipeline {
             meta_ms = (before_write - encoded).as_millis() as u64,
             write_ms = (started.elapsed() - before_write).as_millis() as u64,
             behind,
+            cached = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum::<usize>(),
+            store_memory = store.memory_bytes(),
             watermark = clock.decided_until.unwrap_or(i64::MIN),
             sources = ?clock.sources,
             progress = ?input.progress.iter().map(|(s, p)| (s, p.next_offset)).collect::<Vec<_>>(),
@@ -264,6 +269,7 @@ impl Pipeline {
             cached_bytes: windows.keyed.iter().map(|w| w.state.cache_bytes()).sum(),
             waiting_rows: windows.keyed.iter().map(|w| w.state.waiting()).sum(),
             disk_bytes: windows.store.as_ref().map_or(0, StateStore::size_on_disk),
+            store_memory_bytes: windows.store.as_ref().map_or(0, StateStore::memory_bytes),
         }
     }
 

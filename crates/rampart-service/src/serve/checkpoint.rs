@@ -157,6 +157,9 @@ impl Service<'_> {
         let stats = self.pipeline.state_stats();
         self.metrics.state_disk_bytes.set(stats.disk_bytes as i64);
         self.metrics.state_cached_bytes.set(stats.cached_bytes as i64);
+        self.metrics
+            .state_store_memory_bytes
+            .set(stats.store_memory_bytes as i64);
         self.metrics.state_waiting_rows.set(stats.waiting_rows as i64);
         if self.health.not_ready().is_some() {
             self.health.set_not_ready(None);
