@@ -1,13 +1,15 @@
 //! A key's frame arguments ([`Args`]): one column per argument of the window's aggregates, each
 //! typed by the values it holds, instead of a 24-byte [`Val`] per row and argument. A
 //! `count(*)`'s column holds no value at all (its rows' arguments are all NULL), an integer
-//! or float column 8 bytes a row (and a null mark only once a NULL came), a text column 16.
+//! column 1, 2, 4 or 8 bytes a row (the narrowest width that holds its values), a float column
+//! 8 (and a null mark only once a NULL came), a text column 16.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::Val;
 use super::accumulators::{heap, text_bytes};
+use super::room_for_row;
 
 /// The type a column's values have, which decides the result type of a sum or an average.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,12 +53,13 @@ impl<T: Copy + Default> Typed<T> {
     }
 
     fn insert(&mut self, at: usize, v: Option<T>) {
-        if self.values.is_empty() {
-            self.values.reserve_exact(1);
-        }
+        room_for_row(&mut self.values);
         self.values.insert(at, v.unwrap_or_default());
         match (&mut self.nulls, v) {
-            (Some(nulls), _) => nulls.insert(at, v.is_none()),
+            (Some(nulls), _) => {
+                room_for_row(nulls);
+                nulls.insert(at, v.is_none());
+            }
             (None, Some(_)) => {}
             (None, None) => {
                 let mut nulls: VecDeque<bool> = std::iter::repeat_n(false, self.values.len()).collect();
@@ -79,7 +82,18 @@ impl<T: Copy + Default> Typed<T> {
     }
 
     fn reserve(&mut self, n: usize) {
-        self.values.reserve(n);
+        self.values.reserve_exact(n);
+    }
+
+    /// The same values in a wider type.
+    fn widen<U: Copy + From<T>>(&mut self) -> Typed<U> {
+        let mut values = VecDeque::new();
+        values.reserve_exact(self.values.capacity());
+        values.extend(self.values.iter().map(|&v| U::from(v)));
+        Typed {
+            values,
+            nulls: self.nulls.take(),
+        }
     }
 
     fn bytes(&self) -> usize {
@@ -90,13 +104,115 @@ impl<T: Copy + Default> Typed<T> {
     }
 }
 
+/// Integers stored at the narrowest of four widths that holds every value the column got
+/// (a 0/1 flag or a small count takes a byte a row instead of 8), widened when a larger one
+/// comes. `A`..`D` are the 1-, 2-, 4- and 8-byte types, `D` the one values are given in.
+#[derive(Debug, Clone)]
+pub(super) enum Narrow<A, B, C, D> {
+    W1(Typed<A>),
+    W2(Typed<B>),
+    W4(Typed<C>),
+    W8(Typed<D>),
+}
+
+/// Signed integers (`i64` values).
+pub(super) type Ints = Narrow<i8, i16, i32, i64>;
+/// Unsigned integers (`u64` values).
+pub(super) type UInts = Narrow<u8, u16, u32, u64>;
+
+impl<A, B, C, D> Narrow<A, B, C, D>
+where
+    A: Copy + Default + TryFrom<D>,
+    B: Copy + Default + TryFrom<D> + From<A>,
+    C: Copy + Default + TryFrom<D> + From<B>,
+    D: Copy + Default + From<C>,
+{
+    /// `n` NULLs (at the narrowest width).
+    fn nulls(n: usize) -> Self {
+        Narrow::W1(Typed::nulls(n))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Narrow::W1(t) => t.values.len(),
+            Narrow::W2(t) => t.values.len(),
+            Narrow::W4(t) => t.values.len(),
+            Narrow::W8(t) => t.values.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<D> {
+        match self {
+            Narrow::W1(t) => t.get(i).map(|v| D::from(C::from(B::from(v)))),
+            Narrow::W2(t) => t.get(i).map(|v| D::from(C::from(v))),
+            Narrow::W4(t) => t.get(i).map(D::from),
+            Narrow::W8(t) => t.get(i),
+        }
+    }
+
+    fn insert(&mut self, at: usize, v: Option<D>) {
+        loop {
+            match self {
+                Narrow::W1(t) => match v.map(A::try_from) {
+                    None => return t.insert(at, None),
+                    Some(Ok(x)) => return t.insert(at, Some(x)),
+                    Some(Err(_)) => *self = Narrow::W2(t.widen()),
+                },
+                Narrow::W2(t) => match v.map(B::try_from) {
+                    None => return t.insert(at, None),
+                    Some(Ok(x)) => return t.insert(at, Some(x)),
+                    Some(Err(_)) => *self = Narrow::W4(t.widen()),
+                },
+                Narrow::W4(t) => match v.map(C::try_from) {
+                    None => return t.insert(at, None),
+                    Some(Ok(x)) => return t.insert(at, Some(x)),
+                    Some(Err(_)) => *self = Narrow::W8(t.widen()),
+                },
+                Narrow::W8(t) => return t.insert(at, v),
+            }
+        }
+    }
+
+    fn pop_front(&mut self) {
+        match self {
+            Narrow::W1(t) => t.pop_front(),
+            Narrow::W2(t) => t.pop_front(),
+            Narrow::W4(t) => t.pop_front(),
+            Narrow::W8(t) => t.pop_front(),
+        }
+    }
+
+    /// Empty, back at the narrowest width.
+    fn clear(&mut self) {
+        *self = Narrow::W1(Typed::default());
+    }
+
+    fn reserve(&mut self, n: usize) {
+        match self {
+            Narrow::W1(t) => t.reserve(n),
+            Narrow::W2(t) => t.reserve(n),
+            Narrow::W4(t) => t.reserve(n),
+            Narrow::W8(t) => t.reserve(n),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Narrow::W1(t) => t.bytes(),
+            Narrow::W2(t) => t.bytes(),
+            Narrow::W4(t) => t.bytes(),
+            Narrow::W8(t) => t.bytes(),
+        }
+    }
+}
+
 /// One argument's values, row by row.
 #[derive(Debug, Clone)]
 pub(super) enum Column {
     /// Only NULLs so far: how many.
     Null(usize),
-    Int(Typed<i64>),
-    UInt(Typed<u64>),
+    Int(Ints),
+    UInt(UInts),
     Float(Typed<f64>),
     /// Texts (each shared with the equal texts of its batch and of the key's distinct counts).
     Text(VecDeque<Option<Arc<str>>>),
@@ -120,8 +236,8 @@ impl Column {
     fn len(&self) -> usize {
         match self {
             Column::Null(n) => *n,
-            Column::Int(t) => t.values.len(),
-            Column::UInt(t) => t.values.len(),
+            Column::Int(t) => t.len(),
+            Column::UInt(t) => t.len(),
             Column::Float(t) => t.values.len(),
             Column::Text(t) => t.len(),
             Column::Mixed(t, _) => t.len(),
@@ -157,8 +273,8 @@ impl Column {
     fn retype(&mut self, v: &Val) {
         let n = self.len();
         *self = match (&*self, v) {
-            (Column::Null(_), Val::Int(_)) => Column::Int(Typed::nulls(n)),
-            (Column::Null(_), Val::UInt(_)) => Column::UInt(Typed::nulls(n)),
+            (Column::Null(_), Val::Int(_)) => Column::Int(Narrow::nulls(n)),
+            (Column::Null(_), Val::UInt(_)) => Column::UInt(Narrow::nulls(n)),
             (Column::Null(_), Val::Float(_)) => Column::Float(Typed::nulls(n)),
             (Column::Null(_), Val::Str(_)) => Column::Text(std::iter::repeat_n(None, n).collect()),
             (typed, _) => Column::Mixed((0..n).map(|i| typed.get(i)).collect(), typed.kind()),
@@ -178,9 +294,7 @@ impl Column {
             (Column::UInt(t), _) => t.insert(at, None),
             (Column::Float(t), _) => t.insert(at, None),
             (Column::Text(t), v) => {
-                if t.is_empty() {
-                    t.reserve_exact(1);
-                }
+                room_for_row(t);
                 t.insert(
                     at,
                     match v {
@@ -189,7 +303,10 @@ impl Column {
                     },
                 );
             }
-            (Column::Mixed(t, _), v) => t.insert(at, v),
+            (Column::Mixed(t, _), v) => {
+                room_for_row(t);
+                t.insert(at, v);
+            }
         }
     }
 
@@ -226,8 +343,8 @@ impl Column {
             Column::Int(t) => t.reserve(n),
             Column::UInt(t) => t.reserve(n),
             Column::Float(t) => t.reserve(n),
-            Column::Text(t) => t.reserve(n),
-            Column::Mixed(t, _) => t.reserve(n),
+            Column::Text(t) => t.reserve_exact(n),
+            Column::Mixed(t, _) => t.reserve_exact(n),
         }
     }
 
@@ -389,17 +506,49 @@ mod tests {
         );
     }
 
-    /// A count(*)'s argument takes no memory per row; an integer 8 bytes.
+    /// A count(*)'s argument takes no memory per row; an integer column the narrowest width
+    /// that holds its values, widened (every value kept) when a larger one comes.
     #[test]
-    fn a_star_argument_holds_nothing_and_an_integer_eight_bytes() {
+    fn a_star_argument_holds_nothing_and_an_integer_column_its_narrowest_width() {
         let mut star = Args::new(1);
+        let mut flags = Args::new(1);
         let mut int = Args::new(1);
         for i in 0..1000 {
             star.push([Val::Null]);
-            int.push([Val::Int(i)]);
+            flags.push([Val::Int(i % 2)]);
+            int.push([Val::Int(i - 500)]);
         }
         assert_eq!(star.bytes(), 0);
-        assert!(int.bytes() <= heap(1024 * 8), "{}", int.bytes());
-        assert_eq!(int.get(999, 0), Val::Int(999));
+        assert!(flags.bytes() <= heap(1250), "a byte a row: {}", flags.bytes());
+        assert!(int.bytes() <= heap(1250 * 2), "two bytes a row: {}", int.bytes());
+        assert_eq!(int.get(999, 0), Val::Int(499));
+        assert_eq!(int.get(0, 0), Val::Int(-500));
+        let mut reference: Vec<Val> = (0..1000).map(|i| Val::Int(i - 500)).collect();
+        for (at, v) in [
+            (3, Val::Int(70_000)),
+            (1000, Val::Int(i64::MIN)),
+            (0, Val::Int(i64::MAX)),
+            (5, Val::Null),
+        ] {
+            int.insert(at, [v.clone()]);
+            reference.insert(at, v.clone());
+            assert_eq!(int.get(at, 0), v);
+        }
+        let got: Vec<Val> = (0..reference.len()).map(|r| int.get(r, 0)).collect();
+        assert_eq!(got, reference);
+        let mut unsigned = Args::new(1);
+        for v in [0, 255, 256, 65_536, u64::MAX] {
+            unsigned.push([Val::UInt(v)]);
+        }
+        unsigned.push([Val::Null]);
+        let got: Vec<Val> = (0..6).map(|r| unsigned.get(r, 0)).collect();
+        let mut want: Vec<Val> = [0, 255, 256, 65_536, u64::MAX].map(Val::UInt).into();
+        want.push(Val::Null);
+        assert_eq!(got, want);
+        assert_eq!(unsigned.kind(0), Kind::UInt);
+        // Emptied, the column starts again at a byte a row.
+        int.clear();
+        int.push([Val::Int(1)]);
+        assert!(int.bytes() <= heap(1), "{}", int.bytes());
     }
 }

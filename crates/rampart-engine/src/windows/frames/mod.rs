@@ -47,6 +47,20 @@ pub(super) fn reserve_small<T>(list: &mut Vec<T>) {
     }
 }
 
+/// Makes room for one more row in a key's column (frame times, argument values): exactly one
+/// for the first (most keys of a wide log hold one row), then a quarter more each time it is
+/// full. (A `VecDeque` doubles: a long frame's columns held up to twice its rows, about 1.5x
+/// on average, and on dense logs the frames are most of the window state.)
+pub(super) fn room_for_row<T>(column: &mut VecDeque<T>) {
+    if column.len() == column.capacity() {
+        let more = match column.len() {
+            0 => 1,
+            n => (n / 4).max(4),
+        };
+        column.reserve_exact(more);
+    }
+}
+
 pub(super) fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     if input.len() < n {
         return None;
@@ -321,10 +335,7 @@ impl KeyAgg {
                 *v = held.clone();
             }
         }
-        if self.times.is_empty() {
-            // As `reserve_small`, for the frame rows (the arguments' columns do so too).
-            self.times.reserve_exact(1);
-        }
+        room_for_row(&mut self.times);
         reserve_small(&mut self.pending);
         reserve_small(&mut self.fresh);
         self.fresh.push((time, row));

@@ -349,7 +349,7 @@ impl KeyAgg {
 
     /// Holds the frame rows from `first` on (sorted [`FrameRow`]s), `n` arguments each.
     fn keep_rows(&mut self, rows: &[FrameRow], values: &mut [Val], first: usize, n: usize) {
-        self.times.reserve(rows.len() - first);
+        self.times.reserve_exact(rows.len() - first);
         self.args.reserve(rows.len() - first);
         for &(time, _, _, at) in &rows[first..] {
             self.times.push_back(time);
