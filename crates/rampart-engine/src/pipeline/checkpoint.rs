@@ -57,23 +57,32 @@ pub struct StateStats {
     pub store_memory_bytes: u64,
 }
 
+/// The changes (estimated) past which a checkpoint is written: its write batch is built in
+/// memory and copied into a memtable, twice this much resident at its peak.
+const CHECKPOINT_WRITE_BYTES: usize = 32 << 20;
+
 impl Pipeline {
     /// Whether enough has changed since the last checkpoint that one should be written (the
     /// caller knows the input progress to write with it).
     pub fn wants_checkpoint(&self) -> bool {
-        let windows = self.lock();
-        let cached: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
+        let mut windows = self.lock();
+        let budget = self.config.state_cache_bytes;
+        let limit = budget.max(windows.in_use + budget / 8);
+        let mut cached: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
+        if cached > limit {
+            // The count between checkpoints only grows (rows that left are not taken off):
+            // a checkpoint for the cache's sake only when the exact count says so.
+            windows.keyed.iter_mut().for_each(|w| w.state.recount());
+            cached = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
+        }
         let unsaved: usize = windows.keyed.iter().map(|w| w.state.unsaved_bytes()).sum();
         // Past the budget; or, when the keys in use alone exceed it (eviction kept them), past
         // those by an eighth of the budget, so that a large working set is not written and
         // evicted after every batch. Or when the checkpoint's write batch, built in memory and
-        // then copied whole into a memtable, would pass an eighth of the budget (at 1M new
-        // actors a checkpoint forced by the cache alone wrote about 50 MB; more frequent ones
-        // cost a dense workload, whose hot keys write a chunk each time, some throughput).
-        let budget = self.config.state_cache_bytes;
-        windows.since_checkpoint >= 1 << 18
-            || unsaved > budget / 8
-            || cached > budget.max(windows.in_use + budget / 8)
+        // then copied whole into a memtable, would pass CHECKPOINT_WRITE_BYTES, whatever the
+        // budget (at 1M new actors a checkpoint forced by the cache alone wrote about 50 MB;
+        // smaller ones cost a dense log, whose hot keys write a chunk each time, throughput).
+        windows.since_checkpoint >= 1 << 18 || unsaved > CHECKPOINT_WRITE_BYTES || cached > limit
     }
 
     /// Writes the window state changed since the last checkpoint, the rows still waiting, the

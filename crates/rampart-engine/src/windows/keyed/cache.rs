@@ -42,6 +42,9 @@ impl Entry {
     }
 }
 
+/// The order keys are evicted in: those with no row waiting first, then least recently used.
+type EvictionOrder = (bool, u64);
+
 /// Eviction keeps the keys used by this many of the latest batches.
 const RECENT_BATCHES: u64 = 2;
 
@@ -218,10 +221,21 @@ impl KeyedState {
         );
     }
 
+    /// Counts the cached keys' bytes again, exactly. (Between checkpoints the count only
+    /// grows, by an estimate per row added; rows leaving the frames or decided are not taken
+    /// off until a checkpoint recounts.)
+    pub fn recount(&mut self) {
+        self.cache_bytes = self.cache.iter().map(|(key, entry)| entry.bytes(key)).sum();
+    }
+
     /// Drops clean cached keys until the cache holds at most `budget` bytes.
-    /// Least recently used first, down to half the budget (so that eviction is rare). Keys the
-    /// last [`RECENT_BATCHES`] batches used stay (evicting them would read them back at once),
-    /// unless `budget` is 0 (no cache: every key is read back each time).
+    /// Keys with no row waiting for the watermark first (a key with one will be read back when
+    /// the row is due: on a log of many short-lived keys, those are the working set, and the
+    /// others are done with), least recently used first within each; down to seven eighths of
+    /// the budget (so that eviction is not needed again at once, while a working set just above
+    /// the budget keeps most of its keys: evicting to half of it made dense logs read their hot
+    /// keys back). Keys the last [`RECENT_BATCHES`] batches used stay (evicting them would read
+    /// them back at once), unless `budget` is 0 (no cache: every key is read back each time).
     pub fn evict(&mut self, budget: usize) {
         if self.cache_bytes <= budget {
             return;
@@ -231,14 +245,18 @@ impl KeyedState {
         } else {
             self.tick.saturating_sub(RECENT_BATCHES - 1)
         };
-        let mut clean: Vec<(u64, usize, &Box<[u8]>)> = self
+        // (Whether a row waits, when last used), its bytes, the key.
+        let mut clean: Vec<(EvictionOrder, usize, &Box<[u8]>)> = self
             .cache
             .iter()
             .filter(|(_, e)| !e.dirty && e.used < recent)
-            .map(|(k, e)| (e.used, e.bytes(k), k))
+            .map(|(k, e)| {
+                let waiting = e.agg.as_ref().is_some_and(|a| !a.pending.is_empty());
+                ((waiting, e.used), e.bytes(k), k)
+            })
             .collect();
-        clean.sort_unstable_by_key(|(used, _, _)| *used);
-        let excess = self.cache_bytes - budget / 2;
+        clean.sort_unstable_by_key(|(order, _, _)| *order);
+        let excess = self.cache_bytes - (budget - budget / 8);
         let mut freed = 0;
         let mut drop = Vec::new();
         for (_, bytes, key) in clean {

@@ -404,3 +404,46 @@ fn a_shared_state_keeps_the_tag_its_rows_are_stored_under() {
     w.store.write(commit).expect("written");
     assert_eq!(choose(0).tag, "window/named");
 }
+
+/// Past the budget, keys with no row waiting for the watermark go first (a key with one is
+/// read back when the row is due), even when more recently used; keys the latest two
+/// batches used stay.
+#[test]
+fn eviction_drops_keys_with_no_row_waiting_before_keys_with_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut w = Window::new(tmp.path(), EXACTLY_THREE);
+    // Alice's row waits (minute 10, watermark 0); bob's (minute 1) is decided by minute 5,
+    // which reads bob's key after alice's was last used.
+    w.step(&[("alice", 10, "Failure")], -1, 0, 0);
+    w.step(&[("bob", 1, "Failure")], 0, 0, 0);
+    assert!(w.tick(5).is_empty());
+    assert_eq!(w.state.waiting(), 1, "alice's row waits");
+    // Two more batches: alice's and bob's keys are no longer the latest batches'.
+    w.step(&[("carol", 6, "Failure")], 5, 5, 5);
+    w.step(&[("dave", 6, "Failure")], 5, 5, 5);
+    let mut commit = w.store.commit(0);
+    w.state.checkpoint(Window::bounds(5, 5), &mut commit);
+    w.store.write(commit).expect("written");
+    let cached = |w: &Window, actor: &str| {
+        w.state
+            .cache
+            .keys()
+            .any(|k| String::from_utf8_lossy(k).contains(actor))
+    };
+    assert!(["alice", "bob", "carol", "dave"].iter().all(|a| cached(&w, a)));
+    // A budget a little under what is cached: one key has to go.
+    let budget = w.state.cache_bytes() - 1;
+    w.state.evict(budget);
+    assert_eq!(w.state.cached_keys(), 3, "one key was enough");
+    assert!(!cached(&w, "bob"), "bob's key, with no row waiting, went first");
+    assert!(cached(&w, "alice"), "alice's key, with a row waiting, stays");
+    assert!(
+        cached(&w, "carol") && cached(&w, "dave"),
+        "the latest batches' keys stay"
+    );
+    // Her row is still decided when due, her key read back from the store.
+    w.state.evict(0);
+    assert_eq!(w.state.cached_keys(), 0);
+    assert!(w.tick(12).is_empty(), "one failure is not three");
+    assert_eq!(w.state.waiting(), 0);
+}
