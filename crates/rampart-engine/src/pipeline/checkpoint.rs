@@ -57,8 +57,9 @@ pub struct StateStats {
     pub store_memory_bytes: u64,
 }
 
-/// The changes (estimated) past which a checkpoint is written: its write batch is built in
-/// memory and copied into a memtable, twice this much resident at its peak.
+/// The changes (estimated) past which a checkpoint is written, or an eighth of the cache's
+/// budget when that is larger: its write batch is built in memory and copied into a memtable,
+/// twice this much resident at its peak.
 const CHECKPOINT_WRITE_BYTES: usize = 32 << 20;
 
 impl Pipeline {
@@ -79,10 +80,12 @@ impl Pipeline {
         // Past the budget; or, when the keys in use alone exceed it (eviction kept them), past
         // those by an eighth of the budget, so that a large working set is not written and
         // evicted after every batch. Or when the checkpoint's write batch, built in memory and
-        // then copied whole into a memtable, would pass CHECKPOINT_WRITE_BYTES, whatever the
-        // budget (at 1M new actors a checkpoint forced by the cache alone wrote about 50 MB;
-        // smaller ones cost a dense log, whose hot keys write a chunk each time, throughput).
-        windows.since_checkpoint >= 1 << 18 || unsaved > CHECKPOINT_WRITE_BYTES || cached > limit
+        // then copied whole into a memtable, would pass CHECKPOINT_WRITE_BYTES, or an eighth of
+        // a larger budget (at 1M new actors a checkpoint forced by the cache alone wrote about
+        // 50 MB; smaller ones cost a dense log, whose hot keys write a chunk each time,
+        // throughput: an eighth of a small budget made them too small).
+        let write_batch = CHECKPOINT_WRITE_BYTES.max(budget / 8);
+        windows.since_checkpoint >= 1 << 18 || unsaved > write_batch || cached > limit
     }
 
     /// Writes the window state changed since the last checkpoint, the rows still waiting, the
