@@ -23,12 +23,21 @@ pub(super) struct Entry {
     pub(super) agg: Option<Box<KeyAgg>>,
     /// When it was last used ([`KeyedState::tick`]): eviction drops the least recent first.
     pub(super) used: u64,
+    /// Its [`Self::bytes`] when last counted (loaded, checkpointed, recounted), up to 4 GiB.
+    pub(super) counted: u32,
 }
 
 impl Entry {
     /// Heap bytes: the cache slot (at hashbrown's load factor), the boxed key, the value, the
     /// aggregates, and for a key with rows waiting its entry in `due` (a B-tree slot and a
     /// copy of the key).
+    /// Counts its bytes again ([`Self::bytes`]), keeping them in `counted`.
+    pub(super) fn count(&mut self, key: &[u8]) -> usize {
+        let bytes = self.bytes(key);
+        self.counted = u32::try_from(bytes).unwrap_or(u32::MAX);
+        bytes
+    }
+
     pub(super) fn bytes(&self, key: &[u8]) -> usize {
         let slot = (std::mem::size_of::<(Box<[u8]>, Entry)>() + 1) * 8 / 7;
         let due = match &self.agg {
@@ -146,13 +155,14 @@ impl KeyedState {
                 }
                 Kept::Rows => (store.get(&row_key(&self.tag, key))?.unwrap_or_default(), None),
             };
-            let entry = Entry {
+            let mut entry = Entry {
                 value,
                 dirty: false,
                 agg,
                 used: 0,
+                counted: 0,
             };
-            self.cache_bytes += entry.bytes(key);
+            self.cache_bytes += entry.count(key);
             self.cache.insert(key.into(), entry);
         }
         let entry = self.cache.get_mut(key).expect("inserted above");
@@ -167,7 +177,10 @@ impl KeyedState {
         let mut expired = Vec::new();
         let mut bytes = 0;
         let horizon = self.horizon();
+        let since = self.counted_tick;
         for (key, entry) in &mut self.cache {
+            // A key neither changed nor used since the last count still has its bytes.
+            let changed = entry.dirty || entry.used >= since;
             let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(|a| a.is_empty());
             if let Some(agg) = &mut entry.agg {
                 if entry.dirty || gone {
@@ -188,10 +201,13 @@ impl KeyedState {
             }
             if gone {
                 expired.push(key.clone());
+            } else if changed {
+                bytes += entry.count(key);
             } else {
-                bytes += entry.bytes(key);
+                bytes += entry.counted as usize;
             }
         }
+        self.counted_tick = self.tick;
         self.deleted.clear();
         for key in expired {
             self.cache.remove(&key);
@@ -223,9 +239,22 @@ impl KeyedState {
 
     /// Counts the cached keys' bytes again, exactly. (Between checkpoints the count only
     /// grows, by an estimate per row added; rows leaving the frames or decided are not taken
-    /// off until a checkpoint recounts.)
+    /// off until a checkpoint recounts.) Only the keys used or changed since the last count are
+    /// counted again; the others still have the bytes counted then.
     pub fn recount(&mut self) {
-        self.cache_bytes = self.cache.iter().map(|(key, entry)| entry.bytes(key)).sum();
+        let since = self.counted_tick;
+        self.cache_bytes = self
+            .cache
+            .iter_mut()
+            .map(|(key, entry)| {
+                if entry.dirty || entry.used >= since {
+                    entry.count(key)
+                } else {
+                    entry.counted as usize
+                }
+            })
+            .sum();
+        self.counted_tick = self.tick;
     }
 
     /// Drops clean cached keys until the cache holds at most `budget` bytes.
@@ -252,7 +281,7 @@ impl KeyedState {
             .filter(|(_, e)| !e.dirty && e.used < recent)
             .map(|(k, e)| {
                 let waiting = e.agg.as_ref().is_some_and(|a| !a.pending.is_empty());
-                ((waiting, e.used), e.bytes(k), k)
+                ((waiting, e.used), e.counted as usize, k)
             })
             .collect();
         clean.sort_unstable_by_key(|(order, _, _)| *order);

@@ -80,7 +80,12 @@ pub struct KeyedState {
     key_converter: Option<RowConverter>,
     row_converter: RowConverter,
     cache: FxHashMap<Box<[u8]>, Entry>,
+    /// The cache's bytes: exact after a checkpoint or [`Self::recount`], an estimate (rows
+    /// added counted, rows gone not) in between.
     cache_bytes: usize,
+    /// The batch ([`Self::tick`]) at which every key's `Entry::counted` was last brought up to
+    /// date: a key not used since (and clean) still has those bytes.
+    counted_tick: u64,
     /// Sliding windows re-run per key: rows not yet decided, by (time, row id), with their key.
     pending: BTreeMap<(i64, u64), Rerun>,
     /// Sliding windows re-run per key: per key with rows looked at before the watermark, the
@@ -260,6 +265,7 @@ impl KeyedState {
             row_converter,
             cache: FxHashMap::default(),
             cache_bytes: 0,
+            counted_tick: 0,
             pending: BTreeMap::new(),
             looked_at: FxHashMap::default(),
             due: BTreeSet::new(),

@@ -447,3 +447,41 @@ fn eviction_drops_keys_with_no_row_waiting_before_keys_with_one() {
     assert!(w.tick(12).is_empty(), "one failure is not three");
     assert_eq!(w.state.waiting(), 0);
 }
+
+/// The cache's count, kept per key and brought up to date only for the keys used or changed
+/// since the last count, equals a full count after every checkpoint and recount.
+#[test]
+fn the_cache_count_equals_a_full_count_after_checkpoints_and_recounts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (name, sql) in [("incremental", EXACTLY_THREE), ("rerun", NESTED)] {
+        let mut w = Window::new(&tmp.path().join(name), sql);
+        let full = |w: &Window| -> usize { w.state.cache.iter().map(|(k, e)| e.bytes(k)).sum() };
+        for minute in 0..12 {
+            let actors = ["alice", "bob", "carol"];
+            let events: Vec<(&str, i64, &str)> = actors
+                .iter()
+                .take(1 + minute as usize % 3)
+                .map(|a| (*a, minute, "Failure"))
+                .collect();
+            w.step(&events, minute - 1, minute - 1, minute);
+            if minute % 2 == 0 {
+                w.state.recount();
+                assert_eq!(
+                    w.state.cache_bytes(),
+                    full(&w),
+                    "{name}: recount at minute {minute}"
+                );
+            }
+            if minute % 3 == 0 {
+                let mut commit = w.store.commit(0);
+                w.state.checkpoint(Window::bounds(minute, minute), &mut commit);
+                w.store.write(commit).expect("written");
+                assert_eq!(
+                    w.state.cache_bytes(),
+                    full(&w),
+                    "{name}: checkpoint at minute {minute}"
+                );
+            }
+        }
+    }
+}
