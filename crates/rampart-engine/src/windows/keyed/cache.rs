@@ -28,9 +28,6 @@ pub(super) struct Entry {
 }
 
 impl Entry {
-    /// Heap bytes: the cache slot (at hashbrown's load factor), the boxed key, the value, the
-    /// aggregates, and for a key with rows waiting its entry in `due` (a B-tree slot and a
-    /// copy of the key).
     /// Counts its bytes again ([`Self::bytes`]), keeping them in `counted`.
     pub(super) fn count(&mut self, key: &[u8]) -> usize {
         let bytes = self.bytes(key);
@@ -38,6 +35,20 @@ impl Entry {
         bytes
     }
 
+    /// Its bytes: counted again if it may have changed since the count at batch `since`
+    /// (changed, or used: every change goes through [`KeyedState::entry`] or marks it dirty),
+    /// else as counted then.
+    pub(super) fn count_since(&mut self, key: &[u8], since: u64) -> usize {
+        if self.dirty || self.used >= since {
+            self.count(key)
+        } else {
+            self.counted as usize
+        }
+    }
+
+    /// Heap bytes: the cache slot (at hashbrown's load factor), the boxed key, the value, the
+    /// aggregates, and for a key with rows waiting its entry in `due` (a B-tree slot and a
+    /// copy of the key).
     pub(super) fn bytes(&self, key: &[u8]) -> usize {
         let slot = (std::mem::size_of::<(Box<[u8]>, Entry)>() + 1) * 8 / 7;
         let due = match &self.agg {
@@ -179,8 +190,8 @@ impl KeyedState {
         let horizon = self.horizon();
         let since = self.counted_tick;
         for (key, entry) in &mut self.cache {
-            // A key neither changed nor used since the last count still has its bytes.
-            let changed = entry.dirty || entry.used >= since;
+            // (The save below clears it, and changes the key's bytes.)
+            let saved = entry.dirty;
             let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(|a| a.is_empty());
             if let Some(agg) = &mut entry.agg {
                 if entry.dirty || gone {
@@ -201,10 +212,10 @@ impl KeyedState {
             }
             if gone {
                 expired.push(key.clone());
-            } else if changed {
+            } else if saved {
                 bytes += entry.count(key);
             } else {
-                bytes += entry.counted as usize;
+                bytes += entry.count_since(key, since);
             }
         }
         self.counted_tick = self.tick;
@@ -246,13 +257,7 @@ impl KeyedState {
         self.cache_bytes = self
             .cache
             .iter_mut()
-            .map(|(key, entry)| {
-                if entry.dirty || entry.used >= since {
-                    entry.count(key)
-                } else {
-                    entry.counted as usize
-                }
-            })
+            .map(|(key, entry)| entry.count_since(key, since))
             .sum();
         self.counted_tick = self.tick;
     }
