@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rampart_core::{Decision, Mode, Verdict};
 
-use crate::input::decode::{ChunkPool, DeadLetter, DeadLetterKind, Decoded, Framed};
+use crate::input::decode::{BatchPool, DeadLetter, DeadLetterKind, Decoded, Framed};
 use crate::pipeline::{DetectorFailure, Output, Pipeline};
 use rampart_state::StateError;
 
@@ -209,7 +209,7 @@ pub fn replay_with(
 
     let mut framing = pipeline.decoder().chunking(pipeline.config.input.batch_size);
     let pool = framing.chunk_pool();
-    let raw_pool = ChunkPool::default();
+    let batch_pool = BatchPool::default();
     std::thread::scope(|scope| {
         let framer = named(
             scope,
@@ -238,9 +238,9 @@ pub fn replay_with(
             let done_tx = done_tx.clone();
             let work_rx = &work_rx;
             let pool = pool.clone();
-            let raw_pool = raw_pool.clone();
+            let batch_pool = batch_pool.clone();
             named(scope, format!("rampart-decode-{i}"), move || {
-                let mut decoder = pipeline.decoder().recycling_raw(raw_pool);
+                let mut decoder = pipeline.decoder().recycling(batch_pool);
                 loop {
                     let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok((seq, item)) = next else { break };
@@ -260,7 +260,7 @@ pub fn replay_with(
             });
         }
         drop(done_tx);
-        let consumed = consume_in_order(pipeline, &done_rx, sink, &mut summary, end_of_input, &raw_pool);
+        let consumed = consume_in_order(pipeline, &done_rx, sink, &mut summary, end_of_input, &batch_pool);
         drop(done_rx);
         let framed = framer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         consumed.and(framed)
@@ -297,7 +297,7 @@ fn consume_in_order(
     sink: &mut dyn ReplaySink,
     summary: &mut Summary,
     end_of_input: bool,
-    raw_pool: &ChunkPool,
+    batch_pool: &BatchPool,
 ) -> Result<(), ReplayError> {
     let mut pending: BTreeMap<u64, Read> = BTreeMap::new();
     let mut next_seq = 0;
@@ -313,7 +313,7 @@ fn consume_in_order(
                 }
                 Read::Decoded(items) => {
                     for item in items {
-                        consume(pipeline, item, &mut out, raw_pool)?;
+                        consume(pipeline, item, &mut out, batch_pool)?;
                     }
                 }
             }
@@ -328,13 +328,13 @@ fn consume_in_order(
     pipeline.checkpoint().map_err(ReplayError::State)
 }
 
-/// Admits and evaluates one decoded item; a batch's raw-text buffer goes back to `raw_pool`
-/// for the decoding threads to build the next batches in.
+/// Admits and evaluates one decoded item; a batch's text buffers go back to `batch_pool` for
+/// the decoding threads to build the next batches in.
 fn consume(
     pipeline: &Pipeline,
     item: Decoded,
     out: &mut Recorder<'_>,
-    raw_pool: &ChunkPool,
+    batch_pool: &BatchPool,
 ) -> Result<(), ReplayError> {
     match item {
         Decoded::DeadLetter(letter) => {
@@ -364,9 +364,7 @@ fn consume(
                 summary.actor_events.add(events.actor(i));
             }
             pipeline.evaluate(&events).emit(out)?;
-            if let Some(buffer) = events.into_raw_buffer() {
-                raw_pool.give(buffer);
-            }
+            batch_pool.give(events);
             if pipeline.wants_checkpoint() {
                 pipeline.checkpoint_behind().map_err(ReplayError::State)?;
             }

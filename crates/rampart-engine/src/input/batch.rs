@@ -4,17 +4,20 @@
 
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
+use datafusion::arrow::array::builder::NullBufferBuilder;
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringArray, StringBuilder,
+    Array, ArrayData, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringArray,
     TimestampMicrosecondArray, TimestampMicrosecondBuilder, UInt64Array, UInt64Builder,
 };
 use datafusion::arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
+use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 use rampart_core::{ColumnType, EventSchema, SourcePosition};
 
-use crate::input::decode::ChunkPool;
 use crate::input::mapping::{ExtraValue, MappedEvent};
 
 /// Why a record went to the dead letters.
@@ -138,34 +141,146 @@ impl EventBatch {
         self.strings(self.batch.num_columns() - 2).value(i)
     }
 
-    /// The buffer that held the raw texts, for the next batch to be built in (see
-    /// [`BatchBuilder`]), when nothing else holds it any more (no clone of the batch or of its
-    /// raw column is alive, and the batch was not filtered).
-    pub fn into_raw_buffer(self) -> Option<Vec<u8>> {
-        let raw = self.batch.column(self.batch.num_columns() - 2).to_data();
+    /// The buffers of the batch's text columns, for later batches to be built in (see
+    /// [`BatchPool`]): each one that nothing else holds any more (no clone of the batch or of
+    /// that column alive, the batch not filtered); the others come back empty.
+    pub fn into_text_buffers(self) -> TextBuffers {
+        let texts: Vec<ArrayData> = self
+            .batch
+            .columns()
+            .iter()
+            .filter(|c| c.data_type() == &DataType::Utf8)
+            .map(|c| c.to_data())
+            .collect();
         drop(self);
-        let values = raw.buffers().get(1)?.clone();
-        drop(raw);
-        values.into_vec::<u8>().ok()
+        let buffers = texts
+            .into_iter()
+            .map(|data| {
+                let [ends, values] = data.buffers() else {
+                    return TextBuffer::default();
+                };
+                let (ends, values) = (ends.clone(), values.clone());
+                drop(data);
+                TextBuffer {
+                    values: values.into_vec().unwrap_or_default(),
+                    ends: ends.into_vec().unwrap_or_default(),
+                }
+            })
+            .collect();
+        TextBuffers(buffers)
     }
 }
 
-/// Accumulates mapped events into Arrow column builders.
+/// One text column's vectors: its values and where each ends.
+#[derive(Debug, Default)]
+struct TextBuffer {
+    values: Vec<u8>,
+    ends: Vec<i32>,
+}
+
+/// The text columns' vectors of a dropped batch, in the order of the event schema's text
+/// columns ([`EventBatch::into_text_buffers`]).
+#[derive(Debug, Default)]
+pub struct TextBuffers(Vec<TextBuffer>);
+
+#[cfg(test)]
+impl TextBuffers {
+    /// Each column's values.
+    pub(crate) fn values(&self) -> Vec<&[u8]> {
+        self.0.iter().map(|b| b.values.as_slice()).collect()
+    }
+}
+
+/// Where the driver gives back evaluated batches' text buffers for the decoding threads to build
+/// the next batches in (at most [`BatchPool::KEPT`] sets; the others are freed). Text is most of
+/// a batch's bytes (the raw records above all): built in fresh vectors, every batch cost the
+/// kernel's zeroing of each page (memory freed is given back to the OS at once, see the
+/// allocator's set-up in `main.rs`) and copies as the vectors grew.
+#[derive(Debug, Clone, Default)]
+pub struct BatchPool(Arc<Mutex<Vec<TextBuffers>>>);
+
+impl BatchPool {
+    /// Sets kept: about the batches in flight between the decoding threads and the driver.
+    const KEPT: usize = 8;
+
+    /// Gives an evaluated batch's text buffers back.
+    pub fn give(&self, batch: EventBatch) {
+        let buffers = batch.into_text_buffers();
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < Self::KEPT {
+            kept.push(buffers);
+        }
+    }
+
+    fn take(&self) -> TextBuffers {
+        let given = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        given.unwrap_or_default()
+    }
+}
+
+/// A text column built in vectors that can come back from dropped batches.
+#[derive(Debug)]
+struct TextColumn {
+    values: Vec<u8>,
+    ends: Vec<i32>,
+    nulls: NullBufferBuilder,
+}
+
+impl Default for TextColumn {
+    fn default() -> Self {
+        Self {
+            values: Vec::new(),
+            ends: vec![0],
+            nulls: NullBufferBuilder::new(0),
+        }
+    }
+}
+
+impl TextColumn {
+    fn push(&mut self, value: Option<&str>) {
+        match value {
+            Some(text) => {
+                self.values.extend_from_slice(text.as_bytes());
+                self.nulls.append_non_null();
+            }
+            None => self.nulls.append_null(),
+        }
+        let end = i32::try_from(self.values.len())
+            .expect("a batch's texts stay under 2 GiB (its raw records do: max_batch_bytes)");
+        self.ends.push(end);
+    }
+
+    /// The column built so far; the next one is built in `next` (from a dropped batch, or
+    /// fresh), made at least a quarter larger than this one so that it rarely grows by copying.
+    fn finish(&mut self, mut next: TextBuffer) -> StringArray {
+        next.values.clear();
+        next.values.reserve(self.values.len() + self.values.len() / 4);
+        next.ends.clear();
+        next.ends.reserve(self.ends.len());
+        next.ends.push(0);
+        let values = std::mem::replace(&mut self.values, next.values);
+        let ends = std::mem::replace(&mut self.ends, next.ends);
+        StringArray::try_new(
+            OffsetBuffer::new(ScalarBuffer::from(ends)),
+            Buffer::from_vec(values),
+            self.nulls.finish(),
+        )
+        .expect("texts are pushed whole, their ends in order")
+    }
+}
+
+/// Accumulates mapped events into Arrow columns; the text columns are built in vectors that
+/// come back from dropped batches when the driver gives them to the pool ([`BatchPool`]).
 pub(crate) struct BatchBuilder {
     schema: EventSchema,
     capacity: usize,
     time: TimestampMicrosecondBuilder,
-    actor: StringBuilder,
-    action: StringBuilder,
-    optional: [StringBuilder; 4],
+    actor: TextColumn,
+    action: TextColumn,
+    optional: [TextColumn; 4],
     extras: Vec<ExtraBuilder>,
-    /// The raw texts and where each ends, built into buffers that come back from dropped
-    /// batches ([`EventBatch::into_raw_buffer`]) when the driver gives them to `raw_pool`: a
-    /// fresh buffer of a batch's size (most of its bytes) costs the kernel's zeroing of every
-    /// page, then copies as it grows.
-    raw: Vec<u8>,
-    raw_ends: Vec<i32>,
-    raw_pool: ChunkPool,
+    raw: TextColumn,
+    pool: BatchPool,
     row: UInt64Builder,
     positions: Vec<SourcePosition>,
     /// The row id the next event gets (the decoder numbers rows in input order).
@@ -173,7 +288,7 @@ pub(crate) struct BatchBuilder {
 }
 
 enum ExtraBuilder {
-    String(StringBuilder),
+    String(TextColumn),
     Int(Int64Builder),
     Float(Float64Builder),
     Bool(BooleanBuilder),
@@ -186,7 +301,7 @@ impl BatchBuilder {
             .extras()
             .iter()
             .map(|(_, ty)| match ty {
-                ColumnType::String => ExtraBuilder::String(StringBuilder::new()),
+                ColumnType::String => ExtraBuilder::String(TextColumn::default()),
                 ColumnType::Int => ExtraBuilder::Int(Int64Builder::new()),
                 ColumnType::Float => ExtraBuilder::Float(Float64Builder::new()),
                 ColumnType::Bool => ExtraBuilder::Bool(BooleanBuilder::new()),
@@ -199,13 +314,12 @@ impl BatchBuilder {
             schema,
             capacity,
             time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
-            actor: StringBuilder::new(),
-            action: StringBuilder::new(),
+            actor: TextColumn::default(),
+            action: TextColumn::default(),
             optional: Default::default(),
             extras,
-            raw: Vec::new(),
-            raw_ends: vec![0],
-            raw_pool: ChunkPool::default(),
+            raw: TextColumn::default(),
+            pool: BatchPool::default(),
             row: UInt64Builder::new(),
             positions: Vec::with_capacity(capacity),
             next_row: 0,
@@ -216,41 +330,38 @@ impl BatchBuilder {
         self.positions.len()
     }
 
-    /// Builds the raw texts in buffers taken from `pool` (see [`Self::raw`]).
-    pub(crate) fn recycling_raw(&mut self, pool: ChunkPool) {
-        self.raw_pool = pool;
+    /// Builds the text columns in buffers taken from `pool` (see [`BatchPool`]).
+    pub(crate) fn recycling(&mut self, pool: BatchPool) {
+        self.pool = pool;
     }
 
     /// Bytes of raw records held (most of a batch's memory).
     pub(crate) fn bytes(&self) -> usize {
-        self.raw.len()
+        self.raw.values.len()
     }
 
     pub(crate) fn push(&mut self, event: MappedEvent, raw: &str, position: SourcePosition) {
         self.time.append_value(event.event_time);
-        self.actor.append_value(&event.actor);
-        self.action.append_value(&event.action);
+        self.actor.push(Some(&event.actor));
+        self.action.push(Some(&event.action));
         for (b, v) in self.optional.iter_mut().zip(&event.optional) {
-            b.append_option(v.as_deref());
+            b.push(v.as_deref());
         }
         for (b, v) in self.extras.iter_mut().zip(event.extras) {
             match (b, v) {
-                (ExtraBuilder::String(b), ExtraValue::String(s)) => b.append_value(s),
+                (ExtraBuilder::String(b), ExtraValue::String(s)) => b.push(Some(&s)),
                 (ExtraBuilder::Int(b), ExtraValue::Int(i)) => b.append_value(i),
                 (ExtraBuilder::Float(b), ExtraValue::Float(f)) => b.append_value(f),
                 (ExtraBuilder::Bool(b), ExtraValue::Bool(x)) => b.append_value(x),
                 (ExtraBuilder::Timestamp(b), ExtraValue::Timestamp(t)) => b.append_value(t),
-                (ExtraBuilder::String(b), _) => b.append_null(),
+                (ExtraBuilder::String(b), _) => b.push(None),
                 (ExtraBuilder::Int(b), _) => b.append_null(),
                 (ExtraBuilder::Float(b), _) => b.append_null(),
                 (ExtraBuilder::Bool(b), _) => b.append_null(),
                 (ExtraBuilder::Timestamp(b), _) => b.append_null(),
             }
         }
-        self.raw.extend_from_slice(raw.as_bytes());
-        let end =
-            i32::try_from(self.raw.len()).expect("a batch's raw texts stay under 2 GiB (max_batch_bytes)");
-        self.raw_ends.push(end);
+        self.raw.push(Some(raw));
         self.row.append_value(self.next_row + self.positions.len() as u64);
         self.positions.push(position);
     }
@@ -259,30 +370,27 @@ impl BatchBuilder {
         if self.positions.is_empty() {
             return None;
         }
+        // The text columns in the schema's order, as `into_text_buffers` gives them back.
+        let mut next = self.pool.take().0.into_iter();
+        let mut text = |column: &mut TextColumn| -> ArrayRef {
+            Arc::new(column.finish(next.next().unwrap_or_default()))
+        };
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(self.time.finish()),
-            Arc::new(self.actor.finish()),
-            Arc::new(self.action.finish()),
+            text(&mut self.actor),
+            text(&mut self.action),
         ];
-        columns.extend(self.optional.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-        columns.extend(self.extras.iter_mut().map(|b| -> ArrayRef {
-            match b {
-                ExtraBuilder::String(b) => Arc::new(b.finish()),
+        columns.extend(self.optional.iter_mut().map(&mut text));
+        for extra in &mut self.extras {
+            columns.push(match extra {
+                ExtraBuilder::String(b) => text(b),
                 ExtraBuilder::Int(b) => Arc::new(b.finish()),
                 ExtraBuilder::Float(b) => Arc::new(b.finish()),
                 ExtraBuilder::Bool(b) => Arc::new(b.finish()),
                 ExtraBuilder::Timestamp(b) => Arc::new(b.finish()),
-            }
-        }));
-        // The raw text is most of a batch's bytes: the next one starts in a buffer at least as
-        // large as this one, so it does not grow by copying.
-        let next = self.raw_pool.take(self.raw.len());
-        let values = Buffer::from_vec(std::mem::replace(&mut self.raw, next));
-        let ends = std::mem::replace(&mut self.raw_ends, Vec::with_capacity(self.capacity + 1));
-        self.raw_ends.push(0);
-        let raw = StringArray::try_new(OffsetBuffer::new(ScalarBuffer::from(ends)), values, None)
-            .expect("raw texts are pushed as text");
-        columns.push(Arc::new(raw));
+            });
+        }
+        columns.push(text(&mut self.raw));
         columns.push(Arc::new(self.row.finish()));
         let batch = RecordBatch::try_new(Arc::clone(self.schema.arrow()), columns)
             .expect("builders follow the event schema");

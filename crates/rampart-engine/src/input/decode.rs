@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use rampart_core::{EventSchema, SourcePosition};
 
 use crate::input::batch::BatchBuilder;
-pub use crate::input::batch::{DeadLetter, DeadLetterKind, EventBatch};
+pub use crate::input::batch::{BatchPool, DeadLetter, DeadLetterKind, EventBatch};
 use crate::input::mapping::{Extractor, Mapping};
 use crate::pipeline::config::{InputFormat, InputLimits};
 
@@ -113,10 +113,10 @@ impl Decoder {
         }
     }
 
-    /// Builds batches' raw texts in buffers taken from `pool`, where the driver gives back
-    /// those of dropped batches ([`EventBatch::into_raw_buffer`]).
-    pub fn recycling_raw(mut self, pool: ChunkPool) -> Self {
-        self.builder.recycling_raw(pool);
+    /// Builds batches' text columns in buffers taken from `pool`, where the driver gives back
+    /// those of evaluated batches ([`BatchPool::give`]).
+    pub fn recycling(mut self, pool: BatchPool) -> Self {
+        self.builder.recycling(pool);
         self
     }
 
@@ -977,43 +977,41 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_batchs_raw_buffer_comes_back_for_the_next_batches() {
-        let pool = ChunkPool::default();
-        let mut d = decoder(InputFormat::JsonLines, 200).recycling_raw(pool.clone());
+    fn an_evaluated_batchs_text_buffers_come_back_for_the_next_batches() {
+        let pool = BatchPool::default();
+        let mut d = decoder(InputFormat::JsonLines, 200).recycling(pool.clone());
         let record = |i: usize| format!(r#"{{"t": "2024-07-31T13:06:2{i}Z", "a": "actor-{i}", "x": "X"}}"#);
         let text: String = (0..6).map(|i| record(i) + "\n").collect();
         let mut batches = Vec::new();
-        d.decode_text("input", &text, &mut |o| {
+        let mut keep = |o| {
             if let Decoded::Batch(b) = o {
                 batches.push(b);
             }
-        })
-        .expect("in memory");
-        d.flush(&mut |o| {
-            if let Decoded::Batch(b) = o {
-                batches.push(b);
-            }
-        });
+        };
+        d.decode_text("input", &text, &mut keep).expect("in memory");
+        d.flush(&mut keep);
         assert_eq!(batches.len(), 3, "two records a batch");
         let raws: Vec<String> = batches
             .iter()
             .flat_map(|b| (0..2).map(|i| b.raw(i).to_string()))
             .collect();
         assert_eq!(raws, (0..6).map(record).collect::<Vec<_>>());
-        let held = batches[0].batch.clone();
-        let first = batches.remove(0);
-        let same_data = first.clone();
-        assert!(
-            first.into_raw_buffer().is_none(),
-            "a clone of the batch still holds it"
-        );
-        drop(same_data);
+        let raw_column = batches[0].batch.num_columns() - 2;
+
+        // A column still held elsewhere keeps its buffers; the batch's others come back.
+        let held = Arc::clone(batches[0].batch.column(1));
+        let first = batches.remove(0).into_text_buffers();
+        let values = first.values();
+        assert_eq!(values.len(), 7, "actor, action, the four optional fields, raw");
+        assert_eq!(values[0], b"", "the actor column is held");
+        assert_eq!(values[1], b"XX");
+        assert_eq!(values[6], (record(0) + &record(1)).as_bytes());
         drop(held);
+
+        // The buffers given back are those the next batches are built in.
         let second = batches.remove(0);
-        let buffer = second.into_raw_buffer().expect("nothing else holds it");
-        assert_eq!(buffer, (record(2) + &record(3)).into_bytes());
-        let at = buffer.as_ptr();
-        pool.give(buffer);
+        let at = [1, 2, raw_column].map(|c| second.batch.column(c).to_data().buffers()[1].as_ptr());
+        pool.give(second);
         let mut next = Vec::new();
         d.decode_text("more", &text, &mut |o| {
             if let Decoded::Batch(b) = o {
@@ -1021,11 +1019,15 @@ mod tests {
             }
         })
         .expect("in memory");
-        let built_in = next.iter().any(|b| {
-            let raw = b.batch.column(b.batch.num_columns() - 2).to_data();
-            raw.buffers()[1].as_ptr() == at
-        });
-        assert!(built_in, "a later batch is built in the buffer given back");
+        let built_in = next
+            .iter()
+            .any(|b| [1, 2, raw_column].map(|c| b.batch.column(c).to_data().buffers()[1].as_ptr()) == at);
+        assert!(built_in, "a later batch is built in the buffers given back");
+        let raws: Vec<String> = next
+            .iter()
+            .flat_map(|b| (0..2).map(|i| b.raw(i).to_string()))
+            .collect();
+        assert_eq!(raws, (0..6).map(record).collect::<Vec<_>>());
     }
 
     fn run_with(mut d: Decoder, text: &str) -> Outcome {
