@@ -2,9 +2,7 @@
 //! position ([`EventBatch`], built by [`BatchBuilder`] from mapped records) and the records that
 //! could not be used ([`DeadLetter`]).
 
-use std::sync::Arc;
-
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::builder::NullBufferBuilder;
 use datafusion::arrow::array::{
