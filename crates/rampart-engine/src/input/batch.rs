@@ -189,30 +189,54 @@ impl TextBuffers {
     }
 }
 
-/// Where the driver gives back evaluated batches' text buffers for the decoding threads to build
-/// the next batches in (at most [`BatchPool::KEPT`] sets; the others are freed). Text is most of
-/// a batch's bytes (the raw records above all): built in fresh vectors, every batch cost the
-/// kernel's zeroing of each page (memory freed is given back to the OS at once, see the
-/// allocator's set-up in `main.rs`) and copies as the vectors grew.
-#[derive(Debug, Clone, Default)]
-pub struct BatchPool(Arc<Mutex<Vec<TextBuffers>>>);
+/// Buffers given back for reuse, shared by the threads that give them and the one that takes
+/// them: at most [`Kept::MAX`] (about the buffers in flight between them); the others are freed.
+#[derive(Debug)]
+pub(crate) struct Kept<T>(Arc<Mutex<Vec<T>>>);
 
-impl BatchPool {
-    /// Sets kept: about the batches in flight between the decoding threads and the driver.
-    const KEPT: usize = 8;
+impl<T> Clone for Kept<T> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
 
-    /// Gives an evaluated batch's text buffers back.
-    pub fn give(&self, batch: EventBatch) {
-        let buffers = batch.into_text_buffers();
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl<T> Kept<T> {
+    const MAX: usize = 8;
+
+    pub(crate) fn give(&self, item: T) {
         let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() < Self::KEPT {
-            kept.push(buffers);
+        if kept.len() < Self::MAX {
+            kept.push(item);
         }
     }
 
+    pub(crate) fn take(&self) -> Option<T> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+}
+
+/// Where the driver gives back evaluated batches' text buffers for the decoding threads to build
+/// the next batches in ([`Kept`]). Text is most of a batch's bytes (the raw records above all):
+/// built in fresh vectors, every batch cost the kernel's zeroing of each page (memory freed is
+/// given back to the OS at once, see the allocator's set-up in `main.rs`) and copies as the
+/// vectors grew.
+#[derive(Debug, Clone, Default)]
+pub struct BatchPool(Kept<TextBuffers>);
+
+impl BatchPool {
+    /// Gives an evaluated batch's text buffers back.
+    pub fn give(&self, batch: EventBatch) {
+        self.0.give(batch.into_text_buffers());
+    }
+
     fn take(&self) -> TextBuffers {
-        let given = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        given.unwrap_or_default()
+        self.0.take().unwrap_or_default()
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use rampart_core::{EventSchema, SourcePosition};
 
-use crate::input::batch::BatchBuilder;
+use crate::input::batch::{BatchBuilder, Kept};
 pub use crate::input::batch::{BatchPool, DeadLetter, DeadLetterKind, EventBatch};
 use crate::input::mapping::{Extractor, Mapping};
 use crate::pipeline::config::{InputFormat, InputLimits};
@@ -62,27 +62,20 @@ pub enum Framed {
 }
 
 /// Chunk buffers given back by the threads that decoded them, for the framer to cut the next
-/// chunks into (at most [`ChunkPool::KEPT`]; the others are freed).
+/// chunks into ([`Kept`]).
 #[derive(Debug, Clone, Default)]
-pub struct ChunkPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+pub struct ChunkPool(Kept<Vec<u8>>);
 
 impl ChunkPool {
-    /// Buffers kept: about the chunks in flight between the framer and the decoding threads.
-    const KEPT: usize = 8;
-
     /// Gives a decoded chunk's buffer back.
     pub fn give(&self, mut buffer: Vec<u8>) {
         buffer.clear();
-        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() < Self::KEPT {
-            kept.push(buffer);
-        }
+        self.0.give(buffer);
     }
 
     /// An empty buffer of at least `capacity` bytes.
     pub(crate) fn take(&self, capacity: usize) -> Vec<u8> {
-        let given = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut buffer = given.unwrap_or_default();
+        let mut buffer = self.0.take().unwrap_or_default();
         buffer.reserve(capacity);
         buffer
     }
