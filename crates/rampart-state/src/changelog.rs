@@ -278,6 +278,49 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_told_no_write_is_running_reads_what_the_write_behind_wrote() {
+        // Two threads of one pipeline (its window states run on two): one waits for the
+        // write, the other asks whether one is running, then reads. It must not be told "no"
+        // before the write is in the store.
+        struct Slow(Log);
+        impl ChangelogWriter for Slow {
+            fn entry(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+                self.0.entry(key, value)
+            }
+            fn commit(&mut self, marker: &Marker) -> Result<Logged, String> {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                self.0.commit(marker)
+            }
+        }
+        let store = StateStore::temporary().expect("opens");
+        let alice = row_key(b"d\0", b"alice");
+        store
+            .write_logged_behind(
+                checkpoint_n(&store, 1),
+                Arc::new(Mutex::new(Slow(Log::default()))),
+                10,
+            )
+            .expect("starts");
+        let started = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                started.wait();
+                store.settle().expect("written");
+            });
+            started.wait();
+            // (Long enough for the other thread to be waiting for the write.)
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            while store.writing() {
+                std::thread::yield_now();
+            }
+            assert!(
+                store.get(&alice).expect("reads").is_some(),
+                "told no write is running before the write was in the store"
+            );
+        });
+    }
+
+    #[test]
     fn a_checkpoint_logged_behind_logs_and_stores_what_one_logged_at_once_does() {
         let alice = row_key(b"d\0", b"alice");
         let chunk = chunk_key(b"d\0", FRAME_CHUNK, b"alice", 1);

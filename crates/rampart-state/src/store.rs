@@ -520,10 +520,15 @@ impl StateStore {
     }
 
     /// Waits until the write started by [`Self::write_behind`], if any, is done, and returns
-    /// its error.
+    /// its error. (The write is waited for under the lock: a thread that asks
+    /// [`Self::writing`] meanwhile waits too, rather than being told no write is running and
+    /// reading the store before this one is in it.)
     pub fn settle(&self) -> Result<(), StateError> {
-        let writing = self.behind.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match writing.map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))) {
+        let mut behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
+        match behind
+            .take()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        {
             Some(Err(e)) => Err(e),
             _ => Ok(()),
         }
