@@ -74,6 +74,9 @@ pub struct StateStore {
     db: Arc<DB>,
     /// A checkpoint being written on a thread of its own ([`Self::write_behind`]).
     behind: Mutex<Option<std::thread::JoinHandle<Result<(), StateError>>>>,
+    /// Whether that write is not in the store yet (cleared by its thread once it is; asked
+    /// without the lock, which a thread waiting for the write holds).
+    unwritten: Arc<AtomicBool>,
     path: PathBuf,
     /// Values that expire before this event time are dropped by compactions.
     clock: Arc<AtomicI64>,
@@ -176,6 +179,7 @@ impl StateStore {
         Ok(Self {
             db: Arc::new(db),
             behind: Mutex::new(None),
+            unwritten: Arc::new(AtomicBool::new(false)),
             path: dir.to_path_buf(),
             clock,
             ids,
@@ -501,28 +505,32 @@ impl StateStore {
         prepare: impl FnOnce(&DB) -> Result<WriteBatch, StateError> + Send + 'static,
     ) {
         let (db, clock, path) = (Arc::clone(&self.db), Arc::clone(&self.clock), self.path.clone());
+        let unwritten = Arc::clone(&self.unwritten);
+        unwritten.store(true, Ordering::Release);
         let writing = std::thread::Builder::new()
             .name("rampart-state-write".into())
             .spawn(move || {
-                let batch = prepare(&db)?;
-                write_unsynced(&db, batch).map_err(|source| StateError::Db { path, source })?;
-                clock.fetch_max(expired_before, Ordering::Relaxed);
-                Ok(())
+                let written = prepare(&db).and_then(|batch| {
+                    write_unsynced(&db, batch).map_err(|source| StateError::Db { path, source })?;
+                    clock.fetch_max(expired_before, Ordering::Relaxed);
+                    Ok(())
+                });
+                unwritten.store(false, Ordering::Release);
+                written
             })
             .expect("the OS can start a thread");
         *self.behind.lock().unwrap_or_else(|p| p.into_inner()) = Some(writing);
     }
 
-    /// Whether a write started by [`Self::write_behind`] is still running.
+    /// Whether a write started by [`Self::write_behind`] is still running (also while
+    /// another thread waits for it in [`Self::settle`]: it is not in the store before it ends).
     pub fn writing(&self) -> bool {
-        let behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
-        behind.as_ref().is_some_and(|w| !w.is_finished())
+        self.unwritten.load(Ordering::Acquire)
     }
 
     /// Waits until the write started by [`Self::write_behind`], if any, is done, and returns
-    /// its error. (The write is waited for under the lock: a thread that asks
-    /// [`Self::writing`] meanwhile waits too, rather than being told no write is running and
-    /// reading the store before this one is in it.)
+    /// its error. (Waited for under the lock: another thread settling meanwhile waits too,
+    /// rather than finding no write to wait for and reading the store before it is in.)
     pub fn settle(&self) -> Result<(), StateError> {
         let mut behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
         match behind
