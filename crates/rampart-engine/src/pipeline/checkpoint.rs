@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use rampart_state::changelog::ChangelogWriter;
-use rampart_state::{StateError, StateStore};
+use rampart_state::{Commit, StateError, StateStore};
 
 use super::event_time::bounds_of;
+use super::windowed::SharedState;
 use super::{Input, Pipeline};
+use crate::windows::keyed::{Bounds, Saving};
 
 /// The clock and row numbering, as persisted.
 #[derive(Serialize, Deserialize)]
@@ -85,6 +87,11 @@ impl Pipeline {
         // 50 MB; smaller ones cost a dense log, whose hot keys write a chunk each time,
         // throughput: an eighth of a small budget made them too small).
         let write_batch = CHECKPOINT_WRITE_BYTES.max(budget / 8);
+        if !self.is_persistent() {
+            // A temporary state writes keys only when they leave memory (see
+            // `Saving::Evicted`): a checkpoint only when they have to.
+            return cached > limit;
+        }
         windows.since_checkpoint >= 1 << 18 || unsaved > write_batch || cached > limit
     }
 
@@ -170,8 +177,18 @@ impl Pipeline {
         let unsaved: usize = windows.keyed.iter().map(|w| w.state.unsaved_bytes()).sum();
         let mut commit = store.commit(unsaved + unsaved / 8 + windows.meta_bytes);
         let bounds = bounds_of(&windows.clock);
+        let saving = if self.is_persistent() {
+            Saving::Changed
+        } else {
+            Saving::Evicted
+        };
         for keyed in &mut windows.keyed {
-            keyed.state.checkpoint(bounds, &mut commit);
+            keyed.state.checkpoint(bounds, &mut commit, saving);
+        }
+        // A temporary state's keys are written as they are evicted: before the write.
+        let budget = self.config.state_cache_bytes;
+        if saving == Saving::Evicted {
+            evict(&mut windows.keyed, budget, Some((bounds, &mut commit)));
         }
         let encoded = started.elapsed();
         let window_bytes = commit.bytes();
@@ -233,17 +250,13 @@ impl Pipeline {
         if !behind {
             store.advance_clock(bounds.expiry_now());
         }
-        // One budget for all window states: nothing is evicted while the total fits, and past
-        // it each state gives up its share of the excess (busy states keep more).
-        let budget = self.config.state_cache_bytes;
         let total: usize = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
         windows.in_use = 0;
         if total > budget {
-            // An evicted key is read back from the store: its latest changes must be there.
-            store.settle()?;
-            for keyed in &mut windows.keyed {
-                let share = (keyed.state.cache_bytes() as u128 * budget as u128 / total as u128) as usize;
-                keyed.state.evict(share);
+            if saving == Saving::Changed {
+                // An evicted key is read back from the store: its latest changes must be there.
+                store.settle()?;
+                evict(&mut windows.keyed, budget, None);
             }
             windows.in_use = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
             if windows.in_use > budget && !windows.warned_in_use {
@@ -291,5 +304,20 @@ impl Pipeline {
             Some(store) => store.compact(),
             None => Ok(()),
         }
+    }
+}
+
+/// One budget for all window states: nothing is evicted while the total fits, and past it each
+/// state gives up its share of the excess (busy states keep more). With `spill`, changed keys
+/// are evicted too, written to the commit (see [`Saving::Evicted`]).
+fn evict(keyed: &mut [SharedState], budget: usize, mut spill: Option<(Bounds, &mut Commit<'_>)>) {
+    let total: usize = keyed.iter().map(|w| w.state.cache_bytes()).sum();
+    if total <= budget {
+        return;
+    }
+    for shared in keyed {
+        let share = (shared.state.cache_bytes() as u128 * budget as u128 / total as u128) as usize;
+        let spill = spill.as_mut().map(|(bounds, commit)| (*bounds, &mut **commit));
+        shared.state.evict(share, spill);
     }
 }

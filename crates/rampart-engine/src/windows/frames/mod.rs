@@ -234,8 +234,13 @@ pub struct KeyAgg {
     evaluated_to: i64,
     /// Rows that fired at once, kept for the checkpoints (boxed: most keys have none).
     fired: Option<Box<Fired>>,
-    /// Rows that arrived since the last save: (time, row id).
+    /// Rows that arrived since the last save: (time, row id). Not kept while `whole`.
     fresh: Vec<(i64, u64)>,
+    /// Every row held is to be written by the next save (one frame chunk and one pending
+    /// chunk replacing the others), so `fresh` is not kept: a key with nothing on disk yet (a
+    /// new key, or one a temporary state has not evicted: it may never be written), or one
+    /// whose rows have all arrived since the last save.
+    whole: bool,
     /// Saved chunks: (id, newest event time in it).
     frame_chunks: Vec<(u64, i64)>,
     pending_chunks: Vec<(u64, i64)>,
@@ -259,6 +264,7 @@ impl KeyAgg {
             evaluated_to: i64::MIN,
             fired: None,
             fresh: Vec::new(),
+            whole: false,
             frame_chunks: Vec::new(),
             pending_chunks: Vec::new(),
             next_chunk: 0,
@@ -337,8 +343,23 @@ impl KeyAgg {
         }
         room_for_row(&mut self.times);
         reserve_small(&mut self.pending);
-        reserve_small(&mut self.fresh);
-        self.fresh.push((time, row));
+        if !self.whole
+            && self.fresh.is_empty()
+            && self.frame_chunks.is_empty()
+            && self.pending_chunks.is_empty()
+        {
+            // Nothing on disk: every row is new.
+            self.whole = true;
+        } else if !self.whole && self.fresh.len() >= self.times.len() + 8 {
+            // More rows arrived since the last save than the key holds: writing them all is
+            // no more than writing the new ones, and the list of new ones is dropped.
+            self.whole = true;
+            self.fresh = Vec::new();
+        }
+        if !self.whole {
+            reserve_small(&mut self.fresh);
+            self.fresh.push((time, row));
+        }
         let first_free = (self.added - self.front) as usize;
         let mut at = self.times.len();
         while at > first_free && self.times[at - 1] > time {

@@ -1,7 +1,8 @@
 //! How a key's frames are stored: append-only chunks per key ([`KeyAgg::save`]: the rows that
 //! arrived since the last checkpoint, as a frame chunk and a pending chunk; past
-//! [`MAX_FRAME_CHUNKS`], one chunk of every row held) and rebuilt from them
-//! ([`KeyAgg::load`]), so that a checkpoint's size follows the input, not the windows.
+//! [`MAX_FRAME_CHUNKS`], or for a key written whole, one chunk of every row held) and rebuilt
+//! from them ([`KeyAgg::load`]), so that a checkpoint's size follows the input, not the
+//! windows.
 
 use rustc_hash::FxHashSet;
 
@@ -41,6 +42,7 @@ impl KeyAgg {
         self.save_frame_chunk(&chunk_key, horizon, out);
         self.save_pending_chunk(&chunk_key, lateness, out);
         self.save_fired_chunk(&chunk_key, lateness, out);
+        self.whole = false;
         // Chunks whose rows are all decided.
         let fired = self.fired.as_deref_mut().map(|f| &mut f.chunks);
         for (kind, chunks) in [
@@ -77,21 +79,22 @@ impl KeyAgg {
             out.chunk(&chunk_key(FIRED_CHUNK, id), None);
         }
         self.fresh = Vec::new();
+        self.whole = false;
     }
 
     /// The frame chunk of the rows that arrived since the last save (past
-    /// [`MAX_FRAME_CHUNKS`]: of every row held, replacing the others), and deletes of the
-    /// chunks whose rows every frame has left.
+    /// [`MAX_FRAME_CHUNKS`], or when the key is to be written `whole`: of every row held,
+    /// replacing the others), and deletes of the chunks whose rows every frame has left.
     fn save_frame_chunk(
         &mut self,
         chunk_key: &impl Fn(u8, u64) -> Vec<u8>,
         horizon: i64,
         out: &mut Commit<'_>,
     ) {
-        if !self.fresh.is_empty() {
+        if self.whole || !self.fresh.is_empty() {
             let id = self.next_chunk;
             self.next_chunk += 1;
-            let (entries, newest) = if self.frame_chunks.len() < MAX_FRAME_CHUNKS {
+            let (entries, newest) = if !self.whole && self.frame_chunks.len() < MAX_FRAME_CHUNKS {
                 self.fresh_entries()
             } else {
                 // Every row held, in order: `ord` is the position.
@@ -124,27 +127,35 @@ impl KeyAgg {
         });
     }
 
-    /// The pending chunk of the fresh rows still waiting to be decided (`fresh` is emptied).
+    /// The pending chunk of the fresh rows still waiting to be decided (`fresh` is emptied);
+    /// when the key is to be written `whole`, of every row waiting, replacing the others.
     fn save_pending_chunk(
         &mut self,
         chunk_key: &impl Fn(u8, u64) -> Vec<u8>,
         lateness: i64,
         out: &mut Commit<'_>,
     ) {
-        if !self.fresh.is_empty() {
+        if self.whole || !self.fresh.is_empty() {
             let mut value = Vec::new();
             let mut newest = i64::MIN;
+            let mut push = |Waiting { time, row, bytes, .. }: &Waiting| {
+                value.extend_from_slice(&time.to_le_bytes());
+                value.extend_from_slice(&row.to_le_bytes());
+                value.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                value.extend_from_slice(bytes);
+                newest = newest.max(*time);
+            };
+            if self.whole {
+                for (old, _) in self.pending_chunks.drain(..) {
+                    out.chunk(&chunk_key(PENDING_CHUNK, old), None);
+                }
+                self.pending.iter().for_each(&mut push);
+            }
             // (Taken, not drained: the buffer is freed until rows arrive again.)
             for (time, row) in std::mem::take(&mut self.fresh) {
                 let at = self.pending.partition_point(|w| (w.time, w.row) < (time, row));
-                if let Some(Waiting { bytes, .. }) =
-                    self.pending.get(at).filter(|w| (w.time, w.row) == (time, row))
-                {
-                    value.extend_from_slice(&time.to_le_bytes());
-                    value.extend_from_slice(&row.to_le_bytes());
-                    value.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-                    value.extend_from_slice(bytes);
-                    newest = newest.max(time);
+                if let Some(waiting) = self.pending.get(at).filter(|w| (w.time, w.row) == (time, row)) {
+                    push(waiting);
                 }
             }
             if !value.is_empty() {

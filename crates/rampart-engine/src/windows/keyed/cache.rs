@@ -36,10 +36,10 @@ impl Entry {
     }
 
     /// Its bytes: counted again if it may have changed since the count at batch `since`
-    /// (changed, or used: every change goes through [`KeyedState::entry`] or marks it dirty),
-    /// else as counted then.
+    /// (used: every change goes through [`KeyedState::entry`] or marks it used), else as
+    /// counted then. (Not every dirty key: a temporary state's keys stay dirty until evicted.)
     pub(super) fn count_since(&mut self, key: &[u8], since: u64) -> usize {
-        if self.dirty || self.used >= since {
+        if self.used >= since {
             self.count(key)
         } else {
             self.counted as usize
@@ -181,38 +181,30 @@ impl KeyedState {
         Ok(entry)
     }
 
-    /// Adds the changed keys and the waiting rows to `commit`; expired keys are deleted.
-    pub fn checkpoint(&mut self, bounds: Bounds, commit: &mut Commit<'_>) {
+    /// Adds the changed keys (with [`Saving::Evicted`]: none, they are written when evicted)
+    /// and the waiting rows to `commit`; expired keys are deleted.
+    pub fn checkpoint(&mut self, bounds: Bounds, commit: &mut Commit<'_>, saving: Saving) {
         self.unsaved_bytes = 0;
         let now = bounds.expiry_now();
         let mut expired = Vec::new();
         let mut bytes = 0;
-        let horizon = self.horizon();
+        let saver = Saver {
+            tag: &self.tag,
+            decided_until: self.decided_until,
+            horizon: self.horizon(),
+            lateness: bounds.lateness,
+        };
         let since = self.counted_tick;
         for (key, entry) in &mut self.cache {
-            // (The save below clears it, and changes the key's bytes.)
-            let saved = entry.dirty;
             let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(|a| a.is_empty());
-            if let Some(agg) = &mut entry.agg {
-                if entry.dirty || gone {
-                    if gone {
-                        agg.clear();
-                    }
-                    let tag = &self.tag;
-                    let chunk_key = |kind: u8, id: u64| chunk_key(tag, kind, key, id);
-                    agg.save(chunk_key, self.decided_until, horizon, bounds.lateness, commit);
-                    entry.dirty = false;
-                }
-            } else if entry.dirty {
-                commit.row(
-                    &row_key(&self.tag, key),
-                    (!gone).then_some(entry.value.as_slice()),
-                );
-                entry.dirty = false;
+            let save = gone || (entry.dirty && saving == Saving::Changed);
+            if save {
+                saver.save(key, entry, gone, commit);
             }
             if gone {
                 expired.push(key.clone());
-            } else if saved {
+            } else if save {
+                // (Saving changed its bytes.)
                 bytes += entry.count(key);
             } else {
                 bytes += entry.count_since(key, since);
@@ -262,7 +254,10 @@ impl KeyedState {
         self.counted_tick = self.tick;
     }
 
-    /// Drops clean cached keys until the cache holds at most `budget` bytes.
+    /// Drops clean cached keys until the cache holds at most `budget` bytes; with `spill`
+    /// (a temporary state, whose keys are written only when they leave memory: see
+    /// [`Saving::Evicted`]), changed keys too, each written to the commit first (and read back
+    /// only after its write, as a deleted key is).
     /// Keys with no row waiting for the watermark first (a key with one will be read back when
     /// the row is due: on a log of many short-lived keys, those are the working set, and the
     /// others are done with), least recently used first within each; down to seven eighths of
@@ -270,7 +265,7 @@ impl KeyedState {
     /// the budget keeps most of its keys: evicting to half of it made dense logs read their hot
     /// keys back). Keys the last [`RECENT_BATCHES`] batches used stay (evicting them would read
     /// them back at once), unless `budget` is 0 (no cache: every key is read back each time).
-    pub fn evict(&mut self, budget: usize) {
+    pub fn evict(&mut self, budget: usize, mut spill: Option<(Bounds, &mut Commit<'_>)>) {
         if self.cache_bytes <= budget {
             return;
         }
@@ -283,7 +278,7 @@ impl KeyedState {
         let mut clean: Vec<(EvictionOrder, usize, &Box<[u8]>)> = self
             .cache
             .iter()
-            .filter(|(_, e)| !e.dirty && e.used < recent)
+            .filter(|(_, e)| (!e.dirty || spill.is_some()) && e.used < recent)
             .map(|(k, e)| {
                 let waiting = e.agg.as_ref().is_some_and(|a| !a.pending.is_empty());
                 ((waiting, e.used), e.counted as usize, k)
@@ -300,10 +295,62 @@ impl KeyedState {
             freed += bytes;
             drop.push(key.clone());
         }
+        let horizon = self.horizon();
+        let saver = spill.as_ref().map(|(bounds, _)| Saver {
+            tag: &self.tag,
+            decided_until: self.decided_until,
+            horizon,
+            lateness: bounds.lateness,
+        });
         for key in drop {
-            self.cache.remove(&key);
+            let Some(mut entry) = self.cache.remove(&key) else {
+                continue;
+            };
+            if let (Some(saver), Some((_, commit))) = (&saver, spill.as_mut())
+                && entry.dirty
+            {
+                saver.save(&key, &mut entry, false, commit);
+                self.deleted.insert(key);
+            }
         }
         self.cache.shrink_to_fit();
         self.cache_bytes = self.cache_bytes.saturating_sub(freed);
+    }
+}
+
+/// Which cached keys a checkpoint writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saving {
+    /// Every changed key: a persistent state, which is what a restart reads.
+    Changed,
+    /// Only keys that leave memory (evicted, see [`KeyedState::evict`], or expired): a
+    /// temporary state (a replay without `--state`), which nothing reads but the keys evicted
+    /// to it. A dense log whose keys fit in the cache then writes nothing.
+    Evicted,
+}
+
+/// Writes one state's keys to a commit.
+struct Saver<'a> {
+    tag: &'a [u8],
+    decided_until: i64,
+    horizon: i64,
+    lateness: i64,
+}
+
+impl Saver<'_> {
+    /// Adds what brings `key` on disk up to date to `commit`; a key `gone` deletes what it
+    /// has stored.
+    fn save(&self, key: &[u8], entry: &mut Entry, gone: bool, commit: &mut Commit<'_>) {
+        match &mut entry.agg {
+            Some(agg) => {
+                if gone {
+                    agg.clear();
+                }
+                let chunk_key = |kind: u8, id: u64| chunk_key(self.tag, kind, key, id);
+                agg.save(chunk_key, self.decided_until, self.horizon, self.lateness, commit);
+            }
+            None => commit.row(&row_key(self.tag, key), (!gone).then_some(entry.value.as_slice())),
+        }
+        entry.dirty = false;
     }
 }

@@ -193,6 +193,7 @@ impl KeyedState {
                 .get(bit.trailing_zeros() as usize)
                 .copied()
                 .unwrap_or_default();
+            let tick = self.tick;
             for (row, _) in &decided {
                 if let Some((k, d)) = early.get(row)
                     && let Some(entry) = self.cache.get_mut(&keys[*k])
@@ -200,6 +201,8 @@ impl KeyedState {
                 {
                     agg.mark_fired(d.time, d.row, bit, tag);
                     entry.dirty = true;
+                    // (Its bytes changed: counted again.)
+                    entry.used = tick;
                 }
             }
         }

@@ -44,6 +44,7 @@ use crate::decide::triggers::TriggerStore;
 use crate::error::{Error, Result};
 use crate::windows::frames::{Due, Layout};
 use cache::Entry;
+pub use cache::Saving;
 use rerun::Rerun;
 use sha2::{Digest, Sha256};
 

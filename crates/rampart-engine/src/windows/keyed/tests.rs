@@ -8,7 +8,7 @@ use rampart_sql::{StateKind, Timing, WindowedDetector};
 use rampart_state::StateStore;
 use rampart_state::codec::row_key;
 
-use super::{Bounds, DecideContext, KeyedState, SharedTag};
+use super::{Bounds, DecideContext, KeyedState, Saving, SharedTag};
 use crate::decide::triggers::TriggerStore;
 use crate::input::decode::{Decoded, EventBatch};
 use crate::pipeline::Pipeline;
@@ -161,14 +161,23 @@ impl Window {
     }
 
     /// Writes the changed keys and waiting rows as a checkpoint at `watermark` minutes would,
-    /// then empties the cache (every key is read back from the store on its next use).
-    fn checkpoint_and_evict(&mut self, watermark: i64) {
+    /// then empties the cache (every key is read back from the store on its next use). With
+    /// [`Saving::Evicted`] (a temporary state), the keys are written as they are evicted.
+    fn checkpoint_and_evict(&mut self, watermark: i64, saving: Saving) {
+        let bounds = Self::bounds(watermark, watermark);
         let mut commit = self.store.commit(0);
-        self.state
-            .checkpoint(Self::bounds(watermark, watermark), &mut commit);
-        self.store.write(commit).expect("written");
-        self.state.evict(0);
-        assert_eq!(self.state.cached_keys(), 0, "every key was clean and evicted");
+        self.state.checkpoint(bounds, &mut commit, saving);
+        match saving {
+            Saving::Changed => {
+                self.store.write(commit).expect("written");
+                self.state.evict(0, None);
+            }
+            Saving::Evicted => {
+                self.state.evict(0, Some((bounds, &mut commit)));
+                self.store.write(commit).expect("written");
+            }
+        }
+        assert_eq!(self.state.cached_keys(), 0, "every key was evicted");
     }
 }
 
@@ -238,7 +247,7 @@ fn a_row_whose_condition_can_only_become_true_fires_at_once_and_not_again() {
 
 /// Feeds the same batches to two states of `sql`; the second checkpoints and empties its
 /// cache after every batch. Both decide the same, evidence included.
-fn same_decisions_from_the_store(sql: &str) {
+fn same_decisions_from_the_store(sql: &str, saving: Saving) {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut cached = Window::new(&tmp.path().join("cached"), sql);
     let mut stored = Window::new(&tmp.path().join("stored"), sql);
@@ -261,7 +270,7 @@ fn same_decisions_from_the_store(sql: &str) {
         let (before, watermark) = (2 * b - 2, 2 * b - 1);
         cached_out.extend(cached.step(&events, before, watermark, 2 * b));
         stored_out.extend(stored.step(&events, before, watermark, 2 * b));
-        stored.checkpoint_and_evict(watermark);
+        stored.checkpoint_and_evict(watermark, saving);
     }
     cached_out.extend(cached.tick(120));
     stored_out.extend(stored.tick(120));
@@ -271,8 +280,33 @@ fn same_decisions_from_the_store(sql: &str) {
 
 #[test]
 fn an_incremental_window_read_back_from_the_store_decides_as_the_cached_one() {
-    same_decisions_from_the_store(EXACTLY_THREE);
-    same_decisions_from_the_store(AT_LEAST_THREE);
+    for saving in [Saving::Changed, Saving::Evicted] {
+        same_decisions_from_the_store(EXACTLY_THREE, saving);
+        same_decisions_from_the_store(AT_LEAST_THREE, saving);
+    }
+}
+
+#[test]
+fn a_temporary_state_writes_a_changed_key_only_when_it_evicts_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut w = Window::new(tmp.path(), EXACTLY_THREE);
+    w.step(&[("alice", 0, "Failure"), ("alice", 1, "Failure")], -1, 0, 0);
+    let bounds = Window::bounds(0, 0);
+    let chunks = |w: &Window| w.store.chunks(&w.state.tag).expect("chunks").len();
+    let mut commit = w.store.commit(0);
+    w.state.checkpoint(bounds, &mut commit, Saving::Evicted);
+    w.store.write(commit).expect("written");
+    assert_eq!(chunks(&w), 0, "a checkpoint writes no key of a temporary state");
+    assert_eq!(w.state.cached_keys(), 1, "alice stays in memory, changed");
+    let mut commit = w.store.commit(0);
+    w.state.evict(0, Some((bounds, &mut commit)));
+    w.store.write(commit).expect("written");
+    assert_eq!(w.state.cached_keys(), 0, "alice was evicted");
+    assert!(chunks(&w) > 0, "and written as she left");
+    // Her third failure counts the two read back.
+    let got = w.step(&[("alice", 2, "Failure")], 1, 30, 30);
+    assert_eq!(evidence(&got).len(), 1, "{got:?}");
+    assert_eq!(got[0].evidence["n"], 3);
 }
 
 #[test]
@@ -286,7 +320,8 @@ fn a_rerun_window_read_back_from_the_store_decides_as_the_cached_one() {
             .is_none(),
         "a window over a window is re-run"
     );
-    same_decisions_from_the_store(NESTED);
+    same_decisions_from_the_store(NESTED, Saving::Changed);
+    same_decisions_from_the_store(NESTED, Saving::Evicted);
 }
 
 #[test]
@@ -303,7 +338,8 @@ fn a_key_past_its_windows_and_the_lateness_leaves_the_cache_and_the_store() {
             .cloned()
             .expect("alice's key is cached");
         let mut commit = w.store.commit(0);
-        w.state.checkpoint(Window::bounds(2, 2), &mut commit);
+        w.state
+            .checkpoint(Window::bounds(2, 2), &mut commit, Saving::Changed);
         w.store.write(commit).expect("written");
         let stored = |w: &Window| {
             w.store.chunks(&w.state.tag).expect("chunks").len()
@@ -316,7 +352,7 @@ fn a_key_past_its_windows_and_the_lateness_leaves_the_cache_and_the_store() {
         w.tick(12);
         let bounds = Window::bounds(12, 12);
         let mut commit = w.store.commit(0);
-        w.state.checkpoint(bounds, &mut commit);
+        w.state.checkpoint(bounds, &mut commit, Saving::Changed);
         w.store.write(commit).expect("written");
         w.store.advance_clock(bounds.expiry_now());
         assert_eq!(w.state.cached_keys(), 0, "{name}: the expired key left the cache");
@@ -330,13 +366,14 @@ fn a_key_deleted_by_a_checkpoint_written_behind_is_read_back_after_the_write() {
     let mut w = Window::new(tmp.path(), EXACTLY_THREE);
     w.step(&[("alice", 0, "Failure"), ("alice", 1, "Failure")], -1, 2, 2);
     let mut commit = w.store.commit(0);
-    w.state.checkpoint(Window::bounds(2, 2), &mut commit);
+    w.state
+        .checkpoint(Window::bounds(2, 2), &mut commit, Saving::Changed);
     w.store.write(commit).expect("written");
     // Past alice's window and the lateness: the next checkpoint deletes her key, behind.
     w.tick(12);
     let bounds = Window::bounds(12, 12);
     let mut commit = w.store.commit(0);
-    w.state.checkpoint(bounds, &mut commit);
+    w.state.checkpoint(bounds, &mut commit, Saving::Changed);
     assert_eq!(w.state.cached_keys(), 0, "alice left the cache");
     assert_eq!(w.state.deleted.len(), 1, "her key is remembered as deleted");
     w.store
@@ -422,7 +459,8 @@ fn eviction_drops_keys_with_no_row_waiting_before_keys_with_one() {
     w.step(&[("carol", 6, "Failure")], 5, 5, 5);
     w.step(&[("dave", 6, "Failure")], 5, 5, 5);
     let mut commit = w.store.commit(0);
-    w.state.checkpoint(Window::bounds(5, 5), &mut commit);
+    w.state
+        .checkpoint(Window::bounds(5, 5), &mut commit, Saving::Changed);
     w.store.write(commit).expect("written");
     let cached = |w: &Window, actor: &str| {
         w.state
@@ -433,7 +471,7 @@ fn eviction_drops_keys_with_no_row_waiting_before_keys_with_one() {
     assert!(["alice", "bob", "carol", "dave"].iter().all(|a| cached(&w, a)));
     // A budget a little under what is cached: one key has to go.
     let budget = w.state.cache_bytes() - 1;
-    w.state.evict(budget);
+    w.state.evict(budget, None);
     assert_eq!(w.state.cached_keys(), 3, "one key was enough");
     assert!(!cached(&w, "bob"), "bob's key, with no row waiting, went first");
     assert!(cached(&w, "alice"), "alice's key, with a row waiting, stays");
@@ -442,7 +480,7 @@ fn eviction_drops_keys_with_no_row_waiting_before_keys_with_one() {
         "the latest batches' keys stay"
     );
     // Her row is still decided when due, her key read back from the store.
-    w.state.evict(0);
+    w.state.evict(0, None);
     assert_eq!(w.state.cached_keys(), 0);
     assert!(w.tick(12).is_empty(), "one failure is not three");
     assert_eq!(w.state.waiting(), 0);
@@ -474,7 +512,8 @@ fn the_cache_count_equals_a_full_count_after_checkpoints_and_recounts() {
             }
             if minute % 3 == 0 {
                 let mut commit = w.store.commit(0);
-                w.state.checkpoint(Window::bounds(minute, minute), &mut commit);
+                w.state
+                    .checkpoint(Window::bounds(minute, minute), &mut commit, Saving::Changed);
                 w.store.write(commit).expect("written");
                 assert_eq!(
                     w.state.cache_bytes(),
