@@ -78,6 +78,11 @@ impl Pipeline {
             windows.keyed.iter_mut().for_each(|w| w.state.recount());
             cached = windows.keyed.iter().map(|w| w.state.cache_bytes()).sum();
         }
+        if !self.is_persistent() {
+            // A temporary state writes keys only when they leave memory (see
+            // `Saving::Evicted`): a checkpoint only when they have to.
+            return cached > limit;
+        }
         let unsaved: usize = windows.keyed.iter().map(|w| w.state.unsaved_bytes()).sum();
         // Past the budget; or, when the keys in use alone exceed it (eviction kept them), past
         // those by an eighth of the budget, so that a large working set is not written and
@@ -87,11 +92,6 @@ impl Pipeline {
         // 50 MB; smaller ones cost a dense log, whose hot keys write a chunk each time,
         // throughput: an eighth of a small budget made them too small).
         let write_batch = CHECKPOINT_WRITE_BYTES.max(budget / 8);
-        if !self.is_persistent() {
-            // A temporary state writes keys only when they leave memory (see
-            // `Saving::Evicted`): a checkpoint only when they have to.
-            return cached > limit;
-        }
         windows.since_checkpoint >= 1 << 18 || unsaved > write_batch || cached > limit
     }
 

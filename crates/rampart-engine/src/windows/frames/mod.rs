@@ -343,16 +343,12 @@ impl KeyAgg {
         }
         room_for_row(&mut self.times);
         reserve_small(&mut self.pending);
-        if !self.whole
-            && self.fresh.is_empty()
-            && self.frame_chunks.is_empty()
-            && self.pending_chunks.is_empty()
-        {
-            // Nothing on disk: every row is new.
-            self.whole = true;
-        } else if !self.whole && self.fresh.len() >= self.times.len() + 8 {
-            // More rows arrived since the last save than the key holds: writing them all is
-            // no more than writing the new ones, and the list of new ones is dropped.
+        // Written whole from here: a key with nothing on disk (every row is new), or one that
+        // got more rows since the last save than it holds (writing them all is no more than
+        // writing the new ones); the list of new ones is dropped.
+        let nothing_on_disk =
+            self.fresh.is_empty() && self.frame_chunks.is_empty() && self.pending_chunks.is_empty();
+        if !self.whole && (nothing_on_disk || self.fresh.len() >= self.times.len() + 8) {
             self.whole = true;
             self.fresh = Vec::new();
         }

@@ -275,7 +275,7 @@ impl KeyedState {
             self.tick.saturating_sub(RECENT_BATCHES - 1)
         };
         // (Whether a row waits, when last used), its bytes, the key.
-        let mut clean: Vec<(EvictionOrder, usize, &Box<[u8]>)> = self
+        let mut candidates: Vec<(EvictionOrder, usize, &Box<[u8]>)> = self
             .cache
             .iter()
             .filter(|(_, e)| (!e.dirty || spill.is_some()) && e.used < recent)
@@ -284,11 +284,11 @@ impl KeyedState {
                 ((waiting, e.used), e.counted as usize, k)
             })
             .collect();
-        clean.sort_unstable_by_key(|(order, _, _)| *order);
+        candidates.sort_unstable_by_key(|(order, _, _)| *order);
         let excess = self.cache_bytes - (budget - budget / 8);
         let mut freed = 0;
         let mut drop = Vec::new();
-        for (_, bytes, key) in clean {
+        for (_, bytes, key) in candidates {
             if freed >= excess {
                 break;
             }
