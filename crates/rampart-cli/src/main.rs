@@ -231,6 +231,12 @@ fn check(dir: &Path, explain: bool) -> Result<ExitCode> {
                 d.shape,
                 d.explain()
             );
+            if let Some(condition) = d.split().and_then(|s| s.incremental()?.condition.as_ref()) {
+                println!(
+                    "judges only the rows whose window values meet: {}\n",
+                    condition.expr
+                );
+            }
         }
     }
     for p in &pipeline.problems {

@@ -11,7 +11,7 @@ pub mod shape;
 
 pub use engine::{
     AggregateKind, CompiledDetector, DetectorEngine, IncrementalPlan, StateKind, Strategy, WindowAggregate,
-    WindowSplit, WindowedDetector,
+    WindowCondition, WindowSplit, WindowedDetector,
 };
 pub use metadata::{BlastRadius, DetectorMeta, ReasonTemplate};
 pub use shape::{Shape, Timing};

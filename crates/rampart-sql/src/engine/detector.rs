@@ -97,6 +97,22 @@ pub struct IncrementalPlan {
     pub above_input: SchemaRef,
     /// The window's aggregates, in column order.
     pub aggregates: Vec<WindowAggregate>,
+    /// What every row `above` returns meets, on the window's values alone (see
+    /// [`WindowCondition`]); `None`: no such condition (every decided row is judged).
+    pub condition: Option<WindowCondition>,
+}
+
+/// The conditions above a sliding window that read nothing but its values (`count(*) OVER
+/// (...) > 100`), taken through the projections between: a row whose values fail them cannot
+/// be in the result of the plan above, so it need not be judged (most rows of a threshold
+/// detector). Found only when nothing but projections, filters, aliases and sorts lies between
+/// the window and the result.
+#[derive(Debug)]
+pub struct WindowCondition {
+    /// The conditions, joined by AND, over `input`.
+    pub expr: Arc<dyn PhysicalExpr>,
+    /// One column per aggregate of the window, in order (the values of [`IncrementalPlan::aggregates`]).
+    pub input: SchemaRef,
 }
 
 /// One aggregate of a sliding window.

@@ -42,8 +42,8 @@ mod detector;
 mod split;
 
 pub use detector::{
-    AggregateKind, CompiledDetector, IncrementalPlan, StateKind, Strategy, WindowAggregate, WindowSplit,
-    WindowedDetector,
+    AggregateKind, CompiledDetector, IncrementalPlan, StateKind, Strategy, WindowAggregate, WindowCondition,
+    WindowSplit, WindowedDetector,
 };
 
 /// What planning a detector's SQL gives.
@@ -657,6 +657,54 @@ mod tests {
                 matches!(timing, Timing::AfterLateness(reason) if reason.contains(why)),
                 "{sql}: {timing}"
             ),
+        }
+    }
+
+    const COUNT_10M: &str = "count(*) OVER (PARTITION BY actor ORDER BY event_time RANGE BETWEEN \
+                             INTERVAL '10 minutes' PRECEDING AND CURRENT ROW)";
+
+    /// The conditions above a sliding window on its values alone are found through aliases and
+    /// projections; a condition that also reads the row (in an OR) is not one of them.
+    #[rstest]
+    #[case::threshold(
+        "SELECT actor, n FROM (SELECT actor, {c} AS n FROM events) WHERE n > 3",
+        Some("> 3")
+    )]
+    #[case::qualify("SELECT actor FROM events QUALIFY {c} >= 7", Some(">= 7"))]
+    #[case::the_window_part_of_an_and(
+        "SELECT actor, n FROM (SELECT actor, action, {c} AS n FROM events) WHERE action = 'Delete' AND n >= 5",
+        Some(">= 5")
+    )]
+    #[case::an_or_with_the_row(
+        "SELECT actor, n FROM (SELECT actor, action, {c} AS n FROM events) WHERE n >= 5 OR action = 'Delete'",
+        None
+    )]
+    #[case::through_a_subquery_alias(
+        "SELECT s.actor FROM (SELECT actor, {c} AS n FROM events) s WHERE s.n > 4",
+        Some("> 4")
+    )]
+    #[case::computed_from_two_values(
+        "SELECT actor FROM (SELECT actor, max(length(action)) OVER w AS hi, min(length(action)) OVER w AS lo \
+         FROM events WINDOW w AS (PARTITION BY actor ORDER BY event_time RANGE BETWEEN INTERVAL '5 minutes' \
+         PRECEDING AND CURRENT ROW)) WHERE hi - lo > 9",
+        Some("> 9")
+    )]
+    #[case::none("SELECT actor, n FROM (SELECT actor, {c} AS n FROM events)", None)]
+    fn conditions_on_window_values_alone_are_found(#[case] sql: &str, #[case] contains: Option<&str>) {
+        let sql = sql.replace("{c}", COUNT_10M);
+        let detector = compile(&sql).expect("compiles");
+        let plan = detector
+            .split()
+            .and_then(WindowSplit::incremental)
+            .expect("incremental");
+        let found = plan.condition.as_ref().map(|c| c.expr.to_string());
+        match (contains, &found) {
+            (Some(part), Some(found)) => {
+                assert!(found.contains(part), "{sql}: {found}");
+                assert!(!found.contains("action@"), "{sql}: reads the row: {found}");
+            }
+            (None, None) => {}
+            _ => panic!("{sql}: found {found:?}, wanted {contains:?}"),
         }
     }
 

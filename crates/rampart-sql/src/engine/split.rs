@@ -151,11 +151,16 @@ impl DetectorEngine {
             })?
             .data;
         let above = self.runtime.block_on(state.create_physical_plan(&above))?;
+        let condition = match conditions_down(logical, Vec::new()) {
+            Some(found) => window_condition(&state, window, offset, found)?,
+            None => None,
+        };
         Ok(Some(IncrementalPlan {
             above,
             above_slot,
             above_input,
             aggregates,
+            condition,
         }))
     }
 }
@@ -281,4 +286,110 @@ fn plan_above(
             other => Ok(Transformed::yes(other.recompute_schema()?)),
         })?
         .data)
+}
+
+/// The conditions of the filters between `plan`'s result and its window (with `found`, those
+/// above `plan`), each rewritten over the window's output: `None` when anything but
+/// projections, filters, aliases and sorts lies on the way (a join, an aggregate or a limit
+/// above the window could make a row that fails them matter).
+fn conditions_down(plan: &LogicalPlan, mut found: Vec<Expr>) -> Option<Vec<Expr>> {
+    use std::collections::HashMap;
+    // Each column of `schema` replaced by the expression it is over the node's input.
+    let rewrite = |found: Vec<Expr>, map: HashMap<Column, Expr>| -> Option<Vec<Expr>> {
+        found
+            .into_iter()
+            .map(|e| {
+                e.transform(|e| match &e {
+                    Expr::Column(c) => match map.get(c) {
+                        Some(replaced) => Ok(Transformed::yes(replaced.clone())),
+                        None => Ok(Transformed::no(e)),
+                    },
+                    _ => Ok(Transformed::no(e)),
+                })
+                .map(|t| t.data)
+                .ok()
+            })
+            .collect()
+    };
+    match plan {
+        LogicalPlan::Window(_) => Some(found),
+        LogicalPlan::Filter(f) => {
+            found.push(f.predicate.clone());
+            conditions_down(&f.input, found)
+        }
+        LogicalPlan::Projection(p) => {
+            let map = p
+                .schema
+                .columns()
+                .into_iter()
+                .zip(p.expr.iter().map(|e| unalias(e).clone()))
+                .collect();
+            conditions_down(&p.input, rewrite(found, map)?)
+        }
+        LogicalPlan::SubqueryAlias(a) => {
+            let map = a
+                .schema
+                .columns()
+                .into_iter()
+                .zip(a.input.schema().columns().into_iter().map(Expr::Column))
+                .collect();
+            conditions_down(&a.input, rewrite(found, map)?)
+        }
+        LogicalPlan::Sort(s) if s.fetch.is_none() => conditions_down(&s.input, found),
+        _ => None,
+    }
+}
+
+/// The parts (conjuncts) of `found` (conditions over `window`'s output) that read only the
+/// window's values, deterministically, as one physical expression over those values.
+fn window_condition(
+    state: &datafusion::execution::SessionState,
+    window: &Window,
+    offset: usize,
+    found: Vec<Expr>,
+) -> datafusion::common::Result<Option<WindowCondition>> {
+    use datafusion::common::DFSchema;
+    use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
+    let values: Vec<(Option<datafusion::common::TableReference>, Arc<Field>)> = window
+        .schema
+        .iter()
+        .skip(offset)
+        .map(|(q, f)| (q.cloned(), Arc::clone(f)))
+        .collect();
+    let columns: std::collections::HashSet<Column> =
+        window.schema.columns().into_iter().skip(offset).collect();
+    let on_values = |e: &Expr| {
+        let refs = e.column_refs();
+        !refs.is_empty()
+            && refs.iter().all(|c| columns.contains(*c))
+            && !e.is_volatile()
+            && !e
+                .exists(|n| {
+                    Ok(matches!(
+                        n,
+                        Expr::ScalarSubquery(_)
+                            | Expr::Exists(_)
+                            | Expr::InSubquery(_)
+                            | Expr::OuterReferenceColumn(..)
+                    ))
+                })
+                .unwrap_or(true)
+    };
+    let kept: Vec<Expr> = found
+        .into_iter()
+        .flat_map(split_conjunction_owned)
+        .filter(on_values)
+        .collect();
+    let Some(condition) = conjunction(kept) else {
+        return Ok(None);
+    };
+    let schema = DFSchema::new_with_metadata(values, Default::default())?;
+    // (A condition that does not plan over the values alone is left to the plan above.)
+    Ok(state
+        .create_physical_expr(condition, &schema)
+        .ok()
+        .map(|expr| WindowCondition {
+            expr,
+            input: Arc::clone(schema.inner()),
+        }))
 }

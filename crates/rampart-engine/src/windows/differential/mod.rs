@@ -40,7 +40,7 @@ fn detector_files() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "sql"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 18, "the differential detectors in {}", dir.display());
+    assert_eq!(files.len(), 19, "the differential detectors in {}", dir.display());
     files
 }
 
@@ -274,6 +274,7 @@ fn assert_stream_equals_batch_with(
                 "by-json-key",
                 "failures-longer",
                 "failures-many",
+                "failures-or-delete",
                 "failures",
                 "filtered",
                 "range",
@@ -744,6 +745,7 @@ fn threshold_windows_decide_at_once_others_after_the_lateness() {
             ("by-json-key", true),
             ("failures-longer", true),
             ("failures-many", true),
+            ("failures-or-delete", true),
             ("failures", true),
             ("filtered", false),
             ("g-actors-per-origin", true),

@@ -6,10 +6,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::array::Array;
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray};
+use datafusion::arrow::compute::filter;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::DataFusionError;
 use rampart_core::Decision;
-use rampart_sql::{CompiledDetector, IncrementalPlan, WindowSplit, WindowedDetector};
+use rampart_sql::{CompiledDetector, IncrementalPlan, WindowCondition, WindowSplit, WindowedDetector};
 use rampart_state::StateStore;
 use rampart_state::codec::{INCREMENTAL, set_header};
 use rustc_hash::FxHashMap;
@@ -121,7 +123,11 @@ impl KeyedState {
                 .collect();
         };
         let layout = layout.clone();
-        let decided = match self.decide_due(&layout, ctx, watermark) {
+        let conditions: Vec<Option<&WindowCondition>> = members
+            .iter()
+            .map(|m| m.split.incremental().and_then(|plan| plan.condition.as_ref()))
+            .collect();
+        let decided = match self.decide_due(&layout, ctx, watermark, &conditions) {
             Ok(Some(judged)) => members
                 .iter()
                 .enumerate()
@@ -212,12 +218,15 @@ impl KeyedState {
     /// [`Self::decide_incremental`] for the keys with rows older than the watermark or, for the
     /// members that decide at once, older than the completeness bound: the rows to judge (with
     /// their key's index in `due_keys`), and their columns (`pre`'s, then the values of every
-    /// accumulator of `layout`); `None`: no row to judge.
+    /// accumulator of `layout`); `None`: no row to judge. A member's row whose window values
+    /// fail its [`WindowCondition`] (`conditions`, by member) is not judged by it: only the rows
+    /// some member may fire on have their `pre` columns decoded and go through the plans above.
     pub(super) fn decide_due(
         &mut self,
         layout: &Layout,
         ctx: &DecideContext<'_>,
         watermark: Option<i64>,
+        conditions: &[Option<&WindowCondition>],
     ) -> Result<Option<JudgedRows>> {
         let at_once = if watermark.is_some() { self.at_once } else { 0 };
         let complete = ctx.bounds.complete;
@@ -278,18 +287,76 @@ impl KeyedState {
         if due.is_empty() {
             return Ok(None);
         }
+        let mut values = layout
+            .aggregates
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let column: Vec<Val> = due
+                    .iter()
+                    .map(|(_, d)| d.values.get(i).cloned().unwrap_or_default())
+                    .collect();
+                Val::array(&column, &a.output)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if self.screen(&mut due, &values, conditions) {
+            let judged = BooleanArray::from_iter(due.iter().map(|(_, d)| Some(d.members != 0)));
+            due.retain(|(_, d)| d.members != 0);
+            if due.is_empty() {
+                return Ok(None);
+            }
+            values = values
+                .iter()
+                .map(|v| filter(v, &judged))
+                .collect::<std::result::Result<_, _>>()?;
+        }
         let parser = self.row_converter.parser();
         let mut columns = self
             .row_converter
             .convert_rows(due.iter().map(|(_, d)| parser.parse(&d.bytes)))?;
-        for (i, a) in layout.aggregates.iter().enumerate() {
-            let values: Vec<Val> = due
-                .iter()
-                .map(|(_, d)| d.values.get(i).cloned().unwrap_or_default())
-                .collect();
-            columns.push(Val::array(&values, &a.output)?);
-        }
+        columns.extend(values);
         Ok(Some((due_keys, due, columns)))
+    }
+
+    /// Takes from each row in `due` the members (bits) whose [`WindowCondition`] its window
+    /// values (`values`, one column per accumulator of the layout) fail; whether any row lost
+    /// any. A condition that cannot be evaluated takes nothing: the plan above then judges
+    /// every row, and says what failed.
+    fn screen(
+        &self,
+        due: &mut [(usize, Due)],
+        values: &[ArrayRef],
+        conditions: &[Option<&WindowCondition>],
+    ) -> bool {
+        let mut took = false;
+        for (member, condition) in conditions.iter().enumerate() {
+            let Some(condition) = condition else {
+                continue;
+            };
+            let columns = self.readers[member]
+                .iter()
+                .map(|&k| Arc::clone(&values[k]))
+                .collect();
+            let met = RecordBatch::try_new(Arc::clone(&condition.input), columns)
+                .map_err(DataFusionError::from)
+                .and_then(|batch| condition.expr.evaluate(&batch))
+                .and_then(|v| v.into_array(due.len()));
+            let Some(met) = met
+                .ok()
+                .and_then(|a| a.as_any().downcast_ref::<BooleanArray>().cloned())
+            else {
+                continue;
+            };
+            let bit: u32 = 1 << member;
+            for (i, (_, d)) in due.iter_mut().enumerate() {
+                // (NULL fails a filter.)
+                if d.members & bit != 0 && !(met.is_valid(i) && met.value(i)) {
+                    d.members &= !bit;
+                    took = true;
+                }
+            }
+        }
+        took
     }
 
     /// Decisions for the result rows `wanted` accepts.
