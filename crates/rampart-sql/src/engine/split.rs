@@ -290,11 +290,11 @@ fn plan_above(
 
 /// The conditions of the filters between `plan`'s result and its window (with `found`, those
 /// above `plan`), each rewritten over the window's output: `None` when anything but
-/// projections, filters, aliases and sorts lies on the way (a join, an aggregate or a limit
-/// above the window could make a row that fails them matter).
+/// projections, filters, aliases and sorts lies on the way (a limit or an aggregate between a
+/// filter and the window counts the rows the filter drops; a join may read the window twice).
 fn conditions_down(plan: &LogicalPlan, mut found: Vec<Expr>) -> Option<Vec<Expr>> {
     use std::collections::HashMap;
-    // Each column of `schema` replaced by the expression it is over the node's input.
+    // Each of the node's output columns replaced by what it computes from the node's input.
     let rewrite = |found: Vec<Expr>, map: HashMap<Column, Expr>| -> Option<Vec<Expr>> {
         found
             .into_iter()
