@@ -6,6 +6,7 @@
 #   benchmarks/drain.sh                               # 500k events, 3 runs
 #   EVENTS=300000 RUNS=5 benchmarks/drain.sh
 #   BEFORE=/tmp/rampart-old benchmarks/drain.sh       # also the build BEFORE, in the same runs
+#   SUT_CPUS=1 BROKER_CPUS=0 benchmarks/drain.sh      # the broker on a core of its own
 #
 # Input: the first EVENTS events of the generated 1M CloudTrail-shaped log, fed to a 1-partition
 # topic of Tansu 0.6 (in memory, loopback, same 2 cores). Each drain starts on a fresh state
@@ -32,7 +33,8 @@ port=$(free_port)
 BROKERS="127.0.0.1:$port"
 trap stop_background EXIT
 start_tansu "$port" "$work/broker.log" bench.events
-"$LOAD" --brokers "$BROKERS" --set linger.ms=50 --set batch.num.messages=10000 feed --topic bench.events "$INPUT"
+pin_helpers
+helper "$LOAD" --brokers "$BROKERS" --set linger.ms=50 --set batch.num.messages=10000 feed --topic bench.events "$INPUT"
 
 # seconds_between LOG FIRST LAST: seconds between the log lines matching FIRST and LAST.
 seconds_between() {
