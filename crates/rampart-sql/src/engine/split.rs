@@ -293,22 +293,14 @@ fn plan_above(
 /// projections, filters, aliases and sorts lies on the way (a limit or an aggregate between a
 /// filter and the window counts the rows the filter drops; a join may read the window twice).
 fn conditions_down(plan: &LogicalPlan, mut found: Vec<Expr>) -> Option<Vec<Expr>> {
+    use datafusion::optimizer::push_down_filter::replace_cols_by_name;
     use std::collections::HashMap;
-    // Each of the node's output columns replaced by what it computes from the node's input.
-    let rewrite = |found: Vec<Expr>, map: HashMap<Column, Expr>| -> Option<Vec<Expr>> {
+    // Each of the node's output columns (by qualified name) replaced by what it computes from
+    // the node's input, as DataFusion pushes a filter below a projection.
+    let rewrite = |found: Vec<Expr>, map: HashMap<String, Expr>| -> Option<Vec<Expr>> {
         found
             .into_iter()
-            .map(|e| {
-                e.transform(|e| match &e {
-                    Expr::Column(c) => match map.get(c) {
-                        Some(replaced) => Ok(Transformed::yes(replaced.clone())),
-                        None => Ok(Transformed::no(e)),
-                    },
-                    _ => Ok(Transformed::no(e)),
-                })
-                .map(|t| t.data)
-                .ok()
-            })
+            .map(|e| replace_cols_by_name(e, &map).ok())
             .collect()
     };
     match plan {
@@ -321,7 +313,8 @@ fn conditions_down(plan: &LogicalPlan, mut found: Vec<Expr>) -> Option<Vec<Expr>
             let map = p
                 .schema
                 .columns()
-                .into_iter()
+                .iter()
+                .map(Column::flat_name)
                 .zip(p.expr.iter().map(|e| unalias(e).clone()))
                 .collect();
             conditions_down(&p.input, rewrite(found, map)?)
@@ -330,7 +323,8 @@ fn conditions_down(plan: &LogicalPlan, mut found: Vec<Expr>) -> Option<Vec<Expr>
             let map = a
                 .schema
                 .columns()
-                .into_iter()
+                .iter()
+                .map(Column::flat_name)
                 .zip(a.input.schema().columns().into_iter().map(Expr::Column))
                 .collect();
             conditions_down(&a.input, rewrite(found, map)?)
