@@ -166,15 +166,14 @@ pub struct Waiting {
     pub values: Option<Box<[Val]>>,
 }
 
-/// A row to run detectors' conditions on (see [`KeyAgg::decide`]).
+/// A row to run detectors' conditions on (see [`KeyAgg::decide`]); its window values, one per
+/// accumulator of the [`Layout`], are the rows' values list's at its place.
 #[derive(Debug)]
 pub struct Due {
     /// Event time (µs).
     pub time: i64,
     /// Row id.
     pub row: u64,
-    /// Its window values: one per accumulator of the [`Layout`].
-    pub values: Vec<Val>,
     /// Its `pre` columns.
     pub bytes: Box<[u8]>,
     /// The detectors to run on it (bits).
@@ -320,7 +319,8 @@ impl KeyAgg {
     /// before the accumulators' frame end (a straggler) first empties them, and the pending
     /// rows it may count for (from its time less `following` on) are to be evaluated again
     /// (except for what fired on them).
-    pub fn insert(&mut self, layout: &Layout, time: i64, row: u64, mut args: Vec<Val>, bytes: Box<[u8]>) {
+    /// (`args` are taken: left null.)
+    pub fn insert(&mut self, layout: &Layout, time: i64, row: u64, args: &mut [Val], bytes: Box<[u8]>) {
         let reaches_back_to = time.saturating_sub(self.following);
         if reaches_back_to <= self.evaluated_to {
             for p in self.pending.iter_mut().filter(|p| p.time >= reaches_back_to) {
@@ -362,7 +362,7 @@ impl KeyAgg {
             at -= 1;
         }
         self.times.insert(at, time);
-        self.args.insert(at, args);
+        self.args.insert(at, args.iter_mut().map(std::mem::take));
         let p = self.pending.partition_point(|w| (w.time, w.row) <= (time, row));
         self.pending.insert(
             p,
@@ -430,7 +430,10 @@ impl KeyAgg {
     /// pending row older than `complete` not settled for them, with its values over the rows
     /// arrived so far. Rows are evaluated in time order (a row's frames move forward); values
     /// are kept on a row for later only when `hold` (some member decides at the watermark).
-    /// Rows no frame of a row at or after `watermark` reaches are forgotten.
+    /// Rows no frame of a row at or after `watermark` reaches are forgotten. The rows go to
+    /// `out`, their window values to the end of `values` (one per accumulator, in the rows'
+    /// order): no allocation per row or key.
+    #[allow(clippy::too_many_arguments)]
     pub fn decide(
         &mut self,
         layout: &Layout,
@@ -439,7 +442,9 @@ impl KeyAgg {
         members: u32,
         at_once: u32,
         hold: bool,
-    ) -> Vec<Due> {
+        out: &mut Vec<Due>,
+        values: &mut Vec<Val>,
+    ) {
         let last_before = watermark.unwrap_or(i64::MAX);
         let evaluate_before = match watermark {
             None => i64::MAX,
@@ -447,7 +452,6 @@ impl KeyAgg {
             Some(w) => complete.max(w),
         };
         let keep_from = watermark.map_or(i64::MIN, |w| w.saturating_sub(layout.longest()));
-        let mut out = Vec::new();
         // The rows decided for good, then those with work for the detectors deciding at once
         // (the settled ones between need nothing), in time order.
         let decided = self.pending.partition_point(|p| p.time < last_before);
@@ -461,30 +465,36 @@ impl KeyAgg {
             let last = i < decided;
             let wanted = if last { members } else { at_once } & !self.pending[i].settled;
             let held = self.pending[i].values.take();
-            let values = match held {
-                Some(v) if self.pending[i].evaluated => Some(v.into_vec()),
-                _ if self.pending[i].evaluated && wanted == 0 => None,
+            let start = values.len();
+            let has_values = match held {
+                Some(v) if self.pending[i].evaluated => {
+                    values.extend(v.into_vec());
+                    true
+                }
+                _ if self.pending[i].evaluated && wanted == 0 => false,
                 _ => {
                     if time.saturating_add(self.following) < self.frame_end {
                         // (Only if a row was left unevaluated behind the frames.)
                         self.rewind();
                     }
                     self.pending[i].evaluated = true;
-                    Some(self.values_at(layout, time, keep_from))
+                    self.values_at(layout, time, keep_from, values);
+                    true
                 }
             };
             let p = &mut self.pending[i];
             if !last {
                 p.settled |= wanted;
-                if hold {
-                    p.values = values.as_ref().map(|v| v.clone().into_boxed_slice());
+                if hold && has_values {
+                    p.values = Some(values[start..].into());
                 }
             }
-            if wanted != 0 {
+            if wanted == 0 {
+                values.truncate(start);
+            } else {
                 out.push(Due {
                     time,
                     row: p.row,
-                    values: values.unwrap_or_default(),
                     bytes: if last {
                         std::mem::take(&mut p.bytes)
                     } else {
@@ -500,24 +510,26 @@ impl KeyAgg {
             // (Freed: most keys wait for nothing most of the time.)
             self.pending = Vec::new();
         }
-        out
     }
 
     /// Decides the pending rows older than `limit` (all with `None`), in time order, for one
     /// detector deciding at the watermark: their row ids, window values and `pre` columns.
     #[cfg(test)]
     pub fn decide_until(&mut self, layout: &Layout, limit: Option<i64>) -> Vec<(u64, Vec<Val>, Box<[u8]>)> {
-        self.decide(layout, limit, i64::MIN, 1, 0, false)
-            .into_iter()
-            .map(|d| (d.row, d.values, d.bytes))
+        let (mut due, mut values) = (Vec::new(), Vec::new());
+        self.decide(layout, limit, i64::MIN, 1, 0, false, &mut due, &mut values);
+        let n = layout.aggregates.len();
+        due.into_iter()
+            .enumerate()
+            .map(|(i, d)| (d.row, values[i * n..(i + 1) * n].to_vec(), d.bytes))
             .collect()
     }
 
     /// Moves every frame to end at `time` plus `following` (not before the current end) and
-    /// returns the aggregates' values for the row at `time`. Rows every frame has left and
+    /// adds the aggregates' values for the row at `time` to `out`. Rows every frame has left and
     /// older than `keep_from` are dropped (rows from `keep_from` on may still be in the frames
     /// of a row evaluated again).
-    fn values_at(&mut self, layout: &Layout, time: i64, keep_from: i64) -> Vec<Val> {
+    fn values_at(&mut self, layout: &Layout, time: i64, keep_from: i64, out: &mut Vec<Val>) {
         let end = time.saturating_add(self.following);
         self.frame_end = end;
         self.evaluated_to = self.evaluated_to.max(time);
@@ -547,11 +559,12 @@ impl KeyAgg {
             self.args.pop_front();
             self.front += 1;
         }
-        self.accs
-            .iter()
-            .zip(&layout.slot)
-            .map(|(a, &slot)| a.value(self.args.kind(slot)))
-            .collect()
+        out.extend(
+            self.accs
+                .iter()
+                .zip(&layout.slot)
+                .map(|(a, &slot)| a.value(self.args.kind(slot))),
+        );
     }
 
     /// Whether the key holds nothing (its frames moved past every row).
@@ -613,11 +626,11 @@ mod tests {
         }];
         let layout = Layout::new(&aggregates);
         let mut key = KeyAgg::new(&layout);
-        key.insert(&layout, 1, 0, vec![Val::Str("ListUsers".into())], Box::new([]));
+        key.insert(&layout, 1, 0, &mut [Val::Str("ListUsers".into())], Box::new([]));
         let decided = key.decide_until(&layout, Some(2));
         assert_eq!(decided[0].1, vec![Val::Int(1)]);
-        key.insert(&layout, 3, 1, vec![Val::Str("ListUsers".into())], Box::new([]));
-        key.insert(&layout, 4, 2, vec![Val::Str("GetUser".into())], Box::new([]));
+        key.insert(&layout, 3, 1, &mut [Val::Str("ListUsers".into())], Box::new([]));
+        key.insert(&layout, 4, 2, &mut [Val::Str("GetUser".into())], Box::new([]));
         let held = |key: &KeyAgg, row: usize| key.args.get(row, 0);
         assert!(Arc::ptr_eq(text(&held(&key, 0)), text(&held(&key, 1))));
         assert!(!Arc::ptr_eq(text(&held(&key, 0)), text(&held(&key, 2))));

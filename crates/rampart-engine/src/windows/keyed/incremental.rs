@@ -52,16 +52,14 @@ impl KeyedState {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let (rows, times, ids) = self.batch_rows(split, batch)?;
-            // One cache lookup per key and batch.
-            let mut by_key: FxHashMap<&[u8], Vec<usize>> = FxHashMap::default();
-            for i in (0..n).filter(|i| !times.is_null(*i)) {
-                let key: &[u8] = keys.as_ref().map_or(&[], |k| k.row(i).data());
-                by_key.entry(key).or_default().push(i);
-            }
+            // One cache lookup per key and batch: the rows grouped by key, in order.
+            let groups = group_by_key(keys.as_ref(), times, n);
+            // (One row's arguments at a time, taken into its key's columns.)
+            let mut values: Vec<Val> = Vec::with_capacity(args.len());
             // A row's share of its key's buffers (time, arguments: at most 16 bytes each in
             // their typed columns, pending entry, fresh entry), with the slack of their growth.
             let row_bytes = (8 + layout.stride() * 16 + 32 + 16) * 3 / 2;
-            for (key, indices) in by_key {
+            for (key, indices) in groups.iter() {
                 // Counted as rows arrive; checkpoints recount exactly.
                 let mut added = 0;
                 let entry = self.entry(store, key)?;
@@ -75,11 +73,9 @@ impl KeyedState {
                 } else {
                     2 * (tag_len + key.len() + 32)
                 };
-                for i in indices {
-                    let values: Vec<Val> = args
-                        .iter_mut()
-                        .map(|a| std::mem::replace(&mut a[i], Val::Null))
-                        .collect();
+                for &i in indices {
+                    values.clear();
+                    values.extend(args.iter_mut().map(|a| std::mem::take(&mut a[i])));
                     let row = rows.row(i);
                     added += row_bytes
                         + heap(row.as_ref().len())
@@ -87,7 +83,13 @@ impl KeyedState {
                     // ...and per row its time, order and arguments in the one, its time, id
                     // and `pre` columns in the other.
                     unsaved += 16 + layout.stride() * 9 + 20 + row.as_ref().len();
-                    agg.insert(layout, times.value(i), ids.value(i), values, row.as_ref().into());
+                    agg.insert(
+                        layout,
+                        times.value(i),
+                        ids.value(i),
+                        &mut values,
+                        row.as_ref().into(),
+                    );
                 }
                 let oldest = agg.oldest_pending();
                 let early = (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten();
@@ -257,18 +259,30 @@ impl KeyedState {
         }
         let (members, hold) = (self.all_members(), self.all_members() & !self.at_once != 0);
         let mut due: Vec<(usize, Due)> = Vec::new();
+        // Every row's window values, one per accumulator of the layout, in `due`'s order.
+        let mut flat: Vec<Val> = Vec::new();
+        let mut key_due: Vec<Due> = Vec::new();
         let mut due_keys = Vec::with_capacity(taken.len());
         for (k, (key, (from_due, from_early))) in taken.into_iter().enumerate() {
             let entry = self.entry(ctx.store, &key)?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
             let before = (agg.oldest_pending(), agg.oldest_unsettled(at_once));
-            let rows = agg.decide(layout, watermark, complete, members, at_once, hold);
+            agg.decide(
+                layout,
+                watermark,
+                complete,
+                members,
+                at_once,
+                hold,
+                &mut key_due,
+                &mut flat,
+            );
             let after = (
                 agg.oldest_pending(),
                 (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten(),
             );
             entry.dirty = true;
-            due.extend(rows.into_iter().map(|d| (k, d)));
+            due.extend(key_due.drain(..).map(|d| (k, d)));
             // A key taken out of an index goes back at its new time; one still in it moves.
             for (index, taken_out, before, after) in [
                 (&mut self.due, from_due, before.0, after.0),
@@ -287,15 +301,20 @@ impl KeyedState {
         if due.is_empty() {
             return Ok(None);
         }
+        let stride = layout.aggregates.len();
+        debug_assert_eq!(
+            flat.len(),
+            due.len() * stride,
+            "one value per accumulator and row"
+        );
+        let mut column: Vec<Val> = Vec::with_capacity(due.len());
         let mut values = layout
             .aggregates
             .iter()
             .enumerate()
             .map(|(i, a)| {
-                let column: Vec<Val> = due
-                    .iter()
-                    .map(|(_, d)| d.values.get(i).cloned().unwrap_or_default())
-                    .collect();
+                column.clear();
+                column.extend(flat.iter_mut().skip(i).step_by(stride).map(std::mem::take));
                 Val::array(&column, &a.output)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -391,6 +410,68 @@ impl KeyedState {
     }
 }
 
+/// A batch's rows with an event time, grouped by key (`keys`: none for a window without
+/// `PARTITION BY`, one group), each group's rows in batch order.
+struct Groups<'k> {
+    /// Each group's key, in order of first appearance.
+    keys: Vec<&'k [u8]>,
+    /// The rows, group after group.
+    rows: Vec<usize>,
+    /// Where each group's rows start in `rows` (and, last, where they end).
+    starts: Vec<usize>,
+}
+
+impl<'k> Groups<'k> {
+    fn iter(&self) -> impl Iterator<Item = (&'k [u8], &[usize])> + '_ {
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(g, key)| (*key, &self.rows[self.starts[g]..self.starts[g + 1]]))
+    }
+}
+
+/// Groups a batch's `n` rows by key (a counting sort by each key's first appearance: three
+/// lists for the batch rather than one per key).
+fn group_by_key<'k>(
+    keys: Option<&'k datafusion::arrow::row::Rows>,
+    times: &datafusion::arrow::array::TimestampMicrosecondArray,
+    n: usize,
+) -> Groups<'k> {
+    let mut index: FxHashMap<&[u8], u32> = FxHashMap::default();
+    let mut group_keys: Vec<&[u8]> = Vec::new();
+    // Each row's group (`u32::MAX`: no event time, not added).
+    let group: Vec<u32> = (0..n)
+        .map(|i| {
+            if times.is_null(i) {
+                return u32::MAX;
+            }
+            let key: &[u8] = keys.map_or(&[], |k| k.row(i).data());
+            *index.entry(key).or_insert_with(|| {
+                group_keys.push(key);
+                (group_keys.len() - 1) as u32
+            })
+        })
+        .collect();
+    let mut starts = vec![0usize; group_keys.len() + 1];
+    for &g in group.iter().filter(|g| **g != u32::MAX) {
+        starts[g as usize + 1] += 1;
+    }
+    for g in 0..group_keys.len() {
+        starts[g + 1] += starts[g];
+    }
+    let mut next = starts.clone();
+    let mut rows = vec![0usize; starts[group_keys.len()]];
+    for (i, &g) in group.iter().enumerate().filter(|(_, g)| **g != u32::MAX) {
+        rows[next[g as usize]] = i;
+        next[g as usize] += 1;
+    }
+    Groups {
+        keys: group_keys,
+        rows,
+        starts,
+    }
+}
+
 /// Moves `key`'s entry in `index` from time `before` to `after` (either may be none).
 pub(super) fn reindex(
     index: &mut BTreeSet<(i64, Box<[u8]>)>,
@@ -406,5 +487,42 @@ pub(super) fn reindex(
     }
     if let Some(t) = after {
         index.insert((t, Box::from(key)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{ArrayRef, StringArray, TimestampMicrosecondArray};
+    use datafusion::arrow::datatypes::DataType;
+    use datafusion::arrow::row::{RowConverter, SortField};
+
+    use super::group_by_key;
+
+    #[test]
+    fn rows_are_grouped_by_key_in_order_without_the_ones_with_no_time() {
+        let actors: ArrayRef = Arc::new(StringArray::from(vec!["b", "a", "b", "c", "a", "b"]));
+        let times = TimestampMicrosecondArray::from(vec![Some(1), Some(2), None, Some(4), Some(5), Some(6)]);
+        let converter = RowConverter::new(vec![SortField::new(DataType::Utf8)]).unwrap();
+        let keys = converter.convert_columns(&[actors]).unwrap();
+        let groups = group_by_key(Some(&keys), &times, 6);
+        let got: Vec<(Vec<u8>, Vec<usize>)> = groups
+            .iter()
+            .map(|(k, rows)| (k.to_vec(), rows.to_vec()))
+            .collect();
+        let key = |i: usize| keys.row(i).data().to_vec();
+        assert_eq!(
+            got,
+            vec![(key(0), vec![0, 5]), (key(1), vec![1, 4]), (key(3), vec![3])]
+        );
+
+        // No `PARTITION BY`: one group of every row with a time.
+        let groups = group_by_key(None, &times, 6);
+        let got: Vec<Vec<usize>> = groups.iter().map(|(_, rows)| rows.to_vec()).collect();
+        assert_eq!(got, vec![vec![0, 1, 3, 4, 5]]);
+        // Nothing with a time: no group.
+        let none = TimestampMicrosecondArray::from(vec![None, None]);
+        assert_eq!(group_by_key(None, &none, 2).iter().count(), 0);
     }
 }
