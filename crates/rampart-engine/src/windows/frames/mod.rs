@@ -166,8 +166,8 @@ pub struct Waiting {
     pub values: Option<Box<[Val]>>,
 }
 
-/// A row to run detectors' conditions on (see [`KeyAgg::decide`]); its window values, one per
-/// accumulator of the [`Layout`], are the rows' values list's at its place.
+/// A row to run detectors' conditions on (see [`KeyAgg::decide`]). Its window values, one per
+/// accumulator of the [`Layout`], are in the list of values `decide` fills, at the row's place.
 #[derive(Debug)]
 pub struct Due {
     /// Event time (µs).
