@@ -174,7 +174,8 @@ pub struct Due {
     pub time: i64,
     /// Row id.
     pub row: u64,
-    /// Its `pre` columns.
+    /// Its `pre` columns (for a row decided early, not for good: empty, still its pending
+    /// row's, [`KeyAgg::pending_bytes`]).
     pub bytes: Box<[u8]>,
     /// The detectors to run on it (bits).
     pub members: u32,
@@ -388,6 +389,15 @@ impl KeyAgg {
         self.frame_end = i64::MIN;
     }
 
+    /// The `pre` columns of pending row (`time`, `row`), if it is pending.
+    pub fn pending_bytes(&self, time: i64, row: u64) -> Option<&[u8]> {
+        let at = self.pending.partition_point(|w| (w.time, w.row) < (time, row));
+        self.pending
+            .get(at)
+            .filter(|w| (w.time, w.row) == (time, row))
+            .map(|w| &*w.bytes)
+    }
+
     /// The oldest pending time.
     pub fn oldest_pending(&self) -> Option<i64> {
         self.pending.first().map(|p| p.time)
@@ -495,10 +505,12 @@ impl KeyAgg {
                 out.push(Due {
                     time,
                     row: p.row,
+                    // (A row decided early stays pending: its columns are read from it only if
+                    // a detector is to judge it, see `pending_bytes`.)
                     bytes: if last {
                         std::mem::take(&mut p.bytes)
                     } else {
-                        p.bytes.clone()
+                        Box::default()
                     },
                     members: wanted,
                     last,

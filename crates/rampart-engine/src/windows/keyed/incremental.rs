@@ -329,6 +329,19 @@ impl KeyedState {
                 .map(|v| filter(v, &judged))
                 .collect::<std::result::Result<_, _>>()?;
         }
+        // Rows decided early are still pending in their keys: their columns are copied only
+        // now, for the rows some detector judges.
+        let mut last_key = None;
+        for (k, d) in due.iter_mut().filter(|(_, d)| !d.last) {
+            if last_key.map(|(at, _)| at) != Some(*k) {
+                last_key = Some((*k, self.cache.get(&due_keys[*k]).and_then(|e| e.agg.as_deref())));
+            }
+            let bytes = last_key
+                .and_then(|(_, agg)| agg)
+                .and_then(|agg| agg.pending_bytes(d.time, d.row))
+                .ok_or_else(|| Error::bug("a row decided early is not pending in its key"))?;
+            d.bytes = bytes.into();
+        }
         let parser = self.row_converter.parser();
         let mut columns = self
             .row_converter
