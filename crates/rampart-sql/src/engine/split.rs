@@ -293,11 +293,14 @@ fn plan_above(
 /// projections, filters, aliases and sorts lies on the way (a limit or an aggregate between a
 /// filter and the window counts the rows the filter drops; a join may read the window twice).
 fn conditions_down(plan: &LogicalPlan, mut found: Vec<Expr>) -> Option<Vec<Expr>> {
+    use datafusion::common::DFSchema;
     use datafusion::optimizer::push_down_filter::replace_cols_by_name;
     use std::collections::HashMap;
-    // Each of the node's output columns (by qualified name) replaced by what it computes from
-    // the node's input, as DataFusion pushes a filter below a projection.
-    let rewrite = |found: Vec<Expr>, map: HashMap<String, Expr>| -> Option<Vec<Expr>> {
+    // Each of the node's output columns (`schema`, by qualified name) replaced by what it
+    // computes from the node's input (`from`, in order), as DataFusion pushes a filter below a
+    // projection.
+    let rewrite = |found: Vec<Expr>, schema: &DFSchema, from: Vec<Expr>| -> Option<Vec<Expr>> {
+        let map: HashMap<String, Expr> = schema.columns().iter().map(Column::flat_name).zip(from).collect();
         found
             .into_iter()
             .map(|e| replace_cols_by_name(e, &map).ok())
@@ -310,24 +313,12 @@ fn conditions_down(plan: &LogicalPlan, mut found: Vec<Expr>) -> Option<Vec<Expr>
             conditions_down(&f.input, found)
         }
         LogicalPlan::Projection(p) => {
-            let map = p
-                .schema
-                .columns()
-                .iter()
-                .map(Column::flat_name)
-                .zip(p.expr.iter().map(|e| unalias(e).clone()))
-                .collect();
-            conditions_down(&p.input, rewrite(found, map)?)
+            let from = p.expr.iter().map(|e| unalias(e).clone()).collect();
+            conditions_down(&p.input, rewrite(found, &p.schema, from)?)
         }
         LogicalPlan::SubqueryAlias(a) => {
-            let map = a
-                .schema
-                .columns()
-                .iter()
-                .map(Column::flat_name)
-                .zip(a.input.schema().columns().into_iter().map(Expr::Column))
-                .collect();
-            conditions_down(&a.input, rewrite(found, map)?)
+            let from = a.input.schema().columns().into_iter().map(Expr::Column).collect();
+            conditions_down(&a.input, rewrite(found, &a.schema, from)?)
         }
         LogicalPlan::Sort(s) if s.fetch.is_none() => conditions_down(&s.input, found),
         _ => None,

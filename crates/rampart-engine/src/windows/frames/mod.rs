@@ -389,13 +389,18 @@ impl KeyAgg {
         self.frame_end = i64::MIN;
     }
 
-    /// The `pre` columns of pending row (`time`, `row`), if it is pending.
-    pub fn pending_bytes(&self, time: i64, row: u64) -> Option<&[u8]> {
+    /// Where pending row (`time`, `row`) is in `pending`, if it is pending.
+    fn pending_at(&self, time: i64, row: u64) -> Option<usize> {
         let at = self.pending.partition_point(|w| (w.time, w.row) < (time, row));
         self.pending
             .get(at)
-            .filter(|w| (w.time, w.row) == (time, row))
-            .map(|w| &*w.bytes)
+            .is_some_and(|w| (w.time, w.row) == (time, row))
+            .then_some(at)
+    }
+
+    /// The `pre` columns of pending row (`time`, `row`), if it is pending.
+    pub fn pending_bytes(&self, time: i64, row: u64) -> Option<&[u8]> {
+        self.pending_at(time, row).map(|at| &*self.pending[at].bytes)
     }
 
     /// The oldest pending time.
@@ -420,12 +425,8 @@ impl KeyAgg {
     /// Notes that detector `bit` (whose stable tag is `tag`) fired at once on pending row
     /// (`time`, `row`): it is not decided again, even after a restart.
     pub fn mark_fired(&mut self, time: i64, row: u64, bit: u32, tag: u64) {
-        let at = self.pending.partition_point(|w| (w.time, w.row) < (time, row));
-        if let Some(w) = self
-            .pending
-            .get_mut(at)
-            .filter(|w| (w.time, w.row) == (time, row))
-        {
+        if let Some(at) = self.pending_at(time, row) {
+            let w = &mut self.pending[at];
             w.fired |= bit;
             w.settled |= bit;
             let fired = self.fired.get_or_insert_with(Box::default);
