@@ -7,11 +7,188 @@ use rampart_state::codec::{
     set_header, split_chunk_key,
 };
 use rampart_state::{Commit, StateError, StateStore};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+use std::hash::BuildHasher;
 
 use super::rerun::{PendingRow, Rerun};
 use super::{Bounds, Kept, KeyedState};
 use crate::windows::frames::{KeyAgg, heap};
+
+/// A key's number in its state's [`Keys`]: what the indexes of keys with rows waiting hold.
+pub(super) type KeyId = u32;
+
+/// In which index of waiting keys a key is ([`Keys::indexed`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Waits {
+    /// `due`: rows not decided yet.
+    Due = 1,
+    /// `early`: rows to look at for the detectors deciding at once.
+    Early = 2,
+}
+
+/// The keys a window state knows, each with a number: those cached (with their [`Entry`]) and
+/// those an index of waiting keys names while they are evicted (without). The indexes hold
+/// numbers rather than copies of the keys, and deciding a key's rows reaches it by its number,
+/// without hashing or comparing its bytes. A number is reused once its key has neither an
+/// entry nor a place in an index.
+#[derive(Default)]
+pub(super) struct Keys {
+    slots: Vec<Slot>,
+    /// Numbers of empty slots.
+    free: Vec<KeyId>,
+    /// The numbers of the keys, by the hash of their bytes.
+    table: hashbrown::HashTable<KeyId>,
+    /// Keys with an entry.
+    cached: usize,
+}
+
+struct Slot {
+    key: Box<[u8]>,
+    entry: Option<Entry>,
+    /// The indexes it is in ([`Waits`], bits).
+    indexed: u8,
+}
+
+fn hash_of(key: &[u8]) -> u64 {
+    FxBuildHasher.hash_one(key)
+}
+
+impl Keys {
+    /// Bytes per key besides its heap: its slot, and its number in the table (at hashbrown's
+    /// load factor, with its control byte).
+    pub(super) const SLOT_BYTES: usize =
+        std::mem::size_of::<Slot>() + (std::mem::size_of::<KeyId>() + 1) * 8 / 7;
+
+    /// `key`'s number, if the state knows it.
+    pub(super) fn id(&self, key: &[u8]) -> Option<KeyId> {
+        self.table
+            .find(hash_of(key), |&id| &*self.slots[id as usize].key == key)
+            .copied()
+    }
+
+    /// `key`'s number, given one if it has none.
+    pub(super) fn intern(&mut self, key: &[u8]) -> KeyId {
+        if let Some(id) = self.id(key) {
+            return id;
+        }
+        let slot = Slot {
+            key: key.into(),
+            entry: None,
+            indexed: 0,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = slot;
+                id
+            }
+            None => {
+                self.slots.push(slot);
+                KeyId::try_from(self.slots.len() - 1).expect("fewer than 2^32 keys in one state")
+            }
+        };
+        let slots = &self.slots;
+        self.table
+            .insert_unique(hash_of(key), id, |&id| hash_of(&slots[id as usize].key));
+        id
+    }
+
+    /// The bytes of key `id`.
+    pub(super) fn key(&self, id: KeyId) -> &[u8] {
+        &self.slots[id as usize].key
+    }
+
+    /// The entry of key `id`, if cached.
+    pub(super) fn at(&self, id: KeyId) -> Option<&Entry> {
+        self.slots[id as usize].entry.as_ref()
+    }
+
+    /// The entry of key `id`, if cached.
+    pub(super) fn at_mut(&mut self, id: KeyId) -> Option<&mut Entry> {
+        self.slots[id as usize].entry.as_mut()
+    }
+
+    /// `key`'s entry, if cached.
+    pub(super) fn get(&self, key: &[u8]) -> Option<&Entry> {
+        self.id(key).and_then(|id| self.at(id))
+    }
+
+    /// Caches `entry` for key `id` (which has none).
+    fn put(&mut self, id: KeyId, entry: Entry) {
+        let slot = &mut self.slots[id as usize];
+        debug_assert!(slot.entry.is_none(), "a key cached twice");
+        slot.entry = Some(entry);
+        self.cached += 1;
+    }
+
+    /// Takes key `id`'s entry out of the cache; the key is forgotten unless an index names it.
+    fn take(&mut self, id: KeyId) -> Option<Entry> {
+        let entry = self.slots[id as usize].entry.take();
+        if entry.is_some() {
+            self.cached -= 1;
+            self.release(id);
+        }
+        entry
+    }
+
+    /// Notes whether key `id` is in index `waits`; a key neither cached nor in an index is
+    /// forgotten.
+    pub(super) fn indexed(&mut self, id: KeyId, waits: Waits, is: bool) {
+        let slot = &mut self.slots[id as usize];
+        if is {
+            slot.indexed |= waits as u8;
+        } else {
+            slot.indexed &= !(waits as u8);
+            self.release(id);
+        }
+    }
+
+    /// Forgets key `id` if it has neither an entry nor a place in an index (its number is
+    /// then free).
+    pub(super) fn release(&mut self, id: KeyId) {
+        let slot = &mut self.slots[id as usize];
+        if slot.entry.is_some() || slot.indexed != 0 {
+            return;
+        }
+        let key = std::mem::take(&mut slot.key);
+        if let Ok(found) = self.table.find_entry(hash_of(&key), |&other| other == id) {
+            found.remove();
+        }
+        self.free.push(id);
+    }
+
+    /// The cached keys with their entries.
+    #[cfg(test)]
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
+        self.slots
+            .iter()
+            .filter_map(|s| Some((&*s.key, s.entry.as_ref()?)))
+    }
+
+    /// The cached keys with their entries, and their numbers.
+    fn iter_mut(&mut self) -> impl Iterator<Item = (KeyId, &[u8], &mut Entry)> {
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(id, s)| Some((id as KeyId, &*s.key, s.entry.as_mut()?)))
+    }
+
+    /// The cached keys.
+    #[cfg(test)]
+    pub(super) fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    /// How many keys are cached.
+    pub(super) fn len(&self) -> usize {
+        self.cached
+    }
+
+    /// Gives back the table's room beyond what its keys need.
+    fn shrink_to_fit(&mut self) {
+        let slots = &self.slots;
+        self.table.shrink_to_fit(|&id| hash_of(&slots[id as usize].key));
+    }
+}
 
 pub(super) struct Entry {
     /// The stored value (rows, or a fired group's header); for incremental detectors only
@@ -46,16 +223,16 @@ impl Entry {
         }
     }
 
-    /// Heap bytes: the cache slot (at hashbrown's load factor), the boxed key, the value, the
-    /// aggregates, and for a key with rows waiting its entry in `due` (a B-tree slot and a
-    /// copy of the key).
+    /// Heap bytes: its key's slot and number ([`Keys::SLOT_BYTES`]), the boxed key, the value,
+    /// the aggregates, and for a key with rows waiting its places in `due` and `early` (B-tree
+    /// slots of a time and a number).
     pub(super) fn bytes(&self, key: &[u8]) -> usize {
-        let slot = (std::mem::size_of::<(Box<[u8]>, Entry)>() + 1) * 8 / 7;
         let due = match &self.agg {
-            Some(a) if !a.pending.is_empty() => heap(key.len()) + 2 * std::mem::size_of::<(i64, Box<[u8]>)>(),
+            Some(a) if !a.pending.is_empty() => 2 * std::mem::size_of::<(i64, KeyId)>(),
             _ => 0,
         };
-        slot + heap(key.len())
+        Keys::SLOT_BYTES
+            + heap(key.len())
             + heap(self.value.capacity())
             + self.agg.as_ref().map_or(0, |a| a.bytes())
             + due
@@ -85,7 +262,7 @@ impl KeyedState {
             self.decided_until = decided_until;
             let mut prefix = self.tag.clone();
             prefix.push(PENDING_CHUNK);
-            let mut oldest: FxHashMap<Box<[u8]>, i64> = FxHashMap::default();
+            let mut oldest: FxHashMap<KeyId, i64> = FxHashMap::default();
             for (chunk_key, value) in store.chunks(&prefix)? {
                 let corrupt = || {
                     store.corrupt(
@@ -96,14 +273,18 @@ impl KeyedState {
                 let (key, _) = split_chunk_key(&self.tag, PENDING_CHUNK, &chunk_key).ok_or_else(corrupt)?;
                 let rows = KeyAgg::pending_rows(&value).ok_or_else(corrupt)?;
                 if let Some(t) = rows.iter().map(|r| r.0).filter(|t| *t >= decided_until).min() {
-                    let o = oldest.entry(key.into()).or_insert(t);
+                    let o = oldest.entry(self.cache.intern(key)).or_insert(t);
                     *o = (*o).min(t);
                 }
             }
-            if self.at_once != 0 {
-                self.early.extend(oldest.iter().map(|(k, t)| (*t, k.clone())));
+            for (id, t) in oldest {
+                self.due.insert((t, id));
+                self.cache.indexed(id, Waits::Due, true);
+                if self.at_once != 0 {
+                    self.early.insert((t, id));
+                    self.cache.indexed(id, Waits::Early, true);
+                }
             }
-            self.due.extend(oldest.into_iter().map(|(k, t)| (t, k)));
             return Ok(());
         }
         let key = self.pending_meta_key();
@@ -124,61 +305,84 @@ impl KeyedState {
         Ok(())
     }
 
+    /// `key`'s entry, read from the store if it is not cached.
     pub(super) fn entry(&mut self, store: &StateStore, key: &[u8]) -> Result<&mut Entry, StateError> {
-        if !self.cache.contains_key(key) {
+        let id = self.cache.intern(key);
+        self.entry_at(store, id)
+    }
+
+    /// Key `id`'s entry, read from the store if it is not cached.
+    pub(super) fn entry_at(&mut self, store: &StateStore, id: KeyId) -> Result<&mut Entry, StateError> {
+        if self.cache.at(id).is_none() {
+            let key = self.cache.key(id);
             if !self.deleted.is_empty() && (self.deleted.contains(key) || !store.writing()) {
                 // Deleted by a write that may still be running: read the store after it.
-                store.settle()?;
+                if let Err(e) = store.settle() {
+                    self.cache.release(id);
+                    return Err(e);
+                }
                 self.deleted = FxHashSet::default();
             }
-            let (value, agg) = match &self.kept {
-                Kept::Frames(layout) => {
-                    let chunks = |kind| -> Result<Vec<(u64, Vec<u8>)>, StateError> {
-                        Ok(store
-                            .key_chunks(&chunk_prefix(&self.tag, kind, key))?
-                            .into_iter()
-                            .filter_map(|(k, v)| Some((split_chunk_key(&self.tag, kind, &k)?.1, v)))
-                            .collect())
-                    };
-                    let corrupt = || {
-                        store.corrupt(
-                            format_args!("window state of key {}", hex::encode(key)),
-                            "does not decode",
-                        )
-                    };
-                    let mut agg = KeyAgg::load_frames(layout, &chunks(FRAME_CHUNK)?, self.decided_until)
-                        .ok_or_else(corrupt)?;
-                    if agg.newest_stored().is_some_and(|t| t >= self.decided_until) {
-                        let fired = if self.at_once != 0 {
-                            chunks(FIRED_CHUNK)?
-                        } else {
-                            Vec::new()
-                        };
-                        agg.load_undecided(&chunks(PENDING_CHUNK)?, &fired, &self.tags, self.decided_until)
-                            .ok_or_else(corrupt)?;
-                    }
-                    let mut value = Vec::new();
-                    let expires = agg
-                        .newest()
-                        .map_or(i64::MIN, |n| n.saturating_add(self.horizon()));
-                    set_header(&mut value, expires, INCREMENTAL);
-                    (value, Some(Box::new(agg)))
+            let mut entry = match self.load(store, key) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    // (A key given a number for this read, and named by no index, is forgotten.)
+                    self.cache.release(id);
+                    return Err(e);
                 }
-                Kept::Rows => (store.get(&row_key(&self.tag, key))?.unwrap_or_default(), None),
-            };
-            let mut entry = Entry {
-                value,
-                dirty: false,
-                agg,
-                used: 0,
-                counted: 0,
             };
             self.cache_bytes += entry.count(key);
-            self.cache.insert(key.into(), entry);
+            self.cache.put(id, entry);
         }
-        let entry = self.cache.get_mut(key).expect("inserted above");
+        let entry = self.cache.at_mut(id).expect("cached above");
         entry.used = self.tick;
         Ok(entry)
+    }
+
+    /// Reads `key`'s entry from the store.
+    fn load(&self, store: &StateStore, key: &[u8]) -> Result<Entry, StateError> {
+        let (value, agg) = match &self.kept {
+            Kept::Frames(layout) => {
+                let chunks = |kind| -> Result<Vec<(u64, Vec<u8>)>, StateError> {
+                    Ok(store
+                        .key_chunks(&chunk_prefix(&self.tag, kind, key))?
+                        .into_iter()
+                        .filter_map(|(k, v)| Some((split_chunk_key(&self.tag, kind, &k)?.1, v)))
+                        .collect())
+                };
+                let corrupt = || {
+                    store.corrupt(
+                        format_args!("window state of key {}", hex::encode(key)),
+                        "does not decode",
+                    )
+                };
+                let mut agg = KeyAgg::load_frames(layout, &chunks(FRAME_CHUNK)?, self.decided_until)
+                    .ok_or_else(corrupt)?;
+                if agg.newest_stored().is_some_and(|t| t >= self.decided_until) {
+                    let fired = if self.at_once != 0 {
+                        chunks(FIRED_CHUNK)?
+                    } else {
+                        Vec::new()
+                    };
+                    agg.load_undecided(&chunks(PENDING_CHUNK)?, &fired, &self.tags, self.decided_until)
+                        .ok_or_else(corrupt)?;
+                }
+                let mut value = Vec::new();
+                let expires = agg
+                    .newest()
+                    .map_or(i64::MIN, |n| n.saturating_add(self.horizon()));
+                set_header(&mut value, expires, INCREMENTAL);
+                (value, Some(Box::new(agg)))
+            }
+            Kept::Rows => (store.get(&row_key(&self.tag, key))?.unwrap_or_default(), None),
+        };
+        Ok(Entry {
+            value,
+            dirty: false,
+            agg,
+            used: 0,
+            counted: 0,
+        })
     }
 
     /// Adds the changed keys (with [`Saving::Evicted`]: none, they are written when evicted)
@@ -195,14 +399,14 @@ impl KeyedState {
             lateness: bounds.lateness,
         };
         let since = self.counted_tick;
-        for (key, entry) in &mut self.cache {
+        for (id, key, entry) in self.cache.iter_mut() {
             let gone = expires_at(&entry.value) < now || entry.agg.as_ref().is_some_and(|a| a.is_empty());
             let save = gone || (entry.dirty && saving == Saving::Changed);
             if save {
                 saver.save(key, entry, gone, commit);
             }
             if gone {
-                expired.push(key.clone());
+                expired.push(id);
             } else if save {
                 // (Saving changed its bytes.)
                 bytes += entry.count(key);
@@ -212,9 +416,9 @@ impl KeyedState {
         }
         self.counted_tick = self.tick;
         self.deleted.clear();
-        for key in expired {
-            self.cache.remove(&key);
-            self.deleted.insert(key);
+        for id in expired {
+            self.deleted.insert(self.cache.key(id).into());
+            self.cache.take(id);
         }
         self.cache_bytes = bytes;
         if matches!(self.kept, Kept::Frames(_)) {
@@ -249,7 +453,7 @@ impl KeyedState {
         self.cache_bytes = self
             .cache
             .iter_mut()
-            .map(|(key, entry)| entry.count_since(key, since))
+            .map(|(_, key, entry)| entry.count_since(key, since))
             .sum();
         self.counted_tick = self.tick;
     }
@@ -275,25 +479,25 @@ impl KeyedState {
             self.tick.saturating_sub(RECENT_BATCHES - 1)
         };
         // (Whether a row waits, when last used), its bytes, the key.
-        let mut candidates: Vec<(EvictionOrder, usize, &Box<[u8]>)> = self
+        let mut candidates: Vec<(EvictionOrder, usize, KeyId)> = self
             .cache
-            .iter()
-            .filter(|(_, e)| (!e.dirty || spill.is_some()) && e.used < recent)
-            .map(|(k, e)| {
+            .iter_mut()
+            .filter(|(_, _, e)| (!e.dirty || spill.is_some()) && e.used < recent)
+            .map(|(id, _, e)| {
                 let waiting = e.agg.as_ref().is_some_and(|a| !a.pending.is_empty());
-                ((waiting, e.used), e.counted as usize, k)
+                ((waiting, e.used), e.counted as usize, id)
             })
             .collect();
         candidates.sort_unstable_by_key(|(order, _, _)| *order);
         let excess = self.cache_bytes - (budget - budget / 8);
         let mut freed = 0;
         let mut drop = Vec::new();
-        for (_, bytes, key) in candidates {
+        for (_, bytes, id) in candidates {
             if freed >= excess {
                 break;
             }
             freed += bytes;
-            drop.push(key.clone());
+            drop.push(id);
         }
         let horizon = self.horizon();
         let saver = spill.as_ref().map(|(bounds, _)| Saver {
@@ -302,11 +506,13 @@ impl KeyedState {
             horizon,
             lateness: bounds.lateness,
         });
-        for key in drop {
-            let Some(mut entry) = self.cache.remove(&key) else {
+        for id in drop {
+            // (Copied before the entry goes: a key no index names is forgotten with it.)
+            let key: Option<Box<[u8]>> = saver.as_ref().map(|_| self.cache.key(id).into());
+            let Some(mut entry) = self.cache.take(id) else {
                 continue;
             };
-            if let (Some(saver), Some((_, commit))) = (&saver, spill.as_mut())
+            if let (Some(saver), Some((_, commit)), Some(key)) = (&saver, spill.as_mut(), key)
                 && entry.dirty
             {
                 saver.save(&key, &mut entry, false, commit);
@@ -352,5 +558,59 @@ impl Saver<'_> {
             None => commit.row(&row_key(self.tag, key), (!gone).then_some(entry.value.as_slice())),
         }
         entry.dirty = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Entry, Keys, Waits};
+
+    fn entry() -> Entry {
+        Entry {
+            value: Vec::new(),
+            dirty: false,
+            agg: None,
+            used: 0,
+            counted: 0,
+        }
+    }
+
+    #[test]
+    fn a_key_keeps_its_number_while_cached_or_waiting_and_is_forgotten_after() {
+        let mut keys = Keys::default();
+        let alice = keys.intern(b"alice");
+        let bob = keys.intern(b"bob");
+        assert_ne!(alice, bob);
+        assert_eq!(keys.intern(b"alice"), alice, "one number per key");
+        assert_eq!(keys.key(bob), b"bob");
+        keys.put(alice, entry());
+        keys.put(bob, entry());
+        assert_eq!(keys.len(), 2);
+
+        // Evicted while a row waits: alice keeps her number, without an entry.
+        keys.indexed(alice, Waits::Due, true);
+        assert!(keys.take(alice).is_some());
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys.id(b"alice"), Some(alice));
+        assert!(keys.get(b"alice").is_none());
+        // Out of one index, still in the other: kept.
+        keys.indexed(alice, Waits::Early, true);
+        keys.indexed(alice, Waits::Due, false);
+        assert_eq!(keys.id(b"alice"), Some(alice));
+        // In none, and not cached: forgotten, her number free for the next key.
+        keys.indexed(alice, Waits::Early, false);
+        assert_eq!(keys.id(b"alice"), None);
+        let carol = keys.intern(b"carol");
+        assert_eq!(carol, alice, "the number is reused");
+        assert_eq!(keys.id(b"carol"), Some(carol));
+
+        // A cached key in no index is forgotten when it leaves the cache.
+        assert!(keys.take(bob).is_some());
+        assert_eq!(keys.id(b"bob"), None);
+        assert_eq!(keys.len(), 0);
+        // Forgetting a key with neither does nothing to the others.
+        keys.release(carol);
+        assert_eq!(keys.id(b"carol"), None);
+        assert_eq!(keys.iter().count(), 0);
     }
 }

@@ -16,6 +16,7 @@ use rampart_state::StateStore;
 use rampart_state::codec::{INCREMENTAL, set_header};
 use rustc_hash::FxHashMap;
 
+use super::cache::{KeyId, Keys, Waits};
 use super::{DecideContext, Decided, JudgedRows, Kept, KeyedState};
 use crate::decide::DecisionMaker;
 use crate::error::{Error, Result};
@@ -62,7 +63,8 @@ impl KeyedState {
             for (key, indices) in groups.iter() {
                 // Counted as rows arrive; checkpoints recount exactly.
                 let mut added = 0;
-                let entry = self.entry(store, key)?;
+                let id = self.cache.intern(key);
+                let entry = self.entry_at(store, id)?;
                 let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
                 let oldest_before = agg.oldest_pending();
                 let early_before = (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten();
@@ -98,8 +100,22 @@ impl KeyedState {
                 entry.dirty = true;
                 self.cache_bytes += added;
                 self.unsaved_bytes += unsaved;
-                reindex(&mut self.due, key, oldest_before, oldest);
-                reindex(&mut self.early, key, early_before, early);
+                reindex(
+                    &mut self.due,
+                    &mut self.cache,
+                    Waits::Due,
+                    id,
+                    oldest_before,
+                    oldest,
+                );
+                reindex(
+                    &mut self.early,
+                    &mut self.cache,
+                    Waits::Early,
+                    id,
+                    early_before,
+                    early,
+                );
             }
         }
         Ok(())
@@ -162,7 +178,7 @@ impl KeyedState {
         detector: &CompiledDetector,
         plan: &IncrementalPlan,
         member: usize,
-        (keys, due, columns): &JudgedRows,
+        (due, columns): &JudgedRows,
         ctx: &DecideContext<'_>,
     ) -> Decided {
         let bit: u32 = 1 << member;
@@ -190,7 +206,7 @@ impl KeyedState {
         if decided.is_empty() {
             return Ok(decided);
         }
-        let early: HashMap<u64, &(usize, Due)> = due
+        let early: HashMap<u64, &(KeyId, Due)> = due
             .iter()
             .filter(|(_, d)| !d.last && d.members & bit != 0)
             .map(|entry| (entry.1.row, entry))
@@ -204,7 +220,7 @@ impl KeyedState {
             let tick = self.tick;
             for (row, _) in &decided {
                 if let Some((k, d)) = early.get(row)
-                    && let Some(entry) = self.cache.get_mut(&keys[*k])
+                    && let Some(entry) = self.cache.at_mut(*k)
                     && let Some(agg) = entry.agg.as_mut()
                 {
                     agg.mark_fired(d.time, d.row, bit, tag);
@@ -232,39 +248,49 @@ impl KeyedState {
     ) -> Result<Option<JudgedRows>> {
         let at_once = if watermark.is_some() { self.at_once } else { 0 };
         let complete = ctx.bounds.complete;
-        // The keys taken out of each index (they go back in with their new times).
-        let mut taken: FxHashMap<Box<[u8]>, (bool, bool)> = FxHashMap::default();
+        // The keys taken out of each index (they go back in with their new times), in the
+        // order of their numbers, with the indexes they were in (`Waits`, bits).
+        let mut taken: Vec<(KeyId, u8)> = Vec::new();
         match watermark {
             Some(limit) => {
-                let later = self.due.split_off(&(limit, Box::from([])));
-                for (_, k) in std::mem::replace(&mut self.due, later) {
-                    taken.entry(k).or_default().0 = true;
-                }
+                let later = self.due.split_off(&(limit, 0));
+                let due = std::mem::replace(&mut self.due, later);
+                taken.extend(due.into_iter().map(|(_, k)| (k, Waits::Due as u8)));
                 if at_once != 0 {
-                    let later = self.early.split_off(&(complete, Box::from([])));
-                    for (_, k) in std::mem::replace(&mut self.early, later) {
-                        taken.entry(k).or_default().1 = true;
-                    }
+                    let later = self.early.split_off(&(complete, 0));
+                    let early = std::mem::replace(&mut self.early, later);
+                    taken.extend(early.into_iter().map(|(_, k)| (k, Waits::Early as u8)));
                 }
             }
             None => {
-                self.early.clear();
-                for (_, k) in std::mem::take(&mut self.due) {
-                    taken.entry(k).or_default().0 = true;
+                for (_, k) in std::mem::take(&mut self.early) {
+                    self.cache.indexed(k, Waits::Early, false);
                 }
+                taken.extend(
+                    std::mem::take(&mut self.due)
+                        .into_iter()
+                        .map(|(_, k)| (k, Waits::Due as u8)),
+                );
             }
         }
         if taken.is_empty() {
             return Ok(None);
         }
+        taken.sort_unstable();
+        taken.dedup_by(|later, first| {
+            let same = later.0 == first.0;
+            if same {
+                first.1 |= later.1;
+            }
+            same
+        });
         let (members, hold) = (self.all_members(), self.all_members() & !self.at_once != 0);
-        let mut due: Vec<(usize, Due)> = Vec::new();
+        let mut due: Vec<(KeyId, Due)> = Vec::new();
         // Every row's window values, one per accumulator of the layout, in `due`'s order.
         let mut flat: Vec<Val> = Vec::new();
         let mut key_due: Vec<Due> = Vec::new();
-        let mut due_keys = Vec::with_capacity(taken.len());
-        for (k, (key, (from_due, from_early))) in taken.into_iter().enumerate() {
-            let entry = self.entry(ctx.store, &key)?;
+        for (id, from) in taken {
+            let entry = self.entry_at(ctx.store, id)?;
             let agg = entry.agg.as_mut().expect("incremental entries have aggregates");
             let before = (agg.oldest_pending(), agg.oldest_unsettled(at_once));
             agg.decide(
@@ -282,21 +308,21 @@ impl KeyedState {
                 (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten(),
             );
             entry.dirty = true;
-            due.extend(key_due.drain(..).map(|d| (k, d)));
+            due.extend(key_due.drain(..).map(|d| (id, d)));
             // A key taken out of an index goes back at its new time; one still in it moves.
-            for (index, taken_out, before, after) in [
-                (&mut self.due, from_due, before.0, after.0),
-                (&mut self.early, from_early, before.1, after.1),
+            for (index, waits, before, after) in [
+                (&mut self.due, Waits::Due, before.0, after.0),
+                (&mut self.early, Waits::Early, before.1, after.1),
             ] {
-                if taken_out {
+                if from & waits as u8 != 0 {
                     if let Some(t) = after {
-                        index.insert((t, key.clone()));
+                        index.insert((t, id));
                     }
+                    self.cache.indexed(id, waits, after.is_some());
                 } else {
-                    reindex(index, &key, before, after);
+                    reindex(index, &mut self.cache, waits, id, before, after);
                 }
             }
-            due_keys.push(key);
         }
         if due.is_empty() {
             return Ok(None);
@@ -334,7 +360,7 @@ impl KeyedState {
         let mut last_key = None;
         for (k, d) in due.iter_mut().filter(|(_, d)| !d.last) {
             if last_key.map(|(at, _)| at) != Some(*k) {
-                last_key = Some((*k, self.cache.get(&due_keys[*k]).and_then(|e| e.agg.as_deref())));
+                last_key = Some((*k, self.cache.at(*k).and_then(|e| e.agg.as_deref())));
             }
             let bytes = last_key
                 .and_then(|(_, agg)| agg)
@@ -347,7 +373,7 @@ impl KeyedState {
             .row_converter
             .convert_rows(due.iter().map(|(_, d)| parser.parse(&d.bytes)))?;
         columns.extend(values);
-        Ok(Some((due_keys, due, columns)))
+        Ok(Some((due, columns)))
     }
 
     /// Takes from each row in `due` the members (bits) whose [`WindowCondition`] its window
@@ -356,7 +382,7 @@ impl KeyedState {
     /// every row, and says what failed.
     fn screen(
         &self,
-        due: &mut [(usize, Due)],
+        due: &mut [(KeyId, Due)],
         values: &[ArrayRef],
         conditions: &[Option<&WindowCondition>],
     ) -> bool {
@@ -485,10 +511,13 @@ fn group_by_key<'k>(
     }
 }
 
-/// Moves `key`'s entry in `index` from time `before` to `after` (either may be none).
-pub(super) fn reindex(
-    index: &mut BTreeSet<(i64, Box<[u8]>)>,
-    key: &[u8],
+/// Moves key `id`'s place in `index` (`waits`, of `keys`) from time `before` to `after`
+/// (either may be none).
+fn reindex(
+    index: &mut BTreeSet<(i64, KeyId)>,
+    keys: &mut Keys,
+    waits: Waits,
+    id: KeyId,
     before: Option<i64>,
     after: Option<i64>,
 ) {
@@ -496,11 +525,12 @@ pub(super) fn reindex(
         return;
     }
     if let Some(t) = before {
-        index.remove(&(t, Box::from(key)));
+        index.remove(&(t, id));
     }
     if let Some(t) = after {
-        index.insert((t, Box::from(key)));
+        index.insert((t, id));
     }
+    keys.indexed(id, waits, after.is_some());
 }
 
 #[cfg(test)]

@@ -43,8 +43,8 @@ use crate::decide::DecisionMaker;
 use crate::decide::triggers::TriggerStore;
 use crate::error::{Error, Result};
 use crate::windows::frames::{Due, Layout};
-use cache::Entry;
 pub use cache::Saving;
+use cache::{KeyId, Keys};
 use rerun::Rerun;
 use sha2::{Digest, Sha256};
 
@@ -80,7 +80,8 @@ pub struct KeyedState {
     registry: Option<String>,
     key_converter: Option<RowConverter>,
     row_converter: RowConverter,
-    cache: FxHashMap<Box<[u8]>, Entry>,
+    /// The keys cached, and those `due` and `early` name.
+    cache: Keys,
     /// The cache's bytes: exact after a checkpoint or [`Self::recount`], an estimate (rows
     /// added counted, rows gone not) in between.
     cache_bytes: usize,
@@ -93,10 +94,10 @@ pub struct KeyedState {
     /// newest of them (a row arriving at or before it changes their frames).
     looked_at: FxHashMap<Box<[u8]>, i64>,
     /// Incremental sliding windows: the keys with rows not decided yet, by their oldest.
-    due: BTreeSet<(i64, Box<[u8]>)>,
+    due: BTreeSet<(i64, KeyId)>,
     /// Incremental sliding windows with detectors deciding at once: the keys with rows to look
     /// at, by the oldest.
-    early: BTreeSet<(i64, Box<[u8]>)>,
+    early: BTreeSet<(i64, KeyId)>,
     /// The detectors reading this state, by stable tag (their bit is their position).
     tags: Vec<u64>,
     /// The detectors (bits) that decide at once.
@@ -191,9 +192,9 @@ enum Kept {
     Rows,
 }
 
-/// Rows to judge: the keys, each row with its key's index, and the rows' columns (`pre`'s, then
-/// the window values).
-type JudgedRows = (Vec<Box<[u8]>>, Vec<(usize, Due)>, Vec<ArrayRef>);
+/// Rows to judge, each with its key's number, and the rows' columns (`pre`'s, then the window
+/// values).
+type JudgedRows = (Vec<(KeyId, Due)>, Vec<ArrayRef>);
 
 /// Rows of one batch for one key.
 type NewRows = Vec<(i64, u64, Vec<u8>)>;
@@ -264,7 +265,7 @@ impl KeyedState {
             registry: shared.map(|s| s.registry.clone()),
             key_converter,
             row_converter,
-            cache: FxHashMap::default(),
+            cache: Keys::default(),
             cache_bytes: 0,
             counted_tick: 0,
             pending: BTreeMap::new(),

@@ -335,7 +335,7 @@ fn a_key_past_its_windows_and_the_lateness_leaves_the_cache_and_the_store() {
             .cache
             .keys()
             .next()
-            .cloned()
+            .map(Box::<[u8]>::from)
             .expect("alice's key is cached");
         let mut commit = w.store.commit(0);
         w.state
