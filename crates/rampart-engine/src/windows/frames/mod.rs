@@ -17,7 +17,9 @@ mod args;
 mod stored;
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
+use datafusion::arrow::row::Rows;
 use rampart_sql::WindowAggregate;
 
 use accumulators::Acc;
@@ -146,6 +148,47 @@ pub struct KeyChunks {
     pub fired: Vec<(u64, Vec<u8>)>,
 }
 
+/// A row's `pre` columns in Arrow's row format: its place among the rows of the batch it came
+/// in (converted once for the batch, and shared by its rows until the last of them is decided),
+/// or bytes of its own (read back from the store).
+#[derive(Debug, Clone)]
+pub enum RowBytes {
+    /// Row `.1` of a batch's rows.
+    InBatch(Arc<Rows>, u32),
+    /// Its own bytes.
+    Own(Box<[u8]>),
+}
+
+impl RowBytes {
+    /// The row's bytes.
+    pub fn get(&self) -> &[u8] {
+        match self {
+            Self::InBatch(rows, i) => rows.row(*i as usize).data(),
+            Self::Own(bytes) => bytes,
+        }
+    }
+
+    /// Heap bytes it stands for: its own, or its share of its batch's (the row and its offset).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Self::InBatch(..) => self.get().len() + std::mem::size_of::<usize>(),
+            Self::Own(bytes) => heap(bytes.len()),
+        }
+    }
+}
+
+impl Default for RowBytes {
+    fn default() -> Self {
+        Self::Own(Box::default())
+    }
+}
+
+impl From<Box<[u8]>> for RowBytes {
+    fn from(bytes: Box<[u8]>) -> Self {
+        Self::Own(bytes)
+    }
+}
+
 /// A row not decided yet.
 #[derive(Debug, Clone)]
 pub struct Waiting {
@@ -154,7 +197,7 @@ pub struct Waiting {
     /// Row id.
     pub row: u64,
     /// The row's `pre` columns (Arrow row format).
-    pub bytes: Box<[u8]>,
+    pub bytes: RowBytes,
     /// The detectors of the state (bit `i`: the `i`-th) whose answer for this row is known:
     /// they fired on it at once, or did not fire on its exact values.
     pub settled: u32,
@@ -176,7 +219,7 @@ pub struct Due {
     pub row: u64,
     /// Its `pre` columns (for a row decided early, not for good: empty, still its pending
     /// row's, [`KeyAgg::pending_bytes`]).
-    pub bytes: Box<[u8]>,
+    pub bytes: RowBytes,
     /// The detectors to run on it (bits).
     pub members: u32,
     /// Decided for good (the watermark passed it): it leaves the key.
@@ -308,7 +351,7 @@ impl KeyAgg {
             + self
                 .pending
                 .iter()
-                .map(|p| heap(p.bytes.len()) + p.values.as_ref().map_or(0, |v| buffer::<Val>(v.len())))
+                .map(|p| p.bytes.heap_bytes() + p.values.as_ref().map_or(0, |v| buffer::<Val>(v.len())))
                 .sum::<usize>()
             + self.fired.as_ref().map_or(0, |f| f.bytes())
             + buffer::<(i64, u64)>(self.fresh.capacity())
@@ -321,7 +364,7 @@ impl KeyAgg {
     /// rows it may count for (from its time less `following` on) are to be evaluated again
     /// (except for what fired on them).
     /// (`args` are taken: left null.)
-    pub fn insert(&mut self, layout: &Layout, time: i64, row: u64, args: &mut [Val], bytes: Box<[u8]>) {
+    pub fn insert(&mut self, layout: &Layout, time: i64, row: u64, args: &mut [Val], bytes: RowBytes) {
         let reaches_back_to = time.saturating_sub(self.following);
         if reaches_back_to <= self.evaluated_to {
             for p in self.pending.iter_mut().filter(|p| p.time >= reaches_back_to) {
@@ -399,8 +442,8 @@ impl KeyAgg {
     }
 
     /// The `pre` columns of pending row (`time`, `row`), if it is pending.
-    pub fn pending_bytes(&self, time: i64, row: u64) -> Option<&[u8]> {
-        self.pending_at(time, row).map(|at| &*self.pending[at].bytes)
+    pub fn pending_bytes(&self, time: i64, row: u64) -> Option<&RowBytes> {
+        self.pending_at(time, row).map(|at| &self.pending[at].bytes)
     }
 
     /// The oldest pending time.
@@ -511,7 +554,7 @@ impl KeyAgg {
                     bytes: if last {
                         std::mem::take(&mut p.bytes)
                     } else {
-                        Box::default()
+                        RowBytes::default()
                     },
                     members: wanted,
                     last,
@@ -534,7 +577,7 @@ impl KeyAgg {
         let n = layout.aggregates.len();
         due.into_iter()
             .enumerate()
-            .map(|(i, d)| (d.row, values[i * n..(i + 1) * n].to_vec(), d.bytes))
+            .map(|(i, d)| (d.row, values[i * n..(i + 1) * n].to_vec(), d.bytes.get().into()))
             .collect()
     }
 
@@ -639,11 +682,29 @@ mod tests {
         }];
         let layout = Layout::new(&aggregates);
         let mut key = KeyAgg::new(&layout);
-        key.insert(&layout, 1, 0, &mut [Val::Str("ListUsers".into())], Box::new([]));
+        key.insert(
+            &layout,
+            1,
+            0,
+            &mut [Val::Str("ListUsers".into())],
+            Box::<[u8]>::default().into(),
+        );
         let decided = key.decide_until(&layout, Some(2));
         assert_eq!(decided[0].1, vec![Val::Int(1)]);
-        key.insert(&layout, 3, 1, &mut [Val::Str("ListUsers".into())], Box::new([]));
-        key.insert(&layout, 4, 2, &mut [Val::Str("GetUser".into())], Box::new([]));
+        key.insert(
+            &layout,
+            3,
+            1,
+            &mut [Val::Str("ListUsers".into())],
+            Box::<[u8]>::default().into(),
+        );
+        key.insert(
+            &layout,
+            4,
+            2,
+            &mut [Val::Str("GetUser".into())],
+            Box::<[u8]>::default().into(),
+        );
         let held = |key: &KeyAgg, row: usize| key.args.get(row, 0);
         assert!(Arc::ptr_eq(text(&held(&key, 0)), text(&held(&key, 1))));
         assert!(!Arc::ptr_eq(text(&held(&key, 0)), text(&held(&key, 2))));

@@ -11,7 +11,9 @@ use rampart_state::codec::{FIRED_CHUNK, FRAME_CHUNK, PENDING_CHUNK};
 
 #[cfg(test)]
 use super::KeyChunks;
-use super::{KeyAgg, Layout, MAX_FRAME_CHUNKS, Val, Waiting, push_frame_entry, reserve_small, take};
+use super::{
+    KeyAgg, Layout, MAX_FRAME_CHUNKS, RowBytes, Val, Waiting, push_frame_entry, reserve_small, take,
+};
 
 /// A stored frame row: time, chunk id, order in its chunk, where its arguments start. Chunks in
 /// id order are in arrival order, so sorted, this is the order rows were held in.
@@ -139,6 +141,7 @@ impl KeyAgg {
             let mut value = Vec::new();
             let mut newest = i64::MIN;
             let mut push = |Waiting { time, row, bytes, .. }: &Waiting| {
+                let bytes = bytes.get();
                 value.extend_from_slice(&time.to_le_bytes());
                 value.extend_from_slice(&row.to_le_bytes());
                 value.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
@@ -378,7 +381,7 @@ impl KeyAgg {
                     self.pending.push(Waiting {
                         time,
                         row,
-                        bytes: bytes.into(),
+                        bytes: RowBytes::Own(bytes.into()),
                         settled: 0,
                         fired: 0,
                         evaluated: false,

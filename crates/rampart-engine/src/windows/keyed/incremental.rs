@@ -20,7 +20,7 @@ use super::cache::{KeyId, Keys, Waits};
 use super::{DecideContext, Decided, JudgedRows, Kept, KeyedState};
 use crate::decide::DecisionMaker;
 use crate::error::{Error, Result};
-use crate::windows::frames::{Due, Layout, Val, heap};
+use crate::windows::frames::{Due, Layout, RowBytes, Val};
 
 impl KeyedState {
     /// Incremental sliding windows: adds a batch's rows to their keys' frames.
@@ -53,6 +53,9 @@ impl KeyedState {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let (rows, times, ids) = self.batch_rows(split, batch)?;
+            // (Shared by the batch's rows until the last of them is decided: converted once, not
+            // copied row by row.)
+            let rows = Arc::new(rows);
             // One cache lookup per key and batch: the rows grouped by key, in order.
             let groups = group_by_key(keys.as_ref(), times, n);
             // (One row's arguments at a time, taken into its key's columns.)
@@ -78,20 +81,14 @@ impl KeyedState {
                 for &i in indices {
                     values.clear();
                     values.extend(args.iter_mut().map(|a| std::mem::take(&mut a[i])));
-                    let row = rows.row(i);
-                    added += row_bytes
-                        + heap(row.as_ref().len())
-                        + values.iter().map(Val::heap_bytes).sum::<usize>();
+                    let bytes = RowBytes::InBatch(Arc::clone(&rows), i as u32);
+                    let row_len = bytes.get().len();
+                    added +=
+                        row_bytes + bytes.heap_bytes() + values.iter().map(Val::heap_bytes).sum::<usize>();
                     // ...and per row its time, order and arguments in the one, its time, id
                     // and `pre` columns in the other.
-                    unsaved += 16 + layout.stride() * 9 + 20 + row.as_ref().len();
-                    agg.insert(
-                        layout,
-                        times.value(i),
-                        ids.value(i),
-                        &mut values,
-                        row.as_ref().into(),
-                    );
+                    unsaved += 16 + layout.stride() * 9 + 20 + row_len;
+                    agg.insert(layout, times.value(i), ids.value(i), &mut values, bytes);
                 }
                 let oldest = agg.oldest_pending();
                 let early = (at_once != 0).then(|| agg.oldest_unsettled(at_once)).flatten();
@@ -355,8 +352,8 @@ impl KeyedState {
                 .map(|v| filter(v, &judged))
                 .collect::<std::result::Result<_, _>>()?;
         }
-        // Rows decided early are still pending in their keys: their columns are copied only
-        // now, for the rows some detector judges.
+        // Rows decided early are still pending in their keys: their columns are taken from
+        // there only now, for the rows some detector judges.
         let mut last_key = None;
         for (k, d) in due.iter_mut().filter(|(_, d)| !d.last) {
             if last_key.map(|(at, _)| at) != Some(*k) {
@@ -366,12 +363,12 @@ impl KeyedState {
                 .and_then(|(_, agg)| agg)
                 .and_then(|agg| agg.pending_bytes(d.time, d.row))
                 .ok_or_else(|| Error::bug("a row decided early is not pending in its key"))?;
-            d.bytes = bytes.into();
+            d.bytes = bytes.clone();
         }
         let parser = self.row_converter.parser();
         let mut columns = self
             .row_converter
-            .convert_rows(due.iter().map(|(_, d)| parser.parse(&d.bytes)))?;
+            .convert_rows(due.iter().map(|(_, d)| parser.parse(d.bytes.get())))?;
         columns.extend(values);
         Ok(Some((due, columns)))
     }
