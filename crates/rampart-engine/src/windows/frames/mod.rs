@@ -153,8 +153,9 @@ pub struct KeyChunks {
 /// or bytes of its own (read back from the store).
 #[derive(Debug, Clone)]
 pub enum RowBytes {
-    /// Row `.1` of a batch's rows.
-    InBatch(Arc<Rows>, u32),
+    /// Row `.1` of a batch's rows, `.2` bytes long (kept: counting a key's bytes does not read
+    /// its batch's offsets).
+    InBatch(Arc<Rows>, u32, u32),
     /// Its own bytes.
     Own(Box<[u8]>),
 }
@@ -163,7 +164,7 @@ impl RowBytes {
     /// The row's bytes.
     pub fn get(&self) -> &[u8] {
         match self {
-            Self::InBatch(rows, i) => rows.row(*i as usize).data(),
+            Self::InBatch(rows, i, _) => rows.row(*i as usize).data(),
             Self::Own(bytes) => bytes,
         }
     }
@@ -171,7 +172,7 @@ impl RowBytes {
     /// Heap bytes it stands for: its own, or its share of its batch's (the row and its offset).
     pub fn heap_bytes(&self) -> usize {
         match self {
-            Self::InBatch(..) => self.get().len() + std::mem::size_of::<usize>(),
+            Self::InBatch(_, _, len) => *len as usize + std::mem::size_of::<usize>(),
             Self::Own(bytes) => heap(bytes.len()),
         }
     }

@@ -81,8 +81,8 @@ impl KeyedState {
                 for &i in indices {
                     values.clear();
                     values.extend(args.iter_mut().map(|a| std::mem::take(&mut a[i])));
-                    let bytes = RowBytes::InBatch(Arc::clone(&rows), i as u32);
-                    let row_len = bytes.get().len();
+                    let row_len = rows.row(i).as_ref().len();
+                    let bytes = RowBytes::InBatch(Arc::clone(&rows), i as u32, row_len as u32);
                     added +=
                         row_bytes + bytes.heap_bytes() + values.iter().map(Val::heap_bytes).sum::<usize>();
                     // ...and per row its time, order and arguments in the one, its time, id
