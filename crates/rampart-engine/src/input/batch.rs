@@ -362,14 +362,15 @@ impl BatchBuilder {
         self.raw.values.len()
     }
 
-    pub(crate) fn push(&mut self, event: MappedEvent, raw: &str, position: SourcePosition) {
+    /// Adds an event (its extra values taken: the list is left empty for the next record).
+    pub(crate) fn push(&mut self, event: &mut MappedEvent, raw: &str, position: SourcePosition) {
         self.time.append_value(event.event_time);
         self.actor.push(Some(&event.actor));
         self.action.push(Some(&event.action));
         for (b, v) in self.optional.iter_mut().zip(&event.optional) {
             b.push(v.as_deref());
         }
-        for (b, v) in self.extras.iter_mut().zip(event.extras) {
+        for (b, v) in self.extras.iter_mut().zip(event.extras.drain(..)) {
             match (b, v) {
                 (ExtraBuilder::String(b), ExtraValue::String(s)) => b.push(Some(&s)),
                 (ExtraBuilder::Int(b), ExtraValue::Int(i)) => b.append_value(i),

@@ -17,7 +17,7 @@ use rampart_core::{EventSchema, SourcePosition};
 
 use crate::input::batch::{BatchBuilder, Kept};
 pub use crate::input::batch::{BatchPool, DeadLetter, DeadLetterKind, EventBatch};
-use crate::input::mapping::{Extractor, Mapping};
+use crate::input::mapping::{Extractor, Mapping, Spare};
 use crate::pipeline::config::{InputFormat, InputLimits};
 
 /// The input name that means standard input.
@@ -88,6 +88,8 @@ pub struct Decoder {
     /// The buffers chunks are cut into, given back once decoded (see [`ChunkPool`]).
     pool: ChunkPool,
     extractor: Extractor,
+    /// The extractor's lists, kept from one record to the next.
+    spare: Spare,
     format: InputFormat,
     limits: InputLimits,
     builder: BatchBuilder,
@@ -101,6 +103,7 @@ impl Decoder {
             pool: ChunkPool::default(),
             builder: BatchBuilder::new(schema, limits.batch_size),
             extractor: Extractor::new(mapping),
+            spare: Spare::default(),
             format,
             limits,
         }
@@ -598,9 +601,10 @@ impl Decoder {
             );
             return self.dead_at(emit, position, error, text);
         }
-        match self.extractor.map(text) {
-            Ok(event) => {
-                self.builder.push(event, text, position);
+        match self.extractor.map_with(text, &mut self.spare) {
+            Ok(mut event) => {
+                self.builder.push(&mut event, text, position);
+                self.spare.give_back(event.extras);
                 if (self.builder.len() >= self.limits.batch_size
                     || self.builder.bytes() >= self.limits.max_batch_bytes)
                     && let Some(batch) = self.builder.finish()

@@ -129,6 +129,40 @@ struct Node {
     slot: Option<usize>,
 }
 
+impl Node {
+    /// The child named `key`. (Lengths and last bytes first: most of a record's keys are not
+    /// asked for, and many have the length of one that is.)
+    fn child(&self, key: &str) -> Option<usize> {
+        let last = key.as_bytes().last();
+        self.children
+            .iter()
+            .find(|(name, _)| name.len() == key.len() && name.as_bytes().last() == last && name == key)
+            .map(|c| c.1)
+    }
+}
+
+/// Lists a decoder keeps from one record to the next ([`Extractor::map_with`]), empty.
+#[derive(Debug, Default)]
+pub struct Spare {
+    found: Vec<Found<'static>>,
+    extras: Vec<ExtraValue<'static>>,
+}
+
+impl Spare {
+    /// Takes back the extra values' list of an event once its values are used.
+    pub fn give_back(&mut self, extras: Vec<ExtraValue<'_>>) {
+        self.extras = recycle(extras);
+    }
+}
+
+/// An empty list in `list`'s allocation, for values of another lifetime. (Collecting an
+/// emptied list's iterator into a list of a type of the same size and alignment reuses its
+/// allocation; nothing is converted.)
+fn recycle<T, U>(mut list: Vec<T>) -> Vec<U> {
+    list.clear();
+    list.into_iter().map(|_| unreachable!("emptied")).collect()
+}
+
 /// A mapping compiled for one-pass extraction: the path tree and, per field, the slots of its
 /// paths in order.
 #[derive(Debug, Clone)]
@@ -190,7 +224,22 @@ impl Extractor {
     /// Parses and maps one record. The error says what is wrong: not JSON, not an object, or
     /// which field is missing or mistyped.
     pub fn map<'a>(&'a self, text: &'a str) -> Result<MappedEvent<'a>, String> {
-        let mut found = vec![Found::Missing; self.slot_count];
+        self.map_with(text, &mut Spare::default())
+    }
+
+    /// [`Self::map`] with the lists of a record before (`spare`): no allocation per record.
+    pub fn map_with<'a>(&'a self, text: &'a str, spare: &mut Spare) -> Result<MappedEvent<'a>, String> {
+        let mut found: Vec<Found<'a>> = recycle(std::mem::take(&mut spare.found));
+        found.resize(self.slot_count, Found::Missing);
+        let event = self.find(text, &mut found).and_then(|()| {
+            let extras = recycle(std::mem::take(&mut spare.extras));
+            self.fields(&found, extras)
+        });
+        spare.found = recycle(found);
+        event
+    }
+
+    fn find<'a>(&self, text: &'a str, found: &mut [Found<'a>]) -> Result<(), String> {
         let mut jiter = Jiter::new(text.as_bytes());
         let peek = jiter.peek().map_err(|e| format!("not JSON: {e}"))?;
         if peek != Peek::Object {
@@ -198,10 +247,9 @@ impl Extractor {
             jiter.finish().map_err(|e| format!("not JSON: {e}"))?;
             return Err("the record is not a JSON object".into());
         }
-        self.walk(text, &mut jiter, 0, peek, &mut found)
+        self.walk(text, &mut jiter, 0, peek, found)
             .map_err(|e| format!("not JSON: {e}"))?;
-        jiter.finish().map_err(|e| format!("not JSON: {e}"))?;
-        self.fields(&found)
+        jiter.finish().map_err(|e| format!("not JSON: {e}"))
     }
 
     fn walk<'a>(
@@ -228,7 +276,7 @@ impl Extractor {
                 if peek == Peek::Object {
                     let mut key = j.known_object()?;
                     while let Some(k) = key {
-                        match node.children.iter().find(|(name, _)| name == k).map(|c| c.1) {
+                        match node.child(k) {
                             Some(child) => {
                                 let p = j.peek()?;
                                 self.walk(text, j, child, p, found)?;
@@ -302,7 +350,11 @@ impl Extractor {
         }
     }
 
-    fn fields<'a>(&'a self, found: &[Found<'a>]) -> Result<MappedEvent<'a>, String> {
+    fn fields<'a>(
+        &'a self,
+        found: &[Found<'a>],
+        mut extras: Vec<ExtraValue<'a>>,
+    ) -> Result<MappedEvent<'a>, String> {
         let m = &self.mapping;
         let event_time = match self.first(found, 0, &m.event_time) {
             Some((v, path)) => timestamp(v, path)?,
@@ -325,12 +377,9 @@ impl Extractor {
                 *slot = self.string(found, 3 + i, spec)?;
             }
         }
-        let extras = m
-            .extras
-            .iter()
-            .enumerate()
-            .map(|(i, (_, spec, ty))| self.extra(found, 7 + i, spec, *ty))
-            .collect::<Result<_, _>>()?;
+        for (i, (_, spec, ty)) in m.extras.iter().enumerate() {
+            extras.push(self.extra(found, 7 + i, spec, *ty)?);
+        }
         Ok(MappedEvent {
             event_time,
             actor,
