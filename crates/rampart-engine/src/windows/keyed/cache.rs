@@ -1,6 +1,9 @@
 //! The cache of keys over the state store: a key's entry is loaded on first use (its rows, or
 //! for incremental windows its chunks rebuilt into frames and accumulators), written back by a
 //! checkpoint when changed, and evicted, least recently used first, past the memory budget.
+//! Each key the state knows has a number ([`Keys`]) while it is cached or an index of waiting
+//! keys names it; a slot freed by a key is reused by the next (the slots do not shrink: there
+//! are at most as many as keys were cached or waiting at once).
 
 use rampart_state::codec::{
     FIRED_CHUNK, FRAME_CHUNK, INCREMENTAL, PENDING_CHUNK, chunk_key, chunk_prefix, expires_at, row_key,
