@@ -42,6 +42,80 @@ impl Trigger {
     }
 }
 
+/// A decision before it is written out. The guard drops a repeat of a decision still in force
+/// (the same detector and key) by its detector, key and event time alone: a decision for a
+/// window's result row is made whole (evidence, reason, id) only for the ones it lets through
+/// ([`Self::decision`]); most rows past a threshold repeat one.
+pub enum Pending<'d> {
+    /// Made already (boxed: most pending decisions are rows').
+    Made(Box<Decision>),
+    /// A result row's, to make.
+    Row(Box<RowDecision<'d>>),
+}
+
+/// Result row `r` of a detector's `result`, triggered by `trigger` ([`DecisionMaker::decide_row`]).
+pub struct RowDecision<'d> {
+    detector: &'d CompiledDetector,
+    result: std::sync::Arc<RecordBatch>,
+    r: usize,
+    trigger: Trigger,
+    /// Its decision's key (the actor).
+    key: String,
+}
+
+impl<'d> Pending<'d> {
+    /// The decision for result row `r` of `detector`'s `result` (shared by its rows), triggered
+    /// by `trigger`, to make when needed.
+    pub fn row(
+        detector: &'d CompiledDetector,
+        result: &std::sync::Arc<RecordBatch>,
+        r: usize,
+        trigger: Trigger,
+    ) -> Self {
+        let key = DecisionMaker::actor_of(result, r).unwrap_or_else(|| trigger.actor.clone());
+        Self::Row(Box::new(RowDecision {
+            detector,
+            result: std::sync::Arc::clone(result),
+            r,
+            trigger,
+            key,
+        }))
+    }
+
+    /// Its detector's id.
+    pub fn detector_id(&self) -> &str {
+        match self {
+            Self::Made(d) => &d.detector.id,
+            Self::Row(row) => &row.detector.meta.id,
+        }
+    }
+
+    /// Its key (the decision's `key`).
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Made(d) => &d.key,
+            Self::Row(row) => &row.key,
+        }
+    }
+
+    /// Its event time as its decision states it (µs; `None`: not a time that reads back).
+    pub fn event_time(&self) -> Option<i64> {
+        let text = match self {
+            Self::Made(d) => return rampart_core::time::parse_rfc3339_micros(&d.event_time),
+            Self::Row(row) => format_micros(row.trigger.time),
+        };
+        rampart_core::time::parse_rfc3339_micros(&text)
+    }
+
+    /// The decision, made if it was not yet.
+    pub fn decision(self, maker: &DecisionMaker, processed_at: &str) -> Decision {
+        match self {
+            Self::Made(d) => *d,
+            Self::Row(row) => maker.decide_row(row.detector, &row.result, row.r, &row.trigger, processed_at),
+        }
+    }
+}
+
 /// Turns result rows into decisions for one pipeline.
 #[derive(Debug, Clone)]
 pub struct DecisionMaker {
@@ -89,6 +163,18 @@ impl DecisionMaker {
                 ))
             })
             .collect()
+    }
+
+    /// The actor a decision for result row `r` states, when the result has one: its last
+    /// column named so, when that is text ([`Self::decide_row`]'s evidence holds the last of
+    /// columns of one name).
+    fn actor_of(result: &RecordBatch, r: usize) -> Option<String> {
+        let schema = result.schema();
+        let c = schema.fields().iter().rposition(|f| f.name() == ACTOR)?;
+        match json_value(result.column(c), r) {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// The decision for result row `r`, triggered by `trigger`.
@@ -290,5 +376,71 @@ mod tests {
         };
         assert_eq!(id("p", "2026-01-01T00:00:00Z"), id("p", "2027-06-01T12:00:00Z"));
         assert_ne!(id("p", "2026-01-01T00:00:00Z"), id("q", "2026-01-01T00:00:00Z"));
+    }
+
+    /// What the guard reads of a decision not made yet (detector, key, event time) is what the
+    /// decision made from it says, whatever the result's actor column holds.
+    #[test]
+    fn a_decision_not_made_yet_has_the_detector_key_and_time_of_the_one_made() {
+        use std::sync::Arc;
+
+        use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray};
+        use datafusion::arrow::datatypes::{Field, Schema};
+
+        let (pipeline, events, results) = stop_logging();
+        let detector = trail_logging_disabled(&pipeline);
+        let maker = DecisionMaker::new("p".into(), Duration::from_secs(60));
+        let row = DecisionMaker::row_ids(detector, &results[0])
+            .expect("row ids")
+            .value(0);
+        let trigger = Trigger::of(&events, events.index_of(row).expect("in the batch"));
+        let check = |result: RecordBatch, key: &str| {
+            let result = Arc::new(result);
+            let pending = Pending::row(detector, &result, 0, trigger.clone());
+            let made = maker.decide_row(detector, &result, 0, &trigger, "now");
+            assert_eq!(pending.detector_id(), made.detector.id);
+            assert_eq!((pending.key(), made.key.as_str()), (key, key));
+            assert_eq!(
+                pending.event_time(),
+                rampart_core::time::parse_rfc3339_micros(&made.event_time)
+            );
+            let made_later = pending.decision(&maker, "now");
+            assert_eq!(made_later.decision_id, made.decision_id);
+            assert_eq!(made_later.evidence, made.evidence);
+        };
+        // The detector's own result: its actor column.
+        check(results[0].slice(0, 1), &trigger.actor);
+        // Other shapes: no actor column, a null one, one that is not text, two of them.
+        let row_ids: ArrayRef = Arc::new(UInt64Array::from(vec![row]));
+        let text = |v: Option<&str>| -> ArrayRef { Arc::new(StringArray::from(vec![v])) };
+        let batch = |columns: Vec<(&str, ArrayRef)>| {
+            let fields: Vec<Field> = columns
+                .iter()
+                .map(|(name, a)| Field::new(*name, a.data_type().clone(), true))
+                .collect();
+            RecordBatch::try_new(
+                Arc::new(Schema::new(fields)),
+                columns.into_iter().map(|(_, a)| a).collect(),
+            )
+            .expect("batch")
+        };
+        // (The row id column is left out of decisions by its name.)
+        let with_row_ids = |mut columns: Vec<(&str, ArrayRef)>| {
+            columns.push((ROW_ID, Arc::clone(&row_ids)));
+            batch(columns)
+        };
+        check(
+            with_row_ids(vec![("action", text(Some("StopLogging")))]),
+            &trigger.actor,
+        );
+        check(with_row_ids(vec![(ACTOR, text(None))]), &trigger.actor);
+        check(
+            with_row_ids(vec![(ACTOR, Arc::new(Int64Array::from(vec![7])) as ArrayRef)]),
+            &trigger.actor,
+        );
+        check(
+            with_row_ids(vec![(ACTOR, text(Some("first"))), (ACTOR, text(Some("second")))]),
+            "second",
+        );
     }
 }

@@ -44,6 +44,7 @@ use rampart_core::time::{format_micros, parse_rfc3339_micros};
 use rampart_core::{Decision, DecisionId, DetectorRef, Mode, Severity, SourcePosition, Verdict};
 use rampart_sql::{BlastRadius, CompiledDetector};
 
+use crate::decide::Pending;
 use crate::input::decode::EventBatch;
 
 const MINUTE: i64 = 60_000_000;
@@ -838,28 +839,56 @@ impl Guard {
     /// Passes `decisions` (in input order) through suppression and the blast radius: what
     /// should be published, in order, with the fail-safe's alerts and revocations where it
     /// tripped. Adds the suppressed ones to `suppressed`, per detector.
+    #[cfg(test)]
     pub fn apply(
         &mut self,
         decisions: Vec<Decision>,
         suppressed: &mut BTreeMap<String, u64>,
     ) -> Vec<Decision> {
+        let pending = decisions
+            .into_iter()
+            .map(|d| Pending::Made(Box::new(d)))
+            .collect();
+        self.apply_pending(
+            pending,
+            |p| match p {
+                Pending::Made(d) => *d,
+                Pending::Row(_) => unreachable!("made above"),
+            },
+            suppressed,
+        )
+    }
+
+    /// [`Self::apply`] of decisions not made yet: `make` makes those the guard does not
+    /// suppress (the check reads only their detector, key and event time).
+    pub fn apply_pending<'d>(
+        &mut self,
+        decisions: Vec<Pending<'d>>,
+        mut make: impl FnMut(Pending<'d>) -> Decision,
+        suppressed: &mut BTreeMap<String, u64>,
+    ) -> Vec<Decision> {
         let mut out = Vec::with_capacity(decisions.len());
-        for mut d in decisions {
-            let Some(policy) = self.policies.get(&d.detector.id).copied() else {
-                out.push(d);
+        for p in decisions {
+            let Some(policy) = self.policies.get(p.detector_id()).copied() else {
+                out.push(make(p));
                 continue;
             };
-            let Some(t) = parse_rfc3339_micros(&d.event_time) else {
-                out.push(d);
+            let Some(t) = p.event_time() else {
+                out.push(make(p));
                 continue;
             };
-            let g = self.stored.detectors.entry(d.detector.id.clone()).or_default();
-            let since = g.quiet_since.get(&d.key).copied().unwrap_or(i64::MIN);
-            if since <= t && g.quiet_until.get(&d.key).is_some_and(|until| *until > t) {
-                *suppressed.entry(d.detector.id.clone()).or_default() += 1;
-                *self.suppressed.entry(d.detector.id.clone()).or_default() += 1;
+            let g = self
+                .stored
+                .detectors
+                .entry(p.detector_id().to_string())
+                .or_default();
+            let since = g.quiet_since.get(p.key()).copied().unwrap_or(i64::MIN);
+            if since <= t && g.quiet_until.get(p.key()).is_some_and(|until| *until > t) {
+                *suppressed.entry(p.detector_id().to_string()).or_default() += 1;
+                *self.suppressed.entry(p.detector_id().to_string()).or_default() += 1;
                 continue;
             }
+            let mut d = make(p);
             let quiet = match d.verdict {
                 Verdict::Block | Verdict::Review => d.expires_at.as_deref().and_then(parse_rfc3339_micros),
                 Verdict::Alert => (policy.dedup_for > 0).then(|| t.saturating_add(policy.dedup_for)),

@@ -14,7 +14,7 @@ pub use event_time::EventTime;
 pub use intake::{Input, Progress, SourceProgress};
 pub use output::{DetectorFailure, Evaluation, Output};
 
-use crate::decide::DecisionMaker;
+use crate::decide::{DecisionMaker, Pending};
 use crate::guardrails::guard::{Guard, Trip};
 use crate::input::decode::{DeadLetter, Decoder, EventBatch};
 use crate::pipeline::config::PipelineConfig;
@@ -433,7 +433,10 @@ impl Pipeline {
     }
 
     /// An evaluation whose decisions `decide` makes (given the processing time), in input order.
-    fn evaluation(&self, decide: impl FnOnce(&str, &mut Evaluation) -> Vec<(u64, Decision)>) -> Evaluation {
+    fn evaluation<'s>(
+        &'s self,
+        decide: impl FnOnce(&str, &mut Evaluation) -> Vec<(u64, Pending<'s>)>,
+    ) -> Evaluation {
         let processed_at = rampart_core::time::now();
         let mut out = Evaluation::default();
         let decided = decide(&processed_at, &mut out);
@@ -443,13 +446,19 @@ impl Pipeline {
 
     /// Ends an evaluation: its decisions in input order through the guard, then the alerts of
     /// detectors disabled for their time on it.
-    pub(super) fn conclude(&self, decided: Vec<(u64, Decision)>, processed_at: &str, out: &mut Evaluation) {
+    pub(super) fn conclude(
+        &self,
+        decided: Vec<(u64, Pending<'_>)>,
+        processed_at: &str,
+        out: &mut Evaluation,
+    ) {
+        let make = |p: Pending<'_>| p.decision(&self.decisions, processed_at);
         if !self.is_guarded() {
-            out.decisions = in_input_order(decided);
+            out.decisions = in_input_order(decided).into_iter().map(make).collect();
             return;
         }
         let mut guard = self.guard();
-        out.decisions = guard.apply(in_input_order(decided), &mut out.suppressed);
+        out.decisions = guard.apply_pending(in_input_order(decided), make, &mut out.suppressed);
         let limit = self.config.detector_limits.max_batch_time;
         for slow in std::mem::take(&mut out.slow) {
             let Some(detector) = self.detectors.iter().find(|d| d.meta.id == slow.detector) else {
@@ -494,7 +503,7 @@ impl Pipeline {
         events: &EventBatch,
         processed_at: &str,
         out: &mut Evaluation,
-    ) -> Vec<(u64, Decision)> {
+    ) -> Vec<(u64, Pending<'static>)> {
         self.guard().observe(events);
         let per_event: Vec<&CompiledDetector> = self.detectors[..self.per_event]
             .iter()
@@ -513,7 +522,12 @@ impl Pipeline {
             match result {
                 Ok(batches) => {
                     for b in &batches {
-                        decided.extend(self.decisions.decide(detector, b, events, processed_at));
+                        decided.extend(
+                            self.decisions
+                                .decide(detector, b, events, processed_at)
+                                .into_iter()
+                                .map(|(row, d)| (row, Pending::Made(Box::new(d)))),
+                        );
                     }
                 }
                 Err(e) => out.failed(&detector.meta.id, e),
@@ -543,7 +557,7 @@ impl Pipeline {
 
 /// Decisions sorted by the row id of their triggering event; for one event, detector order
 /// (the sort is stable).
-fn in_input_order(mut decided: Vec<(u64, Decision)>) -> Vec<Decision> {
+fn in_input_order<T>(mut decided: Vec<(u64, T)>) -> Vec<T> {
     decided.sort_by_key(|(row, _)| *row);
     decided.into_iter().map(|(_, d)| d).collect()
 }

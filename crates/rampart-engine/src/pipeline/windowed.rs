@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::BooleanArray;
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::record_batch::RecordBatch;
-use rampart_core::{Decision, EventClock, Problem};
+use rampart_core::{EventClock, Problem};
 use rampart_sql::{CompiledDetector, StateKind, WindowedDetector};
 use rampart_state::StateStore;
 
@@ -17,6 +17,7 @@ use super::checkpoint::StoredClock;
 use super::event_time::bounds_of;
 use super::intake::Intake;
 use super::{Evaluation, Evaluator, Input, LoadError, Pipeline, StateChoice};
+use crate::decide::Pending;
 use crate::decide::triggers::TriggerStore;
 use crate::error::{Error, Result};
 use crate::input::decode::{DeadLetter, DeadLetterKind, EventBatch};
@@ -185,12 +186,12 @@ impl Pipeline {
         Ok((windows, input))
     }
 
-    pub(super) fn windowed_decisions(
-        &self,
+    pub(super) fn windowed_decisions<'s>(
+        &'s self,
         events: &EventBatch,
         processed_at: &str,
         out: &mut Evaluation,
-    ) -> Vec<(u64, Decision)> {
+    ) -> Vec<(u64, Pending<'s>)> {
         let mut decided = Vec::new();
         let mut windows = self.lock();
         windows.since_checkpoint += events.batch.num_rows();
@@ -274,12 +275,12 @@ impl Pipeline {
     /// Late events (beyond the allowed lateness) become dead letters; the others go through the
     /// windowed detectors; then every row that became final is decided. `events` is `None` at
     /// the end of the input.
-    fn evaluate_windows(
-        &self,
+    fn evaluate_windows<'s>(
+        &'s self,
         windows: &mut Windows,
         step: Step<'_>,
         processed_at: &str,
-        decided: &mut Vec<(u64, Decision)>,
+        decided: &mut Vec<(u64, Pending<'s>)>,
         out: &mut Evaluation,
     ) {
         if self.evaluator == Evaluator::Naive {
@@ -345,14 +346,14 @@ impl Pipeline {
                 (pre, started.elapsed())
             })
             .collect();
-        type Ran = (usize, Decided, Duration);
+        type Ran<'s> = (usize, Decided<'s>, Duration);
         let work = |shared: &mut SharedState,
                     (pre, pre_took): (
             Result<Vec<datafusion::arrow::record_batch::RecordBatch>>,
             Duration,
         ),
                     skip: bool|
-         -> Vec<Ran> {
+         -> Vec<Ran<'s>> {
             if skip {
                 return Vec::new();
             }
@@ -418,7 +419,7 @@ impl Pipeline {
         windows: &mut Windows,
         step: Step<'_>,
         processed_at: &str,
-        decided: &mut Vec<(u64, Decision)>,
+        decided: &mut Vec<(u64, Pending<'_>)>,
         out: &mut Evaluation,
     ) {
         let windowed = &self.detectors[self.per_event..];
@@ -429,6 +430,7 @@ impl Pipeline {
             .unwrap_or_default()
             + self.config.allowed_lateness;
         let reach = rampart_core::time::micros(reach);
+        let mut made = Vec::new();
         windows.naive.evaluate(
             &self.engine,
             windowed,
@@ -440,9 +442,10 @@ impl Pipeline {
             },
             reach,
             processed_at,
-            decided,
+            &mut made,
             &mut out.failures,
         );
+        decided.extend(made.into_iter().map(|(row, d)| (row, Pending::Made(Box::new(d)))));
     }
 
     /// Moves the clock for one step: a batch's late events go to `out` and the rest are what
@@ -463,14 +466,14 @@ impl Pipeline {
     /// The window states' results, in detector order (as without sharing), into `decided`,
     /// with each decision's delay in event time; failures into `out`.
     #[allow(clippy::too_many_arguments)] // (the pieces of one evaluation, borrowed apart)
-    fn take_results(
-        windowed: &[WindowedDetector<'_>],
-        mut results: Vec<(usize, Decided)>,
+    fn take_results<'s>(
+        windowed: &[WindowedDetector<'s>],
+        mut results: Vec<(usize, Decided<'s>)>,
         triggers: &TriggerStore,
         bounds: Bounds,
         clock_newest: i64,
         all: bool,
-        decided: &mut Vec<(u64, Decision)>,
+        decided: &mut Vec<(u64, Pending<'s>)>,
         out: &mut Evaluation,
     ) {
         // In detector order, as without sharing.

@@ -13,12 +13,12 @@ use crate::decide::DecisionMaker;
 impl KeyedState {
     /// Grouped windows: fires the groups in `touched` whose HAVING now holds, each at the first
     /// of this batch's events after which it holds, and marks them fired.
-    pub fn decide_grouped(
+    pub fn decide_grouped<'d>(
         &mut self,
-        window: WindowedDetector<'_>,
+        window: WindowedDetector<'d>,
         ctx: &DecideContext<'_>,
         touched: Touched,
-    ) -> Decided {
+    ) -> Decided<'d> {
         let WindowedDetector { detector, split } = window;
         let Some(events) = ctx.events else {
             return Ok(Vec::new());

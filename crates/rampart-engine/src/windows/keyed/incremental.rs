@@ -10,7 +10,6 @@ use datafusion::arrow::array::{Array, ArrayRef, BooleanArray};
 use datafusion::arrow::compute::filter;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::DataFusionError;
-use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, IncrementalPlan, WindowCondition, WindowSplit, WindowedDetector};
 use rampart_state::StateStore;
 use rampart_state::codec::{INCREMENTAL, set_header};
@@ -18,7 +17,7 @@ use rustc_hash::FxHashMap;
 
 use super::cache::{KeyId, Keys, Waits};
 use super::{DecideContext, Decided, JudgedRows, Kept, KeyedState};
-use crate::decide::DecisionMaker;
+use crate::decide::{DecisionMaker, Pending};
 use crate::error::{Error, Result};
 use crate::windows::frames::{Due, Layout, RowBytes, Val};
 
@@ -123,12 +122,12 @@ impl KeyedState {
     /// members that decide at once; key by key, in time order, moving each key's frames
     /// forward, then runs each member detector's part above the window over the rows it has to
     /// judge (one result per member).
-    pub(super) fn decide_incremental(
+    pub(super) fn decide_incremental<'d>(
         &mut self,
-        members: &[WindowedDetector<'_>],
+        members: &[WindowedDetector<'d>],
         ctx: &DecideContext<'_>,
         all: bool,
-    ) -> Vec<Decided> {
+    ) -> Vec<Decided<'d>> {
         // (Frames that look ahead: rows up to the watermark less that far have all theirs.)
         let watermark = (!all).then_some(ctx.bounds.watermark.saturating_sub(self.following));
         let Kept::Frames(layout) = &self.kept else {
@@ -170,14 +169,14 @@ impl KeyedState {
     /// Member `member`'s part above the window over the rows it has to judge (its bit set in
     /// their `members`), with its own window values; rows it fires on before the watermark
     /// are marked fired in their keys.
-    pub(super) fn run_member(
+    pub(super) fn run_member<'d>(
         &mut self,
-        detector: &CompiledDetector,
+        detector: &'d CompiledDetector,
         plan: &IncrementalPlan,
         member: usize,
         (due, columns): &JudgedRows,
         ctx: &DecideContext<'_>,
-    ) -> Decided {
+    ) -> Decided<'d> {
         let bit: u32 = 1 << member;
         let wanted: Vec<bool> = due.iter().map(|(_, d)| d.members & bit != 0).collect();
         if !wanted.contains(&true) {
@@ -415,18 +414,20 @@ impl KeyedState {
     }
 
     /// Decisions for the result rows `wanted` accepts.
-    pub(super) fn decisions_for(
+    pub(super) fn decisions_for<'d>(
         &self,
-        detector: &CompiledDetector,
+        detector: &'d CompiledDetector,
         results: &[RecordBatch],
         wanted: impl Fn(u64) -> bool,
         ctx: &DecideContext<'_>,
-    ) -> Vec<(u64, Decision)> {
+    ) -> Vec<(u64, Pending<'d>)> {
         let mut out = Vec::new();
         for result in results {
             let Some(ids) = DecisionMaker::row_ids(detector, result) else {
                 continue;
             };
+            // (Shared by the decisions for its rows, made when the guard lets them through.)
+            let mut shared = None;
             for r in 0..result.num_rows() {
                 let row = ids.value(r);
                 if !wanted(row) {
@@ -435,11 +436,8 @@ impl KeyedState {
                 let Some(trigger) = ctx.triggers.get(row) else {
                     continue;
                 };
-                out.push((
-                    row,
-                    ctx.decisions
-                        .decide_row(detector, result, r, &trigger, ctx.processed_at),
-                ));
+                let result = shared.get_or_insert_with(|| Arc::new(result.clone()));
+                out.push((row, Pending::row(detector, result, r, trigger)));
             }
         }
         out

@@ -34,13 +34,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use datafusion::arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt64Array};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
-use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, WindowSplit, WindowedDetector};
 use rampart_state::StateStore;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::decide::DecisionMaker;
 use crate::decide::triggers::TriggerStore;
+use crate::decide::{DecisionMaker, Pending};
 use crate::error::{Error, Result};
 use crate::windows::frames::{Due, Layout};
 pub use cache::Saving;
@@ -199,8 +198,9 @@ type JudgedRows = (Vec<(KeyId, Due)>, Vec<ArrayRef>);
 /// Rows of one batch for one key.
 type NewRows = Vec<(i64, u64, Vec<u8>)>;
 
-/// One detector's decisions on a batch, with the rows they are for, or why it failed.
-pub type Decided = Result<Vec<(u64, Decision)>>;
+/// One detector's decisions on a batch (made when the guard lets them through), with the rows
+/// they are for, or why it failed.
+pub type Decided<'d> = Result<Vec<(u64, Pending<'d>)>>;
 
 /// Keys that got rows in a batch, with how many.
 pub type Touched = Vec<(Box<[u8]>, usize)>;
@@ -356,12 +356,12 @@ impl KeyedState {
     /// `all`, at the end of the input).
     /// One result per member detector (`members` share this state: only incremental windows
     /// have more than one, see [`WindowSplit::state_identity`]).
-    pub fn decide_sliding(
+    pub fn decide_sliding<'d>(
         &mut self,
-        members: &[WindowedDetector<'_>],
+        members: &[WindowedDetector<'d>],
         ctx: &DecideContext<'_>,
         all: bool,
-    ) -> Vec<Decided> {
+    ) -> Vec<Decided<'d>> {
         match self.kept {
             Kept::Frames(_) => self.decide_incremental(members, ctx, all),
             Kept::Rows => {

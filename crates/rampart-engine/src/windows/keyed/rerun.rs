@@ -6,9 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::decide::Pending;
 use datafusion::arrow::array::Array;
 use datafusion::arrow::record_batch::RecordBatch;
-use rampart_core::Decision;
 use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowSplit};
 use rampart_state::StateStore;
 use rampart_state::codec::{FIRED, ROW_HEADER, StoredRow, flags, push_row, rows_of, set_header};
@@ -158,13 +158,13 @@ impl KeyedState {
     /// [`Self::decide_sliding`] for a window re-run over its key's rows: the rows older than
     /// the watermark for good, and, for a detector that decides at once, the rows older than
     /// the completeness bound not looked at yet.
-    pub(super) fn decide_rerun(
+    pub(super) fn decide_rerun<'d>(
         &mut self,
-        detector: &CompiledDetector,
+        detector: &'d CompiledDetector,
         split: &WindowSplit,
         ctx: &DecideContext<'_>,
         all: bool,
-    ) -> Decided {
+    ) -> Decided<'d> {
         let at_once = !all && split.timing == rampart_sql::Timing::AtOnce;
         let mut due = if all {
             std::mem::take(&mut self.pending)
@@ -238,14 +238,14 @@ impl KeyedState {
     }
 
     /// Runs the window part over `input` rows and decides the result rows `wanted` accepts.
-    pub(super) fn run(
+    pub(super) fn run<'d>(
         &self,
-        detector: &CompiledDetector,
+        detector: &'d CompiledDetector,
         split: &WindowSplit,
         input: &[datafusion::arrow::row::Row<'_>],
         wanted: impl Fn(u64) -> bool,
         ctx: &DecideContext<'_>,
-    ) -> Result<Vec<(u64, Decision)>> {
+    ) -> Result<Vec<(u64, Pending<'d>)>> {
         let results = self.post(ctx.engine, split, input)?;
         Ok(self.decisions_for(detector, &results, wanted, ctx))
     }

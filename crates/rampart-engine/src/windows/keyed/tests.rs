@@ -149,8 +149,11 @@ impl Window {
             StateKind::Sliding => self.state.decide_sliding(&[window], &ctx, all),
             StateKind::Grouped => vec![self.state.decide_grouped(window, &ctx, touched)],
         };
-        let mut decided: Vec<(u64, Decision)> =
-            results.into_iter().flat_map(|r| r.expect("decided")).collect();
+        let mut decided: Vec<(u64, Decision)> = results
+            .into_iter()
+            .flat_map(|r| r.expect("decided"))
+            .map(|(row, p)| (row, p.decision(ctx.decisions, ctx.processed_at)))
+            .collect();
         decided.sort_by_key(|(row, _)| *row);
         decided.into_iter().map(|(_, d)| d).collect()
     }
