@@ -836,9 +836,7 @@ impl Guard {
         }
     }
 
-    /// Passes `decisions` (in input order) through suppression and the blast radius: what
-    /// should be published, in order, with the fail-safe's alerts and revocations where it
-    /// tripped. Adds the suppressed ones to `suppressed`, per detector.
+    /// [`Self::apply_pending`] of decisions made already.
     #[cfg(test)]
     pub fn apply(
         &mut self,
@@ -859,8 +857,11 @@ impl Guard {
         )
     }
 
-    /// [`Self::apply`] of decisions not made yet: `make` makes those the guard does not
-    /// suppress (the check reads only their detector, key and event time).
+    /// Passes `decisions` (in input order) through suppression and the blast radius: what
+    /// should be published, in order, with the fail-safe's alerts and revocations where it
+    /// tripped. Adds the suppressed ones to `suppressed`, per detector. `make` makes the
+    /// decisions not made yet that are not suppressed (suppression reads only a decision's
+    /// detector, key and event time).
     pub fn apply_pending<'d>(
         &mut self,
         decisions: Vec<Pending<'d>>,
