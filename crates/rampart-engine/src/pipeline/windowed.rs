@@ -309,8 +309,6 @@ impl Pipeline {
         let ctx = DecideContext {
             bounds,
             events,
-            decisions: &self.decisions,
-            processed_at,
             triggers,
             engine: &self.engine,
             store,

@@ -38,8 +38,8 @@ use rampart_sql::{CompiledDetector, DetectorEngine, WindowSplit, WindowedDetecto
 use rampart_state::StateStore;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::decide::Pending;
 use crate::decide::triggers::TriggerStore;
-use crate::decide::{DecisionMaker, Pending};
 use crate::error::{Error, Result};
 use crate::windows::frames::{Due, Layout};
 pub use cache::Saving;
@@ -402,10 +402,6 @@ pub struct DecideContext<'a> {
     pub bounds: Bounds,
     /// The batch being evaluated (`None` at the end of the input).
     pub events: Option<&'a crate::input::decode::EventBatch>,
-    /// Decision maker of the pipeline.
-    pub decisions: &'a DecisionMaker,
-    /// Processing time stamp.
-    pub processed_at: &'a str,
     /// Runs the detectors' plans.
     pub engine: &'a DetectorEngine,
     /// The window state on disk.

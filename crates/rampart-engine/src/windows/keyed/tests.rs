@@ -139,8 +139,6 @@ impl Window {
         let ctx = DecideContext {
             bounds,
             events,
-            decisions: self.pipeline.decision_maker(),
-            processed_at: "2026-01-02T00:00:00Z",
             engine: self.pipeline.engine(),
             store: &self.store,
             triggers: &self.triggers,
@@ -152,7 +150,12 @@ impl Window {
         let mut decided: Vec<(u64, Decision)> = results
             .into_iter()
             .flat_map(|r| r.expect("decided"))
-            .map(|(row, p)| (row, p.decision(ctx.decisions, ctx.processed_at)))
+            .map(|(row, p)| {
+                (
+                    row,
+                    p.decision(self.pipeline.decision_maker(), "2026-01-02T00:00:00Z"),
+                )
+            })
             .collect();
         decided.sort_by_key(|(row, _)| *row);
         decided.into_iter().map(|(_, d)| d).collect()
