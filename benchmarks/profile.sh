@@ -41,7 +41,7 @@ summarize() {
   inferno-flamegraph --title "$title" --width 1600 <"$work/$name.folded" >"$svg"
   local top
   top=$(perf report -i "$work/$name.data" --no-inline -g none --no-children --sort comm,dso,symbol --percent-limit 1 --stdio 2>/dev/null \
-    | grep -E '^ +[0-9]' | head -25 | sed -e 's/ *- *- *$//' -e 's/ \+/ /g')
+    | grep -E '^ +[0-9]' | sed -n '1,25p' | sed -e 's/ *- *- *$//' -e 's/ \+/ /g')
   sections+=("## $title
 
 \`$command\`
