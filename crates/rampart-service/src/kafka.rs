@@ -29,6 +29,36 @@ const ENV_PREFIX: &str = "RAMPART_KAFKA_";
 /// The next offset to consume per (topic, partition), as stored with the window state.
 pub type StoredOffsets = Arc<Mutex<BTreeMap<(String, i32), i64>>>;
 
+/// The start and end of a partition as the consumer's last fetch from it saw them (its log
+/// start offset and high watermark), kept by librdkafka with no request to the broker; `None`
+/// before a fetch answered (or for a partition the client does not know).
+pub fn fetched_bounds<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; `topic` is a NUL-terminated
+    // string that outlives the call; librdkafka only writes the two offsets, under the
+    // partition's lock, and keeps no pointer to any argument. (rdkafka wraps
+    // `rd_kafka_query_watermark_offsets` as `fetch_watermarks`, a request to the broker, but not
+    // this local read.)
+    #[allow(unsafe_code)]
+    let error = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &raw mut low,
+            &raw mut high,
+        )
+    };
+    // (librdkafka's invalid offset, -1001, until a fetch answers.)
+    (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((low.max(0), high))
+}
+
 /// The `[kafka]` settings a reload cannot change (the clients and subscriptions use them).
 pub fn identity(kafka: &KafkaConfig) -> String {
     format!(

@@ -672,7 +672,7 @@ impl Service<'_> {
                             tracing::info!("no message for the idle period");
                         }
                         if ended && !stopping {
-                            self.end_of_input()?;
+                            self.end_of_input(timers.last_message.elapsed())?;
                         }
                         tracing::info!("stopping: checkpointing what was consumed");
                         self.take_decoded(&mut backlog, &mut timers, 0)?;
@@ -754,7 +754,14 @@ impl Service<'_> {
         if stopping {
             return Ok(());
         }
-        let (polled, full) = self.poll_round();
+        // (With window work this round, an empty input must not hold it up: the loop would
+        // work off a backlog 4 window batches per 100 ms once the input is consumed.)
+        let idle_wait = if backlog.is_empty() || checkpointing {
+            Duration::from_millis(100)
+        } else {
+            Duration::ZERO
+        };
+        let (polled, full) = self.poll_round(idle_wait);
         if polled.gathered.messages > 0 || self.health.assigned.load(Ordering::Relaxed) == 0 {
             // (Idle time counts from the assignment: joining the group is not idleness.)
             timers.last_message = Instant::now();
@@ -832,11 +839,16 @@ impl Service<'_> {
         Ok(())
     }
 
-    /// Whether every assigned partition is consumed to its end: nothing came for a moment
-    /// (200 ms), the broker's high watermarks say nothing is left (asked at most twice a
-    /// second), and so does a report of the consumer's fetches made since. (It need not wait
-    /// for the quiet period: [`Self::end_of_input`] makes the stream quiet.)
+    /// Whether every assigned partition is consumed to its end: at once when every partition
+    /// is consumed up to the end its last fetch saw ([`Self::consumed_to_fetched_end`]);
+    /// otherwise once nothing came for a moment (200 ms), the broker's high watermarks say
+    /// nothing is left (asked at most twice a second), and so does a report of the consumer's
+    /// fetches made since. (It need not wait for the quiet period: [`Self::end_of_input`]
+    /// makes the stream quiet.)
     fn at_end(&mut self, timers: &mut Timers) -> bool {
+        if self.consumed_to_fetched_end() {
+            return true;
+        }
         if timers.last_message.elapsed() < Duration::from_millis(200) {
             return false;
         }
@@ -870,8 +882,11 @@ impl Service<'_> {
     /// At the end of the input (`--until-end`): nothing is left behind, so the stream is
     /// quiet and its last rows complete now, as they would be after the quiet period with no
     /// record; paused partitions are at their end too.
-    fn end_of_input(&mut self) -> Result<(), ServiceError> {
-        tracing::info!("every assigned partition consumed to its end");
+    fn end_of_input(&mut self, since_last_message: Duration) -> Result<(), ServiceError> {
+        tracing::info!(
+            since_last_message_ms = since_last_message.as_millis(),
+            "every assigned partition consumed to its end"
+        );
         // Every assigned partition, told or not by the statistics (one never told counts as
         // behind until then).
         let mut names: BTreeSet<String> = self

@@ -106,13 +106,51 @@ impl Service<'_> {
         behind
     }
 
+    /// Whether every assigned partition is consumed up to the end its last fetch saw (a
+    /// fetch answers every few milliseconds once the consumer is at the end: it waits at most
+    /// `fetch.wait.max.ms`). No request to the broker; a partition not fetched yet is not at
+    /// its end.
+    pub(super) fn consumed_to_fetched_end(&self) -> bool {
+        if self.health.assigned.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return false;
+        };
+        let positions = self.consumer.position().ok();
+        let consumed = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        !assignment.elements().is_empty()
+            && assignment.elements().iter().all(|element| {
+                let (topic, partition) = (element.topic(), element.partition());
+                let Some((start, end)) = crate::kafka::fetched_bounds(&self.consumer, topic, partition)
+                else {
+                    return false;
+                };
+                let fetched = positions
+                    .as_ref()
+                    .and_then(|p| p.find_partition(topic, partition))
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(n) => Some(n),
+                        _ => None,
+                    });
+                // (As in `partitions_behind`: the larger of what was consumed and the fetch
+                // position, else the partition's start.)
+                let position = consumed
+                    .get(&(topic.to_string(), partition))
+                    .copied()
+                    .max(fetched);
+                position.unwrap_or(start) >= end
+            })
+    }
+
     /// Polls until a micro-batch is full (`source.batch_size` messages or
     /// `source.max_batch_bytes`) or `batch_max_wait` has passed since its first message (a
     /// record, or in a group a mark, command or guard note); returns at once (empty) when
-    /// nothing comes for 100 ms. The messages are copied out for
+    /// nothing comes for `idle_wait` (100 ms with nothing else to do; none while window work
+    /// waits: the loop must not sleep on an empty input). The messages are copied out for
     /// the decoding thread (see [`super::decoding`]); the second value says whether the round
     /// ended full (more is likely waiting in the consumer).
-    pub(super) fn poll_round(&mut self) -> (Polled, bool) {
+    pub(super) fn poll_round(&mut self, idle_wait: Duration) -> (Polled, bool) {
         let mut out = self.decoding.round();
         let mut deadline: Option<Instant> = None;
         let limits = self.pipeline.config.input;
@@ -120,7 +158,7 @@ impl Service<'_> {
         loop {
             let timeout = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
-                None => Duration::from_millis(100),
+                None => idle_wait,
             };
             let polled = self.consumer.poll(timeout);
             let message = match polled {
