@@ -44,6 +44,28 @@ pub(super) struct Gathered {
 }
 
 impl Service<'_> {
+    /// Where the consumer stands in a partition, as of now: the next offset after what was
+    /// consumed (or stored with the state) or the consumer's fetch position, whichever is
+    /// further (the fetch position also passes records the application never sees, such as
+    /// transaction markers); `None` for a partition neither knows.
+    fn positions(&self) -> impl Fn(&str, i32) -> Option<i64> + use<> {
+        let fetch_positions = self.consumer.position().ok();
+        let consumed = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        move |topic, partition| {
+            let fetched = fetch_positions
+                .as_ref()
+                .and_then(|p| p.find_partition(topic, partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(n) => Some(n),
+                    _ => None,
+                });
+            consumed
+                .get(&(topic.to_string(), partition))
+                .copied()
+                .max(fetched)
+        }
+    }
+
     /// The assigned partitions not yet consumed up to their high watermark (as the broker lists
     /// it and as the consumer's last fetches saw it), each as `topic/partition position/high`
     /// (empty: at the end). The position is the next offset
@@ -57,8 +79,7 @@ impl Service<'_> {
         let Ok(assignment) = self.consumer.assignment() else {
             return vec!["no assignment".to_string()];
         };
-        let positions = self.consumer.position().ok();
-        let consumed = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let position_in = self.positions();
         let mut behind = Vec::new();
         for element in assignment.elements() {
             let (topic, partition) = (element.topic(), element.partition());
@@ -72,20 +93,7 @@ impl Service<'_> {
                     continue;
                 }
             };
-            let fetched = positions
-                .as_ref()
-                .and_then(|p| p.find_partition(topic, partition))
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(n) => Some(n),
-                    _ => None,
-                });
-            // (The larger: the fetch position also passes records the application never
-            // sees, such as transaction markers.)
-            let position = consumed
-                .get(&(topic.to_string(), partition))
-                .copied()
-                .max(fetched)
-                .unwrap_or(low);
+            let position = position_in(topic, partition).unwrap_or(low);
             // (The end the broker lists may be short: some list the start of the last record
             // batch. What the consumer's fetches said, in its statistics, is taken too.)
             let fetches_say_behind = self
@@ -117,8 +125,7 @@ impl Service<'_> {
         let Ok(assignment) = self.consumer.assignment() else {
             return false;
         };
-        let positions = self.consumer.position().ok();
-        let consumed = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let position_in = self.positions();
         !assignment.elements().is_empty()
             && assignment.elements().iter().all(|element| {
                 let (topic, partition) = (element.topic(), element.partition());
@@ -126,20 +133,7 @@ impl Service<'_> {
                 else {
                     return false;
                 };
-                let fetched = positions
-                    .as_ref()
-                    .and_then(|p| p.find_partition(topic, partition))
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(n) => Some(n),
-                        _ => None,
-                    });
-                // (As in `partitions_behind`: the larger of what was consumed and the fetch
-                // position, else the partition's start.)
-                let position = consumed
-                    .get(&(topic.to_string(), partition))
-                    .copied()
-                    .max(fetched);
-                position.unwrap_or(start) >= end
+                position_in(topic, partition).unwrap_or(start) >= end
             })
     }
 
