@@ -882,9 +882,10 @@ impl Service<'_> {
     /// At the end of the input (`--until-end`): nothing is left behind, so the stream is
     /// quiet and its last rows complete now, as they would be after the quiet period with no
     /// record; paused partitions are at their end too.
-    fn end_of_input(&mut self, since_last_message: Duration) -> Result<(), ServiceError> {
+    fn end_of_input(&mut self, idle: Duration) -> Result<(), ServiceError> {
+        // (Idle: since the last message or the last window work, see `Timers::last_message`.)
         tracing::info!(
-            since_last_message_ms = since_last_message.as_millis(),
+            idle_ms = idle.as_millis(),
             "every assigned partition consumed to its end"
         );
         // Every assigned partition, told or not by the statistics (one never told counts as

@@ -6,7 +6,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::decide::Pending;
 use datafusion::arrow::array::Array;
 use datafusion::arrow::record_batch::RecordBatch;
 use rampart_sql::{CompiledDetector, DetectorEngine, StateKind, WindowSplit};
@@ -15,6 +14,7 @@ use rampart_state::codec::{FIRED, ROW_HEADER, StoredRow, flags, push_row, rows_o
 use serde::{Deserialize, Serialize};
 
 use super::{DecideContext, Decided, KeyedState, NewRows, Touched};
+use crate::decide::Pending;
 use crate::error::{Error, Result};
 
 /// A row waiting to be decided (or, for incremental windows, a key with such rows and the
